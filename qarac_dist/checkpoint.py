@@ -1,0 +1,77 @@
+"""Resumable checkpoints: DeepSpeed engine state from every rank, per-rank RNG, and our state.
+
+DeepSpeed writes its `latest` file before every rank has finished its shards, and
+`load_checkpoint` only warns when nothing is there. So a checkpoint directory counts as
+loadable only once our COMPLETE marker exists, written by rank 0 after a barrier that every
+rank reaches after its own files are on disk. A partial directory (a rank killed mid-write)
+has no marker and is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def complete_tags(directory: Path) -> list[str]:
+    """Tags of complete checkpoints, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(p.parent.name for p in directory.glob(f"step*/{MARKER}"))
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(engine, directory: Path, step: int, client_state: dict, rank: int, keep_last: int,
+         keep: Optional[str] = None) -> str:
+    """Save on every rank; returns the tag. `keep` names a tag never pruned (the best)."""
+    tag = tag_for(step)
+    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), directory / tag / f"rng_rank{rank}.pt")
+    dist.barrier()  # every rank's shards and RNG file are on disk
+    if rank == 0:
+        (directory / tag / MARKER).write_text(json.dumps({"step": step}))
+        tags = complete_tags(directory)
+        for old in tags[:-keep_last]:
+            if old != keep:
+                shutil.rmtree(directory / old, ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def load(engine, directory: Path, tag: str, rank: int) -> dict:
+    """Load a complete checkpoint into the engine; restores this rank's RNG; returns client state."""
+    path, client_state = engine.load_checkpoint(str(directory), tag=tag)
+    if path is None:
+        raise RuntimeError(f"checkpoint {directory / tag} could not be loaded")
+    rng_file = directory / tag / f"rng_rank{rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return client_state

@@ -1,0 +1,298 @@
+"""Data: the generated long-document set, loading with `datasets`, tokenization, batching.
+
+Batching is planned per optimizer step: one step takes `micro_batch x accumulation x world`
+examples, which are split into micro batches per rank. So micro batch 2 x accumulation 4 sees
+exactly the examples of micro batch 8, and a step's examples do not depend on the ZeRO stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .config import DataConfig, SyntheticConfig, TrainConfig
+from .schema import UserError
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+# ---------------------------------------------------------------- generated demo data
+
+def _pseudo_words(rng: np.random.Generator, count: int, syllables: int, taken: set[str]) -> list[str]:
+    consonants, vowels = "bdfgklmnprstvz", "aeiou"
+    words: list[str] = []
+    while len(words) < count:
+        word = "".join(rng.choice(list(consonants)) + rng.choice(list(vowels)) for _ in range(syllables))
+        if word not in taken:
+            taken.add(word)
+            words.append(word)
+    return words
+
+
+def generate_synthetic(spec: SyntheticConfig, directory: Path) -> None:
+    """Write train.jsonl and validation.jsonl: documents of min..max words whose label shows
+    only after word `evidence_after`, as class-specific words at `evidence_rate`.
+
+    Filler words are drawn from one class-independent list everywhere, and document length is
+    independent of the label, so the first `evidence_after` words carry no information.
+    """
+    rng = np.random.default_rng(spec.seed)
+    taken: set[str] = set()
+    filler = np.array(_pseudo_words(rng, 2000, 3, taken))
+    class_words = [np.array(_pseudo_words(rng, 20, 4, taken)) for _ in range(spec.num_classes)]
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", spec.num_train), ("validation", spec.num_validation)):
+        with open(directory / f"{split}.jsonl", "w") as f:
+            for _ in range(count):
+                label = int(rng.integers(spec.num_classes))
+                length = int(rng.integers(spec.min_tokens, spec.max_tokens + 1))
+                words = filler[rng.integers(len(filler), size=length)]
+                tail = np.arange(spec.evidence_after, length)
+                hits = tail[rng.random(len(tail)) < spec.evidence_rate]
+                words[hits] = class_words[label][rng.integers(20, size=len(hits))]
+                f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+
+
+def train_tokenizer(texts: Iterator[str], vocab_size: int, directory: Path):
+    """Train a WordLevel tokenizer (whitespace words) and save it as a fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_input_names=["input_ids", "attention_mask"])
+    fast.save_pretrained(str(directory))
+    return fast
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _atomic_dir(final: Path, fill) -> None:
+    """Build a directory under a temporary name and rename it into place (rank 0 only)."""
+    if final.exists():
+        return
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fill(tmp)
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def synthetic_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir) / f"synthetic-{_fingerprint(asdict(cfg.synthetic))}"
+
+
+# ---------------------------------------------------------------- loading and tokenizing
+
+@dataclass
+class Splits:
+    """Tokenized train and validation sets (`datasets.Dataset` with input_ids, length, labels)."""
+
+    train: object
+    validation: object
+    tokenizer: object
+    num_labels: int
+    label_names: Optional[list[str]]
+
+
+def _raw_splits(cfg: TrainConfig):
+    import datasets
+
+    d = cfg.data
+    cache = str(Path(d.cache_dir) / "hf")
+    if d.synthetic is not None:
+        directory = synthetic_dir(d)
+        _atomic_dir(directory, lambda tmp: generate_synthetic(d.synthetic, tmp))
+        files = {"train": str(directory / "train.jsonl"), "validation": str(directory / "validation.jsonl")}
+        raw = datasets.load_dataset("json", data_files=files, cache_dir=cache)
+        return raw["train"], raw["validation"]
+    if d.train_files is not None:
+        kind = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}[Path(d.train_files[0]).suffix]
+        files = {"train": d.train_files}
+        if d.validation_files and d.validation_fraction is None:
+            files["validation"] = d.validation_files
+        raw = datasets.load_dataset(kind, data_files=files, cache_dir=cache)
+        train = raw["train"]
+        validation = raw.get("validation")
+    else:
+        train = datasets.load_dataset(d.dataset, d.dataset_config, split=d.train_split, cache_dir=cache)
+        validation = None
+        if d.validation_fraction is None:
+            validation = datasets.load_dataset(d.dataset, d.dataset_config, split=d.validation_split, cache_dir=cache)
+    if d.validation_fraction is not None:
+        held = train.train_test_split(test_size=d.validation_fraction, seed=cfg.training.seed)
+        train, validation = held["train"], held["test"]
+    return train, validation
+
+
+def _load_tokenizer(cfg: TrainConfig, train):
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer.name_or_path or cfg.model.name_or_path
+    if name is not None:
+        return AutoTokenizer.from_pretrained(name)
+    texts_fp = train._fingerprint if hasattr(train, "_fingerprint") else "none"
+    directory = Path(cfg.data.cache_dir) / f"tokenizer-{_fingerprint([texts_fp, cfg.tokenizer.vocab_size, cfg.data.text_column, cfg.data.text_pair_column])}"
+
+    def fill(tmp: Path) -> None:
+        cols = [c for c in (cfg.data.text_column, cfg.data.text_pair_column) if c]
+        texts = (row[c] for row in train.select_columns(cols) for c in cols)
+        train_tokenizer(texts, cfg.tokenizer.vocab_size, tmp)
+
+    _atomic_dir(directory, fill)
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def prepare(cfg: TrainConfig) -> Splits:
+    """Load, label-encode and tokenize both splits. Results are cached by `datasets`; under
+    several ranks call it on rank 0 first, then on the others (see train.py)."""
+    d = cfg.data
+    train, validation = _raw_splits(cfg)
+    for name, split in (("train", train), ("validation", validation)):
+        missing = [c for c in (d.text_column, d.text_pair_column, d.label_column) if c and c not in split.column_names]
+        if missing:
+            raise UserError(f"data.{'text_column' if d.text_column in missing else 'label_column'}: "
+                             f"column {missing[0]!r} not in the {name} split (columns: {', '.join(split.column_names)})")
+    if d.max_train_examples is not None:
+        train = train.select(range(min(d.max_train_examples, len(train))))
+    if d.max_validation_examples is not None:
+        validation = validation.select(range(min(d.max_validation_examples, len(validation))))
+    tokenizer = _load_tokenizer(cfg, train)
+
+    label_names = None
+    num_labels = 1
+    if cfg.model.task == "classification":
+        feature = train.features[d.label_column]
+        if hasattr(feature, "names"):
+            label_names = list(feature.names)
+        elif feature.dtype == "string":
+            label_names = sorted(set(train[d.label_column]))
+        if label_names is not None:
+            num_labels = len(label_names)
+        else:
+            num_labels = int(max(train[d.label_column])) + 1
+        num_labels = cfg.model.num_labels or num_labels
+
+    to_id = {name: i for i, name in enumerate(label_names)} if label_names and not hasattr(train.features[d.label_column], "names") else None
+    keep = [n for n in tokenizer.model_input_names if n != "attention_mask"]
+
+    def encode(batch):
+        pair = batch[d.text_pair_column] if d.text_pair_column else None
+        enc = tokenizer(batch[d.text_column], pair, truncation=True, max_length=d.max_length)
+        out = {k: enc[k] for k in keep if k in enc}
+        out["length"] = [len(ids) for ids in enc["input_ids"]]
+        labels = batch[d.label_column]
+        if to_id is not None:
+            labels = [to_id[label] for label in labels]
+        out["labels"] = [float(v) for v in labels] if cfg.model.task == "regression" else [int(v) for v in labels]
+        return out
+
+    def tokenize(split):
+        return split.map(encode, batched=True, batch_size=256, remove_columns=split.column_names,
+                         desc="tokenizing")
+
+    return Splits(tokenize(train), tokenize(validation), tokenizer, num_labels, label_names)
+
+
+# ---------------------------------------------------------------- batching
+
+class StepBatches:
+    """Deterministic, length-grouped, rank-sharded batches, planned one optimizer step at a time.
+
+    Per epoch, the indices are shuffled with `seed + epoch`, cut into windows of 50 steps,
+    sorted by length inside each window (so a micro batch holds similar lengths), cut into
+    steps, and the steps shuffled. A step's sorted examples are dealt as `accumulation x world`
+    micro batches; micro batch `a` of rank `r` is chunk `a * world + r`, so ranks process
+    similar lengths at the same time. The tail that does not fill a step is dropped.
+    """
+
+    WINDOW_STEPS = 50
+
+    def __init__(self, lengths: np.ndarray, micro_batch: int, accumulation: int, world_size: int,
+                 rank: int, seed: int, group_by_length: bool = True):
+        self.lengths = np.asarray(lengths)
+        self.micro, self.accumulation, self.world, self.rank = micro_batch, accumulation, world_size, rank
+        self.seed, self.group = seed, group_by_length
+        self.step_size = micro_batch * accumulation * world_size
+        self.steps_per_epoch = len(self.lengths) // self.step_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"training.micro_batch_size: a step needs {self.step_size} examples "
+                             f"(micro x accumulation x world), the training set has {len(self.lengths)}")
+
+    def epoch_steps(self, epoch: int) -> np.ndarray:
+        """All steps of an epoch, shape (steps, step_size), each row sorted by length."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.lengths))[: self.steps_per_epoch * self.step_size]
+        if self.group:
+            window = self.WINDOW_STEPS * self.step_size
+            order = np.concatenate([
+                chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+                for chunk in np.split(order, range(window, len(order), window))])
+        steps = order.reshape(self.steps_per_epoch, self.step_size)
+        return steps[rng.permutation(self.steps_per_epoch)]
+
+    def for_rank(self, step_indices: np.ndarray) -> list[np.ndarray]:
+        chunks = step_indices.reshape(self.accumulation * self.world, self.micro)
+        return [chunks[a * self.world + self.rank] for a in range(self.accumulation)]
+
+    def iterate(self, start_step: int = 0) -> Iterator[list[np.ndarray]]:
+        """Yield this rank's micro batches for each optimizer step, from global step `start_step`."""
+        epoch, offset = divmod(start_step, self.steps_per_epoch)
+        while True:
+            steps = self.epoch_steps(epoch)
+            for row in steps[offset:]:
+                yield self.for_rank(row)
+            epoch, offset = epoch + 1, 0
+
+
+@dataclass
+class Collator:
+    """Pads a micro batch to its longest example, rounded up to `pad_multiple`; for Longformer,
+    the multiple is the attention window and the first token gets global attention."""
+
+    pad_token_id: int
+    pad_multiple: int = 8
+    global_first_token: bool = False
+    regression: bool = False
+
+    def __call__(self, rows: dict) -> dict:
+        import torch
+
+        ids = rows["input_ids"]
+        longest = max(len(x) for x in ids)
+        width = -(-longest // self.pad_multiple) * self.pad_multiple
+        input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, : len(x)] = torch.as_tensor(x)
+            attention[i, : len(x)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention}
+        if "token_type_ids" in rows:
+            types_ = torch.zeros((len(ids), width), dtype=torch.long)
+            for i, x in enumerate(rows["token_type_ids"]):
+                types_[i, : len(x)] = torch.as_tensor(x)
+            batch["token_type_ids"] = types_
+        if self.global_first_token:
+            glob = torch.zeros_like(attention)
+            glob[:, 0] = 1
+            batch["global_attention_mask"] = glob
+        batch["labels"] = torch.tensor(rows["labels"], dtype=torch.float if self.regression else torch.long)
+        return batch

@@ -1,0 +1,56 @@
+"""Who am I: rank, local rank and world size from whatever launched this process.
+
+Sources, first match wins:
+- torchrun / the deepspeed launcher: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
+- submitit (SLURM or local executor): its JobEnvironment, exported as the variables above;
+- plain `srun` (launch/train.sbatch): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the first
+  host of SLURM_JOB_NODELIST and a port derived from the job id;
+- nothing: one process on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def export_from_environment(env=os.environ) -> Ranks:
+    """Make sure the torch.distributed env:// variables are set, and return this process's ranks."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        pass
+    elif env.get("SUBMITIT_EXECUTOR"):
+        from submitit.helpers import TorchDistributedEnvironment
+
+        # One device per process is chosen by LOCAL_RANK; do not narrow CUDA_VISIBLE_DEVICES.
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    elif "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+        nodes = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
+                               capture_output=True, text=True, check=True).stdout.split()
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env.get("SLURM_NTASKS", "1"),
+                   LOCAL_RANK=env.get("SLURM_LOCALID", "0"), MASTER_ADDR=nodes[0])
+        env.setdefault("MASTER_PORT", str(20000 + int(env["SLURM_JOB_ID"]) % 20000))
+    else:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("LOCAL_RANK", "0")
+    return Ranks(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]))
