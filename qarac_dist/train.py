@@ -128,7 +128,9 @@ class Trainer:
         window = _Window(self.device)
         started = time.perf_counter()
         while self.step < t.max_steps:
-            window.add(*self.train_step(next(steps)))
+            step_started = time.perf_counter()
+            loss, tokens = self.train_step(next(steps))
+            window.add(loss, tokens, time.perf_counter() - step_started)
             self.step += 1
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 self.tracker.log(self.step, window.flush(self.engine, self.scheduler))
@@ -244,7 +246,7 @@ class Trainer:
 
 
 class _Window:
-    """Loss and tokens since the last log; reduced over ranks only when logged."""
+    """Loss, tokens and step time since the last log; reduced over ranks only when logged."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -252,20 +254,25 @@ class _Window:
 
     def _reset(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device)
-        self.steps, self.tokens, self.started = 0, 0, time.perf_counter()
+        self.steps, self.tokens, self.seconds = 0, 0, 0.0
 
-    def add(self, loss: torch.Tensor, tokens: int) -> None:
+    def add(self, loss: torch.Tensor, tokens: int, seconds: float) -> None:
         self.loss_sum += loss
         self.steps += 1
         self.tokens += tokens
+        self.seconds += seconds
 
     def flush(self, engine, scheduler) -> dict[str, float]:
+        if self.device.type == "cuda":
+            waited = time.perf_counter()
+            torch.cuda.synchronize(self.device)  # only here, so the step itself never waits
+            self.seconds += time.perf_counter() - waited
         totals = torch.stack([self.loss_sum, torch.tensor(float(self.tokens), device=self.device)]).double()
         dist.all_reduce(totals)
         world = dist.get_world_size()
-        elapsed = time.perf_counter() - self.started
+        elapsed = self.seconds
         metrics = {"loss": float(totals[0]) / (self.steps * world), "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": float(totals[1]) / elapsed}
+                   "tokens_per_s": float(totals[1]) / elapsed, "step_seconds": elapsed / self.steps}
         norm = engine.get_global_grad_norm()
         if norm is not None:
             metrics["grad_norm"] = float(norm)

@@ -1,0 +1,173 @@
+"""Figures for the training job, each a ratio of A over B measured in this one run.
+
+1. Trainer overhead: median steady-state step time of `python -m qarac_dist.train` over a
+   minimal hand-written DeepSpeed loop (bench/minimal_loop.py), same config, data order and
+   seed, runs interleaved; the per-step losses must be equal.
+2. Activation checkpointing: bytes of activations saved for backward, with over without
+   checkpointing, for an 8-layer Longformer at 4096 tokens, and the forward+backward time ratio
+   (interleaved, median).
+3. Length scaling: saved activation bytes at 4096 tokens over 2048 tokens.
+
+    python bench/trainer.py [--rounds 3] [--steps 30]
+
+Writes bench/results/trainer.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "longformer_synthetic.yaml"
+
+
+def run_json(cmd: list[str]) -> dict:
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def trainer_overhead(rounds: int, steps: int, warmup: int) -> dict:
+    common = [f"training.max_steps={steps}", "training.log_every=1", f"evaluation.every_steps={10**6}",
+              "early_stopping.patience=null", "output.export_best=false"]
+    ours, minimal, ours_losses, minimal_losses = [], [], None, None
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory() as out:
+            subprocess.run([sys.executable, "-m", "qarac_dist.train", str(CONFIG), *common, f"output.dir={out}"],
+                           cwd=ROOT, check=True, capture_output=True)
+            rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl") if '"loss"' in line]
+        ours.append(statistics.median(r["step_seconds"] for r in rows[warmup:]))
+        ours_losses = [r["loss"] for r in rows]
+        base = run_json([sys.executable, "bench/minimal_loop.py", str(CONFIG), *common])
+        minimal.append(statistics.median(base["seconds"][warmup:]))
+        minimal_losses = base["losses"]
+    max_diff = max(abs(a - b) for a, b in zip(ours_losses, minimal_losses))
+    return {"ours_step_s": statistics.median(ours), "minimal_step_s": statistics.median(minimal),
+            "ratio": statistics.median(ours) / statistics.median(minimal), "rounds": rounds, "steps": steps,
+            "max_loss_difference": max_diff}
+
+
+def longformer(layers: int, checkpointing: bool):
+    import torch
+    from transformers import LongformerConfig, LongformerForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LongformerConfig(num_hidden_layers=layers, hidden_size=256, num_attention_heads=4,
+                              intermediate_size=1024, attention_window=256, vocab_size=4000,
+                              max_position_embeddings=4098 + 2, num_labels=4,
+                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = LongformerForSequenceClassification(config)
+    if checkpointing:
+        from qarac_dist.models import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
+    return model.train()
+
+
+def saved_activation_bytes(model, tokens: int) -> tuple[int, float]:
+    """Bytes of distinct storages saved for backward during one forward (parameters excluded),
+    plus the inputs that checkpointed layers keep for their recomputation; and the seconds of
+    forward + backward.
+
+    Non-reentrant checkpointing stores nothing through autograd inside a checkpointed layer
+    (its own saved-tensor hooks are innermost); what it keeps is the layer's inputs, which a
+    forward pre-hook on each checkpointed layer counts during the first forward only.
+    """
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+    recording = True
+
+    def remember(t):
+        if recording and isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    def pack(t):
+        remember(t)
+        return t
+
+    def keep_inputs(module, args, kwargs):
+        for value in (*args, *kwargs.values()):
+            remember(value)
+
+    hooks = []
+    if model.longformer.encoder.gradient_checkpointing:
+        hooks = [layer.register_forward_pre_hook(keep_inputs, with_kwargs=True)
+                 for layer in model.longformer.encoder.layer]
+    ids = torch.randint(5, 4000, (1, tokens))
+    glob = torch.zeros_like(ids)
+    glob[:, 0] = 1
+    started = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), global_attention_mask=glob,
+                     labels=torch.tensor([1])).loss
+    recording = False
+    loss.backward()
+    seconds = time.perf_counter() - started
+    for h in hooks:
+        h.remove()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values()), seconds
+
+
+def checkpointing_memory(repeats: int) -> dict:
+    plain, ckpt = longformer(8, False), longformer(8, True)
+    ckpt.load_state_dict(plain.state_dict())
+    saved, times = {}, {"plain": [], "ckpt": []}
+    for _ in range(repeats):  # interleaved
+        for name, model in (("plain", plain), ("ckpt", ckpt)):
+            saved[name], seconds = saved_activation_bytes(model, 4096)
+            times[name].append(seconds)
+    short, _ = saved_activation_bytes(plain, 2048)
+    short_ckpt, _ = saved_activation_bytes(ckpt, 2048)
+    return {
+        "saved_bytes_plain_4096": saved["plain"], "saved_bytes_ckpt_4096": saved["ckpt"],
+        "memory_ratio": saved["ckpt"] / saved["plain"],
+        "step_s_plain": statistics.median(times["plain"]), "step_s_ckpt": statistics.median(times["ckpt"]),
+        "time_ratio": statistics.median(times["ckpt"]) / statistics.median(times["plain"]),
+        "saved_bytes_plain_2048": short, "length_ratio": saved["plain"] / short,
+        "length_ratio_ckpt": saved["ckpt"] / short_ckpt, "repeats": repeats,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each trainer run")
+    parser.add_argument("--steps", type=int, default=30, help="training steps per run")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the step time")
+    parser.add_argument("--repeats", type=int, default=5, help="forward+backward repeats per model")
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    memory = checkpointing_memory(args.repeats)
+    overhead = trainer_overhead(args.rounds, args.steps, args.warmup)
+    results = {"command": "python " + " ".join(sys.argv), "overhead": overhead, "checkpointing": memory,
+               "cpus": os.cpu_count()}
+    (ROOT / "bench" / "results").mkdir(exist_ok=True)
+    (ROOT / "bench" / "results" / "trainer.json").write_text(json.dumps(results, indent=2))
+    mib = 2**20
+    print("| figure | A | B | ratio | target |")
+    print("|---|---|---|---|---|")
+    print(f"| trainer overhead (step time, ours / minimal loop) | {overhead['ours_step_s']:.3f} s | "
+          f"{overhead['minimal_step_s']:.3f} s | {overhead['ratio']:.3f} | <= 1.03 "
+          f"(max loss difference {overhead['max_loss_difference']:.1e}) |")
+    print(f"| checkpointing memory (saved activations, 8 layers, 4096 tokens) | {memory['saved_bytes_ckpt_4096'] / mib:.1f} MiB | "
+          f"{memory['saved_bytes_plain_4096'] / mib:.1f} MiB | {memory['memory_ratio']:.3f} | <= 0.25 |")
+    print(f"| checkpointing time (forward+backward) | {memory['step_s_ckpt']:.2f} s | {memory['step_s_plain']:.2f} s | "
+          f"{memory['time_ratio']:.2f} | <= 1.4 |")
+    print(f"| length scaling (saved activations, 4096 / 2048 tokens) | {memory['saved_bytes_plain_4096'] / mib:.1f} MiB | "
+          f"{memory['saved_bytes_plain_2048'] / mib:.1f} MiB | {memory['length_ratio']:.2f} | 1.8 to 2.2 |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Start a two-node SLURM cluster on this machine: munged, slurmctld, and slurmd twice
+# (node1 and node2, ports 17001 and 17002). Idempotent: a running cluster is left as it is.
+# Needs root (or sudo). Stop it with slurm/stop.sh.
+set -euo pipefail
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+here=$(cd "$(dirname "$0")" && pwd)
+host=$(hostname -s)
+cpus=$(nproc)
+# Each slurmd reports this machine's cores and memory; a node may not claim more than that.
+mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
+
+$SUDO mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
+sed -e "s/@HOST@/$host/g" -e "s/@CPUS@/$cpus/g" -e "s/@MEM_MB@/$mem_mb/g" "$here/slurm.conf.in" \
+  | $SUDO tee /etc/slurm/slurm.conf.new >/dev/null
+if ! cmp -s /etc/slurm/slurm.conf.new /etc/slurm/slurm.conf 2>/dev/null; then
+  $SUDO mv /etc/slurm/slurm.conf.new /etc/slurm/slurm.conf
+  changed=1
+else
+  $SUDO rm -f /etc/slurm/slurm.conf.new
+  changed=0
+fi
+
+if ! pgrep -x munged >/dev/null; then
+  $SUDO chown munge:munge /run/munge
+  $SUDO runuser -u munge -- /usr/sbin/munged
+fi
+if ! pgrep -x slurmctld >/dev/null; then
+  $SUDO /usr/sbin/slurmctld
+elif [ "$changed" = 1 ]; then
+  $SUDO scontrol reconfigure
+fi
+for node in node1 node2; do
+  if ! pgrep -f "slurmd -N $node" >/dev/null; then
+    $SUDO mkdir -p "/var/spool/slurmd/$node"
+    $SUDO /usr/sbin/slurmd -N "$node"
+  fi
+done
+
+# Wait until both nodes take jobs.
+for _ in $(seq 60); do
+  if [ "$(sinfo -h -N -o '%T' 2>/dev/null | grep -cE '^(idle|mixed|allocated)')" -ge 2 ]; then
+    sinfo -N
+    exit 0
+  fi
+  sleep 1
+done
+echo "slurm/start.sh: nodes did not come up; see /var/log/slurm/" >&2
+sinfo -N >&2 || true
+exit 1
