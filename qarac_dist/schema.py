@@ -9,7 +9,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -193,6 +193,16 @@ def build(cls: type, data: dict, prefix: str, errors: list[str]) -> Any:
         return cls(**kwargs)
     except TypeError:  # a required field is missing: already reported above
         return None
+
+
+def field_types(tp: Any) -> Optional[dict[str, Any]]:
+    """Field name -> annotation of a dataclass (also inside Optional[...]); None for other types."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = inner[0] if len(inner) == 1 else tp
+    if dataclasses.is_dataclass(tp):
+        return typing.get_type_hints(tp)
+    return None
 
 
 def to_dict(obj: Any) -> Any:

@@ -11,6 +11,7 @@ import json
 import os
 import resource
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from . import checkpoint, data, models
 from .config import TrainConfig, config_to_dict, deepspeed_config, load_config
+from .manifest import write_json
 from .metrics import BestTracker, classification_metrics, regression_metrics
 from .ranks import Ranks, export_from_environment
 from .schema import ConfigError, UserError
@@ -285,15 +287,30 @@ class _Window:
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Set up torch.distributed from the environment, train, tear down. Returns the result."""
+    """Set up torch.distributed from the environment, train, tear down. Returns the result.
+
+    Rank 0 keeps `state.json` in the output directory: RUNNING, then COMPLETED or FAILED with
+    the error's line; the sweep's status reads it."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     ranks = export_from_environment()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                auto_mpi_discovery=False, verbose=False)
+    state_file = Path(cfg.output.dir) / "state.json"
     try:
-        return Trainer(cfg, ranks).train()
+        if ranks.is_main:
+            write_json(state_file, {"state": "RUNNING", "pid": os.getpid(), "host": socket.gethostname(),
+                                    "world_size": ranks.world_size, "started": time.time()})
+        result = Trainer(cfg, ranks).train()
+        if ranks.is_main:
+            write_json(state_file, {"state": "COMPLETED", **result})
+        return result
+    except Exception as err:
+        if ranks.is_main:
+            line = (str(err).strip().splitlines() or [""])[-1]
+            write_json(state_file, {"state": "FAILED", "error": f"{type(err).__name__}: {line}"})
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -302,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qarac_dist.train", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="training config (YAML)")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="override config values")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         run(cfg)
