@@ -25,18 +25,17 @@ from qarac_dist.config import deepspeed_config, load_config  # noqa: E402
 from qarac_dist.ranks import export_from_environment  # noqa: E402
 
 
-def main() -> None:
-    cfg = load_config(sys.argv[1], sys.argv[2:])
-    ranks = export_from_environment()
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+def build(cfg, ranks):
+    """The same model (same seed), data and batch order as the trainer, in a bare engine."""
     torch.manual_seed(cfg.training.seed)
     splits = data.prepare(cfg)
     torch.manual_seed(cfg.training.seed)
     model = models.build_model(cfg, splits.num_labels, splits.tokenizer)
     optimizer = torch.optim.AdamW(models.param_groups(model, cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
                                   betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps)
-    schedule = lambda step: min(1.0, (step + 1) / (cfg.scheduler.warmup_steps + 1)) * max(  # noqa: E731
-        0.0, 1 - max(0, step - cfg.scheduler.warmup_steps) / max(1, cfg.training.max_steps - cfg.scheduler.warmup_steps))
+    warmup, total = cfg.scheduler.warmup_steps, cfg.training.max_steps
+    schedule = lambda step: min(1.0, (step + 1) / (warmup + 1)) * max(  # noqa: E731
+        0.0, 1 - max(0, step - warmup) / max(1, total - warmup))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, ranks.world_size),
                                            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule))
@@ -45,17 +44,30 @@ def main() -> None:
     batches = data.StepBatches(np.asarray(splits.train["length"]), cfg.training.micro_batch_size,
                                cfg.training.gradient_accumulation_steps, ranks.world_size, ranks.rank,
                                cfg.training.seed, cfg.data.length_grouping).iterate()
+    return engine, splits, collate, batches
+
+
+def step(engine, splits, collate, micro_batches) -> float:
+    """Forward, backward, step; the mean loss of the micro batches."""
+    total = 0.0
+    for indices in micro_batches:
+        loss = engine(**collate(splits.train[indices.tolist()])).loss
+        engine.backward(loss)
+        engine.step()
+        total += loss.item()
+    return total / len(micro_batches)
+
+
+def main() -> None:
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+    ranks = export_from_environment()
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    engine, splits, collate, batches = build(cfg, ranks)
     losses, seconds = [], []
     for _ in range(cfg.training.max_steps):
         started = time.perf_counter()
-        total = 0.0
-        for indices in next(batches):
-            loss = engine(**collate(splits.train[indices.tolist()])).loss
-            engine.backward(loss)
-            engine.step()
-            total += loss.item()
+        losses.append(step(engine, splits, collate, next(batches)))
         seconds.append(time.perf_counter() - started)
-        losses.append(total / cfg.training.gradient_accumulation_steps)
     if ranks.is_main:
         print(json.dumps({"losses": losses, "seconds": seconds}))
 

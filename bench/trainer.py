@@ -1,8 +1,9 @@
 """Figures for the training job, each a ratio of A over B measured in this one run.
 
-1. Trainer overhead: median steady-state step time of `python -m qarac_dist.train` over a
-   minimal hand-written DeepSpeed loop (bench/minimal_loop.py), same config, data order and
-   seed, runs interleaved; the per-step losses must be equal.
+1. Trainer overhead: step time of qarac_dist's loop (`Trainer.advance`: step, per-step
+   metrics to metrics.jsonl, checks) over a minimal hand-written DeepSpeed loop
+   (bench/minimal_loop.py), same config, data order and initial weights, in one process, one
+   step of each in turn; the median of the per-step ratios. The losses must be equal.
 2. Activation checkpointing: bytes of activations saved for backward, with over without
    checkpointing, for an 8-layer Longformer at 4096 tokens, and the forward+backward time ratio
    (interleaved, median).
@@ -29,31 +30,46 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "longformer_synthetic.yaml"
 
 
-def run_json(cmd: list[str]) -> dict:
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if proc.returncode:
-        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def trainer_overhead(steps: int, warmup: int) -> dict:
+    """Both loops in this process, one step of each in turn, on the same data order and the
+    same initial weights (dropout off: the two loops would otherwise draw from one RNG)."""
+    import deepspeed
+    import torch
 
+    sys.path.insert(0, str(ROOT / "bench"))
+    import minimal_loop
 
-def trainer_overhead(rounds: int, steps: int, warmup: int) -> dict:
-    common = [f"training.max_steps={steps}", "training.log_every=1", f"evaluation.every_steps={10**6}",
-              "early_stopping.patience=null", "output.export_best=false"]
-    ours, minimal, ours_losses, minimal_losses = [], [], None, None
-    for _ in range(rounds):
-        with tempfile.TemporaryDirectory() as out:
-            subprocess.run([sys.executable, "-m", "qarac_dist.train", str(CONFIG), *common, f"output.dir={out}"],
-                           cwd=ROOT, check=True, capture_output=True)
-            rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl") if '"loss"' in line]
-        ours.append(statistics.median(r["step_seconds"] for r in rows[warmup:]))
-        ours_losses = [r["loss"] for r in rows]
-        base = run_json([sys.executable, "bench/minimal_loop.py", str(CONFIG), *common])
-        minimal.append(statistics.median(base["seconds"][warmup:]))
-        minimal_losses = base["losses"]
-    max_diff = max(abs(a - b) for a, b in zip(ours_losses, minimal_losses))
-    return {"ours_step_s": statistics.median(ours), "minimal_step_s": statistics.median(minimal),
-            "ratio": statistics.median(ours) / statistics.median(minimal), "rounds": rounds, "steps": steps,
-            "max_loss_difference": max_diff}
+    from qarac_dist.config import load_config
+    from qarac_dist.ranks import export_from_environment
+    from qarac_dist.train import Trainer
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config(CONFIG, [f"training.max_steps={steps}", "training.log_every=1",
+                                   f"evaluation.every_steps={10**6}", "output.export_best=false", f"output.dir={out}",
+                                   "model.config.hidden_dropout_prob=0.0", "model.config.attention_probs_dropout_prob=0.0"])
+        ranks = export_from_environment()
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+        trainer = Trainer(cfg, ranks)
+        trainer.start()
+        ours_batches = trainer.batches.iterate()
+        engine, splits, collate, minimal_batches = minimal_loop.build(cfg, ranks)
+        ours, minimal, ours_losses, minimal_losses = [], [], [], []
+        for _ in range(steps - 1):  # the last step would validate
+            started = time.perf_counter()
+            trainer.advance(next(ours_batches))
+            ours.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            minimal_losses.append(minimal_loop.step(engine, splits, collate, next(minimal_batches)))
+            minimal.append(time.perf_counter() - started)
+        trainer.tracker.close()
+        from qarac_dist.tracking import read_metrics
+
+        ours_losses = [r["loss"] for r in read_metrics(Path(out) / "metrics.jsonl")]
+        torch.distributed.destroy_process_group()
+    ratios = [a / b for a, b in zip(ours[warmup:], minimal[warmup:])]
+    return {"ours_step_s": statistics.median(ours[warmup:]), "minimal_step_s": statistics.median(minimal[warmup:]),
+            "ratio": statistics.median(ratios), "steps": steps, "warmup": warmup,
+            "max_loss_difference": max(abs(a - b) for a, b in zip(ours_losses, minimal_losses))}
 
 
 def longformer(layers: int, checkpointing: bool):
@@ -142,15 +158,18 @@ def checkpointing_memory(repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each trainer run")
-    parser.add_argument("--steps", type=int, default=30, help="training steps per run")
+    parser.add_argument("--steps", type=int, default=60, help="steps of each loop, interleaved")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the step time")
     parser.add_argument("--repeats", type=int, default=5, help="forward+backward repeats per model")
+    parser.add_argument("--only", choices=["overhead", "memory"], help="measure one part only (no JSON written)")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.only == "overhead":
+        print(json.dumps(trainer_overhead(args.steps, args.warmup), indent=2))
+        return
 
     memory = checkpointing_memory(args.repeats)
-    overhead = trainer_overhead(args.rounds, args.steps, args.warmup)
+    overhead = trainer_overhead(args.steps, args.warmup)
     results = {"command": "python " + " ".join(sys.argv), "overhead": overhead, "checkpointing": memory,
                "cpus": os.cpu_count()}
     (ROOT / "bench" / "results").mkdir(exist_ok=True)

@@ -176,6 +176,9 @@ class TrainingConfig:
     """Seeds model init, data order and dropout."""
     log_every: int = 10
     """Write per-step metrics to metrics.jsonl every N steps."""
+    max_nonfinite_steps: int = 3
+    """Fail the trial after this many consecutive steps with a NaN or inf loss (skipped fp16
+    overflow steps are not counted: their loss is finite)."""
 
 
 @dataclass
@@ -217,6 +220,27 @@ class OutputConfig:
 
 
 @dataclass
+class TrackingConfig:
+    uri: Optional[str] = None
+    """MLflow tracking URI (sqlite:///mlflow.db, http://host:port); null keeps metrics in
+    metrics.jsonl only. A sweep sets this for its trials from its own tracking section."""
+    experiment: Optional[str] = None
+    """MLflow experiment; default: the run's name."""
+    run_id: Optional[str] = None
+    """The MLflow run to log to; set by the sweep, which creates each trial's run at submit time."""
+    parent_run_id: Optional[str] = None
+    """The sweep's parent run, whose best trial is updated when this trial ends (set by the sweep)."""
+    select_metric: Optional[str] = None
+    """Metric that picks the sweep's best trial; default evaluation.metric."""
+    select_mode: Optional[Literal["max", "min"]] = None
+    """max or min; default evaluation.mode."""
+    register_model: Optional[str] = None
+    """Register the best model in the MLflow model registry under this name."""
+    tags: dict = field(default_factory=dict)
+    """Extra run tags (the sweep sets sweep, trial_id and executor)."""
+
+
+@dataclass
 class TrainConfig:
     name: str = "train"
     """Name of the run."""
@@ -232,6 +256,7 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 # DeepSpeed keys the trainer derives itself, with the config key they come from.
@@ -294,7 +319,7 @@ def _check_rules(cfg: TrainConfig, errors: list[str]) -> None:
         if m.task != "classification":
             errors.append("data.synthetic: the generated set is a classification task; set model.task: classification")
 
-    for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_every"):
+    for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_every", "max_nonfinite_steps"):
         if getattr(t, key) < 1:
             errors.append(f"training.{key}: expected at least 1, got {getattr(t, key)}")
     if t.global_batch_size is not None and t.global_batch_size % max(t.micro_batch_size * t.gradient_accumulation_steps, 1):
@@ -388,7 +413,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> TrainConf
 
 
 def config_from_dict(data: dict, source: str, overrides: list[str] = ()) -> TrainConfig:
-    data = apply_overrides(data, parse_overrides(list(overrides)))
+    if overrides:
+        data = apply_overrides(data, parse_overrides(list(overrides)))
     errors: list[str] = []
     cfg = build(TrainConfig, data, "", errors)
     if not errors:

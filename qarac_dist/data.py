@@ -205,11 +205,22 @@ def prepare(cfg: TrainConfig) -> Splits:
         out["labels"] = [float(v) for v in labels] if cfg.model.task == "regression" else [int(v) for v in labels]
         return out
 
+    # Our own fingerprint: datasets' hash of `encode` changes once the tokenizer has been called
+    # (it keeps truncation state), which would defeat the cache on every run.
+    recipe = [d.max_length, d.text_column, d.text_pair_column, d.label_column, cfg.model.task, label_names, keep,
+              _tokenizer_digest(tokenizer)]
+
     def tokenize(split):
         return split.map(encode, batched=True, batch_size=256, remove_columns=split.column_names,
-                         desc="tokenizing")
+                         desc="tokenizing", new_fingerprint=_fingerprint([split._fingerprint, recipe]))
 
     return Splits(tokenize(train), tokenize(validation), tokenizer, num_labels, label_names)
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps([tokenizer.name_or_path, len(tokenizer)])
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- batching

@@ -278,7 +278,8 @@ def sample(random_spec: Optional[RandomSearch]) -> list[dict]:
 
 
 def trial_id(resolved: dict) -> str:
-    identity = {**resolved, "output": {**resolved["output"], "dir": None}}
+    # Where a trial writes and where it is tracked are not what it is.
+    identity = {**resolved, "output": {**resolved["output"], "dir": None}, "tracking": None}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

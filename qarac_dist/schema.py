@@ -6,6 +6,7 @@ Shared by the training config and the sweep file. Nothing here imports torch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from pathlib import Path
@@ -71,9 +72,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 def apply_overrides(data: dict, overrides: list[tuple[str, Any]]) -> dict:
     """Return a copy of `data` with each dotted key set; intermediate mappings are created."""
-    import copy
-
-    data = copy.deepcopy(data)
+    data = plain_copy(data)
     errors = []
     for key, value in overrides:
         node = data
@@ -99,7 +98,7 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    if origin in (list, tuple):
+    if origin in (list, tuple) or tp in (list, tuple):
         return "a list"
     if origin is dict or tp is dict:
         return "a mapping"
@@ -137,7 +136,7 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
             errors.append(f"{key}: expected a mapping, got {value!r}")
             return tp()
         return build(tp, value, key, errors)
-    if origin in (list, tuple):
+    if origin in (list, tuple) or tp in (list, tuple):
         if not isinstance(value, list):
             errors.append(f"{key}: expected a list, got {value!r}")
             return []
@@ -174,10 +173,15 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} at {key}")
 
 
+@functools.lru_cache(maxsize=None)
+def _schema(cls: type) -> tuple[dict, dict]:
+    """Annotations and init fields of a dataclass (cached: planning validates thousands of trials)."""
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
 def build(cls: type, data: dict, prefix: str, errors: list[str]) -> Any:
     """Build dataclass `cls` from `data`, appending every problem to `errors`."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints, fields = _schema(cls)
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
@@ -201,18 +205,25 @@ def field_types(tp: Any) -> Optional[dict[str, Any]]:
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         tp = inner[0] if len(inner) == 1 else tp
     if dataclasses.is_dataclass(tp):
-        return typing.get_type_hints(tp)
+        return _schema(tp)[0]
     return None
 
 
 def to_dict(obj: Any) -> Any:
     """A dataclass tree as plain dicts and lists (for YAML/JSON dumps and hashing)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
+    fields = getattr(type(obj), "__dataclass_fields__", None)
+    if fields is not None:
+        return {name: to_dict(getattr(obj, name)) for name in fields}
+    return plain_copy(obj, to_dict)
+
+
+def plain_copy(obj: Any, convert=None) -> Any:
+    """Copy nested dicts and lists of plain values (faster than copy.deepcopy for config data)."""
+    convert = convert or plain_copy
     if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
+        return {k: convert(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [convert(v) for v in obj]
     return obj
 
 

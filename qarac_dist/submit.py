@@ -7,6 +7,7 @@ submitit's environment (qarac_dist/ranks.py) and runs the training job.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Protocol
@@ -14,7 +15,6 @@ from typing import Protocol
 import submitit
 
 from . import slurm
-from .manifest import TrialRecord
 from .plan import Resources
 
 
@@ -22,9 +22,10 @@ class TrialJob(submitit.helpers.Checkpointable):
     """One trial. Checkpointable: on SLURM's warning signal submitit calls `checkpoint()` and
     requeues this same object; the training job resumes from its newest complete checkpoint."""
 
-    def __init__(self, config: dict, cpus_per_task: int):
+    def __init__(self, config: dict, cpus_per_task: int, max_requeues: int = 3):
         self.config = config
         self.cpus_per_task = cpus_per_task
+        self.max_requeues = max_requeues
 
     def __call__(self) -> dict:
         # Threads per rank follow the CPUs the scheduler gave the task, so ranks and trials
@@ -34,16 +35,32 @@ class TrialJob(submitit.helpers.Checkpointable):
 
         torch.set_num_threads(self.cpus_per_task)
         from .config import config_from_dict
-        from .train import run
+        from .manifest import read_json
+        from .train import Preempted, run
 
-        return run(config_from_dict(self.config, f"trial {self.config.get('name')}"))
+        try:
+            return run(config_from_dict(self.config, f"trial {self.config.get('name')}"))
+        except Preempted as stop:
+            # The checkpoint is saved on every rank. On USR2, global rank 0 hands over to
+            # submitit's own handler, which pickles this job and requeues it (and exits).
+            starts = (read_json(Path(self.config["output"]["dir"]) / "state.json") or {}).get("starts", 1)
+            if stop.signum != signal.SIGUSR2 or submitit.JobEnvironment().global_rank != 0:
+                raise
+            if starts > self.max_requeues:
+                raise RuntimeError(f"requeue budget exhausted ({self.max_requeues} requeues); "
+                                   f"re-run the sweep to resume from the checkpoint") from stop
+            handler = signal.getsignal(signal.SIGUSR2)
+            if not callable(handler):
+                raise
+            handler(signal.SIGUSR2, None)
+            raise
 
 
 class Executor(Protocol):
     kind: str
 
-    def submit(self, records: list[TrialRecord]) -> dict[str, str]:
-        """Submit trials; returns trial id -> job id."""
+    def submit(self, configs: dict[str, dict]) -> dict[str, str]:
+        """Submit trials (trial id -> training config); returns trial id -> job id."""
 
 
 class SlurmArrays:
@@ -55,16 +72,18 @@ class SlurmArrays:
         self.folder, self.resources, self.job_name = folder, resources, job_name
         self.max_requeues = max_requeues
 
-    def submit(self, records: list[TrialRecord]) -> dict[str, str]:
+    def submit(self, configs: dict[str, dict]) -> dict[str, str]:
         executor = submitit.SlurmExecutor(folder=self.folder / "%j", max_num_timeout=self.max_requeues)
         executor.update_parameters(**slurm.executor_parameters(self.resources, self.job_name))
         size = slurm.max_array_size()
+        items = list(configs.items())
         job_ids = {}
-        for start in range(0, len(records), size):
-            chunk = records[start:start + size]
+        for start in range(0, len(items), size):
+            chunk = items[start:start + size]
             with executor.batch():
-                jobs = [executor.submit(TrialJob(r.config, self.resources.cpus_per_task)) for r in chunk]
-            job_ids.update({r.id: job.job_id for r, job in zip(chunk, jobs)})
+                jobs = [executor.submit(TrialJob(config, self.resources.cpus_per_task, self.max_requeues))
+                        for _, config in chunk]
+            job_ids.update({tid: job.job_id for (tid, _), job in zip(chunk, jobs)})
         return job_ids
 
 
@@ -77,15 +96,15 @@ class LocalProcesses:
         self.folder, self.resources = folder, resources
         self.jobs: dict[str, submitit.local.local.LocalJob] = {}
 
-    def submit(self, records: list[TrialRecord]) -> dict[str, str]:
+    def submit(self, configs: dict[str, dict]) -> dict[str, str]:
         executor = submitit.LocalExecutor(folder=self.folder / "%j")
         executor.update_parameters(timeout_min=self.resources.time_min, tasks_per_node=self.resources.tasks_per_node,
                                    gpus_per_node=self.resources.gpus_per_node)
         job_ids = {}
-        for record in records:
-            job = executor.submit(TrialJob(record.config, self.resources.cpus_per_task))
-            self.jobs[record.id] = job
-            job_ids[record.id] = job.job_id
+        for trial_id, config in configs.items():
+            job = executor.submit(TrialJob(config, self.resources.cpus_per_task))
+            self.jobs[trial_id] = job
+            job_ids[trial_id] = job.job_id
         return job_ids
 
 

@@ -51,9 +51,12 @@ def print_plan(spec: SweepSpec, trials: list[Trial], executor: str) -> None:
     table = Table(title=f"sweep {spec.name}: {len(trials)} trials, executor {executor}")
     table.add_column("trial")
     table.add_column("overrides")
-    for trial in trials:
+    shown = 50
+    for trial in trials[:shown]:
         table.add_row(trial.id, trial.label)
     console.print(table)
+    if len(trials) > shown:
+        console.print(f"... and {len(trials) - shown} more trials")
     if spec.set:
         console.print("every trial also sets: " + " ".join(f"{k}={v}" for k, v in spec.set.items()), markup=False)
     r = spec.resources
@@ -111,7 +114,7 @@ def summary_rows(manifest: Manifest) -> tuple[list[list[str]], str | None]:
         if value is not None and r.state in DONE and (
                 best_value is None or (value > best_value if manifest.select_mode == "max" else value < best_value)):
             best_id, best_value = r.id, value
-        restarts = max(0, r.submissions - 1) + int(files["state"].get("requeues", 0) or 0)
+        restarts = max(0, int(files["state"].get("starts", 1)) - 1)
         rows.append([r.id, r.label, r.state, str(restarts), str(files["last_step"] or "-"),
                      f"{value:.4f}" if value is not None else "-", r.error or ""])
     return rows, best_id
@@ -185,10 +188,57 @@ def _progress_table(manifest: Manifest):
     return table
 
 
+def ensure_runs(manifest: Manifest, records: list[TrialRecord]) -> None:
+    """Create the sweep's parent run and each trial's child run, once: their ids are kept in
+    the manifest, so requeued and re-run jobs log to the same runs."""
+    from . import tracking
+    from .schema import flatten
+
+    c = tracking.client(manifest.tracking_uri)
+    exp = tracking.experiment_id(c, manifest.experiment)
+    if manifest.mlflow_parent_run_id is None:
+        manifest.mlflow_parent_run_id = tracking.create_run(
+            c, exp, manifest.sweep, {"sweep": manifest.sweep, "executor": manifest.executor, "qarac.kind": "sweep"},
+            {"num_trials": str(len(manifest.trials)), "select.metric": manifest.select_metric,
+             "select.mode": manifest.select_mode})
+    for r in records:
+        if r.mlflow_run_id is None:
+            r.mlflow_run_id = tracking.create_run(
+                c, exp, f"{r.id} {r.label}", {"sweep": manifest.sweep, "trial_id": r.id, "executor": r.executor},
+                tracking.safe_params(flatten(r.config)), parent_run_id=manifest.mlflow_parent_run_id)
+
+
+def close_parent(manifest: Manifest) -> None:
+    """When every trial has ended: name the best trial on the parent run and end it."""
+    if manifest.mlflow_parent_run_id is None or any(
+            r.state in ("PENDING", "RUNNING", "QUEUED") or r.state in slurm.ACTIVE for r in manifest.trials.values()):
+        return
+    from . import tracking
+
+    try:
+        c = tracking.client(manifest.tracking_uri)
+        tracking.update_parent(c, manifest.mlflow_parent_run_id, manifest.select_metric, manifest.select_mode)
+        ok = all(r.state in DONE for r in manifest.trials.values())
+        c.set_terminated(manifest.mlflow_parent_run_id, status="FINISHED" if ok else "FAILED")
+    except Exception as err:
+        print(f"qarac_dist: could not update the sweep's MLflow run: {type(err).__name__}: {err}", file=sys.stderr)
+
+
+def job_config(manifest: Manifest, record: TrialRecord) -> dict:
+    """The training config a trial's job runs: the planned config plus where to track it."""
+    return {**record.config, "tracking": {
+        "uri": manifest.tracking_uri, "experiment": manifest.experiment, "run_id": record.mlflow_run_id,
+        "parent_run_id": manifest.mlflow_parent_run_id, "select_metric": manifest.select_metric,
+        "select_mode": manifest.select_mode,
+        "tags": {"sweep": manifest.sweep, "trial_id": record.id, "executor": record.executor}}}
+
+
 def submit_records(manifest: Manifest, directory: Path, executor, records: list[TrialRecord]) -> None:
+    ensure_runs(manifest, records)
     for r in records:
         r.state, r.error = "PENDING", None
-    job_ids = executor.submit(records)
+    manifest.save(directory)
+    job_ids = executor.submit({r.id: job_config(manifest, r) for r in records})
     for r in records:
         r.job_id = job_ids[r.id]
         r.job_ids.append(r.job_id)
@@ -222,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         return cancel(manifest, directory)
     metric, mode = select_defaults(spec, trials)
     if manifest is None:
-        manifest = Manifest(spec.name, executor_kind, metric, mode)
+        from .tracking import absolute_uri
+
+        manifest = Manifest(spec.name, executor_kind, metric, mode, tracking_uri=absolute_uri(spec.tracking.uri),
+                            experiment=spec.tracking.experiment or spec.name)
     elif manifest.executor != executor_kind:
         print(f"{source}: executor: {directory} was submitted with {manifest.executor}, now {executor_kind}; "
               f"use another sweep name", file=sys.stderr)
@@ -261,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(trials) - len(todo)} already pending, running or completed; directory {directory}")
     if executor_kind == "local" or args.wait:
         wait(manifest, directory, executor, todo if executor_kind == "local" else [], spec.resources.max_parallel)
+        close_parent(manifest)
         best = print_summary(manifest)
         failed = [r for r in manifest.trials.values() if r.state not in DONE]
         return 1 if failed or best is None else 0

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -22,11 +24,12 @@ import torch.distributed as dist
 
 from . import checkpoint, data, models
 from .config import TrainConfig, config_to_dict, deepspeed_config, load_config
-from .manifest import write_json
+from .manifest import read_json, write_json
 from .metrics import BestTracker, classification_metrics, regression_metrics
 from .ranks import Ranks, export_from_environment
 from .schema import ConfigError, UserError
-from .tracking import MetricsFile, NullTracker, Tracker
+from .schema import flatten
+from .tracking import MetricsFile, NullTracker, Tracker, Trackers, TrialRun
 
 # DeepSpeed picks its accelerator when first imported; without CUDA, say CPU before it looks.
 if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
@@ -69,11 +72,11 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, ranks: Ranks):
+    def __init__(self, cfg: TrainConfig, ranks: Ranks, trial_run: TrialRun | None = None):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
-        self.cfg, self.ranks = cfg, ranks
+        self.cfg, self.ranks, self.trial_run = cfg, ranks, trial_run
         self.out = Path(cfg.output.dir)
         self.checkpoints = self.out / "checkpoints"
         seed_everything(cfg.training.seed)
@@ -115,41 +118,69 @@ class Trainer:
         self.best = BestTracker(cfg.evaluation.metric, cfg.evaluation.mode, cfg.early_stopping.min_delta)
         self.step = 0
         self.tracker: Tracker = NullTracker()
+        # Stop flags travel on a CPU (gloo) group so checking them never syncs a GPU stream.
+        self.control_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         if ranks.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
             (self.out / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2))
-            self.tracker = MetricsFile(self.out / "metrics.jsonl")
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
-        cfg, t = self.cfg, self.cfg.training
-        self.resume()
-        stopped_early = False
+        self.start()
         steps = self.batches.iterate(start_step=self.step)
-        window = _Window(self.device)
+        stopped_early = False
         started = time.perf_counter()
-        while self.step < t.max_steps:
-            step_started = time.perf_counter()
-            loss, tokens = self.train_step(next(steps))
-            window.add(loss, tokens, time.perf_counter() - step_started)
-            self.step += 1
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                self.tracker.log(self.step, window.flush(self.engine, self.scheduler))
-            if cfg.checkpointing.every_steps and self.step % cfg.checkpointing.every_steps == 0:
-                self.save_checkpoint()
-            if self.step % cfg.evaluation.every_steps == 0 or self.step == t.max_steps:
-                if self.validate_and_keep_best():
-                    stopped_early = True
-                    break
+        while self.step < self.cfg.training.max_steps and not stopped_early:
+            stopped_early = self.advance(next(steps))
         result = {"steps": self.step, "stopped_early": stopped_early,
                   "train_seconds": time.perf_counter() - started, "metric": self.best.metric,
                   "best_value": self.best.best, "best_step": self.best.best_step,
-                  "best_dir": str(self.out / "best") if cfg.output.export_best else None}
+                  "best_dir": str(self.out / "best") if self.cfg.output.export_best else None}
         if self.ranks.is_main:
             (self.out / "result.json").write_text(json.dumps(result, indent=2))
         self.tracker.close()
         return result
+
+    def start(self) -> None:
+        """Resume from the newest complete checkpoint, if any; open the trackers (rank 0)."""
+        self.resume()
+        if self.ranks.is_main:
+            # Rows after the resumed step are recomputed, so the file keeps only those before.
+            trackers: list[Tracker] = [MetricsFile(self.out / "metrics.jsonl", keep_through_step=self.step)]
+            if self.trial_run is not None:
+                trackers.append(self.trial_run.logger())
+                self.trial_run.log_dict(self.ds_config, "deepspeed_config.json")
+            self.tracker = Trackers(*trackers)
+        self.window = _Window(self.device)
+        self.nonfinite = _NonFinite(self.cfg.training.max_nonfinite_steps)
+
+    def advance(self, micro_batches: list[np.ndarray]) -> bool:
+        """One optimizer step, then what falls due after it: log, validate (keep the best),
+        checkpoint, honour a stop signal. Returns True when early stopping says stop."""
+        cfg, t = self.cfg, self.cfg.training
+        step_started = time.perf_counter()
+        loss, tokens = self.train_step(micro_batches)
+        self.window.add(loss, tokens, time.perf_counter() - step_started)
+        self.step += 1
+        self.nonfinite.check(self.step, float(loss))
+        if self.step % t.log_every == 0 or self.step == t.max_steps:
+            self.tracker.log(self.step, self.window.flush(self.engine, self.scheduler))
+        stop_early = False
+        if self.step % cfg.evaluation.every_steps == 0 or self.step == t.max_steps:
+            stop_early = self.validate_and_keep_best()
+        # After validation, so a resumed job knows this step's best metric.
+        checkpointed = bool(cfg.checkpointing.every_steps) and self.step % cfg.checkpointing.every_steps == 0
+        if checkpointed:
+            self.save_checkpoint()
+        if self.stop_requested():
+            # SLURM's warning signal (preemption or time limit) or SIGTERM: every rank has
+            # finished this step; save, then let the caller requeue or exit.
+            if not checkpointed:
+                self.save_checkpoint()
+            self.tracker.close()
+            raise Preempted(STOP.signum, self.step)
+        return stop_early
 
     def train_step(self, micro_batches: list[np.ndarray]) -> tuple[torch.Tensor, int]:
         """Forward, backward and (at the accumulation boundary) optimizer step."""
@@ -173,6 +204,14 @@ class Trainer:
         return self.best.should_stop(self.cfg.early_stopping.patience)
 
     # ------------------------------------------------------------------ pieces
+    def stop_requested(self) -> bool:
+        """Whether any rank got a stop signal; all ranks agree, so all of them save."""
+        if self.ranks.world_size == 1:
+            return STOP.signum is not None
+        flag = torch.tensor([int(STOP.signum is not None)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
+        return bool(flag.item())
+
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
@@ -247,6 +286,63 @@ class Trainer:
             setattr(self.best, key, value)
 
 
+class Preempted(Exception):
+    """Training stopped on a signal after saving a checkpoint; the job is to be requeued."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by signal {signal.Signals(signum).name} after step {step}; checkpoint saved")
+        self.signum, self.step = signum, step
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss was NaN or inf for too many consecutive steps."""
+
+
+class _StopRequest:
+    """Set by a signal handler at any moment; read by the loop at step boundaries only."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def handler(self, signum, frame) -> None:
+        self.signum = signum
+
+    def install(self, signums) -> None:
+        self.signum = None
+        for signum in signums:
+            self.previous[signum] = signal.signal(signum, self.handler)
+
+    def restore(self) -> None:
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
+        self.previous.clear()
+
+
+STOP = _StopRequest()
+# SLURM's warning signal before a time limit or preemption (submitit's default, USR2; never
+# USR1, which NCCL may take), and SIGTERM, which comes without warning at the end.
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+class _NonFinite:
+    """Counts consecutive non-finite losses; raises after `limit` of them."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count = limit, 0
+        self.last_finite: tuple[int, float] | None = None
+
+    def check(self, step: int, loss: float) -> None:
+        if math.isfinite(loss):
+            self.count, self.last_finite = 0, (step, loss)
+            return
+        self.count += 1
+        if self.count >= self.limit:
+            last = (f"last finite loss {self.last_finite[1]:.6g} at step {self.last_finite[0]}"
+                    if self.last_finite else "no finite loss before")
+            raise NonFiniteLoss(f"loss is {loss} at step {step}, {self.count} consecutive non-finite steps; {last}")
+
+
 class _Window:
     """Loss, tokens and step time since the last log; reduced over ranks only when logged."""
 
@@ -297,21 +393,45 @@ def run(cfg: TrainConfig) -> dict:
     ranks = export_from_environment()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                auto_mpi_discovery=False, verbose=False)
-    state_file = Path(cfg.output.dir) / "state.json"
+    out = Path(cfg.output.dir)
+    state_file = out / "state.json"
+    trial_run, info = None, {}
+    STOP.install(STOP_SIGNALS)
     try:
         if ranks.is_main:
-            write_json(state_file, {"state": "RUNNING", "pid": os.getpid(), "host": socket.gethostname(),
-                                    "world_size": ranks.world_size, "started": time.time()})
-        result = Trainer(cfg, ranks).train()
+            out.mkdir(parents=True, exist_ok=True)
+            starts = (read_json(state_file) or {}).get("starts", 0) + 1
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "world_size": ranks.world_size,
+                    "started": time.time(), "starts": starts, "job_id": os.environ.get("SLURM_JOB_ID"),
+                    "nodes": os.environ.get("SLURM_JOB_NODELIST")}
+            write_json(state_file, {"state": "RUNNING", **info})
+            if cfg.tracking.uri is not None:
+                trial_run = TrialRun(cfg.tracking, cfg.name, flatten(config_to_dict(cfg)), out, run_tags={
+                    "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                    "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+                    "restarts": starts - 1, "nodes": info["nodes"] or info["host"], "world_size": ranks.world_size})
+        result = Trainer(cfg, ranks, trial_run).train()
         if ranks.is_main:
-            write_json(state_file, {"state": "COMPLETED", **result})
+            write_json(state_file, {"state": "COMPLETED", **info, **result})
+            if trial_run is not None:
+                trial_run.finish("FINISHED", out / "best" if cfg.output.export_best else None)
         return result
-    except Exception as err:
+    except Preempted as stop:
+        if ranks.is_main:  # the run stays RUNNING: the requeued job continues it
+            write_json(state_file, {"state": "PREEMPTED", **info, "step": stop.step})
+        raise
+    except BaseException as err:
         if ranks.is_main:
             line = (str(err).strip().splitlines() or [""])[-1]
-            write_json(state_file, {"state": "FAILED", "error": f"{type(err).__name__}: {line}"})
+            error = f"{type(err).__name__}: {line}"
+            killed = isinstance(err, KeyboardInterrupt)
+            write_json(state_file, {"state": "CANCELLED" if killed else "FAILED", **info, "error": error})
+            if trial_run is not None:
+                best = out / "best"
+                trial_run.finish("KILLED" if killed else "FAILED", best if best.exists() else None, error)
         raise
     finally:
+        STOP.restore()
         dist.destroy_process_group()
 
 
@@ -329,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"{args.config}: {err}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        print(f"qarac_dist: {stop}; run the same command again to resume", file=sys.stderr)
+        return 3
     return 0
 
 
