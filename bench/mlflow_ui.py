@@ -48,18 +48,17 @@ def check_runs_page(server_uri: str, experiment_id: str, run_names: list[str], s
         deadline = time.time() + timeout_s
         missing = list(run_names)
         while time.time() < deadline:
-            # Child runs are nested under their parent, collapsed: expand every parent row.
-            for button in driver.find_elements(By.CSS_SELECTOR, "[aria-label*='xpand'], [data-testid*='expand']"):
-                try:
-                    if button.get_attribute("aria-expanded") != "true":
-                        button.click()
-                except Exception:
-                    pass  # re-rendered meanwhile; the next pass finds it again
             text = driver.find_element(By.TAG_NAME, "body").text
             missing = [name for name in run_names if name not in text]
             if not missing:
                 break
-            time.sleep(1)
+            # Child runs are nested under their parent, collapsed: the button in a parent's
+            # run-name cell expands it. Click only while no child row (level 1) is shown, since
+            # a second click collapses it again.
+            if not driver.find_elements(By.CSS_SELECTOR, ".ag-row-level-1"):
+                for button in driver.find_elements(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']"):
+                    driver.execute_script("arguments[0].click();", button)
+            time.sleep(2)
         time.sleep(1)
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(screenshot))

@@ -108,7 +108,8 @@ def summary_rows(manifest: Manifest) -> tuple[list[list[str]], str | None]:
     from .manifest import trial_files
 
     rows, best_id, best_value = [], None, None
-    for r in manifest.trials.values():
+    # Ties go to the smallest trial id, as on the MLflow parent run.
+    for r in sorted(manifest.trials.values(), key=lambda r: r.id):
         files = trial_files(r)
         value = (files["best"] or {}).get("metrics", {}).get(manifest.select_metric)
         if value is not None and r.state in DONE and (

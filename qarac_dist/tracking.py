@@ -172,7 +172,8 @@ def update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str) -> 
     key = f"best_val_{metric}"
     lines = [f"trial,run_id,status,{key},best_step"]
     best = None
-    for child in children:
+    # Ties go to the smallest trial id, as in the sweep's summary table.
+    for child in sorted(children, key=lambda r: r.data.tags.get("trial_id", "")):
         value = child.data.metrics.get(key)
         tags = child.data.tags
         lines.append(f"{tags.get('trial_id')},{child.info.run_id},{child.info.status},"

@@ -29,7 +29,7 @@ from .metrics import BestTracker, classification_metrics, regression_metrics
 from .ranks import Ranks, export_from_environment
 from .schema import ConfigError, UserError
 from .schema import flatten
-from .tracking import MetricsFile, NullTracker, Tracker, Trackers, TrialRun
+from .tracking import MetricsFile, NullTracker, Tracker, Trackers, TrialRun, read_metrics
 
 # DeepSpeed picks its accelerator when first imported; without CUDA, say CPU before it looks.
 if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
@@ -149,7 +149,12 @@ class Trainer:
             # Rows after the resumed step are recomputed, so the file keeps only those before.
             trackers: list[Tracker] = [MetricsFile(self.out / "metrics.jsonl", keep_through_step=self.step)]
             if self.trial_run is not None:
-                trackers.append(self.trial_run.logger())
+                logger = self.trial_run.logger()
+                # metrics.jsonl is the durable record: what an interrupted job had not yet sent
+                # goes now (the logger drops the steps MLflow already holds).
+                for row in read_metrics(self.out / "metrics.jsonl"):
+                    logger.log(row.pop("step"), row)
+                trackers.append(logger)
                 self.trial_run.log_dict(self.ds_config, "deepspeed_config.json")
             self.tracker = Trackers(*trackers)
         self.window = _Window(self.device)
