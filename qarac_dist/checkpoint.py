@@ -10,8 +10,10 @@ has no marker and is skipped.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -54,6 +56,7 @@ def save(engine, directory: Path, step: int, client_state: dict, rank: int, keep
     """Save on every rank; returns the tag. `keep` names a tag never pruned (the best)."""
     tag = tag_for(step)
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+    _fault_point("checkpoint-write", step, rank, directory)
     torch.save(rng_state(), directory / tag / f"rng_rank{rank}.pt")
     dist.barrier()  # every rank's shards and RNG file are on disk
     if rank == 0:
@@ -64,6 +67,17 @@ def save(engine, directory: Path, step: int, client_state: dict, rank: int, keep
                 shutil.rmtree(directory / old, ignore_errors=True)
     dist.barrier()
     return tag
+
+
+def _fault_point(name: str, step: int, rank: int, directory: Path) -> None:
+    """Test hook: QARAC_FAULT=NAME:STEP:RANK kills that rank with SIGKILL here, once per
+    directory (a marker remembers it), to test recovery from a half-written checkpoint."""
+    if os.environ.get("QARAC_FAULT") != f"{name}:{step}:{rank}":
+        return
+    marker = directory / f".fault-{name}-{step}-{rank}"
+    if not marker.exists():
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load(engine, directory: Path, tag: str, rank: int) -> dict:

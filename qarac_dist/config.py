@@ -217,6 +217,8 @@ class OutputConfig:
     """Directory for metrics.jsonl, checkpoints and the exported best model."""
     export_best: bool = True
     """Export the best model as a save_pretrained directory (safetensors) with its tokenizer."""
+    export_last: bool = False
+    """Also export the final weights to `last/` in the same form."""
 
 
 @dataclass

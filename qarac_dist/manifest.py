@@ -33,6 +33,11 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def update_json(path: Path, **fields) -> None:
+    """Set fields of a JSON object file (atomically); only one process writes a given file."""
+    write_json(path, {**(read_json(path) or {}), **fields})
+
+
 def read_json(path: Path) -> Optional[dict]:
     try:
         return json.loads(Path(path).read_text())

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from . import checkpoint, data, models
 from .config import TrainConfig, config_to_dict, deepspeed_config, load_config
-from .manifest import read_json, write_json
+from .manifest import read_json, update_json, write_json
 from .metrics import BestTracker, classification_metrics, regression_metrics
 from .ranks import Ranks, export_from_environment
 from .schema import ConfigError, UserError
@@ -133,6 +133,8 @@ class Trainer:
         started = time.perf_counter()
         while self.step < self.cfg.training.max_steps and not stopped_early:
             stopped_early = self.advance(next(steps))
+        if self.cfg.output.export_last:
+            self.export(self.out / "last", {}, "qarac_last.json")
         result = {"steps": self.step, "stopped_early": stopped_early,
                   "train_seconds": time.perf_counter() - started, "metric": self.best.metric,
                   "best_value": self.best.best, "best_step": self.best.best_step,
@@ -247,7 +249,7 @@ class Trainer:
             return regression_metrics(logits.reshape(-1), labels)
         return classification_metrics(logits, labels)
 
-    def export(self, target: Path, metrics: dict[str, float]) -> None:
+    def export(self, target: Path, metrics: dict[str, float], info_file: str = "qarac_best.json") -> None:
         """Write a consolidated save_pretrained directory (safetensors) and the tokenizer,
         under a temporary name, then rename it into place. Collective under ZeRO-3."""
         from transformers import PreTrainedModel
@@ -269,21 +271,32 @@ class Trainer:
             tmp.mkdir(parents=True)
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
         self.splits.tokenizer.save_pretrained(str(tmp))
-        (tmp / "qarac_best.json").write_text(json.dumps({"step": self.step, "metric": self.best.metric,
-                                                          "metrics": metrics}, indent=2))
+        (tmp / info_file).write_text(json.dumps({"step": self.step, "metric": self.best.metric,
+                                                  "metrics": metrics}, indent=2))
         shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)
 
     def save_checkpoint(self) -> None:
-        state = {"step": self.step, "best": vars(self.best).copy()}
+        state = {"step": self.step, "best": vars(self.best).copy(), "world_size": self.ranks.world_size,
+                 "mlflow_run_id": self.trial_run.run_id if self.trial_run else None}
+        keep = checkpoint.tag_for(self.best.best_step) if self.best.best_step is not None else None
         checkpoint.save(self.engine, self.checkpoints, self.step, state, self.ranks.rank,
-                        self.cfg.checkpointing.keep_last)
+                        self.cfg.checkpointing.keep_last, keep=keep)
+        if self.ranks.is_main:
+            update_json(self.out / "state.json", last_checkpoint=self.step)
 
     def resume(self) -> None:
+        """Load the newest complete checkpoint. A trial that saved one before but finds none
+        now fails: it never starts over silently."""
         if not self.cfg.checkpointing.resume:
             return
         tags = checkpoint.complete_tags(self.checkpoints)
         if not tags:
+            expected = (read_json(self.out / "state.json") or {}).get("last_checkpoint")
+            if expected is not None:
+                raise UserError(f"checkpointing: this trial saved a checkpoint at step {expected}, but "
+                                f"{self.checkpoints} holds no complete checkpoint; it will not start over. "
+                                f"Restore the checkpoints, or remove {self.out / 'state.json'} to start from scratch")
             return
         state = checkpoint.load(self.engine, self.checkpoints, tags[-1], self.ranks.rank)
         self.step = state["step"]
@@ -405,10 +418,11 @@ def run(cfg: TrainConfig) -> dict:
     try:
         if ranks.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            starts = (read_json(state_file) or {}).get("starts", 0) + 1
+            previous = read_json(state_file) or {}
+            starts = previous.get("starts", 0) + 1
             info = {"pid": os.getpid(), "host": socket.gethostname(), "world_size": ranks.world_size,
                     "started": time.time(), "starts": starts, "job_id": os.environ.get("SLURM_JOB_ID"),
-                    "nodes": os.environ.get("SLURM_JOB_NODELIST")}
+                    "nodes": os.environ.get("SLURM_JOB_NODELIST"), "last_checkpoint": previous.get("last_checkpoint")}
             write_json(state_file, {"state": "RUNNING", **info})
             if cfg.tracking.uri is not None:
                 trial_run = TrialRun(cfg.tracking, cfg.name, flatten(config_to_dict(cfg)), out, run_tags={
@@ -417,20 +431,21 @@ def run(cfg: TrainConfig) -> dict:
                     "restarts": starts - 1, "nodes": info["nodes"] or info["host"], "world_size": ranks.world_size})
         result = Trainer(cfg, ranks, trial_run).train()
         if ranks.is_main:
-            write_json(state_file, {"state": "COMPLETED", **info, **result})
+            write_json(state_file, {**(read_json(state_file) or {}), "state": "COMPLETED", **result})
             if trial_run is not None:
                 trial_run.finish("FINISHED", out / "best" if cfg.output.export_best else None)
         return result
     except Preempted as stop:
         if ranks.is_main:  # the run stays RUNNING: the requeued job continues it
-            write_json(state_file, {"state": "PREEMPTED", **info, "step": stop.step})
+            write_json(state_file, {**(read_json(state_file) or info), "state": "PREEMPTED", "step": stop.step})
         raise
     except BaseException as err:
         if ranks.is_main:
             line = (str(err).strip().splitlines() or [""])[-1]
             error = f"{type(err).__name__}: {line}"
             killed = isinstance(err, KeyboardInterrupt)
-            write_json(state_file, {"state": "CANCELLED" if killed else "FAILED", **info, "error": error})
+            write_json(state_file, {**(read_json(state_file) or info), "state": "CANCELLED" if killed else "FAILED",
+                                    "error": error})
             if trial_run is not None:
                 best = out / "best"
                 trial_run.finish("KILLED" if killed else "FAILED", best if best.exists() else None, error)

@@ -1,0 +1,125 @@
+"""Figures for MLflow tracking, measured in this one run against a real `mlflow server` on
+127.0.0.1 (sqlite backend).
+
+1. Training step time with tracking over step time without: two trainers of the same config in
+   one process, one logging every step to the server, one with no MLflow; one step of each in
+   turn; the median of the per-step ratios.
+2. Cost per metric point: synchronous `log_metric` calls against the batched background logger
+   (points appended, then flushed), as a ratio.
+
+    python bench/tracking.py [--steps 60] [--points 300]
+
+Writes bench/results/tracking.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def step_time_ratio(uri: str, steps: int, warmup: int) -> dict:
+    import deepspeed
+    import torch
+
+    from qarac_dist.config import load_config
+    from qarac_dist.ranks import export_from_environment
+    from qarac_dist.schema import flatten, to_dict
+    from qarac_dist.tracking import TrialRun
+    from qarac_dist.train import Trainer
+
+    ranks = export_from_environment()
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    trainers = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("tracked", "untracked"):
+            overrides = [f"training.max_steps={steps + 1}", "training.log_every=1", f"evaluation.every_steps={10**6}",
+                         "output.export_best=false", f"output.dir={tmp}/{name}"]
+            if name == "tracked":
+                overrides += [f"tracking.uri={uri}", "tracking.experiment=bench"]
+            cfg = load_config(ROOT / "configs" / "longformer_synthetic.yaml", overrides)
+            run = None
+            if name == "tracked":
+                Path(cfg.output.dir).mkdir(parents=True)
+                run = TrialRun(cfg.tracking, "bench", flatten(to_dict(cfg)), Path(cfg.output.dir), {})
+            trainers[name] = Trainer(cfg, ranks, run)
+            trainers[name].start()
+        batches = {name: t.batches.iterate() for name, t in trainers.items()}
+        seconds: dict[str, list[float]] = {"tracked": [], "untracked": []}
+        for _ in range(steps):
+            for name, trainer in trainers.items():
+                started = time.perf_counter()
+                trainer.advance(next(batches[name]))
+                seconds[name].append(time.perf_counter() - started)
+        for trainer in trainers.values():
+            trainer.tracker.close()
+        torch.distributed.destroy_process_group()
+    ratios = [a / b for a, b in zip(seconds["tracked"][warmup:], seconds["untracked"][warmup:])]
+    return {"tracked_step_s": statistics.median(seconds["tracked"][warmup:]),
+            "untracked_step_s": statistics.median(seconds["untracked"][warmup:]),
+            "ratio": statistics.median(ratios), "steps": steps}
+
+
+def per_point_ratio(uri: str, points: int) -> dict:
+    from qarac_dist import tracking
+
+    c = tracking.client(uri)
+    exp = tracking.experiment_id(c, "bench-points")
+    sync_run = tracking.create_run(c, exp, "sync", {})
+    started = time.perf_counter()
+    for step in range(points):
+        c.log_metric(sync_run, "loss", 1.0 / (step + 1), step=step)
+    sync_s = time.perf_counter() - started
+    batched_run = tracking.create_run(c, exp, "batched", {})
+    with tempfile.TemporaryDirectory() as tmp:
+        logger = tracking.MlflowLogger(uri, batched_run, Path(tmp))
+        started = time.perf_counter()
+        for step in range(points):
+            logger.log(step, {"loss": 1.0 / (step + 1)})
+        assert logger.close() == 0
+        batched_s = time.perf_counter() - started
+    assert len(c.get_metric_history(batched_run, "loss")) == points
+    return {"points": points, "sync_s": sync_s, "batched_s": batched_s,
+            "sync_per_point_ms": 1000 * sync_s / points, "batched_per_point_ms": 1000 * batched_s / points,
+            "ratio": sync_s / batched_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--points", type=int, default=300)
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from conftest import MlflowServer
+
+    with tempfile.TemporaryDirectory() as root:
+        server = MlflowServer(Path(root))
+        server.start()
+        try:
+            points = per_point_ratio(server.uri, args.points)
+            steps = step_time_ratio(server.uri, args.steps, args.warmup)
+        finally:
+            server.stop()
+    results = {"command": "python " + " ".join(sys.argv), "step_time": steps, "per_point": points}
+    (ROOT / "bench" / "results").mkdir(exist_ok=True)
+    (ROOT / "bench" / "results" / "tracking.json").write_text(json.dumps(results, indent=2))
+    print("| figure | A | B | ratio | target |")
+    print("|---|---|---|---|---|")
+    print(f"| step time, tracking to a loopback server / no tracking | {steps['tracked_step_s']:.3f} s | "
+          f"{steps['untracked_step_s']:.3f} s | {steps['ratio']:.3f} | <= 1.01 |")
+    print(f"| per metric point, synchronous log_metric / batched background logger ({points['points']} points) | "
+          f"{points['sync_per_point_ms']:.2f} ms | {points['batched_per_point_ms']:.3f} ms | {points['ratio']:.0f}x | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Preemption, time limits and failures on the real local SLURM cluster: requeue and exact
+resume, half-written checkpoints, missing checkpoints, NaN losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qarac_dist import tracking
+from qarac_dist.manifest import Manifest
+from qarac_dist.tracking import read_metrics
+from conftest import ROOT, run_sweep, tiny_config
+from test_slurm import cluster  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def no_requeue_delay():
+    """SLURM makes a requeued batch job eligible only 2 minutes later (hard-coded); while a
+    test runs, move those jobs' start time to now so the tests take seconds, not minutes."""
+    import threading
+
+    stop = threading.Event()
+
+    def release():
+        while not stop.is_set():
+            out = subprocess.run(["squeue", "-h", "-r", "-t", "PD", "-o", "%i %r"], capture_output=True, text=True).stdout
+            for line in out.splitlines():
+                job, _, reason = line.partition(" ")
+                if reason.strip() == "BeginTime":
+                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+            stop.wait(0.5)
+
+    thread = threading.Thread(target=release, daemon=True)
+    thread.start()
+    yield
+    stop.set()
+    thread.join()
+
+
+HELPERS = str(Path(__file__).resolve().parent / "helpers")
+
+
+def _sweep(tmp_path, name, data_cache, base=None, **fields) -> Path:
+    base = base or tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 60, "log_every": 1},
+                               evaluation={"every_steps": 30}, checkpointing={"every_steps": 1000},
+                               output={"export_last": True})
+    sweep = {"name": name, "base": base, "runs_dir": str(tmp_path / "runs"), "executor": "slurm",
+             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+             "resources": {"time_min": 10, "max_parallel": 4}, **fields}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def _trial_dirs(tmp_path, name) -> dict:
+    manifest = Manifest.load(tmp_path / "runs" / name)
+    return {tid: Path(r.output_dir) for tid, r in manifest.trials.items()}, manifest
+
+
+def _wait_step(out: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and any(r.get("step", 0) >= step for r in read_metrics(out / "metrics.jsonl")):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{out}: step {step} not reached")
+
+
+def _weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "last" / "model.safetensors"))
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+
+def _single_run_history(tmp_path, run_id: str) -> list[int]:
+    c = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return sorted(m.step for m in c.get_metric_history(run_id, "loss"))
+
+
+@pytest.mark.parametrize("ranks", [1, 2], ids=["1rank-fp32", "2ranks-zero2"])
+def test_usr2_requeues_and_resumes_exactly(cluster, no_requeue_delay, tmp_path, data_cache, ranks):
+    resources = {"time_min": 10, "nodes": ranks, "tasks_per_node": 1}
+    reference = _sweep(tmp_path, "reference", data_cache, resources=resources)
+    interrupted = _sweep(tmp_path, "interrupted", data_cache, resources=resources)
+    assert run_sweep(reference).returncode == 0
+    assert run_sweep(interrupted).returncode == 0
+    dirs, manifest = _trial_dirs(tmp_path, "interrupted")
+    (out,) = dirs.values()
+    (record,) = manifest.trials.values()
+    _wait_step(out, 10)
+    # To the job's steps, as SLURM's own warning signal goes (not to the batch shell).
+    subprocess.run(["scancel", "--signal=USR2", record.job_id], check=True)
+    proc = run_sweep(interrupted, "--wait")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_sweep(reference, "--wait")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (ref_out,) = _trial_dirs(tmp_path, "reference")[0].values()
+    state = json.loads((out / "state.json").read_text())
+    assert state["state"] == "COMPLETED" and state["starts"] == 2, state  # requeued once, resumed
+    losses, ref_losses = _losses(out), _losses(ref_out)
+    assert len(losses) == 60
+    a, b = _weights(out), _weights(ref_out)
+    if ranks == 1:
+        assert losses == ref_losses  # bitwise
+        assert all(torch_equal(a[k], b[k]) for k in b)
+    else:
+        assert losses == pytest.approx(ref_losses, abs=1e-6)
+        assert all(float((a[k] - b[k]).abs().max()) <= 1e-6 for k in b)
+    # One MLflow run, one point per step, no gaps or duplicates.
+    assert _single_run_history(tmp_path, record.mlflow_run_id) == list(range(1, 61))
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return torch.equal(x, y)
+
+
+def test_time_limit_is_survived_across_allocations(cluster, no_requeue_delay, tmp_path, data_cache):
+    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 3000, "log_every": 50},
+                       evaluation={"every_steps": 3000}, checkpointing={"every_steps": 100000},
+                       data={"synthetic": {"num_train": 96, "num_validation": 16, "min_tokens": 160, "max_tokens": 320,
+                                           "evidence_after": 128, "num_classes": 2, "seed": 0}})
+    path = _sweep(tmp_path, "timelimit", data_cache, base=base, max_requeues=4,
+                  resources={"time_min": 1, "max_parallel": 1})
+    started = time.time()
+    proc = run_sweep(path, "--wait", timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    dirs, manifest = _trial_dirs(tmp_path, "timelimit")
+    (out,) = dirs.values()
+    (record,) = manifest.trials.values()
+    state = json.loads((out / "state.json").read_text())
+    assert state["state"] == "COMPLETED" and state["steps"] == 3000
+    assert state["starts"] >= 2, f"finished in one allocation ({time.time() - started:.0f} s): make training longer"
+    assert _single_run_history(tmp_path, record.mlflow_run_id) == list(range(50, 3001, 50))
+
+
+def test_rank_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(cluster, tmp_path, data_cache):
+    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 30, "log_every": 1},
+                       evaluation={"every_steps": 30}, checkpointing={"every_steps": 10},
+                       output={"export_last": True})
+    resources = {"time_min": 10, "nodes": 2, "tasks_per_node": 1}
+    reference = _sweep(tmp_path, "ref", data_cache, base=base, resources=resources)
+    faulty = _sweep(tmp_path, "faulty", data_cache, base=base, resources=resources)
+    assert run_sweep(reference, "--wait").returncode == 0
+    env_proc = subprocess.run([sys.executable, "-m", "qarac_dist.sweep", str(faulty), "--wait"], cwd=tmp_path,
+                              env={**os.environ, "QARAC_FAULT": "checkpoint-write:20:1"}, capture_output=True, text=True)
+    assert env_proc.returncode != 0
+    dirs, _ = _trial_dirs(tmp_path, "faulty")
+    (out,) = dirs.values()
+    assert (out / "checkpoints" / "step00000020").exists()
+    assert not (out / "checkpoints" / "step00000020" / "COMPLETE").exists()
+    assert (out / "checkpoints" / "step00000010" / "COMPLETE").exists()
+    proc = subprocess.run([sys.executable, "-m", "qarac_dist.sweep", str(faulty), "--wait"], cwd=tmp_path,
+                          env={**os.environ, "QARAC_FAULT": "checkpoint-write:20:1"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (ref_out,) = _trial_dirs(tmp_path, "ref")[0].values()
+    assert _losses(out) == pytest.approx(_losses(ref_out), abs=1e-6)
+    a, b = _weights(out), _weights(ref_out)
+    assert all(float((a[k] - b[k]).abs().max()) <= 1e-6 for k in b)
+
+
+def test_missing_checkpoint_fails_clearly_instead_of_starting_over(tmp_path, data_cache):
+    import shutil
+
+    from conftest import run_train, write_config
+
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_cache, out, training={"max_steps": 10},
+                                                           checkpointing={"every_steps": 5}))
+    run_train(config)
+    shutil.rmtree(out / "checkpoints")
+    proc = subprocess.run([sys.executable, "-m", "qarac_dist.train", str(config), "training.max_steps=20"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "holds no complete checkpoint; it will not start over" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    state = json.loads((out / "state.json").read_text())
+    assert state["state"] == "FAILED" and "no complete checkpoint" in state["error"]
+    assert max(r["step"] for r in read_metrics(out / "metrics.jsonl")) == 10  # nothing retrained
+
+
+def test_nan_loss_fails_its_trial_and_the_others_finish(cluster, tmp_path, data_cache):
+    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 12, "log_every": 1},
+                       evaluation={"every_steps": 6})
+    path = _sweep(tmp_path, "nan", data_cache, base=base, variants=[
+        {"name": "healthy", "set": {}},
+        {"name": "nan", "set": {"model.config": None, "model.factory": "faults:nan_after",
+                                "model.factory_kwargs": {"steps": 4}}}])
+    env = {**os.environ, "PYTHONPATH": HELPERS + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "qarac_dist.sweep", str(path), "--wait"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    _, manifest = _trial_dirs(tmp_path, "nan")
+    states = {r.label: r for r in manifest.trials.values()}
+    assert states["healthy"].state == "COMPLETED"
+    failed = states["nan"]
+    assert failed.state == "FAILED"
+    assert "NonFiniteLoss: loss is nan at step 7, 3 consecutive non-finite steps; last finite loss" in failed.error
+    assert "at step 4" in failed.error
+    c = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = c.get_run(failed.mlflow_run_id)
+    assert run.info.status == "FAILED" and "step 7" in run.data.tags["error"]
+    status = subprocess.run([sys.executable, "-m", "qarac_dist.status", str(tmp_path / "runs" / "nan")],
+                            capture_output=True, text=True)
+    assert status.returncode == 1 and "NonFiniteLoss" in status.stdout
