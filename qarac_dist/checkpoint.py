@@ -35,6 +35,35 @@ def complete_tags(directory: Path) -> list[str]:
     return sorted(p.parent.name for p in directory.glob(f"step*/{MARKER}"))
 
 
+def saved_world_size(directory: Path, tag: str) -> Optional[int]:
+    return json.loads((directory / tag / MARKER).read_text()).get("world_size")
+
+
+def universal(directory: Path, tag: str) -> str:
+    """Convert checkpoint `tag` to a DeepSpeed universal checkpoint (once); returns its tag.
+
+    A ZeRO checkpoint is partitioned by data-parallel rank; only the universal form loads on
+    another number of ranks (deepspeed/checkpoint/ds_to_universal.py). Call on rank 0 only."""
+    import subprocess
+    import sys
+
+    from .schema import UserError
+
+    target = f"{tag}_universal"
+    if (directory / target / MARKER).exists():
+        return target
+    shutil.rmtree(directory / target, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(directory / tag), "--output_folder", str(directory / target), "--inject_missing_state"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"checkpointing: {directory / tag} was saved on another number of ranks and could not be "
+                        f"converted to a universal checkpoint: {last}")
+    (directory / target / MARKER).write_text((directory / tag / MARKER).read_text())
+    return target
+
+
 def rng_state() -> dict:
     np_state = np.random.get_state()
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -60,7 +89,7 @@ def save(engine, directory: Path, step: int, client_state: dict, rank: int, keep
     torch.save(rng_state(), directory / tag / f"rng_rank{rank}.pt")
     dist.barrier()  # every rank's shards and RNG file are on disk
     if rank == 0:
-        (directory / tag / MARKER).write_text(json.dumps({"step": step}))
+        (directory / tag / MARKER).write_text(json.dumps({"step": step, "world_size": dist.get_world_size()}))
         tags = complete_tags(directory)
         for old in tags[:-keep_last]:
             if old != keep:
@@ -85,6 +114,7 @@ def load(engine, directory: Path, tag: str, rank: int) -> dict:
     path, client_state = engine.load_checkpoint(str(directory), tag=tag)
     if path is None:
         raise RuntimeError(f"checkpoint {directory / tag} could not be loaded")
+    # A universal checkpoint carries no RNG files: after a world-size change the ranks are new.
     rng_file = directory / tag / f"rng_rank{rank}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))

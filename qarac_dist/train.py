@@ -104,6 +104,9 @@ class Trainer:
             optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
         schedule = lr_lambda(cfg.scheduler.kind, cfg.scheduler.warmup_steps, cfg.training.max_steps)
         self.ds_config = deepspeed_config(cfg, ranks.world_size)
+        self.resume_tag = self.resume_checkpoint_tag()
+        if self.resume_tag is not None and self.resume_tag.endswith("_universal"):
+            self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config,
             lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule))
@@ -285,11 +288,12 @@ class Trainer:
         if self.ranks.is_main:
             update_json(self.out / "state.json", last_checkpoint=self.step)
 
-    def resume(self) -> None:
-        """Load the newest complete checkpoint. A trial that saved one before but finds none
-        now fails: it never starts over silently."""
+    def resume_checkpoint_tag(self) -> str | None:
+        """The checkpoint to resume from: the newest complete one, converted to a universal
+        checkpoint when it was saved on another number of ranks. A trial that saved a
+        checkpoint before but finds none now fails: it never starts over silently."""
         if not self.cfg.checkpointing.resume:
-            return
+            return None
         tags = checkpoint.complete_tags(self.checkpoints)
         if not tags:
             expected = (read_json(self.out / "state.json") or {}).get("last_checkpoint")
@@ -297,8 +301,26 @@ class Trainer:
                 raise UserError(f"checkpointing: this trial saved a checkpoint at step {expected}, but "
                                 f"{self.checkpoints} holds no complete checkpoint; it will not start over. "
                                 f"Restore the checkpoints, or remove {self.out / 'state.json'} to start from scratch")
+            return None
+        tag = tags[-1]
+        saved = checkpoint.saved_world_size(self.checkpoints, tag)
+        if saved in (None, self.ranks.world_size) or self.cfg.deepspeed.zero_stage == 0:
+            return tag  # ZeRO-0 keeps whole optimizer states: it loads on any number of ranks
+        outcome: list = [None]
+        if self.ranks.is_main:
+            try:
+                outcome[0] = checkpoint.universal(self.checkpoints, tag)
+            except UserError as err:
+                outcome[0] = err
+        dist.broadcast_object_list(outcome, src=0)  # every rank waits for the conversion
+        if isinstance(outcome[0], UserError):
+            raise outcome[0]
+        return outcome[0]
+
+    def resume(self) -> None:
+        if self.resume_tag is None:
             return
-        state = checkpoint.load(self.engine, self.checkpoints, tags[-1], self.ranks.rank)
+        state = checkpoint.load(self.engine, self.checkpoints, self.resume_tag, self.ranks.rank)
         self.step = state["step"]
         for key, value in state["best"].items():
             setattr(self.best, key, value)

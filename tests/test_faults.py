@@ -217,3 +217,26 @@ def test_nan_loss_fails_its_trial_and_the_others_finish(cluster, tmp_path, data_
     status = subprocess.run([sys.executable, "-m", "qarac_dist.status", str(tmp_path / "runs" / "nan")],
                             capture_output=True, text=True)
     assert status.returncode == 1 and "NonFiniteLoss" in status.stdout
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)], ids=["2-to-1-ranks", "1-to-2-ranks"])
+def test_zero2_checkpoint_resumes_on_another_number_of_ranks(tmp_path, data_cache, before, after):
+    """The global batch stays 8 (micro 4 x accumulation x ranks), so each step sees the same
+    examples; the first loss after the switch matches an uninterrupted run. (A constant learning
+    rate: the schedule would otherwise depend on max_steps, which differs between the runs.)"""
+    from conftest import run_train, write_config
+
+    def config(name, ranks, max_steps):
+        return write_config(tmp_path / f"{name}.yaml", tiny_config(
+            data_cache, tmp_path / name, deepspeed={"zero_stage": 2}, scheduler={"kind": "constant"},
+            training={"max_steps": max_steps, "micro_batch_size": 4, "gradient_accumulation_steps": 2 // ranks},
+            checkpointing={"every_steps": 10}, evaluation={"every_steps": 10}))
+
+    run_train(config("reference", before, 20), num_processes=before)
+    run_train(config("switched", before, 10), num_processes=before)
+    run_train(config("switched", after, 20), num_processes=after)
+    ref, switched = _losses(tmp_path / "reference"), _losses(tmp_path / "switched")
+    assert len(switched) == 20
+    assert switched[:10] == ref[:10]
+    assert switched[10] == pytest.approx(ref[10], abs=1e-4)  # the first step after the switch
+    assert (tmp_path / "switched" / "checkpoints" / "step00000010_universal" / "COMPLETE").exists()
