@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sweep_file(directory: Path, num_trials: int, name: str) -> Path:
-    side = int(num_trials ** 0.5)
+    side = max(d for d in range(1, int(num_trials ** 0.5) + 1) if num_trials % d == 0)
     grid = {"optimizer.lr": [round(1e-5 * (i + 1), 8) for i in range(side)], "training.seed": list(range(num_trials // side))}
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"name": name, "base": str(ROOT / "configs" / "longformer_synthetic.yaml"),

@@ -21,7 +21,30 @@ Metric = Literal["loss", "accuracy", "macro_f1", "spearman"]
 
 
 @dataclass
+class DualEncoderConfig:
+    """Two encoders (or one, shared), a pooling head each, one similarity loss."""
+
+    shared: bool = True
+    """One encoder for both texts (siamese); false gives each text its own encoder."""
+    pooling: Literal["mean", "cls", "attention"] = "mean"
+    """How token states become one vector: masked mean, the first token, or attention pooling."""
+    loss: Literal["cosine", "contrastive"] = "cosine"
+    """cosine: regression of the cosine similarity on the score label; contrastive: in-batch
+    negatives (each text's positive is its own pair)."""
+    temperature: float = 0.05
+    """Temperature of the contrastive loss."""
+    pooler: bool = True
+    """Keep the encoder's own pooler layer (BERT/RoBERTa-style). Our pooling head does not use it,
+    so its parameters get no gradient: preflight reports them unless allowed or removed here."""
+
+
+@dataclass
 class ModelConfig:
+    kind: Literal["sequence_classification", "dual_encoder"] = "sequence_classification"
+    """sequence_classification: one transformers model with a classification/regression head;
+    dual_encoder: two encoders compared by cosine similarity (text-pair data)."""
+    dual_encoder: DualEncoderConfig = field(default_factory=DualEncoderConfig)
+    """Settings of model.kind: dual_encoder."""
     name_or_path: Optional[str] = None
     """Hub name or local directory of a pretrained model, loaded with
     AutoModelForSequenceClassification (a 1-output regression head when task is regression)."""
@@ -63,6 +86,15 @@ class SyntheticConfig:
     """Number of labels."""
     seed: int = 0
     """Seed of the generator: the same seed gives byte-identical files."""
+    task: Literal["classification", "similarity"] = "classification"
+    """classification: long documents, label after evidence_after; similarity: text pairs with
+    a score in [0, 1] (columns text, text_pair, label), for dual encoders."""
+
+
+@dataclass
+class PreflightConfig:
+    allow_no_grad: list[str] = field(default_factory=list)
+    """Glob patterns of parameter names known to get no gradient (e.g. '*pooler*')."""
 
 
 @dataclass
@@ -259,6 +291,7 @@ class TrainConfig:
     checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
 
 
 # DeepSpeed keys the trainer derives itself, with the config key they come from.
@@ -288,6 +321,13 @@ def _check_rules(cfg: TrainConfig, errors: list[str]) -> None:
         errors.append("model.config.model_type: required, a transformers model type such as longformer")
     if m.factory is not None and (m.factory.count(":") != 1 or not all(m.factory.split(":"))):
         errors.append(f"model.factory: expected 'package.module:function', got {m.factory!r}")
+    if m.kind == "dual_encoder":
+        if m.factory is not None:
+            errors.append("model.factory: a factory brings its own composition; use it without model.kind: dual_encoder")
+        if m.task != "regression":
+            errors.append("model.task: a dual encoder scores similarity; set model.task: regression")
+        if d.text_pair_column is None and not (d.synthetic is not None and d.synthetic.task == "similarity"):
+            errors.append("data.text_pair_column: a dual encoder needs text pairs")
     if m.num_labels is not None and m.num_labels < 1:
         errors.append(f"model.num_labels: expected at least 1, got {m.num_labels}")
 
@@ -312,14 +352,16 @@ def _check_rules(cfg: TrainConfig, errors: list[str]) -> None:
     if s := d.synthetic:
         if not 0 < s.min_tokens <= s.max_tokens:
             errors.append(f"data.synthetic.min_tokens: expected 0 < min_tokens <= max_tokens ({s.max_tokens}), got {s.min_tokens}")
-        if s.evidence_after >= s.min_tokens:
+        if s.task == "classification" and s.evidence_after >= s.min_tokens:
             errors.append(f"data.synthetic.evidence_after: must be below min_tokens ({s.min_tokens}), got {s.evidence_after}")
         if not 0 < s.evidence_rate <= 1:
             errors.append(f"data.synthetic.evidence_rate: expected a number in (0, 1], got {s.evidence_rate}")
         if s.num_classes < 2:
             errors.append(f"data.synthetic.num_classes: expected at least 2, got {s.num_classes}")
-        if m.task != "classification":
-            errors.append("data.synthetic: the generated set is a classification task; set model.task: classification")
+        if s.task == "classification" and m.task != "classification":
+            errors.append("data.synthetic.task: the classification set needs model.task: classification")
+        if s.task == "similarity" and m.task != "regression":
+            errors.append("data.synthetic.task: the similarity set has scores; set model.task: regression")
 
     for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_every", "max_nonfinite_steps"):
         if getattr(t, key) < 1:

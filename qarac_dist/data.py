@@ -60,6 +60,33 @@ def generate_synthetic(spec: SyntheticConfig, directory: Path) -> None:
                 f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
 
 
+def generate_similarity(spec: SyntheticConfig, directory: Path) -> None:
+    """Write text pairs scored by shared topics: each text mixes two of eight topics' words into
+    neutral filler; the score is the fraction of topics the pair shares (0, 0.5 or 1)."""
+    rng = np.random.default_rng(spec.seed)
+    taken: set[str] = set()
+    filler = np.array(_pseudo_words(rng, 2000, 3, taken))
+    topics = [np.array(_pseudo_words(rng, 30, 4, taken)) for _ in range(8)]
+
+    def text(chosen) -> str:
+        length = int(rng.integers(spec.min_tokens, spec.max_tokens + 1))
+        words = filler[rng.integers(len(filler), size=length)]
+        hits = np.flatnonzero(rng.random(length) < max(spec.evidence_rate, 0.2))
+        picks = rng.integers(len(chosen), size=len(hits))
+        words[hits] = [topics[chosen[k]][rng.integers(30)] for k in picks]
+        return " ".join(words)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", spec.num_train), ("validation", spec.num_validation)):
+        with open(directory / f"{split}.jsonl", "w") as f:
+            for _ in range(count):
+                a = rng.choice(8, size=2, replace=False)
+                shared = int(rng.integers(3))  # 0, 1 or 2 topics in common
+                others = [t for t in range(8) if t not in a]
+                b = list(a[:shared]) + list(rng.choice(others, size=2 - shared, replace=False))
+                f.write(json.dumps({"text": text(list(a)), "text_pair": text(b), "label": shared / 2}) + "\n")
+
+
 def train_tokenizer(texts: Iterator[str], vocab_size: int, directory: Path):
     """Train a WordLevel tokenizer (whitespace words) and save it as a fast tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
@@ -120,7 +147,8 @@ def _raw_splits(cfg: TrainConfig):
     cache = str(Path(d.cache_dir) / "hf")
     if d.synthetic is not None:
         directory = synthetic_dir(d)
-        _atomic_dir(directory, lambda tmp: generate_synthetic(d.synthetic, tmp))
+        generate = generate_similarity if d.synthetic.task == "similarity" else generate_synthetic
+        _atomic_dir(directory, lambda tmp: generate(d.synthetic, tmp))
         files = {"train": str(directory / "train.jsonl"), "validation": str(directory / "validation.jsonl")}
         raw = datasets.load_dataset("json", data_files=files, cache_dir=cache)
         return raw["train"], raw["validation"]
@@ -165,6 +193,12 @@ def prepare(cfg: TrainConfig) -> Splits:
     """Load, label-encode and tokenize both splits. Results are cached by `datasets`; under
     several ranks call it on rank 0 first, then on the others (see train.py)."""
     d = cfg.data
+    if d.synthetic is not None and d.synthetic.task == "similarity" and d.text_pair_column is None:
+        import dataclasses
+
+        d = dataclasses.replace(d, text_pair_column="text_pair")
+        cfg = dataclasses.replace(cfg, data=d)
+    separate = cfg.model.kind == "dual_encoder"  # each text encoded on its own
     train, validation = _raw_splits(cfg)
     for name, split in (("train", train), ("validation", validation)):
         missing = [c for c in (d.text_column, d.text_pair_column, d.label_column) if c and c not in split.column_names]
@@ -196,9 +230,13 @@ def prepare(cfg: TrainConfig) -> Splits:
 
     def encode(batch):
         pair = batch[d.text_pair_column] if d.text_pair_column else None
-        enc = tokenizer(batch[d.text_column], pair, truncation=True, max_length=d.max_length)
+        enc = tokenizer(batch[d.text_column], None if separate else pair, truncation=True, max_length=d.max_length)
         out = {k: enc[k] for k in keep if k in enc}
         out["length"] = [len(ids) for ids in enc["input_ids"]]
+        if separate:
+            enc_b = tokenizer(pair, truncation=True, max_length=d.max_length)
+            out.update({f"{k}_b": enc_b[k] for k in keep if k in enc_b})
+            out["length"] = [max(x, len(ids)) for x, ids in zip(out["length"], enc_b["input_ids"])]
         labels = batch[d.label_column]
         if to_id is not None:
             labels = [to_id[label] for label in labels]
@@ -207,7 +245,7 @@ def prepare(cfg: TrainConfig) -> Splits:
 
     # Our own fingerprint: datasets' hash of `encode` changes once the tokenizer has been called
     # (it keeps truncation state), which would defeat the cache on every run.
-    recipe = [d.max_length, d.text_column, d.text_pair_column, d.label_column, cfg.model.task, label_names, keep,
+    recipe = [separate, d.max_length, d.text_column, d.text_pair_column, d.label_column, cfg.model.task, label_names, keep,
               _tokenizer_digest(tokenizer)]
 
     def tokenize(split):
@@ -287,7 +325,16 @@ class Collator:
     def __call__(self, rows: dict) -> dict:
         import torch
 
-        ids = rows["input_ids"]
+        batch = self._side(rows, "")
+        if "input_ids_b" in rows:  # a dual encoder's second text
+            batch.update(self._side(rows, "_b"))
+        batch["labels"] = torch.tensor(rows["labels"], dtype=torch.float if self.regression else torch.long)
+        return batch
+
+    def _side(self, rows: dict, suffix: str) -> dict:
+        import torch
+
+        ids = rows[f"input_ids{suffix}"]
         longest = max(len(x) for x in ids)
         width = -(-longest // self.pad_multiple) * self.pad_multiple
         input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
@@ -295,15 +342,14 @@ class Collator:
         for i, x in enumerate(ids):
             input_ids[i, : len(x)] = torch.as_tensor(x)
             attention[i, : len(x)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention}
-        if "token_type_ids" in rows:
+        batch = {f"input_ids{suffix}": input_ids, f"attention_mask{suffix}": attention}
+        if f"token_type_ids{suffix}" in rows:
             types_ = torch.zeros((len(ids), width), dtype=torch.long)
-            for i, x in enumerate(rows["token_type_ids"]):
+            for i, x in enumerate(rows[f"token_type_ids{suffix}"]):
                 types_[i, : len(x)] = torch.as_tensor(x)
-            batch["token_type_ids"] = types_
+            batch[f"token_type_ids{suffix}"] = types_
         if self.global_first_token:
             glob = torch.zeros_like(attention)
             glob[:, 0] = 1
-            batch["global_attention_mask"] = glob
-        batch["labels"] = torch.tensor(rows["labels"], dtype=torch.float if self.regression else torch.long)
+            batch[f"global_attention_mask{suffix}"] = glob
         return batch

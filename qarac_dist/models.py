@@ -51,7 +51,11 @@ def build_model(cfg: TrainConfig, num_labels: int, tokenizer) -> nn.Module:
         head = {"num_labels": 1, "problem_type": "regression"}
     elif num_labels > 1:
         head["problem_type"] = "single_label_classification"
-    if m.name_or_path is not None:
+    if m.kind == "dual_encoder":
+        from .composite import build_dual_encoder
+
+        model = build_dual_encoder(cfg, tokenizer)
+    elif m.name_or_path is not None:
         model = AutoModelForSequenceClassification.from_pretrained(m.name_or_path, **head)
     elif m.config is not None:
         fields = {k: v for k, v in m.config.items() if k != "model_type"}

@@ -209,6 +209,31 @@ def ensure_runs(manifest: Manifest, records: list[TrialRecord]) -> None:
                 tracking.safe_params(flatten(r.config)), parent_run_id=manifest.mlflow_parent_run_id)
 
 
+def run_preflight(spec: SweepSpec, records: list[TrialRecord], source: str) -> tuple[str, bool]:
+    """Audit each distinct architecture among the trials to submit; print and return the report."""
+    import io
+
+    from . import preflight
+    from .config import config_from_dict
+
+    configs = [config_from_dict(r.config, source) for r in records]
+    results = preflight.run_many(configs, spec.resources.nodes * spec.resources.tasks_per_node)
+    out = io.StringIO()
+    for result in results:
+        preflight.print_result(result, out)
+    print(out.getvalue(), end="")
+    return out.getvalue(), all(r.ok for r in results)
+
+
+def log_preflight(manifest: Manifest, text: str) -> None:
+    from . import tracking
+
+    try:
+        tracking.client(manifest.tracking_uri).log_text(manifest.mlflow_parent_run_id, text, "preflight.txt")
+    except Exception as err:
+        print(f"qarac_dist: could not log the preflight report to MLflow: {type(err).__name__}", file=sys.stderr)
+
+
 def close_parent(manifest: Manifest) -> None:
     """When every trial has ended: name the best trial on the parent run and end it."""
     if manifest.mlflow_parent_run_id is None or any(
@@ -255,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the plan and submit nothing")
     parser.add_argument("--wait", action="store_true", help="follow the trials until they end")
     parser.add_argument("--cancel", action="store_true", help="cancel the sweep's jobs")
+    parser.add_argument("--no-preflight", action="store_true",
+                        help="skip the gradient-flow and consistency checks before submitting")
     args = parser.parse_intermixed_args(argv)
     source = args.sweep
     try:
@@ -292,6 +319,13 @@ def main(argv: list[str] | None = None) -> int:
         if refusal:
             print(f"{source}: resources: sbatch refused the job: {refusal}", file=sys.stderr)
             return 2
+    preflight_text = None
+    if todo and not args.no_preflight:
+        preflight_text, passed = run_preflight(spec, [r for r in todo], source)
+        if not passed:
+            print(f"{source}: preflight failed; nothing submitted (see above; --no-preflight skips it)",
+                  file=sys.stderr)
+            return 1
     created = not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -307,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
                 submit_records(manifest, directory, executor, todo)
         else:
             executor = LocalProcesses(folder, spec.resources)
+            if todo:  # runs now, so the parent exists for the preflight report
+                ensure_runs(manifest, todo)
+                manifest.save(directory)
+        if preflight_text is not None:
+            log_preflight(manifest, preflight_text)
     except Exception:
         if created:
             shutil.rmtree(directory, ignore_errors=True)

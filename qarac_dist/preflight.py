@@ -1,0 +1,310 @@
+"""Preflight: find dead gradients and inconsistent configs on your own machine, in seconds,
+before a job is submitted.
+
+    python -m qarac_dist.preflight CONFIG_OR_SWEEP.yaml [dotted.key=value ...]
+
+`audit_gradients(model, batch)` runs one forward and backward on CPU and reports every
+trainable parameter that got no gradient (`missing`), a gradient of exact zeros (`zero`), or a
+NaN/inf gradient (`nonfinite`); parameters with requires_grad False are `frozen`. Names are
+grouped by module with the likely cause. The sweep runs this once per distinct architecture
+before it submits anything (skip with --no-preflight).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+NEVER_CALLED = "its module was never called in forward"
+NO_GRAD = "its module ran under torch.no_grad() (or with grad disabled)"
+CUT = ("its module's output never reaches the loss: cut by .detach(), a trip through numpy, a "
+       "non-differentiable op such as argmax, or simply unused")
+UNUSED = "the parameter is not used by its module's forward"
+
+
+@dataclass
+class GradientReport:
+    missing: list[str] = field(default_factory=list)
+    """Trainable parameters that got no gradient."""
+    zero: list[str] = field(default_factory=list)
+    """Trainable parameters whose gradient is exactly zero everywhere."""
+    nonfinite: list[str] = field(default_factory=list)
+    """Parameters with a NaN or inf gradient."""
+    frozen: list[str] = field(default_factory=list)
+    """Parameters with requires_grad False (reported, not an error)."""
+    allowed: list[str] = field(default_factory=list)
+    """Missing parameters that `allow_no_grad` patterns accept."""
+    causes: dict[str, str] = field(default_factory=dict)
+    """Module name -> likely cause, for modules with missing parameters."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.nonfinite
+
+    def by_module(self, names: list[str]) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = defaultdict(list)
+        for name in names:
+            module, _, leaf = name.rpartition(".")
+            groups[module].append(leaf)
+        return dict(groups)
+
+    def lines(self) -> list[str]:
+        out = []
+        for title, names in (("no gradient", self.missing), ("NaN/inf gradient", self.nonfinite),
+                             ("all-zero gradient", self.zero)):
+            for module, leaves in self.by_module(names).items():
+                cause = f" ({self.causes[module]})" if title == "no gradient" and module in self.causes else ""
+                out.append(f"{title}: {module or '<root>'}.{{{', '.join(leaves)}}}{cause}")
+        return out
+
+
+def _loss_of(output, loss_fn: Optional[Callable]):
+    if loss_fn is not None:
+        return loss_fn(output)
+    if isinstance(output, dict) or hasattr(output, "keys"):
+        return output["loss"]
+    return output.loss
+
+
+def audit_gradients(model, batch: dict, loss_fn: Optional[Callable] = None,
+                    allow_no_grad: list[str] = ()) -> GradientReport:
+    """One forward (`model(**batch)`) and backward on CPU; see the module docstring."""
+    import torch
+
+    calls: dict[str, list[bool]] = defaultdict(list)  # module name -> grad enabled at each call
+    reached: dict[str, bool] = {}
+    hooks = []
+    outputs: dict[str, list] = defaultdict(list)
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from tensors(v)
+        elif isinstance(value, dict) or hasattr(value, "values"):
+            for v in value.values():
+                yield from tensors(v)
+
+    for name, module in model.named_modules():
+        def hook(mod, args, output, name=name):
+            calls[name].append(torch.is_grad_enabled())
+            outputs[name].extend(t for t in tensors(output) if t.requires_grad)
+        hooks.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.train()
+    model.zero_grad(set_to_none=True)
+    try:
+        loss = _loss_of(model(**batch), loss_fn)
+        graph = _graph_nodes(loss.grad_fn)
+        for name, outs in outputs.items():
+            reached[name] = any(t.grad_fn in graph for t in outs if t.grad_fn is not None)
+        loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+    report = GradientReport()
+    owners = {}
+    for module_name, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            owners[f"{module_name}.{pname}" if module_name else pname] = module_name
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            report.frozen.append(name)
+        elif p.grad is None:
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in allow_no_grad):
+                report.allowed.append(name)
+                continue
+            report.missing.append(name)
+            owner = owners.get(name, "")
+            report.causes[owner] = _cause(owner, calls, reached)
+        elif not torch.isfinite(p.grad).all():
+            report.nonfinite.append(name)
+        elif not p.grad.any():
+            report.zero.append(name)
+    model.zero_grad(set_to_none=True)
+    return report
+
+
+def _graph_nodes(root) -> set:
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_fn for next_fn, _ in getattr(node, "next_functions", ()))
+    return seen
+
+
+def _cause(module: str, calls: dict, reached: dict) -> str:
+    if not calls.get(module):
+        return NEVER_CALLED
+    if not any(calls[module]):
+        return NO_GRAD
+    if not reached.get(module, False):
+        return CUT
+    return UNUSED
+
+
+# ---------------------------------------------------------------- consistency checks
+
+def check_config(cfg, tokenizer=None, model=None, world_size: int = 1) -> list[str]:
+    """Rules that need more than the config's own fields: the tokenizer, the model, the world."""
+    problems = []
+    t = cfg.training
+    if t.global_batch_size is not None:
+        actual = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+        if actual != t.global_batch_size:
+            problems.append(f"training.global_batch_size: {t.global_batch_size} != training.micro_batch_size x "
+                            f"training.gradient_accumulation_steps x world size ({t.micro_batch_size} x "
+                            f"{t.gradient_accumulation_steps} x {world_size} = {actual})")
+    config = getattr(model, "config", None)
+    if tokenizer is not None and config is not None and getattr(config, "vocab_size", None):
+        if len(tokenizer) > config.vocab_size:
+            problems.append(f"tokenizer: {len(tokenizer)} tokens, more than the model's embeddings "
+                            f"(model vocab_size {config.vocab_size}); set model.config.vocab_size or tokenizer.name_or_path")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None:
+        offset = 2 if getattr(config, "model_type", "") in ("roberta", "longformer", "xlm-roberta") else 0
+        if cfg.data.max_length + offset > positions:
+            problems.append(f"data.max_length: {cfg.data.max_length} tokens, beyond the model's "
+                            f"{positions - offset} positions (model max_position_embeddings {positions})")
+    if getattr(config, "model_type", None) == "longformer":
+        window = config.attention_window
+        windows = window if isinstance(window, (list, tuple)) else [window]
+        if any(w % 2 for w in windows):
+            problems.append(f"model.config.attention_window: {window} must be even")
+    return problems
+
+
+def warnings_for(cfg, model=None) -> list[str]:
+    notes = []
+    config = getattr(model, "config", None)
+    if cfg.precision.dtype == "fp16" and getattr(config, "model_type", None) == "longformer":
+        notes.append("precision.dtype: fp16 with Longformer is known to stall or go NaN "
+                     "(transformers#21449); prefer bf16 where the GPU has it")
+    if cfg.deepspeed.zero_stage == 3 and cfg.model.activation_checkpointing:
+        notes.append("model.activation_checkpointing: qarac_dist uses non-reentrant checkpointing, which ZeRO-3 needs "
+                     "(reentrant checkpointing breaks ZeRO-3's parameter gathering)")
+    return notes
+
+
+# ---------------------------------------------------------------- running it on a config
+
+@dataclass
+class Result:
+    name: str
+    report: GradientReport
+    problems: list[str]
+    notes: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.report.ok and not self.problems
+
+
+def architecture_key(config: dict) -> str:
+    """Trials with the same key build the same model: audited once."""
+    import json
+
+    keep = {"model": config["model"], "data": {k: config["data"].get(k) for k in ("max_length", "text_pair_column",
+                                                                                "synthetic")},
+            "tokenizer": config["tokenizer"], "preflight": config.get("preflight")}
+    return json.dumps(keep, sort_keys=True, default=str)
+
+
+def run(cfg, world_size: int = 1) -> Result:
+    """Build the trial's model and a real batch of its data; audit and check them."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from . import data, models
+
+    torch.manual_seed(cfg.training.seed)
+    small = _with_small_data(cfg)
+    splits = data.prepare(small)
+    model = models.build_model(small, splits.num_labels, splits.tokenizer)
+    spec = models.input_spec(model)
+    collate = data.Collator(splits.tokenizer.pad_token_id, spec.pad_multiple, spec.global_first_token,
+                            cfg.model.task == "regression")
+    rows = splits.train[list(range(min(len(splits.train), max(2, min(cfg.training.micro_batch_size, 4)))))]
+    report = audit_gradients(model, collate(rows), allow_no_grad=cfg.preflight.allow_no_grad)
+    problems = check_config(cfg, splits.tokenizer, model, world_size)
+    return Result(cfg.name, report, problems, warnings_for(cfg, model))
+
+
+def _with_small_data(cfg):
+    """The same config, reading few examples: the audit needs one batch, not the data set."""
+    import dataclasses
+
+    d = dataclasses.replace(cfg.data, max_train_examples=min(cfg.data.max_train_examples or 64, 64),
+                            max_validation_examples=min(cfg.data.max_validation_examples or 8, 8))
+    return dataclasses.replace(cfg, data=d)
+
+
+def print_result(result: Result, out=sys.stdout) -> None:
+    status = "ok" if result.ok else "FAILED"
+    print(f"preflight {result.name}: {status}", file=out)
+    for line in result.report.lines():
+        print(f"  {line}", file=out)
+    if result.report.allowed:
+        print(f"  allowed without gradient (preflight.allow_no_grad): {len(result.report.allowed)} parameters", file=out)
+    if result.report.frozen:
+        print(f"  frozen: {len(result.report.frozen)} parameters", file=out)
+    for problem in result.problems:
+        print(f"  {problem}", file=out)
+    for note in result.notes:
+        print(f"  warning: {note}", file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qarac_dist.preflight", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="a training config or a sweep file (YAML)")
+    parser.add_argument("overrides", nargs="*", metavar="dotted.key=value")
+    args = parser.parse_intermixed_args(argv)
+    from .config import config_from_dict, load_config
+    from .schema import ConfigError, UserError, read_yaml
+
+    try:
+        raw = read_yaml(args.config)
+        if "grid" in raw or "base" in raw:
+            from .plan import load_sweep, plan
+
+            spec, base = load_sweep(args.config, args.overrides)
+            trials = plan(spec, base, args.config)
+            configs = [config_from_dict(t.config, args.config) for t in trials]
+            world = spec.resources.nodes * spec.resources.tasks_per_node
+        else:
+            configs, world = [load_config(args.config, args.overrides)], 1
+        results = run_many(configs, world)
+    except (ConfigError, UserError) as err:
+        print(err if isinstance(err, ConfigError) else f"{args.config}: {err}", file=sys.stderr)
+        return 2
+    for result in results:
+        print_result(result)
+    return 0 if all(r.ok for r in results) else 1
+
+
+def run_many(configs: list, world_size: int = 1) -> list[Result]:
+    """Audit each distinct architecture once."""
+    from .config import config_to_dict
+
+    seen: dict[str, Result] = {}
+    for cfg in configs:
+        key = architecture_key(config_to_dict(cfg))
+        if key not in seen:
+            seen[key] = run(cfg, world_size)
+    return list(seen.values())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

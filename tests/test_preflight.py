@@ -1,0 +1,181 @@
+"""Preflight: the gradient-flow audit on a table of broken models, the story it was born from,
+and the consistency checks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from qarac_dist.preflight import CUT, NEVER_CALLED, NO_GRAD, UNUSED, audit_gradients
+from conftest import ROOT, tiny_config
+
+
+class Broken(nn.Module):
+    """Two linear branches summed into the loss, with one way to break the second."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.extra = nn.Parameter(torch.ones(4))  # used only by "unused-parameter"
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        y = self.a(x) + self.frozen(x)
+        if self.how == "detach":
+            z = self.b(x).detach()
+        elif self.how == "numpy":
+            z = torch.from_numpy(np.asarray(self.b(x).detach().numpy()))
+        elif self.how == "no_grad":
+            with torch.no_grad():
+                z = self.b(x)
+        elif self.how == "argmax":
+            z = self.b(x).argmax(-1, keepdim=True).float()
+        elif self.how == "unused-output":
+            self.b(x)
+            z = torch.zeros_like(y)
+        elif self.how == "never-called":
+            z = torch.zeros_like(y)
+        else:
+            z = self.b(x)
+        loss = (y + z).pow(2).mean()
+        if self.how == "healthy":
+            loss = loss + self.extra.sum()
+        return {"loss": loss}
+
+
+@pytest.mark.parametrize("how, cause", [
+    ("detach", CUT), ("numpy", CUT), ("no_grad", NO_GRAD), ("argmax", CUT), ("unused-output", CUT),
+    ("never-called", NEVER_CALLED),
+])
+def test_broken_branches_are_named_with_their_cause(how, cause):
+    report = audit_gradients(Broken(how), {"x": torch.randn(3, 4)})
+    assert sorted(report.missing) == ["b.bias", "b.weight", "extra"]
+    assert report.causes["b"] == cause
+    assert report.causes[""] == UNUSED  # the root module ran, but never used `extra`
+    assert report.frozen == ["frozen.weight", "frozen.bias"]
+    assert not report.ok
+
+
+def test_a_healthy_model_reports_nothing_and_allow_no_grad_accepts_known_parameters():
+    report = audit_gradients(Broken("healthy"), {"x": torch.randn(3, 4)})
+    assert report.ok and report.missing == [] and report.nonfinite == [] and report.zero == []
+    allowed = audit_gradients(Broken("detach"), {"x": torch.randn(3, 4)}, allow_no_grad=["b.*", "extra"])
+    assert allowed.ok and sorted(allowed.allowed) == ["b.bias", "b.weight", "extra"]
+
+
+def test_zero_and_nonfinite_gradients_and_a_loss_function():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.zeroed = nn.Linear(2, 2)
+            self.bad = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.zeroed(x) * 0 + self.bad(x) * torch.tensor(float("nan"))
+
+    report = audit_gradients(Odd(), {"x": torch.ones(1, 2)}, loss_fn=lambda out: out.sum())
+    assert report.zero == ["zeroed.weight", "zeroed.bias"]
+    assert report.nonfinite == ["bad.weight", "bad.bias"]
+
+
+def _cfg(tmp_path, **model):
+    from qarac_dist.config import config_from_dict
+
+    data = tiny_config(tmp_path / "cache", tmp_path / "out")
+    data["model"] = {**data["model"], **model}
+    return config_from_dict(data, "t.yaml")
+
+
+def _roberta_dual(tmp_path, pooler: bool, allow=()):
+    from qarac_dist.config import config_from_dict
+
+    data = tiny_config(tmp_path / "cache", tmp_path / "out")
+    data["model"] = {"kind": "dual_encoder", "task": "regression",
+                     "dual_encoder": {"shared": False, "pooling": "attention", "pooler": pooler},
+                     "config": {"model_type": "roberta", "num_hidden_layers": 1, "hidden_size": 32,
+                                "num_attention_heads": 2, "intermediate_size": 64}}
+    data["data"]["synthetic"] = {"task": "similarity", "num_train": 32, "num_validation": 8, "min_tokens": 8,
+                                 "max_tokens": 24}
+    data["data"]["max_length"] = 32
+    data["evaluation"] = {"metric": "spearman", "every_steps": 5}
+    data["preflight"] = {"allow_no_grad": list(allow)}
+    return config_from_dict(data, "t.yaml")
+
+
+def test_the_story_a_replaced_pooler_is_named_exactly(tmp_path):
+    from qarac_dist import preflight
+
+    result = preflight.run(_roberta_dual(tmp_path, pooler=True))
+    assert sorted(result.report.missing) == [
+        "encoder_a.pooler.dense.bias", "encoder_a.pooler.dense.weight",
+        "encoder_b.pooler.dense.bias", "encoder_b.pooler.dense.weight"]
+    assert result.report.causes["encoder_a.pooler.dense"] == NEVER_CALLED or result.report.causes[
+        "encoder_a.pooler.dense"] == CUT
+    assert not result.ok
+    assert preflight.run(_roberta_dual(tmp_path, pooler=True, allow=["*pooler*"])).ok
+    assert preflight.run(_roberta_dual(tmp_path, pooler=False)).ok
+
+
+@pytest.mark.parametrize("build", ["longformer", "encoder_decoder"])
+def test_healthy_transformers_report_nothing(tmp_path, build):
+    from transformers import BertConfig, EncoderDecoderConfig, EncoderDecoderModel
+
+    if build == "longformer":
+        from qarac_dist import preflight
+
+        result = preflight.run(_cfg(tmp_path))
+        assert result.ok and result.report.missing == [], result.report.lines()
+        return
+    enc = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    dec = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     is_decoder=True, add_cross_attention=True)
+    model = EncoderDecoderModel(EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec))
+    model.config.decoder_start_token_id, model.config.pad_token_id = 1, 0
+    ids = torch.randint(2, 50, (2, 6))
+    report = audit_gradients(model, {"input_ids": ids, "labels": ids})
+    # BERT's pooler is the one part an encoder-decoder never uses.
+    assert [n for n in report.missing if "pooler" not in n] == []
+
+
+def test_consistency_checks_name_the_keys(tmp_path):
+    from qarac_dist.preflight import check_config
+
+    class Tok:
+        def __len__(self):
+            return 600
+
+    cfg = _cfg(tmp_path)
+    cfg.training.global_batch_size = 64
+
+    class Model:
+        config = type("C", (), {"vocab_size": 500, "max_position_embeddings": 258, "model_type": "longformer",
+                                "attention_window": 32})()
+
+    problems = check_config(cfg, Tok(), Model(), world_size=2)
+    assert any(p.startswith("training.global_batch_size: 64 != ") and "4 x 1 x 2 = 8" in p for p in problems)
+    assert any(p.startswith("tokenizer: 600 tokens, more than the model's embeddings") for p in problems)
+    assert any(p.startswith("data.max_length: 320 tokens, beyond the model's 256 positions") for p in problems)
+
+
+def test_cli_fails_on_the_story_and_passes_once_allowed(tmp_path):
+    config = tmp_path / "dual.yaml"
+    cfg = yaml.safe_load((ROOT / "configs" / "dual_encoder_sts.yaml").read_text())
+    cfg["model"]["dual_encoder"]["pooler"] = True
+    cfg["data"]["cache_dir"] = str(tmp_path / "cache")
+    config.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "qarac_dist.preflight", str(config)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "no gradient: encoder_a.pooler.dense.{weight, bias}" in proc.stdout
+    ok = subprocess.run([sys.executable, "-m", "qarac_dist.preflight", str(config), "preflight.allow_no_grad=['*pooler*']"],
+                        capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
