@@ -3,7 +3,7 @@
 
 1. Training step time with tracking over step time without: two trainers of the same config in
    one process, one logging every step to the server, one with no MLflow; one step of each in
-   turn; the median of the per-step ratios.
+   turn, the order swapped every step; the median of the per-step ratios.
 2. Cost per metric point: synchronous `log_metric` calls against the batched background logger
    (points appended, then flushed), as a ratio.
 
@@ -55,8 +55,10 @@ def step_time_ratio(uri: str, steps: int, warmup: int) -> dict:
             trainers[name].start()
         batches = {name: t.batches.iterate() for name, t in trainers.items()}
         seconds: dict[str, list[float]] = {"tracked": [], "untracked": []}
-        for _ in range(steps):
-            for name, trainer in trainers.items():
+        for i in range(steps):
+            # ABBA order: neither trainer always goes first (caches, allocator, the logger thread).
+            order = list(trainers.items()) if i % 2 == 0 else list(trainers.items())[::-1]
+            for name, trainer in order:
                 started = time.perf_counter()
                 trainer.advance(next(batches[name]))
                 seconds[name].append(time.perf_counter() - started)
@@ -66,7 +68,8 @@ def step_time_ratio(uri: str, steps: int, warmup: int) -> dict:
     ratios = [a / b for a, b in zip(seconds["tracked"][warmup:], seconds["untracked"][warmup:])]
     return {"tracked_step_s": statistics.median(seconds["tracked"][warmup:]),
             "untracked_step_s": statistics.median(seconds["untracked"][warmup:]),
-            "ratio": statistics.median(ratios), "steps": steps}
+            "ratio": statistics.median(ratios), "steps": steps,
+            "ratio_of_medians": statistics.median(seconds["tracked"][warmup:]) / statistics.median(seconds["untracked"][warmup:])}
 
 
 def per_point_ratio(uri: str, points: int) -> dict:
@@ -95,7 +98,7 @@ def per_point_ratio(uri: str, points: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--points", type=int, default=300)
     args = parser.parse_args()
@@ -116,7 +119,8 @@ def main() -> None:
     print("| figure | A | B | ratio | target |")
     print("|---|---|---|---|---|")
     print(f"| step time, tracking to a loopback server / no tracking | {steps['tracked_step_s']:.3f} s | "
-          f"{steps['untracked_step_s']:.3f} s | {steps['ratio']:.3f} | <= 1.01 |")
+          f"{steps['untracked_step_s']:.3f} s | {steps['ratio']:.3f} (ratio of the medians: "
+          f"{steps['ratio_of_medians']:.3f}) | <= 1.01 |")
     print(f"| per metric point, synchronous log_metric / batched background logger ({points['points']} points) | "
           f"{points['sync_per_point_ms']:.2f} ms | {points['batched_per_point_ms']:.3f} ms | {points['ratio']:.0f}x | |")
 

@@ -3,7 +3,8 @@
 1. Trainer overhead: step time of qarac_dist's loop (`Trainer.advance`: step, per-step
    metrics to metrics.jsonl, checks) over a minimal hand-written DeepSpeed loop
    (bench/minimal_loop.py), same config, data order and initial weights, in one process, one
-   step of each in turn; the median of the per-step ratios. The losses must be equal.
+   step of each in turn, the order swapped every step; the median of the per-step ratios. The
+   losses must be equal.
 2. Activation checkpointing: bytes of activations saved for backward, with over without
    checkpointing, for an 8-layer Longformer at 4096 tokens, and the forward+backward time ratio
    (interleaved, median).
@@ -54,13 +55,20 @@ def trainer_overhead(steps: int, warmup: int) -> dict:
         ours_batches = trainer.batches.iterate()
         engine, splits, collate, minimal_batches = minimal_loop.build(cfg, ranks)
         ours, minimal, ours_losses, minimal_losses = [], [], [], []
-        for _ in range(steps - 1):  # the last step would validate
+        def ours_step():
             started = time.perf_counter()
             trainer.advance(next(ours_batches))
             ours.append(time.perf_counter() - started)
+
+        def minimal_step():
             started = time.perf_counter()
             minimal_losses.append(minimal_loop.step(engine, splits, collate, next(minimal_batches)))
             minimal.append(time.perf_counter() - started)
+
+        for i in range(steps - 1):  # the last step would validate
+            # ABBA order: neither loop always goes first.
+            for run_step in ((ours_step, minimal_step) if i % 2 == 0 else (minimal_step, ours_step)):
+                run_step()
         trainer.tracker.close()
         from qarac_dist.tracking import read_metrics
 

@@ -141,7 +141,12 @@ class Splits:
 
 
 def _raw_splits(cfg: TrainConfig):
+    import sys
+
     import datasets
+
+    if not sys.stderr.isatty():  # progress bars only clutter job logs
+        datasets.disable_progress_bars()
 
     d = cfg.data
     cache = str(Path(d.cache_dir) / "hf")

@@ -197,7 +197,7 @@ class MlflowLogger:
 
     BATCH = 1000
 
-    def __init__(self, uri: str, run_id: str, directory: Path, max_buffer: int = 50_000, interval_s: float = 1.0):
+    def __init__(self, uri: str, run_id: str, directory: Path, max_buffer: int = 50_000, interval_s: float = 5.0):
         self.uri, self.run_id, self.directory = uri, run_id, directory
         self.max_buffer, self.interval_s = max_buffer, interval_s
         # Last step the run already holds, per metric: a resumed job recomputes the steps after

@@ -433,6 +433,10 @@ def run(cfg: TrainConfig) -> dict:
     ranks = export_from_environment()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                auto_mpi_discovery=False, verbose=False)
+    if not sys.stderr.isatty():  # progress bars only clutter job logs
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     out = Path(cfg.output.dir)
     state_file = out / "state.json"
     trial_run, info = None, {}

@@ -179,3 +179,36 @@ def test_cli_fails_on_the_story_and_passes_once_allowed(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "qarac_dist.preflight", str(config), "preflight.allow_no_grad=['*pooler*']"],
                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+@pytest.mark.integration
+def test_sweep_refuses_to_submit_the_story_and_runs_once_allowed(tmp_path):
+    """The sweep runs preflight before submitting: the replaced pooler stops it (nothing
+    submitted, no directory); with allow_no_grad the same sweep runs to the end."""
+    from conftest import run_sweep
+
+    cfg = _roberta_dual(tmp_path, pooler=True)
+    from qarac_dist.config import config_to_dict
+
+    base = config_to_dict(cfg)
+    base["training"].update(max_steps=4, micro_batch_size=4)
+    base["evaluation"]["every_steps"] = 4
+    sweep = {"name": "story", "base": base, "executor": "local", "grid": {"optimizer.lr": [1e-3, 2e-3]},
+             "resources": {"time_min": 10, "max_parallel": 2}, "tracking": {"uri": f"sqlite:///{tmp_path / 'm.db'}"}}
+    path = tmp_path / "story.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    proc = run_sweep(path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.count("no gradient: encoder_a.pooler.dense.{weight, bias}") == 1  # one architecture, one audit
+    assert "preflight failed; nothing submitted" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+    proc = run_sweep(path, "set.preflight.allow_no_grad=['*pooler*']")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "preflight dual_encoder_sts: ok" in proc.stdout or "preflight tiny: ok" in proc.stdout
+    from qarac_dist import tracking
+
+    c = tracking.client(f"sqlite:///{tmp_path / 'm.db'}")
+    from qarac_dist.manifest import Manifest
+
+    parent = Manifest.load(tmp_path / "runs" / "story").mlflow_parent_run_id
+    assert [a.path for a in c.list_artifacts(parent) if a.path == "preflight.txt"] == ["preflight.txt"]
