@@ -6,7 +6,6 @@ import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from .config import TrainConfig
@@ -122,7 +121,3 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def output_value(output, key: str):
     """`output.loss` or `output["loss"]` for transformers outputs and plain dicts alike."""
     return output[key] if isinstance(output, Mapping) else getattr(output, key)
-
-
-def state_dict_for_export(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -116,7 +115,3 @@ def pid_alive(job_id: str) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def python_executable() -> str:
-    return sys.executable

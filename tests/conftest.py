@@ -117,3 +117,16 @@ def run_sweep(path: Path, *args: str, timeout: int = 900) -> subprocess.Complete
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "qarac_dist.sweep", str(path), *args], cwd=path.parent, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    try:
+        ok = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=20)
+        states = ok.stdout.split() if ok.returncode == 0 else []
+    except (OSError, subprocess.TimeoutExpired):
+        states = []
+    if sum(s in ("idle", "mixed", "allocated") for s in states) < 2:
+        if os.environ.get("CI"):
+            pytest.fail("CI must start the local SLURM cluster (slurm/start.sh)")
+        pytest.skip("no local SLURM cluster; run slurm/install.sh and slurm/start.sh")

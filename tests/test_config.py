@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
 from qarac_dist.config import deepspeed_config, load_config
 from qarac_dist.schema import ConfigError

@@ -17,7 +17,6 @@ from qarac_dist import tracking
 from qarac_dist.manifest import Manifest
 from qarac_dist.tracking import read_metrics
 from conftest import ROOT, run_sweep, tiny_config
-from test_slurm import cluster  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.integration
 

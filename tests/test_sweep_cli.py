@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from conftest import ROOT, tiny_config
+from conftest import tiny_config
 
 
 def _write(tmp_path, **fields):
