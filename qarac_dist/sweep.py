@@ -126,11 +126,12 @@ def print_summary(manifest: Manifest) -> str | None:
     from rich.table import Table
 
     rows, best_id = summary_rows(manifest)
-    table = Table(title=f"sweep {manifest.sweep} ({manifest.executor})")
-    for col in ("trial", "config", "state", "restarts", "last step", f"best {manifest.select_metric}", "error"):
+    table = Table(title=f"sweep {manifest.sweep} ({manifest.executor}); * marks the best trial")
+    for col in ("", "trial", "config", "state", "restarts", "last step", f"best {manifest.select_metric}", "error"):
         table.add_column(col)
     for row in rows:
-        table.add_row(*row, style="bold green" if row[0] == best_id else None)
+        best = row[0] == best_id
+        table.add_row("*" if best else "", *row, style="bold green" if best else None)
     console = Console(width=200)
     console.print(table)
     if best_id:
@@ -321,7 +322,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     preflight_text = None
     if todo and not args.no_preflight:
-        preflight_text, passed = run_preflight(spec, [r for r in todo], source)
+        try:
+            preflight_text, passed = run_preflight(spec, todo, source)
+        except UserError as err:
+            print(f"{source}: preflight: {err}", file=sys.stderr)
+            return 2
         if not passed:
             print(f"{source}: preflight failed; nothing submitted (see above; --no-preflight skips it)",
                   file=sys.stderr)

@@ -172,21 +172,31 @@ def test_rank_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(cl
     assert all(float((a[k] - b[k]).abs().max()) <= 1e-6 for k in b)
 
 
-def test_missing_checkpoint_fails_clearly_instead_of_starting_over(tmp_path, data_cache):
+def _sbatch_train(tmp_path, config, *overrides, nodes=1, name="job"):
+    """launch/train.sbatch on the local cluster: one rank per node under srun; waits for the job."""
+    out = tmp_path / f"{name}.out"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["sbatch", "--wait", f"--nodes={nodes}", "--ntasks-per-node=1", f"--output={out}",
+                           f"--job-name=qarac-{name}", str(ROOT / "launch" / "train.sbatch"), str(config), *overrides],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    return proc.returncode, out.read_text() if out.exists() else ""
+
+
+def test_missing_checkpoint_fails_clearly_instead_of_starting_over(cluster, tmp_path, data_cache):
     import shutil
 
-    from conftest import run_train, write_config
+    from conftest import write_config
 
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", tiny_config(data_cache, out, training={"max_steps": 10},
                                                            checkpointing={"every_steps": 5}))
-    run_train(config)
+    assert _sbatch_train(tmp_path, config, name="first")[0] == 0
     shutil.rmtree(out / "checkpoints")
-    proc = subprocess.run([sys.executable, "-m", "qarac_dist.train", str(config), "training.max_steps=20"],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert "holds no complete checkpoint; it will not start over" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    code, log = _sbatch_train(tmp_path, config, "training.max_steps=20", name="second")
+    assert code != 0
+    errors = [line for line in log.splitlines() if "no complete checkpoint" in line]
+    assert len(errors) == 1 and "it will not start over" in errors[0], log[-2000:]
+    assert "Traceback" not in log
     state = json.loads((out / "state.json").read_text())
     assert state["state"] == "FAILED" and "no complete checkpoint" in state["error"]
     assert max(r["step"] for r in read_metrics(out / "metrics.jsonl")) == 10  # nothing retrained
@@ -219,21 +229,23 @@ def test_nan_loss_fails_its_trial_and_the_others_finish(cluster, tmp_path, data_
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)], ids=["2-to-1-ranks", "1-to-2-ranks"])
-def test_zero2_checkpoint_resumes_on_another_number_of_ranks(tmp_path, data_cache, before, after):
-    """The global batch stays 8 (micro 4 x accumulation x ranks), so each step sees the same
-    examples; the first loss after the switch matches an uninterrupted run. (A constant learning
-    rate: the schedule would otherwise depend on max_steps, which differs between the runs.)"""
-    from conftest import run_train, write_config
+def test_zero2_checkpoint_resumes_on_another_number_of_ranks(cluster, tmp_path, data_cache, before, after):
+    """Through launch/train.sbatch on 2 nodes, then 1 (and the reverse). The global batch stays
+    8 (micro 4 x accumulation x ranks), so each step sees the same examples; the first loss
+    after the switch matches an uninterrupted run. (A constant learning rate: the schedule would
+    otherwise depend on max_steps, which differs between the runs.)"""
+    from conftest import write_config
 
     def config(name, ranks, max_steps):
-        return write_config(tmp_path / f"{name}.yaml", tiny_config(
+        return write_config(tmp_path / f"{name}-{ranks}-{max_steps}.yaml", tiny_config(
             data_cache, tmp_path / name, deepspeed={"zero_stage": 2}, scheduler={"kind": "constant"},
             training={"max_steps": max_steps, "micro_batch_size": 4, "gradient_accumulation_steps": 2 // ranks},
             checkpointing={"every_steps": 10}, evaluation={"every_steps": 10}))
 
-    run_train(config("reference", before, 20), num_processes=before)
-    run_train(config("switched", before, 10), num_processes=before)
-    run_train(config("switched", after, 20), num_processes=after)
+    assert _sbatch_train(tmp_path, config("reference", before, 20), nodes=before, name="ref")[0] == 0
+    assert _sbatch_train(tmp_path, config("switched", before, 10), nodes=before, name="before")[0] == 0
+    code, log = _sbatch_train(tmp_path, config("switched", after, 20), nodes=after, name="after")
+    assert code == 0, log[-3000:]
     ref, switched = _losses(tmp_path / "reference"), _losses(tmp_path / "switched")
     assert len(switched) == 20
     assert switched[:10] == ref[:10]

@@ -9,7 +9,7 @@ import yaml
 
 from qarac_dist.plan import load_sweep, plan
 from qarac_dist.schema import ConfigError
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 
 
 def _sweep(tmp_path, **fields) -> dict:
@@ -106,3 +106,10 @@ def test_ten_thousand_trials_plan_quickly(tmp_path):
     started = time.perf_counter()
     trials = _plan(tmp_path, sweep)
     assert len(trials) == 10_000 and math.isfinite(time.perf_counter() - started)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*grid*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_file_plans(path):
+    spec, base = load_sweep(path)
+    trials = plan(spec, base, str(path))
+    assert trials and len({t.id for t in trials}) == len(trials)

@@ -102,8 +102,6 @@ def test_rerun_submits_nothing_twice_and_only_failed_trials_again(cluster, tmp_p
     assert "0 to run" in proc.stdout, proc.stdout + proc.stderr
     assert {r.id: r.job_id for r in Manifest.load(tmp_path / "runs" / "rerun").trials.values()} == first
 
-    status = subprocess.run([sys.executable, "-m", "qarac_dist.status", str(tmp_path / "runs" / "rerun")],
-                            capture_output=True, text=True)
     deadline = time.time() + 300
     while _squeue_count("qarac-rerun") and time.time() < deadline:
         time.sleep(1)
@@ -112,7 +110,9 @@ def test_rerun_submits_nothing_twice_and_only_failed_trials_again(cluster, tmp_p
     assert status.returncode == 1, status.stdout  # one trial failed
     assert "no_such_column" in status.stdout and "COMPLETED" in status.stdout
 
-    proc = _sweep_cli(path)  # after they ended: only the failed one again
+    # After they ended: only the failed one again (preflight would now stop the broken trial
+    # before it is submitted; this test is about re-runs).
+    proc = _sweep_cli(path, "--no-preflight")
     assert "1 to run" in proc.stdout, proc.stdout + proc.stderr
     after = Manifest.load(tmp_path / "runs" / "rerun").trials.values()
     resubmitted = [r for r in after if r.job_id != first[r.id]]
