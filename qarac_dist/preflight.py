@@ -153,6 +153,112 @@ def _cause(module: str, calls: dict, reached: dict) -> str:
     return UNUSED
 
 
+# ---------------------------------------------------------------- memory plan
+
+def saved_activation_bytes(model, batch: dict) -> int:
+    """Bytes of activations one forward keeps for backward: distinct storages saved through
+    autograd (parameters excluded), plus the inputs that non-reentrant checkpointed layers keep
+    for their recomputation (their own saved tensors are recomputed, not kept)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+    recording = [True]
+
+    def remember(t) -> None:
+        if recording[0] and isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    def keep_inputs(module, args, kwargs) -> None:
+        for value in (*args, *kwargs.values()):
+            remember(value)
+
+    def pack(t):
+        remember(t)
+        return t
+
+    hooks = [m.register_forward_pre_hook(keep_inputs, with_kwargs=True) for m in _checkpointed_layers(model)]
+    model.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = _loss_of(model(**batch), None)
+        recording[0] = False
+        loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def _checkpointed_layers(model) -> list:
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # transformers < 4.52: no common layer class to find
+        return []
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+
+
+@dataclass
+class MemoryPlan:
+    model_states: int
+    """Bytes per GPU for parameters, gradients and optimizer states (DeepSpeed's estimators)."""
+    activations: int
+    """Bytes of saved activations for one micro batch, measured on CPU and scaled."""
+
+    @property
+    def total(self) -> int:
+        return self.model_states + self.activations
+
+
+def model_state_bytes(num_params: int, largest_layer: int, stage: int, gpus_per_node: int, nodes: int,
+                      offload_optimizer: bool, offload_param: bool, dtype: str) -> int:
+    """Per-GPU model states. DeepSpeed's estimators assume 16-bit training (2-byte weights on
+    the GPU); fp32 keeps 4-byte weights, counted here on top."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    gpus = max(1, gpus_per_node) * max(1, nodes)
+    if stage == 3:
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(num_params, largest_layer, max(1, gpus_per_node), nodes,
+                                                          offload_optimizer, offload_param, True)
+    elif stage in (1, 2):
+        _, gpu = estimate_zero2_model_states_mem_needs(num_params, max(1, gpus_per_node), nodes, offload_optimizer)
+    else:  # plain data parallel: every GPU holds everything
+        gpu = 18 * num_params
+    if dtype == "fp32" and not (stage == 3 and offload_param):
+        gpu += 2 * num_params if stage != 3 else 2 * num_params // gpus
+    return int(gpu)
+
+
+def memory_plan(cfg, model, batch_one: dict, gpus_per_node: int, nodes: int) -> MemoryPlan:
+    """Peak device memory per GPU for the trial: model states plus activations of one micro
+    batch (saved bytes measured at batch size 1 and the trial's length, times the micro batch;
+    halved for 16-bit training)."""
+    params = list(model.parameters())
+    num_params = sum(p.numel() for p in params)
+    largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+    states = model_state_bytes(num_params, largest, cfg.deepspeed.zero_stage, gpus_per_node, nodes,
+                               cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_param, cfg.precision.dtype)
+    per_example = saved_activation_bytes(model, batch_one)
+    scale = 0.5 if cfg.precision.dtype in ("bf16", "fp16") else 1.0
+    return MemoryPlan(states, int(per_example * cfg.training.micro_batch_size * scale))
+
+
+def memory_advice(plan: MemoryPlan, budget: int, alternatives: dict[str, MemoryPlan]) -> list[str]:
+    """What would make the plan fit in `budget` bytes, cheapest switch first."""
+    if plan.total <= budget:
+        return []
+    gib = 2**30
+    lines = [f"resources.gpu_memory_gb: the trial needs about {plan.total / gib:.1f} GiB per GPU "
+             f"(model states {plan.model_states / gib:.1f} GiB + activations {plan.activations / gib:.1f} GiB), "
+             f"{(plan.total - budget) / gib:.1f} GiB more than {budget / gib:.1f} GiB"]
+    fits = [f"{switch} ({alt.total / gib:.1f} GiB)" for switch, alt in alternatives.items() if alt.total <= budget]
+    lines.append("  it would fit with: " + (", ".join(fits) if fits else "none of checkpointing, ZeRO-3, offload or "
+                                                                         "micro batch 1 alone; combine them or use more GPUs"))
+    return lines
+
+
 # ---------------------------------------------------------------- consistency checks
 
 def check_config(cfg, tokenizer=None, model=None, world_size: int = 1) -> list[str]:
@@ -204,6 +310,7 @@ class Result:
     report: GradientReport
     problems: list[str]
     notes: list[str]
+    memory: Optional[MemoryPlan] = None
 
     @property
     def ok(self) -> bool:
@@ -211,17 +318,19 @@ class Result:
 
 
 def architecture_key(config: dict) -> str:
-    """Trials with the same key build the same model: audited once."""
+    """Trials with the same key build the same model and use the same memory: audited once."""
     import json
 
     keep = {"model": config["model"], "data": {k: config["data"].get(k) for k in ("max_length", "text_pair_column",
                                                                                 "synthetic")},
-            "tokenizer": config["tokenizer"], "preflight": config.get("preflight")}
+            "tokenizer": config["tokenizer"], "preflight": config.get("preflight"),
+            "memory": [config["deepspeed"], config["precision"], config["training"]["micro_batch_size"]]}
     return json.dumps(keep, sort_keys=True, default=str)
 
 
-def run(cfg, world_size: int = 1) -> Result:
-    """Build the trial's model and a real batch of its data; audit and check them."""
+def run(cfg, world_size: int = 1, resources=None) -> Result:
+    """Build the trial's model and a real batch of its data; audit and check them. With
+    `resources.gpu_memory_gb` set, also plan the memory per GPU."""
     import os
 
     import torch
@@ -239,7 +348,47 @@ def run(cfg, world_size: int = 1) -> Result:
     rows = splits.train[list(range(min(len(splits.train), max(2, min(cfg.training.micro_batch_size, 4)))))]
     report = audit_gradients(model, collate(rows), allow_no_grad=cfg.preflight.allow_no_grad)
     problems = check_config(cfg, splits.tokenizer, model, world_size)
-    return Result(cfg.name, report, problems, warnings_for(cfg, model))
+    plan = None
+    if resources is not None and resources.gpu_memory_gb and not problems:
+        plan, advice = _plan_memory(cfg, model, collate, splits.train[[0]], resources)
+        problems += advice
+    return Result(cfg.name, report, problems, warnings_for(cfg, model), plan)
+
+
+def _plan_memory(cfg, model, collate, row: dict, resources) -> tuple[MemoryPlan, list[str]]:
+    """The trial's plan, and the switches that would make it fit (each measured or estimated)."""
+    import dataclasses
+
+    from .models import enable_activation_checkpointing
+
+    length = cfg.data.max_length
+    full = {k: [(v[0] * (length // max(1, len(v[0])) + 1))[:length]] if k.startswith(("input_ids", "token_type_ids"))
+            else v for k, v in row.items()}
+    batch = collate(full)
+    gpus, nodes = resources.gpus_per_node, resources.nodes
+    plan = memory_plan(cfg, model, batch, gpus, nodes)
+    alternatives = {}
+    if not cfg.model.activation_checkpointing:
+        enable_activation_checkpointing(model)
+        alternatives["model.activation_checkpointing=true"] = memory_plan(cfg, model, batch, gpus, nodes)
+    per_example = plan.activations // max(1, cfg.training.micro_batch_size)
+    if cfg.training.micro_batch_size > 1:
+        alternatives["training.micro_batch_size=1"] = MemoryPlan(plan.model_states, per_example)
+
+    def states(**change):
+        ds = dataclasses.replace(cfg.deepspeed, **change)
+        num = sum(p.numel() for p in model.parameters())
+        largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+        return model_state_bytes(num, largest, ds.zero_stage, gpus, nodes, ds.offload_optimizer, ds.offload_param,
+                                 cfg.precision.dtype)
+
+    if cfg.deepspeed.zero_stage != 3:
+        alternatives["deepspeed.zero_stage=3"] = MemoryPlan(states(zero_stage=3), plan.activations)
+    if not cfg.deepspeed.offload_optimizer:
+        stage = max(cfg.deepspeed.zero_stage, 1)
+        alternatives[f"deepspeed.offload_optimizer=true (ZeRO-{stage})"] = MemoryPlan(
+            states(zero_stage=stage, offload_optimizer=True), plan.activations)
+    return plan, memory_advice(plan, int(resources.gpu_memory_gb * 2**30), alternatives)
 
 
 def _with_small_data(cfg):
@@ -260,6 +409,11 @@ def print_result(result: Result, out=sys.stdout) -> None:
         print(f"  allowed without gradient (preflight.allow_no_grad): {len(result.report.allowed)} parameters", file=out)
     if result.report.frozen:
         print(f"  frozen: {len(result.report.frozen)} parameters", file=out)
+    if result.memory is not None:
+        gib = 2**30
+        print(f"  memory per GPU: about {result.memory.total / gib:.2f} GiB (model states "
+              f"{result.memory.model_states / gib:.2f} GiB, activations {result.memory.activations / gib:.2f} GiB)",
+              file=out)
     for problem in result.problems:
         print(f"  {problem}", file=out)
     for note in result.notes:
@@ -282,10 +436,10 @@ def main(argv: list[str] | None = None) -> int:
             spec, base = load_sweep(args.config, args.overrides)
             trials = plan(spec, base, args.config)
             configs = [config_from_dict(t.config, args.config) for t in trials]
-            world = spec.resources.nodes * spec.resources.tasks_per_node
+            world, resources = spec.resources.nodes * spec.resources.tasks_per_node, spec.resources
         else:
-            configs, world = [load_config(args.config, args.overrides)], 1
-        results = run_many(configs, world)
+            configs, world, resources = [load_config(args.config, args.overrides)], 1, None
+        results = run_many(configs, world, resources)
     except (ConfigError, UserError) as err:
         print(err if isinstance(err, ConfigError) else f"{args.config}: {err}", file=sys.stderr)
         return 2
@@ -294,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
-def run_many(configs: list, world_size: int = 1) -> list[Result]:
+def run_many(configs: list, world_size: int = 1, resources=None) -> list[Result]:
     """Audit each distinct architecture once."""
     from .config import config_to_dict
 
@@ -302,7 +456,7 @@ def run_many(configs: list, world_size: int = 1) -> list[Result]:
     for cfg in configs:
         key = architecture_key(config_to_dict(cfg))
         if key not in seen:
-            seen[key] = run(cfg, world_size)
+            seen[key] = run(cfg, world_size, resources)
     return list(seen.values())
 
 

@@ -218,7 +218,7 @@ def run_preflight(spec: SweepSpec, records: list[TrialRecord], source: str) -> t
     from .config import config_from_dict
 
     configs = [config_from_dict(r.config, source) for r in records]
-    results = preflight.run_many(configs, spec.resources.nodes * spec.resources.tasks_per_node)
+    results = preflight.run_many(configs, spec.resources.nodes * spec.resources.tasks_per_node, spec.resources)
     out = io.StringIO()
     for result in results:
         preflight.print_result(result, out)

@@ -212,3 +212,19 @@ def test_sweep_refuses_to_submit_the_story_and_runs_once_allowed(tmp_path):
 
     parent = Manifest.load(tmp_path / "runs" / "story").mlflow_parent_run_id
     assert [a.path for a in c.list_artifacts(parent) if a.path == "preflight.txt"] == ["preflight.txt"]
+
+
+def test_memory_plan_says_by_how_much_and_which_switch_makes_it_fit(tmp_path):
+    from qarac_dist import preflight
+    from qarac_dist.plan import Resources
+
+    cfg = _cfg(tmp_path)
+    fits = preflight.run(cfg, resources=Resources(gpus_per_node=1, gpu_memory_gb=8.0))
+    assert fits.ok and fits.memory is not None and 0 < fits.memory.total < 8 * 2**30
+    assert fits.memory.activations > fits.memory.model_states > 0
+    budget_gb = fits.memory.total * 0.6 / 2**30  # too small for micro batch 4, enough for micro batch 1
+    tight = preflight.run(cfg, resources=Resources(gpus_per_node=1, gpu_memory_gb=budget_gb))
+    assert not tight.ok
+    (needs, fix) = [p for p in tight.problems if "gpu_memory_gb" in p or "would fit" in p]
+    assert needs.startswith("resources.gpu_memory_gb: the trial needs about") and "GiB more than" in needs
+    assert "training.micro_batch_size=1" in fix
