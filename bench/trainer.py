@@ -97,50 +97,20 @@ def longformer(layers: int, checkpointing: bool):
 
 
 def saved_activation_bytes(model, tokens: int) -> tuple[int, float]:
-    """Bytes of distinct storages saved for backward during one forward (parameters excluded),
-    plus the inputs that checkpointed layers keep for their recomputation; and the seconds of
-    forward + backward.
-
-    Non-reentrant checkpointing stores nothing through autograd inside a checkpointed layer
-    (its own saved-tensor hooks are innermost); what it keeps is the layer's inputs, which a
-    forward pre-hook on each checkpointed layer counts during the first forward only.
-    """
+    """Saved activation bytes of one forward (preflight's count: distinct saved storages plus
+    what checkpointed layers keep for recomputation) and the seconds of forward + backward."""
     import torch
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-    recording = True
+    from qarac_dist.preflight import saved_activation_bytes as count
 
-    def remember(t):
-        if recording and isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-
-    def pack(t):
-        remember(t)
-        return t
-
-    def keep_inputs(module, args, kwargs):
-        for value in (*args, *kwargs.values()):
-            remember(value)
-
-    hooks = []
-    if model.longformer.encoder.gradient_checkpointing:
-        hooks = [layer.register_forward_pre_hook(keep_inputs, with_kwargs=True)
-                 for layer in model.longformer.encoder.layer]
     ids = torch.randint(5, 4000, (1, tokens))
     glob = torch.zeros_like(ids)
     glob[:, 0] = 1
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "global_attention_mask": glob,
+             "labels": torch.tensor([1])}
     started = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), global_attention_mask=glob,
-                     labels=torch.tensor([1])).loss
-    recording = False
-    loss.backward()
-    seconds = time.perf_counter() - started
-    for h in hooks:
-        h.remove()
-    model.zero_grad(set_to_none=True)
-    return sum(seen.values()), seconds
+    saved = count(model, batch)
+    return saved, time.perf_counter() - started
 
 
 def checkpointing_memory(repeats: int) -> dict:
