@@ -7,6 +7,7 @@ or submitit. Reading order: `Trainer.__init__` builds everything, `Trainer.train
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
 from . import checkpoint, data, models
 from .config import TrainConfig, config_to_dict, deepspeed_config, load_config
@@ -81,12 +83,16 @@ class Trainer:
         self.checkpoints = self.out / "checkpoints"
         seed_everything(cfg.training.seed)
 
-        # Rank 0 first: it generates data, trains the tokenizer and fills the datasets cache;
-        # the others then read the cache instead of racing to write it.
-        if not ranks.is_main:
+        # On a cold cache rank 0 goes first: it generates data, trains the tokenizer and fills
+        # the datasets cache; the others then read the cache instead of racing to write it.
+        # Once every rank sees a completed preparation of this recipe, they all read at once.
+        warm = torch.tensor([int(data.prepared_marker(cfg).exists())])
+        if ranks.world_size > 1:
+            dist.all_reduce(warm, op=dist.ReduceOp.MIN)
+        if not warm and not ranks.is_main:
             dist.barrier()
         self.splits = data.prepare(cfg)
-        if ranks.is_main:
+        if not warm and ranks.is_main:
             dist.barrier()
 
         torch.manual_seed(cfg.training.seed)
@@ -439,7 +445,7 @@ def run(cfg: TrainConfig) -> dict:
         hf_logging.disable_progress_bar()
     out = Path(cfg.output.dir)
     state_file = out / "state.json"
-    trial_run, info = None, {}
+    trial_run, info, finished = None, {}, False
     STOP.install(STOP_SIGNALS)
     try:
         if ranks.is_main:
@@ -456,6 +462,7 @@ def run(cfg: TrainConfig) -> dict:
                     "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
                     "restarts": starts - 1, "nodes": info["nodes"] or info["host"], "world_size": ranks.world_size})
         result = Trainer(cfg, ranks, trial_run).train()
+        finished = True
         if ranks.is_main:
             write_json(state_file, {**(read_json(state_file) or {}), "state": "COMPLETED", **result})
             if trial_run is not None:
@@ -478,6 +485,10 @@ def run(cfg: TrainConfig) -> dict:
         raise
     finally:
         STOP.restore()
+        if finished and ranks.world_size > 1:
+            # No rank tears down its process groups while a peer may still be in a collective
+            # (after a failure the peers may be gone: then no barrier).
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -485,9 +496,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qarac_dist.train", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="training config (YAML)")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="override config values")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config, print it and its DeepSpeed JSON; download and write nothing")
+    parser.add_argument("--world-size", type=int, default=1, help="ranks for --dry-run's DeepSpeed JSON")
     args = parser.parse_intermixed_args(argv)
+    # A rank killed by a C++ abort (SIGABRT, SIGSEGV) prints every thread's Python stack first.
+    faulthandler.enable(all_threads=True)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+            print(f"# DeepSpeed config on {args.world_size} rank(s):")
+            print(json.dumps(deepspeed_config(cfg, args.world_size), indent=2))
+            return 0
         run(cfg)
     except ConfigError as err:
         print(err, file=sys.stderr)
