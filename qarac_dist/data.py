@@ -194,9 +194,33 @@ def _load_tokenizer(cfg: TrainConfig, train):
     return AutoTokenizer.from_pretrained(str(directory))
 
 
+def prepared_marker(cfg: TrainConfig) -> Path:
+    """A file that says `prepare` has completed for this data recipe, so the caches are warm
+    and every rank may read them at once. Local files count with their size and mtime."""
+    import datasets
+
+    files = [*(cfg.data.train_files or []), *(cfg.data.validation_files or [])]
+    stats = [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] if os.path.exists(f) else [f] for f in files]
+    recipe = [asdict(cfg.data), asdict(cfg.tokenizer), cfg.model.name_or_path, cfg.model.kind, cfg.model.task,
+              cfg.model.num_labels, stats, datasets.__version__]
+    return Path(cfg.data.cache_dir) / "prepared" / _fingerprint(recipe)
+
+
 def prepare(cfg: TrainConfig) -> Splits:
     """Load, label-encode and tokenize both splits. Results are cached by `datasets`; under
-    several ranks call it on rank 0 first, then on the others (see train.py)."""
+    several ranks, on a cold cache call it on rank 0 first, then on the others; once
+    `prepared_marker(cfg)` exists, on all of them at once (see train.py)."""
+    splits = _prepare(cfg)
+    marker = prepared_marker(cfg)
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(f".{marker.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"train": splits.train._fingerprint, "validation": splits.validation._fingerprint}))
+        os.replace(tmp, marker)
+    return splits
+
+
+def _prepare(cfg: TrainConfig) -> Splits:
     d = cfg.data
     if d.synthetic is not None and d.synthetic.task == "similarity" and d.text_pair_column is None:
         import dataclasses
