@@ -214,6 +214,25 @@ def test_sweep_refuses_to_submit_the_story_and_runs_once_allowed(tmp_path):
     assert [a.path for a in c.list_artifacts(parent) if a.path == "preflight.txt"] == ["preflight.txt"]
 
 
+@pytest.mark.parametrize("batch", [64, 128])
+def test_peak_activation_bytes_is_exact_on_a_model_small_enough_to_count_by_hand(batch):
+    from qarac_dist.preflight import peak_activation_bytes
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(256, 256, bias=False)
+
+        def forward(self, x):
+            return {"loss": torch.relu(self.lin(x)).sum()}
+
+    # Forward: the linear's output and relu's output are alive together (2 x batch x 256
+    # floats); backward: relu's saved output and the gradient of the linear's output, the same
+    # again. The weight's 256 x 256 gradient belongs to the model states, not to this figure.
+    peak = peak_activation_bytes(Probe(), {"x": torch.randn(batch, 256)})
+    assert peak == 2 * batch * 256 * 4 + 8  # + the scalar loss
+
+
 def test_memory_plan_says_by_how_much_and_which_switch_makes_it_fit(tmp_path):
     from qarac_dist import preflight
     from qarac_dist.plan import Resources
