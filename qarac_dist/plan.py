@@ -283,9 +283,13 @@ def trial_id(resolved: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def plan(spec: SweepSpec, base: dict, source: str = "sweep") -> list[Trial]:
+def plan(spec: SweepSpec, base: dict, source: str = "sweep", micro_batches: dict | None = None) -> list[Trial]:
     """Expand the sweep into trials. Raises ConfigError (naming `source`) for a plan over the
-    cap, conflicting keys, or trial configs that do not validate."""
+    cap, conflicting keys, or trial configs that do not validate. `micro_batches` holds what
+    `--find-batch-size` found (see batchsize.py); it is applied before a trial's id is taken."""
+    from .batchsize import apply
+
+    world = spec.resources.nodes * spec.resources.tasks_per_node
     grid_keys = sorted(spec.grid)
     num_points = math.prod(len(spec.grid[k]) for k in grid_keys) if grid_keys else 1
     variants = spec.variants or [None]
@@ -315,6 +319,9 @@ def plan(spec: SweepSpec, base: dict, source: str = "sweep") -> list[Trial]:
             errors.extend(e.replace(f"{source}: ", f"{source}: trial [{label}]: ", 1) for e in err.errors)
             continue
         resolved = config_to_dict(cfg)
+        if micro_batches and apply(resolved, micro_batches, world):
+            label += f" (found micro batch {resolved['training']['micro_batch_size']})"
+            resolved = config_to_dict(config_from_dict(resolved, source))
         tid = trial_id(resolved)
         resolved["output"]["dir"] = str(sweep_dir / "trials" / tid)
         resolved["name"] = f"{spec.name}-{tid}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -510,12 +511,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qarac_dist.preflight", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="a training config or a sweep file (YAML)")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value")
+    parser.add_argument("--find-batch-size", action="store_true",
+                        help="sweep files: find the largest micro batch that fits, with real steps on one GPU "
+                             "of the sweep's resources (a SLURM job), and plan the sweep with it")
     args = parser.parse_intermixed_args(argv)
     from .config import config_from_dict, load_config
     from .schema import ConfigError, UserError, read_yaml
 
     try:
         raw = read_yaml(args.config)
+        if args.find_batch_size:
+            return find_batch_size(args.config, args.overrides)
         if "grid" in raw or "base" in raw:
             from .plan import load_sweep, plan
 
@@ -532,6 +538,29 @@ def main(argv: list[str] | None = None) -> int:
     for result in results:
         print_result(result)
     return 0 if all(r.ok for r in results) else 1
+
+
+def find_batch_size(source: str, overrides: list[str]) -> int:
+    from . import batchsize
+    from .plan import load_sweep, plan
+    from .schema import UserError, read_yaml
+    from .sweep import resolve_executor, sweep_dir
+
+    raw = read_yaml(source)
+    if not ("grid" in raw or "base" in raw):
+        raise UserError("--find-batch-size: give a sweep file (it writes into the sweep's directory)")
+    spec, base = load_sweep(source, overrides)
+    trials = plan(spec, base, source)
+    directory = sweep_dir(spec)
+    results = batchsize.find(spec, trials, source, resolve_executor(spec, source), directory)
+    for key, result in results.items():
+        model = json.loads(key)["model"]
+        what = model.get("name_or_path") or model.get("factory") or (model.get("config") or {}).get("model_type")
+        peak = f", peak {gib(result['peak_bytes'])}" if result["peak_bytes"] else ""
+        print(f"{what}: largest micro batch that fits {result['micro_batch_size']} on {result['device']}{peak} "
+              f"(budget {gib(result['budget_bytes'])}; tried {', '.join(result['tried'])})")
+    print(f"written to {directory / 'micro_batch.json'}; the sweep plans with it from now on")
+    return 0 if all(r["micro_batch_size"] for r in results.values()) else 1
 
 
 def run_many(configs: list, world_size: int = 1, resources=None) -> list[Result]:

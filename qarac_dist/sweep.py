@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from . import slurm
-from .manifest import DONE, FAILED, RESUBMIT, Manifest, TrialRecord, write_json
+from .manifest import DONE, FAILED, RESUBMIT, Manifest, TrialRecord, read_json, write_json
 from .plan import SweepSpec, Trial, load_sweep, plan, select_defaults
 from .schema import ConfigError, UserError, to_dict
 
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     source = args.sweep
     try:
         spec, base = load_sweep(source, args.overrides)
-        trials = plan(spec, base, source)
+        trials = plan(spec, base, source, read_json(sweep_dir(spec) / "micro_batch.json"))
         executor_kind = resolve_executor(spec, source)
     except UserError as err:
         print(err, file=sys.stderr)

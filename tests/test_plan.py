@@ -113,3 +113,31 @@ def test_every_shipped_sweep_file_plans(path):
     spec, base = load_sweep(path)
     trials = plan(spec, base, str(path))
     assert trials and len({t.id for t in trials}) == len(trials)
+
+
+@pytest.mark.parametrize("global_batch, expected", [
+    pytest.param(None, (6, 1), id="no-global-batch: accumulation kept"),
+    pytest.param(32, (4, 4), id="global-batch-32-on-2-ranks: largest divisor of 16 up to 6"),
+])
+def test_a_found_micro_batch_is_planned_into_matching_trials_only(tmp_path, global_batch, expected):
+    from qarac_dist.batchsize import memory_key
+
+    base = tiny_config(tmp_path / "cache", tmp_path / "out", training={"global_batch_size": global_batch,
+                                                                       "micro_batch_size": 2,
+                                                                       "gradient_accumulation_steps": 8 if global_batch else 1})
+    sweep = {"name": "s", "base": base, "grid": {"optimizer.lr": [1e-3, 2e-3], "data.max_length": [256, 320]},
+             "resources": {"tasks_per_node": 2}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    spec, base_cfg = load_sweep(path)
+    before = plan(spec, base_cfg, str(path))
+    long_shape = next(t for t in before if t.config["data"]["max_length"] == 320)
+    found = {memory_key(long_shape.config): {"micro_batch_size": 6}}
+    after = plan(spec, base_cfg, str(path), found)
+    for old, new in zip(before, after):
+        training = new.config["training"]
+        if old.config["data"]["max_length"] == 320:
+            assert (training["micro_batch_size"], training["gradient_accumulation_steps"]) == expected
+            assert new.id != old.id and "found micro batch" in new.label
+        else:
+            assert new.id == old.id and new.config == old.config

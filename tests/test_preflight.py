@@ -247,3 +247,38 @@ def test_memory_plan_says_by_how_much_and_which_switch_makes_it_fit(tmp_path):
     (needs, fix) = [p for p in tight.problems if "gpu_memory_gb" in p or "would fit" in p]
     assert needs.startswith("resources.gpu_memory_gb: the trial needs about") and "GiB more than" in needs
     assert "training.micro_batch_size=1" in fix
+
+
+@pytest.mark.integration
+def test_find_batch_size_measures_real_steps_and_the_sweep_plans_with_it(tmp_path):
+    """On CPU the measure is the RSS growth of two real steps on the longest examples; the
+    budget leaves room for a few 2048-token documents of the 2-layer Longformer, not for 16."""
+    import json
+
+    from conftest import run_sweep
+
+    base = tiny_config(tmp_path / "cache", tmp_path / "out",
+                       model={"config": {**tiny_config(tmp_path, tmp_path)["model"]["config"], "hidden_size": 64,
+                                         "intermediate_size": 128, "attention_window": 64}},
+                       data={"synthetic": {"num_train": 32, "num_validation": 8, "min_tokens": 2048, "max_tokens": 2048,
+                                           "evidence_after": 128, "num_classes": 2, "seed": 0}, "max_length": 2048},
+                       training={"micro_batch_size": 1, "max_steps": 2}, evaluation={"every_steps": 2})
+    sweep = {"name": "bs", "base": base, "executor": "local", "grid": {"optimizer.lr": [1e-3, 2e-3]},
+             "resources": {"gpu_memory_gb": 0.4, "time_min": 10}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    proc = subprocess.run([sys.executable, "-m", "qarac_dist.preflight", str(path), "--find-batch-size"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = json.loads((tmp_path / "runs" / "bs" / "micro_batch.json").read_text())
+    assert len(found) == 1  # two learning rates, one memory shape: one search
+    (result,) = found.values()
+    tried = {int(k): v for k, v in result["tried"].items()}
+    best, budget = result["micro_batch_size"], result["budget_bytes"]
+    assert 1 < best < 16 and tried[best] <= budget  # fits
+    assert tried[best + 1] > budget  # the next one up was measured and does not
+    assert tried[1] < tried[2] < tried[4]  # more examples, more memory
+
+    dry = run_sweep(path, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.count(f"found micro batch {best}") == 2
