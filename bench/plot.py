@@ -31,8 +31,9 @@ def bars(ax, labels: list[str], values: list[float], spans: list[tuple[float, fl
         errors = [[v - lo for v, (lo, _) in zip(values, spans)], [hi - v for v, (_, hi) in zip(values, spans)]]
     ax.bar(labels, values, color=colours, yerr=errors, capsize=4)
     for x, v in enumerate(values):
-        ax.annotate(f"{v:.3g}", (x, v), ha="center", va="bottom", xytext=(0, 3), textcoords="offset points",
-                    fontsize=8)
+        top = spans[x][1] if spans else v  # above the whisker
+        ax.annotate(f"{v:.0f}" if v >= 100 else f"{v:.3g}", (x, top), ha="center", va="bottom", xytext=(0, 3),
+                    textcoords="offset points", fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.set_ylabel(unit)
     ax.tick_params(axis="x", labelsize=8)
