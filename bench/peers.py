@@ -88,14 +88,16 @@ class Recorder:
         sync()
         self.step_ends.append(time.time())
         if self.engine is not None:  # the norm DeepSpeed computed for clipping (no extra work)
-            self.grad_norms.append(float(self.engine.get_global_grad_norm()))
+            norm = self.engine.get_global_grad_norm()
+            self.grad_norms.append(float("nan") if norm is None else float(norm))
 
     def result(self, ranks, tokens_per_step: list[int]) -> dict:
         import torch
 
         peak_gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
         return {"rank": ranks.rank, "process_start": self.process_start, "step_ends": self.step_ends,
-                "losses": [float(x) for x in self.losses], "grad_norms": self.grad_norms, "rows": self.rows, "tokens_per_step": tokens_per_step,
+                "losses": [float(x) for x in self.losses], "grad_norms": self.grad_norms, "rows": self.rows,
+                "tokens_per_step": tokens_per_step,
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "peak_gpu_bytes": peak_gpu}
 

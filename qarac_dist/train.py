@@ -82,13 +82,16 @@ class Trainer:
         self.out = Path(cfg.output.dir)
         self.checkpoints = self.out / "checkpoints"
         seed_everything(cfg.training.seed)
+        # Flags (cache state, stop signals) travel on a CPU (gloo) group, so checking them never
+        # syncs a GPU stream and works whatever the main backend is.
+        self.control_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
         # On a cold cache rank 0 goes first: it generates data, trains the tokenizer and fills
         # the datasets cache; the others then read the cache instead of racing to write it.
         # Once every rank sees a completed preparation of this recipe, they all read at once.
         warm = torch.tensor([int(data.prepared_marker(cfg).exists())])
         if ranks.world_size > 1:
-            dist.all_reduce(warm, op=dist.ReduceOp.MIN)
+            dist.all_reduce(warm, op=dist.ReduceOp.MIN, group=self.control_group)
         if not warm and not ranks.is_main:
             dist.barrier()
         self.splits = data.prepare(cfg)
@@ -127,8 +130,6 @@ class Trainer:
         self.best = BestTracker(cfg.evaluation.metric, cfg.evaluation.mode, cfg.early_stopping.min_delta)
         self.step = 0
         self.tracker: Tracker = NullTracker()
-        # Stop flags travel on a CPU (gloo) group so checking them never syncs a GPU stream.
-        self.control_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         if ranks.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
