@@ -174,7 +174,7 @@ def _rss() -> int:
 
 # ---------------------------------------------------------------- the driver (here)
 
-def find(spec, trials: list, source: str, executor_kind: str, directory: Path) -> dict:
+def find(spec, trials: list, executor_kind: str, directory: Path) -> dict:
     """One search job per distinct memory key; returns and writes {key: result}."""
     import dataclasses
 
@@ -191,7 +191,8 @@ def find(spec, trials: list, source: str, executor_kind: str, directory: Path) -
     for trial in trials:
         shapes.setdefault(memory_key(trial.config), trial.config)
     folder = directory.resolve() / "submitit-batch-size"
-    one_gpu = dataclasses.replace(spec.resources, nodes=1, tasks_per_node=1, gpus_per_node=min(1, spec.resources.gpus_per_node))
+    one_gpu = dataclasses.replace(spec.resources, nodes=1, tasks_per_node=1,
+                                  gpus_per_node=min(1, spec.resources.gpus_per_node))
     if executor_kind == "slurm":
         executor = submitit.AutoExecutor(folder, cluster="slurm")
         params = executor_parameters(one_gpu, f"qarac-{spec.name}-batch-size")

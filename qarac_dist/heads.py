@@ -66,4 +66,3 @@ def sentence_classifier(num_labels: int, tokenizer, encoder: str | None = None, 
         model = AutoModel.from_config(AutoConfig.for_model(encoder_config["model_type"], **fields),
                                       add_pooling_layer=False)
     return SentenceClassifier(model, num_labels, pooling, hidden, dropout, label_smoothing)
-

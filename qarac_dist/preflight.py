@@ -552,7 +552,7 @@ def find_batch_size(source: str, overrides: list[str]) -> int:
     spec, base = load_sweep(source, overrides)
     trials = plan(spec, base, source)
     directory = sweep_dir(spec)
-    results = batchsize.find(spec, trials, source, resolve_executor(spec, source), directory)
+    results = batchsize.find(spec, trials, resolve_executor(spec, source), directory)
     for key, result in results.items():
         model = json.loads(key)["model"]
         what = model.get("name_or_path") or model.get("factory") or (model.get("config") or {}).get("model_type")
