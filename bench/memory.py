@@ -25,19 +25,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["data.synthetic.num_train=64", "data.synthetic.num_validation=16", "data.synthetic.min_tokens=2048",
              "data.synthetic.max_tokens=2048", "data.max_length=2048", "training.micro_batch_size=8",
              f"evaluation.every_steps={10**6}", "training.max_steps=2"]
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def worker(checkpointing: bool, out: str) -> None:
@@ -47,7 +40,7 @@ def worker(checkpointing: bool, out: str) -> None:
     from qarac_dist import models, preflight
     from qarac_dist.config import load_config
     from qarac_dist.ranks import export_from_environment
-    from qarac_dist.train import Trainer
+    from qarac_dist.train import RssGrowth, Trainer
 
     torch.set_num_threads(1)
     cfg = load_config(ROOT / "configs" / "longformer_synthetic.yaml",
@@ -65,19 +58,9 @@ def worker(checkpointing: bool, out: str) -> None:
     saved = preflight.saved_activation_bytes(model, one) * cfg.training.micro_batch_size + states
     estimate = preflight.peak_activation_bytes(model, one) * cfg.training.micro_batch_size + states
     del model
-    before, peak, stop = rss(), [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    trainer.train_step([batch_indices])
-    stop.set()
-    sampler.join()
-    growth = peak[0] - before
+    with RssGrowth(interval_s=0.001) as rss:
+        trainer.train_step([batch_indices])
+    growth = rss.bytes
     print(json.dumps({"checkpointing": checkpointing, "estimate_bytes": estimate, "rss_growth_bytes": growth,
                       "ratio": estimate / growth, "saved_only_estimate_bytes": saved,
                       "saved_only_ratio": saved / growth}))

@@ -56,17 +56,16 @@ def apply(config: dict, found: dict, world_size: int) -> bool:
 
 def measure(cfg, micro: int) -> int | None:
     """Peak bytes of two real optimizer steps at this micro batch; None if it ran out of memory."""
+    import contextlib
     import dataclasses
     import gc
     import tempfile
-    import threading
-    import time
 
     import numpy as np
     import torch
 
     from .ranks import export_from_environment
-    from .train import Trainer
+    from .train import RssGrowth, Trainer
 
     with tempfile.TemporaryDirectory() as out:
         cfg = dataclasses.replace(
@@ -76,35 +75,27 @@ def measure(cfg, micro: int) -> int | None:
             tracking=dataclasses.replace(cfg.tracking, uri=None),
             checkpointing=dataclasses.replace(cfg.checkpointing, every_steps=None))
         cuda = torch.cuda.is_available()
-        if not cuda:
-            _return_freed_memory()
-        before, peak, stop = _rss(), [0], threading.Event()
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         else:
-            def sample():
-                while not stop.is_set():
-                    peak[0] = max(peak[0], _rss())
-                    time.sleep(0.002)
-
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
+            _return_freed_memory()
+        rss = RssGrowth(interval_s=0.002)
         trainer = None
         try:
-            trainer = Trainer(cfg, export_from_environment())
-            lengths = np.asarray(trainer.splits.train["length"])
-            longest = np.resize(np.argsort(-lengths, kind="stable"), micro)  # repeats if the set is small
-            for _ in range(2):  # the first step also allocates the optimizer's states
-                trainer.train_step([longest])
+            with contextlib.nullcontext() if cuda else rss:
+                trainer = Trainer(cfg, export_from_environment())
+                lengths = np.asarray(trainer.splits.train["length"])
+                longest = np.resize(np.argsort(-lengths, kind="stable"), micro)  # repeats if the set is small
+                for _ in range(2):  # the first step also allocates the optimizer's states
+                    trainer.train_step([longest])
             if cuda:
                 torch.cuda.synchronize()
                 return int(torch.cuda.max_memory_allocated())
-            return max(peak[0], _rss()) - before
+            return rss.bytes
         except torch.cuda.OutOfMemoryError:
             return None
         finally:
-            stop.set()
             del trainer
             gc.collect()
             if cuda:
@@ -163,13 +154,6 @@ def _return_freed_memory() -> None:
         return
     libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
     libc.malloc_trim(0)
-
-
-def _rss() -> int:
-    import os
-
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 # ---------------------------------------------------------------- the driver (here)

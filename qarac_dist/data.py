@@ -212,11 +212,8 @@ def prepare(cfg: TrainConfig) -> Splits:
     `prepared_marker(cfg)` exists, on all of them at once (see train.py)."""
     splits = _prepare(cfg)
     marker = prepared_marker(cfg)
-    if not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(f".{marker.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"train": splits.train._fingerprint, "validation": splits.validation._fingerprint}))
-        os.replace(tmp, marker)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     return splits
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from . import batchsize
 from .config import TrainConfig, config_from_dict, config_to_dict
 from .schema import ConfigError, apply_overrides, build, field_types, parse_overrides, read_yaml
 
@@ -287,8 +288,6 @@ def plan(spec: SweepSpec, base: dict, source: str = "sweep", micro_batches: dict
     """Expand the sweep into trials. Raises ConfigError (naming `source`) for a plan over the
     cap, conflicting keys, or trial configs that do not validate. `micro_batches` holds what
     `--find-batch-size` found (see batchsize.py); it is applied before a trial's id is taken."""
-    from .batchsize import apply
-
     world = spec.resources.nodes * spec.resources.tasks_per_node
     grid_keys = sorted(spec.grid)
     num_points = math.prod(len(spec.grid[k]) for k in grid_keys) if grid_keys else 1
@@ -319,7 +318,7 @@ def plan(spec: SweepSpec, base: dict, source: str = "sweep", micro_batches: dict
             errors.extend(e.replace(f"{source}: ", f"{source}: trial [{label}]: ", 1) for e in err.errors)
             continue
         resolved = config_to_dict(cfg)
-        if micro_batches and apply(resolved, micro_batches, world):
+        if micro_batches and batchsize.apply(resolved, micro_batches, world):
             label += f" (found micro batch {resolved['training']['micro_batch_size']})"
             resolved = config_to_dict(config_from_dict(resolved, source))
         tid = trial_id(resolved)
