@@ -536,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.enable(all_threads=True)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.world_size < 1:
+            raise UserError(f"--world-size: expected at least 1, got {args.world_size}")
         if args.dry_run:
             print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
             print(f"# DeepSpeed config on {args.world_size} rank(s):")

@@ -38,6 +38,10 @@ def test_longformer_imdb_dry_run_prints_the_job_and_touches_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "allenai/longformer-base-4096" in proc.stdout and '"train_batch_size": 64' in proc.stdout
     assert list(tmp_path.iterdir()) == []  # no output dir, no data cache, no downloads
+    bad = _cli("qarac_dist.train", str(ROOT / "configs" / "longformer_imdb.yaml"), "--dry-run", "--world-size", "0",
+               cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("--world-size: expected at least 1, got 0"), bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_sbert_grid_dry_run_is_three_named_variants_by_three_learning_rates(tmp_path):
