@@ -37,10 +37,12 @@ def worker(checkpointing: bool, out: str) -> None:
     import deepspeed
     import torch
 
-    from qarac_dist import models, preflight
     from qarac_dist.config import load_config
-    from qarac_dist.ranks import export_from_environment
-    from qarac_dist.train import RssGrowth, Trainer
+    from qarac_dist.preflight import memory as preflight
+    from qarac_dist.train import models
+    from qarac_dist.train.loop import Trainer
+    from qarac_dist.train.memory import RssGrowth
+    from qarac_dist.train.ranks import export_from_environment
 
     torch.set_num_threads(1)
     cfg = load_config(ROOT / "configs" / "longformer_synthetic.yaml",

@@ -20,27 +20,23 @@ if not torch.cuda.is_available():
 
 import deepspeed  # noqa: E402
 
-from qarac_dist import data, models  # noqa: E402
 from qarac_dist.config import deepspeed_config, load_config  # noqa: E402
-from qarac_dist.ranks import export_from_environment  # noqa: E402
+from qarac_dist.train import data  # noqa: E402
+from qarac_dist.train.build import build_parts, optimizer_for  # noqa: E402
+from qarac_dist.train.ranks import export_from_environment  # noqa: E402
 
 
 def build(cfg, ranks):
     """The same model (same seed), data and batch order as the trainer, in a bare engine."""
-    torch.manual_seed(cfg.training.seed)
-    splits = data.prepare(cfg)
-    torch.manual_seed(cfg.training.seed)
-    model = models.build_model(cfg, splits.num_labels, splits.tokenizer)
-    optimizer = torch.optim.AdamW(models.param_groups(model, cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
-                                  betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps)
+    parts = build_parts(cfg)
+    splits, model, collate = parts.splits, parts.model, parts.collate
+    optimizer = optimizer_for(cfg, model)
     warmup, total = cfg.scheduler.warmup_steps, cfg.training.max_steps
     schedule = lambda step: min(1.0, (step + 1) / (warmup + 1)) * max(  # noqa: E731
         0.0, 1 - max(0, step - warmup) / max(1, total - warmup))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, ranks.world_size),
                                            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule))
-    spec = models.input_spec(model)
-    collate = data.Collator(splits.tokenizer.pad_token_id, spec.pad_multiple, spec.global_first_token)
     batches = data.StepBatches(np.asarray(splits.train["length"]), cfg.training.micro_batch_size,
                                cfg.training.gradient_accumulation_steps, ranks.world_size, ranks.rank,
                                cfg.training.seed, cfg.data.length_grouping).iterate()

@@ -1,6 +1,7 @@
 """The MLflow UI, checked in a real browser: headless Debian chromium driven by Selenium opens a
 sweep's experiment page on a running `mlflow server`, expands the parent run, checks that the
-parent and every child run are listed, and saves a screenshot.
+parent and every child run are listed and that the trials' logged models show in the Models
+column, and saves a screenshot.
 
     python bench/mlflow_ui.py --store sqlite:///mlflow.db --experiment demo_grid --out bench/results/mlflow_ui.png
 
@@ -37,8 +38,9 @@ def browser():
 
 
 def check_runs_page(server_uri: str, experiment_id: str, run_names: list[str], screenshot: Path,
-                    timeout_s: float = 60) -> list[str]:
-    """Open the experiment's runs page; return the run names not shown (empty when all are)."""
+                    timeout_s: float = 60, num_models: int = 0) -> tuple[list[str], int]:
+    """Open the experiment's runs page; return the run names not shown (empty when all are) and
+    how many logged models the runs table links to (waiting for `num_models` of them)."""
     from selenium.webdriver.common.by import By
 
     driver = browser()
@@ -46,11 +48,13 @@ def check_runs_page(server_uri: str, experiment_id: str, run_names: list[str], s
         # The experiment's landing page opens on MLflow 3's GenAI overview; the runs table is /runs.
         driver.get(f"{server_uri}/#/experiments/{experiment_id}/runs")
         deadline = time.time() + timeout_s
-        missing = list(run_names)
+        missing, models = list(run_names), 0
         while time.time() < deadline:
             text = driver.find_element(By.TAG_NAME, "body").text
             missing = [name for name in run_names if name not in text]
-            if not missing:
+            # A logged model in the Models column is a link to its page, /models/m-<id>.
+            models = len({a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "a[href*='/models/m-']")})
+            if not missing and models >= num_models:
                 break
             # Child runs are nested under their parent, collapsed: the button in a parent's
             # run-name cell expands it. Click only while no child row (level 1) is shown, since
@@ -62,7 +66,7 @@ def check_runs_page(server_uri: str, experiment_id: str, run_names: list[str], s
         time.sleep(1)
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(screenshot))
-        return missing
+        return missing, models
     finally:
         driver.quit()
 
@@ -80,7 +84,9 @@ def main() -> None:
     exp = c.get_experiment_by_name(args.experiment)
     if exp is None:
         sys.exit(f"{args.store}: no experiment {args.experiment!r}; run the sweep first")
-    names = [r.info.run_name for r in c.search_runs([exp.experiment_id])]
+    runs = c.search_runs([exp.experiment_id])
+    names = [r.info.run_name for r in runs]
+    num_models = sum("best_model_id" in r.data.tags for r in runs)
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", args.store,
                                "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -93,12 +99,14 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(0.5)
-        missing = check_runs_page(f"http://127.0.0.1:{args.port}", exp.experiment_id, names, args.out)
+        missing, models = check_runs_page(f"http://127.0.0.1:{args.port}", exp.experiment_id, names, args.out,
+                                          num_models=num_models)
     finally:
         server.terminate()
         server.wait()
-    print(f"{len(names) - len(missing)}/{len(names)} runs shown; screenshot {args.out}")
-    sys.exit(1 if missing else 0)
+    print(f"{len(names) - len(missing)}/{len(names)} runs shown, {models}/{num_models} logged models in the Models "
+          f"column; screenshot {args.out}")
+    sys.exit(1 if missing or models < num_models else 0)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,14 @@ optimizer step, peak RSS per rank, tokens/s (non-pad tokens over all ranks) and 
 the last step (mean over ranks and micro batches).
 
     pip install -e ".[bench]"
-    python bench/peers.py [--rounds 3] [--steps 40]              # 2 CPU ranks
+    python bench/peers.py [--rounds 3] [--steps 40]              # the demo job, 2 CPU ranks
+    python bench/peers.py --job base --steps 6 --warmup 2        # Longformer-base-shaped, 2 layers, 4096 tokens
     python bench/peers.py --gpu [--dtype bf16|fp16]             # 1 GPU, Longformer-base size, 4096 tokens
 
-Writes bench/results/peers.json (or peers_gpu.json) and prints a markdown table.
+qarac_dist runs with its own (blocked) Longformer attention, the default; the HF Trainer and
+Lightning run Hugging Face's LongformerSelfAttention, as their users get it.
+
+Writes bench/results/peers.json (peers_base.json, peers_gpu.json) and prints a markdown table.
 
 Lightning's DeepSpeed strategy refuses any accelerator but CUDA (a check in
 `DeepSpeedStrategy.setup_environment`); on CPU this script runs it through a subclass that skips
@@ -50,6 +54,14 @@ BASE_SIZE = ["model.config.num_hidden_layers=12", "model.config.hidden_size=768"
              "data.synthetic.max_tokens=4096", "data.max_length=4096", "data.synthetic.num_train=512"]
 
 
+# The Longformer-base layer on 2 CPU ranks: two layers of it, one 4096-token document per rank.
+BASE_LAYERS = ["model.config.num_hidden_layers=2", "model.config.hidden_size=768",
+               "model.config.num_attention_heads=12", "model.config.intermediate_size=3072",
+               "model.config.attention_window=512", "data.synthetic.min_tokens=4096",
+               "data.synthetic.max_tokens=4096", "data.max_length=4096", "data.synthetic.num_train=64",
+               "data.synthetic.num_validation=8"]
+
+
 def job_overrides(args) -> list[str]:
     """The one job all three systems run, as overrides of the demo config."""
     overrides = [
@@ -62,6 +74,8 @@ def job_overrides(args) -> list[str]:
     ]
     if args.gpu:
         overrides += BASE_SIZE + [f"precision.dtype={args.dtype}"]
+    elif args.job == "base":
+        overrides += BASE_LAYERS
     return overrides
 
 
@@ -112,15 +126,12 @@ def sync() -> None:
 def build(cfg, ranks):
     """Data, model and this rank's micro batches exactly as qarac_dist's trainer makes them."""
     import numpy as np
-    import torch
 
-    from qarac_dist import data, models
+    from qarac_dist.train import data
+    from qarac_dist.train.build import build_parts
 
-    splits = data.prepare(cfg)
-    torch.manual_seed(cfg.training.seed)
-    model = models.build_model(cfg, splits.num_labels, splits.tokenizer)
-    spec = models.input_spec(model)
-    collate = data.Collator(splits.tokenizer.pad_token_id, spec.pad_multiple, spec.global_first_token)
+    parts = build_parts(cfg)
+    splits, model, collate = parts.splits, parts.model, parts.collate
     steps = cfg.training.max_steps - 1
 
     def plan(rank: int) -> list[list]:
@@ -132,19 +143,9 @@ def build(cfg, ranks):
     return splits, model, collate, plan
 
 
-def optimizer_for(cfg, model):
-    import torch
-
-    from qarac_dist import models
-
-    opt = cfg.optimizer
-    return torch.optim.AdamW(models.param_groups(model, opt.weight_decay), lr=opt.lr,
-                             betas=tuple(opt.betas), eps=opt.eps)
-
-
 def run_qarac_dist(cfg, ranks, recorder: Recorder) -> list[int]:
     """The trainer's own loop (`Trainer.train` without the final export)."""
-    from qarac_dist.train import Trainer
+    from qarac_dist.train.loop import Trainer
 
     trainer = Trainer(cfg, ranks)
     recorder.watch(trainer.engine.module)
@@ -170,6 +171,7 @@ def run_hf_trainer(cfg, ranks, recorder: Recorder) -> list[int]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from qarac_dist.config import deepspeed_config
+    from qarac_dist.train.build import optimizer_for
 
     splits, model, collate, plan = build(cfg, ranks)
     recorder.watch(model)
@@ -217,6 +219,7 @@ def run_lightning(cfg, ranks, recorder: Recorder) -> list[int]:
     from lightning.pytorch.strategies.ddp import DDPStrategy
 
     from qarac_dist.config import deepspeed_config
+    from qarac_dist.train.build import optimizer_for
 
     splits, model, collate, plan = build(cfg, ranks)
     recorder.watch(model)
@@ -286,9 +289,10 @@ def worker(system: str, overrides: list[str], result_dir: Path) -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from qarac_dist.config import load_config
-    from qarac_dist.ranks import export_from_environment
+    from qarac_dist.train.ranks import export_from_environment
 
-    cfg = load_config(CONFIG, overrides)
+    attention = "blocked" if system == "qarac_dist" else "hf"  # the peers as their users get them
+    cfg = load_config(CONFIG, overrides + [f"model.longformer_attention={attention}"])
     ranks = export_from_environment()
     if system != "lightning":  # Lightning sets up the process group itself
         import deepspeed
@@ -344,13 +348,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="step times left out at the start")
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks (GPU mode: 1 GPU)")
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--accumulation", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, help="default: 4 (demo), 1 (base)")
+    parser.add_argument("--accumulation", type=int, help="default: 2 (demo), 1 (base)")
+    parser.add_argument("--job", choices=["demo", "base"], default="demo",
+                        help="demo: the demo Longformer; base: two Longformer-base layers at 4096 tokens")
     parser.add_argument("--gpu", action="store_true", help="Longformer-base size at 4096 tokens, on one GPU")
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="GPU mode precision")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest loss difference to call equal")
     parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    base = args.job == "base"
+    args.micro_batch = args.micro_batch or (1 if base else 4)
+    args.accumulation = args.accumulation or (1 if base else 2)
     if args.worker:
         worker(args.worker, args.overrides, args.result_dir)
         return
@@ -391,7 +400,7 @@ def report(runs: dict[str, list[dict]], args) -> None:
                 o["first_step_s"] / m["first_step_s"] for o, m in zip(ours, mine)),
             "runs": [{k: v for k, v in run.items() if k != "rows"} for run in mine],
         }
-    name = "peers_gpu.json" if args.gpu else "peers.json"
+    name = "peers_gpu.json" if args.gpu else ("peers_base.json" if args.job == "base" else "peers.json")
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
     (ROOT / "bench" / "results" / name).write_text(json.dumps(results, indent=2))
     print(table(results, args.tolerance))

@@ -64,13 +64,14 @@ def import_profile(path: Path) -> dict:
 def submission_seconds(num_trials: int, repeats: int, directory: Path) -> dict:
     import submitit
 
-    from qarac_dist import slurm
-    from qarac_dist.plan import load_sweep, plan
-    from qarac_dist.submit import TrialJob
+    from qarac_dist.config.sweep import load_sweep
+    from qarac_dist.plan import plan
+    from qarac_dist.submit.executors import TrialJob
+    from qarac_dist.submit.sbatch import executor_parameters
 
     spec, base = load_sweep(sweep_file(directory, num_trials, "submitbench"))
     trials = plan(spec, base)
-    params = {**slurm.executor_parameters(spec.resources, "qarac-bench"), "additional_parameters": {"hold": True}}
+    params = {**executor_parameters(spec.resources, "qarac-bench"), "additional_parameters": {"hold": True}}
     arrays, singles = [], []
     for round_ in range(repeats):
         for mode in ("array", "single"):

@@ -32,10 +32,11 @@ def step_time_ratio(uri: str, steps: int, warmup: int) -> dict:
     import torch
 
     from qarac_dist.config import load_config
-    from qarac_dist.ranks import export_from_environment
-    from qarac_dist.schema import flatten, to_dict
-    from qarac_dist.tracking import TrialRun
-    from qarac_dist.train import Trainer
+    from qarac_dist.config import config_to_dict
+    from qarac_dist.track.mlflow_runs import TrialRun
+    from qarac_dist.track.sweep_runs import trial_params
+    from qarac_dist.train.loop import Trainer
+    from qarac_dist.train.ranks import export_from_environment
 
     ranks = export_from_environment()
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
@@ -50,7 +51,7 @@ def step_time_ratio(uri: str, steps: int, warmup: int) -> dict:
             run = None
             if name == "tracked":
                 Path(cfg.output.dir).mkdir(parents=True)
-                run = TrialRun(cfg.tracking, "bench", flatten(to_dict(cfg)), Path(cfg.output.dir), {})
+                run = TrialRun(cfg.tracking, "bench", trial_params(config_to_dict(cfg)), Path(cfg.output.dir), {})
             trainers[name] = Trainer(cfg, ranks, run)
             trainers[name].start()
         batches = {name: t.batches.iterate() for name, t in trainers.items()}
@@ -73,18 +74,19 @@ def step_time_ratio(uri: str, steps: int, warmup: int) -> dict:
 
 
 def per_point_ratio(uri: str, points: int) -> dict:
-    from qarac_dist import tracking
+    from qarac_dist.track.mlflow_client import client, create_run, experiment_id
+    from qarac_dist.track.mlflow_logger import MlflowLogger
 
-    c = tracking.client(uri)
-    exp = tracking.experiment_id(c, "bench-points")
-    sync_run = tracking.create_run(c, exp, "sync", {})
+    c = client(uri)
+    exp = experiment_id(c, "bench-points")
+    sync_run = create_run(c, exp, "sync", {})
     started = time.perf_counter()
     for step in range(points):
         c.log_metric(sync_run, "loss", 1.0 / (step + 1), step=step)
     sync_s = time.perf_counter() - started
-    batched_run = tracking.create_run(c, exp, "batched", {})
+    batched_run = create_run(c, exp, "batched", {})
     with tempfile.TemporaryDirectory() as tmp:
-        logger = tracking.MlflowLogger(uri, batched_run, Path(tmp))
+        logger = MlflowLogger(uri, batched_run, Path(tmp))
         started = time.perf_counter()
         for step in range(points):
             logger.log(step, {"loss": 1.0 / (step + 1)})

@@ -40,8 +40,8 @@ def trainer_overhead(steps: int, warmup: int) -> dict:
     import minimal_loop
 
     from qarac_dist.config import load_config
-    from qarac_dist.ranks import export_from_environment
-    from qarac_dist.train import Trainer
+    from qarac_dist.train.loop import Trainer
+    from qarac_dist.train.ranks import export_from_environment
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(CONFIG, [f"training.max_steps={steps}", "training.log_every=1",
@@ -69,7 +69,7 @@ def trainer_overhead(steps: int, warmup: int) -> dict:
             for run_step in ((ours_step, minimal_step) if i % 2 == 0 else (minimal_step, ours_step)):
                 run_step()
         trainer.tracker.close()
-        from qarac_dist.tracking import read_metrics
+        from qarac_dist.track.trial_dir import read_metrics
 
         ours_losses = [r["loss"] for r in read_metrics(Path(out) / "metrics.jsonl")]
         torch.distributed.destroy_process_group()
@@ -90,7 +90,7 @@ def longformer(layers: int, checkpointing: bool):
                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = LongformerForSequenceClassification(config)
     if checkpointing:
-        from qarac_dist.models import enable_activation_checkpointing
+        from qarac_dist.train.models import enable_activation_checkpointing
 
         enable_activation_checkpointing(model)
     return model.train()
@@ -101,7 +101,7 @@ def saved_activation_bytes(model, tokens: int) -> tuple[int, float]:
     what checkpointed layers keep for recomputation) and the seconds of forward + backward."""
     import torch
 
-    from qarac_dist.preflight import saved_activation_bytes as count
+    from qarac_dist.preflight.memory import saved_activation_bytes as count
 
     ids = torch.randint(5, 4000, (1, tokens))
     glob = torch.zeros_like(ids)

@@ -1,6 +1,11 @@
 """`python -m qarac_dist.status runs/<sweep>`: per trial, the state (from SLURM or the local
-process, and the trial's own files), restarts, last step, best metric and the last error line.
-Exits 1 if any trial failed, 0 otherwise. Imports no torch.
+process, and the current attempt's own files), attempt, restarts, last step, best metric and
+the last error line, earlier attempts' errors included. Exits 1 if any trial failed, 0
+otherwise. Imports no torch.
+
+    --sync     send to MLflow what trials could not send (metrics, end of run)
+    --repair   rebuild a damaged or missing manifest from sweep.json, the trials' own files
+               and MLflow; the damaged file is kept beside it
 """
 
 from __future__ import annotations
@@ -9,8 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from .manifest import FAILED, Manifest
-from .sweep import close_parent, print_summary, refresh
+from .config import UserError
+from .submit import driver
+from .submit.sweep_dir import FAILED, Manifest, SweepLock
+from .track.secrets import redact_text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,23 +25,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="the sweep's directory, runs/<sweep>")
     parser.add_argument("--sync", action="store_true",
                         help="send to MLflow what trials could not send (metrics, end of run)")
+    parser.add_argument("--repair", action="store_true",
+                        help="rebuild the manifest from sweep.json, the trials' files and MLflow")
     args = parser.parse_args(argv)
-    manifest = Manifest.load(args.sweep_dir)
-    if manifest is None:
-        print(f"{args.sweep_dir}: no manifest.json here; expected a sweep directory such as runs/<sweep>",
-              file=sys.stderr)
+    try:
+        return status(args.sweep_dir, args.sync, args.repair)
+    except UserError as err:
+        print(redact_text(str(err)), file=sys.stderr)
         return 2
-    refresh(manifest)
-    manifest.save(args.sweep_dir)
-    if args.sync:
-        from .tracking import sync
 
-        for r in manifest.trials.values():
-            sent, finished = sync(Path(r.output_dir))
-            if sent or finished:
-                print(f"trial {r.id}: sent {sent} metric points{', finished its run' if finished else ''}")
-    close_parent(manifest)
-    print_summary(manifest)
+
+def status(directory: Path, sync: bool = False, repair: bool = False) -> int:
+    lock = SweepLock(directory)
+    if not (directory / "manifest.json").exists() and not repair:
+        hint = "; rebuild it with --repair" if (directory / "sweep.json").exists() else \
+            "; expected a sweep directory such as runs/<sweep>"
+        raise UserError(f"{directory}: no manifest.json here{hint}")
+    try:
+        lock.acquire()
+    except UserError as held:  # a driver follows this sweep: show its state, change nothing
+        if repair or sync:
+            raise
+        print(f"note: {held}; showing the sweep without updating it", file=sys.stderr)
+        lock = None
+    try:
+        if repair:
+            from .submit.repair import repair as rebuild
+
+            manifest = rebuild(directory)
+        else:
+            manifest = Manifest.load(directory)
+        driver.refresh(manifest)
+        if lock is not None:
+            manifest.save(directory)
+        if sync:
+            from .track.mlflow_runs import sync as send
+
+            for r in manifest.trials.values():
+                sent, finished = send(Path(r.output_dir))
+                if sent or finished:
+                    print(f"trial {r.id}: sent {sent} metric points{', finished its run' if finished else ''}")
+        if lock is not None:
+            driver.close_parent(manifest)
+        from .summary import print_summary
+
+        print_summary(manifest)
+    finally:
+        if lock is not None:
+            lock.release()
     return 1 if any(r.state in FAILED for r in manifest.trials.values()) else 0
 
 

@@ -30,3 +30,54 @@ def nan_after(num_labels, tokenizer, steps=3):
                               attention_window=32, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                               max_position_embeddings=330, num_labels=num_labels)
     return NanAfter(LongformerForSequenceClassification(config), steps)
+
+
+def _tiny_longformer(num_labels, tokenizer, **fields):
+    from transformers import LongformerConfig, LongformerForSequenceClassification
+
+    config = LongformerConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                              attention_window=32, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                              max_position_embeddings=330, num_labels=num_labels, **fields)
+    return LongformerForSequenceClassification(config)
+
+
+class SlowSteps(nn.Module):
+    """A classifier whose every training forward also sleeps: steps that take wall time
+    whatever the machine's speed, so training outlasts an allocation by construction."""
+
+    def __init__(self, inner: nn.Module, seconds: float):
+        super().__init__()
+        self.inner, self.seconds = inner, seconds
+        self.config = inner.config
+
+    def forward(self, **batch):
+        import time
+
+        if self.training:
+            time.sleep(self.seconds)
+        return self.inner(**batch)
+
+
+def slow_steps(num_labels, tokenizer, seconds=0.1):
+    return SlowSteps(_tiny_longformer(num_labels, tokenizer), seconds)
+
+
+def start_until_warned(num_labels, tokenizer):
+    """Start-up that lasts until SLURM's warning signal arrives: the allocation is used up before
+    the first step, every time."""
+    import time
+
+    from qarac_dist.train.stop import STOP
+
+    while STOP.signum is None:
+        time.sleep(0.1)
+    return _tiny_longformer(num_labels, tokenizer)
+
+
+def fail_unless(num_labels, tokenizer, marker: str):
+    """A model that cannot be built until `marker` exists: a failure the user fixes by hand."""
+    from pathlib import Path
+
+    if not Path(marker).exists():
+        raise RuntimeError(f"the fix is not in place yet ({marker} is missing)")
+    return _tiny_longformer(num_labels, tokenizer)

@@ -1,0 +1,275 @@
+"""The sweep file: what to vary, on what resources, how to pick the best trial.
+
+`load_sweep(path, overrides)` reads and validates it (every key a training-config key, every
+count within `max_trials` before anything proportional to it is built, names the filesystem
+accepts) and returns the spec and the base training config as a plain mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from .errors import ConfigError
+from .schema import apply_overrides, bounded, build, field_types, parse_overrides
+from .sections import TrainConfig
+from .yaml_file import read_yaml
+
+NAME_BYTES = 100
+"""Longest sweep or variant name, in UTF-8 bytes (it names a directory and a SLURM job)."""
+
+
+@dataclass
+class Distribution:
+    distribution: Literal["uniform", "loguniform", "choice", "randint"]
+    """uniform and loguniform draw a float in [low, high); randint an integer in [low, high];
+    choice one of `values`."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    values: Optional[list] = None
+
+
+@dataclass
+class RandomSearch:
+    num_samples: int = bounded(1, ge=1)
+    """Samples drawn, each crossed with every grid point and variant."""
+    seed: int = bounded(0, ge=0, lt=2**32)
+    """Seed of the sampler: the same seed gives the same values."""
+    params: dict = field(default_factory=dict)
+    """Dotted training-config key -> {distribution, low, high | values}."""
+
+
+@dataclass
+class Variant:
+    name: str
+    """Shown in tables and MLflow."""
+    set: dict = field(default_factory=dict)
+    """Dotted training-config key -> value."""
+
+
+@dataclass
+class Resources:
+    nodes: int = bounded(1, ge=1, le=100_000)
+    """Nodes per trial."""
+    tasks_per_node: int = bounded(1, ge=1, le=1024)
+    """Processes (ranks) per node; one per GPU on GPU nodes."""
+    gpus_per_node: int = bounded(0, ge=0, le=1024)
+    """GPUs per node."""
+    cpus_per_task: int = bounded(1, ge=1, le=100_000)
+    """CPU cores per process."""
+    mem_gb: Optional[float] = bounded(None, gt=0)
+    """Memory per node in GB (SLURM --mem); null leaves it to the cluster's default."""
+    time_min: int = bounded(60, ge=1, le=10_000_000)
+    """Time limit per trial, minutes."""
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    gpu_memory_gb: Optional[float] = bounded(None, gt=0)
+    """Memory of one GPU, for preflight's memory plan."""
+    extra_sbatch: dict = field(default_factory=dict)
+    """More sbatch options, e.g. {exclusive: true, reservation: my_res}."""
+    max_parallel: int = bounded(4, ge=1, le=1_000_000)
+    """Trials running at once (the job array's %parallelism)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+@dataclass
+class Asha:
+    """Asynchronous successive halving: stop losing trials at rungs (plan/asha.py)."""
+
+    grace_steps: int = bounded(dataclasses.MISSING, ge=1)
+    """The first rung: every trial trains at least this many steps."""
+    reduction_factor: int = bounded(3, ge=2, le=1000)
+    """Rungs at grace_steps x reduction_factor**k steps; at each, a trial continues only if it is
+    in the top 1/reduction_factor of the trials recorded there so far."""
+
+
+@dataclass
+class Select:
+    metric: Optional[str] = None
+    """Validation metric that picks the best trial; default: the training config's evaluation.metric."""
+    mode: Optional[Literal["max", "min"]] = None
+    """max or min; default: the training config's evaluation.mode."""
+
+
+@dataclass
+class Tracking:
+    uri: Optional[str] = None
+    """MLflow tracking URI; default sqlite:///mlflow.db in the working directory."""
+    experiment: Optional[str] = None
+    """MLflow experiment; default: the sweep's name."""
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    """Name of the sweep: its directory is `<runs_dir>/<name>`."""
+    base: Union[str, dict]
+    """The training config: a path (relative to the sweep file) or an inline mapping."""
+    set: dict = field(default_factory=dict)
+    """Overrides applied to every trial."""
+    grid: dict = field(default_factory=dict)
+    """Dotted training-config key -> list of values; the cartesian product is taken."""
+    variants: list[Variant] = field(default_factory=list)
+    """Named override sets, each crossed with the grid."""
+    random: Optional[RandomSearch] = None
+    """Random search over distributions, sampled here, at plan time."""
+    resources: Resources = field(default_factory=Resources)
+    select: Select = field(default_factory=Select)
+    tracking: Tracking = field(default_factory=Tracking)
+    executor: Literal["auto", "slurm", "local"] = "auto"
+    """slurm, local, or auto: slurm when sbatch is on PATH."""
+    max_trials: int = bounded(1000, ge=1, le=1_000_000)
+    """Refuse plans with more trials than this."""
+    runs_dir: str = "runs"
+    """Where sweep directories go."""
+    max_requeues: int = bounded(3, ge=0, le=1000)
+    """Times a trial is requeued after preemption or its time limit."""
+    asha: Optional[Asha] = None
+    """Successive halving on the select metric; absent: every trial runs to the end."""
+
+    def num_trials(self) -> int:
+        """Variants x grid points x random samples, computed without building any of them."""
+        points = math.prod(len(v) for v in self.grid.values() if isinstance(v, list))
+        samples = self.random.num_samples if self.random and self.random.params else 1
+        return max(1, len(self.variants)) * points * samples
+
+
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepSpec, dict]:
+    """Read and validate a sweep file; returns the spec and the base training config dict."""
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), parse_overrides(list(overrides)))
+    errors: list[str] = []
+    spec = build(SweepSpec, data, "", errors)
+    if spec is None or errors:
+        raise ConfigError([f"{path}: {e}" for e in errors])
+    spec.set = _flatten_keys(spec.set)
+    spec.grid = _flatten_keys(spec.grid)
+    for variant in spec.variants:
+        variant.set = _flatten_keys(variant.set)
+    if spec.random is not None:
+        flat = _flatten_keys(spec.random.params, leaf=lambda v: not isinstance(v, dict) or "distribution" in v)
+        spec.random.params = {}
+        for key, value in flat.items():
+            if not isinstance(value, dict):
+                errors.append(f"random.params.{key}: expected a mapping with a distribution, got {value!r}")
+                continue
+            spec.random.params[key] = build(Distribution, value, f"random.params.{key}", errors)
+    base = _read_base(path, spec, errors)
+    _check_spec(spec, errors)
+    if errors:
+        raise ConfigError([f"{path}: {e}" for e in errors])
+    return spec, base
+
+
+def _flatten_keys(mapping: dict, leaf=lambda v: not isinstance(v, dict), prefix: str = "") -> dict:
+    out = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if leaf(value) or not value:
+            out[dotted] = value
+        else:
+            out.update(_flatten_keys(value, leaf, dotted))
+    return out
+
+
+def _read_base(path: Path, spec: SweepSpec, errors: list[str]) -> dict:
+    if not isinstance(spec.base, str):
+        return spec.base
+    base_path = Path(spec.base) if Path(spec.base).is_absolute() else path.parent / spec.base
+    try:
+        return read_yaml(base_path)
+    except ConfigError as err:
+        errors.append(f"base: {err.errors[0]}")
+        return {}
+
+
+def _check_key(key: str) -> Optional[str]:
+    """Why `key` is not a training-config key, or None when it is."""
+    cls: Any = TrainConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        types = field_types(cls)
+        if part not in types:
+            where = ".".join(parts[:i]) or "the top level"
+            return (f"not a key of the training config ({'.'.join(parts[: i + 1])}: valid keys of {where}: "
+                    f"{', '.join(sorted(types))})")
+        cls = types[part]
+        if field_types(cls) is None:  # a leaf, or a free-form mapping such as model.config
+            if i < len(parts) - 1 and not _is_mapping(cls):
+                return f"not a key of the training config ({'.'.join(parts[: i + 1])} is a value, not a section)"
+            return None
+    return None
+
+
+def _is_mapping(tp) -> bool:
+    return tp is dict or typing.get_origin(tp) is dict or any(
+        a is dict or typing.get_origin(a) is dict for a in typing.get_args(tp))
+
+
+def name_problem(name: str) -> Optional[str]:
+    """Why `name` cannot name a directory and a job, or None."""
+    if not name or name in (".", "..") or name.startswith("."):
+        return f"expected a plain directory name, got {name!r}"
+    if "/" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return f"expected a name without '/' or control characters, got {name!r}"
+    if len(name.encode("utf-8", "surrogatepass")) > NAME_BYTES:
+        return f"expected at most {NAME_BYTES} bytes, got {len(name.encode('utf-8', 'surrogatepass'))}"
+    return None
+
+
+def _check_spec(spec: SweepSpec, errors: list[str]) -> None:
+    for key, values in spec.grid.items():
+        if not isinstance(values, list):
+            errors.append(f"grid.{key}: expected a list of values, got {values!r}")
+        elif not values:
+            errors.append(f"grid.{key}: empty list; give at least one value or remove the key")
+    keyed = [("set", spec.set), ("grid", spec.grid)]
+    keyed += [(f"variants[{i}].set", v.set) for i, v in enumerate(spec.variants)]
+    if spec.random:
+        keyed.append(("random.params", spec.random.params))
+    for section, mapping in keyed:
+        for key in mapping:
+            problem = _check_key(key)
+            if problem:
+                errors.append(f"{section}.{key}: {problem}")
+    names = [v.name for v in spec.variants]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        errors.append(f"variants: the name {name!r} is used twice")
+    for i, name in enumerate(names):
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            errors.append(f"variants[{i}].name: expected a name without control characters, got {name!r}")
+    if spec.random:
+        _check_distributions(spec.random, errors)
+    if (problem := name_problem(spec.name)) is not None:
+        errors.append(f"name: {problem}")
+    runs = Path(spec.runs_dir)
+    if runs.exists() and not runs.is_dir():
+        errors.append(f"runs_dir: {spec.runs_dir} exists and is not a directory")
+    if not errors and spec.num_trials() > spec.max_trials:
+        errors.append(f"max_trials: the plan has {spec.num_trials():,} trials, over the cap of {spec.max_trials:,} "
+                      f"(raise max_trials to allow it)")
+
+
+def _check_distributions(random: RandomSearch, errors: list[str]) -> None:
+    for key, dist in random.params.items():
+        if dist is None:
+            continue
+        where = f"random.params.{key}"
+        if dist.distribution == "choice":
+            if not dist.values:
+                errors.append(f"{where}.values: choice needs a non-empty list of values")
+        elif dist.low is None or dist.high is None:
+            errors.append(f"{where}: {dist.distribution} needs low and high")
+        elif not dist.low < dist.high and not (dist.distribution == "randint" and dist.low == dist.high):
+            errors.append(f"{where}: low ({dist.low}) must be below high ({dist.high})")
+        elif dist.distribution == "loguniform" and dist.low <= 0:
+            errors.append(f"{where}.low: loguniform needs low > 0, got {dist.low}")

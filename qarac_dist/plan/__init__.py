@@ -1,0 +1,8 @@
+"""Where trials come from: pure functions from a sweep spec to trials.
+
+No I/O, no clock, no randomness but seeded generators; imports only `config`.
+"""
+
+from .expand import Trial, plan, sample, select_defaults, trial_id
+
+__all__ = ["Trial", "plan", "sample", "select_defaults", "trial_id"]

@@ -1,0 +1,154 @@
+"""The planner: sweep spec -> trials, with no I/O, no clock and no randomness but a seeded
+generator. A trial's id is a hash of its resolved training config, so planning the
+same file again gives the same ids.
+
+Trials are the product variants x grid points x random samples; each trial's overrides are
+the sweep's `set`, then the variant's, the grid point's and the sample's (no key may be set by
+two of the last three).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import random as _random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..config import ConfigError
+from ..config.sweep import RandomSearch, SweepSpec
+from . import micro_batch
+from .asha import rung_steps
+from .resolve import NOT_IDENTITY, Resolver
+
+
+@dataclass(frozen=True)
+class Trial:
+    id: str
+    """Short stable hash of the resolved training config (output directory excluded)."""
+    label: str
+    """Human-readable: variant and the values set by the grid and sampler."""
+    overrides: dict
+    """Dotted key -> value, as applied on top of the base config."""
+    config: dict
+    """The resolved training config, output.dir pointing at the trial's directory. Trials share
+    the sections they do not change: read-only."""
+
+
+# ---------------------------------------------------------------- planning (pure)
+
+def sample(random_spec: Optional[RandomSearch]) -> list[dict]:
+    """The random-search samples, drawn from a generator seeded by the spec alone."""
+    if random_spec is None or not random_spec.params:
+        return [{}]
+    rng = _random.Random(random_spec.seed)
+    samples = []
+    for _ in range(random_spec.num_samples):
+        values = {}
+        for key in sorted(random_spec.params):
+            d = random_spec.params[key]
+            if d.distribution == "choice":
+                values[key] = d.values[rng.randrange(len(d.values))]
+            elif d.distribution == "uniform":
+                values[key] = rng.uniform(d.low, d.high)
+            elif d.distribution == "loguniform":
+                values[key] = math.exp(rng.uniform(math.log(d.low), math.log(d.high)))
+            else:
+                values[key] = rng.randint(int(d.low), int(d.high))
+        samples.append(values)
+    return samples
+
+
+def trial_id(resolved: dict) -> str:
+    """A trial's id: a hash of its resolved config, less where it writes and is tracked. The
+    definition; the planner computes the same from its cached sections (plan/resolve.py)."""
+    identity = {**resolved, "tracking": None}
+    for section, keys in NOT_IDENTITY.items():
+        if isinstance(resolved.get(section), dict):
+            identity[section] = {**resolved[section], **{k: None for k in keys}}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def plan(spec: SweepSpec, base: dict, source: str = "sweep", micro_batches: dict | None = None) -> list[Trial]:
+    """Expand the sweep into trials. Raises ConfigError (naming `source`) for a plan over the
+    cap, conflicting keys, or trial configs that do not validate. `micro_batches` holds what
+    `--find-batch-size` found (see micro_batch.py); it is applied before a trial's id is taken."""
+    world = spec.resources.world_size
+    total = spec.num_trials()
+    if total > spec.max_trials:  # before anything proportional to it is built
+        raise ConfigError([f"{source}: max_trials: the plan has {total:,} trials, over the cap of {spec.max_trials:,} "
+                           f"(raise max_trials to allow it)"])
+    grid_keys = sorted(spec.grid)
+    variants = spec.variants or [None]
+    samples = sample(spec.random)
+    errors: list[str] = []
+    trial_errors: list[tuple[str, str]] = []  # (trial label, problem)
+    trials: dict[str, Trial] = {}
+    sweep_dir = Path(spec.runs_dir) / spec.name
+    varied = set(grid_keys) | {k for v in spec.variants for k in v.set} | set(spec.random.params if spec.random else ())
+    extra = {"training.micro_batch_size", "training.gradient_accumulation_steps", "asha"}
+    resolver = Resolver(base, varied | extra)
+    trials_dir = str(sweep_dir / "trials") + "/"
+    for variant, values, drawn in itertools.product(variants, itertools.product(*(spec.grid[k] for k in grid_keys)), samples):
+        point = dict(zip(grid_keys, values))
+        parts = [("variant " + variant.name, variant.set) if variant else ("", {}), ("grid", point), ("random", drawn)]
+        seen: dict[str, str] = {}
+        for where, mapping in parts:
+            for key in mapping:
+                if key in seen:
+                    errors.append(f"{source}: {key}: set by both {seen[key]} and {where}")
+                seen[key] = where
+        overrides = {**spec.set, **(variant.set if variant else {}), **point, **drawn}
+        label = " ".join(filter(None, [variant.name if variant else "",
+                                       *(f"{k}={_short(v)}" for k, v in {**point, **drawn}.items())])) or "base"
+        try:
+            cfg, resolved, tid = resolver.resolve(overrides)
+            found = micro_batch.found(resolved, micro_batches or {}, world)
+            if found:
+                label += f" (found micro batch {found['training.micro_batch_size']})"
+            if found or spec.asha is not None:
+                asha = {"asha": successive_halving(spec, resolved["training"]["max_steps"], resolved["evaluation"],
+                                                   sweep_dir)} if spec.asha else {}
+                cfg, resolved, tid = resolver.resolve({**overrides, **found, **asha})
+        except ConfigError as err:
+            trial_errors.extend((label, e) for e in err.errors)
+            continue
+        resolved = {**resolved, "name": f"{spec.name}-{tid}", "output": {**resolved["output"], "dir": trials_dir + tid}}
+        if tid in trials:
+            errors.append(f"{source}: trials [{trials[tid].label}] and [{label}] resolve to the same config")
+            continue
+        trials[tid] = Trial(tid, label, overrides, resolved)
+    errors += _by_problem(source, trial_errors)
+    if errors:
+        raise ConfigError(list(dict.fromkeys(errors)))
+    return list(trials.values())
+
+
+def _by_problem(source: str, trial_errors: list[tuple[str, str]]) -> list[str]:
+    """One line per problem, naming the first trial that has it and how many more do."""
+    labels: dict[str, list[str]] = {}
+    for label, problem in trial_errors:
+        labels.setdefault(problem, []).append(label)
+    return [f"{source}: trial [{names[0]}]{f' and {len(names) - 1} more' if len(names) > 1 else ''}: {problem}"
+            for problem, names in labels.items()]
+
+
+def successive_halving(spec: SweepSpec, max_steps: int, evaluation: dict, sweep_dir: Path) -> dict:
+    """A trial's `asha` section: its rungs, the sweep's select metric, where the record is."""
+    metric, mode = select_defaults(spec, [], evaluation)
+    return {"rungs": rung_steps(spec.asha.grace_steps, spec.asha.reduction_factor, max_steps),
+            "reduction_factor": spec.asha.reduction_factor, "metric": metric, "mode": mode,
+            "record_dir": str(sweep_dir / "asha")}
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def select_defaults(spec: SweepSpec, trials: list[Trial], evaluation: dict | None = None) -> tuple[str, str]:
+    """The metric and mode that pick the best trial (default: the trials' own evaluation)."""
+    evaluation = evaluation or (trials[0].config["evaluation"] if trials else {"metric": "loss", "mode": "min"})
+    return spec.select.metric or evaluation["metric"], spec.select.mode or evaluation["mode"]

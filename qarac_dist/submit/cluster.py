@@ -1,0 +1,81 @@
+"""Asking the SLURM cluster: is it there, what does it allow, what state are the jobs in.
+
+Small subprocess calls (sbatch --test-only, scontrol, sacct, squeue, scancel), no torch.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from typing import Optional
+
+# Job states, normalized. SLURM's names are kept; these say what they mean to a sweep.
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
+          "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+REQUEUED = {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
+
+
+def available() -> bool:
+    return shutil.which("sbatch") is not None
+
+
+def max_array_size(default: int = 1001) -> int:
+    """The cluster's MaxArraySize: array indices must stay below it."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return default
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.MULTILINE)
+    return int(match.group(1)) if match else default
+
+
+def test_submission(text: str) -> Optional[str]:
+    """Ask sbatch whether it would accept the script (`--test-only`): None, or its refusal as one line."""
+    proc = subprocess.run(["sbatch", "--test-only"], input=text, capture_output=True, text=True, timeout=60)
+    if proc.returncode == 0:
+        return None
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()] or lines or [f"exit code {proc.returncode}"]
+    return errors[-1]
+
+
+def job_states(job_ids: list[str]) -> dict[str, str]:
+    """State of each job ("123" or array task "123_4"): sacct where accounting runs, else squeue
+    (which forgets finished jobs; those are left out)."""
+    if not job_ids:
+        return {}
+    base_ids = sorted({j.split("_")[0] for j in job_ids})
+    states: dict[str, str] = {}
+    if shutil.which("sacct"):
+        proc = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(base_ids)],
+                              capture_output=True, text=True, timeout=60)
+        if proc.returncode == 0:
+            for line in proc.stdout.splitlines():
+                job, _, state = line.partition("|")
+                states.update({j: state.split()[0] for j in _expand(job) if state.split()})
+    proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(base_ids)],
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode == 0:  # squeue is current for live jobs; it wins over sacct
+        for line in proc.stdout.splitlines():
+            job, _, state = line.partition("|")
+            states.update({j: state.strip() for j in _expand(job)})
+    return {j: states[j] for j in job_ids if j in states}
+
+
+def _expand(job: str) -> list[str]:
+    """`123_[0-3%2]` or `123_[1,4]` -> ids; anything else as it is."""
+    match = re.fullmatch(r"(\d+)_\[([^\]]+)\]", job.strip())
+    if not match:
+        return [job.strip()]
+    base, spec = match.groups()
+    ids = []
+    for part in spec.split("%")[0].split(","):
+        lo, _, hi = part.partition("-")
+        ids += [f"{base}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return ids
+
+
+def cancel(job_ids: list[str]) -> None:
+    if job_ids:
+        subprocess.run(["scancel", *job_ids], check=False, capture_output=True)

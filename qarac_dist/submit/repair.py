@@ -1,0 +1,82 @@
+"""Rebuild a sweep's manifest from what else holds it: sweep.json (the resolved sweep, so the
+plan and every trial's config), each trial's own state.json (attempt, job id, last state) and
+MLflow (the parent run and each trial's run, found by their tags). The damaged manifest, if
+any, is kept beside the new one as `manifest.json.before-repair-<time>`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from ..config import ConfigError, UserError
+from ..config.schema import build
+from ..config.sweep import SweepSpec
+from ..plan import plan, select_defaults
+from .executors import resolve_executor
+from .sweep_dir import Manifest, TrialRecord, read_micro_batches, read_sweep_file
+
+
+def repair(directory: Path) -> Manifest:
+    saved = read_sweep_file(directory)
+    if saved is None:
+        raise UserError(f"{directory}: no sweep.json here, so there is nothing to rebuild the manifest from")
+    errors: list[str] = []
+    spec = build(SweepSpec, saved.get("spec") or {}, "spec", errors)
+    if errors or spec is None:
+        raise UserError(f"{directory / 'sweep.json'}: {errors[0] if errors else 'no spec'}")
+    source = str(saved.get("source", directory / "sweep.json"))
+    try:
+        trials = plan(spec, saved.get("base") or {}, source, read_micro_batches(directory))
+    except ConfigError as err:
+        raise UserError(f"{directory / 'sweep.json'}: the saved sweep no longer plans: {err.errors[0]}") from None
+    from ..track.mlflow_client import absolute_uri
+
+    metric, mode = select_defaults(spec, trials)
+    manifest = Manifest(spec.name, resolve_executor(spec, source), metric, mode,
+                        tracking_uri=absolute_uri(spec.tracking.uri), experiment=spec.tracking.experiment or spec.name)
+    for trial in trials:
+        record = TrialRecord(trial.id, trial.label, trial.overrides, trial.config, trial.config["output"]["dir"],
+                             manifest.executor)
+        status = record.trial_dir.status()
+        if status is not None:
+            record.attempt = status.attempt or 1
+            record.job_id = status.job_id if manifest.executor == "slurm" else str(status.pid)
+            record.job_ids = [record.job_id] if record.job_id else []
+            record.state = "PENDING"
+        manifest.trials[trial.id] = record
+    _find_runs(manifest)
+    _keep_old(directory)
+    manifest.save(directory)
+    found = sum(r.mlflow_run_id is not None for r in manifest.trials.values())
+    print(f"rebuilt {directory / 'manifest.json'}: {len(manifest.trials)} trials, "
+          f"{sum(r.job_id is not None for r in manifest.trials.values())} with a job, {found} with an MLflow run")
+    return manifest
+
+
+def _find_runs(manifest: Manifest) -> None:
+    """The sweep's parent run and the trials' runs, by their tags (created at submit time)."""
+    from ..track.mlflow_client import client
+
+    c = client(manifest.tracking_uri)
+    exp = c.get_experiment_by_name(manifest.experiment)
+    if exp is None:
+        return
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.sweep = '{manifest.sweep}'", max_results=10000)
+    parents = sorted((r for r in runs if r.data.tags.get("qarac.kind") == "sweep"), key=lambda r: r.info.start_time)
+    if not parents:
+        return
+    parent = parents[-1]
+    manifest.mlflow_parent_run_id = parent.info.run_id
+    for run in runs:
+        tid = run.data.tags.get("trial_id")
+        if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id and tid in manifest.trials:
+            manifest.trials[tid].mlflow_run_id = run.info.run_id
+
+
+def _keep_old(directory: Path) -> None:
+    """The manifest being replaced, damaged or not, stays beside the new one."""
+    path = directory / "manifest.json"
+    if path.exists():
+        os.replace(path, path.with_name(f"manifest.json.before-repair-{time.strftime('%Y%m%d-%H%M%S')}"))

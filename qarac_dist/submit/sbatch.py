@@ -1,0 +1,72 @@
+"""What a sweep hands to SLURM, as pure functions: the job name, submitit's folder, the executor
+parameters, the arrays a sweep is cut into, and the exact sbatch script of each.
+
+The script is the one submitit writes for these parameters: its builder
+(`submitit.slurm.slurm._make_sbatch_string`, private) renders it, which is why pyproject.toml
+pins submitit to the range tested here; tests/golden/sbatch_*.txt hold the expected scripts.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from ..config.sweep import Resources
+
+# The signal SLURM sends `signal_delay_s` before the time limit; submitit's default is USR2.
+# Never USR1: NCCL may install its own handler for it.
+SIGNAL_DELAY_S = 120
+
+
+def job_name(sweep: str) -> str:
+    return f"qarac-{sweep}"
+
+
+def submitit_folder(sweep_dir: Path) -> Path:
+    """Where submitit keeps each job's pickles and logs (`%j`: the job id, filled in by SLURM)."""
+    return Path(sweep_dir).resolve() / "submitit" / "%j"
+
+
+def signal_delay_s(time_min: int) -> int:
+    """Seconds of warning before the time limit: 2 minutes, less for short limits (a fifth of
+    the limit, at least 10 s), so a job always gets some time to run before the warning."""
+    return min(SIGNAL_DELAY_S, max(10, time_min * 60 // 5))
+
+
+def executor_parameters(resources: Resources, name: str) -> dict:
+    """submitit SlurmExecutor parameters for these resources."""
+    params = {
+        "job_name": name,
+        "nodes": resources.nodes,
+        "ntasks_per_node": resources.tasks_per_node,
+        "cpus_per_task": resources.cpus_per_task,
+        "time": resources.time_min,
+        "array_parallelism": resources.max_parallel,
+        "signal_delay_s": signal_delay_s(resources.time_min),
+    }
+    if resources.gpus_per_node:
+        params["gpus_per_node"] = resources.gpus_per_node
+    if resources.mem_gb is not None:
+        params["mem"] = (f"{int(resources.mem_gb)}GB" if resources.mem_gb == int(resources.mem_gb)
+                         else f"{int(resources.mem_gb * 1024)}MB")
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(resources, key) is not None:
+            params[key] = getattr(resources, key)
+    if resources.extra_sbatch:
+        params["additional_parameters"] = dict(resources.extra_sbatch)
+    return params
+
+
+def arrays(num_trials: int, max_array_size: int) -> list[range]:
+    """The trials of a submission cut into job arrays: array indices must stay below the
+    cluster's MaxArraySize."""
+    return [range(start, min(start + max_array_size, num_trials)) for start in range(0, num_trials, max_array_size)]
+
+
+def sbatch_text(resources: Resources, name: str, folder: Path, python: str, num_array_tasks: int) -> str:
+    """The sbatch script of one array of `num_array_tasks` trials (a single job for one)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = f"{shlex.quote(python)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    return _make_sbatch_string(command=command, folder=folder, map_count=num_array_tasks if num_array_tasks > 1 else None,
+                               **executor_parameters(resources, name))

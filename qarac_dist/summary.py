@@ -1,0 +1,96 @@
+"""What the sweep and status commands print about trials: the live progress table, and the
+summary with the best trial marked (chosen in the same order as on the MLflow parent run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .submit.sweep_dir import DONE, Manifest, TrialRecord
+from .track.best import TIE_ORDER, Candidate, best_of
+
+
+@dataclass
+class Row:
+    record: TrialRecord
+    rung: Optional[int]
+    """PRUNED: the rung the trial stopped at."""
+    restarts: int
+    last_step: Optional[int]
+    value: Optional[float]
+    """The select metric at the trial's best validation."""
+    loss: Optional[float]
+    best_step: Optional[int]
+
+    def cells(self, metric_digits: int = 4) -> list[str]:
+        r = self.record
+        history = "; ".join(f"attempt {a.attempt}: {a.state}" + (f" ({a.error})" if a.error else "")
+                            for a in r.history if a.state not in DONE)
+        error = " | ".join(filter(None, [r.error or "", f"earlier {history}" if history else ""]))
+        state = f"{r.state} at rung {self.rung}" if r.state == "PRUNED" and self.rung is not None else r.state
+        return [r.id, r.label, state, str(r.attempt), str(self.restarts),
+                str(self.last_step) if self.last_step is not None else "-",
+                f"{self.value:.{metric_digits}f}" if self.value is not None else "-", error]
+
+
+COLUMNS = ("trial", "config", "state", "attempt", "restarts", "last step")
+
+
+def rows(manifest: Manifest) -> tuple[list[Row], Optional[str]]:
+    """One row per trial, by trial id, and the best trial's id."""
+    out = []
+    for r in sorted(manifest.trials.values(), key=lambda r: r.id):
+        status = r.trial_dir.status_of(r.attempt)
+        info = r.trial_dir.best_info() or {}
+        metrics = info.get("metrics", {})
+        out.append(Row(r, status.rung if status else None, max(0, status.starts - 1) if status else 0,
+                       r.trial_dir.last_step(),
+                       metrics.get(manifest.select_metric), metrics.get("loss"), info.get("step")))
+    best = best_of((Candidate(row.record.id, row.value, row.loss, row.best_step)
+                    for row in out if row.record.state in DONE), manifest.select_mode)
+    return out, best.trial_id if best else None
+
+
+def progress_table(manifest: Manifest):
+    from rich.table import Table
+    from rich.text import Text
+
+    table_rows, _ = rows(manifest)
+    done = sum(row.record.state in DONE for row in table_rows)
+    table = Table(title=Text(f"sweep {manifest.sweep}: {done}/{len(table_rows)} ended"))
+    for col in (*COLUMNS, f"best {manifest.select_metric}"):
+        table.add_column(col)
+    for row in table_rows:
+        table.add_row(*map(Text, row.cells()[:7]))  # as text: error lines hold brackets, not markup
+    return table
+
+
+def print_summary(manifest: Manifest) -> Optional[str]:
+    """The summary table; returns the best trial's id."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table_rows, best_id = rows(manifest)
+    table = Table(title=Text(f"sweep {manifest.sweep} ({manifest.executor}); * marks the best trial"))
+    for col in ("", *COLUMNS, f"best {manifest.select_metric}", "error"):
+        table.add_column(col)
+    for row in table_rows:
+        best = row.record.id == best_id
+        table.add_row("*" if best else "", *map(Text, row.cells()), style="bold green" if best else None)
+    console = Console(width=200)
+    console.print(table)
+    if best_id:
+        best = next(row for row in table_rows if row.record.id == best_id)
+        console.print(f"best trial: {best_id} [{best.record.label}] {manifest.select_metric}={best.value:.4f} "
+                      f"(at step {best.best_step})  model: {best.record.trial_dir.best}", markup=False,
+                      highlight=False)
+        console.print(f"best = {manifest.select_mode} {manifest.select_metric}; {TIE_ORDER}", markup=False,
+                      highlight=False)
+    asha = next((r.config["asha"]["record_dir"] for r in manifest.trials.values() if r.config.get("asha")), None)
+    if asha is not None and Path(asha).is_dir():
+        pruned = sum(row.record.state == "PRUNED" for row in table_rows)
+        console.print(f"successive halving: {pruned} trial(s) stopped at a rung; rung table {Path(asha) / 'asha.csv'}, "
+                      f"plot {Path(asha) / 'curves.png'}", markup=False, highlight=False)
+    return best_id

@@ -1,0 +1,93 @@
+"""Reaching an MLflow store: the URI, the client, experiments and runs.
+
+A new sqlite store is created (its schema migrated) by the first client that opens it. Two
+processes doing that at the same moment race inside MLflow and can leave a half-migrated file
+that no client opens again, so the first touch of a sqlite store happens under an `fcntl` lock
+on `<file>.lock` beside it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+from .secrets import redact_text, screen
+
+_opened: set[str] = set()
+
+
+def default_uri() -> str:
+    """sqlite:///mlflow.db in the working directory, made absolute so jobs find the same file."""
+    return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def absolute_uri(uri: Optional[str]) -> str:
+    if not uri:
+        return default_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
+def shown(uri: str) -> str:
+    """The URI as it may be printed: credentials redacted."""
+    return redact_text(uri)
+
+
+def client(uri: str):
+    """An MlflowClient; the first one per sqlite file in this process opens it under a lock."""
+    # Our own retry loop decides how long to wait; MLflow's default retries block for minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    # MLflow prints a run's URL when a run it started ends; the URI may hold credentials.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=uri)
+    if uri.startswith("sqlite:///") and uri not in _opened:
+        db = Path(uri[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{db}.lock", "a") as lock:
+            fcntl.lockf(lock, fcntl.LOCK_EX)  # released when the file closes
+            c.search_experiments(max_results=1)  # creates and migrates the store
+        _opened.add(uri)
+    return c
+
+
+def experiment_id(mlflow_client, name: str) -> str:
+    exp = mlflow_client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return mlflow_client.create_experiment(name)
+    except Exception:  # noqa: BLE001 - created by another process meanwhile
+        return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+def create_run(mlflow_client, exp_id: str, name: str, tags: dict, params: Optional[dict] = None,
+               parent_run_id: Optional[str] = None) -> str:
+    """A run with screened tags and params (secrets.screen); returns its id."""
+    from mlflow.entities import Param
+
+    tags = screen(tags)
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = mlflow_client.create_run(exp_id, tags=tags, run_name=redact_text(name))
+    run_id = run.info.run_id
+    items = [Param(k, v) for k, v in screen(params or {}).items()]
+    for start in range(0, len(items), 100):
+        mlflow_client.log_batch(run_id, params=items[start:start + 100])
+    return run_id
+
+
+def git_commit() -> Optional[str]:
+    """The project's git commit, for the runs' tags (None outside a checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None

@@ -1,0 +1,130 @@
+"""A trial's MLflow run, held by global rank 0 of its job only.
+
+The run was made when the sweep submitted (track/sweep_runs.py); its id travels with the
+trial's config, so a job, a requeued job and a re-run all log to it. Every call to the server
+here may fail (server down or slow): the job goes on, metrics are buffered by `MlflowLogger`,
+and an unfinished end of run (artifacts, status, the parent's verdict) is left in
+`mlflow_pending_finish.json` for `python -m qarac_dist.status --sync`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from .files import read_json, write_json
+from .mlflow_client import absolute_uri, client, create_run, experiment_id, git_commit, shown
+from .mlflow_logger import MlflowLogger, replay_unsent
+from .secrets import redact, redact_text, screen
+from .sweep_runs import update_parent
+from .trial_dir import BEST_INFO
+
+PENDING_FINISH = "mlflow_pending_finish.json"
+
+
+class TrialRun:
+    def __init__(self, tracking, name: str, params: dict, directory: Path, run_tags: dict,
+                 asha_dir: Optional[str] = None):
+        self.uri, self.asha_dir = absolute_uri(tracking.uri), asha_dir
+        self.tracking, self.directory = tracking, directory
+        self.client = client(self.uri)
+        self.run_id = tracking.run_id
+        if self.run_id is None:  # a standalone `python -m qarac_dist.train` with tracking.uri set
+            exp = experiment_id(self.client, tracking.experiment or name)
+            self.run_id = create_run(self.client, exp, name, dict(tracking.tags), params)
+        tags = screen({**tracking.tags, **run_tags, "git_commit": git_commit()})
+        try:
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            self.client.update_run(self.run_id, status="RUNNING")
+        except Exception as err:  # noqa: BLE001 - any transport or server error
+            print(f"qarac_dist: could not tag MLflow run {self.run_id}: {type(err).__name__}; training goes on",
+                  file=sys.stderr)
+
+    def logger(self) -> MlflowLogger:
+        return MlflowLogger(self.uri, self.run_id, self.directory)
+
+    def log_dict(self, obj: dict, name: str) -> None:
+        try:
+            self.client.log_dict(self.run_id, redact(obj), name)
+        except Exception as err:  # noqa: BLE001
+            print(f"qarac_dist: could not log {name} to MLflow: {type(err).__name__}", file=sys.stderr)
+
+    def set_tags(self, tags: dict) -> None:
+        try:
+            for key, value in screen(tags).items():
+                self.client.set_tag(self.run_id, key, value)
+        except Exception as err:  # noqa: BLE001
+            print(f"qarac_dist: could not tag MLflow run {self.run_id}: {type(err).__name__}", file=sys.stderr)
+
+    def finish(self, status: str, best_dir: Optional[Path] = None, error: Optional[str] = None, module=None) -> None:
+        """End the run: the best model (as an MLflow model: `module` for one that is not a
+        transformers model), the best metrics, the status, the parent's verdict."""
+        pending = {"uri": self.uri, "run_id": self.run_id, "status": status,
+                   "error": redact_text(error) if error else None,
+                   "best_dir": str(best_dir) if best_dir else None,
+                   "parent_run_id": self.tracking.parent_run_id, "select_metric": self.tracking.select_metric,
+                   "select_mode": self.tracking.select_mode, "register_model": self.tracking.register_model,
+                   "asha_dir": self.asha_dir, "sweep_dir": self.tracking.sweep_dir}
+        try:
+            complete_run(self.client, pending, module)
+        except Exception as err:  # noqa: BLE001
+            write_json(self.directory / PENDING_FINISH, pending)
+            print(f"qarac_dist: MLflow run {self.run_id} at {shown(self.uri)} not finished ({type(err).__name__}: "
+                  f"{redact_text(str(err))}); replay with python -m qarac_dist.status --sync", file=sys.stderr)
+
+
+def complete_run(mlflow_client, pending: dict, module=None) -> None:
+    """End a trial's run: best model and its metrics, status, the parent's best trial."""
+    run_id = pending["run_id"]
+    best_dir = Path(pending["best_dir"]) if pending.get("best_dir") else None
+    info = read_json(best_dir / BEST_INFO) if best_dir is not None else None
+    if info is not None:
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        mlflow_client.log_batch(run_id, metrics=[Metric(f"best_val_{k}", float(v), now, info["step"])
+                                                 for k, v in info["metrics"].items()],
+                                tags=[RunTag("best_step", str(info["step"])), RunTag("best_metric", info["metric"])])
+        _log_model(mlflow_client, pending, best_dir, module)
+    if pending.get("error"):
+        mlflow_client.set_tag(run_id, "error", pending["error"][:5000])
+    mlflow_client.set_terminated(run_id, status=pending["status"])
+    if pending.get("parent_run_id"):
+        metric = pending.get("select_metric") or (info or {}).get("metric") or "loss"
+        update_parent(mlflow_client, pending["parent_run_id"], metric, pending.get("select_mode") or "max",
+                      pending.get("asha_dir"), pending.get("sweep_dir"))
+
+
+def _log_model(mlflow_client, pending: dict, best_dir: Path, module) -> None:
+    """The best model as an MLflow model; if MLflow cannot take this model as one, its files as a
+    plain `best_model/` artifact, with a warning."""
+    from . import logged_model
+
+    run_id = pending["run_id"]
+    try:
+        model_id = logged_model.log(pending["uri"], run_id, best_dir, module, pending.get("register_model"))
+    except Exception as err:  # noqa: BLE001 - a flavour that does not fit this model: keep its files
+        print(f"qarac_dist: the best model could not be logged as an MLflow model ({type(err).__name__}: "
+              f"{redact_text(str(err))[:300]}); its files are the run's best_model/ artifact", file=sys.stderr)
+        model_id = None
+    if model_id is None:
+        mlflow_client.log_artifacts(run_id, str(best_dir), "best_model")
+    else:
+        mlflow_client.set_tag(run_id, "best_model_id", model_id)
+
+
+def sync(directory: Path) -> tuple[int, bool]:
+    """Replay what a trial could not send: metric points, then its end of run. Returns the
+    number of points sent and whether a pending finish was completed."""
+    sent = replay_unsent(directory)
+    path = directory / PENDING_FINISH
+    pending = read_json(path)
+    if pending is None:
+        return sent, False
+    complete_run(client(pending["uri"]), pending)
+    path.unlink()
+    return sent, True

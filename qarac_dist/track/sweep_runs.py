@@ -1,0 +1,135 @@
+"""The sweep's side of MLflow: one parent run per sweep, one child run per trial, made when the
+sweep submits (so a job, a requeued job and a re-run reattach to the same runs instead of
+opening new ones: mlflow#11782, Lightning#6205), and the parent's verdict on the best trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+from pathlib import Path
+from typing import Optional
+
+from .best import TIE_ORDER, Candidate, best_of
+from .mlflow_client import client, create_run, experiment_id
+from .secrets import redact_text
+
+
+def create_parent(uri: str, experiment: str, sweep: str, executor: str, tags: dict, params: dict) -> str:
+    c = client(uri)
+    return create_run(c, experiment_id(c, experiment), sweep,
+                      {"sweep": sweep, "executor": executor, "qarac.kind": "sweep", **tags}, params)
+
+
+def create_child(uri: str, experiment: str, parent_run_id: str, name: str, tags: dict, params: dict) -> str:
+    c = client(uri)
+    return create_run(c, experiment_id(c, experiment), name, tags, params, parent_run_id=parent_run_id)
+
+
+def reopen(uri: str, run_id: str) -> None:
+    """A re-run submits trials again: the parent is running again until they end."""
+    client(uri).update_run(run_id, status="RUNNING")
+
+
+def log_text(uri: str, run_id: str, text: str, name: str) -> None:
+    client(uri).log_text(run_id, redact_text(text), name)
+
+
+@contextlib.contextmanager
+def _one_at_a_time(sweep_dir: Optional[str]):
+    """Trials that end at once update the parent in turn (an fcntl lock in the sweep's
+    directory), so the best is logged once per change."""
+    if sweep_dir is None or not Path(sweep_dir).is_dir():
+        yield
+        return
+    with open(Path(sweep_dir) / ".parent.lock", "a") as f:
+        fcntl.lockf(f, fcntl.LOCK_EX)
+        yield
+
+
+def update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str, asha_dir: Optional[str] = None,
+                  sweep_dir: Optional[str] = None) -> Optional[tuple[str, float]]:
+    """Name the best finished child on the parent (tags best_trial, best_run_id; metric
+    best_val_<metric>, logged when the best changes, at a step counting the finished trials)
+    and attach summary.csv of all children. Recomputed from every child."""
+    with _one_at_a_time(sweep_dir):
+        return _update_parent(mlflow_client, parent_run_id, metric, mode, asha_dir)
+
+
+def _update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
+                   asha_dir: Optional[str]) -> Optional[tuple[str, float]]:
+    parent = mlflow_client.get_run(parent_run_id)
+    children = mlflow_client.search_runs([parent.info.experiment_id],
+                                         filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                         max_results=10000)
+    key = f"best_val_{metric}"
+    lines = [f"trial,run_id,status,{key},best_val_loss,best_step,stopped"]
+    candidates, runs = [], {}
+    for child in sorted(children, key=lambda r: r.data.tags.get("trial_id", "")):
+        tags, metrics = child.data.tags, child.data.metrics
+        trial = tags.get("trial_id", child.info.run_id)
+        value = metrics.get(key)
+        lines.append(",".join(str(x) for x in (
+            trial, child.info.run_id, child.info.status, "" if value is None else value,
+            metrics.get("best_val_loss", ""), tags.get("best_step", ""), tags.get("asha.stopped_at_step", ""))))
+        if child.info.status == "FINISHED" and value is not None and not math.isnan(value):
+            step = tags.get("best_step")
+            candidates.append(Candidate(trial, value, metrics.get("best_val_loss"), int(step) if step else None))
+            runs[trial] = child.info.run_id
+    mlflow_client.log_text(parent_run_id, redact_text("\n".join(lines) + "\n"), "summary.csv")
+    if asha_dir is not None and Path(asha_dir).is_dir():
+        from .rung_report import write
+
+        for path in write(Path(asha_dir), metric, mode):
+            mlflow_client.log_artifact(parent_run_id, str(path))
+    best = best_of(candidates, mode)
+    if best is None:
+        return None
+    previous = (parent.data.tags.get("best_trial"), parent.data.metrics.get(key))
+    if previous != (best.trial_id, best.value):
+        mlflow_client.set_tag(parent_run_id, "best_trial", best.trial_id)
+        mlflow_client.set_tag(parent_run_id, "best_run_id", runs[best.trial_id])
+        mlflow_client.set_tag(parent_run_id, "best_order", f"{mode} {metric}; {TIE_ORDER}")
+        mlflow_client.log_metric(parent_run_id, key, best.value, step=len(candidates))
+    return best.trial_id, best.value
+
+
+def close_parent(uri: str, parent_run_id: str, metric: str, mode: str, ok: bool, asha_dir: Optional[str] = None,
+                 sweep_dir: Optional[str] = None) -> None:
+    """Every trial's latest attempt has ended: the verdict, then FINISHED (or FAILED)."""
+    c = client(uri)
+    update_parent(c, parent_run_id, metric, mode, asha_dir, sweep_dir)
+    c.set_terminated(parent_run_id, status="FINISHED" if ok else "FAILED")
+
+
+_NOT_WHAT_IT_IS = ("name", "tracking", "output", "preflight")
+_FP16_ONLY = ("initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")
+
+
+def trial_params(config: dict) -> dict:
+    """What MLflow shows as a trial's params: its resolved config, flattened, without what is
+    not what the trial is (its name, where it writes and is tracked) and without the sections
+    its model and data do not use. Secrets are screened when the run is made."""
+    from ..config.schema import flatten
+
+    config = {k: v for k, v in config.items() if k not in _NOT_WHAT_IT_IS}
+    model = dict(config.get("model", {}))
+    if model.get("kind") != "dual_encoder":
+        model.pop("dual_encoder", None)
+    if model.get("factory") is None:
+        model.pop("factory_kwargs", None)
+    config["model"] = model
+    data = dict(config.get("data", {}))
+    if data.get("synthetic") is not None:
+        for key in ("dataset", "dataset_config", "train_files", "validation_files", "train_split", "validation_split",
+                    "text_column", "text_pair_column", "label_column"):
+            data.pop(key, None)
+    data.pop("cache_dir", None)
+    config["data"] = data
+    precision = dict(config.get("precision", {}))
+    if precision.get("dtype") != "fp16":
+        for key in _FP16_ONLY:
+            precision.pop(key, None)
+    config["precision"] = precision
+    return {k: v for k, v in flatten(config).items() if v is not None and v != {} and v != []}

@@ -1,0 +1,183 @@
+"""Resumable checkpoints: DeepSpeed engine state from every rank, per-rank RNG, and our state.
+
+DeepSpeed writes its `latest` file before every rank has finished its shards, and
+`load_checkpoint` only warns when nothing is there. So a checkpoint directory counts as
+loadable only once our COMPLETE marker exists, written by rank 0 after a barrier that every
+rank reaches after its own files are on disk. A partial directory (a rank killed mid-write)
+has no marker and is skipped.
+
+The marker also records every file's size, as measured by the rank that wrote it (so it holds
+on a shared filesystem, where another node's view of a new file may lag). A file that a
+failing disk or a full quota lost or cut short after the marker was written makes the
+checkpoint damaged: resume says so in one line and takes the newest intact one instead.
+Sizes cost a stat per file; a checksum would catch silent corruption too but costs a full
+read (bench/checkpoint.py measures it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import UserError
+
+MARKER = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def complete_tags(directory: Path) -> list[str]:
+    """Tags of complete checkpoints, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(p.parent.name for p in directory.glob(f"step*/{MARKER}"))
+
+
+def saved_world_size(directory: Path, tag: str) -> Optional[int]:
+    return _marker(directory, tag).get("world_size")
+
+
+def _marker(directory: Path, tag: str) -> dict:
+    try:
+        data = json.loads((directory / tag / MARKER).read_text())
+    except (OSError, ValueError):
+        return {"damaged": f"{MARKER} unreadable"}
+    return data if isinstance(data, dict) else {"damaged": f"{MARKER} is not a JSON object"}
+
+
+def damage(directory: Path, tag: str) -> Optional[str]:
+    """Why checkpoint `tag` cannot be loaded, or None when every recorded file is there whole."""
+    marker = _marker(directory, tag)
+    if "damaged" in marker:
+        return marker["damaged"]
+    for name, size in sorted(marker.get("files", {}).items()):
+        try:
+            actual = (directory / tag / name).stat().st_size
+        except FileNotFoundError:
+            return f"{name} is missing"
+        if actual != size:
+            return f"{name} has {actual} bytes, {size} were written"
+    return None
+
+
+def newest_intact(directory: Path) -> tuple[Optional[str], list[str]]:
+    """The newest complete checkpoint whose files are whole, and a line per damaged newer one."""
+    damaged = []
+    for tag in reversed(complete_tags(directory)):
+        problem = damage(directory, tag)
+        if problem is None:
+            return tag, damaged
+        damaged.append(f"{tag} is damaged ({problem})")
+    return None, damaged
+
+
+def _own_files(tag_dir: Path, rank: int) -> dict[str, int]:
+    """The files of this checkpoint that `rank` wrote, with their sizes: DeepSpeed's per-rank
+    shards (`zero_pp_rank_<rank>_...`) and our RNG file; rank 0 also the model states."""
+    out = {}
+    for path in sorted(tag_dir.rglob("*")):
+        name = path.relative_to(tag_dir).as_posix()
+        if not path.is_file() or name == MARKER:
+            continue
+        mine = f"zero_pp_rank_{rank}_" in name or name == f"rng_rank{rank}.pt"
+        anyones = "zero_pp_rank_" in name or name.startswith("rng_rank")
+        if mine or (rank == 0 and not anyones):
+            out[name] = path.stat().st_size
+    return out
+
+
+def universal(directory: Path, tag: str) -> str:
+    """Convert checkpoint `tag` to a DeepSpeed universal checkpoint (once); returns its tag.
+
+    A ZeRO checkpoint is partitioned by data-parallel rank; only the universal form loads on
+    another number of ranks (deepspeed/checkpoint/ds_to_universal.py). Call on rank 0 only."""
+    import subprocess
+    import sys
+
+    target = f"{tag}_universal"
+    if (directory / target / MARKER).exists():
+        return target
+    shutil.rmtree(directory / target, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(directory / tag), "--output_folder", str(directory / target), "--inject_missing_state"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"checkpointing: {directory / tag} was saved on another number of ranks and could not be "
+                        f"converted to a universal checkpoint: {last}")
+    files = {path.relative_to(directory / target).as_posix(): path.stat().st_size
+             for path in sorted((directory / target).rglob("*")) if path.is_file()}
+    (directory / target / MARKER).write_text(json.dumps({**_marker(directory, tag), "files": files}))
+    return target
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(engine, directory: Path, step: int, client_state: dict, rank: int, keep_last: int,
+         keep: Optional[str] = None) -> str:
+    """Save on every rank; returns the tag. `keep` names a tag never pruned (the best)."""
+    tag = tag_for(step)
+    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+    _fault_point("checkpoint-write", step, rank, directory)
+    torch.save(rng_state(), directory / tag / f"rng_rank{rank}.pt")
+    dist.barrier()  # every rank's shards and RNG file are on disk
+    sizes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(sizes, _own_files(directory / tag, rank))
+    if rank == 0:
+        files = {name: size for own in sizes for name, size in own.items()}
+        (directory / tag / MARKER).write_text(json.dumps({"step": step, "world_size": dist.get_world_size(),
+                                                         "files": files}))
+        tags = complete_tags(directory)
+        for old in tags[:-keep_last]:
+            if old != keep:
+                shutil.rmtree(directory / old, ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def _fault_point(name: str, step: int, rank: int, directory: Path) -> None:
+    """Test hook: QARAC_FAULT=NAME:STEP:RANK kills that rank with SIGKILL here, once per
+    directory (a marker remembers it), to test recovery from a half-written checkpoint."""
+    if os.environ.get("QARAC_FAULT") != f"{name}:{step}:{rank}":
+        return
+    marker = directory / f".fault-{name}-{step}-{rank}"
+    if not marker.exists():
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def load(engine, directory: Path, tag: str, rank: int) -> dict:
+    """Load a complete checkpoint into the engine; restores this rank's RNG; returns client state."""
+    path, client_state = engine.load_checkpoint(str(directory), tag=tag)
+    if path is None:
+        raise RuntimeError(f"checkpoint {directory / tag} could not be loaded")
+    # A universal checkpoint carries no RNG files: after a world-size change the ranks are new.
+    rng_file = directory / tag / f"rng_rank{rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return client_state

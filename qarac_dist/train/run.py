@@ -1,0 +1,121 @@
+"""One training job from start to end: torch.distributed from the environment, the trial's
+state.json kept by global rank 0, the MLflow run, the loop, and what a stop signal means.
+
+On a stop signal the loop saves a checkpoint and raises `Preempted`; here rank 0 decides
+whether the job is requeued (submit/executors.py hands it to submitit) or the trial fails with
+a reason: its requeue budget is spent, or two jobs in a row ended before their first step.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from typing import Optional
+
+import torch.distributed as dist
+
+from ..config import TrainConfig, UserError, config_to_dict
+from ..track.mlflow_runs import TrialRun
+from ..track.secrets import redact_text
+from ..track.sweep_runs import trial_params
+from ..track.trial_dir import TrialDir, TrialState, TrialStatus
+from .loop import Trainer
+from .stop import STOP, STOP_SIGNALS, Preempted
+from .ranks import export_from_environment
+
+IDLE_STARTS_LIMIT = 2
+
+
+class RequeueRefused(UserError):
+    """A preempted job is not requeued: the trial fails with this reason."""
+
+
+def slurm_job_id(environ=os.environ) -> Optional[str]:
+    """The job id as squeue and sacct show it: `<array>_<task>` for an array element."""
+    if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    return environ.get("SLURM_JOB_ID")
+
+
+def run(cfg: TrainConfig, max_requeues: Optional[int] = None) -> dict:
+    """Set up torch.distributed from the environment, train, tear down. Returns the result."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    ranks = export_from_environment()
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               auto_mpi_discovery=False, verbose=False)
+    if not sys.stderr.isatty():  # progress bars only clutter job logs
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    trial = TrialDir(cfg.output.dir)
+    trial_run, status, finished = None, None, False
+    STOP.install(STOP_SIGNALS)
+    try:
+        if ranks.is_main:
+            status = trial.begin(cfg.output.attempt, pid=os.getpid(), host=socket.gethostname(),
+                                 world_size=ranks.world_size, started=time.time(), job_id=slurm_job_id(),
+                                 nodes=os.environ.get("SLURM_JOB_NODELIST"))
+            if cfg.tracking.uri is not None:
+                trial_run = TrialRun(cfg.tracking, cfg.name, trial_params(config_to_dict(cfg)), trial.path, run_tags={
+                    "slurm_job_id": status.job_id, "restarts": status.starts - 1,
+                    "attempt": cfg.output.attempt, "nodes": status.nodes or status.host,
+                    "world_size": ranks.world_size}, asha_dir=cfg.asha.record_dir if cfg.asha else None)
+        trainer = Trainer(cfg, ranks, trial_run)
+        result = trainer.train()
+        finished = True
+        if ranks.is_main:
+            pruned = result["pruned"]
+            trial.update(state=TrialState.PRUNED if pruned else TrialState.COMPLETED, step=result["steps"],
+                         rung=pruned["rung"] if pruned else None, error=None)
+            if trial_run is not None:
+                if pruned:
+                    trial_run.set_tags({"asha.stopped_at_step": pruned["step"], "asha.rung": pruned["rung"]})
+                best = trial.best if cfg.output.export_best and trial.best.exists() else None
+                trial_run.finish("FINISHED", best, module=trainer.best_module() if best else None)
+        return result
+    except Preempted as stop:
+        if ranks.is_main:
+            refusal = _requeue_or_refuse(trial, status, stop, max_requeues)
+            if refusal is not None:
+                if trial_run is not None:
+                    trial_run.finish("FAILED", trial.best if trial.best.exists() else None, refusal)
+                raise RequeueRefused(refusal) from None
+        raise  # the MLflow run stays RUNNING: the requeued job continues it
+    except BaseException as err:
+        if ranks.is_main:
+            line = redact_text((str(err).strip().splitlines() or [""])[-1])
+            error = f"{type(err).__name__}: {line}"
+            killed = isinstance(err, KeyboardInterrupt)
+            trial.update(state=TrialState.CANCELLED if killed else TrialState.FAILED, error=error)
+            if trial_run is not None:
+                trial_run.finish("KILLED" if killed else "FAILED", trial.best if trial.best.exists() else None, error)
+        raise
+    finally:
+        STOP.restore()
+        if finished and ranks.world_size > 1:
+            # No rank tears down its process groups while a peer may still be in a collective
+            # (after a failure the peers may be gone: then no barrier).
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def _requeue_or_refuse(trial: TrialDir, status: TrialStatus, stop: Preempted,
+                       max_requeues: Optional[int]) -> Optional[str]:
+    """Record the stop; the reason the trial fails instead of being requeued, or None."""
+    idle = 0 if stop.saved else status.idle_starts + 1
+    refusal = None
+    if idle >= IDLE_STARTS_LIMIT:
+        refusal = (f"no training step in {idle} jobs in a row: each was stopped by SLURM's warning before its first "
+                   f"step (resuming at step {stop.step}); raise resources.time_min")
+    elif max_requeues is not None and status.starts > max_requeues:
+        refusal = (f"stopped at step {stop.step} after {status.starts} jobs, its requeue budget (max_requeues "
+                   f"{max_requeues}) spent; raise max_requeues or resources.time_min, or re-run the sweep to resume")
+    if refusal is not None:
+        trial.update(state=TrialState.FAILED, step=stop.step, idle_starts=idle, error=f"RequeueRefused: {refusal}")
+    else:
+        trial.update(state=TrialState.PREEMPTED, step=stop.step, idle_starts=idle)
+    return refusal

@@ -1,0 +1,129 @@
+"""Successive halving on the real local SLURM cluster and with real processes: trials of one
+job array stopped at rungs, decisions consistent with the rule whoever arrives when, a
+preempted trial recorded once, a killed and re-run trial's decision replayed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import yaml
+
+from qarac_dist.plan.asha import keeps_going
+from qarac_dist.submit.sweep_dir import Manifest
+from qarac_dist.track import rungs
+from qarac_dist.track.mlflow_client import client
+from support import HELPERS, run_sweep, table_rows, tiny_config, wait_for
+
+
+def _sweep(tmp_path, data_cache, name: str, lrs: list[float], executor: str = "slurm", base: dict | None = None,
+           **fields):
+    base = base or tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 16},
+                               evaluation={"every_steps": 4}, checkpointing={"every_steps": 2})
+    spec = {"name": name, "base": base, "executor": executor, "runs_dir": str(tmp_path / "runs"),
+            "grid": {"optimizer.lr": lrs}, "select": {"metric": "loss", "mode": "min"},
+            "asha": {"grace_steps": 4, "reduction_factor": 2}, "tracking": {"uri": f"sqlite:///{tmp_path / 'm.db'}"},
+            "resources": {"time_min": 10, "max_parallel": 4}, **fields}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _consistent(record_dir, rung: int, factor: int = 2, mode: str = "min") -> list:
+    arrivals = rungs.read(record_dir, rung)
+    assert len({a.trial for a in arrivals}) == len(arrivals), "a trial recorded twice"
+    for i, a in enumerate(arrivals):
+        assert a.seen == i and a.keeps_going == keeps_going(a.value, [b.value for b in arrivals[:i]], factor, mode)
+    return arrivals
+
+
+def test_an_array_with_successive_halving_stops_losing_trials(cluster, tmp_path, data_cache):
+    """Four trials in one array, two at a time. The two whose learning rate is too small to move
+    the weights start first and reach rung 0 together (their loss stays at its start, ~ln 2);
+    the next arrival, a trial that learns and whose loss has risen after 4 steps of warm-up, is
+    not the best of three and stops. Every recorded decision follows the rule; stopped trials
+    end PRUNED at their rung, their MLflow runs FINISHED with the rung and step; the parent
+    holds the rung table and the plot."""
+    path = _sweep(tmp_path, data_cache, "halving", [1e-9, 2e-9, 3e-3, 2e-3], resources={"time_min": 10,
+                                                                                          "max_parallel": 2})
+    proc = run_sweep(path, "--wait", "--no-preflight", timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    directory = tmp_path / "runs" / "halving"
+    manifest = Manifest.load(directory)
+    stopped = {}
+    for rung in range(2):
+        arrivals = _consistent(directory / "asha", rung)
+        stopped.update({a.trial: (rung, a.step) for a in arrivals if not a.keeps_going})
+    first = rungs.read(directory / "asha", 0)
+    assert len(first) == 4 and not first[2].keeps_going  # the third arrival, a learning trial, stops
+    by_lr = {r.config["optimizer"]["lr"]: r for r in manifest.trials.values()}
+    assert {a.trial for a in first[:2]} == {by_lr[1e-9].id, by_lr[2e-9].id}
+    pruned = {r.id: r for r in manifest.trials.values() if r.state == "PRUNED"}
+    assert set(pruned) == set(stopped)
+    for tid, record in manifest.trials.items():
+        status = record.trial_dir.status()
+        if tid in pruned:
+            assert (status.rung, status.step) == stopped[tid]
+        else:
+            assert record.state == "COMPLETED" and status.step == 16
+    rows = {row["trial"]: row for row in table_rows(proc.stdout)}
+    for tid, (rung, step) in stopped.items():
+        assert (rows[tid]["state"], rows[tid]["last step"]) == (f"PRUNED at rung {rung}", str(step))
+    assert f"plot {directory / 'asha' / 'curves.png'}" in proc.stdout
+    c = client(f"sqlite:///{tmp_path / 'm.db'}")
+    for tid, (rung, step) in stopped.items():
+        run = c.get_run(manifest.trials[tid].mlflow_run_id)
+        assert run.info.status == "FINISHED"
+        assert (run.data.tags["asha.stopped_at_step"], run.data.tags["asha.rung"]) == (str(step), str(rung))
+    artifacts = {a.path for a in c.list_artifacts(manifest.mlflow_parent_run_id)}
+    assert {"asha.csv", "curves.png", "summary.csv"} <= artifacts
+    csv = (directory / "asha" / "asha.csv").read_text().splitlines()
+    recorded = sum(len(rungs.read(directory / "asha", k)) for k in range(3))
+    assert csv[0] == "rung,step,trial,value,decision,recorded_before" and len(csv) == 1 + recorded
+    assert (directory / "asha" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_preempted_trial_is_recorded_once(cluster, no_requeue_delay, tmp_path, data_cache):
+    """USR2 once the trial has recorded rung 0: it saves, is requeued, resumes and goes on to
+    rung 1; each rung holds it once."""
+    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 16}, evaluation={"every_steps": 4})
+    base["model"] = {"factory": "faults:slow_steps", "factory_kwargs": {"seconds": 0.5}}
+    path = _sweep(tmp_path, data_cache, "preempted", [1e-3], base=base, max_requeues=3)
+    env = {"PYTHONPATH": HELPERS + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    assert run_sweep(path, "--no-preflight", env=env).returncode == 0
+    directory = tmp_path / "runs" / "preempted"
+    (record,) = Manifest.load(directory).trials.values()
+    wait_for(lambda: rungs.read(directory / "asha", 0), 600, "rung 0 to be recorded")
+    subprocess.run(["scancel", "--signal=USR2", record.job_id], check=True)
+    proc = run_sweep(path, "--wait", "--no-preflight", env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    status = record.trial_dir.status()
+    assert status.state.value == "COMPLETED" and status.starts == 2 and status.step == 16
+    assert [a.trial for a in _consistent(directory / "asha", 0)] == [record.id]
+    assert [a.trial for a in _consistent(directory / "asha", 1)] == [record.id]
+
+
+def test_a_killed_trial_rerun_replays_its_decision(tmp_path, data_cache):
+    """Killed after recording rung 0 but before its next checkpoint: the re-run resumes before
+    the rung, validates there again, and replays the recorded decision instead of recording a
+    second value. Local executor."""
+    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 8}, evaluation={"every_steps": 4},
+                       checkpointing={"every_steps": 3})
+    base["model"] = {"factory": "faults:slow_steps", "factory_kwargs": {"seconds": 1.5}}
+    path = _sweep(tmp_path, data_cache, "killed", [1e-3], executor="local", base=base)
+    env = {**os.environ, "PYTHONPATH": HELPERS + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    driver = subprocess.Popen([sys.executable, "-m", "qarac_dist.sweep", str(path), "--no-preflight"], cwd=tmp_path,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    directory = tmp_path / "runs" / "killed"
+    arrivals = wait_for(lambda: rungs.read(directory / "asha", 0), 600, "rung 0 to be recorded")
+    (record,) = Manifest.load(directory).trials.values()
+    os.kill(json.loads(record.trial_dir.state_file.read_text())["pid"], signal.SIGKILL)  # before step 6's checkpoint
+    driver.communicate(timeout=300)
+    assert sorted(p.name for p in record.trial_dir.checkpoints.glob("step*")) == ["step00000003"]
+    proc = run_sweep(path, "--no-preflight", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert rungs.read(directory / "asha", 0) == arrivals  # the same single line: replayed, not taken again
+    assert json.loads(record.trial_dir.state_file.read_text())["state"] == "COMPLETED"

@@ -1,0 +1,193 @@
+"""MLflow tracking against real stores: a sqlite file and a real `mlflow server` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import yaml
+
+from qarac_dist.submit.sweep_dir import Manifest
+from qarac_dist.track import mlflow_logger
+from qarac_dist.track.mlflow_client import client, create_run, experiment_id
+from support import run_sweep, tiny_config
+
+
+def _history(client, run_id, key):
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_unreachable_server_buffers_spills_and_leaves_points_to_replay(tmp_path, mlflow_server, capsys):
+    c = client(mlflow_server.uri)
+    run_id = create_run(c, experiment_id(c, "outage"), "r", {})
+    mlflow_server.stop()
+    logger = mlflow_logger.MlflowLogger(mlflow_server.uri, run_id, tmp_path, max_buffer=50, interval_s=0.2)
+    for step in range(1, 101):
+        logger.log(step, {"loss": float(step)})
+    time.sleep(0.5)
+    assert (tmp_path / mlflow_logger.SPILL).exists()  # over the bound: spilled, not dropped
+    assert logger.close(timeout_s=1) == 100
+    assert "100 metric points could not be sent" in capsys.readouterr().err
+    mlflow_server.start()
+    assert mlflow_logger.replay_unsent(tmp_path) == 100
+    assert _history(c, run_id, "loss") == list(range(1, 101))
+    assert not (tmp_path / mlflow_logger.UNSENT).exists()
+
+
+def _sweep_file(tmp_path, data_cache, uri, **fields):
+    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 6}, evaluation={"every_steps": 3})
+    sweep = {"name": "tracked", "base": base, "executor": "local", "tracking": {"uri": uri},
+             "resources": {"max_parallel": 2, "time_min": 10}, "select": {"metric": "accuracy", "mode": "max"}, **fields}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def _runs(c, experiment):
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+@pytest.mark.parametrize("store", ["sqlite", "server"])
+def test_four_trial_sweep_makes_one_parent_and_four_complete_children(tmp_path, data_cache, store, request):
+    """One parent, four children with params, tags and metric histories; each child's best model
+    is an MLflow model that MLflow's own API loads and runs on a sentence; the parent's best
+    metric has one point per change of the best."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}" if store == "sqlite" else request.getfixturevalue("mlflow_server").uri
+    path = _sweep_file(tmp_path, data_cache, uri, grid={"optimizer.lr": [1e-3, 3e-3], "training.seed": [0, 1]})
+    proc = run_sweep(path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    c = client(uri)
+    parents, children = _runs(c, "tracked")
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    manifest = Manifest.load(tmp_path / "runs" / "tracked")
+    assert parent.info.run_id == manifest.mlflow_parent_run_id and parent.info.status == "FINISHED"
+    assert parent.data.tags["varied"] == "optimizer.lr, training.seed"
+    by_trial = {r.data.tags["trial_id"]: r for r in children}
+    assert set(by_trial) == set(manifest.trials)
+    mlflow.set_tracking_uri(uri)
+    for trial_id, run in by_trial.items():
+        record = manifest.trials[trial_id]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED" and run.info.run_id == record.mlflow_run_id
+        assert run.info.run_name == f"{trial_id} {record.label}"
+        assert run.data.params["optimizer.lr"] == str(record.config["optimizer"]["lr"])
+        assert run.data.params["training.max_steps"] == "6"
+        assert not any(k == "name" or k.startswith(("model.dual_encoder.", "tracking.", "output."))
+                       for k in run.data.params)
+        assert run.data.tags["varied"] == "optimizer.lr, training.seed"
+        assert _history(c, run.info.run_id, "loss") == [1, 2, 3, 4, 5, 6]
+        assert _history(c, run.info.run_id, "val_accuracy") == [3, 6]
+        for tag in ("git_commit", "world_size", "restarts", "nodes", "executor", "sweep", "attempt"):
+            assert run.data.tags.get(tag), tag
+        assert [a.path for a in c.list_artifacts(run.info.run_id)] == ["deepspeed_config.json"]
+        (model,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                               filter_string=f"source_run_id = '{run.info.run_id}'")
+        assert run.data.tags["best_model_id"] == model.model_id
+        predicted = mlflow.pyfunc.load_model(f"models:/{model.model_id}").predict(["a short document of words"])
+        assert len(predicted) == 1 and predicted["label"][0].startswith("LABEL_")
+    # The parent names the best trial, as the summary printed it.
+    best_value = max(r.data.metrics["best_val_accuracy"] for r in children)
+    assert by_trial[parent.data.tags["best_trial"]].data.metrics["best_val_accuracy"] == best_value
+    assert parent.data.metrics["best_val_accuracy"] == best_value
+    assert f"best trial: {parent.data.tags['best_trial']}" in proc.stdout
+    history = c.get_metric_history(parent.info.run_id, "best_val_accuracy")
+    steps, values = [m.step for m in history], [m.value for m in history]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps) and 1 <= steps[0] and steps[-1] <= 4
+    assert all(a != b for a, b in zip(values, values[1:]))  # one point per change, none repeated
+    summary = c.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path))
+    assert len(open(summary).read().splitlines()) == 5
+
+
+def test_two_rank_trial_makes_one_run_with_one_point_per_step(tmp_path, data_cache, mlflow_server):
+    path = _sweep_file(tmp_path, data_cache, mlflow_server.uri, resources={"tasks_per_node": 2, "time_min": 10})
+    proc = run_sweep(path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    c = client(mlflow_server.uri)
+    parents, children = _runs(c, "tracked")
+    assert len(parents) == 1 and len(children) == 1
+    assert children[0].data.tags["world_size"] == "2"
+    assert [m.step for m in c.get_metric_history(children[0].info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+
+
+def _wait_for_step(out_dir, step, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+            if any(r["step"] >= step and "loss" in r for r in rows):
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached")
+
+
+def test_interrupted_trial_reattaches_to_its_run_without_duplicate_or_missing_steps(tmp_path, data_cache, mlflow_server):
+    import subprocess
+    import sys
+
+    path = _sweep_file(tmp_path, data_cache, mlflow_server.uri, set={
+        "training.max_steps": 40, "checkpointing.every_steps": 10, "evaluation.every_steps": 20})
+    sweep = subprocess.Popen([sys.executable, "-m", "qarac_dist.sweep", str(path)], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = None
+    deadline = time.time() + 300
+    while out is None and time.time() < deadline:
+        manifest = Manifest.load(tmp_path / "runs" / "tracked")
+        if manifest and manifest.trials:
+            out = tmp_path / "runs" / "tracked" / "trials" / next(iter(manifest.trials))
+        time.sleep(0.2)
+    _wait_for_step(out, 25)
+    os.kill(json.loads((out / "state.json").read_text())["pid"], signal.SIGKILL)  # rank 0 dies mid-run
+    first = sweep.communicate(timeout=300)
+    assert sweep.returncode != 0, first
+    proc = run_sweep(path, "--no-preflight")  # the re-run resumes from the step-20 checkpoint
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 to run" in proc.stdout
+    c = client(mlflow_server.uri)
+    parents, children = _runs(c, "tracked")
+    assert len(parents) == 1 and len(children) == 1
+    run = children[0]
+    assert _history(c, run.info.run_id, "loss") == list(range(1, 41))
+    assert _history(c, run.info.run_id, "val_accuracy") == [20, 40]
+    # The re-run is the trial's second attempt: one start of it, the same MLflow run.
+    assert (run.data.tags["attempt"], run.data.tags["restarts"], run.info.status) == ("2", "0", "FINISHED")
+    state = json.loads((out / "state.json").read_text())
+    assert (state["attempt"], state["starts"], state["state"]) == (2, 1, "COMPLETED")
+
+
+def test_server_outage_mid_trial_loses_no_metrics(tmp_path, data_cache, mlflow_server):
+    import subprocess
+    import sys
+
+    path = _sweep_file(tmp_path, data_cache, mlflow_server.uri, set={"training.max_steps": 200,
+                                                                     "evaluation.every_steps": 100})
+    sweep = subprocess.Popen([sys.executable, "-m", "qarac_dist.sweep", str(path)], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = None
+    while out is None:
+        manifest = Manifest.load(tmp_path / "runs" / "tracked")
+        if manifest and manifest.trials:
+            out = tmp_path / "runs" / "tracked" / "trials" / next(iter(manifest.trials))
+        time.sleep(0.2)
+    _wait_for_step(out, 20)
+    mlflow_server.stop()
+    _wait_for_step(out, 120)
+    mlflow_server.start()
+    stdout, stderr = sweep.communicate(timeout=600)
+    assert sweep.returncode == 0, stdout + stderr
+    c = client(mlflow_server.uri)
+    _, (run,) = _runs(c, "tracked")
+    assert _history(c, run.info.run_id, "loss") == list(range(1, 201))
+    assert run.info.status == "FINISHED"
+    assert not (out / mlflow_logger.UNSENT).exists()

@@ -1,0 +1,42 @@
+"""The MLflow UI in a real browser (Debian chromium, Selenium): a sweep's parent and child runs
+are listed on its experiment page, each trial's logged model in the Models column."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from qarac_dist.track.mlflow_client import client, create_run, experiment_id
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+
+def test_parent_and_child_runs_show_on_the_experiment_page(tmp_path, mlflow_server):
+    if not shutil.which("chromium") or not shutil.which("chromedriver"):
+        pytest.skip("needs Debian's chromium and chromium-driver (tests/setup.sh installs them)")
+    from mlflow_ui import check_runs_page
+
+    import torch
+
+    from qarac_dist.track.logged_model import log
+
+    c = client(mlflow_server.uri)
+    exp = experiment_id(c, "ui_sweep")
+    parent = create_run(c, exp, "ui_sweep", {"sweep": "ui_sweep"})
+    names = ["ui_sweep"]
+    for i in range(3):
+        name = f"trial{i}abc optimizer.lr=0.00{i + 1}"
+        run = create_run(c, exp, name, {"trial_id": f"trial{i}abc"}, {"optimizer.lr": f"0.00{i + 1}"}, parent)
+        best = tmp_path / f"best{i}"
+        best.mkdir()
+        (best / "tokenizer.json").write_text("{}")
+        assert log(mlflow_server.uri, run, best, module=torch.nn.Linear(2, 2))  # as a trial logs its best model
+        names.append(name)
+    shot = tmp_path / "ui.png"
+    missing, models = check_runs_page(mlflow_server.uri, exp, names, shot, num_models=3)
+    assert missing == [], f"not on the page: {missing}"
+    assert models == 3, "the Models column does not show each trial's model"
+    assert shot.stat().st_size > 10_000

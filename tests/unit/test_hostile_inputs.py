@@ -1,0 +1,198 @@
+"""Hostile and careless input, through the commands as a user runs them: every case is one line
+naming the file and the key, exit code 2, no traceback, nothing created or overwritten.
+
+The table grows with every input the code touches; the cases an issue named are examples.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from qarac_dist import status, sweep
+from support import tiny_config
+
+
+def _sweep_text(tmp_path, **fields) -> str:
+    spec = {"name": "s", "base": tiny_config(tmp_path / "cache", tmp_path / "out"), "executor": "local",
+            "runs_dir": str(tmp_path / "runs"), **fields}
+    return yaml.safe_dump(spec)
+
+
+def _base_with(tmp_path, section: str, values: dict) -> dict:
+    base = tiny_config(tmp_path / "cache", tmp_path / "out")
+    base[section] = {**base.get(section, {}), **values}
+    return base
+
+
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8))
+
+# (id, how to write the sweep file: text, or bytes, or a function of tmp_path -> text, extra args, expected)
+FILE_CASES = [
+    ("billion-laughs", lambda t: LAUGHS + _sweep_text(t), (), "aliases expand to more than"),
+    ("recursive-alias", lambda t: "x: &x [1, *x]\n" + _sweep_text(t), (), "an alias refers to a value that contains it"),
+    ("duplicate-key", lambda t: _sweep_text(t) + "name: other\n", (), "the key 'name' is set twice"),
+    ("nested-duplicate-key", lambda t: _sweep_text(t, resources={"nodes": 1}).replace(
+        "resources:\n  nodes: 1\n", "resources:\n  nodes: 1\n  nodes: 2\n"), (), "the key 'nodes' is set twice"),
+    ("not-utf8", lambda t: _sweep_text(t).encode() + b"# caf\xe9\n", (), "not UTF-8 text (byte 0xe9)"),
+    ("utf16", lambda t: _sweep_text(t).encode("utf-16"), (), "UTF-16 text; save it as UTF-8"),
+    ("top-level-list", lambda t: "- a\n- b\n", (), "expected a mapping at the top level, got list"),
+    ("deeply-nested", lambda t: "x: " + "[" * 20000 + "]" * 20000 + "\n", (), "nested more than 64 levels deep"),
+    ("python-tag", lambda t: "x: !!python/object/apply:os.system ['echo hi']\n" + _sweep_text(t), (), "invalid YAML"),
+    ("name-too-long", lambda t: _sweep_text(t, name="n" * 101), (), "name: expected at most 100 bytes"),
+    ("name-control-char", lambda t: _sweep_text(t, name="a\tb"), (), "name: expected a name without '/' or control"),
+    ("name-dotdot", lambda t: _sweep_text(t, name=".."), (), "name: expected a plain directory name"),
+    ("variant-control-char", lambda t: _sweep_text(t, variants=[{"name": "v\x07", "set": {}}]), (),
+     "variants[0].name: expected a name without control characters"),
+    ("runs-dir-is-a-file", lambda t: (t / "afile").write_text("") or _sweep_text(t) .replace(
+        str(t / "runs"), str(t / "afile")), (), "runs_dir: "),
+    ("huge-random-search", lambda t: _sweep_text(t, random={"num_samples": 10**9, "params": {
+        "optimizer.lr": {"distribution": "uniform", "low": 1e-4, "high": 1e-3}}}), (),
+     "max_trials: the plan has 1,000,000,000 trials"),
+    ("huge-grid", lambda t: _sweep_text(t, grid={"training.seed": list(range(2000)), "optimizer.lr": [1e-3, 2e-3]}),
+     (), "max_trials: the plan has 4,000 trials"),
+    ("max-trials-zero", lambda t: _sweep_text(t), ("max_trials=0",), "max_trials: expected at least 1, got 0"),
+    ("nodes-zero", lambda t: _sweep_text(t), ("resources.nodes=0",), "resources.nodes: expected at least 1, got 0"),
+    ("time-zero", lambda t: _sweep_text(t), ("resources.time_min=0",), "resources.time_min: expected at least 1"),
+    ("negative-requeues", lambda t: _sweep_text(t), ("max_requeues=-1",), "max_requeues: expected at least 0"),
+    ("lr-negative", lambda t: _sweep_text(t), ("set.optimizer.lr=-0.001",), "optimizer.lr: expected more than 0, got -0.001"),
+    ("lr-nan", lambda t: _sweep_text(t), ("set.optimizer.lr=.nan",), "optimizer.lr: expected a finite number, got nan"),
+    ("lr-inf", lambda t: _sweep_text(t), ("set.optimizer.lr=.inf",), "optimizer.lr: expected a finite number, got inf"),
+    ("betas-out-of-range", lambda t: _sweep_text(t), ("set.optimizer.betas=[1.0,0.999]",),
+     "optimizer.betas: expected two numbers in [0, 1)"),
+    ("betas-negative", lambda t: _sweep_text(t), ("set.optimizer.betas=[-0.1,0.9]",), "optimizer.betas: expected two"),
+    ("eps-negative", lambda t: _sweep_text(t), ("set.optimizer.eps=-1e-8",), "optimizer.eps: expected more than 0"),
+    ("warmup-negative", lambda t: _sweep_text(t), ("set.scheduler.warmup_steps=-5",), "scheduler.warmup_steps: expected at least 0"),
+    ("patience-zero", lambda t: _sweep_text(t), ("set.early_stopping.patience=0",), "early_stopping.patience: expected at least 1"),
+    ("min-delta-nan", lambda t: _sweep_text(t), ("set.early_stopping.min_delta=.nan",), "early_stopping.min_delta: expected a finite"),
+    ("eval-batch-zero", lambda t: _sweep_text(t), ("set.evaluation.batch_size=0",), "evaluation.batch_size: expected at least 1"),
+    ("vocab-zero", lambda t: _sweep_text(t), ("set.tokenizer.vocab_size=0",), "tokenizer.vocab_size: expected at least 16"),
+    ("max-length-zero", lambda t: _sweep_text(t), ("set.data.max_length=0",), "data.max_length: expected at least 8"),
+    ("seed-negative", lambda t: _sweep_text(t), ("set.training.seed=-1",), "training.seed: expected at least 0"),
+    ("steps-absurd", lambda t: _sweep_text(t), ("set.training.max_steps=10000000000000",), "training.max_steps: expected at most"),
+    ("clipping-negative", lambda t: _sweep_text(t), ("set.deepspeed.gradient_clipping=-1",),
+     "deepspeed.gradient_clipping: expected at least 0"),
+    ("fraction-one", lambda t: _sweep_text(t), ("set.data.validation_fraction=1.0",), "data.validation_fraction: expected less than 1"),
+    ("num-classes-one", lambda t: _sweep_text(t), ("set.data.synthetic.num_classes=1",), "data.synthetic.num_classes: expected at least 2"),
+    ("keep-last-zero", lambda t: _sweep_text(t), ("set.checkpointing.keep_last=0",), "checkpointing.keep_last: expected at least 1"),
+    ("bad-override", lambda t: _sweep_text(t), ("=3",), "expected dotted.key=value"),
+    ("override-not-utf8", lambda t: _sweep_text(t), ("name=caf\udce9",), "not UTF-8 text"),
+    ("base-missing", lambda t: yaml.safe_dump({"name": "s", "base": "nothere.yaml"}), (),
+     "base: "),
+    ("grid-value-type", lambda t: _sweep_text(t, grid={"training.max_steps": [10, "ten"]}), (),
+     "trial [training.max_steps=ten]: training.max_steps: expected an integer"),
+]
+
+
+@pytest.mark.parametrize("make, args, expected", [pytest.param(m, a, e, id=i) for i, m, a, e in FILE_CASES])
+def test_bad_sweep_files_are_one_line_exit_2_and_nothing_created(tmp_path, monkeypatch, capsys, make, args, expected):
+    content = make(tmp_path)
+    path = tmp_path / "sweep.yaml"
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main([str(path), *args]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{path}: ") or lines[0].startswith("command line: "), lines[0]
+    assert expected in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created
+
+
+def test_a_file_too_large_is_refused_unread(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "sweep.yaml"
+    with open(path, "w") as f:
+        f.write(_sweep_text(tmp_path))
+        f.write("# " + "x" * (17 * 2**20) + "\n")
+    assert sweep.main([str(path)]) == 2
+    assert "larger than 16 MiB" in capsys.readouterr().err
+
+
+def test_a_directory_given_as_the_file(tmp_path, capsys):
+    assert sweep.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"{tmp_path}: is a directory, not a YAML file"
+
+
+# ------------------------------------------------------------------ the sweep directory
+
+def _sweep_dir(tmp_path, manifest_bytes: bytes | None, sweep_json: bool = True):
+    directory = tmp_path / "runs" / "s"
+    directory.mkdir(parents=True)
+    if manifest_bytes is not None:
+        (directory / "manifest.json").write_bytes(manifest_bytes)
+    if sweep_json:
+        (directory / "sweep.json").write_text("{}")
+    return directory
+
+
+MANIFEST_CASES = [
+    ("truncated", b'{"sweep": "s", "executor": "local", "trials": {"ab', "not valid JSON"),
+    ("empty", b"", "empty; it was truncated"),
+    ("a-list", b"[1, 2]", "expected a JSON object, got list"),
+    ("trials-not-a-mapping", b'{"sweep": "s", "executor": "local", "select_metric": "accuracy", "select_mode": "max", '
+                             b'"trials": []}', "trials: expected a mapping of trial records"),
+    ("record-wrong-type", b'{"sweep": "s", "executor": "local", "select_metric": "accuracy", "select_mode": "max", '
+                          b'"trials": {"t1": {"id": "t1", "label": "x", "overrides": {}, "config": {}, '
+                          b'"output_dir": "o", "executor": "local", "state": 3}}}', "trials.t1.state: expected a string"),
+    ("missing-field", b'{"executor": "local", "trials": {}}', "required"),
+]
+
+
+@pytest.mark.parametrize("content, expected", [pytest.param(c, e, id=i) for i, c, e in MANIFEST_CASES])
+def test_a_damaged_manifest_is_an_error_and_is_never_replaced(tmp_path, monkeypatch, capsys, content, expected):
+    directory = _sweep_dir(tmp_path, content)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(_sweep_text(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main([str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(directory / "manifest.json") in err and expected in err, err
+    assert "--repair" in err
+    assert status.main([str(directory)]) == 2
+    assert expected in capsys.readouterr().err
+    assert (directory / "manifest.json").read_bytes() == content  # kept as it was
+
+
+def test_a_missing_manifest_beside_a_sweep_file_is_not_a_fresh_start(tmp_path, monkeypatch, capsys):
+    directory = _sweep_dir(tmp_path, None)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(_sweep_text(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main([str(path)]) == 2
+    assert "sweep.json is here but manifest.json is not; rebuild it with" in capsys.readouterr().err
+    assert sorted(p.name for p in directory.iterdir()) == [".lock", "sweep.json"]
+
+
+def test_a_sweep_held_by_another_driver_is_refused_naming_it(tmp_path, monkeypatch, capsys):
+    """A real second process holds the lock: the second driver names it; once that process is
+    gone (killed, not cleaned up) the lock is free again."""
+    import signal
+    import subprocess
+    import sys
+
+    from qarac_dist.submit.sweep_dir import SweepLock
+
+    directory = tmp_path / "runs" / "s"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from qarac_dist.submit.sweep_dir import SweepLock;"
+        f"lock = SweepLock(Path({str(directory)!r})); lock.acquire(); print('held', flush=True); time.sleep(600)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        path = tmp_path / "sweep.yaml"
+        path.write_text(_sweep_text(tmp_path))
+        monkeypatch.chdir(tmp_path)
+        assert sweep.main([str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "another driver is working on this sweep" in err
+        assert f"pid {holder.pid}" in err and f"host {os.uname().nodename}" in err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock = SweepLock(directory)
+    lock.acquire()  # the kernel released the dead holder's lock
+    lock.release()

@@ -1,0 +1,179 @@
+"""The planner: a table of sweep files and the trials they expand to."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from qarac_dist.config import ConfigError
+from qarac_dist.config.sweep import load_sweep
+from qarac_dist.plan import plan
+from support import ROOT, tiny_config
+
+
+def _sweep(tmp_path, **fields) -> dict:
+    return {"name": "s", "base": tiny_config(tmp_path / "cache", tmp_path / "out"), **fields}
+
+
+def _plan(tmp_path, sweep: dict, overrides=()):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    spec, base = load_sweep(path, list(overrides))
+    return plan(spec, base, str(path))
+
+
+VARIANTS = [{"name": "best", "set": {"model.config.hidden_dropout_prob": 0.5, "optimizer.weight_decay": 0.1}},
+            {"name": "no hidden", "set": {"model.config.hidden_dropout_prob": 0.0, "optimizer.weight_decay": 0.1}},
+            {"name": "no smoothing", "set": {"model.config.hidden_dropout_prob": 0.5, "optimizer.weight_decay": 0.0}}]
+
+
+@pytest.mark.parametrize("fields, overrides, expected_count, check", [
+    pytest.param({}, (), 1, lambda ts: ts[0].overrides == {}, id="no-grid"),
+    pytest.param({"grid": {"optimizer.lr": [1e-3, 1e-4], "training.seed": [0, 1, 2]}}, (), 6,
+                 lambda ts: {(t.config["optimizer"]["lr"], t.config["training"]["seed"]) for t in ts}
+                 == {(lr, s) for lr in (1e-3, 1e-4) for s in (0, 1, 2)}, id="grid-product"),
+    pytest.param({"grid": {"optimizer": {"lr": [1e-3, 1e-4]}}}, (), 2,
+                 lambda ts: {t.config["optimizer"]["lr"] for t in ts} == {1e-3, 1e-4}, id="nested-grid-keys"),
+    pytest.param({"variants": VARIANTS, "grid": {"optimizer.lr": [1e-3, 1e-4]}}, (), 6,
+                 lambda ts: sorted(t.label for t in ts)[0] == "best optimizer.lr=0.0001", id="variants-x-grid"),
+    pytest.param({"random": {"num_samples": 5, "seed": 3, "params": {
+                     "optimizer.lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-2},
+                     "training.micro_batch_size": {"distribution": "choice", "values": [2, 4]},
+                     "optimizer.weight_decay": {"distribution": "uniform", "low": 0.0, "high": 0.1}}}}, (), 5,
+                 lambda ts: all(1e-5 <= t.config["optimizer"]["lr"] <= 1e-2 and t.config["training"]["micro_batch_size"] in (2, 4)
+                                for t in ts), id="random"),
+    pytest.param({"grid": {"training.seed": [0, 1]}, "variants": VARIANTS[:2],
+                  "random": {"num_samples": 3, "params": {"optimizer.lr": {"distribution": "uniform", "low": 1e-4, "high": 1e-3}}}},
+                 (), 12, lambda ts: len({t.config["optimizer"]["lr"] for t in ts}) == 3, id="grid-x-variants-x-random"),
+    pytest.param({"grid": {"optimizer.lr": [1e-3]}}, ("grid.optimizer.lr=[1e-3,2e-3,3e-3]", "set.training.max_steps=7"), 3,
+                 lambda ts: all(t.config["training"]["max_steps"] == 7 for t in ts), id="cli-overrides"),
+])
+def test_plan_table(tmp_path, fields, overrides, expected_count, check):
+    trials = _plan(tmp_path, _sweep(tmp_path, **fields), overrides)
+    assert len(trials) == expected_count
+    assert len({t.id for t in trials}) == expected_count
+    assert check(trials)
+    for t in trials:
+        assert t.config["output"]["dir"] == f"runs/s/trials/{t.id}"
+
+
+def test_replanning_gives_the_same_ids_and_values(tmp_path):
+    sweep = _sweep(tmp_path, grid={"optimizer.lr": [1e-3, 1e-4]},
+                   random={"num_samples": 2, "seed": 1, "params": {"optimizer.eps": {"distribution": "loguniform", "low": 1e-9, "high": 1e-6}}})
+    first, second = _plan(tmp_path, sweep), _plan(tmp_path, sweep)
+    assert [t.id for t in first] == [t.id for t in second]
+    assert [t.config for t in first] == [t.config for t in second]
+    other_seed = _plan(tmp_path, {**sweep, "random": {**sweep["random"], "seed": 2}})
+    assert {t.id for t in other_seed}.isdisjoint({t.id for t in first})
+
+
+def test_trial_id_ignores_the_sweep_name_and_output_dir(tmp_path):
+    a = _plan(tmp_path, _sweep(tmp_path))
+    b = _plan(tmp_path, {**_sweep(tmp_path), "name": "other"})
+    assert a[0].id == b[0].id and a[0].config["output"]["dir"] != b[0].config["output"]["dir"]
+
+
+@pytest.mark.parametrize("fields, expected", [
+    pytest.param({"grid": {"optimizer.lr": []}}, "grid.optimizer.lr: empty list", id="empty-grid-list"),
+    pytest.param({"grid": {"optimizer.lrate": [1]}}, "grid.optimizer.lrate: not a key of the training config "
+                 "(optimizer.lrate: valid keys of optimizer: betas, eps, lr, weight_decay)", id="grid-key-not-in-config"),
+    pytest.param({"grid": {"optimizer.lr": ["fast"]}}, "trial [optimizer.lr=fast]: optimizer.lr: expected a number, got 'fast'",
+                 id="grid-value-wrong-type"),
+    pytest.param({"random": {"params": {"optimizer.lr": {"distribution": "loguniform", "low": 1e-2, "high": 1e-4}}}},
+                 "random.params.optimizer.lr: low (0.01) must be below high (0.0001)", id="bad-bounds"),
+    pytest.param({"random": {"params": {"optimizer.lr": {"distribution": "loguniform", "low": 0, "high": 1e-4}}}},
+                 "random.params.optimizer.lr.low: loguniform needs low > 0", id="loguniform-zero"),
+    pytest.param({"grid": {"training.seed": list(range(40))}, "max_trials": 30},
+                 "max_trials: the plan has 40 trials, over the cap of 30", id="over-cap"),
+    pytest.param({"resourcez": {}}, "resourcez: unknown key; valid keys: asha, base, executor, grid,", id="unknown-key"),
+    pytest.param({"resources": {"gpus": 1}}, "resources.gpus: unknown key; valid keys of resources: account,", id="unknown-resource"),
+    pytest.param({"grid": {"training.seed": [1, 2]}, "variants": [{"name": "v", "set": {"training.seed": 3}}]},
+                 "training.seed: set by both variant v and grid", id="conflicting-keys"),
+])
+def test_bad_sweep_files(tmp_path, fields, expected):
+    with pytest.raises(ConfigError) as info:
+        _plan(tmp_path, _sweep(tmp_path, **fields))
+    assert any(expected in e for e in info.value.errors), info.value.errors
+    assert all(e.startswith(str(tmp_path / "sweep.yaml") + ": ") for e in info.value.errors)
+
+
+def test_ten_thousand_trials_plan_quickly(tmp_path):
+    import time
+
+    sweep = _sweep(tmp_path, grid={"optimizer.lr": [i * 1e-5 for i in range(1, 101)], "training.seed": list(range(100))},
+                   max_trials=10_000)
+    started = time.perf_counter()
+    trials = _plan(tmp_path, sweep)
+    assert len(trials) == 10_000 and math.isfinite(time.perf_counter() - started)
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "configs").glob("*.yaml") if "base" in yaml.safe_load(p.read_text())),
+                         ids=lambda p: p.name)
+def test_every_shipped_sweep_file_plans(path):
+    spec, base = load_sweep(path)
+    trials = plan(spec, base, str(path))
+    assert trials and len({t.id for t in trials}) == len(trials)
+
+
+@pytest.mark.parametrize("global_batch, expected", [
+    pytest.param(None, (6, 1), id="no-global-batch: accumulation kept"),
+    pytest.param(32, (4, 4), id="global-batch-32-on-2-ranks: largest divisor of 16 up to 6"),
+])
+def test_a_found_micro_batch_is_planned_into_matching_trials_only(tmp_path, global_batch, expected):
+    from qarac_dist.plan.micro_batch import memory_key
+
+    base = tiny_config(tmp_path / "cache", tmp_path / "out", training={"global_batch_size": global_batch,
+                                                                       "micro_batch_size": 2,
+                                                                       "gradient_accumulation_steps": 8 if global_batch else 1})
+    sweep = {"name": "s", "base": base, "grid": {"optimizer.lr": [1e-3, 2e-3], "data.max_length": [256, 320]},
+             "resources": {"tasks_per_node": 2}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    spec, base_cfg = load_sweep(path)
+    before = plan(spec, base_cfg, str(path))
+    long_shape = next(t for t in before if t.config["data"]["max_length"] == 320)
+    found = {memory_key(long_shape.config): {"micro_batch_size": 6}}
+    after = plan(spec, base_cfg, str(path), found)
+    for old, new in zip(before, after):
+        training = new.config["training"]
+        if old.config["data"]["max_length"] == 320:
+            assert (training["micro_batch_size"], training["gradient_accumulation_steps"]) == expected
+            assert new.id != old.id and "found micro batch" in new.label
+        else:
+            assert new.id == old.id and new.config == old.config
+
+
+def test_the_fast_planner_gives_what_validating_each_trial_in_full_gives(tmp_path):
+    """Sections typed once per distinct override and rules checked by key: the same configs and
+    ids as building every trial's whole config (`config_from_dict`) and hashing it."""
+    from qarac_dist.config import config_from_dict, config_to_dict
+    from qarac_dist.config.schema import apply_overrides
+    from qarac_dist.plan.expand import trial_id
+
+    sweep = _sweep(tmp_path, grid={"optimizer.lr": [1e-3, 2e-3], "model.config.num_hidden_layers": [1, 2]},
+                   variants=VARIANTS[:2], set={"training.max_steps": 7},
+                   random={"num_samples": 2, "params": {"optimizer.eps": {"distribution": "loguniform", "low": 1e-9,
+                                                                           "high": 1e-7}}})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    spec, base = load_sweep(path)
+    trials = plan(spec, base, str(path))
+    assert len(trials) == 16
+    for t in trials:
+        full = config_to_dict(config_from_dict(apply_overrides(base, list(t.overrides.items())), "x"))
+        assert trial_id(full) == t.id
+        full.update(name=f"s-{t.id}", output={**full["output"], "dir": f"runs/s/trials/{t.id}"})
+        assert full == t.config
+
+
+@pytest.mark.parametrize("override, expected", [
+    pytest.param({"training.global_batch_size": [6, 8]}, "training.global_batch_size: 6 is not a multiple", id="rule"),
+    pytest.param({"optimizer.lr": [1e-3, -1.0]}, "optimizer.lr: expected more than 0", id="range"),
+])
+def test_a_problem_of_some_trials_only_is_found_by_the_fast_planner(tmp_path, override, expected):
+    with pytest.raises(ConfigError) as info:
+        _plan(tmp_path, _sweep(tmp_path, grid=override))
+    (line,) = info.value.errors
+    assert expected in line and "trial [" in line and " more:" not in line

@@ -1,0 +1,94 @@
+"""The sbatch scripts a sweep submits, checked line by line against recorded files
+(tests/golden/sbatch_*.txt), and shown verbatim by --dry-run whatever the terminal's width.
+
+To record them again after a deliberate change: QARAC_RECORD_GOLDEN=1 python -m pytest tests/unit/test_sbatch.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qarac_dist.config.sweep import Resources
+from qarac_dist.submit import sbatch
+from support import ROOT, tiny_config
+
+GOLDEN = ROOT / "tests" / "golden"
+FOLDER = Path("/shared/runs/demo/submitit/%j")
+PYTHON = "/opt/venv/bin/python"
+
+CASES = {
+    "single_cpu": (Resources(), 1, 1001),
+    "two_nodes_four_gpus": (Resources(nodes=2, tasks_per_node=4, gpus_per_node=4, cpus_per_task=8, mem_gb=64,
+                                      time_min=240, partition="gpu", account="mylab", qos="high", constraint="a100",
+                                      extra_sbatch={"exclusive": True, "reservation": "res1"}, max_parallel=3), 8, 1001),
+    "split_at_max_array_size": (Resources(time_min=30, max_parallel=2), 5, 3),
+}
+
+
+def render(resources: Resources, num_trials: int, max_array_size: int) -> str:
+    """Every script of the submission, as the dry-run prints them."""
+    scripts = [sbatch.sbatch_text(resources, sbatch.job_name("demo"), FOLDER, PYTHON, len(array))
+               for array in sbatch.arrays(num_trials, max_array_size)]
+    return "\n# ---- next array ----\n".join(scripts) + "\n"
+
+
+def _compare(name: str, text: str) -> None:
+    path = GOLDEN / f"sbatch_{name}.txt"
+    if os.environ.get("QARAC_RECORD_GOLDEN"):
+        path.write_text(text)
+    expected = path.read_text()
+    diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True), str(path), "now"))
+    assert text == expected, f"the sbatch text changed:\n{diff}"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_sbatch_text_matches_the_recorded_script(name):
+    _compare(name, render(*CASES[name]))
+
+
+def test_split_arrays_stay_below_max_array_size():
+    assert [list(a) for a in sbatch.arrays(5, 3)] == [[0, 1, 2], [3, 4]]
+    text = render(*CASES["split_at_max_array_size"])
+    assert text.count("#SBATCH --array=0-2%2") == 1 and text.count("#SBATCH --array=0-1%2") == 1
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param({"time_min": 241}, id="time"), pytest.param({"partition": "cpu"}, id="partition"),
+    pytest.param({"gpus_per_node": 8}, id="gpus"), pytest.param({"extra_sbatch": {"exclusive": True}}, id="extra"),
+])
+def test_a_changed_directive_fails_the_comparison(change):
+    """The golden comparison can fail: one directive changed gives another script."""
+    resources, trials, size = CASES["two_nodes_four_gpus"]
+    with pytest.raises(AssertionError, match="the sbatch text changed"):
+        _compare_without_recording("two_nodes_four_gpus", render(dataclasses.replace(resources, **change), trials, size))
+
+
+def _compare_without_recording(name: str, text: str) -> None:
+    expected = (GOLDEN / f"sbatch_{name}.txt").read_text()
+    assert text == expected, "the sbatch text changed"
+
+
+def test_dry_run_prints_the_scripts_verbatim_on_a_narrow_terminal(tmp_path, monkeypatch, capsys):
+    """Captured from a 40-column terminal, the printed scripts are byte-equal to the builder's."""
+    from qarac_dist import sweep
+
+    monkeypatch.setenv("COLUMNS", "40")
+    monkeypatch.chdir(tmp_path)
+    spec = {"name": "narrow", "base": tiny_config(tmp_path / "cache", tmp_path / "out"), "executor": "auto",
+            "grid": {"training.seed": [0, 1, 2]},
+            "resources": {"nodes": 2, "gpus_per_node": 4, "partition": "a-partition-with-a-long-name"}}
+    path = tmp_path / "narrow.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert sweep.main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    expected = sbatch.sbatch_text(Resources(nodes=2, gpus_per_node=4, partition="a-partition-with-a-long-name"),
+                                  sbatch.job_name("narrow"), sbatch.submitit_folder(tmp_path / "runs" / "narrow"),
+                                  __import__("sys").executable, 3)
+    assert expected + "\n" in out
+    assert any(len(line) > 40 for line in expected.splitlines())  # the point: long lines stay whole

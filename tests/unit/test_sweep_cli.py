@@ -1,0 +1,62 @@
+"""The sweep and status commands as a user runs them: exit codes, one-line errors, no side effects."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from qarac_dist import status, sweep
+from support import tiny_config
+
+
+def _write(tmp_path, **fields):
+    spec = {"name": "s", "base": tiny_config(tmp_path / "cache", tmp_path / "out"), "executor": "local", **fields}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_dry_run_prints_the_plan_without_importing_torch(tmp_path):
+    """The process is the point here: what a fresh interpreter imports for --dry-run."""
+    path = _write(tmp_path, grid={"optimizer.lr": [1e-3, 1e-4]},
+                  resources={"gpus_per_node": 4, "nodes": 2, "time_min": 90, "partition": "gpu", "account": "lab"})
+    code = ("import runpy, sys; sys.argv = ['x', %r, '--dry-run', 'executor=auto'];"
+            "\ntry: runpy.run_module('qarac_dist.sweep', run_name='__main__')\nexcept SystemExit: pass\n"
+            "print('IMPORTED', sorted(m for m in ('torch', 'deepspeed', 'mlflow', 'transformers') if m in sys.modules))"
+            ) % str(path)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert "IMPORTED []" in proc.stdout, proc.stdout + proc.stderr
+    assert "2 trials" in proc.stdout
+    assert "requested GPU-hours: 24.0" in proc.stdout  # 2 trials x 2 nodes x 4 GPUs x 1.5 h
+    assert "#SBATCH --array=0-1%" in proc.stdout and "#SBATCH --partition=gpu" in proc.stdout
+    assert "#SBATCH --gpus-per-node=4" in proc.stdout and "#SBATCH --account=lab" in proc.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("fields, overrides, expected", [
+    pytest.param({"bogus": 1}, (), "bogus: unknown key", id="unknown-key"),
+    pytest.param({"grid": {"optimizer.lr": []}}, (), "grid.optimizer.lr: empty list", id="empty-grid"),
+    pytest.param({"grid": {"optimizer.lrr": [1]}}, (), "grid.optimizer.lrr: not a key of the training config",
+                 id="not-a-key"),
+    pytest.param({"random": {"params": {"optimizer.lr": {"distribution": "uniform", "low": 1, "high": 0}}}}, (),
+                 "random.params.optimizer.lr: low (1.0) must be below high (0.0)", id="bad-bounds"),
+    pytest.param({"grid": {"training.seed": list(range(5))}}, ("max_trials=4",), "max_trials: the plan has 5 trials",
+                 id="over-cap"),
+])
+def test_bad_sweep_file_is_one_line_exit_2_and_nothing_created(tmp_path, monkeypatch, capsys, fields, overrides,
+                                                                expected):
+    path = _write(tmp_path, **fields)
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main([str(path), *overrides]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{path}: ") and expected in lines[0], lines
+    assert not (tmp_path / "runs").exists()
+
+
+def test_status_of_a_missing_sweep_is_a_clear_error(tmp_path, capsys):
+    assert status.main([str(tmp_path / "runs" / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "no manifest.json" in err and len(err.strip().splitlines()) == 1
