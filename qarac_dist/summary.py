@@ -85,12 +85,12 @@ def print_summary(manifest: Manifest) -> Optional[str]:
         best = next(row for row in table_rows if row.record.id == best_id)
         console.print(f"best trial: {best_id} [{best.record.label}] {manifest.select_metric}={best.value:.4f} "
                       f"(at step {best.best_step})  model: {best.record.trial_dir.best}", markup=False,
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
         console.print(f"best = {manifest.select_mode} {manifest.select_metric}; {TIE_ORDER}", markup=False,
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
     asha = next((r.config["asha"]["record_dir"] for r in manifest.trials.values() if r.config.get("asha")), None)
     if asha is not None and Path(asha).is_dir():
         pruned = sum(row.record.state == "PRUNED" for row in table_rows)
         console.print(f"successive halving: {pruned} trial(s) stopped at a rung; rung table {Path(asha) / 'asha.csv'}, "
-                      f"plot {Path(asha) / 'curves.png'}", markup=False, highlight=False)
+                      f"plot {Path(asha) / 'curves.png'}", markup=False, highlight=False, soft_wrap=True)
     return best_id

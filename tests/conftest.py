@@ -40,18 +40,27 @@ def cluster():
 @pytest.fixture
 def no_requeue_delay():
     """SLURM makes a requeued batch job eligible only 2 minutes later (hard-coded); while a
-    test runs, move those jobs' start time to now so the tests take seconds, not minutes."""
+    test runs, move those jobs' start time to now so the tests take seconds, not minutes. A job
+    is released only once it has been pending for 5 s: released at once, it can be started
+    while its previous run is still being torn down, and SLURM then kills it ("Job credential
+    revoked")."""
     import threading
+    import time
 
     stop = threading.Event()
+    first_seen: dict[str, float] = {}
 
     def release():
         while not stop.is_set():
             out = subprocess.run(["squeue", "-h", "-r", "-t", "PD", "-o", "%i %r"], capture_output=True, text=True).stdout
-            for line in out.splitlines():
-                job, _, reason = line.partition(" ")
-                if reason.strip() == "BeginTime":
+            waiting = {job: reason.strip() for job, _, reason in (line.partition(" ") for line in out.splitlines())}
+            for job, reason in waiting.items():
+                if reason != "BeginTime":
+                    continue
+                first_seen.setdefault(job, time.monotonic())
+                if time.monotonic() - first_seen[job] >= 5:
                     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+                    del first_seen[job]
             stop.wait(0.5)
 
     thread = threading.Thread(target=release, daemon=True)

@@ -34,6 +34,8 @@ def tiny_config(cache_dir: Path, output_dir: Path, **sections) -> dict:
         "training": {"micro_batch_size": 4, "max_steps": 10, "log_every": 1, "seed": 0},
         "evaluation": {"every_steps": 5, "batch_size": 8},
         "output": {"dir": str(output_dir)},
+        # Logging the best model as an MLflow model costs seconds a trial; the tests of it ask for it.
+        "tracking": {"log_model": False},
     }
     for section, values in sections.items():
         cfg[section] = {**cfg.get(section, {}), **values}

@@ -272,8 +272,11 @@ class TrackingConfig:
     """Metric that picks the sweep's best trial; default evaluation.metric."""
     select_mode: Optional[Literal["max", "min"]] = None
     """max or min; default evaluation.mode."""
+    log_model: bool = True
+    """Log the best model as an MLflow model (transformers or pytorch flavour); false keeps it
+    out of MLflow, its files stay in the trial's best/ folder."""
     register_model: Optional[str] = None
-    """Register the best model in the MLflow model registry under this name."""
+    """Register the best model in the MLflow model registry under this name (needs log_model)."""
     tags: dict = field(default_factory=dict)
     """Extra run tags (the sweep sets sweep, trial_id and executor)."""
 

@@ -49,6 +49,7 @@ def job_config(manifest: Manifest, record: TrialRecord) -> dict:
     """The training config a trial's job runs: the planned config, its attempt, where to track it."""
     config = {**record.config, "output": {**record.config["output"], "attempt": record.attempt}}
     config["tracking"] = {
+        **record.config.get("tracking", {}),
         "uri": manifest.tracking_uri, "experiment": manifest.experiment, "run_id": record.mlflow_run_id,
         "parent_run_id": manifest.mlflow_parent_run_id, "sweep_dir": str(Path(record.output_dir).parent.parent),
         "select_metric": manifest.select_metric,

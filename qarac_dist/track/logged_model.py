@@ -68,8 +68,9 @@ def log(uri: str, run_id: str, best_dir: Path, module=None, registered_name: Opt
                                                  registered_model_name=registered_name)
         elif module is not None:
             extra = [str(best_dir / f) for f in _TOKENIZER_FILES if (best_dir / f).exists()]
+            # Pickled, not torch.export'ed: a composite's forward takes keyword batches export cannot trace.
             info = mlflow.pytorch.log_model(module, name="model", extra_files=extra, pip_requirements=_requirements(),
-                                            registered_model_name=registered_name)
+                                            registered_model_name=registered_name, serialization_format="pickle")
         else:
             return None
     return info.model_id

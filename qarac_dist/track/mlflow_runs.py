@@ -68,7 +68,8 @@ class TrialRun:
                    "best_dir": str(best_dir) if best_dir else None,
                    "parent_run_id": self.tracking.parent_run_id, "select_metric": self.tracking.select_metric,
                    "select_mode": self.tracking.select_mode, "register_model": self.tracking.register_model,
-                   "asha_dir": self.asha_dir, "sweep_dir": self.tracking.sweep_dir}
+                   "asha_dir": self.asha_dir, "sweep_dir": self.tracking.sweep_dir,
+                   "log_model": self.tracking.log_model}
         try:
             complete_run(self.client, pending, module)
         except Exception as err:  # noqa: BLE001
@@ -105,6 +106,9 @@ def _log_model(mlflow_client, pending: dict, best_dir: Path, module) -> None:
     from . import logged_model
 
     run_id = pending["run_id"]
+    if not pending.get("log_model", True):
+        mlflow_client.log_artifacts(run_id, str(best_dir), "best_model")
+        return
     try:
         model_id = logged_model.log(pending["uri"], run_id, best_dir, module, pending.get("register_model"))
     except Exception as err:  # noqa: BLE001 - a flavour that does not fit this model: keep its files

@@ -86,11 +86,11 @@ def _update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
     best = best_of(candidates, mode)
     if best is None:
         return None
-    previous = (parent.data.tags.get("best_trial"), parent.data.metrics.get(key))
-    if previous != (best.trial_id, best.value):
+    if parent.data.tags.get("best_trial") != best.trial_id:
         mlflow_client.set_tag(parent_run_id, "best_trial", best.trial_id)
         mlflow_client.set_tag(parent_run_id, "best_run_id", runs[best.trial_id])
         mlflow_client.set_tag(parent_run_id, "best_order", f"{mode} {metric}; {TIE_ORDER}")
+    if parent.data.metrics.get(key) != best.value:  # a point per change of the best value
         mlflow_client.log_metric(parent_run_id, key, best.value, step=len(candidates))
     return best.trial_id, best.value
 

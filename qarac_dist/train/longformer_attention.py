@@ -16,24 +16,21 @@ HF's semantics, reproduced exactly:
 How: queries in blocks of `w` (the one-sided window), each block against the three key blocks
 around it (`3w` keys) plus the global keys, with a boolean band mask, through
 `scaled_dot_product_attention` on 4-D tensors, so PyTorch can pick a fused kernel (its flash
-kernel on CPU, a fused one on CUDA). HF instead builds overlapping chunks of twice the window,
-diagonal reshapes and full-size float masks (transformers#18186). Small windows make many small
-blocks; blocks of several windows are used then (`block_size`), trading a few masked scores for
-larger matrix products. `output_attentions=True` falls back to HF's code, with a warning.
+kernel on CPU, a fused one on CUDA). The keys of each block are gathered in one copy whose
+backward adds the three overlapping slices back (`_Spans`), rather than through unfold, whose
+backward fills and scatters a padded buffer. HF instead builds overlapping chunks of twice the
+window, diagonal reshapes and full-size float masks (transformers#18186).
+`output_attentions=True` falls back to HF's code, with a warning.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 import types
 import warnings
 
 import torch
 import torch.nn.functional as F
-
-MIN_BLOCK = 128
-"""Query blocks hold at least this many tokens (a multiple of the one-sided window)."""
-
 
 def install(model: torch.nn.Module) -> int:
     """Use the blocked attention in every Longformer self-attention of `model`; returns how many."""
@@ -45,15 +42,6 @@ def install(model: torch.nn.Module) -> int:
             module.forward = types.MethodType(blocked_forward, module)
             count += 1
     return count
-
-
-def block_size(window: int, length: int) -> int:
-    """Query block length: a multiple of the one-sided window `window`, at least MIN_BLOCK, that
-    divides the (window-padded) sequence length."""
-    blocks = max(1, math.ceil(MIN_BLOCK / window))
-    while (length // window) % blocks:
-        blocks -= 1
-    return blocks * window
 
 
 def blocked_forward(self, hidden_states, attention_mask=None, is_index_masked=None, is_index_global_attn=None,
@@ -80,49 +68,77 @@ def blocked_forward(self, hidden_states, attention_mask=None, is_index_masked=No
     else:
         slots = 0
 
-    size = block_size(w, length)
+    size = w  # queries per block: one-sided window (larger blocks measured slower, bench/RESULTS.md)
     blocks = length // size
-    span = size + 2 * w  # a block's queries see w keys on either side of it
-    # (batch * blocks, heads, size, dim): queries of each block
     q_blocks = q.view(batch, blocks, size, heads, dim).permute(0, 1, 3, 2, 4).reshape(batch * blocks, heads, size, dim)
-    k_blocks = _spans(k, w, size, span)
-    v_blocks = _spans(v, w, size, span)
     # Which keys each query may see: within w of it, in the sequence, not padded, not global.
     local_key = ~(is_index_masked | is_index_global_attn) if is_global_attn else ~is_index_masked
-    valid = F.pad(local_key, (w, w), value=False).unfold(1, span, size)  # (batch, blocks, span)
-    rows = torch.arange(size, device=q.device)[:, None]
-    cols = torch.arange(span, device=q.device)[None, :]
-    band = (cols - w - rows).abs() <= w  # (size, span)
-    mask = band[None, None] & valid[:, :, None, :]  # (batch, blocks, size, span)
+    valid = F.pad(local_key, (w, w), value=False).unfold(1, size + 2 * w, size)  # (batch, blocks, size + 2w)
+    mask = _band(size, w, q.device)[None, None] & valid[:, :, None, :]  # (batch, blocks, size, size + 2w)
+    k_blocks = _Spans.apply(k, w, size, k_global if slots else None)
+    v_blocks = _Spans.apply(v, w, size, v_global if slots else None)
     if slots:
-        k_blocks = torch.cat([_per_block(k_global, blocks), k_blocks], dim=2)
-        v_blocks = torch.cat([_per_block(v_global, blocks), v_blocks], dim=2)
         mask = torch.cat([present[:, None, None, :].expand(batch, blocks, size, slots), mask], dim=3)
-    # A padded query may see nothing; let it see everything (its output is zeroed below).
-    padded_query = is_index_masked.view(batch, blocks, size, 1)
-    mask = (mask | padded_query).reshape(batch * blocks, 1, size, -1)
+    padded = bool(is_index_masked.any())
+    if padded:  # a padded query may see nothing: let it see all (its output is zeroed below)
+        mask = mask | is_index_masked.view(batch, blocks, size, 1)
+    mask = mask.reshape(batch * blocks, 1, size, -1)
     out = F.scaled_dot_product_attention(q_blocks, k_blocks, v_blocks, attn_mask=mask, dropout_p=dropout)
     out = out.view(batch, blocks, heads, size, dim).permute(0, 1, 3, 2, 4).reshape(batch, length, heads, dim)
-    out = out.masked_fill(is_index_masked[:, :, None, None], 0.0)
+    if padded:
+        out = out.masked_fill(is_index_masked[:, :, None, None], 0.0)
 
     if slots:
         out = _global_rows(self, hidden_states, out, order, present, is_index_masked, dropout)
     return (out.reshape(batch, length, heads * dim),)
 
 
-def _spans(x: torch.Tensor, w: int, size: int, span: int) -> torch.Tensor:
-    """(batch, length, heads, dim) -> (batch * blocks, heads, span, dim): for each query block,
-    the keys from w before it to w after it (zeros beyond the sequence, masked anyway)."""
-    batch, _, heads, dim = x.shape
-    padded = F.pad(x, (0, 0, 0, 0, w, w))
-    spans = padded.unfold(1, span, size)  # (batch, blocks, heads, dim, span)
-    return spans.permute(0, 1, 2, 4, 3).reshape(-1, heads, span, dim)
+class _Spans(torch.autograd.Function):
+    """(batch, length, heads, dim) -> (batch * blocks, heads, [slots +] size + 2w, dim): for each
+    block of `size` queries, the global keys (if any), then the last w keys of the block before
+    it, its own and the first w of the one after it (zeros beyond the sequence: masked anyway),
+    gathered in one copy. Backward adds the overlapping slices back into place."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: int, size: int, global_: torch.Tensor | None) -> torch.Tensor:
+        batch, length, heads, dim = x.shape
+        blocks, slots = length // size, 0 if global_ is None else global_.shape[1]
+        own = x.view(batch, blocks, size, heads, dim).permute(0, 1, 3, 2, 4)  # a view
+        out = x.new_empty(batch, blocks, heads, slots + size + 2 * w, dim)
+        if slots:
+            out[:, :, :, :slots] = global_.permute(0, 2, 1, 3)[:, None]
+        before, mine, after = slice(slots, slots + w), slice(slots + w, slots + w + size), slice(slots + w + size, None)
+        out[:, 1:, :, before] = own[:, :-1, :, size - w:]
+        out[:, :1, :, before] = 0
+        out[:, :, :, mine] = own
+        out[:, :-1, :, after] = own[:, 1:, :, :w]
+        out[:, -1:, :, after] = 0
+        ctx.shape, ctx.w, ctx.size, ctx.slots = x.shape, w, size, slots
+        return out.view(batch * blocks, heads, slots + size + 2 * w, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        batch, length, heads, dim = ctx.shape
+        w, size, slots = ctx.w, ctx.size, ctx.slots
+        grad = grad.view(batch, length // size, heads, slots + size + 2 * w, dim)
+        own = grad[:, :, :, slots + w:slots + w + size].clone()
+        own[:, :-1, :, size - w:] += grad[:, 1:, :, slots:slots + w]  # the next block saw these as before it
+        own[:, 1:, :, :w] += grad[:, :-1, :, slots + w + size:]  # the previous block saw these as after it
+        grad_x = own.permute(0, 1, 3, 2, 4).reshape(batch, length, heads, dim)
+        grad_global = grad[:, :, :, :slots].sum(dim=1).permute(0, 2, 1, 3) if slots else None
+        return grad_x, None, None, grad_global
 
 
-def _per_block(x: torch.Tensor, blocks: int) -> torch.Tensor:
-    """(batch, slots, heads, dim) -> (batch * blocks, heads, slots, dim), the same for each block."""
-    batch, slots, heads, dim = x.shape
-    return x.permute(0, 2, 1, 3)[:, None].expand(batch, blocks, heads, slots, dim).reshape(-1, heads, slots, dim)
+@functools.lru_cache(maxsize=64)
+def _band_cpu(size: int, w: int) -> torch.Tensor:
+    rows = torch.arange(size)[:, None]
+    cols = torch.arange(size + 2 * w)[None, :]
+    return (cols - w - rows).abs() <= w  # query r of a block sees key column c: |c - w - r| <= w
+
+
+def _band(size: int, w: int, device: torch.device) -> torch.Tensor:
+    band = _band_cpu(size, w)
+    return band if device.type == "cpu" else band.to(device)
 
 
 def _global_rows(self, hidden_states, out, order, present, is_index_masked, dropout):
@@ -131,17 +147,45 @@ def _global_rows(self, hidden_states, out, order, present, is_index_masked, drop
     batch, length, heads, dim = out.shape
     slots = order.shape[1]
     hidden_global = torch.gather(hidden_states, 1, order[:, :, None].expand(-1, -1, hidden_states.shape[-1]))
-    q = self.query_global(hidden_global).view(batch, slots, heads, dim).transpose(1, 2)
-    k = self.key_global(hidden_states).view(batch, length, heads, dim).transpose(1, 2)
-    v = self.value_global(hidden_states).view(batch, length, heads, dim).transpose(1, 2)
-    mask = (~is_index_masked)[:, None, None, :].expand(batch, 1, slots, length)
-    rows = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout).transpose(1, 2)
+    q = self.query_global(hidden_global).view(batch, slots, heads, dim).transpose(1, 2)  # (b, h, slots, d)
+    if slots * 4 <= hidden_states.shape[-1]:
+        rows = _few_global_queries(self, hidden_states, q, is_index_masked, dropout)
+    else:
+        k = self.key_global(hidden_states).view(batch, length, heads, dim).transpose(1, 2)
+        v = self.value_global(hidden_states).view(batch, length, heads, dim).transpose(1, 2)
+        mask = None if not bool(is_index_masked.any()) else \
+            (~is_index_masked)[:, None, None, :].expand(batch, 1, slots, length)
+        rows = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    rows = rows.transpose(1, 2)  # (batch, slots, heads, dim)
     # Scatter the real slots back to their positions (empty slots point at position 0 of a row
     # with fewer global tokens; their values are written to a scratch index instead).
+    if bool(present.all()):
+        return out.scatter(1, order[:, :, None, None].expand(-1, -1, heads, dim), rows)
     target = torch.where(present, order, torch.full_like(order, length))
     scratch = torch.cat([out, out.new_zeros(batch, 1, heads, dim)], dim=1)
     scratch = scratch.scatter(1, target[:, :, None, None].expand(-1, -1, heads, dim), rows)
     return scratch[:, :length]
+
+
+def _few_global_queries(self, hidden_states, q, is_index_masked, dropout):
+    """The global rows without the global keys and values of every token: with few global
+    queries, (q Wk) X^T is far cheaper than q (X Wk^T)^T, and P (X Wv^T) is (P X) Wv^T. The key
+    bias adds the same to every score of a row, which softmax ignores; the value bias comes
+    out as itself, since each row of P sums to 1. Same result, up to float rounding; used where
+the global queries are few against the width (4 or more times fewer)."""
+    batch, heads, slots, dim = q.shape
+    width = hidden_states.shape[-1]
+    scale = dim ** -0.5
+    w_key = self.key_global.weight.view(heads, dim, width)
+    q = q * scale
+    scores = torch.einsum("bhgd,hdw,blw->bhgl", q, w_key, hidden_states)
+    # The key bias's term is the same for a whole row; kept so its gradient is HF's (about zero).
+    scores = scores + torch.einsum("bhgd,hd->bhg", q, self.key_global.bias.view(heads, dim))[..., None]
+    scores = scores.masked_fill(is_index_masked[:, None, None, :], float("-inf"))
+    probs = F.dropout(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype), p=dropout)
+    mixed = torch.einsum("bhgl,blw->bhgw", probs, hidden_states)
+    w_value = self.value_global.weight.view(heads, dim, width)
+    return torch.einsum("bhgw,hdw->bhgd", mixed, w_value) + self.value_global.bias.view(1, heads, 1, dim)
 
 
 _warned: set[str] = set()

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -37,8 +38,9 @@ def test_unreachable_server_buffers_spills_and_leaves_points_to_replay(tmp_path,
     assert not (tmp_path / mlflow_logger.UNSENT).exists()
 
 
-def _sweep_file(tmp_path, data_cache, uri, **fields):
-    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 6}, evaluation={"every_steps": 3})
+def _sweep_file(tmp_path, data_cache, uri, log_model=False, **fields):
+    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 6}, evaluation={"every_steps": 3},
+                       tracking={"log_model": log_model})
     sweep = {"name": "tracked", "base": base, "executor": "local", "tracking": {"uri": uri},
              "resources": {"max_parallel": 2, "time_min": 10}, "select": {"metric": "accuracy", "mode": "max"}, **fields}
     path = tmp_path / "sweep.yaml"
@@ -62,7 +64,8 @@ def test_four_trial_sweep_makes_one_parent_and_four_complete_children(tmp_path, 
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'store.db'}" if store == "sqlite" else request.getfixturevalue("mlflow_server").uri
-    path = _sweep_file(tmp_path, data_cache, uri, grid={"optimizer.lr": [1e-3, 3e-3], "training.seed": [0, 1]})
+    path = _sweep_file(tmp_path, data_cache, uri, log_model=True,
+                       grid={"optimizer.lr": [1e-3, 3e-3], "training.seed": [0, 1]})
     proc = run_sweep(path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     c = client(uri)
@@ -191,3 +194,39 @@ def test_server_outage_mid_trial_loses_no_metrics(tmp_path, data_cache, mlflow_s
     assert _history(c, run.info.run_id, "loss") == list(range(1, 201))
     assert run.info.status == "FINISHED"
     assert not (out / mlflow_logger.UNSENT).exists()
+
+
+def test_a_dual_encoders_best_model_loads_through_mlflow_and_scores_a_pair(tmp_path, data_cache):
+    """A composite model (two encoders, one loss) is no transformers model: it is logged in the
+    pytorch flavour with its tokenizer, and MLflow's own API gives back a module that scores."""
+    import mlflow
+    import torch
+    from transformers import AutoTokenizer
+
+    from support import roberta_dual
+    from qarac_dist.config import config_to_dict
+
+    base = config_to_dict(roberta_dual(tmp_path, pooler=False))
+    base["data"]["cache_dir"] = str(data_cache)
+    base["training"].update(max_steps=4, micro_batch_size=4)
+    base["evaluation"]["every_steps"] = 4
+    base["tracking"] = {"log_model": True}
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    sweep = {"name": "dual", "base": base, "executor": "local", "tracking": {"uri": uri},
+             "resources": {"time_min": 10}, "runs_dir": str(tmp_path / "runs")}
+    path = tmp_path / "dual.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    proc = run_sweep(path, "--no-preflight")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (child,) = _runs(client(uri), "dual")[1]
+    model_id = child.data.tags["best_model_id"]
+    mlflow.set_tracking_uri(uri)
+    module = mlflow.pytorch.load_model(f"models:/{model_id}")
+    assert type(module).__name__ == "DualEncoder"
+    files = mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=str(tmp_path / "dl"))
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(files) / "extra_files"))
+    a, b = tokenizer(["some words here"], return_tensors="pt"), tokenizer(["other words there"], return_tensors="pt")
+    with torch.no_grad():
+        score = module(input_ids=a["input_ids"], attention_mask=a["attention_mask"], input_ids_b=b["input_ids"],
+                       attention_mask_b=b["attention_mask"])["logits"]
+    assert score.shape == (1, 1) and torch.isfinite(score).all() and -1 <= float(score) <= 1

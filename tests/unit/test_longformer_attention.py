@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LongformerConfig, LongformerForSequenceClassification, LongformerModel
 
-from qarac_dist.train.longformer_attention import block_size, install
+from qarac_dist.train.longformer_attention import install
 
 
 def _pair(window, length, layers=2, hidden=64, heads=4, dropout=0.0, dtype=torch.float32, cls=LongformerModel):
@@ -118,13 +118,6 @@ def test_output_attentions_falls_back_to_hf_with_a_warning():
     assert any("falls back to Hugging Face" in str(w.message) for w in caught)
     reference = hf(**inputs, output_attentions=True)
     assert torch.allclose(out.attentions[0], reference.attentions[0])
-
-
-def test_block_size_is_a_multiple_of_the_window_that_divides_the_length():
-    assert block_size(256, 4096) == 256 and block_size(32, 2048) == 128 and block_size(8, 40) == 40
-    for window, length in [(32, 96), (16, 80), (4, 4), (2, 24)]:
-        size = block_size(window, length)
-        assert size % window == 0 and length % size == 0
 
 
 def test_twenty_training_steps_give_the_same_losses():
