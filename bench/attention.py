@@ -2,7 +2,7 @@
 
 For each shape: forward + backward of one self-attention module (global attention on the first
 token), and a whole model's training step (forward, backward, AdamW step; the model as many
-layers as the shape says), blocked vs HF, interleaved ABBA, median of `--repeats`; and the peak
+layers as the shape says), blocked vs HF, interleaved (AB, BA, ...), median of `--repeats`; and the peak
 of live tensor bytes over a forward and backward of each (preflight's measure,
 `preflight.memory.peak_activation_bytes`). Same weights and inputs for both.
 
@@ -103,8 +103,7 @@ def measure(name, shape, repeats: int) -> dict:
     for what, step in (("module", module_step), ("model", model_step)):
         step("hf"), step("blocked")  # warm-up: allocator, kernels
         for r in range(repeats):
-            order = ("hf", "blocked", "blocked", "hf") if r % 2 == 0 else ("blocked", "hf", "hf", "blocked")
-            for kind in order[:2]:  # ABBA across repeats
+            for kind in (("hf", "blocked") if r % 2 == 0 else ("blocked", "hf")):  # AB, BA, AB, ...
                 times[(what, kind)].append(timed(lambda: step(kind)))
     peak = {}
     for kind in ("hf", "blocked"):

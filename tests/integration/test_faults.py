@@ -19,7 +19,6 @@ from qarac_dist.track.trial_dir import read_metrics
 from support import HELPERS, ROOT, run_sweep, run_train, table_rows, tiny_config, write_config
 
 
-
 def _sweep(tmp_path, name, data_cache, base=None, **fields) -> Path:
     base = base or tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 60, "log_every": 1},
                                evaluation={"every_steps": 30}, checkpointing={"every_steps": 1000},

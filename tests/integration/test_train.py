@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from qarac_dist.track.trial_dir import read_metrics
 from support import run_train, tiny_config, write_config
-
 
 
 def _losses(out_dir) -> list[float]:
@@ -45,16 +45,22 @@ def test_one_rank_run_logs_every_metric_and_exports_a_reloadable_best_model(tmp_
     tokenizer = AutoTokenizer.from_pretrained(out / "best")
     val = datasets.load_dataset("json", data_files=str(next(data_cache.glob("synthetic-*")) / "validation.jsonl"))["train"].to_dict()
     enc = tokenizer(val["text"], truncation=True, max_length=320)
-    batch = Collator(tokenizer.pad_token_id, 32, True)({"input_ids": enc["input_ids"], "labels": val["label"]})
-    labels = batch.pop("labels")
-    with torch.no_grad():
-        logits = model(**batch).logits.numpy()
-    metrics = classification_metrics(logits, labels.numpy())
-    assert metrics["accuracy"] == pytest.approx(best["metrics"]["accuracy"])
+    collate = Collator(tokenizer.pad_token_id, 32, True)
+    logits, labels = [], []
+    for i in range(0, len(val["label"]), 8):  # the evaluation batches of tiny_config, so the same padding
+        batch = collate({"input_ids": enc["input_ids"][i:i + 8], "labels": val["label"][i:i + 8]})
+        labels.append(batch.pop("labels").numpy())
+        with torch.no_grad():
+            logits.append(model(**batch).logits.numpy())
+    logits, labels = np.concatenate(logits), np.concatenate(labels)
+    metrics = classification_metrics(logits, labels)
     assert metrics["loss"] == pytest.approx(best["metrics"]["loss"], abs=1e-4)
+    # A barely trained model has near-ties; another CPU's kernels may round those the other way.
+    near_ties = int((np.abs(logits[:, 0] - logits[:, 1]) < 1e-4).sum())
+    assert abs(metrics["accuracy"] - best["metrics"]["accuracy"]) <= near_ties / len(labels) + 1e-9
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("stage", [1, 3])  # 0 and 2: the next test
 def test_zero_stages_run_on_two_ranks(tmp_path, data_cache, stage):
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", tiny_config(data_cache, out, deepspeed={"zero_stage": stage},
@@ -76,6 +82,8 @@ def test_zero0_and_zero2_give_the_same_losses(tmp_path, data_cache):
             data_cache, out, deepspeed={"zero_stage": stage}, training={"max_steps": 20}, evaluation={"every_steps": 20}))
         run_train(config, num_processes=2)
         losses[stage] = _losses(out)
+        assert (out / "best" / "model.safetensors").exists()
+        assert json.loads((out / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == stage
     assert len(losses[0]) == 20
     assert losses[0] == pytest.approx(losses[2], abs=1e-5)
     assert losses[0][-1] != losses[0][0]
