@@ -190,7 +190,6 @@ def _sbatch_train(tmp_path, config, *overrides, nodes=1, name="job"):
 def test_missing_checkpoint_fails_clearly_instead_of_starting_over(cluster, tmp_path, data_cache):
     import shutil
 
-
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", tiny_config(data_cache, out, training={"max_steps": 10},
                                                            checkpointing={"every_steps": 5}))

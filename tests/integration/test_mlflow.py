@@ -8,7 +8,6 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from qarac_dist.submit.sweep_dir import Manifest
