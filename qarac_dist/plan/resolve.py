@@ -26,6 +26,7 @@ from ..config.sections import TrainConfig
 
 # What a trial is, not where it writes or is tracked: left out of its id.
 NOT_IDENTITY = {"output": ("dir", "attempt"), "asha": ("record_dir",)}
+_IDENTITY_JSON = json.JSONEncoder(sort_keys=True, default=str)  # json.dumps(..., sort_keys=True, default=str), built once
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class Resolver:
         self.order = sorted(self.fields)
         self.keys = {name: json.dumps(name) + ": " for name in self.order}
         self.unchanged: dict | None = None
+        self.unchanged_parts: list[str] | None = None
+        self.position = {name: i for i, name in enumerate(self.order)}
 
     def resolve(self, overrides: dict) -> tuple[TrainConfig, dict, str]:
         """The typed config, its plain form and its id; ConfigError (without the source) if
@@ -69,7 +72,7 @@ class Resolver:
         sections = dict(self.unchanged)
         for name, own in by_section.items():
             sections[name] = self._section(name, own)
-        errors = [*self.base_errors, *(e for s in sections.values() for e in s.errors)]
+        errors = [*self.base_errors, *(e for s in sections.values() if s.errors for e in s.errors)]
         if errors:
             raise ConfigError(errors)
         cfg = TrainConfig(**{name: s.value for name, s in sections.items()})
@@ -78,7 +81,12 @@ class Resolver:
         problems = self.constant_problems + rules.check(cfg, touched=[k for k in overrides if k in self.variable])
         if problems:
             raise ConfigError(problems)
-        identity = "{" + ", ".join(self.keys[name] + sections[name].identity for name in self.order) + "}"
+        if self.unchanged_parts is None:
+            self.unchanged_parts = [self.keys[name] + self.unchanged[name].identity for name in self.order]
+        parts = list(self.unchanged_parts)
+        for name in by_section:
+            parts[self.position[name]] = self.keys[name] + sections[name].identity
+        identity = "{" + ", ".join(parts) + "}"
         tid = hashlib.sha256(identity.encode()).hexdigest()[:10]
         return cfg, {name: s.plain for name, s in sections.items()}, tid
 
@@ -88,6 +96,7 @@ class Resolver:
         if cached is not None:
             return cached
         errors: list[str] = []
+        plain = None
         base = self._section(name, {}) if own else None
         fields = field_types(self.fields[name]) if own else None
         if fields and not base.errors and all(k.count(".") == 1 and k.split(".")[1] in fields for k in own):
@@ -97,16 +106,18 @@ class Resolver:
             typed = {f: build_field(cls, f, v, errors) for f, v in changes.items()}
             errors = [f"{name}.{e}" for e in errors]
             value = dataclasses.replace(base.value, **typed) if not errors else base.value
+            plain = {**base.plain, **{f: to_dict(getattr(value, f)) for f in typed}}  # = to_dict(value), cheaper
         elif name in self.base or own:
             raw = apply_overrides({name: self.base.get(name)}, list(own.items()))[name] if own else self.base[name]
             value = build_field(TrainConfig, name, raw, errors)
         else:
             value = field_defaults(TrainConfig)[name]
-        plain = to_dict(value)
+        if plain is None:
+            plain = to_dict(value)
         hidden = NOT_IDENTITY.get(name)
         shown = {**plain, **{k: None for k in hidden}} if hidden and isinstance(plain, dict) else plain
         if name == "tracking":
             shown = None
-        section = _Section(value, plain, json.dumps(shown, sort_keys=True, default=str), tuple(errors))
+        section = _Section(value, plain, _IDENTITY_JSON.encode(shown), tuple(errors))
         self.sections[key] = section
         return section
