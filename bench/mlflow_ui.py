@@ -5,7 +5,7 @@ column, and saves a screenshot.
 
     python bench/mlflow_ui.py --store sqlite:///mlflow.db --experiment demo_grid --out bench/results/mlflow_ui.png
 
-tests/test_ui.py runs `check_runs_page` in CI against a store it fills itself.
+tests/integration/test_ui.py runs `check_runs_page` in CI against a store it fills itself.
 """
 
 from __future__ import annotations
