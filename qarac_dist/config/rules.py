@@ -37,12 +37,12 @@ def rule(*reads: str):
 
 def check(cfg: TrainConfig, touched: Optional[Iterable[str]] = None) -> list[str]:
     """Every rule's problems; with `touched`, only the rules that read one of those keys."""
-    chosen = RULES if touched is None else _reading(frozenset(touched))
+    chosen = RULES if touched is None else reading(frozenset(touched))
     return [problem for r in chosen for problem in r.check(cfg)]
 
 
 @functools.lru_cache(maxsize=1024)
-def _reading(keys: frozenset) -> list[Rule]:
+def reading(keys: frozenset) -> list[Rule]:
     """The rules that read one of `keys` (a sweep's trials vary the same few keys)."""
     return [r for r in RULES if r.touched_by(keys)]
 

@@ -109,6 +109,8 @@ def _type_name(tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
     """Check `value` against the annotation `tp`; append `key: message` to errors on mismatch."""
+    if tp is float or tp is int or tp is str or tp is bool:  # most fields, and what sweeps vary
+        return _scalar(value, tp, key, errors)
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -150,6 +152,11 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
             errors.append(f"{key}: expected a mapping, got {value!r}")
             return {}
         return dict(value)
+    raise TypeError(f"unsupported annotation {tp!r} at {key}")
+
+
+def _scalar(value: Any, tp: type, key: str, errors: list[str]) -> Any:
+    """`_convert` for bool, int, float and str."""
     if tp is bool:
         if not isinstance(value, bool):
             errors.append(f"{key}: expected true or false, got {value!r}")
@@ -171,11 +178,9 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
         if not math.isfinite(value):
             errors.append(f"{key}: expected a finite number, got {value!r}")
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            errors.append(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {tp!r} at {key}")
+    if not isinstance(value, str):  # tp is str
+        errors.append(f"{key}: expected a string, got {value!r}")
+    return value
 
 
 @functools.lru_cache(maxsize=None)

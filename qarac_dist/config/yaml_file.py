@@ -51,7 +51,10 @@ class _Problem(Exception):
 
 def _expanded_size(root) -> int:
     """Values in the document with every alias expanded, counted on the node graph (shared
-    nodes are counted once per use, computed once each), refusing cycles and deep nesting."""
+    nodes are counted once per use, computed once each), refusing cycles and deep nesting.
+    Scalars count one each and are not visited on their own (a long list is most of a sweep file)."""
+    if isinstance(root, yaml.ScalarNode):
+        return 1
     sizes: dict[int, int] = {}
     on_path: set[int] = set()
     stack = [(root, False, 1)]
@@ -60,7 +63,7 @@ def _expanded_size(root) -> int:
         key = id(node)
         if children_done:
             on_path.discard(key)
-            sizes[key] = 1 + sum(sizes[id(c)] for c in _children(node))
+            sizes[key] = 1 + sum(sizes.get(id(c), 1) for c in _children(node))  # scalars are not in sizes
             if sizes[key] > MAX_NODES:
                 raise _Problem(f"its aliases expand to more than {MAX_NODES:,} values")
             continue
@@ -70,9 +73,13 @@ def _expanded_size(root) -> int:
             raise _Problem(f"line {node.start_mark.line + 1}: an alias refers to a value that contains it")
         if depth > MAX_DEPTH:
             raise _Problem(f"line {node.start_mark.line + 1}: nested more than {MAX_DEPTH} levels deep")
+        children = _children(node)
+        if children and depth == MAX_DEPTH:
+            raise _Problem(f"line {children[0].start_mark.line + 1}: nested more than {MAX_DEPTH} levels deep")
         on_path.add(key)
         stack.append((node, True, depth))
-        stack.extend((child, False, depth + 1) for child in _children(node) if id(child) not in sizes)
+        stack.extend((c, False, depth + 1) for c in children
+                     if not isinstance(c, yaml.ScalarNode) and id(c) not in sizes)
     return sizes[id(root)]
 
 

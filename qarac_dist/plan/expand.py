@@ -92,34 +92,36 @@ def plan(spec: SweepSpec, base: dict, source: str = "sweep", micro_batches: dict
     extra = {"training.micro_batch_size", "training.gradient_accumulation_steps", "asha"}
     resolver = Resolver(base, varied | extra)
     trials_dir = str(sweep_dir / "trials") + "/"
-    for variant, values, drawn in itertools.product(variants, itertools.product(*(spec.grid[k] for k in grid_keys)), samples):
-        point = dict(zip(grid_keys, values))
-        parts = [("variant " + variant.name, variant.set) if variant else ("", {}), ("grid", point), ("random", drawn)]
+    for variant in variants:  # a key set by two of variant, grid and sampler: the same for all their trials
         seen: dict[str, str] = {}
-        for where, mapping in parts:
-            for key in mapping:
+        for where, keys in [("variant " + variant.name, variant.set) if variant else ("", {}), ("grid", grid_keys),
+                            ("random", sorted(spec.random.params) if spec.random else ())]:
+            for key in keys:
                 if key in seen:
                     errors.append(f"{source}: {key}: set by both {seen[key]} and {where}")
                 seen[key] = where
+    for variant, values, drawn in itertools.product(variants, itertools.product(*(spec.grid[k] for k in grid_keys)), samples):
+        point = dict(zip(grid_keys, values))
         overrides = {**spec.set, **(variant.set if variant else {}), **point, **drawn}
         label = " ".join(filter(None, [variant.name if variant else "",
                                        *(f"{k}={_short(v)}" for k, v in {**point, **drawn}.items())])) or "base"
         try:
-            cfg, resolved, tid = resolver.resolve(overrides)
-            found = micro_batch.found(resolved, micro_batches or {}, world)
+            resolved, tid = resolver.resolve(overrides)
+            found = micro_batch.found(resolved, micro_batches, world) if micro_batches else {}
             if found:
                 label += f" (found micro batch {found['training.micro_batch_size']})"
             if found or spec.asha is not None:
                 asha = {"asha": successive_halving(spec, resolved["training"]["max_steps"], resolved["evaluation"],
                                                    sweep_dir)} if spec.asha else {}
-                cfg, resolved, tid = resolver.resolve({**overrides, **found, **asha})
+                resolved, tid = resolver.resolve({**overrides, **found, **asha})
         except ConfigError as err:
             trial_errors.extend((label, e) for e in err.errors)
             continue
-        resolved = {**resolved, "name": f"{spec.name}-{tid}", "output": {**resolved["output"], "dir": trials_dir + tid}}
         if tid in trials:
             errors.append(f"{source}: trials [{trials[tid].label}] and [{label}] resolve to the same config")
             continue
+        resolved["name"] = f"{spec.name}-{tid}"  # resolve() returns a fresh top-level dict
+        resolved["output"] = {**resolved["output"], "dir": trials_dir + tid}
         trials[tid] = Trial(tid, label, overrides, resolved)
     errors += _by_problem(source, trial_errors)
     if errors:

@@ -84,6 +84,18 @@ FILE_CASES = [
      "base: "),
     ("grid-value-type", lambda t: _sweep_text(t, grid={"training.max_steps": [10, "ten"]}), (),
      "trial [training.max_steps=ten]: training.max_steps: expected an integer"),
+    ("nested-one-past-the-limit", lambda t: "x: " + "[" * 64 + "]" * 64 + "\n" + _sweep_text(t), (),
+     "line 1: nested more than 64 levels deep"),
+    ("grid-bool-for-an-integer", lambda t: _sweep_text(t, grid={"training.seed": [1, True]}), (),
+     "trial [training.seed=True]: training.seed: expected an integer, got True"),
+    ("grid-text-for-a-number", lambda t: _sweep_text(t, grid={"optimizer.lr": [1e-3, "fast"]}), (),
+     "trial [optimizer.lr=fast]: optimizer.lr: expected a number, got 'fast'"),
+    ("grid-nan", lambda t: _sweep_text(t, grid={"optimizer.weight_decay": [0.0, float("nan")]}), (),
+     "optimizer.weight_decay: expected a finite number, got nan"),
+    ("grid-one-value-twice", lambda t: _sweep_text(t, grid={"optimizer.lr": [0.001, "1e-3"]}), (),
+     "trials [optimizer.lr=0.001] and [optimizer.lr=1e-3] resolve to the same config"),
+    ("grid-of-a-key-outside-the-id", lambda t: _sweep_text(t, grid={"output.attempt": [1, 2]}), (),
+     "trials [output.attempt=1] and [output.attempt=2] resolve to the same config"),
 ]
 
 

@@ -145,22 +145,38 @@ def test_a_found_micro_batch_is_planned_into_matching_trials_only(tmp_path, glob
             assert new.id == old.id and new.config == old.config
 
 
-def test_the_fast_planner_gives_what_validating_each_trial_in_full_gives(tmp_path):
-    """Sections typed once per distinct override and rules checked by key: the same configs and
-    ids as building every trial's whole config (`config_from_dict`) and hashing it."""
+EQUIVALENCE_CASES = [
+    pytest.param(dict(grid={"optimizer.lr": [1e-3, 2e-3], "model.config.num_hidden_layers": [1, 2]},
+                      variants=VARIANTS[:2], set={"training.max_steps": 7},
+                      random={"num_samples": 2, "params": {"optimizer.eps": {"distribution": "loguniform", "low": 1e-9,
+                                                                              "high": 1e-7}}}), 16,
+                 id="variants-x-grid-x-random"),
+    # Values the section fast path renders on its own: -0.0 is not 0.0 in the id, an int given
+    # for a float field, a float set as text, a nested list, a key hidden from the id.
+    pytest.param(dict(grid={"optimizer.weight_decay": [0.0, -0.0, 1, "2.5e-1"], "optimizer.betas": [[0.9, 0.99], [0.8, 0.9]],
+                            "output.attempt": [3]}), 8, id="scalars-lists-and-a-hidden-key"),
+    pytest.param(dict(grid={"training.seed": [0, 2**32 - 1], "scheduler.warmup_steps": [0, 5]},
+                      set={"data.train_split": "tr\u00e9in\u2028\"x", "tracking.experiment": "e"}), 4,
+                 id="large-int-unicode-text-and-tracking"),
+    pytest.param(dict(grid={"model.config": [{"model_type": "longformer", "num_hidden_layers": 1}]},
+                      set={"optimizer.lr": 1e-3, "optimizer": {"lr": 2e-3}}), 1, id="whole-section-after-a-field"),
+]
+
+
+@pytest.mark.parametrize("fields, count", EQUIVALENCE_CASES)
+def test_the_fast_planner_gives_what_validating_each_trial_in_full_gives(tmp_path, fields, count):
+    """Sections typed once per distinct override, fields rendered on their own and rules checked
+    by key: the same configs and ids as building every trial's whole config (`config_from_dict`)
+    and hashing it."""
     from qarac_dist.config import config_from_dict, config_to_dict
     from qarac_dist.config.schema import apply_overrides
     from qarac_dist.plan.expand import trial_id
 
-    sweep = _sweep(tmp_path, grid={"optimizer.lr": [1e-3, 2e-3], "model.config.num_hidden_layers": [1, 2]},
-                   variants=VARIANTS[:2], set={"training.max_steps": 7},
-                   random={"num_samples": 2, "params": {"optimizer.eps": {"distribution": "loguniform", "low": 1e-9,
-                                                                           "high": 1e-7}}})
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep))
+    path.write_text(yaml.safe_dump(_sweep(tmp_path, **fields)))
     spec, base = load_sweep(path)
     trials = plan(spec, base, str(path))
-    assert len(trials) == 16
+    assert len(trials) == count
     for t in trials:
         full = config_to_dict(config_from_dict(apply_overrides(base, list(t.overrides.items())), "x"))
         assert trial_id(full) == t.id

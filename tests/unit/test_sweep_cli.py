@@ -36,6 +36,16 @@ def test_dry_run_prints_the_plan_without_importing_torch(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_dry_run_piped_into_a_reader_that_stops_early_prints_no_traceback(tmp_path):
+    # A MiB of output, far past what a pipe holds, so the writes go on after `head` has left.
+    path = _write(tmp_path, grid={"training.seed": [1, 2]},
+                  set={"data.train_split": "s" * 2**20})
+    proc = subprocess.run(f"{sys.executable} -m qarac_dist.sweep {path} --dry-run | head -1", shell=True, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.startswith("sweep s: 2 trials") and proc.stdout.count("\n") == 1
+    assert proc.stderr == "", proc.stderr
+
+
 @pytest.mark.parametrize("fields, overrides, expected", [
     pytest.param({"bogus": 1}, (), "bogus: unknown key", id="unknown-key"),
     pytest.param({"grid": {"optimizer.lr": []}}, (), "grid.optimizer.lr: empty list", id="empty-grid"),
