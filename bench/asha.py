@@ -14,8 +14,11 @@ prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
+import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +38,9 @@ def run(kind: str, tmp: Path, round_: int) -> dict:
     spec["executor"] = "local"
     spec["runs_dir"] = str(tmp / "runs")
     spec["tracking"] = {"uri": f"sqlite:///{tmp / 'mlflow.db'}"}
-    spec["set"]["data.cache_dir"] = str(tmp / "data_cache")
+    # data.cache_dir stays the base's relative default, which lands in `tmp` (the working
+    # directory): it is part of a trial's id, and the ids give the order trials start in, so the
+    # asha sweep here starts its trials in the order `configs/asha_demo.yaml` does.
     if kind == "full":
         del spec["asha"]
     path = tmp / f"{kind}{round_}.yaml"
@@ -46,23 +51,108 @@ def run(kind: str, tmp: Path, round_: int) -> dict:
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         sys.exit(f"{kind} sweep failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    from qarac_dist.submit.sweep_dir import Manifest
-    from qarac_dist.summary import rows
-
-    manifest = Manifest.load(tmp / "runs" / spec["name"])
-    table, best_id = rows(manifest)
-    trials = {row.record.label: {"state": row.record.state, "last_step": row.last_step, "value": row.value,
-                                 "loss": row.loss, "best_step": row.best_step} for row in table}
-    best = manifest.trials[best_id]
-    result = {"kind": kind, "wall_s": wall, "steps": sum(t["last_step"] or 0 for t in trials.values()),
-              "best_label": best.label, "best_value": trials[best.label]["value"], "trials": trials,
-              "pruned": sum(t["state"] == "PRUNED" for t in trials.values())}
+    result = summarize(tmp / "runs" / spec["name"], kind, wall)
     plot = tmp / "runs" / spec["name"] / "asha" / "curves.png"
     if plot.exists():
         shutil.copy(plot, ROOT / "bench" / "results" / "asha_curves.png")
-    print(f"{kind} (round {round_}): {result['steps']} steps, {wall:.0f} s, best [{best.label}] "
+    print(f"{kind} (round {round_}): {result['steps']} steps, {wall:.0f} s, best [{result['best_label']}] "
           f"{result['best_value']:.4f}, {result['pruned']} pruned", file=sys.stderr)
     return result
+
+
+def summarize(sweep_dir: Path, kind: str, wall: float) -> dict:
+    """A finished sweep's steps, best trial, and every trial's validations in the order they started."""
+    from qarac_dist.submit.sweep_dir import Manifest
+    from qarac_dist.summary import rows
+
+    manifest = Manifest.load(sweep_dir)
+    table, best_id = rows(manifest)
+    trials = {row.record.label: {"state": row.record.state, "last_step": row.last_step, "value": row.value,
+                                 "loss": row.loss, "best_step": row.best_step} for row in table}
+    metric, mode = manifest.select_metric, manifest.select_mode
+    curves = {}
+    for record in manifest.trials.values():  # in the order the trials started
+        rows_ = record.trial_dir.metrics()
+        curves[record.label] = {
+            "validations": [[r["step"], r[f"val_{metric}"], r.get("val_loss", float("nan"))]
+                            for r in rows_ if f"val_{metric}" in r],
+            "seconds_per_step": statistics.median([r["step_seconds"] for r in rows_ if "step_seconds" in r] or [0.0])}
+    best = manifest.trials[best_id]
+    result = {"kind": kind, "wall_s": wall, "steps": sum(t["last_step"] or 0 for t in trials.values()),
+              "best_label": best.label, "best_value": trials[best.label]["value"], "trials": trials,
+              "pruned": sum(t["state"] == "PRUNED" for t in trials.values()), "started": list(curves),
+              "curves": curves, "select": [metric, mode]}
+    return result
+
+
+def replay(full: dict, order: list[str], grace: int, factor: int, max_steps: int, slots: int) -> tuple[int, float]:
+    """Training steps the asha sweep would spend, and the best metric of the trials it runs to the
+    end, had its trials started in `order`: replayed from the full sweep's own validations, each
+    trial's rung arrivals timed by its measured seconds per step (start-up left out), `slots`
+    trials at a time, decided by the rule the trials use (qarac_dist.plan.asha.keeps_going)."""
+    from qarac_dist.plan.asha import keeps_going, rung_steps
+
+    metric, mode = full["select"]
+    rungs = rung_steps(grace, factor, max_steps)
+    scores = {label: {step: (value, loss) for step, value, loss in c["validations"]} for label, c in full["curves"].items()}
+    recorded: dict[int, list] = {r: [] for r in rungs}
+    events: list = []
+    queue, spent, stopped = list(order), {}, set()
+
+    def start(label: str, t0: float) -> None:
+        per_step = full["curves"][label]["seconds_per_step"]
+        for k, r in enumerate(rungs):
+            heapq.heappush(events, (t0 + r * per_step, label, k))
+        heapq.heappush(events, (t0 + max_steps * per_step, label, len(rungs)))
+
+    for _ in range(slots):
+        if queue:
+            start(queue.pop(0), 0.0)
+    while events:
+        t, label, k = heapq.heappop(events)
+        if label in stopped:
+            continue
+        if k < len(rungs):
+            score = scores[label][rungs[k]]
+            going = keeps_going(score, recorded[rungs[k]], factor, mode)
+            recorded[rungs[k]].append(score)
+            if going:
+                continue
+            stopped.add(label)
+        spent[label] = rungs[k] if k < len(rungs) else max_steps
+        if queue:
+            start(queue.pop(0), t)
+    finished = [v for label in spent if label not in stopped for _, v, _ in full["curves"][label]["validations"]]
+    return sum(spent.values()), (max(finished) if mode == "max" else min(finished))
+
+
+def replays(full: dict, asha_started: list[str], orders: int = 400) -> dict:
+    """The replay in the file's order, in the order the asha sweep started its trials (its ids),
+    and over `orders` random orders."""
+    import yaml
+
+    spec = yaml.safe_load(SWEEP.read_text())
+    args = (spec["asha"]["grace_steps"], spec["asha"].get("reduction_factor", 3), spec["set"]["training.max_steps"],
+            spec["resources"]["max_parallel"])
+    listed = [label for label in full["started"]]  # the full sweep has no asha: it starts them as listed
+    out = {}
+    for name, order in (("listed", listed), ("ids", asha_started)):
+        steps, best = replay(full, order, *args)
+        out[name] = {"steps": steps, "ratio": steps / full["steps"], "best_value": best}
+    ratios, bests = [], []
+    for seed in range(orders):
+        order = list(listed)
+        random.Random(seed).shuffle(order)
+        steps, best = replay(full, order, *args)
+        ratios.append(steps / full["steps"])
+        bests.append(best)
+    ratios.sort()
+    sign = 1 if full["select"][1] == "max" else -1
+    out["random"] = {"orders": orders, "median": statistics.median(ratios), "p10": ratios[orders // 10],
+                     "p90": ratios[orders * 9 // 10], "worst": ratios[-1],
+                     "share_at_most_0.40": sum(r <= 0.40 for r in ratios) / orders,
+                     "share_best_within_0.01": sum(sign * (full["best_value"] - b) <= 0.01 for b in bests) / orders}
+    return out
 
 
 def main() -> None:
@@ -76,7 +166,8 @@ def main() -> None:
             order = ("full", "asha") if r % 2 == 0 else ("asha", "full")
             pair = {kind: run(kind, Path(tmp), r) for kind in order}
             pairs.append(pair)
-    results = {"command": "python " + " ".join(sys.argv), "sweep": str(SWEEP.relative_to(ROOT)), "pairs": pairs}
+    results = {"command": "python " + " ".join(sys.argv), "sweep": str(SWEEP.relative_to(ROOT)), "pairs": pairs,
+               "replay": replays(pairs[0]["full"], pairs[0]["asha"]["started"])}
     (ROOT / "bench" / "results" / "asha.json").write_text(json.dumps(results, indent=2))
     print("| round | sweep | training steps | wall time | best trial | best accuracy | trials stopped at a rung |")
     print("|---|---|---|---|---|---|---|")
@@ -89,6 +180,12 @@ def main() -> None:
         print(f"\nround {r}: asha / full: steps {asha['steps'] / full['steps']:.3f}, wall time "
               f"{asha['wall_s'] / full['wall_s']:.3f}; best metric difference "
               f"{asha['best_value'] - full['best_value']:+.4f}; same best trial: {asha['best_label'] == full['best_label']}")
+    rp = results["replay"]
+    print(f"\nreplayed from round 0's full sweep: started as listed {rp['listed']['ratio']:.3f} of the steps, "
+          f"by id (as the asha sweep did) {rp['ids']['ratio']:.3f}; over {rp['random']['orders']} random orders: median "
+          f"{rp['random']['median']:.3f} (10th-90th percentile {rp['random']['p10']:.3f}-{rp['random']['p90']:.3f}, "
+          f"worst {rp['random']['worst']:.3f}), at most 0.40 in {rp['random']['share_at_most_0.40']:.0%}, best within "
+          f"0.01 of the full sweep's in {rp['random']['share_best_within_0.01']:.0%}")
 
 
 if __name__ == "__main__":

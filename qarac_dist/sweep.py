@@ -119,6 +119,9 @@ def print_rungs(spec: SweepSpec, trials: list[Trial]) -> None:
           f"{', '.join(map(str, asha['rungs'])) or '(none below max_steps)'}, reduction factor {asha['reduction_factor']}")
     print(f"training steps: at most {most:,} (no trial stopped); about {halving:,} if each rung passes "
           f"1/{asha['reduction_factor']} of the trials reaching it")
+    order = "in the order of their ids, a reproducible shuffle" if spec.asha.start == "shuffled" else "in the order listed"
+    print(f"trials start {order} (asha.start: {spec.asha.start}); at a rung, a tie on {asha['metric']} goes to the "
+          f"lower validation loss")
 
 
 class Submission:

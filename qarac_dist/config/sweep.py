@@ -90,6 +90,10 @@ class Asha:
     reduction_factor: int = bounded(3, ge=2, le=1000)
     """Rungs at grace_steps x reduction_factor**k steps; at each, a trial continues only if it is
     in the top 1/reduction_factor of the trials recorded there so far."""
+    start: Literal["shuffled", "listed"] = "shuffled"
+    """The order trials start in: `shuffled`, in the order of their ids (reproducible); `listed`,
+    in the order the sweep file gives (to start the most promising first, say). The first
+    arrivals at a rung always continue (plan/asha.py)."""
 
 
 @dataclass

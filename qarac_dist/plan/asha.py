@@ -1,23 +1,38 @@
 """Asynchronous successive halving (ASHA), the stopping variant, as pure functions.
 
 Rungs sit at `grace_steps * reduction_factor**k` training steps, below the trial's last step.
-When a trial validates at a rung it records its value there and continues only if the value is
-among the top `1/reduction_factor` of the values recorded at that rung so far, its own
-included; no trial waits for another. Where fewer than `reduction_factor` values are recorded
+When a trial validates at a rung it records its score there and continues only if the score is
+among the top `1/reduction_factor` of the scores recorded at that rung so far, its own
+included; no trial waits for another. Where fewer than `reduction_factor` scores are recorded
 (the first arrivals), there is no top fraction yet and the trial continues.
 
+A score is the select metric, then the validation loss: trials equal on the metric are ranked
+by their loss, the order that picks the best trial (track/best.py). Accuracy on a few hundred
+examples ties often early in training (every trial that predicts the majority class scores the
+same), and ties would otherwise all continue.
+
 Against Optuna's SuccessiveHalvingPruner (tests/unit/test_asha.py runs both on the same
-arrivals): with `reduction_factor` or more values recorded the decisions are the same, ties at
-the threshold continuing in both. With fewer, Optuna continues only a trial whose value is the
-best so far; here every first arrival continues, so an early slow starter is not cut before
-there is anything to compare it with. A NaN value stops the trial in both, first arrival or not,
-and counts as the worst for the trials after it.
+arrivals): with `reduction_factor` or more scores recorded the decisions are the same, except
+at a tie on the metric at the threshold, which Optuna lets continue and which is decided here
+by the loss. With fewer, Optuna continues only a trial whose value is the best so far; here
+every first arrival continues, so an early slow starter is not cut before there is anything to
+compare it with. A NaN metric stops the trial in both, first arrival or not, and counts as the
+worst for the trials after it; a NaN loss ranks last among equal metrics.
+
+The first arrivals at a rung are whoever starts first, so a sweep with successive halving
+starts its trials in the order of their ids (plan/expand.py), a shuffle that re-planning
+reproduces: a grid written in sorted order would otherwise start one end of every axis first
+(the smallest learning rates, the shallowest models), and those would pass the first rungs
+unopposed. Optuna's GridSampler takes grid points in random order for the same reason.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+Score = tuple[float, float]
+"""(the select metric, the validation loss) of a trial at a rung."""
 
 
 def rung_steps(grace_steps: int, reduction_factor: int, max_steps: int) -> list[int]:
@@ -29,18 +44,23 @@ def rung_steps(grace_steps: int, reduction_factor: int, max_steps: int) -> list[
     return steps
 
 
-def keeps_going(value: float, recorded: list[float], reduction_factor: int, mode: str) -> bool:
-    """Whether a trial whose metric at a rung is `value` continues, given the values recorded at
-    that rung before it (in any order)."""
-    if math.isnan(value):
+def rank(score: Score, mode: str) -> tuple[float, float]:
+    """Sort key, best first: the metric in its direction, then the lower loss; NaN last."""
+    value, loss = score
+    return (math.inf if math.isnan(value) else -value if mode == "max" else value,
+            math.inf if math.isnan(loss) else loss)
+
+
+def keeps_going(score: Score, recorded: list[Score], reduction_factor: int, mode: str) -> bool:
+    """Whether a trial with `score` at a rung continues, given the scores recorded at that rung
+    before it (in any order)."""
+    if math.isnan(score[0]):
         return False
-    values = [*recorded, value]
-    top = len(values) // reduction_factor
+    top = (len(recorded) + 1) // reduction_factor
     if top == 0:
         return True
-    finite = sorted((v for v in values if not math.isnan(v)), reverse=(mode == "max"))
-    threshold = finite[top - 1] if top <= len(finite) else finite[-1]
-    return value >= threshold if mode == "max" else value <= threshold
+    threshold = sorted(rank(s, mode) for s in [*recorded, score])[top - 1]
+    return rank(score, mode) <= threshold
 
 
 @dataclass(frozen=True)

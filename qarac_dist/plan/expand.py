@@ -126,6 +126,8 @@ def plan(spec: SweepSpec, base: dict, source: str = "sweep", micro_batches: dict
     errors += _by_problem(source, trial_errors)
     if errors:
         raise ConfigError(list(dict.fromkeys(errors)))
+    if spec.asha is not None and spec.asha.start == "shuffled":  # why: plan/asha.py
+        return sorted(trials.values(), key=lambda t: t.id)
     return list(trials.values())
 
 

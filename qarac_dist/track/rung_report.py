@@ -15,11 +15,11 @@ from .trial_dir import TrialDir
 
 
 def table(record_dir: Path) -> str:
-    lines = ["rung,step,trial,value,decision,recorded_before"]
+    lines = ["rung,step,trial,value,loss,decision,recorded_before"]
     k = 0
     while rungs.rung_file(record_dir, k).exists():
         for a in rungs.read(record_dir, k):
-            lines.append(f"{k},{a.step},{a.trial},{a.value},{'continue' if a.keeps_going else 'stop'},{a.seen}")
+            lines.append(f"{k},{a.step},{a.trial},{a.value},{a.loss},{'continue' if a.keeps_going else 'stop'},{a.seen}")
         k += 1
     return "\n".join(lines) + "\n"
 

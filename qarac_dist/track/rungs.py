@@ -1,5 +1,5 @@
 """Successive halving's record: one file per rung, `<sweep>/asha/rung<k>.jsonl`, a line per trial
-that reached it: its value, and the decision taken then. No process but the trials themselves
+that reached it: its metric and validation loss, and the decision taken then. No process but the trials themselves
 keeps it.
 
 Each trial's rank 0, on reaching a rung, locks the rung's file (`fcntl.lockf`, exclusive),
@@ -33,6 +33,9 @@ from ..config import UserError
 class Arrival:
     trial: str
     value: float
+    """The select metric."""
+    loss: float
+    """The validation loss (NaN in records written before it was kept)."""
     step: int
     keeps_going: bool
     seen: int
@@ -40,8 +43,12 @@ class Arrival:
     time: float
 
     def to_json(self) -> str:
-        return json.dumps({"trial": self.trial, "value": self.value, "step": self.step, "continue": self.keeps_going,
-                           "seen": self.seen, "time": self.time})
+        return json.dumps({"trial": self.trial, "value": self.value, "loss": self.loss, "step": self.step,
+                           "continue": self.keeps_going, "seen": self.seen, "time": self.time})
+
+    @property
+    def score(self) -> tuple[float, float]:
+        return self.value, self.loss
 
 
 def rung_file(record_dir: Path, rung: int) -> Path:
@@ -65,17 +72,18 @@ def _parse(text: str) -> tuple[list[Arrival], int]:
             break
         try:
             d = json.loads(line)
-            arrivals.append(Arrival(d["trial"], float(d["value"]), int(d["step"]), bool(d["continue"]),
-                                    int(d["seen"]), float(d["time"])))
+            arrivals.append(Arrival(d["trial"], float(d["value"]), float(d.get("loss", "nan")), int(d["step"]),
+                                    bool(d["continue"]), int(d["seen"]), float(d["time"])))
         except (ValueError, KeyError, TypeError):
             raise UserError(f"asha record damaged: a line of rung file is not a record: {line[:100]!r}") from None
         good += len(line)
     return arrivals, good
 
 
-def arrive(record_dir: Path, rung: int, trial: str, value: float, step: int,
-           decide: Callable[[float, list[float]], bool]) -> Arrival:
-    """Record `trial`'s value at `rung` and return the decision, or replay the one recorded."""
+def arrive(record_dir: Path, rung: int, trial: str, score: tuple[float, float], step: int,
+           decide: Callable[[tuple[float, float], list[tuple[float, float]]], bool]) -> Arrival:
+    """Record `trial`'s score (metric, validation loss) at `rung` and return the decision, or
+    replay the one recorded."""
     path = rung_file(record_dir, rung)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
@@ -93,7 +101,7 @@ def arrive(record_dir: Path, rung: int, trial: str, value: float, step: int,
             return mine
         if good != f.tell():
             f.truncate(good)  # a line cut short by a killed writer
-        arrival = Arrival(trial, value, step, decide(value, [a.value for a in arrivals]), len(arrivals), time.time())
+        arrival = Arrival(trial, *score, step, decide(score, [a.score for a in arrivals]), len(arrivals), time.time())
         f.write(arrival.to_json() + "\n")
         f.flush()
         os.fsync(f.fileno())

@@ -207,8 +207,9 @@ class Trainer:
         asha = self.cfg.asha
         going = torch.tensor([1])
         if self.ranks.is_main:
-            arrival = rungs.arrive(Path(asha.record_dir), rung, self.dir.path.name, float(metrics[asha.metric]),
-                                   self.step, lambda v, before: keeps_going(v, before, asha.reduction_factor, asha.mode))
+            score = (float(metrics[asha.metric]), float(metrics.get("loss", math.nan)))
+            arrival = rungs.arrive(Path(asha.record_dir), rung, self.dir.path.name, score, self.step,
+                                   lambda mine, before: keeps_going(mine, before, asha.reduction_factor, asha.mode))
             going[0] = int(arrival.keeps_going)
         if self.ranks.world_size > 1:
             dist.broadcast(going, src=0, group=self.control_group)

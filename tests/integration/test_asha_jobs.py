@@ -5,6 +5,7 @@ preempted trial recorded once, a killed and re-run trial's decision replayed."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -36,19 +37,21 @@ def _consistent(record_dir, rung: int, factor: int = 2, mode: str = "min") -> li
     arrivals = rungs.read(record_dir, rung)
     assert len({a.trial for a in arrivals}) == len(arrivals), "a trial recorded twice"
     for i, a in enumerate(arrivals):
-        assert a.seen == i and a.keeps_going == keeps_going(a.value, [b.value for b in arrivals[:i]], factor, mode)
+        assert a.seen == i and a.keeps_going == keeps_going(a.score, [b.score for b in arrivals[:i]], factor, mode)
+        assert math.isfinite(a.loss)  # the validation loss is recorded beside the metric
     return arrivals
 
 
 def test_an_array_with_successive_halving_stops_losing_trials(cluster, tmp_path, data_cache):
-    """Four trials in one array, two at a time. The two whose learning rate is too small to move
-    the weights start first and reach rung 0 together (their loss stays at its start, ~ln 2);
-    the next arrival, a trial that learns and whose loss has risen after 4 steps of warm-up, is
-    not the best of three and stops. Every recorded decision follows the rule; stopped trials
-    end PRUNED at their rung, their MLflow runs FINISHED with the rung and step; the parent
-    holds the rung table and the plot."""
+    """Four trials in one array, two at a time, started in the order listed. The two whose
+    learning rate is too small to move the weights start first and reach rung 0 together (their
+    loss stays at its start, ~ln 2); the next arrival, a trial that learns and whose loss has
+    risen after 4 steps of warm-up, is not the best of three and stops. Every recorded decision
+    follows the rule; stopped trials end PRUNED at their rung, their MLflow runs FINISHED with
+    the rung and step; the parent holds the rung table and the plot."""
     path = _sweep(tmp_path, data_cache, "halving", [1e-9, 2e-9, 3e-3, 2e-3], resources={"time_min": 10,
-                                                                                          "max_parallel": 2})
+                                                                                          "max_parallel": 2},
+                  asha={"grace_steps": 4, "reduction_factor": 2, "start": "listed"})
     proc = run_sweep(path, "--wait", "--no-preflight", timeout=1200)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     directory = tmp_path / "runs" / "halving"
@@ -82,7 +85,7 @@ def test_an_array_with_successive_halving_stops_losing_trials(cluster, tmp_path,
     assert {"asha.csv", "curves.png", "summary.csv"} <= artifacts
     csv = (directory / "asha" / "asha.csv").read_text().splitlines()
     recorded = sum(len(rungs.read(directory / "asha", k)) for k in range(3))
-    assert csv[0] == "rung,step,trial,value,decision,recorded_before" and len(csv) == 1 + recorded
+    assert csv[0] == "rung,step,trial,value,loss,decision,recorded_before" and len(csv) == 1 + recorded
     assert (directory / "asha" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
