@@ -1,6 +1,6 @@
 """Successive halving's record: one file per rung, `<sweep>/asha/rung<k>.jsonl`, a line per trial
-that reached it: its metric and validation loss, and the decision taken then. No process but the trials themselves
-keeps it.
+that reached it: its metric and validation loss, and the decision taken then. No process but
+the trials themselves keeps it.
 
 Each trial's rank 0, on reaching a rung, locks the rung's file (`fcntl.lockf`, exclusive),
 reads every line, and either finds its own line (a requeued or re-run job: the decision is
