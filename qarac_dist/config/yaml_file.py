@@ -106,6 +106,26 @@ def load_text(text: str) -> Any:
         loader.dispose()
 
 
+_OPEN = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
+         yaml.FlowSequenceStartToken)
+_CLOSE = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+
+
+def _too_deep(text: str) -> _Problem | None:
+    """After the parser refused a document: whether it nests past MAX_DEPTH before the point
+    of refusal. libyaml refuses past its own nesting limit (1000 levels, in PyYAML 6.0.4's wheels)
+    before our check sees the document; our limit, and our message, then still hold."""
+    depth = 0
+    try:
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):  # pure Python: no limit of its own
+            depth += isinstance(token, _OPEN) - isinstance(token, _CLOSE)
+            if depth > MAX_DEPTH + 1:  # the top-level mapping is a level of its own here
+                return _Problem(f"line {token.start_mark.line + 1}: nested more than {MAX_DEPTH} levels deep")
+    except yaml.YAMLError:
+        pass
+    return None
+
+
 def load_value(text: str) -> Any:
     """A command-line override's value: YAML if it parses as such, else the text itself."""
     try:
@@ -134,6 +154,9 @@ def read_yaml(path: str | Path) -> dict:
     except _Problem as problem:
         raise ConfigError([f"{path}: {problem}"]) from None
     except yaml.YAMLError as err:
+        too_deep = _too_deep(text)
+        if too_deep is not None:
+            raise ConfigError([f"{path}: {too_deep}"]) from None
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]

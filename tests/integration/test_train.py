@@ -43,7 +43,12 @@ def test_one_rank_run_logs_every_metric_and_exports_a_reloadable_best_model(tmp_
 
     model = AutoModelForSequenceClassification.from_pretrained(out / "best").eval()
     tokenizer = AutoTokenizer.from_pretrained(out / "best")
-    val = datasets.load_dataset("json", data_files=str(next(data_cache.glob("synthetic-*")) / "validation.jsonl"))["train"].to_dict()
+    from qarac_dist.config import load_config
+    from qarac_dist.train.data import synthetic_dir
+
+    # The validation set this trial's own config names (the cache is shared by the whole run).
+    val_file = synthetic_dir(load_config(config).data) / "validation.jsonl"
+    val = datasets.load_dataset("json", data_files=str(val_file))["train"].to_dict()
     enc = tokenizer(val["text"], truncation=True, max_length=320)
     collate = Collator(tokenizer.pad_token_id, 32, True)
     logits, labels = [], []
@@ -54,10 +59,8 @@ def test_one_rank_run_logs_every_metric_and_exports_a_reloadable_best_model(tmp_
             logits.append(model(**batch).logits.numpy())
     logits, labels = np.concatenate(logits), np.concatenate(labels)
     metrics = classification_metrics(logits, labels)
-    assert metrics["loss"] == pytest.approx(best["metrics"]["loss"], abs=1e-4)
-    # A barely trained model has near-ties; another CPU's kernels may round those the other way.
-    near_ties = int((np.abs(logits[:, 0] - logits[:, 1]) < 1e-4).sum())
-    assert abs(metrics["accuracy"] - best["metrics"]["accuracy"]) <= near_ties / len(labels) + 1e-9
+    assert metrics["loss"] == pytest.approx(best["metrics"]["loss"], abs=1e-5)
+    assert metrics["accuracy"] == best["metrics"]["accuracy"]
 
 
 @pytest.mark.parametrize("stage", [1, 3])  # 0 and 2: the next test
