@@ -63,7 +63,7 @@ def run(kind: str, tmp: Path, round_: int) -> dict:
 def summarize(sweep_dir: Path, kind: str, wall: float) -> dict:
     """A finished sweep's steps, best trial, and every trial's validations in the order they started."""
     from qarac_dist.submit.sweep_dir import Manifest
-    from qarac_dist.summary import rows
+    from qarac_dist.submit.report import rows
 
     manifest = Manifest.load(sweep_dir)
     table, best_id = rows(manifest)
@@ -89,8 +89,9 @@ def replay(full: dict, order: list[str], grace: int, factor: int, max_steps: int
     """Training steps the asha sweep would spend, and the best metric of the trials it runs to the
     end, had its trials started in `order`: replayed from the full sweep's own validations, each
     trial's rung arrivals timed by its measured seconds per step (start-up left out), `slots`
-    trials at a time, decided by the rule the trials use (qarac_dist.plan.asha.keeps_going)."""
-    from qarac_dist.plan.asha import keeps_going, rung_steps
+    trials at a time, decided by the rule the trials use (qarac_dist.track.rungs.keeps_going)."""
+    from qarac_dist.plan.asha import rung_steps
+    from qarac_dist.track.rungs import keeps_going
 
     metric, mode = full["select"]
     rungs = rung_steps(grace, factor, max_steps)

@@ -98,9 +98,9 @@ def submission_seconds(num_trials: int, repeats: int, directory: Path) -> dict:
             started = time.perf_counter()
             if mode == "array":
                 with executor.batch():
-                    jobs = [executor.submit(TrialJob(t.config, 1)) for t in trials]
+                    jobs = [executor.submit(TrialJob(t.config, {}, 1, 0)) for t in trials]
             else:
-                jobs = [executor.submit(TrialJob(t.config, 1)) for t in trials]
+                jobs = [executor.submit(TrialJob(t.config, {}, 1, 0)) for t in trials]
             elapsed = time.perf_counter() - started
             (arrays if mode == "array" else singles).append(elapsed)
             subprocess.run(["scancel", "--name", "qarac-bench"], check=True)

@@ -14,10 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from .base.layout import SweepLayout
+from .base.secrets import redact_text
 from .config import UserError
-from .submit import driver
 from .submit.sweep_dir import FAILED, Manifest, SweepLock
-from .track.secrets import redact_text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sync", action="store_true",
                         help="send to MLflow what trials could not send (metrics, end of run)")
     parser.add_argument("--repair", action="store_true",
-                        help="rebuild the manifest from sweep.json, the trials' files and MLflow")
+                        help="rebuild the manifest from the saved sweep, the trials' files and MLflow")
     args = parser.parse_args(argv)
     try:
         return status(args.sweep_dir, args.sync, args.repair)
@@ -36,11 +36,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def status(directory: Path, sync: bool = False, repair: bool = False) -> int:
+    from .submit import submission, tracking
+
+    layout = SweepLayout(directory)
     lock = SweepLock(directory)
-    if not (directory / "manifest.json").exists() and not repair:
-        hint = "; rebuild it with --repair" if (directory / "sweep.json").exists() else \
+    if not layout.manifest.exists() and not repair:
+        hint = "; rebuild it with --repair" if layout.sweep_file.exists() else \
             "; expected a sweep directory such as runs/<sweep>"
-        raise UserError(f"{directory}: no manifest.json here{hint}")
+        raise UserError(f"{directory}: no {layout.manifest.name} here{hint}")
     try:
         lock.acquire()
     except UserError as held:  # a driver follows this sweep: show its state, change nothing
@@ -55,7 +58,7 @@ def status(directory: Path, sync: bool = False, repair: bool = False) -> int:
             manifest = rebuild(directory)
         else:
             manifest = Manifest.load(directory)
-        driver.refresh(manifest)
+        submission.refresh(manifest, submission.attach(manifest.executor, layout))
         if lock is not None:
             manifest.save(directory)
         if sync:
@@ -66,10 +69,10 @@ def status(directory: Path, sync: bool = False, repair: bool = False) -> int:
                 if sent or finished:
                     print(f"trial {r.id}: sent {sent} metric points{', finished its run' if finished else ''}")
         if lock is not None:
-            driver.close_parent(manifest)
-        from .summary import print_summary
+            tracking.close_parent(manifest, layout)
+        from .submit.report import print_summary
 
-        print_summary(manifest)
+        print_summary(manifest, layout)
     finally:
         if lock is not None:
             lock.release()

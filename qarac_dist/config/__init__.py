@@ -14,7 +14,7 @@ import os
 
 from . import rules
 from .deepspeed import deepspeed_config
-from .errors import ConfigError, UserError
+from ..base.errors import ConfigError, UserError
 from .schema import apply_overrides, build, parse_overrides, to_dict
 from .sections import TrainConfig
 from .yaml_file import read_yaml

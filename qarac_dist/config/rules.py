@@ -167,9 +167,9 @@ def rungs_are_validations(cfg: TrainConfig) -> Iterator[str]:
     every, last = cfg.evaluation.every_steps, cfg.training.max_steps
     for k, step in enumerate(a.rungs):
         if step % every and step != last:
-            yield (f"asha.grace_steps: rung {k} is at step {step}, but the trial validates every {every} steps "
+            yield (f"asha.rungs: rung {k} is at step {step}, but the trial validates every {every} steps "
                    f"(evaluation.every_steps); make every rung a multiple of it")
             return
     regression = cfg.model.task == "regression"
     if a.metric in (("accuracy", "macro_f1") if regression else ("spearman",)):
-        yield f"select.metric: {a.metric} is not a validation metric of a {cfg.model.task} trial"
+        yield f"asha.metric: {a.metric} is not a validation metric of a {cfg.model.task} trial"

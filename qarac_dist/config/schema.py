@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any, Literal, Optional, Union
 
-from .errors import ConfigError
+from ..base.errors import ConfigError
 from .yaml_file import load_value
 
 

@@ -13,6 +13,8 @@ from .schema import bounded
 
 Task = Literal["classification", "regression"]
 Metric = Literal["loss", "accuracy", "macro_f1", "spearman"]
+TASK_METRICS = {"classification": ("loss", "accuracy", "macro_f1"), "regression": ("loss", "spearman")}
+"""The validation metrics a trial of each model.task logs (train/metrics.py)."""
 
 
 @dataclass
@@ -249,9 +251,6 @@ class OutputConfig:
     """Export the best model as a save_pretrained directory (safetensors) with its tokenizer."""
     export_last: bool = False
     """Also export the final weights to `last/` in the same form."""
-    attempt: Optional[int] = bounded(None, ge=1)
-    """Set by the sweep: which submission of the trial this job is. Written into state.json, so
-    the sweep never takes an earlier attempt's verdict for this one's."""
 
 
 @dataclass
@@ -261,42 +260,29 @@ class TrackingConfig:
     metrics.jsonl only. A sweep sets this for its trials from its own tracking section."""
     experiment: Optional[str] = None
     """MLflow experiment; default: the run's name."""
-    run_id: Optional[str] = None
-    """The MLflow run to log to; set by the sweep, which creates each trial's run at submit time."""
-    parent_run_id: Optional[str] = None
-    """The sweep's parent run, whose best trial is updated when this trial ends (set by the sweep)."""
-    sweep_dir: Optional[str] = None
-    """The sweep's directory (set by the sweep): trials that end at once update the parent run
-    one after another, under a lock there."""
-    select_metric: Optional[str] = None
-    """Metric that picks the sweep's best trial; default evaluation.metric."""
-    select_mode: Optional[Literal["max", "min"]] = None
-    """max or min; default evaluation.mode."""
     log_model: bool = True
     """Log the best model as an MLflow model (transformers or pytorch flavour); false keeps it
     out of MLflow, its files stay in the trial's best/ folder."""
     register_model: Optional[str] = None
     """Register the best model in the MLflow model registry under this name (needs log_model)."""
     tags: dict = field(default_factory=dict)
-    """Extra run tags (the sweep sets sweep, trial_id and executor)."""
+    """Extra run tags (a sweep adds sweep, trial_id and executor)."""
 
 
 @dataclass
 class AshaConfig:
     """Set by a sweep with an `asha` section (successive halving, plan/asha.py): at each rung this
-    trial records its validation metric in the sweep's record and stops unless it is in the top
-    1/reduction_factor of the trials recorded there so far."""
+    trial records its validation metric in the sweep's record (the job's context says where)
+    and stops unless it is in the top 1/reduction_factor of the trials recorded there so far."""
 
     rungs: list[int] = field(default_factory=list)
     """Steps at which the trial meets a rung; each must be a validation step."""
     reduction_factor: int = bounded(3, ge=2, le=1000)
     """A trial continues when it is in the top 1/reduction_factor at a rung."""
     metric: Metric = "accuracy"
-    """Validation metric compared at the rungs (the sweep's select metric)."""
+    """Validation metric compared at the rungs."""
     mode: Literal["max", "min"] = "max"
     """Whether a larger or a smaller metric is better."""
-    record_dir: Optional[str] = None
-    """The sweep's record of the rungs, `<sweep>/asha`."""
 
 
 @dataclass

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from .errors import ConfigError
+from ..base.errors import ConfigError
+from . import sbatch_options
 from .schema import apply_overrides, bounded, build, field_types, parse_overrides
 from .sections import TrainConfig
 from .yaml_file import read_yaml
@@ -253,6 +254,9 @@ def _check_spec(spec: SweepSpec, errors: list[str]) -> None:
             errors.append(f"variants[{i}].name: expected a name without control characters, got {name!r}")
     if spec.random:
         _check_distributions(spec.random, errors)
+    for key in spec.resources.extra_sbatch:
+        if (problem := sbatch_options.problem(key)) is not None:
+            errors.append(f"resources.extra_sbatch.{key}: {problem}")
     if (problem := name_problem(spec.name)) is not None:
         errors.append(f"name: {problem}")
     runs = Path(spec.runs_dir)

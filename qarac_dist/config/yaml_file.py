@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from ..base.errors import ConfigError
 
 MAX_BYTES = 16 * 2**20
 """A config or sweep file larger than this is refused unread."""

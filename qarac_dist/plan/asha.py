@@ -1,4 +1,6 @@
-"""Asynchronous successive halving (ASHA), the stopping variant, as pure functions.
+"""Asynchronous successive halving (ASHA), the stopping variant: where the rungs are and what a
+sweep can spend, as pure functions. The rule a trial applies at a rung runs inside the trial's
+job, beside the record it reads (track/rungs.py `keeps_going`); it is described here.
 
 Rungs sit at `grace_steps * reduction_factor**k` training steps, below the trial's last step.
 When a trial validates at a rung it records its score there and continues only if the score is
@@ -28,12 +30,7 @@ unopposed. Optuna's GridSampler takes grid points in random order for the same r
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-
-Score = tuple[float, float]
-"""(the select metric, the validation loss) of a trial at a rung."""
-
 
 def rung_steps(grace_steps: int, reduction_factor: int, max_steps: int) -> list[int]:
     """The steps at which a trial of `max_steps` meets a rung (its last step is not one)."""
@@ -42,25 +39,6 @@ def rung_steps(grace_steps: int, reduction_factor: int, max_steps: int) -> list[
         steps.append(step)
         step *= reduction_factor
     return steps
-
-
-def rank(score: Score, mode: str) -> tuple[float, float]:
-    """Sort key, best first: the metric in its direction, then the lower loss; NaN last."""
-    value, loss = score
-    return (math.inf if math.isnan(value) else -value if mode == "max" else value,
-            math.inf if math.isnan(loss) else loss)
-
-
-def keeps_going(score: Score, recorded: list[Score], reduction_factor: int, mode: str) -> bool:
-    """Whether a trial with `score` at a rung continues, given the scores recorded at that rung
-    before it (in any order)."""
-    if math.isnan(score[0]):
-        return False
-    top = (len(recorded) + 1) // reduction_factor
-    if top == 0:
-        return True
-    threshold = sorted(rank(s, mode) for s in [*recorded, score])[top - 1]
-    return rank(score, mode) <= threshold
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,15 @@ import json
 import math
 import random as _random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
+from ..base.layout import SweepLayout
 from ..config import ConfigError
+from ..config.sections import TASK_METRICS
 from ..config.sweep import RandomSearch, SweepSpec
 from . import micro_batch
 from .asha import rung_steps
-from .resolve import NOT_IDENTITY, Resolver
+from .resolve import MOVED_OUT, NOT_IDENTITY, Resolver
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,10 @@ def trial_id(resolved: dict) -> str:
     """A trial's id: a hash of its resolved config, less where it writes and is tracked. The
     definition; the planner computes the same from its cached sections (plan/resolve.py)."""
     identity = {**resolved, "tracking": None}
-    for section, keys in NOT_IDENTITY.items():
+    for section in NOT_IDENTITY.keys() | MOVED_OUT.keys():
         if isinstance(resolved.get(section), dict):
-            identity[section] = {**resolved[section], **{k: None for k in keys}}
+            identity[section] = {**resolved[section], **{k: None for k in (*NOT_IDENTITY.get(section, ()),
+                                                                             *MOVED_OUT.get(section, ()))}}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -87,11 +89,11 @@ def plan(spec: SweepSpec, base: dict, source: str = "sweep", micro_batches: dict
     errors: list[str] = []
     trial_errors: list[tuple[str, str]] = []  # (trial label, problem)
     trials: dict[str, Trial] = {}
-    sweep_dir = Path(spec.runs_dir) / spec.name
+    layout = SweepLayout.of(spec.runs_dir, spec.name)
     varied = set(grid_keys) | {k for v in spec.variants for k in v.set} | set(spec.random.params if spec.random else ())
     extra = {"training.micro_batch_size", "training.gradient_accumulation_steps", "asha"}
     resolver = Resolver(base, varied | extra)
-    trials_dir = str(sweep_dir / "trials") + "/"
+    trials_dir = str(layout.trials) + "/"
     for variant in variants:  # a key set by two of variant, grid and sampler: the same for all their trials
         seen: dict[str, str] = {}
         for where, keys in [("variant " + variant.name, variant.set) if variant else ("", {}), ("grid", grid_keys),
@@ -110,9 +112,13 @@ def plan(spec: SweepSpec, base: dict, source: str = "sweep", micro_batches: dict
             found = micro_batch.found(resolved, micro_batches, world) if micro_batches else {}
             if found:
                 label += f" (found micro batch {found['training.micro_batch_size']})"
-            if found or spec.asha is not None:
-                asha = {"asha": successive_halving(spec, resolved["training"]["max_steps"], resolved["evaluation"],
-                                                   sweep_dir)} if spec.asha else {}
+            asha = {"asha": successive_halving(spec, resolved["training"]["max_steps"], resolved["evaluation"])} \
+                if spec.asha else {}
+            problems = _sweep_problems(spec, source, resolved, asha.get("asha"))
+            if problems:
+                errors += problems
+                continue
+            if found or asha:
                 resolved, tid = resolver.resolve({**overrides, **found, **asha})
         except ConfigError as err:
             trial_errors.extend((label, e) for e in err.errors)
@@ -140,12 +146,29 @@ def _by_problem(source: str, trial_errors: list[tuple[str, str]]) -> list[str]:
             for problem, names in labels.items()]
 
 
-def successive_halving(spec: SweepSpec, max_steps: int, evaluation: dict, sweep_dir: Path) -> dict:
-    """A trial's `asha` section: its rungs, the sweep's select metric, where the record is."""
+def successive_halving(spec: SweepSpec, max_steps: int, evaluation: dict) -> dict:
+    """A trial's `asha` section: its rungs and the sweep's select metric. Where the record is
+    travels in the job's context."""
     metric, mode = select_defaults(spec, [], evaluation)
     return {"rungs": rung_steps(spec.asha.grace_steps, spec.asha.reduction_factor, max_steps),
-            "reduction_factor": spec.asha.reduction_factor, "metric": metric, "mode": mode,
-            "record_dir": str(sweep_dir / "asha")}
+            "reduction_factor": spec.asha.reduction_factor, "metric": metric, "mode": mode}
+
+
+def _sweep_problems(spec: SweepSpec, source: str, resolved: dict, asha: Optional[dict]) -> list[str]:
+    """What the sweep's own keys ask of a trial that its config cannot give, named by those keys."""
+    problems = []
+    task = resolved["model"]["task"]
+    metric = spec.select.metric
+    if metric is not None and metric not in TASK_METRICS[task]:
+        problems.append(f"{source}: select.metric: {metric!r} is not logged by a {task} trial; it logs "
+                        f"{', '.join(TASK_METRICS[task])}")
+    every = resolved["evaluation"]["every_steps"]
+    if asha is not None:
+        off = [step for step in asha["rungs"] if step % every]
+        if off:
+            problems.append(f"{source}: asha.grace_steps: a rung falls at step {off[0]}, but the trials validate "
+                            f"every {every} steps (evaluation.every_steps); make grace_steps a multiple of it")
+    return problems
 
 
 def _short(value) -> str:

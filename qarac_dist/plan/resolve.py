@@ -27,7 +27,11 @@ from ..config.schema import apply_overrides, build_field, field_defaults, field_
 from ..config.sections import TrainConfig
 
 # What a trial is, not where it writes or is tracked: left out of its id.
-NOT_IDENTITY = {"output": ("dir", "attempt"), "asha": ("record_dir",)}
+NOT_IDENTITY = {"output": ("dir",)}
+# Fields that moved from the trial's config into the job's context (track/job_context.py). Ids
+# were hashed with them as null, and still are, so the trials of a sweep planned before keep
+# their ids.
+MOVED_OUT = {"output": ("attempt",), "asha": ("record_dir",)}
 _IDENTITY_JSON = json.JSONEncoder(sort_keys=True, default=str)  # json.dumps(..., sort_keys=True, default=str), built once
 
 
@@ -155,7 +159,8 @@ class Resolver:
         plain = to_dict(value)
         fields = None
         if isinstance(plain, dict) and dataclasses.is_dataclass(value):
-            fields = {f: json.dumps(f) + ": " + ("null" if f in hidden else _json(plain[f])) for f in sorted(plain)}
+            fields = {f: json.dumps(f) + ": " + ("null" if f in hidden or f not in plain else _json(plain[f]))
+                      for f in sorted([*plain, *MOVED_OUT.get(name, ())])}
         if name == "tracking":
             identity = "null"
         elif fields is not None:

@@ -14,8 +14,8 @@ import sys
 from ..config import ConfigError, UserError, config_from_dict, load_config, read_yaml
 from ..config.sweep import load_sweep
 from ..plan import plan
-from ..submit.executors import resolve_executor
-from ..submit.sweep_dir import path_for
+from ..submit.executors import resolve_kind
+from ..submit.sweep_dir import layout_for
 from . import batch_size
 from .audit import print_result, run_many
 from .memory import gib
@@ -55,15 +55,15 @@ def find_batch_size(source: str, overrides: list[str]) -> int:
         raise UserError("--find-batch-size: give a sweep file (it writes into the sweep's directory)")
     spec, base = load_sweep(source, overrides)
     trials = plan(spec, base, source)
-    directory = path_for(spec)
-    results = batch_size.find(spec, trials, resolve_executor(spec, source), directory)
+    layout = layout_for(spec)
+    results = batch_size.find(spec, trials, resolve_kind(spec, source), layout)
     for key, result in results.items():
         model = json.loads(key)["model"]
         what = model.get("name_or_path") or model.get("factory") or (model.get("config") or {}).get("model_type")
         peak = f", peak {gib(result['peak_bytes'])}" if result["peak_bytes"] else ""
         print(f"{what}: largest micro batch that fits {result['micro_batch_size']} on {result['device']}{peak} "
               f"(budget {gib(result['budget_bytes'])}; tried {', '.join(result['tried'])})")
-    print(f"written to {directory / 'micro_batch.json'}; the sweep plans with it from now on")
+    print(f"written to {layout.micro_batches}; the sweep plans with it from now on")
     return 0 if all(r["micro_batch_size"] for r in results.values()) else 1
 
 

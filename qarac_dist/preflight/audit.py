@@ -158,3 +158,22 @@ def run_many(configs: list, world_size: int = 1, resources=None) -> list[Result]
             seen[key] = run(cfg, world_size, resources)
     return list(seen.values())
 
+
+
+def audit_sweep(spec, configs: list[dict], source: str) -> tuple[str, bool]:
+    """Audit each distinct architecture among a sweep's trials about to be submitted; print the
+    report and return it with whether every audit passed."""
+    import io
+
+    from ..config import UserError, config_from_dict
+
+    typed = [config_from_dict(c, source) for c in configs]
+    try:
+        results = run_many(typed, spec.resources.world_size, spec.resources)
+    except UserError as err:
+        raise UserError(f"{source}: preflight: {err}") from None
+    out = io.StringIO()
+    for result in results:
+        print_result(result, out)
+    print(out.getvalue(), end="")
+    return out.getvalue(), all(r.ok for r in results)

@@ -21,7 +21,6 @@ trial on several GPUs has more room than the search saw.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 HEADROOM = 0.9
 
@@ -133,15 +132,16 @@ def _return_freed_memory() -> None:
 
 # ---------------------------------------------------------------- the driver (here)
 
-def find(spec, trials: list, executor_kind: str, directory: Path) -> dict:
-    """One search job per distinct memory key; returns and writes {key: result}."""
+def find(spec, trials: list, executor_kind: str, layout) -> dict:
+    """One search job per distinct memory key, submitted through the sweep's executor on one GPU
+    of its resources; returns and writes {key: result}."""
     import dataclasses
-
-    import submitit
+    import functools
 
     from ..config import UserError
     from ..plan.micro_batch import memory_key
-    from ..submit.sbatch import executor_parameters, job_name
+    from ..submit.executors import make_executor
+    from ..submit.sbatch import job_name
     from ..submit.sweep_dir import read_micro_batches, write_micro_batches
 
     if not spec.resources.gpu_memory_gb:
@@ -150,21 +150,13 @@ def find(spec, trials: list, executor_kind: str, directory: Path) -> dict:
     shapes: dict[str, dict] = {}
     for trial in trials:
         shapes.setdefault(memory_key(trial.config), trial.config)
-    folder = directory.resolve() / "submitit-batch-size"
     one_gpu = dataclasses.replace(spec.resources, nodes=1, tasks_per_node=1,
                                   gpus_per_node=min(1, spec.resources.gpus_per_node))
-    if executor_kind == "slurm":
-        executor = submitit.AutoExecutor(folder, cluster="slurm")
-        params = executor_parameters(one_gpu, job_name(f"{spec.name}-batch-size"))
-        params.pop("array_parallelism", None)
-        params.pop("signal_delay_s", None)
-        executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
-    else:
-        executor = submitit.AutoExecutor(folder, cluster="local")
-        executor.update_parameters(timeout_min=spec.resources.time_min)
-    jobs = {key: executor.submit(search, config, budget) for key, config in shapes.items()}
+    executor = make_executor(executor_kind, layout.batch_size_submitit, one_gpu, job_name(f"{spec.name}-batch-size"),
+                             max_requeues=0)
+    submitted = executor.submit([functools.partial(search, config, budget) for config in shapes.values()])
     results = {}
-    for key, job in jobs.items():
+    for key, job in zip(shapes, submitted):
         try:
             results[key] = job.result()
         except Exception:  # noqa: BLE001 - the job's own error, reported in one line
@@ -172,7 +164,7 @@ def find(spec, trials: list, executor_kind: str, directory: Path) -> dict:
                       if "Error" in line and not line.lstrip().startswith("File")]
             raise UserError(f"--find-batch-size: job {job.job_id} failed: {errors[-1] if errors else 'no error line'} "
                             f"(log: {job.paths.stderr})") from None
-    found = read_micro_batches(directory) or {}
+    found = read_micro_batches(layout.root) or {}
     found.update(results)
-    write_micro_batches(directory, found)
+    write_micro_batches(layout.root, found)
     return results

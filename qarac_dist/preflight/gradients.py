@@ -131,7 +131,7 @@ def audit_gradients(model, batch: dict, loss_fn: Optional[Callable] = None,
                 yield from tensors(v)
 
     for name, module in model.named_modules():
-        def hook(mod, args, output, name=name):
+        def hook(_module, args, output, name=name):
             calls[name].append(torch.is_grad_enabled())
             outputs[name].extend(t for t in tensors(output) if t.requires_grad)
         hooks.append(module.register_forward_hook(hook))

@@ -1,7 +1,9 @@
-"""Submission with submitit: SLURM job arrays, or submitit's local executor, one code path.
+"""Where jobs run: one `Executor` protocol, two executors (SLURM job arrays, local processes),
+both through submitit, so a trial's job is the same code either way.
 
 Every task of a trial's job runs `TrialJob.__call__`, which imports the training side (only
 there, inside the job: the sweep's own process never imports torch) and runs the trial.
+Nothing outside submit/ asks which executor it holds.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import submitit
 
@@ -17,12 +20,36 @@ from ..config.sweep import Resources, SweepSpec
 from . import cluster, sbatch
 
 
+class Executor(Protocol):
+    kind: str
+    """"slurm" or "local", as the manifest records it."""
+    resources: Resources
+    """What each job gets."""
+    max_requeues: int
+    """How often a trial's job may be requeued (the sweep's max_requeues)."""
+
+    def submit(self, calls: list[Callable[[], Any]]) -> list[submitit.Job]:
+        """One job per call (SLURM: job arrays); the jobs in the calls' order."""
+
+    def alive(self, job_id: str) -> bool:
+        """Whether the job may still run (pending, running or requeued)."""
+
+    def states(self, job_ids: list[str]) -> dict[str, str]:
+        """The scheduler's state of each job it still knows (SLURM's names)."""
+
+    def cancel(self, job_ids: list[str]) -> None:
+        """Stop the jobs; each trial records what it was doing (SIGTERM: save, then exit)."""
+
+
 class TrialJob(submitit.helpers.Checkpointable):
     """One trial. Checkpointable: on SLURM's warning signal submitit calls `checkpoint()` and
     requeues this same object; the training job resumes from its newest complete checkpoint."""
 
-    def __init__(self, config: dict, cpus_per_task: int, max_requeues: int = 3):
+    def __init__(self, config: dict, context: dict, cpus_per_task: int, max_requeues: int):
         self.config = config
+        """The user's training config, as planned."""
+        self.context = context
+        """What the sweep hands the job (track/job_context.JobContext, as a dict)."""
         self.cpus_per_task = cpus_per_task
         self.max_requeues = max_requeues
 
@@ -34,11 +61,13 @@ class TrialJob(submitit.helpers.Checkpointable):
 
         torch.set_num_threads(self.cpus_per_task)
         from ..config import config_from_dict
+        from ..track.job_context import JobContext
         from ..train.run import run
         from ..train.stop import Preempted
 
         try:
-            return run(config_from_dict(self.config, f"trial {self.config.get('name')}"), self.max_requeues)
+            return run(config_from_dict(self.config, f"trial {self.config.get('name')}"),
+                       JobContext(**self.context), self.max_requeues)
         except Preempted as stop:
             # The checkpoint is saved on every rank, and run() has checked the requeue budget.
             # On USR2, global rank 0 hands over to submitit's own handler, which pickles this
@@ -53,56 +82,77 @@ class TrialJob(submitit.helpers.Checkpointable):
 
 
 class SlurmArrays:
-    """Trials as SLURM job arrays with %parallelism, split at the cluster's MaxArraySize."""
+    """Jobs as SLURM job arrays with %parallelism, split at the cluster's MaxArraySize."""
 
     kind = "slurm"
 
-    def __init__(self, sweep_dir: Path, resources: Resources, sweep: str, max_requeues: int):
-        self.folder, self.resources, self.name = sbatch.submitit_folder(sweep_dir), resources, sbatch.job_name(sweep)
-        self.max_requeues = max_requeues
+    def __init__(self, folder: Path, resources: Resources, name: str, max_requeues: int):
+        self.folder = sbatch.job_folder(folder)
+        self.resources, self.name, self.max_requeues = resources, name, max_requeues
 
-    def submit(self, configs: dict[str, dict]) -> dict[str, str]:
+    def submit(self, calls: list[Callable[[], Any]]) -> list[submitit.Job]:
         # Our own requeue budget (train/run.py) binds first and fails the trial with a reason;
         # submitit's count of timed-out interruptions is set one higher so it never does.
         executor = submitit.SlurmExecutor(folder=self.folder, max_num_timeout=self.max_requeues + 1)
         executor.update_parameters(**sbatch.executor_parameters(self.resources, self.name))
-        items = list(configs.items())
-        job_ids = {}
-        for chunk in sbatch.arrays(len(items), cluster.max_array_size()):
-            batch = items[chunk.start:chunk.stop]
+        jobs: list[submitit.Job] = []
+        for chunk in sbatch.arrays(len(calls), cluster.max_array_size()):
             with executor.batch():
-                jobs = [executor.submit(TrialJob(config, self.resources.cpus_per_task, self.max_requeues))
-                        for _, config in batch]
-            job_ids.update({tid: job.job_id for (tid, _), job in zip(batch, jobs)})
-        return job_ids
+                jobs += [executor.submit(call) for call in calls[chunk.start:chunk.stop]]
+        return jobs
+
+    def alive(self, job_id: str) -> bool:
+        return self.states([job_id]).get(job_id) in cluster.ACTIVE
+
+    def states(self, job_ids: list[str]) -> dict[str, str]:
+        return cluster.job_states(job_ids)
+
+    def cancel(self, job_ids: list[str]) -> None:
+        cluster.cancel(job_ids)
 
 
 class LocalProcesses:
-    """Trials on this machine through submitit's local executor; `tasks_per_node` ranks each."""
+    """Jobs on this machine through submitit's local executor; `tasks_per_node` ranks each. A
+    job's id is its process id."""
 
     kind = "local"
 
-    def __init__(self, sweep_dir: Path, resources: Resources):
-        self.folder, self.resources = Path(sweep_dir).resolve() / "submitit", resources
+    def __init__(self, folder: Path, resources: Resources, max_requeues: int):
+        self.folder, self.resources, self.max_requeues = Path(folder).resolve(), resources, max_requeues
         self.jobs: dict[str, submitit.local.local.LocalJob] = {}
 
-    def submit(self, configs: dict[str, dict]) -> dict[str, str]:
-        executor = submitit.LocalExecutor(folder=self.folder)
+    def submit(self, calls: list[Callable[[], Any]]) -> list[submitit.Job]:
+        executor = submitit.LocalExecutor(folder=self.folder, max_num_timeout=self.max_requeues + 1)
         executor.update_parameters(timeout_min=self.resources.time_min, tasks_per_node=self.resources.tasks_per_node,
                                    gpus_per_node=self.resources.gpus_per_node)
-        job_ids = {}
-        for trial_id, config in configs.items():
-            job = executor.submit(TrialJob(config, self.resources.cpus_per_task))
-            self.jobs[trial_id] = job
-            job_ids[trial_id] = job.job_id
-        return job_ids
+        jobs = [executor.submit(call) for call in calls]
+        self.jobs.update({job.job_id: job for job in jobs})
+        return jobs
 
-    def alive(self, trial_id: str, job_id: str) -> bool:
-        job = self.jobs.get(trial_id)
-        return (not job.done()) if job is not None else pid_alive(job_id)
+    def alive(self, job_id: str) -> bool:
+        job = self.jobs.get(job_id)
+        if job is not None:  # this process started it: submitit knows whether it ended
+            return not job.done()
+        try:
+            os.kill(int(job_id), 0)
+        except (ValueError, ProcessLookupError):
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def states(self, job_ids: list[str]) -> dict[str, str]:
+        return {j: "RUNNING" for j in job_ids if self.alive(j)}
+
+    def cancel(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            try:
+                os.kill(int(job_id), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
 
 
-def resolve_executor(spec: SweepSpec, source: str) -> str:
+def resolve_kind(spec: SweepSpec, source: str) -> str:
     """slurm or local, as the sweep file asks and this machine allows."""
     if spec.executor == "auto":
         return "slurm" if cluster.available() else "local"
@@ -113,11 +163,8 @@ def resolve_executor(spec: SweepSpec, source: str) -> str:
     return spec.executor
 
 
-def pid_alive(job_id: str) -> bool:
-    try:
-        os.kill(int(job_id), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
+def make_executor(kind: str, folder: Path, resources: Resources, name: str, max_requeues: int) -> Executor:
+    """The executor of this kind, its jobs' files under `folder`."""
+    if kind == "slurm":
+        return SlurmArrays(folder, resources, name, max_requeues)
+    return LocalProcesses(folder, resources, max_requeues)

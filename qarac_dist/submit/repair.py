@@ -14,27 +14,29 @@ from ..config import ConfigError, UserError
 from ..config.schema import build
 from ..config.sweep import SweepSpec
 from ..plan import plan, select_defaults
-from .executors import resolve_executor
+from ..base.layout import SweepLayout
+from .executors import resolve_kind
 from .sweep_dir import Manifest, TrialRecord, read_micro_batches, read_sweep_file
 
 
 def repair(directory: Path) -> Manifest:
+    layout = SweepLayout(directory)
     saved = read_sweep_file(directory)
     if saved is None:
-        raise UserError(f"{directory}: no sweep.json here, so there is nothing to rebuild the manifest from")
+        raise UserError(f"{directory}: no {layout.sweep_file.name} here, so there is nothing to rebuild the manifest from")
     errors: list[str] = []
     spec = build(SweepSpec, saved.get("spec") or {}, "spec", errors)
     if errors or spec is None:
-        raise UserError(f"{directory / 'sweep.json'}: {errors[0] if errors else 'no spec'}")
-    source = str(saved.get("source", directory / "sweep.json"))
+        raise UserError(f"{layout.sweep_file}: {errors[0] if errors else 'no spec'}")
+    source = str(saved.get("source", layout.sweep_file))
     try:
         trials = plan(spec, saved.get("base") or {}, source, read_micro_batches(directory))
     except ConfigError as err:
-        raise UserError(f"{directory / 'sweep.json'}: the saved sweep no longer plans: {err.errors[0]}") from None
+        raise UserError(f"{layout.sweep_file}: the saved sweep no longer plans: {err.errors[0]}") from None
     from ..track.mlflow_client import absolute_uri
 
     metric, mode = select_defaults(spec, trials)
-    manifest = Manifest(spec.name, resolve_executor(spec, source), metric, mode,
+    manifest = Manifest(spec.name, resolve_kind(spec, source), metric, mode,
                         tracking_uri=absolute_uri(spec.tracking.uri), experiment=spec.tracking.experiment or spec.name)
     for trial in trials:
         record = TrialRecord(trial.id, trial.label, trial.overrides, trial.config, trial.config["output"]["dir"],
@@ -47,10 +49,10 @@ def repair(directory: Path) -> Manifest:
             record.state = "PENDING"
         manifest.trials[trial.id] = record
     _find_runs(manifest)
-    _keep_old(directory)
+    _keep_old(layout.manifest)
     manifest.save(directory)
     found = sum(r.mlflow_run_id is not None for r in manifest.trials.values())
-    print(f"rebuilt {directory / 'manifest.json'}: {len(manifest.trials)} trials, "
+    print(f"rebuilt {layout.manifest}: {len(manifest.trials)} trials, "
           f"{sum(r.job_id is not None for r in manifest.trials.values())} with a job, {found} with an MLflow run")
     return manifest
 
@@ -75,8 +77,7 @@ def _find_runs(manifest: Manifest) -> None:
             manifest.trials[tid].mlflow_run_id = run.info.run_id
 
 
-def _keep_old(directory: Path) -> None:
+def _keep_old(path: Path) -> None:
     """The manifest being replaced, damaged or not, stays beside the new one."""
-    path = directory / "manifest.json"
     if path.exists():
-        os.replace(path, path.with_name(f"manifest.json.before-repair-{time.strftime('%Y%m%d-%H%M%S')}"))
+        os.replace(path, path.with_name(f"{path.name}.before-repair-{time.strftime('%Y%m%d-%H%M%S')}"))

@@ -1,4 +1,4 @@
-"""What a sweep hands to SLURM, as pure functions: the job name, submitit's folder, the executor
+"""What a sweep hands to SLURM, as pure functions: the job name, a job's folder, the executor
 parameters, the arrays a sweep is cut into, and the exact sbatch script of each.
 
 The script is the one submitit writes for these parameters: its builder
@@ -22,9 +22,10 @@ def job_name(sweep: str) -> str:
     return f"qarac-{sweep}"
 
 
-def submitit_folder(sweep_dir: Path) -> Path:
-    """Where submitit keeps each job's pickles and logs (`%j`: the job id, filled in by SLURM)."""
-    return Path(sweep_dir).resolve() / "submitit" / "%j"
+def job_folder(folder: Path) -> Path:
+    """Where submitit keeps each SLURM job's pickles and logs, under `folder` (`%j`: the job id,
+    filled in by SLURM)."""
+    return Path(folder).resolve() / "%j"
 
 
 def signal_delay_s(time_min: int) -> int:

@@ -1,22 +1,15 @@
-"""The sweep directory, `<runs_dir>/<sweep>/`, and the one owner of its files:
+"""The sweep's records in its directory (paths: base/layout.py): the manifest, one record per
+trial with its attempts, job ids, state and MLflow run; the resolved sweep; the micro-batch
+plan; and the driver's lock. How a trial's state is read from the scheduler's view and the
+trial's own files is `resolve_state`.
 
-    .lock            held by the one driver working on this sweep (`SweepLock`)
-    sweep.json       the resolved sweep: spec, base config, trial ids and labels
-    manifest.json    one record per trial: config, attempts, job ids, state, MLflow run ids
-    trials/<id>/     each trial's directory (track/trial_dir.py)
-    submitit/        submitit's pickles and job logs
-    micro_batch.json what `preflight --find-batch-size` found
-    asha/            successive halving's rung records (track/rungs.py)
-
-Every JSON file is written atomically (track/files.py). A manifest that is there but damaged is
+Every JSON file is written atomically (base/files.py). A manifest that is there but damaged is
 an error, never taken for a missing one and never replaced; `status --repair` rebuilds it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
-import fcntl
 import json
 import os
 import socket
@@ -25,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..base.files import DamagedFile, read_json, write_json
+from ..base.layout import SweepLayout
+from ..base.lock import LockHeld, lock
 from ..config import UserError
 from ..config.schema import build
 from ..config.sweep import SweepSpec
-from ..track.files import DamagedFile, read_json, write_json
 from ..track.trial_dir import TrialDir, TrialState
 from .cluster import ACTIVE, REQUEUED
 
@@ -42,8 +37,8 @@ RESUBMIT = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PRE
 FAILED = RESUBMIT - {"QUEUED"}
 
 
-def path_for(spec: SweepSpec) -> Path:
-    return Path(spec.runs_dir) / spec.name
+def layout_for(spec: SweepSpec) -> SweepLayout:
+    return SweepLayout.of(spec.runs_dir, spec.name)
 
 
 @dataclass
@@ -102,7 +97,7 @@ class Manifest:
     @classmethod
     def load(cls, sweep_dir: Path) -> Optional["Manifest"]:
         """The manifest; None when there is none; DamagedFile (one line) when it is damaged."""
-        path = Path(sweep_dir) / "manifest.json"
+        path = SweepLayout(Path(sweep_dir)).manifest
         hint = f"; repair it with python -m qarac_dist.status --repair {sweep_dir}"
         try:
             data = read_json(path)
@@ -130,19 +125,19 @@ class Manifest:
         return manifest
 
     def save(self, sweep_dir: Path) -> None:
-        write_json(Path(sweep_dir) / "manifest.json", dataclasses.asdict(self))
+        write_json(SweepLayout(Path(sweep_dir)).manifest, dataclasses.asdict(self))
 
     def all_ended(self) -> bool:
         return not any(r.state in RUNNING_STATES for r in self.trials.values())
 
 
-def resolve_state(record: TrialRecord, scheduler_state: Optional[str], process_alive: Optional[bool] = None) -> str:
+def resolve_state(record: TrialRecord, scheduler_state: Optional[str]) -> str:
     """One state from the scheduler's view and what the current attempt's job wrote.
 
-    `scheduler_state` is SLURM's state (None when SLURM no longer knows the job);
-    `process_alive` is for local jobs. A state.json from an earlier attempt says nothing about
-    this one. A job the scheduler lost that left no final state behind is LOST, and is
-    submitted again on the next run.
+    `scheduler_state` is the executor's state of the job (SLURM's names; None when the
+    scheduler no longer knows it). A state.json from an earlier attempt says nothing about this
+    one. A job the scheduler lost that left no final state behind is LOST, and is submitted
+    again on the next run.
     """
     if record.job_id is None:
         return "QUEUED"
@@ -150,15 +145,13 @@ def resolve_state(record: TrialRecord, scheduler_state: Optional[str], process_a
     own = status.state.value if status is not None else None
     if own in DONE or (own in ("FAILED", "CANCELLED") and scheduler_state not in ACTIVE):
         return own
-    if scheduler_state is not None:
-        if scheduler_state in REQUEUED:
-            return "PENDING"
-        if scheduler_state == "COMPLETED":  # the job exited 0 without a verdict: it did not finish
-            return "FAILED"
-        return scheduler_state
-    if process_alive:
-        return "RUNNING" if own == "RUNNING" else "PENDING"
-    return "LOST"
+    if scheduler_state is None:
+        return "LOST"
+    if scheduler_state in REQUEUED:
+        return "PENDING"
+    if scheduler_state == "COMPLETED":  # the job exited 0 without a verdict: it did not finish
+        return "FAILED"
+    return scheduler_state
 
 
 def own_error(record: TrialRecord) -> Optional[str]:
@@ -167,32 +160,22 @@ def own_error(record: TrialRecord) -> Optional[str]:
 
 
 class SweepLock:
-    """One driver per sweep directory: an exclusive `fcntl.lockf` lock on `<sweep>/.lock`.
-
-    lockf (POSIX record locks) is honoured across machines on NFS (NLM or NFSv4 locks) and on
-    Lustre mounted with `-o flock` (with `localflock` it holds only within one node). The kernel
-    drops it when the holder dies, however it dies. Hazard of POSIX locks: closing any file
-    descriptor of the lock file in the holding process drops the lock, so only this object
-    opens that file. The holder's host and pid are written into it, for the next driver's
-    message."""
+    """One driver per sweep directory, by an exclusive lock on its lock file (base/lock.py: what
+    it relies on, on NFS and Lustre). The holder's host and pid are written into it, for the
+    next driver's message."""
 
     def __init__(self, sweep_dir: Path):
-        self.path = Path(sweep_dir) / ".lock"
+        self.path = SweepLayout(Path(sweep_dir)).lock
         self.file = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
         try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = _holder(f)
-            f.close()
-            if err.errno in (errno.EACCES, errno.EAGAIN):
-                raise UserError(f"{self.path.parent}: another driver is working on this sweep "
-                                f"({_describe(holder)}); wait for it to end, or stop it") from None
-            raise UserError(f"{self.path}: cannot lock ({err.strerror}); the filesystem must support fcntl locks "
-                            f"(Lustre: mount with -o flock)") from None
+            f = lock(self.path, wait=False)
+        except LockHeld:
+            with open(self.path) as held:
+                holder = _holder(held)
+            raise UserError(f"{self.path.parent}: another driver is working on this sweep "
+                            f"({_describe(holder)}); wait for it to end, or stop it") from None
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}))
@@ -203,13 +186,6 @@ class SweepLock:
         if self.file is not None:
             self.file.close()
             self.file = None
-
-    def __enter__(self) -> "SweepLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def _holder(f) -> str:
@@ -234,17 +210,17 @@ def _describe(holder: str) -> str:
 
 
 def read_sweep_file(sweep_dir: Path) -> Optional[dict]:
-    return read_json(Path(sweep_dir) / "sweep.json")
+    return read_json(SweepLayout(Path(sweep_dir)).sweep_file)
 
 
 def write_sweep_file(sweep_dir: Path, spec: dict, base: dict, source: str, trials: list) -> None:
-    write_json(Path(sweep_dir) / "sweep.json", {"spec": spec, "base": base, "source": source,
-                                                 "trials": [{"id": t.id, "label": t.label} for t in trials]})
+    write_json(SweepLayout(Path(sweep_dir)).sweep_file, {"spec": spec, "base": base, "source": source,
+                                                        "trials": [{"id": t.id, "label": t.label} for t in trials]})
 
 
 def read_micro_batches(sweep_dir: Path) -> Optional[dict]:
-    return read_json(Path(sweep_dir) / "micro_batch.json")
+    return read_json(SweepLayout(Path(sweep_dir)).micro_batches)
 
 
 def write_micro_batches(sweep_dir: Path, found: dict) -> None:
-    write_json(Path(sweep_dir) / "micro_batch.json", found)
+    write_json(SweepLayout(Path(sweep_dir)).micro_batches, found)

@@ -2,19 +2,19 @@
 
 A new sqlite store is created (its schema migrated) by the first client that opens it. Two
 processes doing that at the same moment race inside MLflow and can leave a half-migrated file
-that no client opens again, so the first touch of a sqlite store happens under an `fcntl` lock
-on `<file>.lock` beside it.
+that no client opens again, so the first touch of a sqlite store happens under a lock on
+`<file>.lock` beside it (base/lock.py).
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import subprocess
 from pathlib import Path
 from typing import Optional
 
-from .secrets import redact_text, screen
+from ..base.lock import locked
+from ..base.secrets import redact_text, screen
 
 _opened: set[str] = set()
 
@@ -49,9 +49,7 @@ def client(uri: str):
     c = MlflowClient(tracking_uri=uri)
     if uri.startswith("sqlite:///") and uri not in _opened:
         db = Path(uri[len("sqlite:///"):])
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{db}.lock", "a") as lock:
-            fcntl.lockf(lock, fcntl.LOCK_EX)  # released when the file closes
+        with locked(Path(f"{db}.lock"), "a"):
             c.search_experiments(max_results=1)  # creates and migrates the store
         _opened.add(uri)
     return c

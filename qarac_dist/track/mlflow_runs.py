@@ -1,7 +1,7 @@
 """A trial's MLflow run, held by global rank 0 of its job only.
 
-The run was made when the sweep submitted (track/sweep_runs.py); its id travels with the
-trial's config, so a job, a requeued job and a re-run all log to it. Every call to the server
+The run was made when the sweep submitted (track/sweep_runs.py); its id travels in the job's
+context (track/job_context.py), so a job, a requeued job and a re-run all log to it. Every call to the server
 here may fail (server down or slow): the job goes on, metrics are buffered by `MlflowLogger`,
 and an unfinished end of run (artifacts, status, the parent's verdict) is left in
 `mlflow_pending_finish.json` for `python -m qarac_dist.status --sync`.
@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .files import read_json, write_json
+from ..base.files import read_json, write_json
 from .mlflow_client import absolute_uri, client, create_run, experiment_id, git_commit, shown
 from .mlflow_logger import MlflowLogger, replay_unsent
-from .secrets import redact, redact_text, screen
+from ..base.layout import SweepLayout
+from ..base.secrets import redact, redact_text, screen
+from .job_context import JobContext
 from .sweep_runs import update_parent
 from .trial_dir import BEST_INFO
 
@@ -25,16 +27,15 @@ PENDING_FINISH = "mlflow_pending_finish.json"
 
 
 class TrialRun:
-    def __init__(self, tracking, name: str, params: dict, directory: Path, run_tags: dict,
-                 asha_dir: Optional[str] = None):
-        self.uri, self.asha_dir = absolute_uri(tracking.uri), asha_dir
-        self.tracking, self.directory = tracking, directory
+    def __init__(self, tracking, context: JobContext, name: str, params: dict, directory: Path, run_tags: dict):
+        self.uri = absolute_uri(tracking.uri)
+        self.tracking, self.context, self.directory = tracking, context, directory
         self.client = client(self.uri)
-        self.run_id = tracking.run_id
+        self.run_id = context.run_id
         if self.run_id is None:  # a standalone `python -m qarac_dist.train` with tracking.uri set
             exp = experiment_id(self.client, tracking.experiment or name)
             self.run_id = create_run(self.client, exp, name, dict(tracking.tags), params)
-        tags = screen({**tracking.tags, **run_tags, "git_commit": git_commit()})
+        tags = screen({**tracking.tags, **context.tags, **run_tags, "git_commit": git_commit()})
         try:
             from mlflow.entities import RunTag
 
@@ -66,10 +67,9 @@ class TrialRun:
         pending = {"uri": self.uri, "run_id": self.run_id, "status": status,
                    "error": redact_text(error) if error else None,
                    "best_dir": str(best_dir) if best_dir else None,
-                   "parent_run_id": self.tracking.parent_run_id, "select_metric": self.tracking.select_metric,
-                   "select_mode": self.tracking.select_mode, "register_model": self.tracking.register_model,
-                   "asha_dir": self.asha_dir, "sweep_dir": self.tracking.sweep_dir,
-                   "log_model": self.tracking.log_model}
+                   "parent_run_id": self.context.parent_run_id, "select_metric": self.context.select_metric,
+                   "select_mode": self.context.select_mode, "register_model": self.tracking.register_model,
+                   "sweep_dir": self.context.sweep_dir, "log_model": self.tracking.log_model}
         try:
             complete_run(self.client, pending, module)
         except Exception as err:  # noqa: BLE001
@@ -96,8 +96,8 @@ def complete_run(mlflow_client, pending: dict, module=None) -> None:
     mlflow_client.set_terminated(run_id, status=pending["status"])
     if pending.get("parent_run_id"):
         metric = pending.get("select_metric") or (info or {}).get("metric") or "loss"
-        update_parent(mlflow_client, pending["parent_run_id"], metric, pending.get("select_mode") or "max",
-                      pending.get("asha_dir"), pending.get("sweep_dir"))
+        sweep = SweepLayout(Path(pending["sweep_dir"])) if pending.get("sweep_dir") else None
+        update_parent(mlflow_client, pending["parent_run_id"], metric, pending.get("select_mode") or "max", sweep)
 
 
 def _log_model(mlflow_client, pending: dict, best_dir: Path, module) -> None:

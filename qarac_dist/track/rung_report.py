@@ -1,6 +1,6 @@
 """What successive halving did, for people: the rung table (`asha.csv`) and a plot of every
 trial's validation metric over steps, pruned curves ending at their rung, the best trial marked
-(`curves.png`). Both are written into the sweep's `asha/` folder (atomically) and attached to
+(`curves.png`). Both are written beside the rung records (atomically; base/layout.py) and attached to
 the MLflow parent run, each time a trial ends.
 """
 
@@ -9,34 +9,35 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..base.layout import SweepLayout
 from . import rungs
 from .best import Candidate, best_of
 from .trial_dir import TrialDir
 
 
-def table(record_dir: Path) -> str:
+def table(sweep: SweepLayout) -> str:
     lines = ["rung,step,trial,value,loss,decision,recorded_before"]
     k = 0
-    while rungs.rung_file(record_dir, k).exists():
-        for a in rungs.read(record_dir, k):
+    while sweep.rung(k).exists():
+        for a in rungs.read(sweep, k):
             lines.append(f"{k},{a.step},{a.trial},{a.value},{a.loss},{'continue' if a.keeps_going else 'stop'},{a.seen}")
         k += 1
     return "\n".join(lines) + "\n"
 
 
-def curves(sweep_dir: Path, metric: str) -> dict[str, list[tuple[int, float]]]:
+def curves(sweep: SweepLayout, metric: str) -> dict[str, list[tuple[int, float]]]:
     """Trial id -> (step, validation metric) points, from each trial's metrics.jsonl."""
     out = {}
-    for trial in sorted((Path(sweep_dir) / "trials").glob("*")):
+    for trial in sorted(sweep.trials.glob("*")):
         points = [(row["step"], row[f"val_{metric}"]) for row in TrialDir(trial).metrics() if f"val_{metric}" in row]
         if points:
             out[trial.name] = points
     return out
 
 
-def best_trial(sweep_dir: Path, metric: str, mode: str) -> str | None:
+def best_trial(sweep: SweepLayout, metric: str, mode: str) -> str | None:
     candidates = []
-    for trial in (Path(sweep_dir) / "trials").glob("*"):
+    for trial in sweep.trials.glob("*"):
         info = TrialDir(trial).best_info() or {}
         values = info.get("metrics", {})
         candidates.append(Candidate(trial.name, values.get(metric), values.get("loss"), info.get("step")))
@@ -44,24 +45,23 @@ def best_trial(sweep_dir: Path, metric: str, mode: str) -> str | None:
     return best.trial_id if best else None
 
 
-def write(record_dir: Path, metric: str, mode: str) -> tuple[Path, Path]:
-    """asha.csv and curves.png in `record_dir`; returns their paths."""
+def write(sweep: SweepLayout, metric: str, mode: str) -> tuple[Path, Path]:
+    """The rung table and the plot; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    record_dir, sweep_dir = Path(record_dir), Path(record_dir).parent
-    csv = record_dir / "asha.csv"
-    _replace(csv, lambda tmp: tmp.write_text(table(record_dir)))
+    csv = sweep.asha_table
+    _replace(csv, lambda tmp: tmp.write_text(table(sweep)))
     stopped = {}
     k = 0
-    while rungs.rung_file(record_dir, k).exists():
-        stopped.update({a.trial: (k, a.step) for a in rungs.read(record_dir, k) if not a.keeps_going})
+    while sweep.rung(k).exists():
+        stopped.update({a.trial: (k, a.step) for a in rungs.read(sweep, k) if not a.keeps_going})
         k += 1
-    best = best_trial(sweep_dir, metric, mode)
+    best = best_trial(sweep, metric, mode)
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
-    for trial, points in curves(sweep_dir, metric).items():
+    for trial, points in curves(sweep, metric).items():
         steps, values = zip(*points)
         if trial == best:
             ax.plot(steps, values, color="tab:green", linewidth=2.8, marker="o", label=f"best: {trial}", zorder=3)
@@ -69,17 +69,17 @@ def write(record_dir: Path, metric: str, mode: str) -> tuple[Path, Path]:
             ax.plot(steps, values, color="tab:red", alpha=0.55, linewidth=1.2, marker="x")
         else:
             ax.plot(steps, values, color="tab:blue", alpha=0.7, linewidth=1.4, marker=".")
-    rung_steps = sorted({step for _, step in stopped.values()} | {a.step for a in rungs.read(record_dir, 0)})
+    rung_steps = sorted({step for _, step in stopped.values()} | {a.step for a in rungs.read(sweep, 0)})
     for step in rung_steps:
         ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
     ax.plot([], [], color="tab:red", marker="x", label="stopped at a rung")
     ax.plot([], [], color="tab:blue", marker=".", label="went on")
     ax.set_xlabel("training step (dashed: rungs)")
     ax.set_ylabel(f"validation {metric}")
-    ax.set_title(f"successive halving, sweep {sweep_dir.name}: {len(stopped)} trial(s) stopped at a rung")
+    ax.set_title(f"successive halving, sweep {sweep.root.name}: {len(stopped)} trial(s) stopped at a rung")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    png = record_dir / "curves.png"
+    png = sweep.asha_curves
     _replace(png, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return csv, png

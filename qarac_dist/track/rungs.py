@@ -1,10 +1,10 @@
-"""Successive halving's record: one file per rung, `<sweep>/asha/rung<k>.jsonl`, a line per trial
-that reached it: its metric and validation loss, and the decision taken then. No process but
-the trials themselves keeps it.
+"""Successive halving's record and its rule: one file per rung (base/layout.py), a line per
+trial that reached it: its metric and validation loss, and the decision taken then. No process
+but the trials themselves keeps it.
 
 Each trial's rank 0, on reaching a rung, locks the rung's file (`fcntl.lockf`, exclusive),
 reads every line, and either finds its own line (a requeued or re-run job: the decision is
-replayed, never taken again) or decides from the values recorded so far (plan/asha.py),
+replayed, never taken again) or decides from the values recorded so far (`keeps_going`),
 appends its line, fsyncs, and unlocks. Trials arriving at once are so put in one order, each
 deciding on the values of those before it.
 
@@ -17,16 +17,38 @@ before it. This needs locks that hold across nodes: NFS (NLM or v4) and Lustre m
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import UserError
+from ..base.errors import UserError
+from ..base.layout import SweepLayout
+from ..base.lock import locked
+
+Score = tuple[float, float]
+"""(the select metric, the validation loss) of a trial at a rung."""
+
+
+def rank(score: Score, mode: str) -> tuple[float, float]:
+    """Sort key, best first: the metric in its direction, then the lower loss; NaN last."""
+    value, loss = score
+    return (math.inf if math.isnan(value) else -value if mode == "max" else value,
+            math.inf if math.isnan(loss) else loss)
+
+
+def keeps_going(score: Score, recorded: list[Score], reduction_factor: int, mode: str) -> bool:
+    """The rule (plan/asha.py says why): whether a trial with `score` at a rung continues,
+    given the scores recorded at that rung before it (in any order)."""
+    if math.isnan(score[0]):
+        return False
+    top = (len(recorded) + 1) // reduction_factor
+    if top == 0:
+        return True
+    threshold = sorted(rank(s, mode) for s in [*recorded, score])[top - 1]
+    return rank(score, mode) <= threshold
 
 
 @dataclass(frozen=True)
@@ -47,18 +69,14 @@ class Arrival:
                            "continue": self.keeps_going, "seen": self.seen, "time": self.time})
 
     @property
-    def score(self) -> tuple[float, float]:
+    def score(self) -> Score:
         return self.value, self.loss
 
 
-def rung_file(record_dir: Path, rung: int) -> Path:
-    return Path(record_dir) / f"rung{rung}.jsonl"
-
-
-def read(record_dir: Path, rung: int) -> list[Arrival]:
+def read(sweep: SweepLayout, rung: int) -> list[Arrival]:
     """The arrivals recorded at a rung, in order (a last line cut short is left out)."""
     try:
-        text = rung_file(record_dir, rung).read_text()
+        text = sweep.rung(rung).read_text()
     except FileNotFoundError:
         return []
     return _parse(text)[0]
@@ -80,20 +98,11 @@ def _parse(text: str) -> tuple[list[Arrival], int]:
     return arrivals, good
 
 
-def arrive(record_dir: Path, rung: int, trial: str, score: tuple[float, float], step: int,
-           decide: Callable[[tuple[float, float], list[tuple[float, float]]], bool]) -> Arrival:
+def arrive(sweep: SweepLayout, rung: int, trial: str, score: Score, step: int,
+           decide: Callable[[Score, list[Score]], bool]) -> Arrival:
     """Record `trial`'s score (metric, validation loss) at `rung` and return the decision, or
     replay the one recorded."""
-    path = rung_file(record_dir, rung)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.lockf(f, fcntl.LOCK_EX)
-        except OSError as err:
-            if err.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise UserError(f"{path}: cannot lock ({err.strerror}); successive halving needs fcntl locks on the "
-                                f"sweep's filesystem (Lustre: mount with -o flock)") from None
-            raise
+    with locked(sweep.rung(rung)) as f:  # closing the file releases the lock
         f.seek(0)
         arrivals, good = _parse(f.read())
         mine: Optional[Arrival] = next((a for a in arrivals if a.trial == trial), None)
@@ -105,4 +114,4 @@ def arrive(record_dir: Path, rung: int, trial: str, score: tuple[float, float], 
         f.write(arrival.to_json() + "\n")
         f.flush()
         os.fsync(f.fileno())
-        return arrival  # closing the file releases the lock
+        return arrival

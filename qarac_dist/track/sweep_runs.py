@@ -6,14 +6,15 @@ opening new ones: mlflow#11782, Lightning#6205), and the parent's verdict on the
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
-from pathlib import Path
 from typing import Optional
+
+from ..base.layout import SweepLayout
+from ..base.lock import locked
 
 from .best import TIE_ORDER, Candidate, best_of
 from .mlflow_client import client, create_run, experiment_id
-from .secrets import redact_text
+from ..base.secrets import redact_text
 
 
 def create_parent(uri: str, experiment: str, sweep: str, executor: str, tags: dict, params: dict) -> str:
@@ -37,28 +38,28 @@ def log_text(uri: str, run_id: str, text: str, name: str) -> None:
 
 
 @contextlib.contextmanager
-def _one_at_a_time(sweep_dir: Optional[str]):
-    """Trials that end at once update the parent in turn (an fcntl lock in the sweep's
-    directory), so the best is logged once per change."""
-    if sweep_dir is None or not Path(sweep_dir).is_dir():
+def _one_at_a_time(sweep: Optional[SweepLayout]):
+    """Trials that end at once update the parent in turn (a lock in the sweep's directory), so
+    the best is logged once per change."""
+    if sweep is None or not sweep.root.is_dir():
         yield
         return
-    with open(Path(sweep_dir) / ".parent.lock", "a") as f:
-        fcntl.lockf(f, fcntl.LOCK_EX)
+    with locked(sweep.parent_run_lock, "a"):
         yield
 
 
-def update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str, asha_dir: Optional[str] = None,
-                  sweep_dir: Optional[str] = None) -> Optional[tuple[str, float]]:
+def update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
+                  sweep: Optional[SweepLayout] = None) -> Optional[tuple[str, float]]:
     """Name the best finished child on the parent (tags best_trial, best_run_id; metric
     best_val_<metric>, logged when the best changes, at a step counting the finished trials)
-    and attach summary.csv of all children. Recomputed from every child."""
-    with _one_at_a_time(sweep_dir):
-        return _update_parent(mlflow_client, parent_run_id, metric, mode, asha_dir)
+    and attach summary.csv of all children, and the rung report where successive halving ran.
+    Recomputed from every child."""
+    with _one_at_a_time(sweep):
+        return _update_parent(mlflow_client, parent_run_id, metric, mode, sweep)
 
 
 def _update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
-                   asha_dir: Optional[str]) -> Optional[tuple[str, float]]:
+                   sweep: Optional[SweepLayout]) -> Optional[tuple[str, float]]:
     parent = mlflow_client.get_run(parent_run_id)
     children = mlflow_client.search_runs([parent.info.experiment_id],
                                          filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
@@ -78,10 +79,10 @@ def _update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
             candidates.append(Candidate(trial, value, metrics.get("best_val_loss"), int(step) if step else None))
             runs[trial] = child.info.run_id
     mlflow_client.log_text(parent_run_id, redact_text("\n".join(lines) + "\n"), "summary.csv")
-    if asha_dir is not None and Path(asha_dir).is_dir():
+    if sweep is not None and sweep.asha.is_dir():
         from .rung_report import write
 
-        for path in write(Path(asha_dir), metric, mode):
+        for path in write(sweep, metric, mode):
             mlflow_client.log_artifact(parent_run_id, str(path))
     best = best_of(candidates, mode)
     if best is None:
@@ -95,11 +96,10 @@ def _update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
     return best.trial_id, best.value
 
 
-def close_parent(uri: str, parent_run_id: str, metric: str, mode: str, ok: bool, asha_dir: Optional[str] = None,
-                 sweep_dir: Optional[str] = None) -> None:
+def close_parent(uri: str, parent_run_id: str, metric: str, mode: str, ok: bool, sweep: SweepLayout) -> None:
     """Every trial's latest attempt has ended: the verdict, then FINISHED (or FAILED)."""
     c = client(uri)
-    update_parent(c, parent_run_id, metric, mode, asha_dir, sweep_dir)
+    update_parent(c, parent_run_id, metric, mode, sweep)
     c.set_terminated(parent_run_id, status="FINISHED" if ok else "FAILED")
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .files import DamagedFile, read_json, write_json
+from ..base.files import DamagedFile, read_json, write_json
 
 BEST_INFO = "qarac_best.json"
 

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             import yaml
 
-            from ..track.secrets import redact
+            from ..base.secrets import redact
 
             print(yaml.safe_dump(redact(config_to_dict(cfg)), sort_keys=False), end="")
             print(f"# DeepSpeed config on {args.world_size} rank(s):")

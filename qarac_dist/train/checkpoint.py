@@ -1,4 +1,5 @@
-"""Resumable checkpoints: DeepSpeed engine state from every rank, per-rank RNG, and our state.
+"""Resumable checkpoints: DeepSpeed engine state from every rank, per-rank RNG, and our state;
+the trial's policy over them is `Checkpointer` (what the training loop calls).
 
 DeepSpeed writes its `latest` file before every rank has finished its shards, and
 `load_checkpoint` only warns when nothing is there. So a checkpoint directory counts as
@@ -21,6 +22,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import UserError
+from ..track.trial_dir import TrialDir
 
 MARKER = "COMPLETE"
 
@@ -181,3 +184,61 @@ def load(engine, directory: Path, tag: str, rank: int) -> dict:
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return client_state
+
+
+class Checkpointer:
+    """A trial's checkpoint policy: which checkpoint a job resumes from (the newest complete and
+    intact one, converted to a universal checkpoint when it was saved on another number of
+    ranks), loading it, and saving one (keeping the newest `keep_last` and the best)."""
+
+    def __init__(self, checkpointing, zero_stage: int, trial: TrialDir, rank: int, world_size: int):
+        self.checkpointing, self.zero_stage, self.trial = checkpointing, zero_stage, trial
+        self.rank, self.world_size = rank, world_size
+        self.directory = trial.checkpoints
+
+    def choose(self) -> Optional[str]:
+        """The tag to resume from, or None to start fresh. Rank 0 decides and every rank
+        follows. A trial that saved a checkpoint before but finds none it can load fails: it
+        never starts over silently."""
+        if not self.checkpointing.resume:
+            return None
+        outcome: list = [None]
+        if self.rank == 0:
+            try:
+                outcome[0] = self._choose()
+            except UserError as err:
+                outcome[0] = err
+        if self.world_size > 1:
+            dist.broadcast_object_list(outcome, src=0)  # every rank waits for rank 0's choice
+        if isinstance(outcome[0], UserError):
+            raise outcome[0]
+        return outcome[0]
+
+    def _choose(self) -> Optional[str]:
+        tag, damaged = newest_intact(self.directory)
+        status = self.trial.status()
+        expected = status.last_checkpoint if status is not None else None
+        if tag is None and (damaged or expected is not None):
+            what = (f"no checkpoint of it can be loaded: {'; '.join(damaged)}" if damaged else
+                    f"this trial saved a checkpoint at step {expected}, but {self.directory} holds no complete "
+                    f"checkpoint")
+            raise UserError(f"checkpointing: {what}; it will not start over. Restore the checkpoints, or remove "
+                            f"{self.trial.state_file} to start from scratch")
+        if damaged:
+            print(f"qarac_dist: {'; '.join(damaged)}; resuming from {tag}", file=sys.stderr, flush=True)
+        if tag is None:
+            return None
+        saved = saved_world_size(self.directory, tag)
+        if saved in (None, self.world_size) or self.zero_stage == 0:
+            return tag  # ZeRO-0 keeps whole optimizer states: it loads on any number of ranks
+        return universal(self.directory, tag)
+
+    def load(self, engine, tag: str) -> dict:
+        """Load `tag` into the engine on every rank; returns our state saved with it."""
+        return load(engine, self.directory, tag, self.rank)
+
+    def save(self, engine, step: int, state: dict, best_step: Optional[int]) -> None:
+        keep = tag_for(best_step) if best_step is not None else None
+        save(engine, self.directory, step, state, self.rank, self.checkpointing.keep_last, keep=keep)
+        if self.rank == 0:
+            self.trial.update(last_checkpoint=step)

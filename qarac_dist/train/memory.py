@@ -44,7 +44,7 @@ class RssGrowth:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *_exc) -> None:
         self.stop.set()
         self.thread.join()
         self.bytes = max(self.peak, rss_bytes()) - self.before

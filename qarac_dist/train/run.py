@@ -17,8 +17,9 @@ from typing import Optional
 import torch.distributed as dist
 
 from ..config import TrainConfig, UserError, config_to_dict
+from ..track.job_context import JobContext
 from ..track.mlflow_runs import TrialRun
-from ..track.secrets import redact_text
+from ..base.secrets import redact_text
 from ..track.sweep_runs import trial_params
 from ..track.trial_dir import TrialDir, TrialState, TrialStatus
 from .loop import Trainer
@@ -39,8 +40,9 @@ def slurm_job_id(environ=os.environ) -> Optional[str]:
     return environ.get("SLURM_JOB_ID")
 
 
-def run(cfg: TrainConfig, max_requeues: Optional[int] = None) -> dict:
-    """Set up torch.distributed from the environment, train, tear down. Returns the result."""
+def run(cfg: TrainConfig, context: JobContext = JobContext(), max_requeues: Optional[int] = None) -> dict:
+    """Set up torch.distributed from the environment, train, tear down. Returns the result.
+    `context` is what a sweep hands the job (nothing, for a config run on its own)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -56,15 +58,15 @@ def run(cfg: TrainConfig, max_requeues: Optional[int] = None) -> dict:
     STOP.install(STOP_SIGNALS)
     try:
         if ranks.is_main:
-            status = trial.begin(cfg.output.attempt, pid=os.getpid(), host=socket.gethostname(),
+            status = trial.begin(context.attempt, pid=os.getpid(), host=socket.gethostname(),
                                  world_size=ranks.world_size, started=time.time(), job_id=slurm_job_id(),
                                  nodes=os.environ.get("SLURM_JOB_NODELIST"))
             if cfg.tracking.uri is not None:
-                trial_run = TrialRun(cfg.tracking, cfg.name, trial_params(config_to_dict(cfg)), trial.path, run_tags={
-                    "slurm_job_id": status.job_id, "restarts": status.starts - 1,
-                    "attempt": cfg.output.attempt, "nodes": status.nodes or status.host,
-                    "world_size": ranks.world_size}, asha_dir=cfg.asha.record_dir if cfg.asha else None)
-        trainer = Trainer(cfg, ranks, trial_run)
+                trial_run = TrialRun(cfg.tracking, context, cfg.name, trial_params(config_to_dict(cfg)), trial.path,
+                                     run_tags={"slurm_job_id": status.job_id, "restarts": status.starts - 1,
+                                               "attempt": context.attempt, "nodes": status.nodes or status.host,
+                                               "world_size": ranks.world_size})
+        trainer = Trainer(cfg, ranks, trial_run, context)
         result = trainer.train()
         finished = True
         if ranks.is_main:

@@ -23,7 +23,7 @@ class _StopRequest:
         self.signum: int | None = None
         self.previous: dict[int, object] = {}
 
-    def handler(self, signum, frame) -> None:
+    def handler(self, signum, _frame) -> None:
         self.signum = signum
 
     def install(self, signums) -> None:

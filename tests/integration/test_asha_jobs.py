@@ -13,7 +13,7 @@ import sys
 
 import yaml
 
-from qarac_dist.plan.asha import keeps_going
+from qarac_dist.base.layout import SweepLayout
 from qarac_dist.submit.sweep_dir import Manifest
 from qarac_dist.track import rungs
 from qarac_dist.track.mlflow_client import client
@@ -33,11 +33,11 @@ def _sweep(tmp_path, data_cache, name: str, lrs: list[float], executor: str = "s
     return path
 
 
-def _consistent(record_dir, rung: int, factor: int = 2, mode: str = "min") -> list:
-    arrivals = rungs.read(record_dir, rung)
+def _consistent(sweep: SweepLayout, rung: int, factor: int = 2, mode: str = "min") -> list:
+    arrivals = rungs.read(sweep, rung)
     assert len({a.trial for a in arrivals}) == len(arrivals), "a trial recorded twice"
     for i, a in enumerate(arrivals):
-        assert a.seen == i and a.keeps_going == keeps_going(a.score, [b.score for b in arrivals[:i]], factor, mode)
+        assert a.seen == i and a.keeps_going == rungs.keeps_going(a.score, [b.score for b in arrivals[:i]], factor, mode)
         assert math.isfinite(a.loss)  # the validation loss is recorded beside the metric
     return arrivals
 
@@ -58,9 +58,9 @@ def test_an_array_with_successive_halving_stops_losing_trials(cluster, tmp_path,
     manifest = Manifest.load(directory)
     stopped = {}
     for rung in range(2):
-        arrivals = _consistent(directory / "asha", rung)
+        arrivals = _consistent(SweepLayout(directory), rung)
         stopped.update({a.trial: (rung, a.step) for a in arrivals if not a.keeps_going})
-    first = rungs.read(directory / "asha", 0)
+    first = rungs.read(SweepLayout(directory), 0)
     assert len(first) == 4 and not first[2].keeps_going  # the third arrival, a learning trial, stops
     by_lr = {r.config["optimizer"]["lr"]: r for r in manifest.trials.values()}
     assert {a.trial for a in first[:2]} == {by_lr[1e-9].id, by_lr[2e-9].id}
@@ -83,10 +83,10 @@ def test_an_array_with_successive_halving_stops_losing_trials(cluster, tmp_path,
         assert (run.data.tags["asha.stopped_at_step"], run.data.tags["asha.rung"]) == (str(step), str(rung))
     artifacts = {a.path for a in c.list_artifacts(manifest.mlflow_parent_run_id)}
     assert {"asha.csv", "curves.png", "summary.csv"} <= artifacts
-    csv = (directory / "asha" / "asha.csv").read_text().splitlines()
-    recorded = sum(len(rungs.read(directory / "asha", k)) for k in range(3))
+    csv = SweepLayout(directory).asha_table.read_text().splitlines()
+    recorded = sum(len(rungs.read(SweepLayout(directory), k)) for k in range(3))
     assert csv[0] == "rung,step,trial,value,loss,decision,recorded_before" and len(csv) == 1 + recorded
-    assert (directory / "asha" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert SweepLayout(directory).asha_curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_preempted_trial_is_recorded_once(cluster, no_requeue_delay, tmp_path, data_cache):
@@ -99,14 +99,14 @@ def test_a_preempted_trial_is_recorded_once(cluster, no_requeue_delay, tmp_path,
     assert run_sweep(path, "--no-preflight", env=env).returncode == 0
     directory = tmp_path / "runs" / "preempted"
     (record,) = Manifest.load(directory).trials.values()
-    wait_for(lambda: rungs.read(directory / "asha", 0), 600, "rung 0 to be recorded")
+    wait_for(lambda: rungs.read(SweepLayout(directory), 0), 600, "rung 0 to be recorded")
     subprocess.run(["scancel", "--signal=USR2", record.job_id], check=True)
     proc = run_sweep(path, "--wait", "--no-preflight", env=env, timeout=1200)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     status = record.trial_dir.status()
     assert status.state.value == "COMPLETED" and status.starts == 2 and status.step == 16
-    assert [a.trial for a in _consistent(directory / "asha", 0)] == [record.id]
-    assert [a.trial for a in _consistent(directory / "asha", 1)] == [record.id]
+    assert [a.trial for a in _consistent(SweepLayout(directory), 0)] == [record.id]
+    assert [a.trial for a in _consistent(SweepLayout(directory), 1)] == [record.id]
 
 
 def test_a_killed_trial_rerun_replays_its_decision(tmp_path, data_cache):
@@ -121,12 +121,12 @@ def test_a_killed_trial_rerun_replays_its_decision(tmp_path, data_cache):
     driver = subprocess.Popen([sys.executable, "-m", "qarac_dist.sweep", str(path), "--no-preflight"], cwd=tmp_path,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     directory = tmp_path / "runs" / "killed"
-    arrivals = wait_for(lambda: rungs.read(directory / "asha", 0), 600, "rung 0 to be recorded")
+    arrivals = wait_for(lambda: rungs.read(SweepLayout(directory), 0), 600, "rung 0 to be recorded")
     (record,) = Manifest.load(directory).trials.values()
     os.kill(json.loads(record.trial_dir.state_file.read_text())["pid"], signal.SIGKILL)  # before step 6's checkpoint
     driver.communicate(timeout=300)
     assert sorted(p.name for p in record.trial_dir.checkpoints.glob("step*")) == ["step00000003"]
     proc = run_sweep(path, "--no-preflight", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert rungs.read(directory / "asha", 0) == arrivals  # the same single line: replayed, not taken again
+    assert rungs.read(SweepLayout(directory), 0) == arrivals  # the same single line: replayed, not taken again
     assert json.loads(record.trial_dir.state_file.read_text())["state"] == "COMPLETED"

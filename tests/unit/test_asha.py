@@ -8,7 +8,9 @@ import random
 import pytest
 import yaml
 
-from qarac_dist.plan.asha import budget, keeps_going, rung_steps
+from qarac_dist.base.layout import SweepLayout
+from qarac_dist.plan.asha import budget, rung_steps
+from qarac_dist.track.rungs import keeps_going
 
 
 @pytest.mark.parametrize("grace, factor, max_steps, expected", [
@@ -132,14 +134,14 @@ def _arrive(args):
     import time
     from pathlib import Path
 
-    from qarac_dist.plan.asha import keeps_going
+    from qarac_dist.base.layout import SweepLayout
     from qarac_dist.track import rungs
 
-    record_dir, trial, value, go = args
+    sweep_dir, trial, value, go = args
     while not os.path.exists(go):
         time.sleep(0.0005)
-    arrival = rungs.arrive(Path(record_dir), 0, trial, (value, 1.0 - value), 10,
-                           lambda mine, before: keeps_going(mine, before, 3, "max"))
+    arrival = rungs.arrive(SweepLayout(Path(sweep_dir)), 0, trial, (value, 1.0 - value), 10,
+                           lambda mine, before: rungs.keeps_going(mine, before, 3, "max"))
     return trial, arrival.keeps_going, arrival.seen
 
 
@@ -157,7 +159,7 @@ def test_trials_arriving_at_once_are_put_in_one_order_and_each_follows_the_rule(
         pending = pool.map_async(_arrive, jobs)
         go.touch()
         results = pending.get(timeout=120)
-    recorded = rungs.read(tmp_path, 0)
+    recorded = rungs.read(SweepLayout(tmp_path), 0)
     assert sorted(a.trial for a in recorded) == sorted(f"t{i}" for i in range(12))
     for i, a in enumerate(recorded):
         assert a.seen == i
@@ -171,16 +173,16 @@ def test_a_decision_once_recorded_is_replayed_and_a_cut_line_is_dropped(tmp_path
     def rule(mine, before):
         return keeps_going(mine, before, 2, "max")
 
-    assert rungs.arrive(tmp_path, 0, "a", (0.9, 0.3), 5, rule).keeps_going
-    assert not rungs.arrive(tmp_path, 0, "b", (0.1, 0.7), 5, rule).keeps_going
-    replay = rungs.arrive(tmp_path, 0, "b", (0.99, 0.1), 5, rule)  # a requeued job: another score, same decision
+    assert rungs.arrive(SweepLayout(tmp_path), 0, "a", (0.9, 0.3), 5, rule).keeps_going
+    assert not rungs.arrive(SweepLayout(tmp_path), 0, "b", (0.1, 0.7), 5, rule).keeps_going
+    replay = rungs.arrive(SweepLayout(tmp_path), 0, "b", (0.99, 0.1), 5, rule)  # a requeued job: another score, same decision
     assert not replay.keeps_going and replay.score == (0.1, 0.7)
-    with open(rungs.rung_file(tmp_path, 0), "a") as f:
+    with open(SweepLayout(tmp_path).rung(0), "a") as f:
         f.write('{"trial": "c", "value": 0.')  # a writer killed mid-line
-    assert [a.trial for a in rungs.read(tmp_path, 0)] == ["a", "b"]
-    assert rungs.arrive(tmp_path, 0, "c", (0.95, 0.2), 5, rule).keeps_going
-    assert [a.trial for a in rungs.read(tmp_path, 0)] == ["a", "b", "c"]
-    assert rungs.rung_file(tmp_path, 0).read_text().count("\n") == 3
+    assert [a.trial for a in rungs.read(SweepLayout(tmp_path), 0)] == ["a", "b"]
+    assert rungs.arrive(SweepLayout(tmp_path), 0, "c", (0.95, 0.2), 5, rule).keeps_going
+    assert [a.trial for a in rungs.read(SweepLayout(tmp_path), 0)] == ["a", "b", "c"]
+    assert SweepLayout(tmp_path).rung(0).read_text().count("\n") == 3
 
 
 def _asha_sweep(tmp_path, asha: dict, **training):
@@ -206,8 +208,7 @@ def test_the_plan_gives_each_trial_its_rungs_and_the_dry_run_shows_them(tmp_path
     spec, base = load_sweep(path)
     trials = plan(spec, base, str(path))
     for trial in trials:
-        assert trial.config["asha"] == {"rungs": [10, 30], "reduction_factor": 3, "metric": "accuracy", "mode": "max",
-                                        "record_dir": str(tmp_path / "runs" / "halving" / "asha")}
+        assert trial.config["asha"] == {"rungs": [10, 30], "reduction_factor": 3, "metric": "accuracy", "mode": "max"}
     monkeypatch.chdir(tmp_path)
     assert sweep.main([str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -252,15 +253,16 @@ def test_a_record_written_before_losses_were_kept_reads_with_a_nan_loss(tmp_path
 
     from qarac_dist.track import rungs
 
-    rungs.rung_file(tmp_path, 0).write_text('{"trial": "a", "value": 0.5, "step": 5, "continue": true, "seen": 0, '
+    SweepLayout(tmp_path).asha.mkdir()
+    SweepLayout(tmp_path).rung(0).write_text('{"trial": "a", "value": 0.5, "step": 5, "continue": true, "seen": 0, '
                                             '"time": 1.0}\n')
-    (a,) = rungs.read(tmp_path, 0)
+    (a,) = rungs.read(SweepLayout(tmp_path), 0)
     assert a.value == 0.5 and math.isnan(a.loss) and a.keeps_going
 
 
 @pytest.mark.parametrize("asha, expected", [
     pytest.param({"grace_steps": 15, "reduction_factor": 3},
-                 "asha.grace_steps: rung 0 is at step 15, but the trial validates every 10 steps", id="off-rung"),
+                 "asha.grace_steps: a rung falls at step 15, but the trials validate every 10 steps", id="off-rung"),
     pytest.param({"reduction_factor": 3}, "asha.grace_steps: required", id="no-grace"),
     pytest.param({"grace_steps": 10, "reduction_factor": 1}, "asha.reduction_factor: expected at least 2", id="factor-1"),
     pytest.param({"grace_steps": 10, "reduction_factors": 3}, "asha.reduction_factors: unknown key", id="typo"),

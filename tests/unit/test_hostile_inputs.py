@@ -94,8 +94,8 @@ FILE_CASES = [
      "optimizer.weight_decay: expected a finite number, got nan"),
     ("grid-one-value-twice", lambda t: _sweep_text(t, grid={"optimizer.lr": [0.001, "1e-3"]}), (),
      "trials [optimizer.lr=0.001] and [optimizer.lr=1e-3] resolve to the same config"),
-    ("grid-of-a-key-outside-the-id", lambda t: _sweep_text(t, grid={"output.attempt": [1, 2]}), (),
-     "trials [output.attempt=1] and [output.attempt=2] resolve to the same config"),
+    ("grid-of-a-key-outside-the-id", lambda t: _sweep_text(t, grid={"output.dir": ["a", "b"]}), (),
+     "trials [output.dir=a] and [output.dir=b] resolve to the same config"),
 ]
 
 

@@ -154,7 +154,7 @@ EQUIVALENCE_CASES = [
     # Values the section fast path renders on its own: -0.0 is not 0.0 in the id, an int given
     # for a float field, a float set as text, a nested list, a key hidden from the id.
     pytest.param(dict(grid={"optimizer.weight_decay": [0.0, -0.0, 1, "2.5e-1"], "optimizer.betas": [[0.9, 0.99], [0.8, 0.9]],
-                            "output.attempt": [3]}), 8, id="scalars-lists-and-a-hidden-key"),
+                            "output.dir": ["x"]}), 8, id="scalars-lists-and-a-hidden-key"),
     pytest.param(dict(grid={"training.seed": [0, 2**32 - 1], "scheduler.warmup_steps": [0, 5]},
                       set={"data.train_split": "tr\u00e9in\u2028\"x", "tracking.experiment": "e"}), 4,
                  id="large-int-unicode-text-and-tracking"),

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from qarac_dist.config.sweep import Resources
+from qarac_dist.base.layout import SweepLayout
 from qarac_dist.submit import sbatch
 from support import ROOT, tiny_config
 
@@ -88,7 +89,7 @@ def test_dry_run_prints_the_scripts_verbatim_on_a_narrow_terminal(tmp_path, monk
     assert sweep.main([str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     expected = sbatch.sbatch_text(Resources(nodes=2, gpus_per_node=4, partition="a-partition-with-a-long-name"),
-                                  sbatch.job_name("narrow"), sbatch.submitit_folder(tmp_path / "runs" / "narrow"),
+                                  sbatch.job_name("narrow"), sbatch.job_folder(SweepLayout(tmp_path / "runs" / "narrow").submitit),
                                   __import__("sys").executable, 3)
     assert expected + "\n" in out
     assert any(len(line) > 40 for line in expected.splitlines())  # the point: long lines stay whole

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from qarac_dist.track.mlflow_client import client, create_run, experiment_id
 from qarac_dist.track.mlflow_logger import MlflowLogger
-from qarac_dist.track.secrets import screen
+from qarac_dist.base.secrets import screen
 
 
 def _history(c, run_id, key):

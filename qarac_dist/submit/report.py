@@ -4,11 +4,11 @@ summary with the best trial marked (chosen in the same order as on the MLflow pa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
-from .submit.sweep_dir import DONE, Manifest, TrialRecord
-from .track.best import TIE_ORDER, Candidate, best_of
+from ..base.layout import SweepLayout
+from ..track.best import TIE_ORDER, Candidate, best_of
+from .sweep_dir import DONE, Manifest, TrialRecord
 
 
 @dataclass
@@ -66,7 +66,7 @@ def progress_table(manifest: Manifest):
     return table
 
 
-def print_summary(manifest: Manifest) -> Optional[str]:
+def print_summary(manifest: Manifest, layout: SweepLayout) -> Optional[str]:
     """The summary table; returns the best trial's id."""
     from rich.console import Console
     from rich.table import Table
@@ -88,9 +88,8 @@ def print_summary(manifest: Manifest) -> Optional[str]:
                       highlight=False, soft_wrap=True)
         console.print(f"best = {manifest.select_mode} {manifest.select_metric}; {TIE_ORDER}", markup=False,
                       highlight=False, soft_wrap=True)
-    asha = next((r.config["asha"]["record_dir"] for r in manifest.trials.values() if r.config.get("asha")), None)
-    if asha is not None and Path(asha).is_dir():
+    if layout.asha.is_dir():
         pruned = sum(row.record.state == "PRUNED" for row in table_rows)
-        console.print(f"successive halving: {pruned} trial(s) stopped at a rung; rung table {Path(asha) / 'asha.csv'}, "
-                      f"plot {Path(asha) / 'curves.png'}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"successive halving: {pruned} trial(s) stopped at a rung; rung table {layout.asha_table}, "
+                      f"plot {layout.asha_curves}", markup=False, highlight=False, soft_wrap=True)
     return best_id

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from ..config import UserError
+from .errors import UserError
 
 
 # Files are made readable as the umask allows (mkstemp makes them private), so that people who

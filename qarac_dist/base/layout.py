@@ -1,0 +1,86 @@
+"""The sweep directory's layout, `<runs_dir>/<sweep>/`: the one place its paths are spelled.
+Pure: it names paths, it reads and writes nothing.
+
+    path                   written by                               read by
+    .lock                  the driver working on the sweep          the next driver (who holds it)
+                           (submit/submission.py, base/lock.py)
+    .parent.lock           a trial's rank 0 while it updates the    -
+                           sweep's MLflow parent run (track/sweep_runs.py)
+    sweep.json             the driver: resolved spec, base config,  status --repair (submit/repair.py)
+                           trial ids and labels
+    manifest.json          the driver: one record per trial         status, cancel, re-runs
+                           (submit/sweep_dir.py)
+    trials/<id>/           the trial's job (track/trial_dir.py      the driver, status, the summary,
+                           owns the files inside)                   the rung report
+    submitit/              submitit: the sweep's job pickles, logs  submitit, requeued jobs
+    submitit-batch-size/   submitit: the micro-batch search's jobs  preflight --find-batch-size
+    micro_batch.json       preflight --find-batch-size              the planner (via the sweep command)
+    asha/rung<k>.jsonl     a trial's rank 0 at rung k               trials at the rung, status, the
+                           (track/rungs.py)                         rung report
+    asha/asha.csv,         the last trial to end, through the       the user, MLflow (parent run)
+    asha/curves.png        parent run update (track/rung_report.py)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SweepLayout:
+    root: Path
+
+    @classmethod
+    def of(cls, runs_dir: str | Path, sweep: str) -> "SweepLayout":
+        return cls(Path(runs_dir) / sweep)
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def parent_run_lock(self) -> Path:
+        return self.root / ".parent.lock"
+
+    @property
+    def sweep_file(self) -> Path:
+        return self.root / "sweep.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def trials(self) -> Path:
+        return self.root / "trials"
+
+    def trial(self, trial_id: str) -> Path:
+        return self.trials / trial_id
+
+    @property
+    def submitit(self) -> Path:
+        return self.root / "submitit"
+
+    @property
+    def batch_size_submitit(self) -> Path:
+        return self.root / "submitit-batch-size"
+
+    @property
+    def micro_batches(self) -> Path:
+        return self.root / "micro_batch.json"
+
+    @property
+    def asha(self) -> Path:
+        return self.root / "asha"
+
+    def rung(self, k: int) -> Path:
+        return self.asha / f"rung{k}.jsonl"
+
+    @property
+    def asha_table(self) -> Path:
+        return self.asha / "asha.csv"
+
+    @property
+    def asha_curves(self) -> Path:
+        return self.asha / "curves.png"

@@ -1,0 +1,58 @@
+"""What `--dry-run` prints: the trials, the resources, the GPU-hours and the exact sbatch
+scripts, as plain text (no wrapping, no markup, so the scripts copy as they are)."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+from ..base.secrets import redact_text
+from ..config.sweep import SweepSpec
+from ..plan import Trial
+from ..plan.asha import budget
+from . import cluster, sbatch
+from .sweep_dir import layout_for
+
+
+def gpu_hours(spec: SweepSpec, num_trials: int) -> float:
+    r = spec.resources
+    return num_trials * r.nodes * r.gpus_per_node * r.time_min / 60
+
+
+def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, shown: int = 50) -> None:
+    print(f"sweep {spec.name}: {len(trials)} trials, executor {kind}")
+    width = max([len("trial")] + [len(t.id) for t in trials[:shown]])
+    print(f"{'trial':<{width}}  overrides")
+    for trial in trials[:shown]:
+        print(f"{trial.id:<{width}}  {trial.label}")
+    if len(trials) > shown:
+        print(f"... and {len(trials) - shown} more trials")
+    if spec.set:
+        print("every trial also sets: " + redact_text(" ".join(f"{k}={v}" for k, v in spec.set.items())))
+    r = spec.resources
+    print(f"resources per trial: {r.nodes} node(s) x {r.tasks_per_node} task(s), {r.gpus_per_node} GPU(s)/node, "
+          f"{r.cpus_per_task} CPU(s)/task, mem {r.mem_gb or 'default'} GB, {r.time_min} min; "
+          f"at most {r.max_parallel} at once")
+    print(f"requested GPU-hours: {gpu_hours(spec, len(trials)):.1f}")
+    if spec.asha is not None and trials:
+        print_rungs(spec, trials)
+    if kind == "slurm" or spec.executor != "local":
+        size = cluster.max_array_size() if cluster.available() else 1001
+        folder = sbatch.job_folder(layout_for(spec).submitit)
+        for array in sbatch.arrays(len(trials), size):
+            print(f"\n# sbatch script of the array with trials {array.start}..{array.stop - 1}")
+            print(sbatch.sbatch_text(spec.resources, sbatch.job_name(spec.name), folder, sys.executable, len(array)))
+
+
+def print_rungs(spec: SweepSpec, trials: list[Trial]) -> None:
+    asha = trials[0].config["asha"]
+    groups = Counter((t.config["training"]["max_steps"], tuple(t.config["asha"]["rungs"])) for t in trials)
+    most = sum(steps * n for (steps, _), n in groups.items())
+    halving = sum(budget(n, steps, list(rungs), asha["reduction_factor"]).halving for (steps, rungs), n in groups.items())
+    print(f"successive halving on {asha['mode']} {asha['metric']}: rungs at steps "
+          f"{', '.join(map(str, asha['rungs'])) or '(none below max_steps)'}, reduction factor {asha['reduction_factor']}")
+    print(f"training steps: at most {most:,} (no trial stopped); about {halving:,} if each rung passes "
+          f"1/{asha['reduction_factor']} of the trials reaching it")
+    order = "in the order of their ids, a reproducible shuffle" if spec.asha.start == "shuffled" else "in the order listed"
+    print(f"trials start {order} (asha.start: {spec.asha.start}); at a rung, a tie on {asha['metric']} goes to the "
+          f"lower validation loss")

@@ -1,0 +1,287 @@
+"""One run of the sweep command past planning, in the order its steps happen: take the sweep's
+lock, read the manifest, decide what to run, check it (sbatch --test-only, preflight), write
+the sweep's files, make the MLflow runs, submit, report, follow until the trials end, close the
+parent run. Also the other ways in: `refresh` (the status command), `cancel`.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..base.layout import SweepLayout
+from ..base.secrets import redact_text
+from ..config import UserError
+from ..config.schema import to_dict
+from ..config.sweep import Resources, SweepSpec
+from ..plan import Trial, select_defaults
+from ..track.job_context import JobContext
+from ..track.trial_dir import TrialState
+from . import cluster, sbatch, tracking
+from .executors import Executor, TrialJob, make_executor
+from .sweep_dir import DONE, FAILED, RESUBMIT, Attempt, Manifest, SweepLock, TrialRecord, layout_for, own_error, \
+    resolve_state, write_sweep_file
+
+Preflight = Callable[[list[TrialRecord]], tuple[str, bool]]
+"""Audits the trials about to be submitted: (the printed report, passed?)."""
+
+
+class Submission:
+    def __init__(self, spec: SweepSpec, base: dict, trials: list[Trial], kind: str, source: str,
+                 command: list[str], wait: bool = False, preflight: Optional[Preflight] = None):
+        self.spec, self.base, self.trials, self.source = spec, base, trials, source
+        self.command, self.wait, self.preflight = command, wait, preflight
+        self.layout = layout_for(spec)
+        self.executor = make_executor(kind, self.layout.submitit, spec.resources, sbatch.job_name(spec.name),
+                                      spec.max_requeues)
+        self.lock = SweepLock(self.layout.root)
+        self.submitted = False
+        self.preflight_text = None
+
+    @property
+    def local(self) -> bool:
+        """Jobs run here, started by this process as slots free up (else the scheduler queues them)."""
+        return self.executor.kind == "local"
+
+    def run(self) -> int:
+        created = _first_missing(self.layout.root)
+        self.lock.acquire()
+        try:
+            manifest = self.manifest()
+            todo = self.to_run(manifest)
+            code = self.check(todo)
+            if code:
+                self.discard(created)
+                return code
+            self.submit(manifest, todo)
+        except BaseException:
+            self.discard(created)
+            raise
+        try:
+            self.report(manifest, todo)
+            if not (self.local or self.wait):
+                return 0
+            follow(manifest, self.layout, self.executor, todo if self.local else [], self.spec.resources.max_parallel)
+            tracking.close_parent(manifest, self.layout)
+            from .report import print_summary
+
+            best = print_summary(manifest, self.layout)
+            unfinished = [r for r in manifest.trials.values() if r.state not in DONE]
+            return 1 if unfinished or best is None else 0
+        finally:
+            self.lock.release()
+
+    def discard(self, created: Path | None) -> None:
+        """Nothing was submitted: release the sweep, and leave no directory behind that this
+        run created."""
+        self.lock.release()
+        if created is None or self.submitted:
+            return
+        shutil.rmtree(self.layout.root, ignore_errors=True)
+        for folder in self.layout.root.parents:  # the folders made for it, while empty (another
+            if not folder.is_relative_to(created):  # sweep may be starting beside it)
+                break
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+    def manifest(self) -> Manifest:
+        manifest = Manifest.load(self.layout.root)
+        kind = self.executor.kind
+        if manifest is None:
+            if self.layout.sweep_file.exists():
+                raise UserError(f"{self.layout.root}: {self.layout.sweep_file.name} is here but "
+                                f"{self.layout.manifest.name} is not; rebuild it with "
+                                f"python -m qarac_dist.status --repair {shlex.quote(str(self.layout.root))}")
+            from ..track.mlflow_client import absolute_uri
+
+            metric, mode = select_defaults(self.spec, self.trials)
+            return Manifest(self.spec.name, kind, metric, mode, tracking_uri=absolute_uri(self.spec.tracking.uri),
+                            experiment=self.spec.tracking.experiment or self.spec.name)
+        if manifest.executor != kind:
+            raise UserError(f"{self.source}: executor: {self.layout.root} was submitted with {manifest.executor}, now "
+                            f"{kind}; use another sweep name")
+        return manifest
+
+    def to_run(self, manifest: Manifest) -> list[TrialRecord]:
+        for trial in self.trials:
+            if trial.id not in manifest.trials:
+                manifest.trials[trial.id] = TrialRecord(trial.id, trial.label, trial.overrides, trial.config,
+                                                        trial.config["output"]["dir"], self.executor.kind)
+        refresh(manifest, self.executor)
+        planned = {t.id for t in self.trials}
+        return [r for r in manifest.trials.values() if r.id in planned and r.state in RESUBMIT]
+
+    def check(self, todo: list[TrialRecord]) -> int:
+        """sbatch --test-only and preflight: 0 when the trials may be submitted."""
+        if self.executor.kind == "slurm" and todo:
+            refusal = cluster.test_submission(self.sbatch_text(len(todo)))
+            if refusal:
+                raise UserError(f"{self.source}: resources: sbatch refused the job: {refusal}")
+        if todo and self.preflight is not None:
+            self.preflight_text, passed = self.preflight(todo)
+            if not passed:
+                print(f"{self.source}: preflight failed; nothing submitted (see above; --no-preflight skips it)",
+                      file=sys.stderr)
+                return 1
+        return 0
+
+    def sbatch_text(self, num_trials: int) -> str:
+        return sbatch.sbatch_text(self.spec.resources, sbatch.job_name(self.spec.name),
+                                  sbatch.job_folder(self.layout.submitit), sys.executable, num_trials)
+
+    def submit(self, manifest: Manifest, todo: list[TrialRecord]) -> None:
+        """Write the sweep's files, make the MLflow runs, and submit `todo` (the local executor
+        starts its trials later, as slots free up)."""
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        write_sweep_file(self.layout.root, to_dict(self.spec), self.base, str(self.source), self.trials)
+        manifest.save(self.layout.root)
+        tracking.ensure_runs(manifest, todo, varied_keys(self.spec))
+        manifest.save(self.layout.root)
+        if self.preflight_text is not None:
+            tracking.log_preflight(manifest, self.preflight_text)
+        if todo and not self.local:
+            self.submitted = True
+            submit_records(manifest, self.layout, self.executor, todo)
+
+    def report(self, manifest: Manifest, todo: list[TrialRecord]) -> None:
+        print(f"sweep {self.spec.name}: {len(self.trials)} trials, {len(todo)} to run, "
+              f"{len(self.trials) - len(todo)} already pending, running or completed; directory {self.layout.root}")
+        if self.executor.kind != "slurm" or not todo:
+            return
+        arrays: dict[str, int] = {}
+        for r in todo:
+            arrays[r.job_id.split("_")[0]] = arrays.get(r.job_id.split("_")[0], 0) + 1
+        for job, count in arrays.items():
+            print(f"submitted: SLURM job {job}, an array of {count} trial(s)" if count > 1 else
+                  f"submitted: SLURM job {job}")
+        if not self.wait:
+            again = " ".join(shlex.quote(a) for a in self.command)
+            print(f"follow:    {again} --wait\n"
+                  f"status:    python -m qarac_dist.status {shlex.quote(str(self.layout.root))}\n"
+                  f"cancel:    {again} --cancel\n"
+                  f"results:   {tracking.ui_command(manifest.tracking_uri)}")
+
+
+def _first_missing(directory: Path) -> Path | None:
+    """The outermost folder of `directory`'s path that does not exist yet (None: it exists)."""
+    missing = None
+    for folder in [directory, *directory.parents]:
+        if folder.exists():
+            return missing
+        missing = folder
+    return missing
+
+
+def varied_keys(spec: SweepSpec) -> list[str]:
+    """The keys the sweep varies between trials: grid, variants and random search."""
+    keys = set(spec.grid) | {k for v in spec.variants for k in v.set}
+    if spec.random:
+        keys |= set(spec.random.params)
+    return sorted(keys)
+
+
+def attach(kind: str, layout: SweepLayout) -> Executor:
+    """An executor to ask about and cancel a sweep's jobs (not to submit new ones)."""
+    return make_executor(kind, layout.submitit, Resources(), sbatch.job_name(layout.root.name), 0)
+
+
+def refresh(manifest: Manifest, executor: Executor) -> None:
+    """Update every record's state from the scheduler and the current attempt's own files."""
+    records = list(manifest.trials.values())
+    scheduler = executor.states([r.job_id for r in records if r.job_id])
+    for r in records:
+        r.state = resolve_state(r, scheduler.get(r.job_id))
+        if r.state in FAILED:
+            r.error = own_error(r) or r.error
+
+
+def submit_records(manifest: Manifest, layout: SweepLayout, executor: Executor, records: list[TrialRecord]) -> None:
+    """A new attempt for each record: the old one's outcome goes to its history."""
+    for r in records:
+        if r.attempt:
+            r.history.append(Attempt(r.attempt, list(r.job_ids[-1:]), r.state, r.error))
+        r.attempt += 1
+        r.state, r.error, r.job_id = "PENDING", None, None
+    manifest.save(layout.root)
+    jobs = executor.submit([TrialJob(r.config, job_context(manifest, layout, r).to_dict(),
+                                     executor.resources.cpus_per_task, executor.max_requeues) for r in records])
+    for r, job in zip(records, jobs):
+        r.job_id = job.job_id
+        r.job_ids.append(r.job_id)
+    manifest.save(layout.root)
+
+
+def job_context(manifest: Manifest, layout: SweepLayout, record: TrialRecord) -> JobContext:
+    """What the sweep hands a trial's job beside its config."""
+    return JobContext(attempt=record.attempt, run_id=record.mlflow_run_id, parent_run_id=manifest.mlflow_parent_run_id,
+                      sweep_dir=str(layout.root.resolve()), select_metric=manifest.select_metric,
+                      select_mode=manifest.select_mode,
+                      tags={"sweep": manifest.sweep, "trial_id": record.id, "executor": record.executor})
+
+
+def follow(manifest: Manifest, layout: SweepLayout, executor: Executor, queued: list[TrialRecord], max_parallel: int,
+           poll_s: float = 2.0) -> None:
+    """Follow the trials until none is pending or running; with the local executor, start
+    queued trials as slots free up (at most `max_parallel` at once)."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from .report import progress_table
+
+    console = Console(width=200)
+    queue = list(queued)
+    last_states: dict[str, str] = {}
+    with Live(console=console, auto_refresh=False, transient=True) as live:
+        while True:
+            refresh(manifest, executor)
+            if queue:
+                running = sum(r.active for r in manifest.trials.values())
+                start = queue[: max(0, max_parallel - running)]
+                queue = queue[len(start):]
+                if start:
+                    submit_records(manifest, layout, executor, start)
+                    continue
+            manifest.save(layout.root)
+            states = {r.id: r.state for r in manifest.trials.values()}
+            if console.is_terminal:
+                live.update(progress_table(manifest), refresh=True)
+            else:
+                for tid, state in states.items():
+                    if last_states.get(tid) != state:
+                        print(f"trial {tid} [{manifest.trials[tid].label}]: {state}", flush=True)
+            last_states = states
+            if not queue and manifest.all_ended():
+                return
+            time.sleep(poll_s)
+
+
+def cancel(layout: SweepLayout) -> int:
+    """Cancel the sweep's active jobs and record them CANCELLED."""
+    manifest = Manifest.load(layout.root)
+    if manifest is None:
+        raise UserError(f"{layout.root}: no sweep here")
+    lock: Optional[SweepLock] = SweepLock(layout.root)
+    try:
+        lock.acquire()
+    except UserError:  # a driver follows the sweep: it records the cancellation itself
+        lock = None
+    try:
+        executor = attach(manifest.executor, layout)
+        refresh(manifest, executor)
+        active = [r for r in manifest.trials.values() if r.active]
+        executor.cancel([r.job_id for r in active])
+        for r in active:
+            r.state = TrialState.CANCELLED.value
+        if lock is not None:
+            manifest.save(layout.root)
+    finally:
+        if lock is not None:
+            lock.release()
+    print(f"cancelled {len(active)} trial(s) of {redact_text(manifest.sweep)}")
+    return 0

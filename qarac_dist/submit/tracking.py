@@ -1,0 +1,63 @@
+"""The driver's side of MLflow: the sweep's parent run and each trial's child run, made before
+anything is submitted (their ids go to the manifest and, through the job's context, to the
+jobs), the preflight report on the parent, and the parent's verdict once every trial ended."""
+
+from __future__ import annotations
+
+import sys
+
+from ..base.layout import SweepLayout
+from ..base.secrets import redact_text
+from .sweep_dir import DONE, Manifest, TrialRecord
+
+
+def ensure_runs(manifest: Manifest, records: list[TrialRecord], varied: list[str]) -> None:
+    """Create the sweep's parent run and each trial's child run, once: their ids are kept in
+    the manifest, so requeued and re-run jobs log to the same runs. A parent that ended is
+    running again while trials are submitted anew."""
+    from ..track import sweep_runs
+
+    uri, exp = manifest.tracking_uri, manifest.experiment
+    if manifest.mlflow_parent_run_id is None:
+        manifest.mlflow_parent_run_id = sweep_runs.create_parent(
+            uri, exp, manifest.sweep, manifest.executor, {"varied": ", ".join(varied)},
+            {"num_trials": str(len(manifest.trials)), "select.metric": manifest.select_metric,
+             "select.mode": manifest.select_mode, "varied": ", ".join(varied) or "-"})
+    elif records:
+        sweep_runs.reopen(uri, manifest.mlflow_parent_run_id)
+    for r in records:
+        if r.mlflow_run_id is None:
+            r.mlflow_run_id = sweep_runs.create_child(
+                uri, exp, manifest.mlflow_parent_run_id, f"{r.id} {r.label}",
+                {"sweep": manifest.sweep, "trial_id": r.id, "executor": r.executor, "varied": ", ".join(varied),
+                 "label": r.label}, sweep_runs.trial_params(r.config))
+
+
+def log_preflight(manifest: Manifest, text: str) -> None:
+    from ..track.sweep_runs import log_text
+
+    try:
+        log_text(manifest.tracking_uri, manifest.mlflow_parent_run_id, text, "preflight.txt")
+    except Exception as err:  # noqa: BLE001 - the report was printed; MLflow may lag
+        print(f"qarac_dist: could not log the preflight report to MLflow: {type(err).__name__}", file=sys.stderr)
+
+
+def close_parent(manifest: Manifest, layout: SweepLayout) -> None:
+    """When every trial's latest attempt has ended: name the best trial on the parent run and
+    end it, FINISHED when all of them completed (or were pruned)."""
+    if manifest.mlflow_parent_run_id is None or not manifest.all_ended():
+        return
+    from ..track import sweep_runs
+
+    try:
+        sweep_runs.close_parent(manifest.tracking_uri, manifest.mlflow_parent_run_id, manifest.select_metric,
+                                manifest.select_mode, all(r.state in DONE for r in manifest.trials.values()), layout)
+    except Exception as err:  # noqa: BLE001 - the sweep's own outcome stands; say why MLflow lags
+        print(f"qarac_dist: could not update the sweep's MLflow run: {type(err).__name__}: {redact_text(str(err))}",
+              file=sys.stderr)
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {uri}  (then open the experiment's Runs)"
+    return f"open {redact_text(uri)} (the experiment's Runs)"

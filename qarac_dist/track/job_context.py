@@ -1,0 +1,38 @@
+"""What the sweep hands a trial's job, beside the user's training config and never inside it:
+which submission this is, the MLflow runs made for it, where the sweep's shared records are,
+and what picks the sweep's best trial. A training config run on its own has none of it
+(`JobContext()`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..base.layout import SweepLayout
+
+
+@dataclass(frozen=True)
+class JobContext:
+    attempt: Optional[int] = None
+    """Which submission of the trial this job is; written into state.json, so the sweep never
+    takes an earlier attempt's verdict for this one's."""
+    run_id: Optional[str] = None
+    """The trial's MLflow run, made when the sweep submitted it."""
+    parent_run_id: Optional[str] = None
+    """The sweep's parent run, whose best trial is updated when this trial ends."""
+    sweep_dir: Optional[str] = None
+    """The sweep's directory: its rung records and the lock for parent-run updates."""
+    select_metric: Optional[str] = None
+    """The metric that picks the sweep's best trial (default: the trial's evaluation.metric)."""
+    select_mode: Optional[str] = None
+    """max or min (default: the trial's evaluation.mode)."""
+    tags: dict = field(default_factory=dict)
+    """Run tags the sweep sets (sweep, trial_id, executor)."""
+
+    @property
+    def sweep(self) -> Optional[SweepLayout]:
+        return SweepLayout(Path(self.sweep_dir)) if self.sweep_dir else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
