@@ -61,8 +61,16 @@ def roberta_dual(tmp_path, pooler: bool, allow=()):
 
 
 def write_config(path: Path, cfg: dict) -> Path:
+    """A training config or a sweep file, as YAML: the one writer every test uses."""
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def logged_losses(out_dir: Path) -> list[float]:
+    """The training losses a trial logged, by step."""
+    from qarac_dist.track.trial_dir import read_metrics
+
+    return [row["loss"] for row in read_metrics(Path(out_dir) / "metrics.jsonl") if "loss" in row]
 
 
 def run_train(config: Path, *overrides: str, num_processes: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:

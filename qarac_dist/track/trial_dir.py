@@ -49,9 +49,6 @@ class TrialState(str, enum.Enum):
         return self.value
 
 
-FINAL = {TrialState.COMPLETED, TrialState.PRUNED, TrialState.FAILED, TrialState.CANCELLED}
-
-
 @dataclass
 class TrialStatus:
     """state.json."""
@@ -155,9 +152,6 @@ class TrialDir:
     # ------------------------------------------------------------------ results
     def write_result(self, result: dict) -> None:
         write_json(self.result_file, result)
-
-    def result(self) -> Optional[dict]:
-        return read_json(self.result_file)
 
     def best_info(self) -> Optional[dict]:
         """Step, metric name and validation metrics of the exported best model."""

@@ -11,13 +11,12 @@ import signal
 import subprocess
 import sys
 
-import yaml
 
 from qarac_dist.base.layout import SweepLayout
 from qarac_dist.submit.sweep_dir import Manifest
 from qarac_dist.track import rungs
 from qarac_dist.track.mlflow_client import client
-from support import HELPERS, run_sweep, table_rows, tiny_config, wait_for
+from support import HELPERS, run_sweep, table_rows, tiny_config, wait_for, write_config
 
 
 def _sweep(tmp_path, data_cache, name: str, lrs: list[float], executor: str = "slurm", base: dict | None = None,
@@ -29,7 +28,7 @@ def _sweep(tmp_path, data_cache, name: str, lrs: list[float], executor: str = "s
             "asha": {"grace_steps": 4, "reduction_factor": 2}, "tracking": {"uri": f"sqlite:///{tmp_path / 'm.db'}"},
             "resources": {"time_min": 10, "max_parallel": 4}, **fields}
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    write_config(path, spec)
     return path
 
 

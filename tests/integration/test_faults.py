@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from qarac_dist.track.mlflow_client import client
 from qarac_dist.submit.sweep_dir import Manifest
 from qarac_dist.track.trial_dir import read_metrics
-from support import HELPERS, ROOT, run_sweep, run_train, table_rows, tiny_config, write_config
+from support import HELPERS, ROOT, logged_losses, run_sweep, run_train, table_rows, tiny_config, write_config
 
 
 def _sweep(tmp_path, name, data_cache, base=None, **fields) -> Path:
@@ -27,7 +26,7 @@ def _sweep(tmp_path, name, data_cache, base=None, **fields) -> Path:
              "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
              "resources": {"time_min": 10, "max_parallel": 4}, **fields}
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(sweep))
+    write_config(path, sweep)
     return path
 
 
@@ -50,9 +49,6 @@ def _weights(out: Path) -> dict:
 
     return load_file(str(out / "last" / "model.safetensors"))
 
-
-def _losses(out: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
 
 
 def _single_run_history(tmp_path, run_id: str) -> list[int]:
@@ -80,7 +76,7 @@ def test_usr2_requeues_and_resumes_exactly(cluster, no_requeue_delay, tmp_path, 
     (ref_out,) = _trial_dirs(tmp_path, "reference")[0].values()
     state = json.loads((out / "state.json").read_text())
     assert state["state"] == "COMPLETED" and state["starts"] == 2, state  # requeued once, resumed
-    losses, ref_losses = _losses(out), _losses(ref_out)
+    losses, ref_losses = logged_losses(out), logged_losses(ref_out)
     assert len(losses) == 60
     a, b = _weights(out), _weights(ref_out)
     if ranks == 1:
@@ -172,7 +168,7 @@ def test_rank_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(cl
                           env={**os.environ, "QARAC_FAULT": "checkpoint-write:20:1"}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (ref_out,) = _trial_dirs(tmp_path, "ref")[0].values()
-    assert _losses(out) == pytest.approx(_losses(ref_out), abs=1e-6)
+    assert logged_losses(out) == pytest.approx(logged_losses(ref_out), abs=1e-6)
     a, b = _weights(out), _weights(ref_out)
     assert all(float((a[k] - b[k]).abs().max()) <= 1e-6 for k in b)
 
@@ -245,7 +241,7 @@ def test_zero2_checkpoint_resumes_on_another_number_of_ranks(tmp_path, data_cach
     run_train(config("reference", before, 20), num_processes=before)
     run_train(config("switched", before, 10), num_processes=before)
     run_train(config("switched", after, 20), num_processes=after)
-    ref, switched = _losses(tmp_path / "reference"), _losses(tmp_path / "switched")
+    ref, switched = logged_losses(tmp_path / "reference"), logged_losses(tmp_path / "switched")
     assert len(switched) == 20
     assert switched[:10] == ref[:10]
     assert switched[10] == pytest.approx(ref[10], abs=1e-4)  # the first step after the switch

@@ -8,12 +8,11 @@ import signal
 import time
 from pathlib import Path
 
-import yaml
 
 from qarac_dist.submit.sweep_dir import Manifest
 from qarac_dist.track import mlflow_logger
 from qarac_dist.track.mlflow_client import client, create_run, experiment_id
-from support import run_sweep, tiny_config
+from support import run_sweep, tiny_config, write_config
 
 
 def _history(client, run_id, key):
@@ -43,7 +42,7 @@ def _sweep_file(tmp_path, data_cache, uri, log_model=False, **fields):
     sweep = {"name": "tracked", "base": base, "executor": "local", "tracking": {"uri": uri},
              "resources": {"max_parallel": 2, "time_min": 10}, "select": {"metric": "accuracy", "mode": "max"}, **fields}
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep))
+    write_config(path, sweep)
     return path
 
 
@@ -214,7 +213,7 @@ def test_a_dual_encoders_best_model_loads_through_mlflow_and_scores_a_pair(tmp_p
     sweep = {"name": "dual", "base": base, "executor": "local", "tracking": {"uri": uri},
              "resources": {"time_min": 10}, "runs_dir": str(tmp_path / "runs")}
     path = tmp_path / "dual.yaml"
-    path.write_text(yaml.safe_dump(sweep))
+    write_config(path, sweep)
     proc = run_sweep(path, "--no-preflight")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (child,) = _runs(client(uri), "dual")[1]

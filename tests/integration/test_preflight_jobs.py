@@ -7,9 +7,8 @@ import json
 import subprocess
 import sys
 
-import yaml
 
-from support import roberta_dual, run_sweep, tiny_config
+from support import roberta_dual, run_sweep, tiny_config, write_config
 
 
 def test_sweep_refuses_to_submit_the_story_and_runs_once_allowed(tmp_path):
@@ -24,7 +23,7 @@ def test_sweep_refuses_to_submit_the_story_and_runs_once_allowed(tmp_path):
     sweep = {"name": "story", "base": base, "executor": "local", "grid": {"optimizer.lr": [1e-3, 2e-3]},
              "resources": {"time_min": 10, "max_parallel": 2}, "tracking": {"uri": f"sqlite:///{tmp_path / 'm.db'}"}}
     path = tmp_path / "story.yaml"
-    path.write_text(yaml.safe_dump(sweep))
+    write_config(path, sweep)
     proc = run_sweep(path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stdout.count("no gradient: encoder_a.pooler.dense.{weight, bias}") == 1  # one architecture, one audit
@@ -55,7 +54,7 @@ def test_find_batch_size_measures_real_steps_and_the_sweep_plans_with_it(tmp_pat
     sweep = {"name": "bs", "base": base, "executor": "local", "grid": {"optimizer.lr": [1e-3, 2e-3]},
              "resources": {"gpu_memory_gb": 0.4, "time_min": 10}}
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep))
+    write_config(path, sweep)
     proc = subprocess.run([sys.executable, "-m", "qarac_dist.preflight", str(path), "--find-batch-size"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -10,12 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 
 from qarac_dist.submit.sweep_dir import Manifest
 from qarac_dist.track.mlflow_client import client
 from qarac_dist.track.trial_dir import TrialDir, read_metrics
-from support import HELPERS, run_status, run_sweep, run_train, tiny_config, wait_for, write_config
+from support import HELPERS, logged_losses, run_status, run_sweep, run_train, tiny_config, wait_for, write_config
 
 
 def _sweep(tmp_path, data_cache, uri: str, name: str = "rec", base: dict | None = None, **fields) -> Path:
@@ -23,7 +22,7 @@ def _sweep(tmp_path, data_cache, uri: str, name: str = "rec", base: dict | None 
     spec = {"name": name, "base": base, "executor": "local", "runs_dir": str(tmp_path / "runs"),
             "tracking": {"uri": uri}, "resources": {"max_parallel": 2, "time_min": 10}, **fields}
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    write_config(path, spec)
     return path
 
 
@@ -118,9 +117,6 @@ def test_a_damaged_manifest_is_rebuilt_and_nothing_completed_runs_again(tmp_path
     assert len(parents) == 1 and len(children) == 2
 
 
-def _losses(out: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
-
 
 def test_a_damaged_newest_checkpoint_resumes_from_the_intact_one(tmp_path, data_cache):
     def config(name, steps):
@@ -138,7 +134,7 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_intact_one(tmp_path, data_
     proc = run_train(config("damaged", 30))
     lines = [line for line in proc.stderr.splitlines() if "is damaged" in line]
     assert len(lines) == 1 and "step00000020 is damaged" in lines[0] and "resuming from step00000010" in lines[0]
-    assert _losses(tmp_path / "damaged") == _losses(tmp_path / "reference")  # steps 11-30 recomputed exactly
+    assert logged_losses(tmp_path / "damaged") == logged_losses(tmp_path / "reference")  # steps 11-30 recomputed exactly
 
     for tag in ("step00000010", "step00000020", "step00000030"):
         (checkpoints / tag / "rng_rank0.pt").unlink()

@@ -10,11 +10,9 @@ import threading
 import time
 
 import pytest
-import yaml
 
 from qarac_dist.submit.sweep_dir import Manifest
-from qarac_dist.track.trial_dir import read_metrics
-from support import ROOT, tiny_config
+from support import ROOT, logged_losses, tiny_config, write_config
 
 
 
@@ -23,7 +21,7 @@ def _sweep(tmp_path, name, data_cache, **fields):
     sweep = {"name": name, "base": base, "runs_dir": str(tmp_path / "runs"), "executor": "slurm",
              "resources": {"time_min": 10, "max_parallel": 4}, **fields}
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(sweep))
+    write_config(path, sweep)
     return path
 
 
@@ -70,9 +68,6 @@ def test_array_respects_its_parallelism_limit(cluster, tmp_path, data_cache):
     assert "best trial:" in proc.stdout
 
 
-def _losses(out_dir):
-    return [r["loss"] for r in read_metrics(out_dir / "metrics.jsonl") if "loss" in r]
-
 
 def test_two_node_deepspeed_trial_matches_two_local_tasks(cluster, tmp_path, data_cache):
     two_nodes = _sweep(tmp_path, "nodes2", data_cache, resources={"nodes": 2, "tasks_per_node": 1, "time_min": 10})
@@ -86,8 +81,8 @@ def test_two_node_deepspeed_trial_matches_two_local_tasks(cluster, tmp_path, dat
     assert slurm_trial.id == local_trial.id  # same resolved config
     slurm_state = json.loads((tmp_path / "runs" / "nodes2" / "trials" / slurm_trial.id / "state.json").read_text())
     assert slurm_state["world_size"] == 2 and slurm_state["nodes"] == "node[1-2]"
-    a = _losses(tmp_path / "runs" / "nodes2" / "trials" / slurm_trial.id)
-    b = _losses(tmp_path / "runs" / "local2" / "trials" / local_trial.id)
+    a = logged_losses(tmp_path / "runs" / "nodes2" / "trials" / slurm_trial.id)
+    b = logged_losses(tmp_path / "runs" / "local2" / "trials" / local_trial.id)
     assert len(a) == 4 and a == pytest.approx(b, abs=1e-6)
 
 

@@ -9,11 +9,8 @@ import pytest
 import torch
 
 from qarac_dist.track.trial_dir import read_metrics
-from support import run_train, tiny_config, write_config
+from support import logged_losses, run_train, tiny_config, write_config
 
-
-def _losses(out_dir) -> list[float]:
-    return [row["loss"] for row in read_metrics(out_dir / "metrics.jsonl") if "loss" in row]
 
 
 def test_one_rank_run_logs_every_metric_and_exports_a_reloadable_best_model(tmp_path, data_cache):
@@ -69,8 +66,8 @@ def test_zero_stages_run_on_two_ranks(tmp_path, data_cache, stage):
     config = write_config(tmp_path / "c.yaml", tiny_config(data_cache, out, deepspeed={"zero_stage": stage},
                                                            training={"max_steps": 20}, evaluation={"every_steps": 20}))
     run_train(config, num_processes=2)
-    (out / f"stage{stage}.json").write_text(json.dumps(_losses(out)))
-    losses = _losses(out)
+    (out / f"stage{stage}.json").write_text(json.dumps(logged_losses(out)))
+    losses = logged_losses(out)
     assert len(losses) == 20 and all(l == l for l in losses)
     assert (out / "best" / "model.safetensors").exists()
     ds = json.loads((out / "deepspeed_config.json").read_text())
@@ -84,7 +81,7 @@ def test_zero0_and_zero2_give_the_same_losses(tmp_path, data_cache):
         config = write_config(tmp_path / f"c{stage}.yaml", tiny_config(
             data_cache, out, deepspeed={"zero_stage": stage}, training={"max_steps": 20}, evaluation={"every_steps": 20}))
         run_train(config, num_processes=2)
-        losses[stage] = _losses(out)
+        losses[stage] = logged_losses(out)
         assert (out / "best" / "model.safetensors").exists()
         assert json.loads((out / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == stage
     assert len(losses[0]) == 20
@@ -100,7 +97,7 @@ def test_gradient_accumulation_matches_a_big_micro_batch(tmp_path, data_cache):
             data_cache, out, training={"micro_batch_size": micro, "gradient_accumulation_steps": accumulation,
                                        "max_steps": 10}, evaluation={"every_steps": 10}))
         run_train(config)
-        losses[micro] = _losses(out)
+        losses[micro] = logged_losses(out)
     assert len(losses[8]) == 10
     assert losses[8] == pytest.approx(losses[2], abs=1e-4)
 
@@ -111,7 +108,7 @@ def test_bf16_with_activation_checkpointing_runs(tmp_path, data_cache):
         data_cache, out, precision={"dtype": "bf16"}, model={"activation_checkpointing": True},
         training={"max_steps": 6}, evaluation={"every_steps": 6}))
     run_train(config)
-    losses = _losses(out)
+    losses = logged_losses(out)
     assert len(losses) == 6 and all(0 < l < 10 for l in losses)
     ds = json.loads((out / "deepspeed_config.json").read_text())
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]

@@ -11,6 +11,7 @@ import yaml
 from qarac_dist.base.layout import SweepLayout
 from qarac_dist.plan.asha import budget, rung_steps
 from qarac_dist.track.rungs import keeps_going
+from support import write_config
 
 
 @pytest.mark.parametrize("grace, factor, max_steps, expected", [
@@ -186,7 +187,6 @@ def test_a_decision_once_recorded_is_replayed_and_a_cut_line_is_dropped(tmp_path
 
 
 def _asha_sweep(tmp_path, asha: dict, **training):
-    import yaml
 
     from support import tiny_config
 
@@ -195,7 +195,7 @@ def _asha_sweep(tmp_path, asha: dict, **training):
     spec = {"name": "halving", "base": base, "executor": "local", "grid": {"optimizer.lr": [1e-3, 2e-3, 3e-3]},
             "select": {"metric": "accuracy", "mode": "max"}, "asha": asha, "runs_dir": str(tmp_path / "runs")}
     path = tmp_path / "halving.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    write_config(path, spec)
     return path
 
 
@@ -232,7 +232,7 @@ def test_trials_start_in_the_order_of_their_ids_unless_listed(tmp_path, start, e
     path = _asha_sweep(tmp_path, asha)
     fixed = yaml.safe_load(path.read_text())
     fixed["base"]["data"]["cache_dir"] = "data_cache"  # part of the ids: no tmp path in it, so they are known
-    path.write_text(yaml.safe_dump(fixed))
+    write_config(path, fixed)
     spec, base = load_sweep(path)
     trials = plan(spec, base, str(path))
     lrs = [t.config["optimizer"]["lr"] for t in trials]
@@ -243,7 +243,7 @@ def test_trials_start_in_the_order_of_their_ids_unless_listed(tmp_path, start, e
         assert lrs == [1e-3, 2e-3, 3e-3] and ids != sorted(ids)
     no_asha = yaml.safe_load(path.read_text())
     del no_asha["asha"]
-    path.write_text(yaml.safe_dump(no_asha))
+    write_config(path, no_asha)
     spec, base = load_sweep(path)
     assert [t.config["optimizer"]["lr"] for t in plan(spec, base, str(path))] == [1e-3, 2e-3, 3e-3]
 

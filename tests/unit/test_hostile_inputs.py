@@ -96,6 +96,28 @@ FILE_CASES = [
      "trials [optimizer.lr=0.001] and [optimizer.lr=1e-3] resolve to the same config"),
     ("grid-of-a-key-outside-the-id", lambda t: _sweep_text(t, grid={"output.dir": ["a", "b"]}), (),
      "trials [output.dir=a] and [output.dir=b] resolve to the same config"),
+    ("unknown-key", lambda t: _sweep_text(t, bogus=1), (), "bogus: unknown key"),
+    ("empty-grid", lambda t: _sweep_text(t, grid={"optimizer.lr": []}), (), "grid.optimizer.lr: empty list"),
+    ("grid-not-a-key", lambda t: _sweep_text(t, grid={"optimizer.lrr": [1]}), (),
+     "grid.optimizer.lrr: not a key of the training config"),
+    ("random-bad-bounds", lambda t: _sweep_text(t, random={"params": {"optimizer.lr": {
+        "distribution": "uniform", "low": 1, "high": 0}}}), (),
+     "random.params.optimizer.lr: low (1.0) must be below high (0.0)"),
+    ("over-the-cap", lambda t: _sweep_text(t, grid={"training.seed": list(range(5))}), ("max_trials=4",),
+     "max_trials: the plan has 5 trials"),
+    # Past libyaml's own nesting limit (1000), as flow and as block nesting: our message still.
+    ("block-nested-past-libyaml", lambda t: "".join(f"{' ' * i}k:\n" for i in range(1100)) + " " * 1100 + "v\n",
+     (), "nested more than 64 levels deep"),
+    ("extra-sbatch-not-an-option", lambda t: _sweep_text(t, resources={"extra_sbatch": {"exclusiv": True}}), (),
+     "resources.extra_sbatch.exclusiv: not an sbatch option"),
+    ("extra-sbatch-set-by-the-sweep", lambda t: _sweep_text(t, resources={"extra_sbatch": {"time": 5}}), (),
+     "resources.extra_sbatch.time: --time is set from resources.time_min"),
+    ("select-metric-typo", lambda t: _sweep_text(t, select={"metric": "acuracy"}), (),
+     "select.metric: 'acuracy' is not logged by a classification trial; it logs loss, accuracy, macro_f1"),
+    ("select-metric-of-another-task", lambda t: _sweep_text(t, select={"metric": "spearman"}), (),
+     "select.metric: 'spearman' is not logged by a classification trial"),
+    ("asha-rung-off-validation", lambda t: _sweep_text(t, asha={"grace_steps": 3}, set={"training.max_steps": 20}), (),
+     "asha.grace_steps: a rung falls at step 3, but the trials validate every 5 steps"),
 ]
 
 

@@ -10,7 +10,7 @@ import yaml
 from torch import nn
 
 from qarac_dist.preflight.gradients import CUT, NEVER_CALLED, NO_GRAD, UNUSED, audit_gradients
-from support import ROOT, roberta_dual, tiny_config
+from support import ROOT, roberta_dual, tiny_config, write_config
 
 
 class Broken(nn.Module):
@@ -154,7 +154,7 @@ def test_cli_fails_on_the_story_and_passes_once_allowed(tmp_path, monkeypatch, c
     cfg = yaml.safe_load((ROOT / "configs" / "dual_encoder_sts.yaml").read_text())
     cfg["model"]["dual_encoder"]["pooler"] = True
     cfg["data"]["cache_dir"] = str(tmp_path / "cache")
-    config.write_text(yaml.safe_dump(cfg))
+    write_config(config, cfg)
     monkeypatch.chdir(tmp_path)
     assert main([str(config)]) == 1
     assert "no gradient: encoder_a.pooler.dense.{weight, bias}" in capsys.readouterr().out

@@ -12,12 +12,11 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
 from qarac_dist.config.sweep import Resources
 from qarac_dist.base.layout import SweepLayout
 from qarac_dist.submit import sbatch
-from support import ROOT, tiny_config
+from support import ROOT, tiny_config, write_config
 
 GOLDEN = ROOT / "tests" / "golden"
 FOLDER = Path("/shared/runs/demo/submitit/%j")
@@ -85,7 +84,7 @@ def test_dry_run_prints_the_scripts_verbatim_on_a_narrow_terminal(tmp_path, monk
             "grid": {"training.seed": [0, 1, 2]},
             "resources": {"nodes": 2, "gpus_per_node": 4, "partition": "a-partition-with-a-long-name"}}
     path = tmp_path / "narrow.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    write_config(path, spec)
     assert sweep.main([str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     expected = sbatch.sbatch_text(Resources(nodes=2, gpus_per_node=4, partition="a-partition-with-a-long-name"),
