@@ -1,6 +1,6 @@
 """Where trials come from: pure functions from a sweep spec to trials.
 
-No I/O, no clock, no randomness but seeded generators; imports only `config`.
+No I/O, no clock, no randomness but seeded generators; imports only `config` and `base`.
 """
 
 from .expand import Trial, plan, sample, select_defaults, trial_id

@@ -1,7 +1,8 @@
-"""How a trial reaches the cluster: sbatch text and executor parameters (sbatch.py, pure),
-cluster queries (cluster.py), submitit executors (executors.py), the sweep directory and its
-states (sweep_dir.py), the driver that keeps them in step (driver.py), and rebuilding a
-manifest (repair.py).
+"""How a trial reaches the cluster and is followed: the Submission, in the order its steps
+happen (submission.py), one Executor protocol with SLURM arrays and local processes
+(executors.py), the sbatch text (sbatch.py, pure), cluster queries (cluster.py), the manifest
+and its states (sweep_dir.py), the MLflow runs the driver makes (tracking.py), what --dry-run
+and the summary print (plan_text.py, report.py), and rebuilding a manifest (repair.py).
 
-Imports config, plan and track; the training side only inside a job (executors.TrialJob).
+Imports plan, track, config and base; the training side only inside a job (executors.TrialJob).
 """

@@ -1,6 +1,6 @@
-"""What a trial runs: the training loop (loop.py) and one job's lifecycle (run.py), the data,
-the models (Longformer attention, dual encoder, sentence classifier), checkpoints, ranks,
-metrics and memory sampling.
+"""What a trial runs: the training loop (loop.py) and one job's lifecycle (run.py), the
+checkpointer (checkpoint.py), the export of the best model (export.py), the data, the models
+(Longformer attention, dual encoder, sentence classifier), ranks, metrics and memory sampling.
 
-`python -m qarac_dist.train CONFIG` runs one trial (__main__.py). Imports config and track.
+`python -m qarac_dist.train CONFIG` runs one trial (__main__.py). Imports config, track and base.
 """
