@@ -3,7 +3,9 @@ process, and the current attempt's own files), attempt, restarts, last step, bes
 the last error line, earlier attempts' errors included. Exits 1 if any trial failed, 0
 otherwise. Imports no torch.
 
-    --sync     send to MLflow what trials could not send (metrics, end of run)
+    --sync     send to MLflow what trials could not send (metrics, end of run), and close the
+               sweep's parent run once every trial has ended
+Without --sync or --repair it writes nothing.
     --repair   rebuild a damaged or missing manifest from sweep.json, the trials' own files
                and MLflow; the damaged file is kept beside it
 """
@@ -36,31 +38,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def status(directory: Path, sync: bool = False, repair: bool = False) -> int:
-    from .submit import submission, tracking
+    """Show the sweep. Plain `status` writes nothing (it reads the manifest and the trials'
+    files, asks the scheduler, and prints), so it is safe beside a running driver and on a full
+    disk; --repair and --sync write, under the sweep's lock (--sync also closes the sweep's
+    MLflow parent run once every trial has ended, when no driver followed it to the end)."""
+    from .submit import submission
+    from .submit.report import print_summary
 
     layout = SweepLayout(directory)
-    lock = SweepLock(directory)
     if not layout.manifest.exists() and not repair:
         hint = "; rebuild it with --repair" if layout.sweep_file.exists() else \
             "; expected a sweep directory such as runs/<sweep>"
         raise UserError(f"{directory}: no {layout.manifest.name} here{hint}")
-    try:
-        lock.acquire()
-    except UserError as held:  # a driver follows this sweep: show its state, change nothing
-        if repair or sync:
-            raise
-        print(f"note: {held}; showing the sweep without updating it", file=sys.stderr)
-        lock = None
+    if repair or sync:
+        manifest = _repair_or_sync(layout, repair, sync)
+    else:
+        manifest = Manifest.load(directory)
+        submission.refresh(manifest, submission.attach(manifest.executor, layout))
+    print_summary(manifest, layout)
+    return 1 if any(r.state in FAILED for r in manifest.trials.values()) else 0
+
+
+def _repair_or_sync(layout: SweepLayout, repair: bool, sync: bool) -> Manifest:
+    from .submit import submission, tracking
+
+    lock = SweepLock(layout.root)
+    lock.acquire()  # a driver working on the sweep: one line saying who, exit 2
     try:
         if repair:
             from .submit.repair import repair as rebuild
 
-            manifest = rebuild(directory)
+            manifest = rebuild(layout.root)
         else:
-            manifest = Manifest.load(directory)
+            manifest = Manifest.load(layout.root)
         submission.refresh(manifest, submission.attach(manifest.executor, layout))
-        if lock is not None:
-            manifest.save(directory)
+        manifest.save(layout.root)
         if sync:
             from .track.mlflow_runs import sync as send
 
@@ -68,15 +80,10 @@ def status(directory: Path, sync: bool = False, repair: bool = False) -> int:
                 sent, finished = send(Path(r.output_dir))
                 if sent or finished:
                     print(f"trial {r.id}: sent {sent} metric points{', finished its run' if finished else ''}")
-        if lock is not None:
             tracking.close_parent(manifest, layout)
-        from .submit.report import print_summary
-
-        print_summary(manifest, layout)
+        return manifest
     finally:
-        if lock is not None:
-            lock.release()
-    return 1 if any(r.state in FAILED for r in manifest.trials.values()) else 0
+        lock.release()
 
 
 if __name__ == "__main__":

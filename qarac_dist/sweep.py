@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(redact_text(str(err)), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before any trial was followed (planning, preflight, submitting)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 @contextlib.contextmanager

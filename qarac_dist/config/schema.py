@@ -169,7 +169,7 @@ def _scalar(value: Any, tp: type, key: str, errors: list[str]) -> Any:
         # PyYAML reads `1e-3` (no dot) as a string; accept any string float() reads.
         if isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)  # then the same checks as a number: `nan`, `inf` are refused
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):

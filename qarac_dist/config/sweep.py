@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -220,11 +221,17 @@ def _is_mapping(tp) -> bool:
         a is dict or typing.get_origin(a) is dict for a in typing.get_args(tp))
 
 
+def has_control_characters(text: str) -> bool:
+    """Any control character at all: C0 and C1 controls, line and paragraph separators, and
+    invisible format characters (bidi overrides, zero-width), which print as something else."""
+    return any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text)
+
+
 def name_problem(name: str) -> Optional[str]:
     """Why `name` cannot name a directory and a job, or None."""
     if not name or name in (".", "..") or name.startswith("."):
         return f"expected a plain directory name, got {name!r}"
-    if "/" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if "/" in name or has_control_characters(name):
         return f"expected a name without '/' or control characters, got {name!r}"
     if len(name.encode("utf-8", "surrogatepass")) > NAME_BYTES:
         return f"expected at most {NAME_BYTES} bytes, got {len(name.encode('utf-8', 'surrogatepass'))}"
@@ -250,7 +257,7 @@ def _check_spec(spec: SweepSpec, errors: list[str]) -> None:
     for name in sorted({n for n in names if names.count(n) > 1}):
         errors.append(f"variants: the name {name!r} is used twice")
     for i, name in enumerate(names):
-        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        if has_control_characters(name):
             errors.append(f"variants[{i}].name: expected a name without control characters, got {name!r}")
     if spec.random:
         _check_distributions(spec.random, errors)

@@ -127,7 +127,10 @@ def _too_deep(text: str) -> _Problem | None:
 
 
 def load_value(text: str) -> Any:
-    """A command-line override's value: YAML if it parses as such, else the text itself."""
+    """A command-line override's value: YAML if it parses as such, else the text itself. A value
+    with a line break is taken as it is: YAML would fold the break into a space."""
+    if "\n" in text or "\r" in text:
+        return text
     try:
         return load_text(text)
     except (yaml.YAMLError, _Problem):

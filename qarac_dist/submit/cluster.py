@@ -76,6 +76,8 @@ def _expand(job: str) -> list[str]:
     return ids
 
 
-def cancel(job_ids: list[str]) -> None:
+def cancel(job_ids: list[str], signal: Optional[str] = None) -> None:
+    """scancel the jobs (SLURM's SIGTERM, then SIGKILL after KillWait), or send them `signal`."""
     if job_ids:
-        subprocess.run(["scancel", *job_ids], check=False, capture_output=True)
+        subprocess.run(["scancel", *([f"--signal={signal}", "--full"] if signal else []), *job_ids], check=False,
+                       capture_output=True)

@@ -37,8 +37,9 @@ class Executor(Protocol):
     def states(self, job_ids: list[str]) -> dict[str, str]:
         """The scheduler's state of each job it still knows (SLURM's names)."""
 
-    def cancel(self, job_ids: list[str]) -> None:
-        """Stop the jobs; each trial records what it was doing (SIGTERM: save, then exit)."""
+    def cancel(self, job_ids: list[str], at_once: bool = False) -> None:
+        """Stop the jobs: SIGTERM, on which each trial saves at the end of its step and exits;
+        `at_once`: SIGKILL, nothing saved."""
 
 
 class TrialJob(submitit.helpers.Checkpointable):
@@ -107,8 +108,8 @@ class SlurmArrays:
     def states(self, job_ids: list[str]) -> dict[str, str]:
         return cluster.job_states(job_ids)
 
-    def cancel(self, job_ids: list[str]) -> None:
-        cluster.cancel(job_ids)
+    def cancel(self, job_ids: list[str], at_once: bool = False) -> None:
+        cluster.cancel(job_ids, "KILL" if at_once else None)
 
 
 class LocalProcesses:
@@ -125,7 +126,15 @@ class LocalProcesses:
         executor = submitit.LocalExecutor(folder=self.folder, max_num_timeout=self.max_requeues + 1)
         executor.update_parameters(timeout_min=self.resources.time_min, tasks_per_node=self.resources.tasks_per_node,
                                    gpus_per_node=self.resources.gpus_per_node)
-        jobs = [executor.submit(call) for call in calls]
+        # The jobs ignore the terminal's SIGINT and SIGHUP (a disposition children inherit):
+        # Ctrl-C reaches the driver alone, which asks each trial to save (submission.py). Left
+        # to the terminal, submitit's controller would kill the tasks a second after SIGINT.
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGHUP)}
+        try:
+            jobs = [executor.submit(call) for call in calls]
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         self.jobs.update({job.job_id: job for job in jobs})
         return jobs
 
@@ -144,12 +153,33 @@ class LocalProcesses:
     def states(self, job_ids: list[str]) -> dict[str, str]:
         return {j: "RUNNING" for j in job_ids if self.alive(j)}
 
-    def cancel(self, job_ids: list[str]) -> None:
+    def cancel(self, job_ids: list[str], at_once: bool = False) -> None:
+        # submitit's controller (the job's pid) forwards SIGTERM to its tasks; SIGKILL it cannot
+        # forward, so at once means every process of the job's tree.
         for job_id in job_ids:
-            try:
-                os.kill(int(job_id), signal.SIGTERM)
-            except (ProcessLookupError, ValueError):
-                pass
+            pids = _process_tree(int(job_id)) if at_once else [int(job_id)]
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL if at_once else signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, children first (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, ()))
+    return tree[::-1]
 
 
 def resolve_kind(spec: SweepSpec, source: str) -> str:

@@ -22,13 +22,23 @@ class Row:
     """The select metric at the trial's best validation."""
     loss: Optional[float]
     best_step: Optional[int]
+    stopped_at: Optional[int] = None
+    """PREEMPTED: the step it stopped and saved at."""
+    resumed_from: Optional[int] = None
+    """The step the current job resumed from."""
 
     def cells(self, metric_digits: int = 4) -> list[str]:
         r = self.record
         history = "; ".join(f"attempt {a.attempt}: {a.state}" + (f" ({a.error})" if a.error else "")
                             for a in r.history if a.state not in DONE)
         error = " | ".join(filter(None, [r.error or "", f"earlier {history}" if history else ""]))
-        state = f"{r.state} at rung {self.rung}" if r.state == "PRUNED" and self.rung is not None else r.state
+        state = r.state
+        if r.state == "PRUNED" and self.rung is not None:
+            state = f"PRUNED at rung {self.rung}"
+        elif r.state == "PREEMPTED" and self.stopped_at is not None:
+            state = f"interrupted at step {self.stopped_at}"  # it saved there; a re-run resumes it
+        elif r.state in ("RUNNING", "PENDING") and self.resumed_from is not None:
+            state = f"{r.state} (resumed at step {self.resumed_from})"
         return [r.id, r.label, state, str(r.attempt), str(self.restarts),
                 str(self.last_step) if self.last_step is not None else "-",
                 f"{self.value:.{metric_digits}f}" if self.value is not None else "-", error]
@@ -46,7 +56,8 @@ def rows(manifest: Manifest) -> tuple[list[Row], Optional[str]]:
         metrics = info.get("metrics", {})
         out.append(Row(r, status.rung if status else None, max(0, status.starts - 1) if status else 0,
                        r.trial_dir.last_step(),
-                       metrics.get(manifest.select_metric), metrics.get("loss"), info.get("step")))
+                       metrics.get(manifest.select_metric), metrics.get("loss"), info.get("step"),
+                       status.step if status else None, status.resumed_from if status else None))
     best = best_of((Candidate(row.record.id, row.value, row.loss, row.best_step)
                     for row in out if row.record.state in DONE), manifest.select_mode)
     return out, best.trial_id if best else None

@@ -6,8 +6,10 @@ parent run. Also the other ways in: `refresh` (the status command), `cancel`.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,6 +27,9 @@ from . import cluster, sbatch, tracking
 from .executors import Executor, TrialJob, make_executor
 from .sweep_dir import DONE, FAILED, RESUBMIT, Attempt, Manifest, SweepLock, TrialRecord, layout_for, own_error, \
     resolve_state, write_sweep_file
+
+SAVE_WAIT_S = 120
+"""How long a stopped driver waits for its local trials to save before it stops them at once."""
 
 Preflight = Callable[[list[TrialRecord]], tuple[str, bool]]
 """Audits the trials about to be submitted: (the printed report, passed?)."""
@@ -65,7 +70,12 @@ class Submission:
             self.report(manifest, todo)
             if not (self.local or self.wait):
                 return 0
-            follow(manifest, self.layout, self.executor, todo if self.local else [], self.spec.resources.max_parallel)
+            try:
+                with _stop_signals():
+                    follow(manifest, self.layout, self.executor, todo if self.local else [],
+                           self.spec.resources.max_parallel)
+            except _Stopped:
+                return self.stop(manifest)
             tracking.close_parent(manifest, self.layout)
             from .report import print_summary
 
@@ -74,6 +84,44 @@ class Submission:
             return 1 if unfinished or best is None else 0
         finally:
             self.lock.release()
+
+    def stop(self, manifest: Manifest) -> int:
+        """Ctrl-C (or SIGTERM, SIGHUP) while following. SLURM's jobs go on without us; local
+        trials are asked to save as on SLURM's warning signal, and waited for (a second Ctrl-C,
+        or SAVE_WAIT_S, stops them at once). Exit code 130, as for any interrupted command."""
+        again = " ".join(shlex.quote(a) for a in self.command)
+        if not self.local:
+            print(f"\nstopped following; the SLURM jobs go on.\nfollow:    {again} --wait\n"
+                  f"status:    python -m qarac_dist.status {shlex.quote(str(self.layout.root))}\n"
+                  f"cancel:    {again} --cancel", file=sys.stderr)
+            return 130
+        active = [r for r in manifest.trials.values() if r.active]
+        print(f"\nstopping: {len(active)} running trial(s) save at the end of their step "
+              f"(Ctrl-C again stops them at once)", file=sys.stderr, flush=True)
+        self.executor.cancel([r.job_id for r in active])
+        saved = True
+        try:
+            with _stop_signals():
+                deadline = time.monotonic() + SAVE_WAIT_S
+                while any(self.executor.alive(r.job_id) for r in active) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+            saved = not any(self.executor.alive(r.job_id) for r in active)
+        except _Stopped:
+            saved = False
+        if not saved:
+            self.executor.cancel([r.job_id for r in active], at_once=True)
+        refresh(manifest, self.executor)
+        manifest.save(self.layout.root)
+        for r in active:
+            status = r.trial_dir.status_of(r.attempt)
+            if r.state == "PREEMPTED" and status is not None:
+                print(f"trial {r.id} [{r.label}]: saved at step {status.step}", file=sys.stderr)
+            else:
+                last = status.last_checkpoint if status is not None else None
+                print(f"trial {r.id} [{r.label}]: stopped without saving; it resumes from "
+                      f"{f'step {last}' if last else 'the start'}", file=sys.stderr)
+        print(f"resume:    {again}", file=sys.stderr)
+        return 130
 
     def discard(self, created: Path | None) -> None:
         """Nothing was submitted: release the sweep, and leave no directory behind that this
@@ -168,6 +216,24 @@ class Submission:
                   f"results:   {tracking.ui_command(manifest.tracking_uri)}")
 
 
+class _Stopped(Exception):
+    """The driver got SIGINT, SIGTERM or SIGHUP."""
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """Within the block, SIGINT (Ctrl-C), SIGTERM and SIGHUP raise `_Stopped` in the driver."""
+    def stopped(_signum, _frame):
+        raise _Stopped()
+
+    previous = {s: signal.signal(s, stopped) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _first_missing(directory: Path) -> Path | None:
     """The outermost folder of `directory`'s path that does not exist yet (None: it exists)."""
     missing = None
@@ -219,7 +285,8 @@ def submit_records(manifest: Manifest, layout: SweepLayout, executor: Executor, 
 
 def job_context(manifest: Manifest, layout: SweepLayout, record: TrialRecord) -> JobContext:
     """What the sweep hands a trial's job beside its config."""
-    return JobContext(attempt=record.attempt, run_id=record.mlflow_run_id, parent_run_id=manifest.mlflow_parent_run_id,
+    return JobContext(attempt=record.attempt, tracking_uri=manifest.tracking_uri, experiment=manifest.experiment,
+                      run_id=record.mlflow_run_id, parent_run_id=manifest.mlflow_parent_run_id,
                       sweep_dir=str(layout.root.resolve()), select_metric=manifest.select_metric,
                       select_mode=manifest.select_mode,
                       tags={"sweep": manifest.sweep, "trial_id": record.id, "executor": record.executor})
@@ -280,6 +347,7 @@ def cancel(layout: SweepLayout) -> int:
             r.state = TrialState.CANCELLED.value
         if lock is not None:
             manifest.save(layout.root)
+        tracking.end_runs(manifest, active, "KILLED")
     finally:
         if lock is not None:
             lock.release()

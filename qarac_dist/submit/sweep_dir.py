@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import socket
 import time
 from dataclasses import dataclass, field
@@ -98,7 +99,7 @@ class Manifest:
     def load(cls, sweep_dir: Path) -> Optional["Manifest"]:
         """The manifest; None when there is none; DamagedFile (one line) when it is damaged."""
         path = SweepLayout(Path(sweep_dir)).manifest
-        hint = f"; repair it with python -m qarac_dist.status --repair {sweep_dir}"
+        hint = f"; repair it with python -m qarac_dist.status --repair {shlex.quote(str(sweep_dir))}"
         try:
             data = read_json(path)
         except DamagedFile as err:
@@ -145,8 +146,10 @@ def resolve_state(record: TrialRecord, scheduler_state: Optional[str]) -> str:
     own = status.state.value if status is not None else None
     if own in DONE or (own in ("FAILED", "CANCELLED") and scheduler_state not in ACTIVE):
         return own
+    if record.state == "CANCELLED" and scheduler_state not in ACTIVE:
+        return "CANCELLED"  # the user cancelled it (the trial itself saw only a signal)
     if scheduler_state is None:
-        return "LOST"
+        return "PREEMPTED" if own == "PREEMPTED" else "LOST"  # stopped and saved, not requeued
     if scheduler_state in REQUEUED:
         return "PENDING"
     if scheduler_state == "COMPLETED":  # the job exited 0 without a verdict: it did not finish

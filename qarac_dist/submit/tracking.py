@@ -57,6 +57,21 @@ def close_parent(manifest: Manifest, layout: SweepLayout) -> None:
               file=sys.stderr)
 
 
+def end_runs(manifest: Manifest, records: list[TrialRecord], status: str) -> None:
+    """End the trials' runs as the driver saw them end (KILLED: the user cancelled them; a job
+    stopped by a signal leaves its run open, for the requeued job)."""
+    from ..track.mlflow_client import client
+
+    try:
+        c = client(manifest.tracking_uri)
+        for r in records:
+            if r.mlflow_run_id is not None:
+                c.set_terminated(r.mlflow_run_id, status=status)
+    except Exception as err:  # noqa: BLE001 - the trials' state stands; say why MLflow lags
+        print(f"qarac_dist: could not end the trials' MLflow runs: {type(err).__name__}: {redact_text(str(err))}",
+              file=sys.stderr)
+
+
 def ui_command(uri: str) -> str:
     if uri.startswith("sqlite:"):
         return f"mlflow ui --backend-store-uri {uri}  (then open the experiment's Runs)"

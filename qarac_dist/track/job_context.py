@@ -1,5 +1,5 @@
 """What the sweep hands a trial's job, beside the user's training config and never inside it:
-which submission this is, the MLflow runs made for it, where the sweep's shared records are,
+which submission this is, the MLflow store and runs made for it, where the sweep's shared records are,
 and what picks the sweep's best trial. A training config run on its own has none of it
 (`JobContext()`)."""
 
@@ -17,6 +17,10 @@ class JobContext:
     attempt: Optional[int] = None
     """Which submission of the trial this job is; written into state.json, so the sweep never
     takes an earlier attempt's verdict for this one's."""
+    tracking_uri: Optional[str] = None
+    """The sweep's MLflow store (its tracking section, made absolute); over the config's own."""
+    experiment: Optional[str] = None
+    """The sweep's MLflow experiment."""
     run_id: Optional[str] = None
     """The trial's MLflow run, made when the sweep submitted it."""
     parent_run_id: Optional[str] = None

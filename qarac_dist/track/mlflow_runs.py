@@ -28,12 +28,12 @@ PENDING_FINISH = "mlflow_pending_finish.json"
 
 class TrialRun:
     def __init__(self, tracking, context: JobContext, name: str, params: dict, directory: Path, run_tags: dict):
-        self.uri = absolute_uri(tracking.uri)
+        self.uri = absolute_uri(context.tracking_uri or tracking.uri)
         self.tracking, self.context, self.directory = tracking, context, directory
         self.client = client(self.uri)
         self.run_id = context.run_id
         if self.run_id is None:  # a standalone `python -m qarac_dist.train` with tracking.uri set
-            exp = experiment_id(self.client, tracking.experiment or name)
+            exp = experiment_id(self.client, context.experiment or tracking.experiment or name)
             self.run_id = create_run(self.client, exp, name, dict(tracking.tags), params)
         tags = screen({**tracking.tags, **context.tags, **run_tags, "git_commit": git_commit()})
         try:

@@ -73,6 +73,8 @@ class TrialStatus:
     started: Optional[float] = None
     rung: Optional[int] = None
     """PRUNED: the successive-halving rung it stopped at."""
+    resumed_from: Optional[int] = None
+    """The step the current job resumed from (None: it started from scratch)."""
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrialStatus":

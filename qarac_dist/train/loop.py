@@ -254,6 +254,9 @@ class Trainer:
         self.step = state["step"]
         for key, value in state["best"].items():
             setattr(self.best, key, value)
-        if self.ranks.is_main:  # a resume is visible: the job's log says from where
+        if self.ranks.is_main:  # a resume is visible: in the job's log, state.json and MLflow
             print(f"qarac_dist: resumed from checkpoint {self.resume_tag} at step {self.step} (attempt "
                   f"{self.context.attempt or 1})", file=sys.stderr, flush=True)
+            self.dir.update(resumed_from=self.step)
+            if self.trial_run is not None:
+                self.trial_run.set_tags({"resumed_from_step": self.step})

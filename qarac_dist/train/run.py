@@ -61,7 +61,7 @@ def run(cfg: TrainConfig, context: JobContext = JobContext(), max_requeues: Opti
             status = trial.begin(context.attempt, pid=os.getpid(), host=socket.gethostname(),
                                  world_size=ranks.world_size, started=time.time(), job_id=slurm_job_id(),
                                  nodes=os.environ.get("SLURM_JOB_NODELIST"))
-            if cfg.tracking.uri is not None:
+            if (context.tracking_uri or cfg.tracking.uri) is not None:
                 trial_run = TrialRun(cfg.tracking, context, cfg.name, trial_params(config_to_dict(cfg)), trial.path,
                                      run_tags={"slurm_job_id": status.job_id, "restarts": status.starts - 1,
                                                "attempt": context.attempt, "nodes": status.nodes or status.host,

@@ -95,7 +95,27 @@ BAD_FILES = {
     "wrong-type": ("model:\n  config: {model_type: longformer}\ndata: {synthetic: {}}\noptimizer: {lr: fast}\n",
                    "optimizer.lr: expected a number, got 'fast'"),
     "python-tag": ("model: !!python/object/apply:os.system ['touch {marker}']\n", "invalid YAML"),
+    "nan-as-text": ("model:\n  config: {model_type: longformer}\ndata: {synthetic: {}}\noptimizer: {lr: 'nan'}\n",
+                    "optimizer.lr: expected a finite number, got nan"),
+    "inf-as-text": ("model:\n  config: {model_type: longformer}\ndata: {synthetic: {}}\noptimizer: {lr: '-inf'}\n",
+                    "optimizer.lr: expected a finite number, got -inf"),
 }
+
+
+@pytest.mark.parametrize("override, expected", [
+    pytest.param("optimizer.lr=nan", "optimizer.lr: expected a finite number, got nan", id="nan"),
+    pytest.param("optimizer.lr=inf", "optimizer.lr: expected a finite number, got inf", id="inf"),
+    pytest.param("optimizer.lr=-1e-3", "optimizer.lr: expected more than 0, got -0.001", id="negative-as-text"),
+])
+def test_cli_numbers_given_as_text_get_the_checks_numbers_get(tmp_path, monkeypatch, capsys, override, expected):
+    from qarac_dist.train.__main__ import main
+
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "cache", tmp_path / "out"))
+    monkeypatch.chdir(tmp_path)
+    assert main([str(path), override]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("case", [*BAD_FILES, "missing-file"])

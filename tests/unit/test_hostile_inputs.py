@@ -116,6 +116,22 @@ FILE_CASES = [
      "select.metric: 'acuracy' is not logged by a classification trial; it logs loss, accuracy, macro_f1"),
     ("select-metric-of-another-task", lambda t: _sweep_text(t, select={"metric": "spearman"}), (),
      "select.metric: 'spearman' is not logged by a classification trial"),
+    # Numbers written as text get the checks numbers get.
+    ("set-nan-as-text", lambda t: _sweep_text(t, set={"optimizer.lr": "nan"}), (),
+     "optimizer.lr: expected a finite number, got nan"),
+    ("grid-inf-as-text", lambda t: _sweep_text(t, grid={"optimizer.lr": ["1e-3", "inf"]}), (),
+     "optimizer.lr: expected a finite number, got inf"),
+    ("override-nan", lambda t: _sweep_text(t), ("set.optimizer.lr=nan",), "optimizer.lr: expected a finite number"),
+    ("override-negative-as-text", lambda t: _sweep_text(t), ("set.optimizer.lr=-1e-3",),
+     "optimizer.lr: expected more than 0, got -0.001"),
+    # Names with a control character of any kind: they print as something else.
+    ("name-newline-override", lambda t: _sweep_text(t), ("name=a\nb",), "name: expected a name without '/' or control"),
+    ("name-line-separator", lambda t: _sweep_text(t, name="a\u2028b"), (), "name: expected a name without"),
+    ("name-c1-control", lambda t: _sweep_text(t, name="a\x85b"), (), "name: expected a name without"),
+    ("name-bidi-override", lambda t: _sweep_text(t, name="a\u202eb"), (), "name: expected a name without"),
+    ("name-zero-width", lambda t: _sweep_text(t, name="a\u200bb"), (), "name: expected a name without"),
+    ("variant-newline", lambda t: _sweep_text(t, variants=[{"name": "v\nw", "set": {}}]), (),
+     "variants[0].name: expected a name without control characters"),
     ("asha-rung-off-validation", lambda t: _sweep_text(t, asha={"grace_steps": 3}, set={"training.max_steps": 20}), (),
      "asha.grace_steps: a rung falls at step 3, but the trials validate every 5 steps"),
 ]
