@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.cancel:
             return submission.cancel(layout)
-        command = ["python", "-m", "qarac_dist.sweep", args.sweep, *args.overrides]
+        # The command as the user gave it, for the lines printed to copy (follow, cancel, resume).
+        command = ["python", "-m", "qarac_dist.sweep", args.sweep, *args.overrides,
+                   *(["--no-preflight"] if args.no_preflight else [])]
         return submission.Submission(spec, base, trials, kind, args.sweep, command, args.wait,
                                      _preflight(spec, args.sweep, args.no_preflight)).run()
     except UserError as err:

@@ -4,16 +4,20 @@ What this relies on: `os.replace` is atomic on one filesystem (POSIX; NFS and Lu
 for a rename within a directory), so a reader sees the old file or the new one, never half of
 one; the data is fsynced before the rename, so a crash leaves the old file rather than an
 empty new one. A file that is there but does not parse is reported as damaged, never taken for
-a missing one.
+a missing one. A write that fails for lack of space or quota is one line naming the file
+(`DiskFull`), and leaves the old file in place.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from .errors import UserError
 
@@ -28,21 +32,63 @@ class DamagedFile(UserError):
     """A record exists but cannot be read as what it should be."""
 
 
+class DiskFull(UserError):
+    """A write failed for lack of space or quota: one line naming the path."""
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Within the block, a write that fails for lack of space or quota is `DiskFull` naming
+    `path` (an OSError from a write to an open file names no path of its own)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in _NO_SPACE:
+            raise DiskFull(f"{path}: {os.strerror(err.errno)}; free space (or raise the quota), then run the same "
+                           f"command again to resume") from None
+        raise
+
+
+@contextlib.contextmanager
+def writing_folder(path: Path, low_bytes: int = 2**20) -> Iterator[None]:
+    """A folder written by another library (a checkpoint, an exported model), which may fail
+    for lack of space without saying so (torch.save's "file write failed"): on any failure the
+    part written is removed, and with less than `low_bytes` free on its filesystem the failure
+    is `DiskFull` naming the folder."""
+    try:
+        with writing(path):
+            yield
+    except BaseException as err:
+        try:
+            full = isinstance(err, DiskFull) or shutil.disk_usage(Path(path).parent).free < low_bytes
+        except OSError:
+            full = False
+        shutil.rmtree(path, ignore_errors=True)
+        if full and not isinstance(err, DiskFull):
+            raise DiskFull(f"{path}: {os.strerror(errno.ENOSPC)} (the part written is removed); free space (or raise "
+                           f"the quota), then run the same command again to resume") from None
+        raise
+
+
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically: readers see the old file or the new one, never half of one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)
+            with os.fdopen(fd, "w") as f:
+                json.dump(obj, f, indent=2, default=str)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def read_json(path: Path) -> Optional[dict]:

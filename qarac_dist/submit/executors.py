@@ -142,13 +142,15 @@ class LocalProcesses:
         job = self.jobs.get(job_id)
         if job is not None:  # this process started it: submitit knows whether it ended
             return not job.done()
+        # Started by a driver that is gone: the process with that id, if it still runs submitit's
+        # controller (not a zombie, not another program that was given the id since).
+        proc = Path("/proc") / str(job_id)
         try:
-            os.kill(int(job_id), 0)
-        except (ValueError, ProcessLookupError):
+            stat = (proc / "stat").read_text().rpartition(")")[2].split()
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError):
             return False
-        except PermissionError:
-            return True
-        return True
+        return stat[0] != "Z" and b"submitit" in cmdline
 
     def states(self, job_ids: list[str]) -> dict[str, str]:
         return {j: "RUNNING" for j in job_ids if self.alive(j)}

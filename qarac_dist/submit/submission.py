@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..base.files import DiskFull
 from ..base.layout import SweepLayout
 from ..base.secrets import redact_text
 from ..config import UserError
@@ -25,6 +26,7 @@ from ..track.job_context import JobContext
 from ..track.trial_dir import TrialState
 from . import cluster, sbatch, tracking
 from .executors import Executor, TrialJob, make_executor
+from .report import print_summary
 from .sweep_dir import DONE, FAILED, RESUBMIT, Attempt, Manifest, SweepLock, TrialRecord, layout_for, own_error, \
     resolve_state, write_sweep_file
 
@@ -76,9 +78,13 @@ class Submission:
                            self.spec.resources.max_parallel)
             except _Stopped:
                 return self.stop(manifest)
+            except DiskFull as full:  # the manifest could not be saved: say why, show where it stands
+                print(f"qarac_dist: {full}", file=sys.stderr)
+                if self.local:
+                    self.halt(manifest, [r for r in manifest.trials.values() if r.active])
+                print_summary(manifest, self.layout)
+                return 1
             tracking.close_parent(manifest, self.layout)
-            from .report import print_summary
-
             best = print_summary(manifest, self.layout)
             unfinished = [r for r in manifest.trials.values() if r.state not in DONE]
             return 1 if unfinished or best is None else 0
@@ -98,20 +104,7 @@ class Submission:
         active = [r for r in manifest.trials.values() if r.active]
         print(f"\nstopping: {len(active)} running trial(s) save at the end of their step "
               f"(Ctrl-C again stops them at once)", file=sys.stderr, flush=True)
-        self.executor.cancel([r.job_id for r in active])
-        saved = True
-        try:
-            with _stop_signals():
-                deadline = time.monotonic() + SAVE_WAIT_S
-                while any(self.executor.alive(r.job_id) for r in active) and time.monotonic() < deadline:
-                    time.sleep(0.2)
-            saved = not any(self.executor.alive(r.job_id) for r in active)
-        except _Stopped:
-            saved = False
-        if not saved:
-            self.executor.cancel([r.job_id for r in active], at_once=True)
-        refresh(manifest, self.executor)
-        manifest.save(self.layout.root)
+        self.halt(manifest, active)
         for r in active:
             status = r.trial_dir.status_of(r.attempt)
             if r.state == "PREEMPTED" and status is not None:
@@ -122,6 +115,27 @@ class Submission:
                       f"{f'step {last}' if last else 'the start'}", file=sys.stderr)
         print(f"resume:    {again}", file=sys.stderr)
         return 130
+
+    def halt(self, manifest: Manifest, active: list[TrialRecord]) -> None:
+        """Ask the local trials to save and stop, wait for them (bounded; a second signal ends
+        the wait), stop those left at once, and record where each ended. Nothing of a sweep
+        this driver started outlives it."""
+        self.executor.cancel([r.job_id for r in active])
+        try:
+            with _stop_signals():
+                deadline = time.monotonic() + SAVE_WAIT_S
+                while any(self.executor.alive(r.job_id) for r in active) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+        except _Stopped:
+            pass
+        left = [r.job_id for r in active if self.executor.alive(r.job_id)]
+        if left:
+            self.executor.cancel(left, at_once=True)
+        refresh(manifest, self.executor)
+        try:
+            manifest.save(self.layout.root)
+        except DiskFull as full:  # the trials' own files say where they are; a re-run reads them
+            print(f"qarac_dist: {full}", file=sys.stderr)
 
     def discard(self, created: Path | None) -> None:
         """Nothing was submitted: release the sweep, and leave no directory behind that this
@@ -314,8 +328,9 @@ def follow(manifest: Manifest, layout: SweepLayout, executor: Executor, queued: 
                 if start:
                     submit_records(manifest, layout, executor, start)
                     continue
-            manifest.save(layout.root)
             states = {r.id: r.state for r in manifest.trials.values()}
+            if states != last_states:  # written on a change only: a full disk fails fewer writes
+                manifest.save(layout.root)
             if console.is_terminal:
                 live.update(progress_table(manifest), refresh=True)
             else:

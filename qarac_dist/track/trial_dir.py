@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..base.files import DamagedFile, read_json, write_json
+from ..base.files import DamagedFile, read_json, write_json, writing
 
 BEST_INFO = "qarac_best.json"
 
@@ -191,7 +191,10 @@ class TrialDir:
 def read_metrics(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl file. A last line cut short (the writer was killed
     mid-write) is skipped; damage anywhere else is an error."""
-    lines = Path(path).read_text().splitlines()
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()  # cut short: its writer was killed, or its disk filled, mid-line
     rows = []
     for i, line in enumerate(lines):
         if not line.strip():
@@ -210,17 +213,20 @@ class MetricsFile:
 
     def __init__(self, path: Path, keep_through_step: Optional[int] = None):
         self.path = path
-        if keep_through_step is not None and path.exists():
-            # A resumed job recomputes the steps after its checkpoint: drop their old rows.
-            rows = [row for row in read_metrics(path) if row["step"] <= keep_through_step]
-            write_lines = "".join(json.dumps(r) + "\n" for r in rows)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(write_lines)
-            os.replace(tmp, path)
-        self._file = open(path, "a", buffering=1)
+        with writing(path):
+            if keep_through_step is not None and path.exists():
+                # A resumed job recomputes the steps after its checkpoint: drop their old rows
+                # (and a last line cut short).
+                rows = [row for row in read_metrics(path) if row["step"] <= keep_through_step]
+                write_lines = "".join(json.dumps(r) + "\n" for r in rows)
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_text(write_lines)
+                os.replace(tmp, path)
+            self._file = open(path, "a", buffering=1)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        with writing(self.path):
+            self._file.write(json.dumps({"step": step, **metrics}) + "\n")
 
     def close(self) -> None:
         self._file.close()

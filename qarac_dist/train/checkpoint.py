@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..base.files import writing_folder
 from ..config import UserError
 from ..track.trial_dir import TrialDir
 
@@ -239,6 +240,9 @@ class Checkpointer:
 
     def save(self, engine, step: int, state: dict, best_step: Optional[int]) -> None:
         keep = tag_for(best_step) if best_step is not None else None
-        save(engine, self.directory, step, state, self.rank, self.checkpointing.keep_last, keep=keep)
+        # A save cut short (a full disk) is removed: it never had a marker, so it was never
+        # loadable, and its space lets the trial record why it failed.
+        with writing_folder(self.directory / tag_for(step)):
+            save(engine, self.directory, step, state, self.rank, self.checkpointing.keep_last, keep=keep)
         if self.rank == 0:
             self.trial.update(last_checkpoint=step)

@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ..base.files import writing_folder
 from ..base.secrets import redact
 from ..config import TrainConfig
 from . import models
@@ -16,7 +17,6 @@ from . import models
 
 def export(engine, zero_stage: int, is_main: bool, tokenizer, target: Path, info_file: str, info: dict) -> None:
     """Write the engine's model to `target`. Collective under ZeRO-3 (every rank calls it)."""
-    from transformers import PreTrainedModel
 
     module = engine.module
     if zero_stage == 3:
@@ -27,6 +27,15 @@ def export(engine, zero_stage: int, is_main: bool, tokenizer, target: Path, info
         return
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    with writing_folder(tmp):
+        _write(module, state, tokenizer, tmp, info_file, info)
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(tmp, target)
+
+
+def _write(module, state: dict, tokenizer, tmp: Path, info_file: str, info: dict) -> None:
+    from transformers import PreTrainedModel
+
     if isinstance(module, PreTrainedModel):
         module.save_pretrained(str(tmp), state_dict=state)
         # The model's config is the user's, but a secret-shaped string in it must not reach the
@@ -40,8 +49,6 @@ def export(engine, zero_stage: int, is_main: bool, tokenizer, target: Path, info
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
     tokenizer.save_pretrained(str(tmp))
     (tmp / info_file).write_text(json.dumps(info, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    os.rename(tmp, target)
 
 
 def reload_module(cfg: TrainConfig, engine, num_labels: int, tokenizer, exported: Path):

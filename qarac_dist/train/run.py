@@ -8,6 +8,7 @@ a reason: its requeue budget is spent, or two jobs in a row ended before their f
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sys
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from ..config import TrainConfig, UserError, config_to_dict
 from ..track.job_context import JobContext
 from ..track.mlflow_runs import TrialRun
+from ..base.files import DiskFull
 from ..base.secrets import redact_text
 from ..track.sweep_runs import trial_params
 from ..track.trial_dir import TrialDir, TrialState, TrialStatus
@@ -89,10 +91,12 @@ def run(cfg: TrainConfig, context: JobContext = JobContext(), max_requeues: Opti
         raise  # the MLflow run stays RUNNING: the requeued job continues it
     except BaseException as err:
         if ranks.is_main:
-            line = redact_text((str(err).strip().splitlines() or [""])[-1])
-            error = f"{type(err).__name__}: {line}"
+            error = _one_line(err, trial)
             killed = isinstance(err, KeyboardInterrupt)
-            trial.update(state=TrialState.CANCELLED if killed else TrialState.FAILED, error=error)
+            try:
+                trial.update(state=TrialState.CANCELLED if killed else TrialState.FAILED, error=error)
+            except DiskFull as full:  # the verdict cannot be written either: the sweep sees the job
+                print(f"qarac_dist: {error}; could not record it: {full}", file=sys.stderr)  # gone, LOST
             if trial_run is not None:
                 trial_run.finish("KILLED" if killed else "FAILED", trial.best if trial.best.exists() else None, error)
         raise
@@ -103,6 +107,15 @@ def run(cfg: TrainConfig, context: JobContext = JobContext(), max_requeues: Opti
             # (after a failure the peers may be gone: then no barrier).
             dist.barrier()
         dist.destroy_process_group()
+
+
+def _one_line(err: BaseException, trial: TrialDir) -> str:
+    """The trial's error as one line. A write that failed for lack of space or quota names the
+    file (or the trial's directory, where the writer did not say) and the cause."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"DiskFull: {err.filename or trial.path}: {os.strerror(err.errno)}"
+    line = redact_text((str(err).strip().splitlines() or [""])[-1])
+    return f"{type(err).__name__}: {line}"
 
 
 def _requeue_or_refuse(trial: TrialDir, status: TrialStatus, stop: Preempted,

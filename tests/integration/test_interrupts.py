@@ -1,0 +1,199 @@
+"""What a user does to a running sweep: Ctrl-C in a real terminal, a cancel, and the commands
+the sweep prints to copy, each on the real code path (local processes, the local SLURM cluster)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from qarac_dist.base.layout import SweepLayout
+from qarac_dist.submit.sweep_dir import Manifest
+from qarac_dist.track.trial_dir import TrialDir, read_metrics
+from support import HELPERS, ROOT, run_sweep, table_rows, tiny_config, wait_for, write_config
+
+
+def _env() -> dict:
+    """The test's Python first on PATH, so a printed `python -m ...` runs in this environment."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+            "PYTHONPATH": os.pathsep.join(filter(None, [HELPERS, os.environ.get("PYTHONPATH")]))}
+
+
+def _slow_sweep(tmp_path, data_cache, executor: str, max_steps: int, seconds: float, **fields) -> Path:
+    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": max_steps, "log_every": 1},
+                       evaluation={"every_steps": max_steps}, checkpointing={"every_steps": 10_000})
+    base["model"] = {"factory": "faults:slow_steps", "factory_kwargs": {"seconds": seconds}}
+    sweep = {"name": "interrupted", "base": base, "runs_dir": str(tmp_path / "runs"), "executor": executor,
+             "grid": {"optimizer.lr": [1e-3, 2e-3]}, "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+             "resources": {"time_min": 10, "max_parallel": 2}, **fields}
+    return write_config(tmp_path / "sweep.yaml", sweep)
+
+
+def _steps(out: Path) -> list[int]:
+    return [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] if (out / "metrics.jsonl").exists() \
+        else []
+
+
+class Terminal:
+    """A command on a pseudo-terminal of its own, as a user's shell runs it: Ctrl-C typed there
+    reaches its foreground process group through the terminal's line discipline."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: a new session whose controlling terminal is the pty
+            os.chdir(cwd)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # pytest may run us with SIGINT ignored
+            os.execve(argv[0], argv, env)
+        self.chunks: list[bytes] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except OSError:  # EIO: the terminal's last process has exited
+                return
+            if not data:
+                return
+            self.chunks.append(data)
+
+    def ctrl_c(self) -> None:
+        os.write(self.fd, b"\x03")
+
+    def exit_code(self, timeout: float = 300) -> int:
+        code: list = []
+
+        def ended():
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                code.append(os.waitstatus_to_exitcode(status))
+            return bool(pid)
+
+        wait_for(ended, timeout, "the command to exit")
+        self.reader.join(timeout=10)
+        return code[0]
+
+    @property
+    def text(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace").replace("\r\n", "\n")
+
+
+def test_ctrl_c_in_a_terminal_saves_every_local_trial_and_the_same_command_resumes_them(tmp_path, data_cache):
+    """Two local trials, 0.1 s a step, no periodic checkpoint. Ctrl-C typed in the terminal: the
+    driver alone gets it; each trial saves at the end of its step; the driver says where each
+    saved and how to resume, and exits 130. The same command then resumes each trial from the
+    step it saved at and completes it, every step logged once."""
+    path = _slow_sweep(tmp_path, data_cache, "local", max_steps=120, seconds=0.1)
+    command = [sys.executable, "-m", "qarac_dist.sweep", str(path), "--no-preflight"]
+    terminal = Terminal(command, tmp_path, _env())
+    layout = SweepLayout(tmp_path / "runs" / "interrupted")
+    manifest = wait_for(lambda: layout.manifest.exists() and Manifest.load(layout.root), 300, "the manifest")
+    outs = [Path(r.output_dir) for r in manifest.trials.values()]
+    wait_for(lambda: all(len(_steps(o)) >= 5 for o in outs), 300, "both trials to train 5 steps")
+    terminal.ctrl_c()
+    code = terminal.exit_code()
+    text = terminal.text
+    assert code == 130, text
+    saved = {tid: int(step) for tid, step in re.findall(r"trial (\w+) \[[^\]]*\]: saved at step (\d+)", text)}
+    assert set(saved) == set(manifest.trials), text
+    assert f"resume:    python -m qarac_dist.sweep {path} --no-preflight" in text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+    for tid, record in Manifest.load(layout.root).trials.items():
+        status = TrialDir(record.output_dir).status()
+        assert (record.state, status.state.value, status.step, status.last_checkpoint) == \
+            ("PREEMPTED", "PREEMPTED", saved[tid], saved[tid])
+        assert 5 <= saved[tid] < 120
+    shown = subprocess.run([sys.executable, "-m", "qarac_dist.status", str(layout.root)], capture_output=True,
+                           text=True, timeout=120)
+    states = {row["trial"]: row["state"] for row in table_rows(shown.stdout)}
+    assert states == {tid: f"interrupted at step {step}" for tid, step in saved.items()}, shown.stdout
+
+    again = run_sweep(path, "--no-preflight", env=_env(), timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    for tid, record in Manifest.load(layout.root).trials.items():
+        status = TrialDir(record.output_dir).status()
+        assert (record.state, status.resumed_from, status.attempt) == ("COMPLETED", saved[tid], 2)
+        assert _steps(Path(record.output_dir)) == list(range(1, 121))  # each step logged once, none lost
+        log = "".join(p.read_text() for p in layout.submitit.rglob("*_log.err"))
+        assert f"resumed from checkpoint step{saved[tid]:08d} at step {saved[tid]} (attempt 2)" in log
+
+
+def _submitted(proc: subprocess.CompletedProcess) -> dict[str, str]:
+    """The commands a submission printed for the user to copy: follow, status, cancel."""
+    return dict(re.findall(r"^(follow|status|cancel):\s+(.+)$", proc.stdout, re.MULTILINE))
+
+
+def test_a_cancelled_sweep_is_cancelled_everywhere_and_its_printed_commands_name_it(cluster, tmp_path, data_cache):
+    """Submitted with overrides (a name, a runs folder with a space in it); each printed
+    command, run through a shell as printed, reaches this sweep. Cancel: status and the summary
+    show CANCELLED for every trial, MLflow KILLED, status writes nothing (the manifest is
+    byte-equal), and the re-run submits them again, resuming from the checkpoints they saved."""
+    path = _slow_sweep(tmp_path, data_cache, "slurm", max_steps=300, seconds=0.1)
+    runs = tmp_path / "my runs"
+    overrides = ["name=cx", f"runs_dir={runs}"]
+    proc = run_sweep(path, *overrides, "--no-preflight", env=_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    commands = _submitted(proc)
+    assert set(commands) == {"follow", "status", "cancel"}, proc.stdout
+    layout = SweepLayout(runs / "cx")
+    manifest = Manifest.load(layout.root)
+    outs = [Path(r.output_dir) for r in manifest.trials.values()]
+    wait_for(lambda: all(len(_steps(o)) >= 3 for o in outs), 300, "both trials to train 3 steps")
+
+    shell = {"cwd": tmp_path, "env": _env(), "capture_output": True, "text": True, "timeout": 300}
+    status = subprocess.run(["bash", "-c", commands["status"]], **{**shell, "cwd": ROOT})
+    assert "sweep cx (slurm)" in status.stdout, status.stdout + status.stderr
+    cancel = subprocess.run(["bash", "-c", commands["cancel"]], **{**shell, "cwd": path.parent})
+    assert cancel.returncode == 0 and "cancelled 2 trial(s) of cx" in cancel.stdout, cancel.stdout + cancel.stderr
+    # The jobs save on scancel's SIGTERM and leave the queue.
+    wait_for(lambda: not subprocess.run(["squeue", "-h", "-n", "qarac-cx"], capture_output=True,
+                                        text=True).stdout.strip(), 300, "the jobs to leave the queue")
+
+    before = layout.manifest.read_bytes()
+    shown = subprocess.run(["bash", "-c", commands["status"]], **{**shell, "cwd": path.parent})
+    assert layout.manifest.read_bytes() == before  # status writes nothing
+    states = {row["trial"]: row["state"] for row in table_rows(shown.stdout)}
+    assert states == {tid: "CANCELLED" for tid in manifest.trials}, shown.stdout
+    from qarac_dist.track.mlflow_client import client
+
+    c = client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert {c.get_run(r.mlflow_run_id).info.status for r in manifest.trials.values()} == {"KILLED"}
+    saved = {tid: TrialDir(r.output_dir).status().last_checkpoint for tid, r in manifest.trials.items()}
+    assert all(step and step >= 3 for step in saved.values()), saved
+
+    # The follow command, as printed, re-runs the same sweep: it submits the cancelled trials again.
+    follow = subprocess.run(["bash", "-c", commands["follow"]], **{**shell, "cwd": path.parent, "timeout": 900})
+    assert follow.returncode == 0, follow.stdout + follow.stderr
+    assert "sweep cx: 2 trials, 2 to run" in follow.stdout
+    after = Manifest.load(layout.root)
+    for tid, record in after.trials.items():
+        assert [a.state for a in record.history] == ["CANCELLED"] and record.state == "COMPLETED"
+        assert TrialDir(record.output_dir).status().resumed_from == saved[tid]
+    assert json.loads(layout.manifest.read_text())["sweep"] == "cx"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_to_the_driver_is_a_stop_like_ctrl_c(tmp_path, data_cache, signum):
+    """What a closed terminal (SIGHUP) or `kill` (SIGTERM) does to the driver: the same stop."""
+    path = _slow_sweep(tmp_path, data_cache, "local", max_steps=120, seconds=0.1, grid={"optimizer.lr": [1e-3]})
+    driver = subprocess.Popen([sys.executable, "-m", "qarac_dist.sweep", str(path), "--no-preflight"], cwd=tmp_path,
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    layout = SweepLayout(tmp_path / "runs" / "interrupted")
+    manifest = wait_for(lambda: layout.manifest.exists() and Manifest.load(layout.root), 300, "the manifest")
+    (record,) = manifest.trials.values()
+    wait_for(lambda: len(_steps(Path(record.output_dir))) >= 3, 300, "the trial to train 3 steps")
+    driver.send_signal(signum)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 130, out
+    (step,) = re.findall(r"saved at step (\d+)", out)
+    assert TrialDir(record.output_dir).status().step == int(step)
