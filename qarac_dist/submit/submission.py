@@ -81,7 +81,10 @@ class Submission:
             except DiskFull as full:  # the manifest could not be saved: say why, show where it stands
                 print(f"qarac_dist: {full}", file=sys.stderr)
                 if self.local:
-                    self.halt(manifest, [r for r in manifest.trials.values() if r.active])
+                    self.halt(manifest, [r for r in manifest.trials.values() if r.active], save=False)
+                for r in manifest.trials.values():  # shown, not saved: a re-run finds them lost
+                    if r.state == "LOST":
+                        r.state, r.error = "FAILED", f"DiskFull: {full}"
                 print_summary(manifest, self.layout)
                 return 1
             tracking.close_parent(manifest, self.layout)
@@ -116,7 +119,7 @@ class Submission:
         print(f"resume:    {again}", file=sys.stderr)
         return 130
 
-    def halt(self, manifest: Manifest, active: list[TrialRecord]) -> None:
+    def halt(self, manifest: Manifest, active: list[TrialRecord], save: bool = True) -> None:
         """Ask the local trials to save and stop, wait for them (bounded; a second signal ends
         the wait), stop those left at once, and record where each ended. Nothing of a sweep
         this driver started outlives it."""
@@ -132,10 +135,11 @@ class Submission:
         if left:
             self.executor.cancel(left, at_once=True)
         refresh(manifest, self.executor)
-        try:
-            manifest.save(self.layout.root)
-        except DiskFull as full:  # the trials' own files say where they are; a re-run reads them
-            print(f"qarac_dist: {full}", file=sys.stderr)
+        if save:
+            try:
+                manifest.save(self.layout.root)
+            except DiskFull as full:  # the trials' own files say where they are; a re-run reads them
+                print(f"qarac_dist: {full}", file=sys.stderr)
 
     def discard(self, created: Path | None) -> None:
         """Nothing was submitted: release the sweep, and leave no directory behind that this

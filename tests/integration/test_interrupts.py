@@ -197,3 +197,25 @@ def test_sigterm_or_sighup_to_the_driver_is_a_stop_like_ctrl_c(tmp_path, data_ca
     assert driver.returncode == 130, out
     (step,) = re.findall(r"saved at step (\d+)", out)
     assert TrialDir(record.output_dir).status().step == int(step)
+
+
+def test_a_driver_killed_outright_then_the_same_command_follows_the_live_trial(tmp_path, data_cache):
+    """SIGKILL to the driver leaves its local trial running; the same command at once finds it
+    running (its process is still submitit's), submits nothing, follows it to the end: the
+    trial is trained once, by one job."""
+    path = _slow_sweep(tmp_path, data_cache, "local", max_steps=60, seconds=0.1, grid={"optimizer.lr": [1e-3]})
+    command = [sys.executable, "-m", "qarac_dist.sweep", str(path), "--no-preflight"]
+    driver = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    layout = SweepLayout(tmp_path / "runs" / "interrupted")
+    manifest = wait_for(lambda: layout.manifest.exists() and Manifest.load(layout.root), 300, "the manifest")
+    (record,) = manifest.trials.values()
+    wait_for(lambda: len(_steps(Path(record.output_dir))) >= 3, 300, "the trial to train 3 steps")
+    driver.kill()
+    driver.wait(timeout=60)
+    again = run_sweep(path, "--no-preflight", env=_env(), timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 trials, 0 to run, 1 already pending, running or completed" in again.stdout
+    (record,) = Manifest.load(layout.root).trials.values()
+    status = TrialDir(record.output_dir).status()
+    assert (record.state, record.attempt, status.starts, status.resumed_from) == ("COMPLETED", 1, 1, None)
+    assert _steps(Path(record.output_dir)) == list(range(1, 61))
