@@ -3,6 +3,9 @@ dry-run here with no network; the sentence-classifier head their sweep varies be
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,3 +100,16 @@ def test_sentence_classifier_head_has_the_hidden_layer_asked_for_and_smooths_lab
     assert not torch.allclose(out["loss"], F.cross_entropy(out["logits"], batch["labels"]))
     report = audit_gradients(model, batch)
     assert report.ok and not report.missing and not report.zero, report
+
+
+def test_the_gpu_bench_refuses_in_one_line_where_there_is_no_gpu():
+    """bench/gpu.sh measures on a GPU only; here (no NVIDIA GPU) it says so and stops."""
+    import shutil
+
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has nvidia-smi: the refusal is for machines without a GPU")
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "bench/gpu.sh: no NVIDIA GPU here (nvidia-smi lists none); run it on a GPU machine"]
+    assert not Path("/tmp/qarac-gpu-venv").exists()
