@@ -22,9 +22,9 @@ from ..track.mlflow_runs import TrialRun
 from ..track.trackers import NullTracker, Tracker, Trackers
 from ..track.trial_dir import BEST_INFO, MetricsFile, TrialDir
 from . import data, models
+from .build import build_parts, lr_lambda, optimizer_for, seed_everything
 from .checkpoint import Checkpointer
 from .export import export, reload_module
-from .build import build_parts, lr_lambda, optimizer_for, seed_everything
 from .metrics import BestTracker, classification_metrics, regression_metrics
 from .ranks import Ranks
 from .stop import STOP, Preempted

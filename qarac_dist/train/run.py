@@ -17,11 +17,11 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from ..base.files import DiskFull
+from ..base.secrets import redact_text
 from ..config import TrainConfig, UserError, config_to_dict
 from ..track.job_context import JobContext
 from ..track.mlflow_runs import TrialRun
-from ..base.files import DiskFull
-from ..base.secrets import redact_text
 from ..track.sweep_runs import trial_params
 from ..track.trial_dir import TrialDir, TrialState, TrialStatus
 from .loop import Trainer
