@@ -54,7 +54,7 @@ def status(directory: Path, sync: bool = False, repair: bool = False) -> int:
         manifest = _repair_or_sync(layout, repair, sync)
     else:
         manifest = Manifest.load(directory)
-        submission.refresh(manifest, submission.attach(manifest.executor, layout))
+        submission.refresh(manifest, submission.attach(manifest.executor, layout), layout)
     print_summary(manifest, layout)
     return 1 if any(r.state in FAILED for r in manifest.trials.values()) else 0
 
@@ -71,7 +71,7 @@ def _repair_or_sync(layout: SweepLayout, repair: bool, sync: bool) -> Manifest:
             manifest = rebuild(layout.root)
         else:
             manifest = Manifest.load(layout.root)
-        submission.refresh(manifest, submission.attach(manifest.executor, layout))
+        submission.refresh(manifest, submission.attach(manifest.executor, layout), layout)
         manifest.save(layout.root)
         if sync:
             from .track.mlflow_runs import sync as send

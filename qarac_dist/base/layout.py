@@ -10,6 +10,8 @@ Pure: it names paths, it reads and writes nothing.
                            trial ids and labels
     manifest.json          the driver: one record per trial         status, cancel, re-runs
                            (submit/sweep_dir.py)
+    cancelled.json         --cancel: trial id -> the attempt it     the driver, status (a cancel made
+                           cancelled                                while a driver held the sweep)
     trials/<id>/           the trial's job (track/trial_dir.py      the driver, status, the summary,
                            owns the files inside)                   the rung report
     submitit/              submitit: the sweep's job pickles, logs  submitit, requeued jobs
@@ -50,6 +52,10 @@ class SweepLayout:
     @property
     def manifest(self) -> Path:
         return self.root / "manifest.json"
+
+    @property
+    def cancels(self) -> Path:
+        return self.root / "cancelled.json"
 
     @property
     def trials(self) -> Path:

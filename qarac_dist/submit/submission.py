@@ -28,7 +28,7 @@ from . import cluster, sbatch, tracking
 from .executors import Executor, TrialJob, make_executor
 from .report import print_summary
 from .sweep_dir import DONE, FAILED, RESUBMIT, Attempt, Manifest, SweepLock, TrialRecord, layout_for, own_error, \
-    resolve_state, write_sweep_file
+    read_cancels, record_cancels, resolve_state, write_sweep_file
 
 SAVE_WAIT_S = 120
 """How long a stopped driver waits for its local trials to save before it stops them at once."""
@@ -134,7 +134,7 @@ class Submission:
         left = [r.job_id for r in active if self.executor.alive(r.job_id)]
         if left:
             self.executor.cancel(left, at_once=True)
-        refresh(manifest, self.executor)
+        refresh(manifest, self.executor, self.layout)
         if save:
             try:
                 manifest.save(self.layout.root)
@@ -179,7 +179,7 @@ class Submission:
             if trial.id not in manifest.trials:
                 manifest.trials[trial.id] = TrialRecord(trial.id, trial.label, trial.overrides, trial.config,
                                                         trial.config["output"]["dir"], self.executor.kind)
-        refresh(manifest, self.executor)
+        refresh(manifest, self.executor, self.layout)
         planned = {t.id for t in self.trials}
         return [r for r in manifest.trials.values() if r.id in planned and r.state in RESUBMIT]
 
@@ -275,11 +275,15 @@ def attach(kind: str, layout: SweepLayout) -> Executor:
     return make_executor(kind, layout.submitit, Resources(), sbatch.job_name(layout.root.name), 0)
 
 
-def refresh(manifest: Manifest, executor: Executor) -> None:
-    """Update every record's state from the scheduler and the current attempt's own files."""
+def refresh(manifest: Manifest, executor: Executor, layout: SweepLayout) -> None:
+    """Update every record's state from the scheduler, the current attempt's own files, and the
+    cancels recorded beside the manifest (made while a driver held it)."""
     records = list(manifest.trials.values())
     scheduler = executor.states([r.job_id for r in records if r.job_id])
+    cancelled = read_cancels(layout.root)
     for r in records:
+        if cancelled.get(r.id) == r.attempt and r.state != "QUEUED":
+            r.state = "CANCELLED"
         r.state = resolve_state(r, scheduler.get(r.job_id))
         if r.state in FAILED:
             r.error = own_error(r) or r.error
@@ -324,7 +328,7 @@ def follow(manifest: Manifest, layout: SweepLayout, executor: Executor, queued: 
     last_states: dict[str, str] = {}
     with Live(console=console, auto_refresh=False, transient=True) as live:
         while True:
-            refresh(manifest, executor)
+            refresh(manifest, executor, layout)
             if queue:
                 running = sum(r.active for r in manifest.trials.values())
                 start = queue[: max(0, max_parallel - running)]
@@ -359,8 +363,9 @@ def cancel(layout: SweepLayout) -> int:
         lock = None
     try:
         executor = attach(manifest.executor, layout)
-        refresh(manifest, executor)
+        refresh(manifest, executor, layout)
         active = [r for r in manifest.trials.values() if r.active]
+        record_cancels(layout.root, {r.id: r.attempt for r in active})  # for a driver that follows
         executor.cancel([r.job_id for r in active])
         for r in active:
             r.state = TrialState.CANCELLED.value

@@ -227,3 +227,13 @@ def read_micro_batches(sweep_dir: Path) -> Optional[dict]:
 
 def write_micro_batches(sweep_dir: Path, found: dict) -> None:
     write_json(SweepLayout(Path(sweep_dir)).micro_batches, found)
+
+
+def read_cancels(sweep_dir: Path) -> dict:
+    """Trial id -> the attempt the user cancelled."""
+    return read_json(SweepLayout(Path(sweep_dir)).cancels) or {}
+
+
+def record_cancels(sweep_dir: Path, cancelled: dict) -> None:
+    if cancelled:
+        write_json(SweepLayout(Path(sweep_dir)).cancels, {**read_cancels(sweep_dir), **cancelled})
