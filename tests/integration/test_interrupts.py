@@ -106,7 +106,8 @@ def test_ctrl_c_in_a_terminal_saves_every_local_trial_and_the_same_command_resum
     assert code == 130, text
     saved = {tid: int(step) for tid, step in re.findall(r"trial (\w+) \[[^\]]*\]: saved at step (\d+)", text)}
     assert set(saved) == set(manifest.trials), text
-    assert f"resume:    python -m qarac_dist.sweep {path} --no-preflight" in text
+    (resume,) = re.findall(r"resume:\s+(\S.*?)\s*$", text, re.MULTILINE)
+    assert resume == f"python -m qarac_dist.sweep {path} --no-preflight"
     assert "Traceback" not in text and "KeyboardInterrupt" not in text
     for tid, record in Manifest.load(layout.root).trials.items():
         status = TrialDir(record.output_dir).status()
@@ -118,7 +119,9 @@ def test_ctrl_c_in_a_terminal_saves_every_local_trial_and_the_same_command_resum
     states = {row["trial"]: row["state"] for row in table_rows(shown.stdout)}
     assert states == {tid: f"interrupted at step {step}" for tid, step in saved.items()}, shown.stdout
 
-    again = run_sweep(path, "--no-preflight", env=_env(), timeout=900)
+    # The resume line, run through a shell as printed.
+    again = subprocess.run(["bash", "-c", resume], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                           timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
     for tid, record in Manifest.load(layout.root).trials.items():
         status = TrialDir(record.output_dir).status()
@@ -219,3 +222,27 @@ def test_a_driver_killed_outright_then_the_same_command_follows_the_live_trial(t
     status = TrialDir(record.output_dir).status()
     assert (record.state, record.attempt, status.starts, status.resumed_from) == ("COMPLETED", 1, 1, None)
     assert _steps(Path(record.output_dir)) == list(range(1, 61))
+
+
+def test_ctrl_c_while_following_slurm_jobs_stops_following_only(cluster, tmp_path, data_cache):
+    """With SLURM the jobs are the cluster's: Ctrl-C during --wait leaves them running and says
+    how to follow, see or cancel them."""
+    path = _slow_sweep(tmp_path, data_cache, "slurm", max_steps=300, seconds=0.1, grid={"optimizer.lr": [1e-3]})
+    driver = subprocess.Popen([sys.executable, "-m", "qarac_dist.sweep", str(path), "--wait", "--no-preflight"],
+                              cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    layout = SweepLayout(tmp_path / "runs" / "interrupted")
+    manifest = wait_for(lambda: layout.manifest.exists() and Manifest.load(layout.root), 300, "the manifest")
+    (record,) = manifest.trials.values()
+    wait_for(lambda: len(_steps(Path(record.output_dir))) >= 2, 300, "the job to train")
+    driver.send_signal(signal.SIGINT)
+    out, _ = driver.communicate(timeout=120)
+    try:
+        assert driver.returncode == 130, out
+        assert "stopped following; the SLURM jobs go on." in out and "Traceback" not in out
+        assert re.search(r"^cancel:\s+python -m qarac_dist.sweep .* --cancel$", out, re.MULTILINE), out
+        queued = subprocess.run(["squeue", "-h", "-j", record.job_id.split("_")[0], "-o", "%T"], capture_output=True,
+                                text=True).stdout.split()
+        assert queued == ["RUNNING"]
+    finally:
+        subprocess.run(["scancel", record.job_id.split("_")[0]], check=False)
