@@ -55,22 +55,25 @@ def writing(path: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def writing_folder(path: Path, low_bytes: int = 2**20) -> Iterator[None]:
     """A folder written by another library (a checkpoint, an exported model), which may fail
-    for lack of space without saying so (torch.save's "file write failed"): on any failure the
-    part written is removed, and with less than `low_bytes` free on its filesystem the failure
-    is `DiskFull` naming the folder."""
+    for lack of space without saying so (torch.save's "file write failed"): a failure with less
+    than `low_bytes` left free on its filesystem is `DiskFull` naming the folder, and the part
+    written is removed, to give the space back. Other failures leave the part as it is (it has
+    no COMPLETE marker, so it is never loaded)."""
     try:
         with writing(path):
             yield
-    except BaseException as err:
+    except Exception as err:
         try:
             full = isinstance(err, DiskFull) or shutil.disk_usage(Path(path).parent).free < low_bytes
         except OSError:
             full = False
+        if not full:
+            raise
         shutil.rmtree(path, ignore_errors=True)
-        if full and not isinstance(err, DiskFull):
-            raise DiskFull(f"{path}: {os.strerror(errno.ENOSPC)} (the part written is removed); free space (or raise "
-                           f"the quota), then run the same command again to resume") from None
-        raise
+        if isinstance(err, DiskFull):
+            raise
+        raise DiskFull(f"{path}: {os.strerror(errno.ENOSPC)} (the part written is removed); free space (or raise "
+                       f"the quota), then run the same command again to resume") from None
 
 
 def write_json(path: Path, obj) -> None:
