@@ -235,6 +235,7 @@ def test_ctrl_c_while_following_slurm_jobs_stops_following_only(cluster, tmp_pat
     manifest = wait_for(lambda: layout.manifest.exists() and Manifest.load(layout.root), 300, "the manifest")
     (record,) = manifest.trials.values()
     wait_for(lambda: len(_steps(Path(record.output_dir))) >= 2, 300, "the job to train")
+    (record,) = Manifest.load(layout.root).trials.values()  # now with its job id
     driver.send_signal(signal.SIGINT)
     out, _ = driver.communicate(timeout=120)
     try:
