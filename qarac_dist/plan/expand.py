@@ -93,6 +93,7 @@ def plan(spec: SweepSpec, base: dict, source: str = "sweep", micro_batches: dict
     varied = set(grid_keys) | {k for v in spec.variants for k in v.set} | set(spec.random.params if spec.random else ())
     extra = {"training.micro_batch_size", "training.gradient_accumulation_steps", "asha"}
     resolver = Resolver(base, varied | extra)
+    checked: dict[tuple, list[str]] = {}
     trials_dir = str(layout.trials) + "/"
     for variant in variants:  # a key set by two of variant, grid and sampler: the same for all their trials
         seen: dict[str, str] = {}
@@ -114,7 +115,11 @@ def plan(spec: SweepSpec, base: dict, source: str = "sweep", micro_batches: dict
                 label += f" (found micro batch {found['training.micro_batch_size']})"
             asha = {"asha": successive_halving(spec, resolved["training"]["max_steps"], resolved["evaluation"])} \
                 if spec.asha else {}
-            problems = _sweep_problems(spec, source, resolved, asha.get("asha"))
+            rungs = tuple(asha["asha"]["rungs"]) if asha else None
+            key = (resolved["model"]["task"], resolved["evaluation"]["every_steps"], rungs)
+            problems = checked.get(key)
+            if problems is None:  # a few distinct answers per sweep: worked out once each
+                problems = checked[key] = _sweep_problems(spec, source, *key)
             if problems:
                 errors += problems
                 continue
@@ -154,17 +159,15 @@ def successive_halving(spec: SweepSpec, max_steps: int, evaluation: dict) -> dic
             "reduction_factor": spec.asha.reduction_factor, "metric": metric, "mode": mode}
 
 
-def _sweep_problems(spec: SweepSpec, source: str, resolved: dict, asha: Optional[dict]) -> list[str]:
+def _sweep_problems(spec: SweepSpec, source: str, task: str, every: int, rungs: Optional[tuple]) -> list[str]:
     """What the sweep's own keys ask of a trial that its config cannot give, named by those keys."""
     problems = []
-    task = resolved["model"]["task"]
     metric = spec.select.metric
     if metric is not None and metric not in TASK_METRICS[task]:
         problems.append(f"{source}: select.metric: {metric!r} is not logged by a {task} trial; it logs "
                         f"{', '.join(TASK_METRICS[task])}")
-    every = resolved["evaluation"]["every_steps"]
-    if asha is not None:
-        off = [step for step in asha["rungs"] if step % every]
+    if rungs is not None:
+        off = [step for step in rungs if step % every]
         if off:
             problems.append(f"{source}: asha.grace_steps: a rung falls at step {off[0]}, but the trials validate "
                             f"every {every} steps (evaluation.every_steps); make grace_steps a multiple of it")
