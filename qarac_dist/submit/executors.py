@@ -145,6 +145,14 @@ class LocalProcesses:
         # Started by a driver that is gone: the process with that id, if it still runs submitit's
         # controller (not a zombie, not another program that was given the id since).
         proc = Path("/proc") / str(job_id)
+        if not Path("/proc/self").exists():  # no /proc (macOS): whether a process has that id
+            try:
+                os.kill(int(job_id), 0)
+            except (ValueError, ProcessLookupError):
+                return False
+            except PermissionError:
+                pass
+            return True
         try:
             stat = (proc / "stat").read_text().rpartition(")")[2].split()
             cmdline = (proc / "cmdline").read_bytes()
