@@ -12,6 +12,22 @@ cpus=$(nproc)
 mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
 
 $SUDO mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
+# Dummy GPU devices: character devices with /dev/null's numbers (slurmd refuses plain files); SLURM
+# only needs them to exist to hand them out and bind them (no cgroups here: TaskPlugin=task/none).
+gpus=/var/lib/qarac-slurm/gpus
+for node in node1 node2; do
+  $SUDO mkdir -p "$gpus/$node"
+  for i in 0 1 2 3; do [ -c "$gpus/$node/gpu$i" ] || { $SUDO rm -f "$gpus/$node/gpu$i"; $SUDO mknod "$gpus/$node/gpu$i" c 1 3; }; done
+done
+printf 'NodeName=node1 Name=gpu File=%s/node1/gpu[0-3]\nNodeName=node2 Name=gpu File=%s/node2/gpu[0-3]\n' "$gpus" "$gpus" \
+  | $SUDO tee /etc/slurm/gres.conf.new >/dev/null
+if ! cmp -s /etc/slurm/gres.conf.new /etc/slurm/gres.conf 2>/dev/null; then
+  $SUDO mv /etc/slurm/gres.conf.new /etc/slurm/gres.conf
+  gres_changed=1
+else
+  $SUDO rm -f /etc/slurm/gres.conf.new
+  gres_changed=0
+fi
 sed -e "s/@HOST@/$host/g" -e "s/@CPUS@/$cpus/g" -e "s/@MEM_MB@/$mem_mb/g" "$here/slurm.conf.in" \
   | $SUDO tee /etc/slurm/slurm.conf.new >/dev/null
 if ! cmp -s /etc/slurm/slurm.conf.new /etc/slurm/slurm.conf 2>/dev/null; then
@@ -26,10 +42,12 @@ if ! pgrep -x munged >/dev/null; then
   $SUDO chown munge:munge /run/munge
   $SUDO runuser -u munge -- /usr/sbin/munged
 fi
+# A node's resources (its GPUs) change only when its daemons restart; queued jobs are kept.
+if [ "$changed" = 1 ] || [ "$gres_changed" = 1 ]; then
+  pgrep -x slurmctld >/dev/null && bash "$here/stop.sh"
+fi
 if ! pgrep -x slurmctld >/dev/null; then
   $SUDO /usr/sbin/slurmctld
-elif [ "$changed" = 1 ]; then
-  $SUDO scontrol reconfigure
 fi
 for node in node1 node2; do
   if ! pgrep -f "slurmd -N $node" >/dev/null; then

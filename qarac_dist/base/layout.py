@@ -12,6 +12,10 @@ Pure: it names paths, it reads and writes nothing.
                            (submit/sweep_dir.py)
     cancelled.json         --cancel: trial id -> the attempt it     the driver, status (a cancel made
                            cancelled                                while a driver held the sweep)
+    claims.json            a packed job's runner, when it starts    the runners (the next trial to
+                           or ends a trial; the driver, when it     start), the driver, status
+                           submits one again (submit/claims.py)
+    .claims.lock           whoever reads-and-writes claims.json     -
     trials/<id>/           the trial's job (track/trial_dir.py      the driver, status, the summary,
                            owns the files inside)                   the rung report
     submitit/              submitit: the sweep's job pickles, logs  submitit, requeued jobs
@@ -56,6 +60,14 @@ class SweepLayout:
     @property
     def cancels(self) -> Path:
         return self.root / "cancelled.json"
+
+    @property
+    def claims(self) -> Path:
+        return self.root / "claims.json"
+
+    @property
+    def claims_lock(self) -> Path:
+        return self.root / ".claims.lock"
 
     @property
     def trials(self) -> Path:

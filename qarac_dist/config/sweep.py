@@ -77,6 +77,10 @@ class Resources:
     """More sbatch options, e.g. {exclusive: true, reservation: my_res}."""
     max_parallel: int = bounded(4, ge=1, le=1_000_000)
     """Trials running at once (the job array's %parallelism)."""
+    pack: int = bounded(1, ge=1, le=1024)
+    """Trials per job. 1: one trial per array task. K > 1: each job holds the resources of K
+    trials and runs K at once, each an `srun` job step on its own share, starting the next
+    waiting trial whenever one ends (submit/pack.py); ceil(max_parallel / K) jobs in all."""
 
     @property
     def world_size(self) -> int:

@@ -124,8 +124,11 @@ class LocalProcesses:
 
     def submit(self, calls: list[Callable[[], Any]]) -> list[submitit.Job]:
         executor = submitit.LocalExecutor(folder=self.folder, max_num_timeout=self.max_requeues + 1)
-        executor.update_parameters(timeout_min=self.resources.time_min, tasks_per_node=self.resources.tasks_per_node,
-                                   gpus_per_node=self.resources.gpus_per_node)
+        # A packed job is one process, its runner, which starts each trial's ranks itself.
+        packed = self.resources.pack > 1
+        executor.update_parameters(timeout_min=self.resources.time_min,
+                                   tasks_per_node=1 if packed else self.resources.tasks_per_node,
+                                   gpus_per_node=0 if packed else self.resources.gpus_per_node)
         # The jobs ignore the terminal's SIGINT and SIGHUP (a disposition children inherit):
         # Ctrl-C reaches the driver alone, which asks each trial to save (submission.py). Left
         # to the terminal, submitit's controller would kill the tasks a second after SIGINT.

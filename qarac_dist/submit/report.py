@@ -39,12 +39,14 @@ class Row:
             state = f"interrupted at step {self.stopped_at}"  # it saved there; a re-run resumes it
         elif r.state in ("RUNNING", "PENDING") and self.resumed_from is not None:
             state = f"{r.state} (resumed at step {self.resumed_from})"
-        return [r.id, r.label, state, str(r.attempt), str(self.restarts),
+        return [r.id, r.label, state, r.step or r.job_id or "-", str(r.attempt), str(self.restarts),
                 str(self.last_step) if self.last_step is not None else "-",
                 f"{self.value:.{metric_digits}f}" if self.value is not None else "-", error]
 
 
-COLUMNS = ("trial", "config", "state", "attempt", "restarts", "last step")
+COLUMNS = ("trial", "config", "state", "job", "attempt", "restarts", "last step")
+"""`job`: the SLURM job (`<array>_<task>`, or a local pid), or in a packed job the step that
+runs the trial (`<array>_<task>.<step>`, as squeue -s shows it)."""
 
 
 def rows(manifest: Manifest) -> tuple[list[Row], Optional[str]]:
@@ -73,7 +75,7 @@ def progress_table(manifest: Manifest):
     for col in (*COLUMNS, f"best {manifest.select_metric}"):
         table.add_column(col)
     for row in table_rows:
-        table.add_row(*map(Text, row.cells()[:7]))  # as text: error lines hold brackets, not markup
+        table.add_row(*map(Text, row.cells()[:8]))  # as text: error lines hold brackets, not markup
     return table
 
 

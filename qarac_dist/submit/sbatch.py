@@ -8,6 +8,8 @@ pins submitit to the range tested here; tests/golden/sbatch_*.txt hold the expec
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import shlex
 from pathlib import Path
 
@@ -34,17 +36,44 @@ def signal_delay_s(time_min: int) -> int:
     return min(SIGNAL_DELAY_S, max(10, time_min * 60 // 5))
 
 
+def job_resources(resources: Resources) -> Resources:
+    """What one job asks for: a trial's resources, or with `pack` K the resources of K trials.
+    A one-node trial's tasks, GPUs and memory are multiplied on one node (K one-GPU trials fill
+    a K-GPU node); a multi-node trial's nodes are multiplied."""
+    k = resources.pack
+    if k == 1:
+        return resources
+    if resources.nodes > 1:
+        return dataclasses.replace(resources, nodes=resources.nodes * k)
+    return dataclasses.replace(resources, tasks_per_node=resources.tasks_per_node * k,
+                               gpus_per_node=resources.gpus_per_node * k,
+                               mem_gb=resources.mem_gb * k if resources.mem_gb is not None else None)
+
+
+def num_jobs(resources: Resources, num_trials: int) -> int:
+    """Jobs a submission of `num_trials` trials makes: one per trial, or with `pack` K,
+    ceil(max_parallel / K) packed jobs (fewer when there are fewer trials to fill them)."""
+    if resources.pack == 1:
+        return num_trials
+    return min(math.ceil(resources.max_parallel / resources.pack), math.ceil(num_trials / resources.pack))
+
+
 def executor_parameters(resources: Resources, name: str) -> dict:
-    """submitit SlurmExecutor parameters for these resources."""
+    """submitit SlurmExecutor parameters for these resources. A packed job's script runs its
+    runner (submit/pack.py) directly, not under srun: the runner starts each trial as a step."""
+    packed = resources.pack > 1
+    resources = job_resources(resources)
     params = {
         "job_name": name,
         "nodes": resources.nodes,
         "ntasks_per_node": resources.tasks_per_node,
         "cpus_per_task": resources.cpus_per_task,
         "time": resources.time_min,
-        "array_parallelism": resources.max_parallel,
+        "array_parallelism": math.ceil(resources.max_parallel / resources.pack) if packed else resources.max_parallel,
         "signal_delay_s": signal_delay_s(resources.time_min),
     }
+    if packed:
+        params["use_srun"] = False
     if resources.gpus_per_node:
         params["gpus_per_node"] = resources.gpus_per_node
     if resources.mem_gb is not None:
@@ -65,7 +94,7 @@ def arrays(num_trials: int, max_array_size: int) -> list[range]:
 
 
 def sbatch_text(resources: Resources, name: str, folder: Path, python: str, num_array_tasks: int) -> str:
-    """The sbatch script of one array of `num_array_tasks` trials (a single job for one)."""
+    """The sbatch script of one array of `num_array_tasks` jobs (a single job for one)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     command = f"{shlex.quote(python)} -u -m submitit.core._submit {shlex.quote(str(folder))}"

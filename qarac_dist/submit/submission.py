@@ -24,7 +24,7 @@ from ..config.sweep import Resources, SweepSpec
 from ..plan import Trial, select_defaults
 from ..track.job_context import JobContext
 from ..track.trial_dir import TrialState
-from . import cluster, sbatch, tracking
+from . import claims, cluster, pack, sbatch, tracking
 from .executors import Executor, TrialJob, make_executor
 from .report import print_summary
 from .sweep_dir import DONE, FAILED, RESUBMIT, Attempt, Manifest, SweepLock, TrialRecord, layout_for, own_error, \
@@ -51,8 +51,14 @@ class Submission:
 
     @property
     def local(self) -> bool:
-        """Jobs run here, started by this process as slots free up (else the scheduler queues them)."""
+        """Jobs run here (else the scheduler queues them)."""
         return self.executor.kind == "local"
+
+    @property
+    def started_here(self) -> bool:
+        """This process starts the trials as slots free up (local, one trial per job); else they are
+        submitted at once, and the scheduler, or a packed job's runner, starts them."""
+        return self.local and self.spec.resources.pack == 1
 
     def run(self) -> int:
         created = _first_missing(self.layout.root)
@@ -74,7 +80,7 @@ class Submission:
                 return 0
             try:
                 with _stop_signals():
-                    follow(manifest, self.layout, self.executor, todo if self.local else [],
+                    follow(manifest, self.layout, self.executor, todo if self.started_here else [],
                            self.spec.resources.max_parallel)
             except _Stopped:
                 return self.stop(manifest)
@@ -123,15 +129,16 @@ class Submission:
         """Ask the local trials to save and stop, wait for them (bounded; a second signal ends
         the wait), stop those left at once, and record where each ended. Nothing of a sweep
         this driver started outlives it."""
-        self.executor.cancel([r.job_id for r in active])
+        jobs = sorted({job for r in active for job in r.jobs})
+        self.executor.cancel(jobs)
         try:
             with _stop_signals():
                 deadline = time.monotonic() + SAVE_WAIT_S
-                while any(self.executor.alive(r.job_id) for r in active) and time.monotonic() < deadline:
+                while any(self.executor.alive(job) for job in jobs) and time.monotonic() < deadline:
                     time.sleep(0.2)
         except _Stopped:
             pass
-        left = [r.job_id for r in active if self.executor.alive(r.job_id)]
+        left = [job for job in jobs if self.executor.alive(job)]
         if left:
             self.executor.cancel(left, at_once=True)
         refresh(manifest, self.executor, self.layout)
@@ -186,7 +193,7 @@ class Submission:
     def check(self, todo: list[TrialRecord]) -> int:
         """sbatch --test-only and preflight: 0 when the trials may be submitted."""
         if self.executor.kind == "slurm" and todo:
-            refusal = cluster.test_submission(self.sbatch_text(len(todo)))
+            refusal = cluster.test_submission(self.sbatch_text(sbatch.num_jobs(self.spec.resources, len(todo))))
             if refusal:
                 raise UserError(f"{self.source}: resources: sbatch refused the job: {refusal}")
         if todo and self.preflight is not None:
@@ -197,9 +204,9 @@ class Submission:
                 return 1
         return 0
 
-    def sbatch_text(self, num_trials: int) -> str:
+    def sbatch_text(self, num_jobs: int) -> str:
         return sbatch.sbatch_text(self.spec.resources, sbatch.job_name(self.spec.name),
-                                  sbatch.job_folder(self.layout.submitit), sys.executable, num_trials)
+                                  sbatch.job_folder(self.layout.submitit), sys.executable, num_jobs)
 
     def submit(self, manifest: Manifest, todo: list[TrialRecord]) -> None:
         """Write the sweep's files, make the MLflow runs, and submit `todo` (the local executor
@@ -211,7 +218,7 @@ class Submission:
         manifest.save(self.layout.root)
         if self.preflight_text is not None:
             tracking.log_preflight(manifest, self.preflight_text)
-        if todo and not self.local:
+        if todo and not self.started_here:
             self.submitted = True
             submit_records(manifest, self.layout, self.executor, todo)
 
@@ -221,10 +228,11 @@ class Submission:
         if self.executor.kind != "slurm" or not todo:
             return
         arrays: dict[str, int] = {}
-        for r in todo:
-            arrays[r.job_id.split("_")[0]] = arrays.get(r.job_id.split("_")[0], 0) + 1
+        for job in sorted({job for r in todo for job in r.jobs}):
+            arrays[job.split("_")[0]] = arrays.get(job.split("_")[0], 0) + 1
+        what = f"packed job(s) of {self.spec.resources.pack} trials at once" if self.spec.resources.pack > 1 else "trial(s)"
         for job, count in arrays.items():
-            print(f"submitted: SLURM job {job}, an array of {count} trial(s)" if count > 1 else
+            print(f"submitted: SLURM job {job}, an array of {count} {what}" if count > 1 else
                   f"submitted: SLURM job {job}")
         if not self.wait:
             again = " ".join(shlex.quote(a) for a in self.command)
@@ -279,29 +287,44 @@ def refresh(manifest: Manifest, executor: Executor, layout: SweepLayout) -> None
     """Update every record's state from the scheduler, the current attempt's own files, and the
     cancels recorded beside the manifest (made while a driver held it)."""
     records = list(manifest.trials.values())
-    scheduler = executor.states([r.job_id for r in records if r.job_id])
+    ended = pack.follow_claims(records, layout)
+    scheduler = executor.states(sorted({job for r in records for job in r.jobs}))
     cancelled = read_cancels(layout.root)
     for r in records:
         if cancelled.get(r.id) == r.attempt and r.state != "QUEUED":
             r.state = "CANCELLED"
-        r.state = resolve_state(r, scheduler.get(r.job_id))
+        if r.pack_jobs and r.job_id is None:
+            r.state = pack.waiting_state(r, scheduler)
+        else:  # a packed trial whose step ended has no job left, whatever its job does next
+            r.state = resolve_state(r, None if r.id in ended else scheduler.get(r.job_id))
         if r.state in FAILED:
             r.error = own_error(r) or r.error
 
 
 def submit_records(manifest: Manifest, layout: SweepLayout, executor: Executor, records: list[TrialRecord]) -> None:
-    """A new attempt for each record: the old one's outcome goes to its history."""
+    """A new attempt for each record: the old one's outcome goes to its history. Packed: the new
+    attempts are reserved in the claims first, so no runner of an older submission starts them."""
+    resources = executor.resources
+    if resources.pack > 1:  # a trial another packed job took over meanwhile is left to it
+        kept = set(claims.reserve(layout, {r.id: (r.attempt, r.attempt + 1) for r in records}, executor.alive))
+        records = [r for r in records if r.id in kept]
     for r in records:
         if r.attempt:
             r.history.append(Attempt(r.attempt, list(r.job_ids[-1:]), r.state, r.error))
         r.attempt += 1
-        r.state, r.error, r.job_id = "PENDING", None, None
+        r.state, r.error, r.job_id, r.step, r.pack_jobs = "PENDING", None, None, None, []
     manifest.save(layout.root)
-    jobs = executor.submit([TrialJob(r.config, job_context(manifest, layout, r).to_dict(),
-                                     executor.resources.cpus_per_task, executor.max_requeues) for r in records])
-    for r, job in zip(records, jobs):
-        r.job_id = job.job_id
-        r.job_ids.append(r.job_id)
+    if resources.pack > 1:
+        entries = [pack.Entry(r.id, r.attempt, r.config, job_context(manifest, layout, r).to_dict()) for r in records]
+        jobs = executor.submit(pack.packed_jobs(layout, executor.kind, resources, executor.max_requeues, entries))
+        for r in records:
+            r.pack_jobs = [job.job_id for job in jobs]
+    else:
+        jobs = executor.submit([TrialJob(r.config, job_context(manifest, layout, r).to_dict(),
+                                         resources.cpus_per_task, executor.max_requeues) for r in records])
+        for r, job in zip(records, jobs):
+            r.job_id = job.job_id
+            r.job_ids.append(r.job_id)
     manifest.save(layout.root)
 
 
@@ -366,7 +389,7 @@ def cancel(layout: SweepLayout) -> int:
         refresh(manifest, executor, layout)
         active = [r for r in manifest.trials.values() if r.active]
         record_cancels(layout.root, {r.id: r.attempt for r in active})  # for a driver that follows
-        executor.cancel([r.job_id for r in active])
+        executor.cancel(sorted({job for r in active for job in r.jobs}))
         for r in active:
             r.state = TrialState.CANCELLED.value
         if lock is not None:

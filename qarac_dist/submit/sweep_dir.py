@@ -69,6 +69,11 @@ class TrialRecord:
     """Current SLURM job id ("123_4" for an array task) or local process id."""
     job_ids: list = field(default_factory=list)
     """Every job id this trial ran under, oldest first."""
+    pack_jobs: list = field(default_factory=list)
+    """With resources.pack > 1: the packed jobs submitted for this attempt, any of which may
+    start it (the one that did is `job_id`, from its claim: submit/claims.py)."""
+    step: Optional[str] = None
+    """The job step that runs it in a packed job (`<array>_<task>.<step>`)."""
     history: list[Attempt] = field(default_factory=list)
     """Earlier attempts, oldest first."""
     mlflow_run_id: Optional[str] = None
@@ -82,6 +87,11 @@ class TrialRecord:
     @property
     def active(self) -> bool:
         return self.state in RUNNING_STATES and self.state != "QUEUED"
+
+    @property
+    def jobs(self) -> list[str]:
+        """The jobs that run this attempt, or may start it (a packed trial waiting for a slot)."""
+        return [self.job_id] if self.job_id else list(self.pack_jobs)
 
 
 @dataclass

@@ -33,6 +33,9 @@ class JobContext:
     """max or min (default: the trial's evaluation.mode)."""
     tags: dict = field(default_factory=dict)
     """Run tags the sweep sets (sweep, trial_id, executor)."""
+    step: Optional[str] = None
+    """The job step that runs the trial in a packed job (`<array>_<task>.<step>`, as squeue -s
+    shows it); None: the trial is its job."""
 
     @property
     def sweep(self) -> Optional[SweepLayout]:

@@ -3,8 +3,9 @@
 Sources, first match wins:
 - torchrun / the deepspeed launcher: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
 - submitit (SLURM or local executor): its JobEnvironment, exported as the variables above;
-- plain `srun` (launch/train.sbatch): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the first
-  host of SLURM_JOB_NODELIST and a port derived from the job id;
+- plain `srun` (launch/train.sbatch, a packed job's steps): SLURM_PROCID, SLURM_NTASKS,
+  SLURM_LOCALID, the first host of the step's nodes and a port derived from the job and step
+  ids (steps of one job on one node each get their own);
 - nothing: one process on this machine.
 """
 
@@ -43,11 +44,13 @@ def export_from_environment(env=os.environ) -> Ranks:
         # One device per process is chosen by LOCAL_RANK; do not narrow CUDA_VISIBLE_DEVICES.
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     elif "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
-        nodes = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
+        nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+        nodes = subprocess.run(["scontrol", "show", "hostnames", nodelist],
                                capture_output=True, text=True, check=True).stdout.split()
         env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env.get("SLURM_NTASKS", "1"),
                    LOCAL_RANK=env.get("SLURM_LOCALID", "0"), MASTER_ADDR=nodes[0])
-        env.setdefault("MASTER_PORT", str(20000 + int(env["SLURM_JOB_ID"]) % 20000))
+        step = int(env["SLURM_STEP_ID"]) if env["SLURM_STEP_ID"].isdigit() else 0
+        env.setdefault("MASTER_PORT", str(20000 + (int(env["SLURM_JOB_ID"]) + 7919 * step) % 40000))
     else:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -61,7 +61,8 @@ def run(cfg: TrainConfig, context: JobContext = JobContext(), max_requeues: Opti
     try:
         if ranks.is_main:
             status = trial.begin(context.attempt, pid=os.getpid(), host=socket.gethostname(),
-                                 world_size=ranks.world_size, started=time.time(), job_id=slurm_job_id(),
+                                 world_size=ranks.world_size, started=time.time(),
+                                 job_id=context.step or slurm_job_id(),
                                  nodes=os.environ.get("SLURM_JOB_NODELIST"))
             if (context.tracking_uri or cfg.tracking.uri) is not None:
                 trial_run = TrialRun(cfg.tracking, context, cfg.name, trial_params(config_to_dict(cfg)), trial.path,

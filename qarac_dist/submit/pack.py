@@ -1,0 +1,257 @@
+"""A packed job (`resources.pack` K > 1): one allocation that runs K trials at once, each as its
+own job step, and starts the next waiting trial whenever one ends.
+
+Every job of the packed array runs `PackJob.__call__`, the runner, directly in the job's script
+(not under srun, so its steps are free to take the allocation's resources):
+- a trial is claimed in the sweep directory (submit/claims.py) and started as a step: on SLURM
+  `srun --exact` with the trial's nodes, tasks, CPUs and GPUs (SLURM places the step and binds
+  its GPUs, CUDA_VISIBLE_DEVICES per step); locally, the trial's ranks as plain processes;
+- refill: when a step ends, the next trial is claimed if the time left before SLURM's warning
+  is at least the median time the sweep's trials took to their first checkpoint (a trial
+  started later could save nothing before the warning, and its work would be lost);
+- SLURM's warning signal reaches the steps (sbatch --signal without B:); each trial saves and
+  leaves the verdict PREEMPTED; the runner starts nothing more, waits for its steps, keeps
+  their claims, and requeues its job, which then resumes its own trials first;
+- SIGTERM (scancel, the driver stopping local trials): passed to the steps, which save; the job
+  is not requeued;
+- a job killed without warning leaves its claims open: once the scheduler no longer knows the
+  job, the next runner to look, or a re-run of the sweep, resumes those trials.
+The runner exits when its steps have ended and nothing is left to start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import submitit
+
+from ..base.layout import SweepLayout
+from ..config.sweep import Resources
+from ..track.trial_dir import TrialDir, TrialState
+from . import claims, sbatch
+from .executors import make_executor
+from .step import TRIAL_ENV
+
+POLL_S = 1.0
+
+
+@dataclass
+class Entry:
+    """A trial a packed job may run: its id, attempt, config and context (as TrialJob takes them)."""
+
+    id: str
+    attempt: int
+    config: dict
+    context: dict
+
+    @property
+    def trial_dir(self) -> TrialDir:
+        return TrialDir(self.config["output"]["dir"])
+
+
+@dataclass
+class Step:
+    entry: Entry
+    slot: int
+    """Which of the job's K shares (the local runner's GPUs)."""
+    processes: list
+    started: float
+    checkpoint_before: Optional[int]
+    saved_one: bool = False
+
+
+@dataclass
+class PackJob:
+    """The runner of one packed job; the same object for every job of the array (submitit
+    pickles it once per job)."""
+
+    sweep_dir: str
+    kind: str
+    resources: Resources
+    entries: list[Entry]
+    max_requeues: int
+
+    def __call__(self) -> dict:
+        return _Runner(self).run()
+
+
+class _Runner:
+    def __init__(self, job: PackJob):
+        self.job, self.layout, self.r = job, SweepLayout(Path(job.sweep_dir)), job.resources
+        self.job_id = submitit.JobEnvironment().job_id  # `<array>_<task>` in an array; the local pid
+        self.deadline = time.time() + self.r.time_min * 60 - sbatch.signal_delay_s(self.r.time_min)
+        self.steps: dict[str, Step] = {}
+        self.signum: Optional[int] = None
+        self.preempted = False
+        self.alive = make_executor(job.kind, self.layout.submitit, Resources(), sbatch.job_name(self.layout.root.name),
+                                   0).alive
+        self.ended: list[str] = []
+        self.num_started = 0
+
+    def run(self) -> dict:
+        previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGUSR2, signal.SIGTERM)}
+        try:
+            while True:
+                self.reap()
+                if self.signum is None and not self.preempted:
+                    self.fill()
+                if not self.steps:
+                    break
+                time.sleep(POLL_S)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        if self.preempted and self.signum != signal.SIGTERM and self.job.kind == "slurm":
+            print(f"qarac_dist: job {self.job_id} preempted; its trials saved; requeued", flush=True)
+            subprocess.run(["scontrol", "requeue", self.job_id], check=False, timeout=60)
+        return {"job": self.job_id, "ended": self.ended, "preempted": self.preempted}
+
+    def on_signal(self, signum, _frame) -> None:
+        """Pass the signal on to every step (srun forwards it to the step's tasks)."""
+        self.signum = signum
+        for step in self.steps.values():
+            for process in step.processes:
+                if process.poll() is None:
+                    process.send_signal(signum)
+
+    def fill(self) -> None:
+        while len(self.steps) < self.r.pack:
+            wait = claims.time_to_first_checkpoint(claims.read(self.layout))
+            left = self.deadline - time.time()
+            if wait is not None and left < wait:
+                print(f"qarac_dist: job {self.job_id} starts no more trials: {left:.0f} s to SLURM's warning, and "
+                      f"trials take {wait:.0f} s to their first checkpoint", flush=True)
+                return
+            taken = claims.take(self.layout, self.job_id, [(e.id, e.attempt) for e in self.job.entries],
+                                set(self.steps), self.alive)
+            if taken is None:
+                return
+            entry = next(e for e in self.job.entries if (e.id, e.attempt) == taken)
+            self.start(entry)
+
+    def start(self, entry: Entry) -> None:
+        slot = min(set(range(self.r.pack)) - {s.slot for s in self.steps.values()})
+        self.num_started += 1
+        payload = {"config": entry.config, "context": entry.context, "max_requeues": self.job.max_requeues,
+                   "cpus_per_task": self.r.cpus_per_task}
+        status = entry.trial_dir.status()
+        before = status.last_checkpoint if status is not None else None
+        if self.job.kind == "slurm":
+            processes = [subprocess.Popen(srun_command(self.r), env={**os.environ, TRIAL_ENV: json.dumps(payload)})]
+        else:
+            payload["step"] = f"{self.job_id}.{self.num_started - 1}"
+            processes = _local_ranks(self.r, slot, payload)
+        print(f"qarac_dist: job {self.job_id} starts trial {entry.id} (attempt {entry.attempt})", flush=True)
+        self.steps[entry.id] = Step(entry, slot, processes, time.time(), before)
+
+    def reap(self) -> None:
+        for tid, step in list(self.steps.items()):
+            codes = [p.poll() for p in step.processes]
+            if not step.saved_one:
+                self.note_checkpoint(step)
+            if any(c is None for c in codes):
+                if any(c for c in codes if c is not None):  # a rank failed: its peers would wait forever
+                    for p in step.processes:
+                        if p.poll() is None:
+                            p.terminate()
+                continue
+            del self.steps[tid]
+            status = step.entry.trial_dir.status_of(step.entry.attempt)
+            verdict = status.state if status is not None else None
+            if verdict == TrialState.PREEMPTED:
+                self.preempted = True  # the claim stays this job's: it resumes the trial when requeued
+                print(f"qarac_dist: job {self.job_id}: trial {tid} saved at step {status.step}", flush=True)
+                continue
+            outcome = verdict.value if verdict in (TrialState.COMPLETED, TrialState.PRUNED, TrialState.FAILED,
+                                                   TrialState.CANCELLED) else f"exit {max(codes)}"
+            claims.end(self.layout, self.job_id, tid, step.entry.attempt, outcome)
+            self.ended.append(tid)
+            print(f"qarac_dist: job {self.job_id}: trial {tid} ended: {outcome}", flush=True)
+
+    def note_checkpoint(self, step: Step) -> None:
+        status = step.entry.trial_dir.status()
+        if status is not None and status.last_checkpoint is not None and status.last_checkpoint != step.checkpoint_before:
+            step.saved_one = True
+            claims.note_first_checkpoint(self.layout, self.job_id, step.entry.id, step.entry.attempt,
+                                         time.time() - step.started)
+
+
+def srun_command(r: Resources) -> list[str]:
+    """The step of one trial: its share of the allocation, no more (`--exact`)."""
+    command = ["srun", "--exact", "--kill-on-bad-exit=1", f"--nodes={r.nodes}", f"--ntasks={r.world_size}",
+               f"--ntasks-per-node={r.tasks_per_node}", f"--cpus-per-task={r.cpus_per_task}"]
+    if r.gpus_per_node:
+        command.append(f"--gpus-per-node={r.gpus_per_node}")
+    if r.mem_gb is not None:  # else a step may take all of the job's memory on its node
+        command.append(f"--mem={int(r.mem_gb * 1024)}M")
+    return command + [sys.executable, "-u", "-m", "qarac_dist.submit.step"]
+
+
+def _local_ranks(r: Resources, slot: int, payload: dict) -> list[subprocess.Popen]:
+    """A trial's ranks on this machine, as the local executor's "step"; slot k's GPUs are the
+    k-th share of this machine's."""
+    port = _free_port()
+    env = {**os.environ, TRIAL_ENV: json.dumps(payload), "WORLD_SIZE": str(r.tasks_per_node),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env.pop("SUBMITIT_EXECUTOR", None)
+    if r.gpus_per_node:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(slot * r.gpus_per_node + i) for i in range(r.gpus_per_node))
+    return [subprocess.Popen([sys.executable, "-u", "-m", "qarac_dist.submit.step"],
+                             env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+            for rank in range(r.tasks_per_node)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def packed_jobs(layout: SweepLayout, executor_kind: str, resources: Resources, max_requeues: int,
+                entries: list[Entry]) -> list[PackJob]:
+    """The runners of one packed submission: ceil(max_parallel / pack) jobs (fewer for fewer
+    trials), each with every entry in the order to start them."""
+    job = PackJob(str(layout.root.resolve()), executor_kind, resources, entries, max_requeues)
+    return [job] * sbatch.num_jobs(resources, len(entries))
+
+
+def follow_claims(records: list, layout: SweepLayout) -> set[str]:
+    """For each packed record, the job and step that run its attempt, from its claim; returns the
+    ids of those whose step has ended (their job may go on with other trials)."""
+    packed = [r for r in records if r.pack_jobs]
+    if not packed:
+        return set()
+    found = claims.read(layout)
+    ended = set()
+    for r in packed:
+        claim = found.get(r.id)
+        if claim is None or claim.attempt != r.attempt or claim.job is None:
+            r.job_id = r.step = None
+            continue
+        r.job_id = claim.job
+        if not r.job_ids or r.job_ids[-1] != claim.job:
+            r.job_ids.append(claim.job)
+        status = r.trial_dir.status_of(r.attempt)
+        r.step = status.job_id if status is not None and str(status.job_id).startswith(f"{claim.job}.") else None
+        if claim.ended is not None:
+            ended.add(r.id)
+    return ended
+
+
+def waiting_state(record, scheduler: dict[str, str]) -> str:
+    """A packed trial no job has started: PENDING while one of its jobs may still start it,
+    else LOST (submitted again by the next run of the sweep)."""
+    from .cluster import ACTIVE
+
+    if record.state == "CANCELLED":
+        return "CANCELLED"
+    return "PENDING" if any(scheduler.get(job) in ACTIVE for job in record.pack_jobs) else "LOST"
