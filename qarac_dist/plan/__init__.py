@@ -3,6 +3,6 @@
 No I/O, no clock, no randomness but seeded generators; imports only `config` and `base`.
 """
 
-from .expand import Trial, plan, sample, select_defaults, trial_id
+from .expand import Trial, plan, sample, select_defaults, trial_id, varied_keys
 
-__all__ = ["Trial", "plan", "sample", "select_defaults", "trial_id"]
+__all__ = ["Trial", "plan", "sample", "select_defaults", "trial_id", "varied_keys"]

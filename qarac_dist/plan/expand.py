@@ -63,6 +63,14 @@ def sample(random_spec: Optional[RandomSearch]) -> list[dict]:
     return samples
 
 
+def varied_keys(spec: SweepSpec) -> list[str]:
+    """The keys the sweep varies between trials: grid, variants and random search."""
+    keys = set(spec.grid) | {k for v in spec.variants for k in v.set}
+    if spec.random:
+        keys |= set(spec.random.params)
+    return sorted(keys)
+
+
 def trial_id(resolved: dict) -> str:
     """A trial's id: a hash of its resolved config, less where it writes and is tracked. The
     definition; the planner computes the same from its cached sections (plan/resolve.py)."""

@@ -121,8 +121,12 @@ def reserve(layout: SweepLayout, attempts: dict[str, tuple[int, int]], alive: Ca
         return reserved
 
 
-def time_to_first_checkpoint(claims: dict[str, Claim]) -> Optional[float]:
-    """The median time the sweep's trials took from their step's start to their first
-    checkpoint; None before any has saved one."""
-    seen = [c.first_checkpoint_s for c in claims.values() if c.first_checkpoint_s is not None]
+def time_needed(claims: dict[str, Claim]) -> Optional[float]:
+    """What a trial needs before it has anything saved: the median time the sweep's trials took
+    from their step's start to their first checkpoint; where none saved one (checkpointing off),
+    the median time a whole trial took to complete or be pruned; None before either is known."""
+    saved = [c.first_checkpoint_s for c in claims.values() if c.first_checkpoint_s is not None]
+    whole = [c.ended - c.started for c in claims.values()
+             if c.outcome in ("COMPLETED", "PRUNED") and c.started is not None and c.ended is not None]
+    seen = saved or whole
     return statistics.median(seen) if seen else None

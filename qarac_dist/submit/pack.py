@@ -6,9 +6,11 @@ Every job of the packed array runs `PackJob.__call__`, the runner, directly in t
 - a trial is claimed in the sweep directory (submit/claims.py) and started as a step: on SLURM
   `srun --exact` with the trial's nodes, tasks, CPUs and GPUs (SLURM places the step and binds
   its GPUs, CUDA_VISIBLE_DEVICES per step); locally, the trial's ranks as plain processes;
-- refill: when a step ends, the next trial is claimed if the time left before SLURM's warning
-  is at least the median time the sweep's trials took to their first checkpoint (a trial
-  started later could save nothing before the warning, and its work would be lost);
+- refill: when a step ends, the next trial is claimed if the time left before the warning that
+  precedes the time limit is at least what a trial needs to save anything (claims.time_needed:
+  the median time to a first checkpoint, or of a whole trial where none checkpoints); a trial
+  started later would be cut off with nothing saved, its allocation time lost. The trials left
+  wait for another job, or for a re-run of the sweep;
 - SLURM's warning signal reaches the steps (sbatch --signal without B:); each trial saves and
   leaves the verdict PREEMPTED; the runner starts nothing more, waits for its steps, keeps
   their claims, and requeues its job, which then resumes its own trials first;
@@ -38,6 +40,7 @@ from ..base.layout import SweepLayout
 from ..config.sweep import Resources
 from ..track.trial_dir import TrialDir, TrialState
 from . import claims, sbatch
+from .cluster import ACTIVE
 from .executors import make_executor
 from .step import TRIAL_ENV
 
@@ -92,6 +95,7 @@ class _Runner:
         self.steps: dict[str, Step] = {}
         self.signum: Optional[int] = None
         self.preempted = False
+        self.out_of_time = False
         self.alive = make_executor(job.kind, self.layout.submitit, Resources(), sbatch.job_name(self.layout.root.name),
                                    0).alive
         self.ended: list[str] = []
@@ -102,7 +106,7 @@ class _Runner:
         try:
             while True:
                 self.reap()
-                if self.signum is None and not self.preempted:
+                if self.signum is None and not self.preempted and not self.out_of_time:
                     self.fill()
                 if not self.steps:
                     break
@@ -125,11 +129,12 @@ class _Runner:
 
     def fill(self) -> None:
         while len(self.steps) < self.r.pack:
-            wait = claims.time_to_first_checkpoint(claims.read(self.layout))
+            needed = claims.time_needed(claims.read(self.layout))
             left = self.deadline - time.time()
-            if wait is not None and left < wait:
-                print(f"qarac_dist: job {self.job_id} starts no more trials: {left:.0f} s to SLURM's warning, and "
-                      f"trials take {wait:.0f} s to their first checkpoint", flush=True)
+            if needed is not None and left < needed:
+                print(f"qarac_dist: job {self.job_id} starts no more trials: {left:.0f} s to the warning before its "
+                      f"time limit, and a trial needs {needed:.0f} s to save anything", flush=True)
+                self.out_of_time = True
                 return
             taken = claims.take(self.layout, self.job_id, [(e.id, e.attempt) for e in self.job.entries],
                                 set(self.steps), self.alive)
@@ -250,8 +255,6 @@ def follow_claims(records: list, layout: SweepLayout) -> set[str]:
 def waiting_state(record, scheduler: dict[str, str]) -> str:
     """A packed trial no job has started: PENDING while one of its jobs may still start it,
     else LOST (submitted again by the next run of the sweep)."""
-    from .cluster import ACTIVE
-
     if record.state == "CANCELLED":
         return "CANCELLED"
     return "PENDING" if any(scheduler.get(job) in ACTIVE for job in record.pack_jobs) else "LOST"

@@ -15,8 +15,10 @@ from .sweep_dir import layout_for
 
 
 def gpu_hours(spec: SweepSpec, num_trials: int) -> float:
+    """GPU-hours at most: each trial's job for its whole time limit; packed, each allocation's."""
     r = spec.resources
-    return num_trials * r.nodes * r.gpus_per_node * r.time_min / 60
+    job = sbatch.job_resources(r)
+    return sbatch.num_jobs(r, num_trials) * job.nodes * job.gpus_per_node * r.time_min / 60
 
 
 def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, shown: int = 50) -> None:
@@ -33,12 +35,22 @@ def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, shown: int = 50)
     print(f"resources per trial: {r.nodes} node(s) x {r.tasks_per_node} task(s), {r.gpus_per_node} GPU(s)/node, "
           f"{r.cpus_per_task} CPU(s)/task, mem {r.mem_gb or 'default'} GB, {r.time_min} min; "
           f"at most {r.max_parallel} at once")
-    print(f"requested GPU-hours: {gpu_hours(spec, len(trials)):.1f}")
+    if r.pack > 1:
+        job = sbatch.job_resources(r)
+        print(f"packed: {r.pack} trials per job, each an srun step on its share; {sbatch.num_jobs(r, len(trials))} "
+              f"job(s) of {job.nodes} node(s) x {job.tasks_per_node} task(s), {job.gpus_per_node} GPU(s)/node, "
+              f"{r.time_min} min each, starting the next waiting trial as one ends")
+    print(f"requested GPU-hours: {gpu_hours(spec, len(trials)):.1f}" + (" (the allocations)" if r.pack > 1 else ""))
     if spec.asha is not None and trials:
         print_rungs(spec, trials)
     if kind == "slurm" or spec.executor != "local":
         size = cluster.max_array_size() if cluster.available() else 1001
         folder = sbatch.job_folder(layout_for(spec).submitit)
+        if r.pack > 1:
+            print(f"\n# sbatch script of the packed jobs ({len(trials)} trials)")
+            print(sbatch.sbatch_text(r, sbatch.job_name(spec.name), folder, sys.executable,
+                                     sbatch.num_jobs(r, len(trials))))
+            return
         for array in sbatch.arrays(len(trials), size):
             print(f"\n# sbatch script of the array with trials {array.start}..{array.stop - 1}")
             print(sbatch.sbatch_text(spec.resources, sbatch.job_name(spec.name), folder, sys.executable, len(array)))

@@ -21,7 +21,7 @@ from ..base.secrets import redact_text
 from ..config import UserError
 from ..config.schema import to_dict
 from ..config.sweep import Resources, SweepSpec
-from ..plan import Trial, select_defaults
+from ..plan import Trial, select_defaults, varied_keys
 from ..track.job_context import JobContext
 from ..track.trial_dir import TrialState
 from . import claims, cluster, pack, sbatch, tracking
@@ -268,14 +268,6 @@ def _first_missing(directory: Path) -> Path | None:
             return missing
         missing = folder
     return missing
-
-
-def varied_keys(spec: SweepSpec) -> list[str]:
-    """The keys the sweep varies between trials: grid, variants and random search."""
-    keys = set(spec.grid) | {k for v in spec.variants for k in v.set}
-    if spec.random:
-        keys |= set(spec.random.params)
-    return sorted(keys)
 
 
 def attach(kind: str, layout: SweepLayout) -> Executor:

@@ -28,7 +28,7 @@ ALLOWED = {
     "status": {"submit", "track", "config", "base"},
 }
 # The one import against the graph, and only inside a function: a job runs the training side.
-IN_A_JOB = {("qarac_dist.submit.executors", "train")}
+IN_A_JOB = {("qarac_dist.submit.executors", "train"), ("qarac_dist.submit.step", "train")}
 # What these import at module level, followed through qarac_dist's own modules, holds none of HEAVY.
 LIGHT = ("base", "config", "plan", "submit", "sweep", "status")
 HEAVY = {"torch", "deepspeed", "transformers", "mlflow", "datasets"}
@@ -37,7 +37,7 @@ LIMITS = {"qarac_dist.sweep": 150, "qarac_dist.train.loop": 300}
 # The sweep directory's paths, as spelled: only base/layout.py may hold these file names in a
 # string, or join these folder names onto a path with `/`.
 SWEEP_FILES = ("manifest.json", "sweep.json", "micro_batch.json", ".parent.lock", "submitit-batch-size", "asha.csv",
-               "curves.png", "cancelled.json")
+               "curves.png", "cancelled.json", "claims.json", ".claims.lock")
 SWEEP_FOLDERS = {"trials", "asha", "submitit", ".lock"}
 
 

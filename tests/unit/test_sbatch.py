@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from qarac_dist.config.sweep import Resources
 from qarac_dist.base.layout import SweepLayout
 from qarac_dist.submit import sbatch
+from qarac_dist.submit.pack import srun_command
 from support import ROOT, tiny_config, write_config
 
 GOLDEN = ROOT / "tests" / "golden"
@@ -28,11 +30,20 @@ CASES = {
                                       time_min=240, partition="gpu", account="mylab", qos="high", constraint="a100",
                                       extra_sbatch={"exclusive": True, "reservation": "res1"}, max_parallel=3), 8, 1001),
     "split_at_max_array_size": (Resources(time_min=30, max_parallel=2), 5, 3),
+    # A node-exclusive cluster: 4 one-GPU trials per 4-GPU node, two such nodes at once.
+    "packed_four_one_gpu_trials": (Resources(gpus_per_node=1, cpus_per_task=8, mem_gb=60, time_min=240,
+                                             partition="gpu", max_parallel=8, pack=4), 12, 1001),
 }
 
 
 def render(resources: Resources, num_trials: int, max_array_size: int) -> str:
-    """Every script of the submission, as the dry-run prints them."""
+    """Every script of the submission, as the dry-run prints them; for packed jobs, with the
+    command that starts each trial's step."""
+    if resources.pack > 1:
+        script = sbatch.sbatch_text(resources, sbatch.job_name("demo"), FOLDER, PYTHON,
+                                    sbatch.num_jobs(resources, num_trials))
+        step = " ".join(srun_command(resources)).replace(sys.executable, PYTHON)
+        return f"{script}\n# ---- each trial's step ----\n{step}\n"
     scripts = [sbatch.sbatch_text(resources, sbatch.job_name("demo"), FOLDER, PYTHON, len(array))
                for array in sbatch.arrays(num_trials, max_array_size)]
     return "\n# ---- next array ----\n".join(scripts) + "\n"
@@ -56,6 +67,24 @@ def test_split_arrays_stay_below_max_array_size():
     assert [list(a) for a in sbatch.arrays(5, 3)] == [[0, 1, 2], [3, 4]]
     text = render(*CASES["split_at_max_array_size"])
     assert text.count("#SBATCH --array=0-2%2") == 1 and text.count("#SBATCH --array=0-1%2") == 1
+
+
+@pytest.mark.parametrize("per_trial, pack, job", [
+    pytest.param({}, 1, {}, id="unpacked"),
+    pytest.param({"gpus_per_node": 1, "mem_gb": 10}, 4, {"tasks_per_node": 4, "gpus_per_node": 4, "mem_gb": 40},
+                 id="one-node trials share a node"),
+    pytest.param({"nodes": 2, "tasks_per_node": 4, "gpus_per_node": 4}, 3, {"nodes": 6}, id="multi-node trials"),
+])
+def test_a_packed_job_holds_its_trials_resources(per_trial, pack, job):
+    trial = Resources(**per_trial, pack=pack)
+    assert sbatch.job_resources(trial) == dataclasses.replace(trial, **job)
+
+
+@pytest.mark.parametrize("max_parallel, pack, trials, jobs", [
+    (4, 1, 6, 6), (2, 2, 6, 1), (8, 4, 12, 2), (5, 2, 20, 3), (8, 4, 3, 1), (1, 3, 9, 1),
+])
+def test_packed_submissions_make_ceil_max_parallel_over_pack_jobs(max_parallel, pack, trials, jobs):
+    assert sbatch.num_jobs(Resources(max_parallel=max_parallel, pack=pack), trials) == jobs
 
 
 @pytest.mark.parametrize("change", [
