@@ -1,0 +1,147 @@
+"""Packed jobs (resources.pack) on the real local SLURM cluster, whose nodes declare four dummy
+GPUs each (slurm/start.sh): trials as srun steps of one allocation, each bound to its own GPU,
+refilled as they end; preemption, a hard kill, and the local executor's runner."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from qarac_dist.base.layout import SweepLayout
+from qarac_dist.submit import claims
+from qarac_dist.submit.sweep_dir import Manifest
+from qarac_dist.track.mlflow_client import client
+from qarac_dist.track.trial_dir import read_metrics
+from support import run_sweep, table_rows, tiny_config, write_config
+
+
+def _sweep(tmp_path, name, data_cache, seeds, max_steps=4, checkpoint_every=None, executor="slurm",
+           **resources) -> Path:
+    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": max_steps},
+                       evaluation={"every_steps": max_steps}, checkpointing={"every_steps": checkpoint_every})
+    sweep = {"name": name, "base": base, "runs_dir": str(tmp_path / "runs"), "executor": executor,
+             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "grid": {"training.seed": seeds},
+             "resources": {"time_min": 10, "max_parallel": 2, "pack": 2, "gpus_per_node": 1, **resources}}
+    path = tmp_path / f"{name}.yaml"
+    write_config(path, sweep)
+    return path
+
+
+def _manifest(tmp_path, name) -> Manifest:
+    return Manifest.load(tmp_path / "runs" / name)
+
+
+def _wait(condition, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _past_checkpoint(manifest: Manifest, step: int) -> bool:
+    """Every trial is running and has logged `step` after saving a checkpoint."""
+    for r in manifest.trials.values():
+        status = r.trial_dir.status_of(r.attempt)
+        metrics = r.trial_dir.metrics_file
+        if status is None or status.last_checkpoint is None or not metrics.exists():
+            return False
+        if not any(row.get("step", 0) >= step for row in read_metrics(metrics)):
+            return False
+    return True
+
+
+def _gone(job: str) -> bool:
+    out = subprocess.run(["squeue", "-h", "-j", job.split("_")[0], "-o", "%i"], capture_output=True, text=True)
+    return out.returncode == 0 and not out.stdout.strip()
+
+
+def _steps_logged(trial_dir) -> list[int]:
+    return [row["step"] for row in read_metrics(trial_dir.metrics_file) if "loss" in row]
+
+
+def test_six_trials_run_two_at_a_time_as_steps_of_one_job_each_on_its_own_gpu(cluster, tmp_path, data_cache):
+    path = _sweep(tmp_path, "packed", data_cache, seeds=[0, 1, 2, 3, 4, 5])
+    proc = run_sweep(path, "--no-preflight", "--wait")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "submitted: SLURM job" in proc.stdout and "an array" not in proc.stdout  # one job
+    manifest = _manifest(tmp_path, "packed")
+    (job,) = {j for r in manifest.trials.values() for j in r.job_ids}
+    assert all(r.state == "COMPLETED" and r.attempt == 1 and r.pack_jobs == [job] for r in manifest.trials.values())
+    # Each trial ran once, as one step of that job; never more than two at once, and two at once
+    # for a while.
+    found = claims.read(SweepLayout(tmp_path / "runs" / "packed"))
+    assert {tid: (c.job, c.outcome) for tid, c in found.items()} == {tid: (job, "COMPLETED") for tid in manifest.trials}
+    steps = {tid: r.step for tid, r in manifest.trials.items()}
+    assert len(set(steps.values())) == 6 and all(s.startswith(f"{job}.") for s in steps.values()), steps
+    starts = sorted((c.started, tid) for tid, c in found.items())
+    overlap = {tid: [o for o, c in found.items() if o != tid and c.started < found[tid].ended and
+                     found[tid].started < c.ended] for tid in found}
+    assert max(len(others) for others in overlap.values()) <= 2 and any(overlap.values()), starts
+    # SLURM bound a GPU to each step: trials that ran at the same time saw different devices.
+    runs = {tid: client(manifest.tracking_uri).get_run(r.mlflow_run_id).data.tags for tid, r in manifest.trials.items()}
+    assert {tid: tags["slurm_step"] for tid, tags in runs.items()} == steps
+    gpus = {tid: tags["cuda_visible_devices"] for tid, tags in runs.items()}
+    assert set(gpus.values()) <= {"0", "1", "2", "3"} and all(gpus.values()), gpus
+    for tid, others in overlap.items():
+        simultaneous = [o for o in others if found[o].started < found[tid].started]
+        assert all(gpus[o] != gpus[tid] for o in simultaneous), (gpus, overlap)
+    # Status shows the step that ran each trial.
+    status = subprocess.run(["python", "-m", "qarac_dist.status", str(tmp_path / "runs" / "packed")],
+                            capture_output=True, text=True)
+    assert {row["trial"]: row["job"] for row in table_rows(status.stdout)} == steps, status.stdout
+
+
+def test_a_preempted_packed_job_saves_requeues_and_resumes_its_own_trials(cluster, no_requeue_delay, tmp_path,
+                                                                           data_cache):
+    path = _sweep(tmp_path, "preempted", data_cache, seeds=[0, 1], max_steps=30, checkpoint_every=5)
+    assert run_sweep(path, "--no-preflight").returncode == 0
+    manifest = _manifest(tmp_path, "preempted")
+    (job,) = {j for r in manifest.trials.values() for j in r.pack_jobs}
+    _wait(lambda: _past_checkpoint(_manifest(tmp_path, "preempted"), 7), "both trials past a checkpoint")
+    # SLURM's warning goes to the job's steps, not to the batch shell (sbatch --signal without B:).
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    proc = run_sweep(path, "--wait")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    manifest = _manifest(tmp_path, "preempted")
+    for r in manifest.trials.values():
+        status = r.trial_dir.status_of(r.attempt)
+        assert r.state == "COMPLETED" and r.attempt == 1 and r.job_ids == [job], r
+        assert status.starts == 2 and status.resumed_from is not None and status.resumed_from >= 5, status
+        assert _steps_logged(r.trial_dir) == list(range(1, 31))  # resumed where it saved: no gap, no repeat
+    log = "".join(p.read_text() for p in (tmp_path / "runs" / "preempted" / "submitit").rglob("*_log.out"))
+    assert log.count(f"job {job} preempted; its trials saved; requeued") == 1, log
+
+
+def test_a_packed_job_killed_without_warning_has_its_trials_resumed_by_a_rerun(cluster, tmp_path, data_cache):
+    path = _sweep(tmp_path, "killed", data_cache, seeds=[0, 1], max_steps=30, checkpoint_every=5)
+    assert run_sweep(path, "--no-preflight").returncode == 0
+    manifest = _manifest(tmp_path, "killed")
+    (job,) = {j for r in manifest.trials.values() for j in r.pack_jobs}
+    _wait(lambda: _past_checkpoint(_manifest(tmp_path, "killed"), 7), "both trials past a checkpoint")
+    subprocess.run(["scancel", "--full", "--signal=KILL", job], check=True)  # every process, the batch shell too
+    _wait(lambda: _gone(job), f"job {job} to leave the queue")
+    proc = run_sweep(path, "--no-preflight", "--wait")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 to run" in proc.stdout, proc.stdout
+    manifest = _manifest(tmp_path, "killed")
+    for r in manifest.trials.values():
+        status = r.trial_dir.status_of(r.attempt)
+        assert r.state == "COMPLETED" and r.attempt == 2 and r.job_ids[0] == job and r.job_ids[-1] != job, r
+        assert status.resumed_from is not None and status.resumed_from >= 5, status
+        assert r.history[0].state in ("LOST", "PREEMPTED"), r.history
+    found = claims.read(SweepLayout(tmp_path / "runs" / "killed"))
+    assert all(c.attempt == 2 and c.outcome == "COMPLETED" for c in found.values()), found
+
+
+def test_the_local_executor_runs_packed_trials_with_the_same_claims(tmp_path, data_cache):
+    path = _sweep(tmp_path, "local", data_cache, seeds=[0, 1, 2], executor="local", gpus_per_node=0)
+    proc = run_sweep(path, "--no-preflight")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    manifest = _manifest(tmp_path, "local")
+    found = claims.read(SweepLayout(tmp_path / "runs" / "local"))
+    (runner,) = {c.job for c in found.values()}  # one job: ceil(max_parallel 2 / pack 2)
+    assert all(r.state == "COMPLETED" and r.job_ids == [runner] for r in manifest.trials.values())
+    assert sorted(r.step for r in manifest.trials.values()) == [f"{runner}.{k}" for k in range(3)]
