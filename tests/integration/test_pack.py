@@ -71,7 +71,9 @@ def test_six_trials_run_two_at_a_time_as_steps_of_one_job_each_on_its_own_gpu(cl
     (job,) = {j for r in manifest.trials.values() for j in r.job_ids}
     assert all(r.state == "COMPLETED" and r.attempt == 1 and r.pack_jobs == [job] for r in manifest.trials.values())
     # Each trial ran once, as one step of that job; never more than two at once, and two at once
-    # for a while.
+    # for a while. (The runner records a step's end within a second of the trial's verdict,
+    # which the driver may have seen first: read the claims once the job has exited.)
+    _wait(lambda: _gone(job), f"job {job} to exit")
     found = claims.read(SweepLayout(tmp_path / "runs" / "packed"))
     assert {tid: (c.job, c.outcome) for tid, c in found.items()} == {tid: (job, "COMPLETED") for tid in manifest.trials}
     steps = {tid: r.step for tid, r in manifest.trials.items()}
@@ -132,6 +134,7 @@ def test_a_packed_job_killed_without_warning_has_its_trials_resumed_by_a_rerun(c
         assert r.state == "COMPLETED" and r.attempt == 2 and r.job_ids[0] == job and r.job_ids[-1] != job, r
         assert status.resumed_from is not None and status.resumed_from >= 5, status
         assert r.history[0].state in ("LOST", "PREEMPTED"), r.history
+    _wait(lambda: all(_gone(j) for j in manifest.trials[next(iter(manifest.trials))].pack_jobs), "the new job to exit")
     found = claims.read(SweepLayout(tmp_path / "runs" / "killed"))
     assert all(c.attempt == 2 and c.outcome == "COMPLETED" for c in found.values()), found
 
