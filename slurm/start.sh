@@ -19,31 +19,27 @@ for node in node1 node2; do
   $SUDO mkdir -p "$gpus/$node"
   for i in 0 1 2 3; do [ -c "$gpus/$node/gpu$i" ] || { $SUDO rm -f "$gpus/$node/gpu$i"; $SUDO mknod "$gpus/$node/gpu$i" c 1 3; }; done
 done
-printf 'NodeName=node1 Name=gpu File=%s/node1/gpu[0-3]\nNodeName=node2 Name=gpu File=%s/node2/gpu[0-3]\n' "$gpus" "$gpus" \
-  | $SUDO tee /etc/slurm/gres.conf.new >/dev/null
-if ! cmp -s /etc/slurm/gres.conf.new /etc/slurm/gres.conf 2>/dev/null; then
-  $SUDO mv /etc/slurm/gres.conf.new /etc/slurm/gres.conf
-  gres_changed=1
-else
-  $SUDO rm -f /etc/slurm/gres.conf.new
-  gres_changed=0
-fi
-sed -e "s/@HOST@/$host/g" -e "s/@CPUS@/$cpus/g" -e "s/@MEM_MB@/$mem_mb/g" "$here/slurm.conf.in" \
-  | $SUDO tee /etc/slurm/slurm.conf.new >/dev/null
-if ! cmp -s /etc/slurm/slurm.conf.new /etc/slurm/slurm.conf 2>/dev/null; then
-  $SUDO mv /etc/slurm/slurm.conf.new /etc/slurm/slurm.conf
-  changed=1
-else
-  $SUDO rm -f /etc/slurm/slurm.conf.new
-  changed=0
-fi
+# put_conf FILE: standard input becomes /etc/slurm/FILE; sets changed=1 when it differs from
+# before (fed by redirection, not a pipe, so that it runs in this shell).
+changed=0
+put_conf() {
+  $SUDO tee "/etc/slurm/$1.new" >/dev/null
+  if ! cmp -s "/etc/slurm/$1.new" "/etc/slurm/$1" 2>/dev/null; then
+    $SUDO mv "/etc/slurm/$1.new" "/etc/slurm/$1"
+    changed=1
+  else
+    $SUDO rm -f "/etc/slurm/$1.new"
+  fi
+}
+put_conf gres.conf < <(printf 'NodeName=%s Name=gpu File=%s/%s/gpu[0-3]\n' node1 "$gpus" node1 node2 "$gpus" node2)
+put_conf slurm.conf < <(sed -e "s/@HOST@/$host/g" -e "s/@CPUS@/$cpus/g" -e "s/@MEM_MB@/$mem_mb/g" "$here/slurm.conf.in")
 
 if ! pgrep -x munged >/dev/null; then
   $SUDO chown munge:munge /run/munge
   $SUDO runuser -u munge -- /usr/sbin/munged
 fi
 # A node's resources (its GPUs) change only when its daemons restart; queued jobs are kept.
-if [ "$changed" = 1 ] || [ "$gres_changed" = 1 ]; then
+if [ "$changed" = 1 ]; then
   pgrep -x slurmctld >/dev/null && bash "$here/stop.sh"
 fi
 if ! pgrep -x slurmctld >/dev/null; then

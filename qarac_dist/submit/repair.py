@@ -15,6 +15,7 @@ from ..config.schema import build
 from ..config.sweep import SweepSpec
 from ..plan import plan, select_defaults
 from ..base.layout import SweepLayout
+from . import claims
 from .executors import resolve_kind
 from .sweep_dir import Manifest, TrialRecord, read_micro_batches, read_sweep_file
 
@@ -38,11 +39,15 @@ def repair(directory: Path) -> Manifest:
     metric, mode = select_defaults(spec, trials)
     manifest = Manifest(spec.name, resolve_kind(spec, source), metric, mode,
                         tracking_uri=absolute_uri(spec.tracking.uri), experiment=spec.tracking.experiment or spec.name)
+    packed = claims.read(layout) if spec.resources.pack > 1 else {}
     for trial in trials:
         record = TrialRecord(trial.id, trial.label, trial.overrides, trial.config, trial.config["output"]["dir"],
                              manifest.executor)
         status = record.trial_dir.status()
-        if status is not None:
+        claim = packed.get(trial.id)
+        if claim is not None and claim.job is not None:  # a packed trial: the job that claimed it runs it
+            record.attempt, record.pack_jobs, record.state = claim.attempt, [claim.job], "PENDING"
+        elif status is not None:
             record.attempt = status.attempt or 1
             record.job_id = status.job_id if manifest.executor == "slurm" else str(status.pid)
             record.job_ids = [record.job_id] if record.job_id else []
