@@ -69,6 +69,8 @@ class Step:
     processes: list
     started: float
     checkpoint_before: Optional[int]
+    starts_before: int
+    """The trial's job starts before this step: a verdict counts only if the step started it."""
     saved_one: bool = False
 
 
@@ -148,15 +150,15 @@ class _Runner:
         self.num_started += 1
         payload = {"config": entry.config, "context": entry.context, "max_requeues": self.job.max_requeues,
                    "cpus_per_task": self.r.cpus_per_task}
-        status = entry.trial_dir.status()
-        before = status.last_checkpoint if status is not None else None
+        status, latest = entry.trial_dir.status_of(entry.attempt), entry.trial_dir.status()
         if self.job.kind == "slurm":
             processes = [subprocess.Popen(srun_command(self.r), env={**os.environ, TRIAL_ENV: json.dumps(payload)})]
         else:
             payload["step"] = f"{self.job_id}.{self.num_started - 1}"
             processes = _local_ranks(self.r, slot, payload)
         print(f"qarac_dist: job {self.job_id} starts trial {entry.id} (attempt {entry.attempt})", flush=True)
-        self.steps[entry.id] = Step(entry, slot, processes, time.time(), before)
+        self.steps[entry.id] = Step(entry, slot, processes, time.time(), latest.last_checkpoint if latest else None,
+                                    status.starts if status else 0)
 
     def reap(self) -> None:
         for tid, step in list(self.steps.items()):
@@ -171,7 +173,8 @@ class _Runner:
                 continue
             del self.steps[tid]
             status = step.entry.trial_dir.status_of(step.entry.attempt)
-            verdict = status.state if status is not None else None
+            # A step that died before its trial began leaves the previous step's verdict behind.
+            verdict = status.state if status is not None and status.starts > step.starts_before else None
             if verdict == TrialState.PREEMPTED:
                 self.preempted = True  # the claim stays this job's: it resumes the trial when requeued
                 print(f"qarac_dist: job {self.job_id}: trial {tid} saved at step {status.step}", flush=True)
