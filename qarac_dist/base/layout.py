@@ -16,6 +16,10 @@ Pure: it names paths, it reads and writes nothing.
                            or ends a trial; the driver, when it     start), the driver, status
                            submits one again (submit/claims.py)
     .claims.lock           whoever reads-and-writes claims.json     -
+    search.jsonl           a packed job's runner: a line per ask    the next ask, the runner, the
+                           and per result (track/search_record.py)  driver, status, the parent run
+    search_history.png     the parent run update (the last trial    the user, MLflow (parent run)
+                           to end, the driver)
     trials/<id>/           the trial's job (track/trial_dir.py      the driver, status, the summary,
                            owns the files inside)                   the rung report
     submitit/              submitit: the sweep's job pickles, logs  submitit, requeued jobs
@@ -68,6 +72,14 @@ class SweepLayout:
     @property
     def claims_lock(self) -> Path:
         return self.root / ".claims.lock"
+
+    @property
+    def search(self) -> Path:
+        return self.root / "search.jsonl"
+
+    @property
+    def search_history(self) -> Path:
+        return self.root / "search_history.png"
 
     @property
     def trials(self) -> Path:

@@ -61,7 +61,13 @@ def _high_entropy(token: str) -> bool:
 
 
 def _env_secrets(environ: Mapping[str, str]) -> list[str]:
-    return [v for k, v in environ.items() if is_secret_name(k) and len(v) >= 6]
+    while True:
+        try:  # another thread may set or unset a variable meanwhile (MLflow's telemetry does)
+            items = list(environ.items())
+            break
+        except (KeyError, RuntimeError):
+            continue
+    return [v for k, v in items if is_secret_name(k) and len(v) >= 6]
 
 
 def redact_text(text: str, environ: Mapping[str, str] = os.environ) -> str:

@@ -46,6 +46,23 @@ class RandomSearch:
 
 
 @dataclass
+class Search:
+    """Model-based search: each of `trials` slots is given its values when a job starts it, by
+    an Optuna sampler told every result recorded before (submit/search.py)."""
+
+    trials: int = bounded(dataclasses.MISSING, ge=1, le=100_000)
+    """Trials to run, each asked for when it starts."""
+    sampler: Literal["tpe", "gp", "cmaes", "qmc", "random"] = "tpe"
+    """Optuna's sampler: tpe (constant liar for trials still running), gp, cmaes, qmc, random."""
+    seed: int = bounded(0, ge=0, lt=2**32)
+    """Seed of the sampler: the same seed and the same results give the same values."""
+    params: dict = field(default_factory=dict)
+    """Dotted training-config key -> {distribution, low, high | values}, as random.params."""
+    warm_start: Optional[str] = None
+    """Another sweep's directory: its finished trials over the same keys are told first."""
+
+
+@dataclass
 class Variant:
     name: str
     """Shown in tables and MLflow."""
@@ -132,6 +149,9 @@ class SweepSpec:
     """Named override sets, each crossed with the grid."""
     random: Optional[RandomSearch] = None
     """Random search over distributions, sampled here, at plan time."""
+    search: Optional[Search] = None
+    """Model-based search: values asked of a sampler when each trial starts (not with grid,
+    variants or random)."""
     resources: Resources = field(default_factory=Resources)
     select: Select = field(default_factory=Select)
     tracking: Tracking = field(default_factory=Tracking)
@@ -150,6 +170,8 @@ class SweepSpec:
         """Variants x grid points x random samples, computed without building any of them."""
         points = math.prod(len(v) for v in self.grid.values() if isinstance(v, list))
         samples = self.random.num_samples if self.random and self.random.params else 1
+        if self.search is not None:
+            return self.search.trials
         return max(1, len(self.variants)) * points * samples
 
 
@@ -165,14 +187,16 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepSpec, 
     spec.grid = _flatten_keys(spec.grid)
     for variant in spec.variants:
         variant.set = _flatten_keys(variant.set)
-    if spec.random is not None:
-        flat = _flatten_keys(spec.random.params, leaf=lambda v: not isinstance(v, dict) or "distribution" in v)
-        spec.random.params = {}
+    for section, searched in (("random", spec.random), ("search", spec.search)):
+        if searched is None:
+            continue
+        flat = _flatten_keys(searched.params, leaf=lambda v: not isinstance(v, dict) or "distribution" in v)
+        searched.params = {}
         for key, value in flat.items():
             if not isinstance(value, dict):
-                errors.append(f"random.params.{key}: expected a mapping with a distribution, got {value!r}")
+                errors.append(f"{section}.params.{key}: expected a mapping with a distribution, got {value!r}")
                 continue
-            spec.random.params[key] = build(Distribution, value, f"random.params.{key}", errors)
+            searched.params[key] = build(Distribution, value, f"{section}.params.{key}", errors)
     base = _read_base(path, spec, errors)
     _check_spec(spec, errors)
     if errors:
@@ -252,6 +276,8 @@ def _check_spec(spec: SweepSpec, errors: list[str]) -> None:
     keyed += [(f"variants[{i}].set", v.set) for i, v in enumerate(spec.variants)]
     if spec.random:
         keyed.append(("random.params", spec.random.params))
+    if spec.search:
+        keyed.append(("search.params", spec.search.params))
     for section, mapping in keyed:
         for key in mapping:
             problem = _check_key(key)
@@ -264,7 +290,9 @@ def _check_spec(spec: SweepSpec, errors: list[str]) -> None:
         if has_control_characters(name):
             errors.append(f"variants[{i}].name: expected a name without control characters, got {name!r}")
     if spec.random:
-        _check_distributions(spec.random, errors)
+        _check_distributions("random", spec.random.params, errors)
+    if spec.search:
+        _check_search(spec, errors)
     for key in spec.resources.extra_sbatch:
         if (problem := sbatch_options.problem(key)) is not None:
             errors.append(f"resources.extra_sbatch.{key}: {problem}")
@@ -278,11 +306,22 @@ def _check_spec(spec: SweepSpec, errors: list[str]) -> None:
                       f"(raise max_trials to allow it)")
 
 
-def _check_distributions(random: RandomSearch, errors: list[str]) -> None:
-    for key, dist in random.params.items():
+def _check_search(spec: SweepSpec, errors: list[str]) -> None:
+    """A model-based search chooses every trial's values itself: nothing else may multiply them."""
+    for key, given in (("grid", spec.grid), ("variants", spec.variants), ("random", spec.random)):
+        if given:
+            errors.append(f"search: cannot be combined with {key} (the sampler chooses each trial's values; "
+                          f"fixed values go under set, searched ones under search.params)")
+    if not spec.search.params:
+        errors.append("search.params: give at least one key to search over")
+    _check_distributions("search", spec.search.params, errors)
+
+
+def _check_distributions(section: str, params: dict, errors: list[str]) -> None:
+    for key, dist in params.items():
         if dist is None:
             continue
-        where = f"random.params.{key}"
+        where = f"{section}.params.{key}"
         if dist.distribution == "choice":
             if not dist.values:
                 errors.append(f"{where}.values: choice needs a non-empty list of values")

@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import math
+import dataclasses
 import random as _random
 from dataclasses import dataclass
 from typing import Optional
@@ -37,6 +38,9 @@ class Trial:
     config: dict
     """The resolved training config, output.dir pointing at the trial's directory. Trials share
     the sections they do not change: read-only."""
+    slot: Optional[int] = None
+    """A model-based search's slot: its searched values are asked for when a job starts it
+    (submit/search.py); `config` holds everything else."""
 
 
 # ---------------------------------------------------------------- planning (pure)
@@ -68,6 +72,8 @@ def varied_keys(spec: SweepSpec) -> list[str]:
     keys = set(spec.grid) | {k for v in spec.variants for k in v.set}
     if spec.random:
         keys |= set(spec.random.params)
+    if spec.search:
+        keys |= set(spec.search.params)
     return sorted(keys)
 
 
@@ -98,11 +104,13 @@ def plan(spec: SweepSpec, base: dict, source: str = "sweep", micro_batches: dict
     trial_errors: list[tuple[str, str]] = []  # (trial label, problem)
     trials: dict[str, Trial] = {}
     layout = SweepLayout.of(spec.runs_dir, spec.name)
-    varied = set(grid_keys) | {k for v in spec.variants for k in v.set} | set(spec.random.params if spec.random else ())
+    trials_dir = str(layout.trials) + "/"
+    varied = set(varied_keys(spec))
     extra = {"training.micro_batch_size", "training.gradient_accumulation_steps", "asha"}
     resolver = Resolver(base, varied | extra)
+    if spec.search is not None:
+        return _slots(spec, resolver, trials_dir, source)
     checked: dict[tuple, list[str]] = {}
-    trials_dir = str(layout.trials) + "/"
     for variant in variants:  # a key set by two of variant, grid and sampler: the same for all their trials
         seen: dict[str, str] = {}
         for where, keys in [("variant " + variant.name, variant.set) if variant else ("", {}), ("grid", grid_keys),
@@ -148,6 +156,45 @@ def plan(spec: SweepSpec, base: dict, source: str = "sweep", micro_batches: dict
     if spec.asha is not None and spec.asha.start == "shuffled":  # why: plan/asha.py
         return sorted(trials.values(), key=lambda t: t.id)
     return list(trials.values())
+
+
+def _slots(spec: SweepSpec, resolver: Resolver, trials_dir: str, source: str) -> list[Trial]:
+    """A model-based search's trials: `search.trials` slots, each the base config with the
+    sweep's `set`, given its searched values when a job starts it. Each searched key is tried
+    here at the ends of its range (every value of a choice), so a value the config cannot take
+    is found before anything is spent."""
+    overrides = dict(spec.set)
+    try:
+        resolved, tid = resolver.resolve(overrides)
+        asha = {"asha": successive_halving(spec, resolved["training"]["max_steps"], resolved["evaluation"])} \
+            if spec.asha else {}
+        problems = _sweep_problems(spec, source, resolved["model"]["task"], resolved["evaluation"]["every_steps"],
+                                   tuple(asha["asha"]["rungs"]) if asha else None)
+        if problems:
+            raise ConfigError(problems)
+        resolved, tid = resolver.resolve({**overrides, **asha})
+    except ConfigError as err:
+        raise ConfigError([e if e.startswith(source) else f"{source}: {e}" for e in err.errors]) from None
+    errors = []
+    for key, d in spec.search.params.items():
+        ends = d.values if d.distribution == "choice" else [int(d.low), int(d.high)] if d.distribution == "randint" \
+            else [d.low, d.high]
+        for value in ends:
+            try:
+                resolver.resolve({**overrides, **asha, key: value})
+            except ConfigError as err:
+                errors.append(f"{source}: search.params.{key}: at {value!r}: {err.errors[0]}")
+                break
+    if errors:
+        raise ConfigError(errors)
+    space = {"base": tid, "sampler": spec.search.sampler, "seed": spec.search.seed,
+             "params": {k: dataclasses.asdict(d) for k, d in spec.search.params.items()}}
+    slots = []
+    for k in range(spec.search.trials):
+        sid = hashlib.sha256(json.dumps({**space, "slot": k}, sort_keys=True).encode()).hexdigest()[:10]
+        config = {**resolved, "name": f"{spec.name}-{sid}", "output": {**resolved["output"], "dir": trials_dir + sid}}
+        slots.append(Trial(sid, f"slot {k}", overrides, config, slot=k))
+    return slots
 
 
 def _by_problem(source: str, trial_errors: list[tuple[str, str]]) -> list[str]:

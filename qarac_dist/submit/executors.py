@@ -27,6 +27,8 @@ class Executor(Protocol):
     """What each job gets."""
     max_requeues: int
     """How often a trial's job may be requeued (the sweep's max_requeues)."""
+    steps: bool
+    """Jobs run trials as steps (submit/pack.py): packed, or a model-based search."""
 
     def submit(self, calls: list[Callable[[], Any]]) -> list[submitit.Job]:
         """One job per call (SLURM: job arrays); the jobs in the calls' order."""
@@ -87,15 +89,15 @@ class SlurmArrays:
 
     kind = "slurm"
 
-    def __init__(self, folder: Path, resources: Resources, name: str, max_requeues: int):
+    def __init__(self, folder: Path, resources: Resources, name: str, max_requeues: int, steps: bool = False):
         self.folder = sbatch.job_folder(folder)
-        self.resources, self.name, self.max_requeues = resources, name, max_requeues
+        self.resources, self.name, self.max_requeues, self.steps = resources, name, max_requeues, steps
 
     def submit(self, calls: list[Callable[[], Any]]) -> list[submitit.Job]:
         # Our own requeue budget (train/run.py) binds first and fails the trial with a reason;
         # submitit's count of timed-out interruptions is set one higher so it never does.
         executor = submitit.SlurmExecutor(folder=self.folder, max_num_timeout=self.max_requeues + 1)
-        executor.update_parameters(**sbatch.executor_parameters(self.resources, self.name))
+        executor.update_parameters(**sbatch.executor_parameters(self.resources, self.name, self.steps))
         jobs: list[submitit.Job] = []
         for chunk in sbatch.arrays(len(calls), cluster.max_array_size()):
             with executor.batch():
@@ -118,14 +120,15 @@ class LocalProcesses:
 
     kind = "local"
 
-    def __init__(self, folder: Path, resources: Resources, max_requeues: int):
+    def __init__(self, folder: Path, resources: Resources, max_requeues: int, steps: bool = False):
         self.folder, self.resources, self.max_requeues = Path(folder).resolve(), resources, max_requeues
+        self.steps = steps
         self.jobs: dict[str, submitit.local.local.LocalJob] = {}
 
     def submit(self, calls: list[Callable[[], Any]]) -> list[submitit.Job]:
         executor = submitit.LocalExecutor(folder=self.folder, max_num_timeout=self.max_requeues + 1)
-        # A packed job is one process, its runner, which starts each trial's ranks itself.
-        packed = self.resources.pack > 1
+        # A job of steps is one process, its runner, which starts each trial's ranks itself.
+        packed = self.steps
         executor.update_parameters(timeout_min=self.resources.time_min,
                                    tasks_per_node=1 if packed else self.resources.tasks_per_node,
                                    gpus_per_node=0 if packed else self.resources.gpus_per_node)
@@ -206,8 +209,10 @@ def resolve_kind(spec: SweepSpec, source: str) -> str:
     return spec.executor
 
 
-def make_executor(kind: str, folder: Path, resources: Resources, name: str, max_requeues: int) -> Executor:
-    """The executor of this kind, its jobs' files under `folder`."""
+def make_executor(kind: str, folder: Path, resources: Resources, name: str, max_requeues: int,
+                  steps: bool = False) -> Executor:
+    """The executor of this kind, its jobs' files under `folder`; `steps`: its jobs run trials
+    as steps (submit/pack.py)."""
     if kind == "slurm":
-        return SlurmArrays(folder, resources, name, max_requeues)
-    return LocalProcesses(folder, resources, max_requeues)
+        return SlurmArrays(folder, resources, name, max_requeues, steps)
+    return LocalProcesses(folder, resources, max_requeues, steps)

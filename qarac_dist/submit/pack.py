@@ -37,12 +37,15 @@ from typing import Optional
 import submitit
 
 from ..base.layout import SweepLayout
-from ..config.sweep import Resources
+from ..config import ConfigError
+from ..config.sweep import Resources, Search
+from ..track import search_record
 from ..track.trial_dir import TrialDir, TrialState
-from . import claims, sbatch
+from . import claims, sbatch, search
 from .cluster import ACTIVE
 from .executors import make_executor
 from .step import TRIAL_ENV
+from .sweep_dir import resolve_state
 
 POLL_S = 1.0
 
@@ -55,6 +58,8 @@ class Entry:
     attempt: int
     config: dict
     context: dict
+    slot: Optional[int] = None
+    """A model-based search's slot: its values are asked for when it starts (submit/search.py)."""
 
     @property
     def trial_dir(self) -> TrialDir:
@@ -84,6 +89,7 @@ class PackJob:
     resources: Resources
     entries: list[Entry]
     max_requeues: int
+    search: Optional[Search] = None
 
     def __call__(self) -> dict:
         return _Runner(self).run()
@@ -148,9 +154,18 @@ class _Runner:
     def start(self, entry: Entry) -> None:
         slot = min(set(range(self.r.pack)) - {s.slot for s in self.steps.values()})
         self.num_started += 1
-        payload = {"config": entry.config, "context": entry.context, "max_requeues": self.job.max_requeues,
-                   "cpus_per_task": self.r.cpus_per_task}
+        config, context = entry.config, entry.context
         status, latest = entry.trial_dir.status_of(entry.attempt), entry.trial_dir.status()
+        if entry.slot is not None:
+            try:
+                config, context = search.start(self.layout, self.job.search, entry.slot, entry.id, config, context)
+            except ConfigError as err:
+                error = search.refused(entry.trial_dir, entry.attempt, err)
+                self.end(entry, "FAILED", TrialState.FAILED)
+                print(f"qarac_dist: job {self.job_id}: trial {entry.id} failed: {error}", flush=True)
+                return
+        payload = {"config": config, "context": context, "max_requeues": self.job.max_requeues,
+                   "cpus_per_task": self.r.cpus_per_task}
         if self.job.kind == "slurm":
             processes = [subprocess.Popen(srun_command(self.r), env={**os.environ, TRIAL_ENV: json.dumps(payload)})]
         else:
@@ -181,9 +196,17 @@ class _Runner:
                 continue
             outcome = verdict.value if verdict in (TrialState.COMPLETED, TrialState.PRUNED, TrialState.FAILED,
                                                    TrialState.CANCELLED) else f"exit {max(codes)}"
-            claims.end(self.layout, self.job_id, tid, step.entry.attempt, outcome)
-            self.ended.append(tid)
+            self.end(step.entry, outcome, verdict)
             print(f"qarac_dist: job {self.job_id}: trial {tid} ended: {outcome}", flush=True)
+
+    def end(self, entry: Entry, outcome: str, verdict: Optional[TrialState]) -> None:
+        """The trial's step is over: its result told to the search first (the next ask sees it),
+        then its claim ended."""
+        if entry.slot is not None:
+            search.tell(self.layout, entry.slot, entry.trial_dir, verdict, entry.context["select_metric"],
+                        entry.context["select_mode"])
+        claims.end(self.layout, self.job_id, entry.id, entry.attempt, outcome)
+        self.ended.append(entry.id)
 
     def note_checkpoint(self, step: Step) -> None:
         status = step.entry.trial_dir.status()
@@ -225,11 +248,11 @@ def _free_port() -> int:
 
 
 def packed_jobs(layout: SweepLayout, executor_kind: str, resources: Resources, max_requeues: int,
-                entries: list[Entry]) -> list[PackJob]:
-    """The runners of one packed submission: ceil(max_parallel / pack) jobs (fewer for fewer
-    trials), each with every entry in the order to start them."""
-    job = PackJob(str(layout.root.resolve()), executor_kind, resources, entries, max_requeues)
-    return [job] * sbatch.num_jobs(resources, len(entries))
+                entries: list[Entry], search_spec: Optional[Search]) -> list[PackJob]:
+    """The runners of one submission: ceil(max_parallel / pack) jobs (fewer for fewer trials),
+    each with every entry in the order to start them."""
+    job = PackJob(str(layout.root.resolve()), executor_kind, resources, entries, max_requeues, search_spec)
+    return [job] * sbatch.num_jobs(resources, len(entries), steps=True)
 
 
 def follow_claims(records: list, layout: SweepLayout) -> set[str]:
@@ -239,6 +262,12 @@ def follow_claims(records: list, layout: SweepLayout) -> set[str]:
     if not packed:
         return set()
     found = claims.read(layout)
+    if any(r.slot is not None for r in packed):  # a search's slots: what each was given when it started
+        asked = {a.slot: a for a in search_record.read(layout).asks}
+        for r in packed:
+            if r.slot in asked:
+                r.label, r.mlflow_run_id = search.label(r.slot, asked[r.slot].params), asked[r.slot].run_id
+                r.overrides = {**r.overrides, **asked[r.slot].params}
     ended = set()
     for r in packed:
         claim = found.get(r.id)
@@ -255,9 +284,16 @@ def follow_claims(records: list, layout: SweepLayout) -> set[str]:
     return ended
 
 
-def waiting_state(record, scheduler: dict[str, str]) -> str:
-    """A packed trial no job has started: PENDING while one of its jobs may still start it,
-    else LOST (submitted again by the next run of the sweep)."""
-    if record.state == "CANCELLED":
+def state_of(record, ended: set[str], scheduler: dict[str, str]) -> str:
+    """A trial run as a step: as its job and its own files say (resolve_state), except that a
+    trial no job has started, or whose job is gone without ending it, is PENDING while one of
+    the jobs submitted with it may still start it or take it over; else LOST (submitted again by
+    the next run of the sweep). A trial whose step ended has no job left, whatever its job does
+    next."""
+    if record.job_id is None and record.state == "CANCELLED":
         return "CANCELLED"
-    return "PENDING" if any(scheduler.get(job) in ACTIVE for job in record.pack_jobs) else "LOST"
+    state = resolve_state(record, None if record.id in ended or record.job_id is None else scheduler.get(record.job_id))
+    if state in ("QUEUED", "LOST", "PREEMPTED") and record.id not in ended and \
+            any(scheduler.get(job) in ACTIVE for job in record.pack_jobs):
+        return "PENDING"
+    return "LOST" if state == "QUEUED" else state

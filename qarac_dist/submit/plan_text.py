@@ -14,11 +14,17 @@ from . import cluster, sbatch
 from .sweep_dir import layout_for
 
 
+def steps(spec: SweepSpec) -> bool:
+    """Jobs run trials as steps (submit/pack.py): packed, or a model-based search."""
+    return spec.resources.pack > 1 or spec.search is not None
+
+
 def gpu_hours(spec: SweepSpec, num_trials: int) -> float:
-    """GPU-hours at most: each trial's job for its whole time limit; packed, each allocation's."""
+    """GPU-hours at most: each trial's job for its whole time limit; where jobs run trials as
+    steps, each allocation's."""
     r = spec.resources
     job = sbatch.job_resources(r)
-    return sbatch.num_jobs(r, num_trials) * job.nodes * job.gpus_per_node * r.time_min / 60
+    return sbatch.num_jobs(r, num_trials, steps(spec)) * job.nodes * job.gpus_per_node * r.time_min / 60
 
 
 def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, shown: int = 50) -> None:
@@ -35,25 +41,39 @@ def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, shown: int = 50)
     print(f"resources per trial: {r.nodes} node(s) x {r.tasks_per_node} task(s), {r.gpus_per_node} GPU(s)/node, "
           f"{r.cpus_per_task} CPU(s)/task, mem {r.mem_gb or 'default'} GB, {r.time_min} min; "
           f"at most {r.max_parallel} at once")
-    if r.pack > 1:
+    if spec.search is not None:
+        print_search(spec)
+    if steps(spec):
         job = sbatch.job_resources(r)
-        print(f"packed: {r.pack} trials per job, each an srun step on its share; {sbatch.num_jobs(r, len(trials))} "
-              f"job(s) of {job.nodes} node(s) x {job.tasks_per_node} task(s), {job.gpus_per_node} GPU(s)/node, "
-              f"{r.time_min} min each, starting the next waiting trial as one ends")
-    print(f"requested GPU-hours: {gpu_hours(spec, len(trials)):.1f}" + (" (the allocations)" if r.pack > 1 else ""))
+        print(f"packed: {r.pack} trial(s) per job, each an srun step on its share; "
+              f"{sbatch.num_jobs(r, len(trials), True)} job(s) of {job.nodes} node(s) x {job.tasks_per_node} task(s), "
+              f"{job.gpus_per_node} GPU(s)/node, {r.time_min} min each, starting the next waiting trial as one ends")
+    print(f"requested GPU-hours: {gpu_hours(spec, len(trials)):.1f}" + (" at most (the allocations)" if steps(spec)
+                                                                         else ""))
     if spec.asha is not None and trials:
         print_rungs(spec, trials)
     if kind == "slurm" or spec.executor != "local":
         size = cluster.max_array_size() if cluster.available() else 1001
         folder = sbatch.job_folder(layout_for(spec).submitit)
-        if r.pack > 1:
-            print(f"\n# sbatch script of the packed jobs ({len(trials)} trials)")
+        if steps(spec):
+            print(f"\n# sbatch script of the jobs that run the {len(trials)} trials as steps")
             print(sbatch.sbatch_text(r, sbatch.job_name(spec.name), folder, sys.executable,
-                                     sbatch.num_jobs(r, len(trials))))
+                                     sbatch.num_jobs(r, len(trials), True), True))
             return
         for array in sbatch.arrays(len(trials), size):
             print(f"\n# sbatch script of the array with trials {array.start}..{array.stop - 1}")
             print(sbatch.sbatch_text(spec.resources, sbatch.job_name(spec.name), folder, sys.executable, len(array)))
+
+
+def print_search(spec: SweepSpec) -> None:
+    search = spec.search
+    print(f"model-based search: Optuna's {search.sampler} sampler (seed {search.seed}), {search.trials} trials, "
+          f"each given its values when a job starts it, from every result recorded before")
+    for key, d in search.params.items():
+        where = f"one of {d.values}" if d.distribution == "choice" else f"[{d.low}, {d.high}]"
+        print(f"  {key}: {d.distribution} {where}")
+    if search.warm_start:
+        print(f"  told first: the finished trials of {search.warm_start}")
 
 
 def print_rungs(spec: SweepSpec, trials: list[Trial]) -> None:

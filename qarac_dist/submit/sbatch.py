@@ -50,18 +50,19 @@ def job_resources(resources: Resources) -> Resources:
                                mem_gb=resources.mem_gb * k if resources.mem_gb is not None else None)
 
 
-def num_jobs(resources: Resources, num_trials: int) -> int:
-    """Jobs a submission of `num_trials` trials makes: one per trial, or with `pack` K,
-    ceil(max_parallel / K) packed jobs (fewer when there are fewer trials to fill them)."""
-    if resources.pack == 1:
+def num_jobs(resources: Resources, num_trials: int, steps: bool = False) -> int:
+    """Jobs a submission of `num_trials` trials makes: one per trial, or where trials run as
+    steps (`pack` K > 1, or a model-based search: `steps`), ceil(max_parallel / K) jobs (fewer
+    when there are fewer trials to fill them)."""
+    if resources.pack == 1 and not steps:
         return num_trials
     return min(math.ceil(resources.max_parallel / resources.pack), math.ceil(num_trials / resources.pack))
 
 
-def executor_parameters(resources: Resources, name: str) -> dict:
-    """submitit SlurmExecutor parameters for these resources. A packed job's script runs its
-    runner (submit/pack.py) directly, not under srun: the runner starts each trial as a step."""
-    packed = resources.pack > 1
+def executor_parameters(resources: Resources, name: str, steps: bool = False) -> dict:
+    """submitit SlurmExecutor parameters for these resources. Where trials run as steps (packed,
+    or `steps`), the job's script runs its runner (submit/pack.py) directly, not under srun."""
+    packed = resources.pack > 1 or steps
     resources = job_resources(resources)
     params = {
         "job_name": name,
@@ -93,10 +94,11 @@ def arrays(num_trials: int, max_array_size: int) -> list[range]:
     return [range(start, min(start + max_array_size, num_trials)) for start in range(0, num_trials, max_array_size)]
 
 
-def sbatch_text(resources: Resources, name: str, folder: Path, python: str, num_array_tasks: int) -> str:
+def sbatch_text(resources: Resources, name: str, folder: Path, python: str, num_array_tasks: int,
+                steps: bool = False) -> str:
     """The sbatch script of one array of `num_array_tasks` jobs (a single job for one)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     command = f"{shlex.quote(python)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
     return _make_sbatch_string(command=command, folder=folder, map_count=num_array_tasks if num_array_tasks > 1 else None,
-                               **executor_parameters(resources, name))
+                               **executor_parameters(resources, name, steps))

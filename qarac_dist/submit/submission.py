@@ -20,7 +20,7 @@ from ..base.layout import SweepLayout
 from ..base.secrets import redact_text
 from ..config import UserError
 from ..config.schema import to_dict
-from ..config.sweep import Resources, SweepSpec
+from ..config.sweep import Resources, Search, SweepSpec
 from ..plan import Trial, select_defaults, varied_keys
 from ..track.job_context import JobContext
 from ..track.trial_dir import TrialState
@@ -44,7 +44,7 @@ class Submission:
         self.command, self.wait, self.preflight = command, wait, preflight
         self.layout = layout_for(spec)
         self.executor = make_executor(kind, self.layout.submitit, spec.resources, sbatch.job_name(spec.name),
-                                      spec.max_requeues)
+                                      spec.max_requeues, steps=spec.resources.pack > 1 or spec.search is not None)
         self.lock = SweepLock(self.layout.root)
         self.submitted = False
         self.preflight_text = None
@@ -58,7 +58,7 @@ class Submission:
     def started_here(self) -> bool:
         """This process starts the trials as slots free up (local, one trial per job); else they are
         submitted at once, and the scheduler, or a packed job's runner, starts them."""
-        return self.local and self.spec.resources.pack == 1
+        return self.local and not self.executor.steps
 
     def run(self) -> int:
         created = _first_missing(self.layout.root)
@@ -185,7 +185,8 @@ class Submission:
         for trial in self.trials:
             if trial.id not in manifest.trials:
                 manifest.trials[trial.id] = TrialRecord(trial.id, trial.label, trial.overrides, trial.config,
-                                                        trial.config["output"]["dir"], self.executor.kind)
+                                                        trial.config["output"]["dir"], self.executor.kind,
+                                                        slot=trial.slot)
         refresh(manifest, self.executor, self.layout)
         planned = {t.id for t in self.trials}
         return [r for r in manifest.trials.values() if r.id in planned and r.state in RESUBMIT]
@@ -193,7 +194,8 @@ class Submission:
     def check(self, todo: list[TrialRecord]) -> int:
         """sbatch --test-only and preflight: 0 when the trials may be submitted."""
         if self.executor.kind == "slurm" and todo:
-            refusal = cluster.test_submission(self.sbatch_text(sbatch.num_jobs(self.spec.resources, len(todo))))
+            refusal = cluster.test_submission(self.sbatch_text(sbatch.num_jobs(self.spec.resources, len(todo),
+                                                                               self.executor.steps)))
             if refusal:
                 raise UserError(f"{self.source}: resources: sbatch refused the job: {refusal}")
         if todo and self.preflight is not None:
@@ -206,7 +208,7 @@ class Submission:
 
     def sbatch_text(self, num_jobs: int) -> str:
         return sbatch.sbatch_text(self.spec.resources, sbatch.job_name(self.spec.name),
-                                  sbatch.job_folder(self.layout.submitit), sys.executable, num_jobs)
+                                  sbatch.job_folder(self.layout.submitit), sys.executable, num_jobs, self.executor.steps)
 
     def submit(self, manifest: Manifest, todo: list[TrialRecord]) -> None:
         """Write the sweep's files, make the MLflow runs, and submit `todo` (the local executor
@@ -214,13 +216,13 @@ class Submission:
         self.layout.root.mkdir(parents=True, exist_ok=True)
         write_sweep_file(self.layout.root, to_dict(self.spec), self.base, str(self.source), self.trials)
         manifest.save(self.layout.root)
-        tracking.ensure_runs(manifest, todo, varied_keys(self.spec))
+        tracking.ensure_runs(manifest, [r for r in todo if r.slot is None], varied_keys(self.spec))
         manifest.save(self.layout.root)
         if self.preflight_text is not None:
             tracking.log_preflight(manifest, self.preflight_text)
         if todo and not self.started_here:
             self.submitted = True
-            submit_records(manifest, self.layout, self.executor, todo)
+            submit_records(manifest, self.layout, self.executor, todo, self.spec.search)
 
     def report(self, manifest: Manifest, todo: list[TrialRecord]) -> None:
         print(f"sweep {self.spec.name}: {len(self.trials)} trials, {len(todo)} to run, "
@@ -230,7 +232,7 @@ class Submission:
         arrays: dict[str, int] = {}
         for job in sorted({job for r in todo for job in r.jobs}):
             arrays[job.split("_")[0]] = arrays.get(job.split("_")[0], 0) + 1
-        what = f"packed job(s) of {self.spec.resources.pack} trials at once" if self.spec.resources.pack > 1 else "trial(s)"
+        what = f"job(s) of {self.spec.resources.pack} trial(s) at once" if self.executor.steps else "trial(s)"
         for job, count in arrays.items():
             print(f"submitted: SLURM job {job}, an array of {count} {what}" if count > 1 else
                   f"submitted: SLURM job {job}")
@@ -285,19 +287,17 @@ def refresh(manifest: Manifest, executor: Executor, layout: SweepLayout) -> None
     for r in records:
         if cancelled.get(r.id) == r.attempt and r.state != "QUEUED":
             r.state = "CANCELLED"
-        if r.pack_jobs and r.job_id is None:
-            r.state = pack.waiting_state(r, scheduler)
-        else:  # a packed trial whose step ended has no job left, whatever its job does next
-            r.state = resolve_state(r, None if r.id in ended else scheduler.get(r.job_id))
+        r.state = pack.state_of(r, ended, scheduler) if r.pack_jobs else resolve_state(r, scheduler.get(r.job_id))
         if r.state in FAILED:
             r.error = own_error(r) or r.error
 
 
-def submit_records(manifest: Manifest, layout: SweepLayout, executor: Executor, records: list[TrialRecord]) -> None:
+def submit_records(manifest: Manifest, layout: SweepLayout, executor: Executor, records: list[TrialRecord],
+                   search: Optional[Search] = None) -> None:
     """A new attempt for each record: the old one's outcome goes to its history. Packed: the new
     attempts are reserved in the claims first, so no runner of an older submission starts them."""
     resources = executor.resources
-    if resources.pack > 1:  # a trial another packed job took over meanwhile is left to it
+    if executor.steps:  # a trial another job took over meanwhile is left to it
         kept = set(claims.reserve(layout, {r.id: (r.attempt, r.attempt + 1) for r in records}, executor.alive))
         records = [r for r in records if r.id in kept]
     for r in records:
@@ -306,9 +306,11 @@ def submit_records(manifest: Manifest, layout: SweepLayout, executor: Executor, 
         r.attempt += 1
         r.state, r.error, r.job_id, r.step, r.pack_jobs = "PENDING", None, None, None, []
     manifest.save(layout.root)
-    if resources.pack > 1:
-        entries = [pack.Entry(r.id, r.attempt, r.config, job_context(manifest, layout, r).to_dict()) for r in records]
-        jobs = executor.submit(pack.packed_jobs(layout, executor.kind, resources, executor.max_requeues, entries))
+    if executor.steps:
+        entries = [pack.Entry(r.id, r.attempt, r.config, job_context(manifest, layout, r).to_dict(), r.slot)
+                   for r in records]
+        jobs = executor.submit(pack.packed_jobs(layout, executor.kind, resources, executor.max_requeues, entries,
+                                                search))
         for r in records:
             r.pack_jobs = [job.job_id for job in jobs]
     else:

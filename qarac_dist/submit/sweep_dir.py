@@ -70,10 +70,13 @@ class TrialRecord:
     job_ids: list = field(default_factory=list)
     """Every job id this trial ran under, oldest first."""
     pack_jobs: list = field(default_factory=list)
-    """With resources.pack > 1: the packed jobs submitted for this attempt, any of which may
+    """Where trials run as steps (pack > 1, search): the jobs submitted for this attempt, any of which may
     start it (the one that did is `job_id`, from its claim: submit/claims.py)."""
     step: Optional[str] = None
     """The job step that runs it in a packed job (`<array>_<task>.<step>`)."""
+    slot: Optional[int] = None
+    """A model-based search's slot: label, overrides, config and MLflow run come from its ask
+    (track/search_record.py) once a job has started it."""
     history: list[Attempt] = field(default_factory=list)
     """Earlier attempts, oldest first."""
     mlflow_run_id: Optional[str] = None

@@ -84,6 +84,10 @@ def _update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
 
         for path in write(sweep, metric, mode):
             mlflow_client.log_artifact(parent_run_id, str(path))
+    if sweep is not None and sweep.search.exists():
+        from .search_record import write_history
+
+        mlflow_client.log_artifact(parent_run_id, str(write_history(sweep, mode, metric)))
     best = best_of(candidates, mode)
     if best is None:
         return None

@@ -1,0 +1,97 @@
+"""Model-based search in a packed job's runner (submit/pack.py): a slot's values are asked for
+when the runner starts it, from every result recorded before (plan/search.py chooses,
+track/search_record.py keeps the record, under its lock), its MLflow child run is made then
+with those values, and its result is told when its step ends. A requeued or re-run slot
+replays what was recorded: it is never asked twice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from ..base.layout import SweepLayout
+from ..base.secrets import redact_text
+from ..config import ConfigError
+from ..config.sweep import Search
+from ..plan.resolve import Resolver
+from ..plan.search import Told, choose, in_space
+from ..track import search_record
+from ..track.trial_dir import TrialDir, TrialState
+
+
+def label(slot: int, params: dict) -> str:
+    return f"slot {slot}: " + " ".join(f"{k}={_short(v)}" for k, v in params.items())
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def start(layout: SweepLayout, search: Search, slot: int, trial: str, config: dict, context: dict) -> tuple[dict, dict]:
+    """The slot's config and context: its values asked for (or replayed), its MLflow run made.
+    ConfigError when the values do not make a valid config."""
+    mode = context["select_mode"]
+
+    def ask(record: search_record.Record) -> tuple[dict, str, dict, Optional[str]]:
+        previous = record.asks[-1] if record.asks else None
+        choice = choose(search, mode, history(record), previous.sampler if previous else None,
+                        previous.study_attrs if previous else {}, warm_start(search, context["select_metric"]))
+        return choice.params, choice.sampler, choice.study_attrs, _child_run(context, trial, slot, config, choice.params)
+
+    asked = search_record.ask(layout, slot, trial, ask)
+    resolved, _ = Resolver(config, set(asked.params)).resolve(asked.params)
+    resolved.update(name=config["name"], output=config["output"])
+    return resolved, {**context, "run_id": asked.run_id}
+
+
+def history(record: search_record.Record) -> list[Told]:
+    """The sweep's trials in the order they were asked, each with its result or still RUNNING."""
+    told = {t.slot: t for t in record.tells}
+    return [Told(a.params, told[a.slot].state, told[a.slot].value, told[a.slot].intermediate) if a.slot in told
+            else Told(a.params, "RUNNING") for a in record.asks]
+
+
+def warm_start(search: Search, metric: str) -> list[Told]:
+    """The finished trials of the sweep `search.warm_start` names, over the same keys and
+    within this space; nothing when it names none."""
+    if not search.warm_start:
+        return []
+    from pathlib import Path
+
+    old = history(search_record.read(SweepLayout(Path(search.warm_start))))
+    return [t for t in old if t.state != "RUNNING" and in_space(t.params, search)]
+
+
+def _child_run(context: dict, trial: str, slot: int, config: dict, params: dict) -> Optional[str]:
+    if context.get("tracking_uri") is None or context.get("parent_run_id") is None:
+        return None
+    from ..track import sweep_runs
+
+    resolved, _ = Resolver(config, set(params)).resolve(params)
+    tags = {**context.get("tags", {}), "label": label(slot, params), "search.slot": slot}
+    return sweep_runs.create_child(context["tracking_uri"], context["experiment"], context["parent_run_id"],
+                                   f"{trial} {label(slot, params)}", tags, sweep_runs.trial_params(resolved))
+
+
+def tell(layout: SweepLayout, slot: int, trial_dir: TrialDir, verdict: Optional[TrialState], metric: str,
+         mode: str) -> None:
+    """Record how the slot's trial ended: its best value of the select metric over its
+    validations (COMPLETE), the values it reported before a rung stopped it (PRUNED), or FAIL."""
+    curve = {row["step"]: row[f"val_{metric}"] for row in trial_dir.metrics()
+             if f"val_{metric}" in row and isinstance(row[f"val_{metric}"], (int, float))}
+    finite = [v for v in curve.values() if math.isfinite(v)]
+    if verdict == TrialState.COMPLETED and finite:
+        search_record.tell(layout, slot, "COMPLETE", max(finite) if mode == "max" else min(finite), curve)
+    elif verdict == TrialState.PRUNED:
+        search_record.tell(layout, slot, "PRUNED", None, curve)
+    else:
+        search_record.tell(layout, slot, "FAIL", None, curve)
+
+
+def refused(trial_dir: TrialDir, attempt: int, err: ConfigError) -> str:
+    """A slot whose values do not make a valid config fails with one line, as a trial would."""
+    error = redact_text(f"ConfigError: {err.errors[0]}")
+    trial_dir.begin(attempt)
+    trial_dir.update(state=TrialState.FAILED, error=error)
+    return error

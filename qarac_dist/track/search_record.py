@@ -1,0 +1,161 @@
+"""Model-based search's record, `search.jsonl` in the sweep directory (base/layout.py): a line
+per ask (the slot, the values chosen, the sampler's state after it, how many results it was
+told) and a line per result (the slot, how it ended, its value, its values at validations).
+
+Kept as the rung records are (track/rungs.py says why on NFS): each writer locks the file
+(`fcntl.lockf`, exclusive; the kernel releases it when the holder dies, so a killed process
+never blocks the next), reads every line, appends, fsyncs and unlocks. A slot asked once is
+never asked again: a requeued or re-run job finds its line and replays the values. A last line
+cut short by a killed writer is dropped on the next write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..base.errors import UserError
+from ..base.layout import SweepLayout
+from ..base.lock import locked
+
+
+@dataclass(frozen=True)
+class Ask:
+    slot: int
+    trial: str
+    """The trial id the slot runs as."""
+    params: dict
+    sampler: str
+    """The sampler's state after this ask (plan/search.py)."""
+    study_attrs: dict
+    told_before: int
+    """Results recorded when it was asked: it was chosen from all of them."""
+    time: float
+    run_id: Optional[str] = None
+    """The trial's MLflow child run, made when it was asked."""
+
+
+@dataclass(frozen=True)
+class Tell:
+    slot: int
+    state: str
+    """COMPLETE, PRUNED or FAIL (Optuna's names)."""
+    value: Optional[float] = None
+    intermediate: dict = field(default_factory=dict)
+    time: float = 0.0
+
+
+@dataclass
+class Record:
+    asks: list[Ask]
+    tells: list[Tell]
+
+    def asked(self, slot: int) -> Optional[Ask]:
+        return next((a for a in self.asks if a.slot == slot), None)
+
+    def told(self, slot: int) -> Optional[Tell]:
+        return next((t for t in self.tells if t.slot == slot), None)
+
+
+def _parse(text: str, where: str) -> tuple[Record, int]:
+    """The record, and the length of the text that holds whole lines."""
+    record, good = Record([], []), 0
+    for line in text.splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
+        try:
+            d = json.loads(line)
+            if "ask" in d:
+                record.asks.append(Ask(int(d["ask"]), str(d["trial"]), dict(d["params"]), str(d["sampler"]),
+                                       dict(d.get("study_attrs", {})), int(d["told_before"]), float(d["time"]),
+                                       d.get("run_id")))
+            else:
+                record.tells.append(Tell(int(d["tell"]), str(d["state"]), None if d["value"] is None else float(d["value"]),
+                                         {str(k): float(v) for k, v in d.get("intermediate", {}).items()},
+                                         float(d["time"])))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{where}: damaged: a line is not a search record: {line[:100]!r}") from None
+        good += len(line)
+    return record, good
+
+
+def read(sweep: SweepLayout) -> Record:
+    try:
+        text = sweep.search.read_text()
+    except FileNotFoundError:
+        return Record([], [])
+    return _parse(text, str(sweep.search))[0]
+
+
+def _append(f, good: int, line: dict) -> None:
+    if good != f.tell():
+        f.truncate(good)  # a line cut short by a killed writer
+    f.write(json.dumps(line) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def ask(sweep: SweepLayout, slot: int, trial: str,
+        choose: Callable[[Record], tuple[dict, str, dict, Optional[str]]]) -> Ask:
+    """The values of `slot`: those recorded, or chosen now (`choose(record)` -> params, sampler
+    state, study attributes, MLflow run id) from everything recorded, and recorded."""
+    with locked(sweep.search) as f:  # closing the file releases the lock
+        f.seek(0)
+        record, good = _parse(f.read(), str(sweep.search))
+        mine = record.asked(slot)
+        if mine is not None:
+            return mine
+        params, sampler, attrs, run_id = choose(record)
+        mine = Ask(slot, trial, params, sampler, attrs, len(record.tells), time.time(), run_id)
+        line = asdict(mine)
+        line["ask"] = line.pop("slot")
+        _append(f, good, line)
+        return mine
+
+
+def tell(sweep: SweepLayout, slot: int, state: str, value: Optional[float], intermediate: dict) -> None:
+    """Record how `slot` ended (once: a second result for it is ignored)."""
+    with locked(sweep.search) as f:
+        f.seek(0)
+        record, good = _parse(f.read(), str(sweep.search))
+        if record.told(slot) is None:
+            _append(f, good, {"tell": slot, "state": state, "value": value,
+                              "intermediate": {str(k): v for k, v in intermediate.items()}, "time": time.time()})
+
+
+def write_history(sweep: SweepLayout, mode: str, metric: str) -> Path:
+    """The optimization history: each finished trial's value in the order it was asked, and
+    the best so far; returns the plot's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    record = read(sweep)
+    told = {t.slot: t for t in record.tells}
+    points = [(n, told[a.slot].value) for n, a in enumerate(record.asks)
+              if a.slot in told and told[a.slot].state == "COMPLETE" and told[a.slot].value is not None]
+    pick = max if mode == "max" else min
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    if points:
+        numbers, values = zip(*points)
+        best = [pick(values[: i + 1]) for i in range(len(values))]
+        ax.plot(numbers, values, "o", color="tab:blue", label="trial")
+        ax.step(numbers, best, where="post", color="tab:red", label=f"best so far ({mode})")
+    pruned = [n for n, a in enumerate(record.asks) if a.slot in told and told[a.slot].state == "PRUNED"]
+    for n in pruned:
+        ax.axvline(n, color="grey", alpha=0.2)
+    ax.set_xlabel("trial, in the order asked (grey: stopped at a rung)")
+    ax.set_ylabel(f"best validation {metric}")
+    ax.set_title(f"search {sweep.root.name}: {len(points)} completed, {len(pruned)} stopped at a rung")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    tmp = sweep.search_history.with_name(f".{sweep.search_history.name}.{os.getpid()}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, sweep.search_history)
+    return sweep.search_history
