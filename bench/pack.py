@@ -3,10 +3,10 @@
 one run (`--rounds` pairs alternate the order).
 
 For each: the jobs submitted, the wall time of `sweep --wait`, and the slot occupancy: the
-seconds trials ran (each trial's own record: from the start its state.json gives to its last
-write), summed, over the seconds the allocations held trial slots (each job's time in the
-RUNNING state, polled from squeue every 0.5 s, times its trial slots). Also the trials pruned
-and the best trial, to compare the two.
+seconds trials ran, summed, over the seconds the allocations held their trial slots, both as the
+scheduler shows them (squeue, polled every 0.5 s): a trial runs while its job step runs (with
+pack 1, submitit's srun step; packed, the runner's), and a job holds its slots while it is
+RUNNING. Also the trials pruned and the best trial, to compare the two.
 
     python bench/pack.py [--rounds 1]
 
@@ -29,9 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "configs" / "asha_demo.yaml"
 
 
-def running_jobs(name: str) -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-r", "-n", name, "-t", "R", "-o", "%i"], capture_output=True, text=True)
-    return out.stdout.split()
+def running(name: str) -> list[str]:
+    """The running jobs of that name, and their trial steps (not the batch or extern steps)."""
+    jobs = subprocess.run(["squeue", "-h", "-r", "-n", name, "-t", "R", "-o", "%i"], capture_output=True,
+                          text=True).stdout.split()
+    if not jobs:
+        return []
+    steps = subprocess.run(["squeue", "-h", "-s", "-j", ",".join(sorted({j.split("_")[0] for j in jobs})), "-o", "%i"],
+                           capture_output=True, text=True).stdout.split()
+    return jobs + [s for s in steps if s.rpartition(".")[2].isdigit()]
 
 
 def run(pack: int, tmp: Path, round_: int) -> dict:
@@ -52,7 +58,7 @@ def run(pack: int, tmp: Path, round_: int) -> dict:
     def watch():
         while not done.is_set():
             now = time.time()
-            for job in running_jobs(f"qarac-{spec['name']}"):
+            for job in running(f"qarac-{spec['name']}"):
                 held.setdefault(job, [now, now])[1] = now
             time.sleep(0.5)
 
@@ -80,12 +86,9 @@ def summarize(sweep_dir: Path, pack: int, wall: float, held: dict[str, list[floa
     from qarac_dist.submit.sweep_dir import Manifest
 
     manifest = Manifest.load(sweep_dir)
-    ran = 0.0
-    for r in manifest.trials.values():
-        status = r.trial_dir.status_of(r.attempt)
-        ran += r.trial_dir.state_file.stat().st_mtime - status.started
+    ran = sum(end - start for job, (start, end) in held.items() if "." in job)
     jobs = sorted({j for r in manifest.trials.values() for j in r.job_ids})
-    slot_seconds = sum(end - start for start, end in held.values()) * pack
+    slot_seconds = sum(end - start for job, (start, end) in held.items() if "." not in job) * pack
     table, best = rows(manifest)
     return {"pack": pack, "jobs": len(jobs), "wall_s": round(wall, 1), "trial_seconds": round(ran, 1),
             "slot_seconds": round(slot_seconds, 1), "occupancy": round(ran / slot_seconds, 3),

@@ -27,6 +27,8 @@ def _base_with(tmp_path, section: str, values: dict) -> dict:
     return base
 
 
+SEARCH = {"trials": 4, "params": {"optimizer.lr": {"distribution": "loguniform", "low": 1.0e-4, "high": 1.0e-2}}}
+
 LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8))
 
@@ -108,6 +110,26 @@ FILE_CASES = [
     ("random-bad-bounds", lambda t: _sweep_text(t, random={"params": {"optimizer.lr": {
         "distribution": "uniform", "low": 1, "high": 0}}}), (),
      "random.params.optimizer.lr: low (1.0) must be below high (0.0)"),
+    ("search-with-grid", lambda t: _sweep_text(t, grid={"training.seed": [0, 1]}, search=SEARCH), (),
+     "search: cannot be combined with grid"),
+    ("search-with-random", lambda t: _sweep_text(t, random={"params": SEARCH["params"]}, search=SEARCH), (),
+     "search: cannot be combined with random"),
+    ("search-no-params", lambda t: _sweep_text(t, search={**SEARCH, "params": {}}), (),
+     "search.params: give at least one key to search over"),
+    ("search-zero-trials", lambda t: _sweep_text(t, search={**SEARCH, "trials": 0}), (),
+     "search.trials: expected at least 1, got 0"),
+    ("search-no-trials", lambda t: _sweep_text(t, search={"params": SEARCH["params"]}), (), "search.trials: "),
+    ("search-unknown-sampler", lambda t: _sweep_text(t, search={**SEARCH, "sampler": "bohb"}), (),
+     "search.sampler: "),
+    ("search-not-a-key", lambda t: _sweep_text(t, search={**SEARCH, "params": {"optimizer.lrr": {
+        "distribution": "uniform", "low": 0.1, "high": 0.2}}}), (), "search.params.optimizer.lrr: not a key"),
+    ("search-bad-bounds", lambda t: _sweep_text(t, search={**SEARCH, "params": {"optimizer.lr": {
+        "distribution": "loguniform", "low": 0, "high": 1}}}), (), "search.params.optimizer.lr.low: loguniform needs"),
+    ("search-value-the-config-refuses", lambda t: _sweep_text(t, search={**SEARCH, "params": {"optimizer.lr": {
+        "distribution": "uniform", "low": -1, "high": 1}}}), (),
+     "search.params.optimizer.lr: at -1.0: optimizer.lr: expected more than 0"),
+    ("search-over-the-cap", lambda t: _sweep_text(t, search={**SEARCH, "trials": 50}), ("max_trials=20",),
+     "max_trials: the plan has 50 trials"),
     ("over-the-cap", lambda t: _sweep_text(t, grid={"training.seed": list(range(5))}), ("max_trials=4",),
      "max_trials: the plan has 5 trials"),
     # Past libyaml's own nesting limit (1000), as flow and as block nesting: our message still.

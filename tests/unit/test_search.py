@@ -1,0 +1,157 @@
+"""Model-based search: the values asked through our record (real files, the lock, the replayed
+study) are those Optuna's own `study.optimize` asks for, one trial at a time; a slot is asked
+once; slots and their ids are planned from the sweep file."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from qarac_dist.base.layout import SweepLayout
+from qarac_dist.base.lock import lock
+from qarac_dist.config.sweep import Distribution, Search
+from qarac_dist.plan.search import choose, new_sampler
+from qarac_dist.submit.search import history
+from qarac_dist.track import search_record
+
+SPACE = {"optimizer.lr": Distribution("loguniform", 1e-4, 1e-2), "model.config.num_hidden_layers": Distribution(
+    "randint", 1, 4), "training.seed": Distribution("choice", values=[0, 1, 2])}
+
+
+def objective(params: dict) -> float:
+    """A smooth made-up score: best near lr 1e-3 and 2 layers."""
+    return -(math.log10(params["optimizer.lr"]) + 3) ** 2 - 0.1 * (params["model.config.num_hidden_layers"] - 2) ** 2 \
+        + 0.01 * params["training.seed"]
+
+
+def _ask_through_the_record(layout: SweepLayout, search: Search, slot: int) -> dict:
+    def pick(record):
+        previous = record.asks[-1] if record.asks else None
+        c = choose(search, "max", history(record), previous.sampler if previous else None,
+                   previous.study_attrs if previous else {})
+        return c.params, c.sampler, c.study_attrs, None
+
+    return search_record.ask(layout, slot, f"t{slot}", pick).params
+
+
+def _optuna_reference(search: Search, n: int) -> list[dict]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=new_sampler(search.sampler, search.seed))
+    asked = []
+
+    def trial_objective(trial):
+        params = {"optimizer.lr": trial.suggest_float("optimizer.lr", 1e-4, 1e-2, log=True),
+                  "model.config.num_hidden_layers": trial.suggest_int("model.config.num_hidden_layers", 1, 4),
+                  "training.seed": trial.suggest_categorical("training.seed", [0, 1, 2])}
+        asked.append(params)
+        return objective(params)
+
+    study.optimize(trial_objective, n_trials=n)
+    return asked
+
+
+@pytest.mark.parametrize("sampler, n", [("random", 12), ("tpe", 16), ("gp", 13)])
+def test_one_trial_at_a_time_the_sweep_asks_what_optuna_asks(tmp_path, sampler, n):
+    search = Search(trials=n, sampler=sampler, seed=7, params=SPACE)
+    layout = SweepLayout(tmp_path)
+    ours = []
+    for slot in range(n):
+        params = _ask_through_the_record(layout, search, slot)
+        search_record.tell(layout, slot, "COMPLETE", objective(params), {})
+        ours.append(params)
+    assert ours == _optuna_reference(search, n)
+    assert len(set(map(str, ours))) == n
+
+
+def test_a_slot_asked_again_replays_its_values_and_a_second_result_is_ignored(tmp_path):
+    layout, search = SweepLayout(tmp_path), Search(trials=3, sampler="tpe", seed=0, params=SPACE)
+    first = _ask_through_the_record(layout, search, 0)
+    assert _ask_through_the_record(layout, search, 0) == first
+    search_record.tell(layout, 0, "COMPLETE", 1.0, {"10": 0.5})
+    search_record.tell(layout, 0, "FAIL", None, {})
+    record = search_record.read(layout)
+    assert len(record.asks) == 1 and [(t.state, t.value, t.intermediate) for t in record.tells] == \
+        [("COMPLETE", 1.0, {"10": 0.5})]
+
+
+def test_trials_still_running_are_asked_around_and_pruned_ones_are_learned_from(tmp_path):
+    """Two slots asked before any result: TPE's constant liar keeps them apart; a pruned trial
+    (its values at the rungs it reached) is replayed into the study as PRUNED."""
+    layout, search = SweepLayout(tmp_path), Search(trials=4, sampler="random", seed=0, params=SPACE)
+    a, b = _ask_through_the_record(layout, search, 0), _ask_through_the_record(layout, search, 1)
+    assert a != b
+    search_record.tell(layout, 1, "PRUNED", None, {"30": 0.25})
+    told = history(search_record.read(layout))
+    assert [t.state for t in told] == ["RUNNING", "PRUNED"] and told[1].intermediate == {"30": 0.25}
+
+
+def _ask_and_tell(root: str, slot: int, start_at: float) -> None:
+    layout = SweepLayout(Path(root))
+    search = Search(trials=32, sampler="tpe", seed=0, params=SPACE)
+    while time.time() < start_at:
+        pass
+    params = _ask_through_the_record(layout, search, slot % 32)
+    search_record.tell(layout, slot % 32, "COMPLETE", objective(params), {})
+
+
+def test_64_processes_asking_and_telling_at_once_lose_nothing_and_ask_nothing_twice(tmp_path):
+    """Two processes per slot, all at the same moment: one ask line per slot (the second
+    replays it), one result per slot, and each ask was chosen from every result before it."""
+    ctx = multiprocessing.get_context("fork")
+    start_at = time.time() + 2
+    procs = [ctx.Process(target=_ask_and_tell, args=(str(tmp_path), k, start_at)) for k in range(64)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0] * 64
+    layout = SweepLayout(tmp_path)
+    record = search_record.read(layout)
+    assert sorted(a.slot for a in record.asks) == list(range(32))
+    assert sorted(t.slot for t in record.tells) == list(range(32))
+    lines = layout.search.read_text().splitlines()
+    tells_before = 0
+    for line in lines:  # told_before: the results recorded above its line, all of them
+        if '"ask"' in line:
+            assert f'"told_before": {tells_before},' in line
+        else:
+            tells_before += 1
+
+
+def _hold(path: str, ready) -> None:
+    lock(Path(path))
+    ready.set()
+    time.sleep(600)
+
+
+def test_a_process_killed_while_it_holds_the_record_does_not_block_the_next_ask(tmp_path):
+    layout = SweepLayout(tmp_path)
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold, args=(str(layout.search), ready))
+    holder.start()
+    assert ready.wait(60)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(60)
+    assert _ask_through_the_record(layout, Search(trials=1, sampler="random", params=SPACE), 0)
+
+
+def test_a_line_cut_short_by_a_killed_writer_is_dropped_and_a_damaged_one_is_named(tmp_path):
+    layout, search = SweepLayout(tmp_path), Search(trials=2, sampler="random", params=SPACE)
+    _ask_through_the_record(layout, search, 0)
+    with open(layout.search, "a") as f:
+        f.write('{"tell": 0, "state": "COMP')
+    assert len(search_record.read(layout).tells) == 0
+    search_record.tell(layout, 0, "COMPLETE", 0.5, {})
+    assert [t.value for t in search_record.read(layout).tells] == [0.5]
+    layout.search.write_text("not json\n")
+    with pytest.raises(Exception, match="damaged: a line is not a search record"):
+        search_record.read(layout)
