@@ -101,4 +101,7 @@ def in_space(params: dict, search: Search) -> bool:
     space = distributions(search.params)
     if set(params) != set(space):
         return False
-    return all(space[k]._contains(space[k].to_internal_repr(v)) for k, v in params.items())
+    try:
+        return all(space[k]._contains(space[k].to_internal_repr(v)) for k, v in params.items())
+    except (ValueError, TypeError):  # a value of another kind: not this space
+        return False

@@ -70,7 +70,7 @@ def print_search(spec: SweepSpec) -> None:
     print(f"model-based search: Optuna's {search.sampler} sampler (seed {search.seed}), {search.trials} trials, "
           f"each given its values when a job starts it, from every result recorded before")
     for key, d in search.params.items():
-        where = f"one of {d.values}" if d.distribution == "choice" else f"[{d.low}, {d.high}]"
+        where = f"one of {d.values}" if d.distribution == "choice" else f"[{d.low:g}, {d.high:g}]"
         print(f"  {key}: {d.distribution} {where}")
     if search.warm_start:
         print(f"  told first: the finished trials of {search.warm_start}")
@@ -85,6 +85,8 @@ def print_rungs(spec: SweepSpec, trials: list[Trial]) -> None:
           f"{', '.join(map(str, asha['rungs'])) or '(none below max_steps)'}, reduction factor {asha['reduction_factor']}")
     print(f"training steps: at most {most:,} (no trial stopped); about {halving:,} if each rung passes "
           f"1/{asha['reduction_factor']} of the trials reaching it")
+    if spec.search is not None:  # slots start in order; each is asked for when it starts
+        return
     order = "in the order of their ids, a reproducible shuffle" if spec.asha.start == "shuffled" else "in the order listed"
     print(f"trials start {order} (asha.start: {spec.asha.start}); at a rung, a tie on {asha['metric']} goes to the "
           f"lower validation loss")

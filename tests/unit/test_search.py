@@ -155,3 +155,47 @@ def test_a_line_cut_short_by_a_killed_writer_is_dropped_and_a_damaged_one_is_nam
     layout.search.write_text("not json\n")
     with pytest.raises(Exception, match="damaged: a line is not a search record"):
         search_record.read(layout)
+
+
+def _spec(tmp_path, **search):
+    import yaml
+
+    from qarac_dist.config.sweep import load_sweep
+    from support import tiny_config
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "base": tiny_config(tmp_path / "cache", tmp_path / "out"),
+                                    "runs_dir": str(tmp_path / "runs"), "executor": "local", "search": {
+                                        "trials": 3, "params": {"optimizer.lr": {"distribution": "loguniform",
+                                                                                 "low": 1e-4, "high": 1e-2}}, **search}}))
+    return load_sweep(path)
+
+
+def test_a_search_plans_one_trial_per_slot_with_ids_that_follow_the_space(tmp_path):
+    from qarac_dist.plan import plan
+
+    spec, base = _spec(tmp_path)
+    slots = plan(spec, base)
+    assert [t.slot for t in slots] == [0, 1, 2] and len({t.id for t in slots}) == 3
+    assert [t.id for t in plan(*_spec(tmp_path))] == [t.id for t in slots]  # planned again: the same
+    assert not {t.id for t in plan(*_spec(tmp_path, seed=1))} & {t.id for t in slots}  # another search
+    assert all(t.config["output"]["dir"].endswith(f"/trials/{t.id}") for t in slots)
+
+
+def test_warm_start_tells_the_finished_trials_of_another_sweep_within_this_space(tmp_path):
+    from qarac_dist.submit.search import warm_start
+
+    old = SweepLayout(tmp_path / "old")
+    search = Search(trials=3, sampler="random", params=SPACE)
+    for slot, value in ((0, 1.0), (1, None), (2, 2.0)):
+        _ask_through_the_record(old, search, slot)
+        if value is not None:
+            search_record.tell(old, slot, "COMPLETE", value, {})
+    told = warm_start(Search(trials=3, sampler="tpe", params=SPACE, warm_start=str(old.root)), "loss")
+    assert sorted(t.value for t in told) == [1.0, 2.0]  # the running one is left out
+    lowest = min(told, key=lambda t: t.params["optimizer.lr"])
+    narrower = Search(trials=3, sampler="tpe", warm_start=str(old.root), params={
+        **SPACE, "optimizer.lr": Distribution("loguniform", 1e-4, lowest.params["optimizer.lr"] * 1.0001)})
+    assert [t.value for t in warm_start(narrower, "loss")] == [lowest.value]  # the other lies outside
+    assert warm_start(Search(trials=3, params={"optimizer.lr": SPACE["optimizer.lr"]}, warm_start=str(old.root)),
+                      "loss") == []  # other keys: another space

@@ -1,0 +1,223 @@
+"""Model-based search against random search, as a tabular benchmark built from real training.
+
+1. `--train`: a grid of 36 configurations of the generated long-document task (learning rate x
+   depth x micro batch), each trained once by a real local sweep, its validation loss recorded
+   every 5 steps with the seconds per step: bench/results/search_grid.json.
+2. The replay (default): random search, TPE, and TPE with successive halving run over those
+   recorded curves through the real code: each ask goes through the sweep directory's record
+   (track/search_record.py, plan/search.py: real files, the lock, the rebuilt study), each rung
+   arrival through the real rung record and rule (track/rungs.py), 4 trials at once, each
+   trial's arrivals timed by its recorded seconds per step. 20 seeds each. Reported: trials
+   asked and training steps spent until a trial ends within 0.01 of the grid's best validation
+   loss (median, 10th-90th percentile).
+
+    python bench/search.py --train      # about 10 minutes on 2 cores
+    python bench/search.py              # the replay; writes bench/results/search.json
+
+Also measured: the time of one ask with 1,000 finished trials in the record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+GRID_FILE = ROOT / "bench" / "results" / "search_grid.json"
+GRID = {"optimizer.lr": [1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3], "model.config.num_hidden_layers": [1, 2, 3],
+        "training.micro_batch_size": [2, 4, 8]}
+MAX_STEPS, EVERY, WORKERS, SEEDS, WITHIN = 40, 5, 4, 20, 0.01
+
+
+def train(tmp: Path) -> None:
+    import yaml
+
+    spec = {"name": "search_grid", "base": str(ROOT / "configs" / "longformer_synthetic.yaml"), "executor": "local",
+            "runs_dir": str(tmp / "runs"), "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+            "set": {"data.synthetic.num_train": 400, "data.synthetic.num_validation": 96,
+                    "data.synthetic.min_tokens": 256, "data.synthetic.max_tokens": 512,
+                    "data.synthetic.evidence_after": 128, "data.max_length": 512, "training.max_steps": MAX_STEPS,
+                    "training.log_every": 1, "evaluation.every_steps": EVERY, "early_stopping.patience": None,
+                    "scheduler.warmup_steps": 5, "output.export_best": False},
+            "grid": GRID, "select": {"metric": "loss", "mode": "min"},
+            "resources": {"max_parallel": 2, "time_min": 60}, "max_trials": 100}
+    path = tmp / "search_grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    subprocess.run([sys.executable, "-m", "qarac_dist.sweep", str(path), "--no-preflight"], cwd=tmp, check=True,
+                   capture_output=True)
+    from qarac_dist.submit.sweep_dir import Manifest
+
+    configs = []
+    for r in Manifest.load(tmp / "runs" / "search_grid").trials.values():
+        rows = r.trial_dir.metrics()
+        curve = [(row["step"], row["val_loss"]) for row in rows if "val_loss" in row]
+        status = r.trial_dir.status_of(r.attempt)
+        seconds = (r.trial_dir.state_file.stat().st_mtime - status.started) / MAX_STEPS
+        configs.append({"params": {k: r.overrides[k] for k in GRID}, "curve": curve, "seconds_per_step": seconds})
+    GRID_FILE.write_text(json.dumps(configs, indent=1) + "\n")
+
+
+def _key(params: dict) -> str:
+    return json.dumps({k: params[k] for k in sorted(params)}, sort_keys=True)
+
+
+def replay(configs: list[dict], method: str, seed: int, tmp: Path) -> dict:
+    """One search over the recorded curves; trials and steps until one ends within WITHIN of
+    the grid's best."""
+    from qarac_dist.base.layout import SweepLayout
+    from qarac_dist.config.sweep import Distribution, Search
+    from qarac_dist.plan.asha import rung_steps
+    from qarac_dist.plan.search import choose
+    from qarac_dist.submit.search import history
+    from qarac_dist.track import rungs, search_record
+
+    by_key = {_key(c["params"]): c for c in configs}
+    best = min(min(v for _, v in c["curve"]) for c in configs)
+    layout = SweepLayout(tmp / f"{method}-{seed}")
+    sampler = "random" if method == "random" else "tpe"
+    search = Search(trials=1000, sampler=sampler, seed=seed,
+                    params={k: Distribution("choice", values=v) for k, v in GRID.items()})
+    asha = method == "tpe+asha"
+    rung_at = rung_steps(EVERY, 2, MAX_STEPS) if asha else []
+    clock, events, slot, steps, asked = 0.0, [], itertools.count(), 0, 0
+
+    def start(now: float) -> None:
+        nonlocal asked
+        k = next(slot)
+
+        def pick(record):
+            prev = record.asks[-1] if record.asks else None
+            c = choose(search, "min", history(record), prev.sampler if prev else None, prev.study_attrs if prev else {})
+            return c.params, c.sampler, c.study_attrs, None
+
+        params = search_record.ask(layout, k, f"t{k}", pick).params
+        asked += 1
+        config = by_key[_key(params)]
+        curve = dict(config["curve"])
+        stops = [s for s in rung_at if s in curve] + [MAX_STEPS]
+        heapq.heappush(events, (now + stops[0] * config["seconds_per_step"], k, 0, params))
+
+    for _ in range(WORKERS):
+        start(clock)
+    while events:
+        clock, k, index, params = heapq.heappop(events)
+        config = by_key[_key(params)]
+        curve = dict(config["curve"])
+        stops = [s for s in rung_at if s in curve] + [MAX_STEPS]
+        step = stops[index]
+        seen = {str(s): v for s, v in config["curve"] if s <= step}
+        if step < MAX_STEPS:  # a rung: the real record and rule decide
+            arrival = rungs.arrive(layout, index, f"t{k}", (curve[step], curve[step]), step,
+                                   lambda score, recorded: rungs.keeps_going(score, recorded, 2, "min"))
+            if arrival.keeps_going:
+                heapq.heappush(events, (clock + (stops[index + 1] - step) * config["seconds_per_step"], k, index + 1,
+                                        params))
+                continue
+            steps += step
+            search_record.tell(layout, k, "PRUNED", None, seen)
+        else:
+            steps += MAX_STEPS
+            value = min(seen.values())
+            search_record.tell(layout, k, "COMPLETE", value, seen)
+            if value <= best + WITHIN:
+                return {"trials": asked, "steps": steps}
+        if asked < 500:
+            start(clock)
+    return {"trials": asked, "steps": steps}
+
+
+def ask_time(tmp: Path, n: int = 1000) -> float:
+    """Seconds of one TPE ask with `n` finished trials in the record (median of 5)."""
+    import random
+
+    from qarac_dist.base.layout import SweepLayout
+    from qarac_dist.config.sweep import Distribution, Search
+    from qarac_dist.plan.search import choose
+    from qarac_dist.submit.search import history
+    from qarac_dist.track import search_record
+
+    layout = SweepLayout(tmp / "ask-time")
+    search = Search(trials=n + 10, sampler="tpe", seed=0, params={
+        "optimizer.lr": Distribution("loguniform", 1e-4, 1e-2), "model.config.num_hidden_layers": Distribution(
+            "randint", 1, 4), "training.micro_batch_size": Distribution("choice", values=[2, 4, 8])})
+    rng = random.Random(0)
+    first = None
+    lines = []
+    for k in range(n):
+        params = {"optimizer.lr": 10 ** rng.uniform(-4, -2), "model.config.num_hidden_layers": rng.randint(1, 4),
+                  "training.micro_batch_size": rng.choice([2, 4, 8])}
+        if first is None:
+            c = choose(search, "min", [], None, {})
+            first = c
+        lines.append(json.dumps({"trial": f"t{k}", "params": params, "sampler": first.sampler, "study_attrs": {},
+                                 "told_before": k, "time": 0.0, "run_id": None, "ask": k}))
+        lines.append(json.dumps({"tell": k, "state": "COMPLETE", "value": rng.random(), "intermediate": {},
+                                 "time": 0.0}))
+    layout.root.mkdir(parents=True)
+    layout.search.write_text("\n".join(lines) + "\n")
+    times = []
+    for k in range(5):
+        started = time.perf_counter()
+
+        def pick(record):
+            prev = record.asks[-1]
+            c = choose(search, "min", history(record), prev.sampler, prev.study_attrs)
+            return c.params, c.sampler, c.study_attrs, None
+
+        search_record.ask(layout, n + k, f"t{n + k}", pick)
+        times.append(time.perf_counter() - started)
+        search_record.tell(layout, n + k, "COMPLETE", 0.5, {})
+    return statistics.median(times)
+
+
+def _spread(values: list[float]) -> str:
+    q = statistics.quantiles(values, n=10)
+    return f"{statistics.median(values):.0f} ({q[0]:.0f}-{q[-1]:.0f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", action="store_true", help="train the grid and record its curves")
+    parser.add_argument("--seeds", type=int, default=SEEDS)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.train:
+            train(Path(tmp))
+        configs = json.loads(GRID_FILE.read_text())
+        values = sorted(min(v for _, v in c["curve"]) for c in configs)
+        near = sum(v <= values[0] + WITHIN for v in values)
+        results = {"grid": {"configs": len(configs), "best": values[0], "within": near,
+                            "steps": len(configs) * MAX_STEPS}}
+        for method in ("random", "tpe", "tpe+asha"):
+            runs = [replay(configs, method, seed, Path(tmp)) for seed in range(args.seeds)]
+            results[method] = runs
+            print(f"{method}: trials {_spread([r['trials'] for r in runs])}, steps "
+                  f"{_spread([r['steps'] for r in runs])}", file=sys.stderr)
+        results["ask_seconds_1000"] = ask_time(Path(tmp))
+    (ROOT / "bench" / "results" / "search.json").write_text(json.dumps(results, indent=1) + "\n")
+    grid = results["grid"]
+    print(f"grid: {grid['configs']} configurations, best validation loss {grid['best']:.4f}, {grid['within']} within "
+          f"{WITHIN} of it, {grid['steps']} training steps in all\n")
+    print("| search | trials until within 0.01 of the best: median (10th-90th) | training steps: median (10th-90th) |")
+    print("|---|---|---|")
+    for method in ("random", "tpe", "tpe+asha"):
+        runs = results[method]
+        print(f"| {method} | {_spread([r['trials'] for r in runs])} | {_spread([r['steps'] for r in runs])} |")
+    ratio = statistics.median(r["trials"] for r in results["tpe"]) / statistics.median(
+        r["trials"] for r in results["random"])
+    steps = statistics.median(r["steps"] for r in results["tpe+asha"]) / grid["steps"]
+    print(f"\ntpe / random trials (medians): {ratio:.2f} (target <= 0.5); tpe+asha steps / grid steps: {steps:.2f} "
+          f"(target <= 0.25); one ask with 1,000 finished trials: {results['ask_seconds_1000']:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
