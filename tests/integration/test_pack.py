@@ -4,6 +4,7 @@ refilled as they end; preemption, a hard kill, and the local executor's runner."
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -148,3 +149,69 @@ def test_the_local_executor_runs_packed_trials_with_the_same_claims(tmp_path, da
     (runner,) = {c.job for c in found.values()}  # one job: ceil(max_parallel 2 / pack 2)
     assert all(r.state == "COMPLETED" and r.job_ids == [runner] for r in manifest.trials.values())
     assert sorted(r.step for r in manifest.trials.values()) == [f"{runner}.{k}" for k in range(3)]
+
+
+def _search_sweep(tmp_path, name, data_cache, executor, **resources) -> Path:
+    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 4}, evaluation={"every_steps": 2})
+    sweep = {"name": name, "base": base, "runs_dir": str(tmp_path / "runs"), "executor": executor,
+             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+             "search": {"sampler": "tpe", "trials": 4, "seed": 0, "params": {
+                 "optimizer.lr": {"distribution": "loguniform", "low": 1.0e-4, "high": 1.0e-2},
+                 "model.config.num_hidden_layers": {"distribution": "randint", "low": 1, "high": 2}}},
+             "resources": {"time_min": 10, "max_parallel": 2, "pack": 2, **resources}}
+    path = tmp_path / f"{name}.yaml"
+    write_config(path, sweep)
+    return path
+
+
+def _each_slot_ran_once_with_its_recorded_values(tmp_path, name) -> Manifest:
+    from qarac_dist.track import search_record
+
+    layout = SweepLayout(tmp_path / "runs" / name)
+    manifest = _manifest(tmp_path, name)
+    record = search_record.read(layout)
+    assert sorted(a.slot for a in record.asks) == [0, 1, 2, 3]  # each asked once
+    assert sorted(t.slot for t in record.tells) == [0, 1, 2, 3] and {t.state for t in record.tells} == {"COMPLETE"}
+    asked = {a.trial: a for a in record.asks}
+    for tid, r in manifest.trials.items():
+        assert r.state == "COMPLETED", r
+        config = json.loads((r.trial_dir.path / "config.json").read_text())
+        assert config["optimizer"]["lr"] == asked[tid].params["optimizer.lr"]
+        assert config["model"]["config"]["num_hidden_layers"] == asked[tid].params["model.config.num_hidden_layers"]
+        run = client(manifest.tracking_uri).get_run(r.mlflow_run_id)
+        assert r.mlflow_run_id == asked[tid].run_id and float(run.data.params["optimizer.lr"]) == \
+            asked[tid].params["optimizer.lr"]
+        assert r.label.startswith(f"slot {r.slot}: ")
+    return manifest
+
+
+def test_a_local_search_asks_each_slot_when_it_starts_and_plots_its_history(tmp_path, data_cache):
+    path = _search_sweep(tmp_path, "search", data_cache, "local")
+    proc = run_sweep(path, "--no-preflight")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    manifest = _each_slot_ran_once_with_its_recorded_values(tmp_path, "search")
+    artifacts = [a.path for a in client(manifest.tracking_uri).list_artifacts(manifest.mlflow_parent_run_id)]
+    assert "search_history.png" in artifacts, artifacts
+
+
+def test_a_search_job_killed_while_asking_is_rerun_and_every_slot_ends_once(cluster, no_requeue_delay, tmp_path,
+                                                                             data_cache):
+    """The job is requeued (as SLURM preempts with PreemptMode=REQUEUE) while its runner waits
+    for the record to ask for its first slot (this test holds the record's lock)."""
+    from qarac_dist.base.lock import lock
+
+    path = _search_sweep(tmp_path, "asking", data_cache, "slurm", gpus_per_node=1)
+    layout = SweepLayout(tmp_path / "runs" / "asking")
+    held = lock(layout.search)
+    try:
+        assert run_sweep(path, "--no-preflight").returncode == 0
+        (job,) = {j for r in _manifest(tmp_path, "asking").trials.values() for j in r.pack_jobs}
+        _wait(lambda: any(c.job == job for c in claims.read(layout).values()), "the job to claim a slot")
+        subprocess.run(["scontrol", "requeue", job], check=True)
+    finally:
+        held.close()
+    proc = run_sweep(path, "--wait")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_sweep(path, "--no-preflight", "--wait")  # run again: nothing to ask or run twice
+    assert proc.returncode == 0 and "0 to run" in proc.stdout, proc.stdout + proc.stderr
+    _each_slot_ran_once_with_its_recorded_values(tmp_path, "asking")
