@@ -166,3 +166,25 @@ def table_rows(text: str) -> list[dict]:
                     if cell:
                         rows[-1][key] = f"{rows[-1][key]} {cell}".strip()
     return rows
+
+
+def _hold_lock(path: str, ready) -> None:
+    from qarac_dist.base.lock import lock
+
+    lock(Path(path))
+    ready.set()
+    time.sleep(600)
+
+
+def kill_while_holding_lock(path: Path) -> None:
+    """A real process takes the fcntl lock on `path` and is killed (SIGKILL) while it holds it."""
+    import multiprocessing
+    import signal
+
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(path), ready))
+    holder.start()
+    assert ready.wait(60), "the lock holder did not start"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(60)

@@ -6,14 +6,12 @@ killed while it holds the lock does not block the next one."""
 from __future__ import annotations
 
 import multiprocessing
-import os
-import signal
 import time
 from pathlib import Path
 
 from qarac_dist.base.layout import SweepLayout
-from qarac_dist.base.lock import lock
 from qarac_dist.submit import claims
+from support import kill_while_holding_lock
 
 QUEUE = [(f"t{i:02d}", 1) for i in range(40)]
 
@@ -73,21 +71,9 @@ def test_a_reservation_for_a_new_attempt_keeps_runners_of_the_old_one_away(tmp_p
     assert claims.read(layout)["a"].attempt == 2
 
 
-def _hold_the_lock(path: str, ready) -> None:
-    lock(Path(path))
-    ready.set()
-    time.sleep(600)
-
-
 def test_a_process_killed_while_it_holds_the_lock_does_not_block_the_next(tmp_path):
     layout = SweepLayout(tmp_path)
-    ctx = multiprocessing.get_context("spawn")
-    ready = ctx.Event()
-    holder = ctx.Process(target=_hold_the_lock, args=(str(layout.claims_lock), ready))
-    holder.start()
-    assert ready.wait(60)
-    os.kill(holder.pid, signal.SIGKILL)
-    holder.join(60)
+    kill_while_holding_lock(layout.claims_lock)
     assert claims.take(layout, "1_0", [("a", 1)], set(), lambda job: True) == ("a", 1)
 
 

@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import os
-import signal
 import time
 from pathlib import Path
 
 import pytest
 
 from qarac_dist.base.layout import SweepLayout
-from qarac_dist.base.lock import lock
 from qarac_dist.config.sweep import Distribution, Search
 from qarac_dist.plan.search import choose, new_sampler
 from qarac_dist.submit.search import history
 from qarac_dist.track import search_record
+from support import kill_while_holding_lock
 
 SPACE = {"optimizer.lr": Distribution("loguniform", 1e-4, 1e-2), "model.config.num_hidden_layers": Distribution(
     "randint", 1, 4), "training.seed": Distribution("choice", values=[0, 1, 2])}
@@ -126,21 +124,9 @@ def test_64_processes_asking_and_telling_at_once_lose_nothing_and_ask_nothing_tw
             tells_before += 1
 
 
-def _hold(path: str, ready) -> None:
-    lock(Path(path))
-    ready.set()
-    time.sleep(600)
-
-
 def test_a_process_killed_while_it_holds_the_record_does_not_block_the_next_ask(tmp_path):
     layout = SweepLayout(tmp_path)
-    ctx = multiprocessing.get_context("spawn")
-    ready = ctx.Event()
-    holder = ctx.Process(target=_hold, args=(str(layout.search), ready))
-    holder.start()
-    assert ready.wait(60)
-    os.kill(holder.pid, signal.SIGKILL)
-    holder.join(60)
+    kill_while_holding_lock(layout.search)
     assert _ask_through_the_record(layout, Search(trials=1, sampler="random", params=SPACE), 0)
 
 
