@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from ..base.errors import ConfigError
+from ..base.layout import SweepLayout
 from . import sbatch_options
 from .schema import apply_overrides, bounded, build, field_types, parse_overrides
 from .sections import TrainConfig
@@ -315,6 +316,13 @@ def _check_search(spec: SweepSpec, errors: list[str]) -> None:
     if not spec.search.params:
         errors.append("search.params: give at least one key to search over")
     _check_distributions("search", spec.search.params, errors)
+    warm = spec.search.warm_start
+    if warm is not None:  # jobs read it from wherever they run: made absolute here
+        spec.search.warm_start = str(Path(warm).resolve())
+        record = SweepLayout(Path(warm)).search
+        if not record.is_file():
+            errors.append(f"search.warm_start: {warm} holds no search record ({record.name}); give the directory "
+                          f"of an earlier sweep with a search section")
 
 
 def _check_distributions(section: str, params: dict, errors: list[str]) -> None:

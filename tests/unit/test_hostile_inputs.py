@@ -128,6 +128,8 @@ FILE_CASES = [
     ("search-value-the-config-refuses", lambda t: _sweep_text(t, search={**SEARCH, "params": {"optimizer.lr": {
         "distribution": "uniform", "low": -1, "high": 1}}}), (),
      "search.params.optimizer.lr: at -1.0: optimizer.lr: expected more than 0"),
+    ("search-warm-start-nowhere", lambda t: _sweep_text(t, search={**SEARCH, "warm_start": str(t / "nowhere")}), (),
+     "search.warm_start: "),
     ("search-over-the-cap", lambda t: _sweep_text(t, search={**SEARCH, "trials": 50}), ("max_trials=20",),
      "max_trials: the plan has 50 trials"),
     ("over-the-cap", lambda t: _sweep_text(t, grid={"training.seed": list(range(5))}), ("max_trials=4",),
