@@ -57,6 +57,9 @@ class Search:
     """Optuna's sampler: tpe (constant liar for trials still running), gp, cmaes, qmc, random."""
     seed: int = bounded(0, ge=0, lt=2**32)
     """Seed of the sampler: the same seed and the same results give the same values."""
+    startup_trials: Optional[int] = bounded(None, ge=0, le=100_000)
+    """Trials drawn at random before tpe, gp or cmaes model the results; null: Optuna's default
+    (10). Lower it for small budgets."""
     params: dict = field(default_factory=dict)
     """Dotted training-config key -> {distribution, low, high | values}, as random.params."""
     warm_start: Optional[str] = None

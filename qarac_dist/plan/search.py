@@ -58,14 +58,17 @@ def distributions(params: dict[str, Distribution]) -> dict:
     return out
 
 
-def new_sampler(name: str, seed: int):
+def new_sampler(search: Search):
+    """The sampler as a search starts it (its state afterwards travels in the record)."""
     import optuna
 
-    return {"tpe": lambda: optuna.samplers.TPESampler(seed=seed, constant_liar=True),
-            "gp": lambda: optuna.samplers.GPSampler(seed=seed),
-            "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
+    seed = search.seed
+    startup = {} if search.startup_trials is None else {"n_startup_trials": search.startup_trials}
+    return {"tpe": lambda: optuna.samplers.TPESampler(seed=seed, constant_liar=True, **startup),
+            "gp": lambda: optuna.samplers.GPSampler(seed=seed, **startup),
+            "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, **startup),
             "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
-            "random": lambda: optuna.samplers.RandomSampler(seed=seed)}[name]()
+            "random": lambda: optuna.samplers.RandomSampler(seed=seed)}[search.sampler]()
 
 
 def choose(search: Search, mode: str, history: list[Told], sampler: Optional[str], study_attrs: dict,
@@ -77,7 +80,7 @@ def choose(search: Search, mode: str, history: list[Told], sampler: Optional[str
     from optuna.trial import TrialState, create_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    state = pickle.loads(base64.b64decode(sampler)) if sampler else new_sampler(search.sampler, search.seed)
+    state = pickle.loads(base64.b64decode(sampler)) if sampler else new_sampler(search)
     study = optuna.create_study(direction="maximize" if mode == "max" else "minimize", sampler=state)
     for key, value in study_attrs.items():
         study._storage.set_study_system_attr(study._study_id, key, value)

@@ -42,7 +42,7 @@ def _optuna_reference(search: Search, n: int) -> list[dict]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize", sampler=new_sampler(search.sampler, search.seed))
+    study = optuna.create_study(direction="maximize", sampler=new_sampler(search))
     asked = []
 
     def trial_objective(trial):
@@ -56,9 +56,10 @@ def _optuna_reference(search: Search, n: int) -> list[dict]:
     return asked
 
 
-@pytest.mark.parametrize("sampler, n", [("random", 12), ("tpe", 16), ("gp", 13)])
-def test_one_trial_at_a_time_the_sweep_asks_what_optuna_asks(tmp_path, sampler, n):
-    search = Search(trials=n, sampler=sampler, seed=7, params=SPACE)
+@pytest.mark.parametrize("sampler, n, startup", [("random", 12, None), ("tpe", 16, None), ("tpe", 10, 3),
+                                                  ("gp", 13, None)])
+def test_one_trial_at_a_time_the_sweep_asks_what_optuna_asks(tmp_path, sampler, n, startup):
+    search = Search(trials=n, sampler=sampler, seed=7, params=SPACE, startup_trials=startup)
     layout = SweepLayout(tmp_path)
     ours = []
     for slot in range(n):
