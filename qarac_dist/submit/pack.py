@@ -136,7 +136,7 @@ class _Runner:
                     process.send_signal(signum)
 
     def fill(self) -> None:
-        while len(self.steps) < self.r.pack:
+        while len(self.steps) < self.r.pack and self.signum is None:
             needed = claims.time_needed(claims.read(self.layout))
             left = self.deadline - time.time()
             if needed is not None and left < needed:
@@ -163,6 +163,8 @@ class _Runner:
                 error = search.refused(entry.trial_dir, entry.attempt, err)
                 self.end(entry, "FAILED", TrialState.FAILED)
                 print(f"qarac_dist: job {self.job_id}: trial {entry.id} failed: {error}", flush=True)
+                return
+            if self.signum is not None:  # the job is being stopped while it asked: its claim stays
                 return
         payload = {"config": config, "context": context, "max_requeues": self.job.max_requeues,
                    "cpus_per_task": self.r.cpus_per_task}
@@ -193,6 +195,10 @@ class _Runner:
             if verdict == TrialState.PREEMPTED:
                 self.preempted = True  # the claim stays this job's: it resumes the trial when requeued
                 print(f"qarac_dist: job {self.job_id}: trial {tid} saved at step {status.step}", flush=True)
+                continue
+            if verdict is None and self.signum is not None:  # stopped with the job before it began
+                print(f"qarac_dist: job {self.job_id}: trial {tid} stopped with the job before it began; it "
+                      f"resumes when the job is requeued, or in another job", flush=True)
                 continue
             outcome = verdict.value if verdict in (TrialState.COMPLETED, TrialState.PRUNED, TrialState.FAILED,
                                                    TrialState.CANCELLED) else f"exit {max(codes)}"

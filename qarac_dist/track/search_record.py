@@ -152,7 +152,8 @@ def write_history(sweep: SweepLayout, mode: str, metric: str) -> Path:
     ax.set_xlabel("trial, in the order asked (grey: stopped at a rung)")
     ax.set_ylabel(f"best validation {metric}")
     ax.set_title(f"search {sweep.root.name}: {len(points)} completed, {len(pruned)} stopped at a rung")
-    ax.legend(loc="best", fontsize=8)
+    if points:
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     tmp = sweep.search_history.with_name(f".{sweep.search_history.name}.{os.getpid()}.tmp")
     fig.savefig(tmp, format="png")
