@@ -196,12 +196,12 @@ class _Runner:
                 self.preempted = True  # the claim stays this job's: it resumes the trial when requeued
                 print(f"qarac_dist: job {self.job_id}: trial {tid} saved at step {status.step}", flush=True)
                 continue
-            if verdict is None and self.signum is not None:  # stopped with the job before it began
-                print(f"qarac_dist: job {self.job_id}: trial {tid} stopped with the job before it began; it "
-                      f"resumes when the job is requeued, or in another job", flush=True)
+            ended = verdict in (TrialState.COMPLETED, TrialState.PRUNED, TrialState.FAILED, TrialState.CANCELLED)
+            if not ended and self.signum is not None:  # stopped with the job, before it could save
+                print(f"qarac_dist: job {self.job_id}: trial {tid} stopped with the job; it resumes from its newest "
+                      f"checkpoint when the job is requeued, or in another job", flush=True)
                 continue
-            outcome = verdict.value if verdict in (TrialState.COMPLETED, TrialState.PRUNED, TrialState.FAILED,
-                                                   TrialState.CANCELLED) else f"exit {max(codes)}"
+            outcome = verdict.value if ended else f"exit {max(codes)}"
             self.end(step.entry, outcome, verdict)
             print(f"qarac_dist: job {self.job_id}: trial {tid} ended: {outcome}", flush=True)
 
