@@ -37,6 +37,8 @@ GRID_FILE = ROOT / "bench" / "results" / "search_grid.json"
 GRID = {"optimizer.lr": [3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2], "model.config.num_hidden_layers": [1, 2, 3],
         "training.micro_batch_size": [4, 8, 16]}
 MAX_STEPS, EVERY, WORKERS, SEEDS, WITHIN = 80, 10, 4, 20, 0.01
+CAP = 150  # trials asked at most per search; a search that has not found the best by then counts as CAP
+GRACE = 40  # successive halving's first rung (reduction factor 2): rungs at 40 steps
 STARTUP = 4  # search.startup_trials: random trials before TPE models the results (Optuna's default: 10)
 
 
@@ -95,7 +97,7 @@ def replay(configs: list[dict], method: str, seed: int, tmp: Path) -> dict:
     search = Search(trials=1000, sampler=sampler, seed=seed, startup_trials=STARTUP,
                     params={k: Distribution("choice", values=v) for k, v in GRID.items()})
     asha = method == "tpe+asha"
-    rung_at = rung_steps(2 * EVERY, 2, MAX_STEPS) if asha else []  # rungs at 20 and 40 steps
+    rung_at = rung_steps(GRACE, 2, MAX_STEPS) if asha else []
     clock, events, slot, steps, asked = 0.0, [], itertools.count(), 0, 0
 
     def start(now: float) -> None:
@@ -137,10 +139,10 @@ def replay(configs: list[dict], method: str, seed: int, tmp: Path) -> dict:
             value = min(seen.values())
             search_record.tell(layout, k, "COMPLETE", value, seen)
             if value <= best + WITHIN:
-                return {"trials": asked, "steps": steps}
-        if asked < 500:
+                return {"trials": asked, "steps": steps, "found": True}
+        if asked < CAP:
             start(clock)
-    return {"trials": asked, "steps": steps}
+    return {"trials": asked, "steps": steps, "found": False}
 
 
 def ask_time(tmp: Path, n: int = 1000) -> float:
@@ -209,17 +211,20 @@ def main() -> None:
             runs = [replay(configs, method, seed, Path(tmp)) for seed in range(args.seeds)]
             results[method] = runs
             print(f"{method}: trials {_spread([r['trials'] for r in runs])}, steps "
-                  f"{_spread([r['steps'] for r in runs])}", file=sys.stderr)
+                  f"{_spread([r['steps'] for r in runs])}, found in {sum(r['found'] for r in runs)} of {len(runs)}",
+                  file=sys.stderr)
         results["ask_seconds_1000"] = ask_time(Path(tmp))
     (ROOT / "bench" / "results" / "search.json").write_text(json.dumps(results, indent=1) + "\n")
     grid = results["grid"]
     print(f"grid: {grid['configs']} configurations, best validation loss {grid['best']:.4f}, {grid['within']} within "
           f"{WITHIN} of it, {grid['steps']} training steps in all\n")
-    print("| search | trials until within 0.01 of the best: median (10th-90th) | training steps: median (10th-90th) |")
-    print("|---|---|---|")
+    print("| search | trials until within 0.01 of the best: median (10th-90th) | training steps: median (10th-90th) "
+          f"| found within {CAP} trials |")
+    print("|---|---|---|---|")
     for method in ("random", "tpe", "tpe+asha"):
         runs = results[method]
-        print(f"| {method} | {_spread([r['trials'] for r in runs])} | {_spread([r['steps'] for r in runs])} |")
+        print(f"| {method} | {_spread([r['trials'] for r in runs])} | {_spread([r['steps'] for r in runs])} | "
+              f"{sum(r['found'] for r in runs)} of {len(runs)} |")
     ratio = statistics.median(r["trials"] for r in results["tpe"]) / statistics.median(
         r["trials"] for r in results["random"])
     steps = statistics.median(r["steps"] for r in results["tpe+asha"]) / grid["steps"]
