@@ -13,7 +13,7 @@
    loss (median, 10th-90th percentile).
 
     python bench/search.py --train      # about 10 minutes on 2 cores
-    python bench/search.py              # the replay; writes bench/results/search.json
+    python bench/search.py [--space continuous]   # the replay; writes bench/results/search_replay_<space>.json
 
 Also measured: the time of one ask with 1,000 finished trials in the record.
 """
@@ -24,6 +24,7 @@ import argparse
 import heapq
 import itertools
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,7 @@ GRID_FILE = ROOT / "bench" / "results" / "search_grid.json"
 GRID = {"optimizer.lr": [3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2], "model.config.num_hidden_layers": [1, 2, 3],
         "training.micro_batch_size": [4, 8, 16]}
 MAX_STEPS, EVERY, WORKERS, SEEDS, WITHIN = 80, 10, 4, 20, 0.01
+SPACE = "grid"  # or "continuous" (--space): the learning rate searched on a log scale, run as the nearest grid value
 CAP = 150  # trials asked at most per search; a search that has not found the best by then counts as CAP
 GRACE = 40  # successive halving's first rung (reduction factor 2): rungs at 40 steps
 STARTUP = 4  # search.startup_trials: random trials before TPE models the results (Optuna's default: 10)
@@ -76,6 +78,12 @@ def train(tmp: Path) -> None:
     GRID_FILE.write_text(json.dumps(configs, indent=1) + "\n")
 
 
+def _nearest(params: dict) -> dict:
+    """The grid's configuration nearest to asked values (the learning rate on a log scale)."""
+    lr = min(GRID["optimizer.lr"], key=lambda v: abs(math.log(v) - math.log(params["optimizer.lr"])))
+    return {**params, "optimizer.lr": lr}
+
+
 def _key(params: dict) -> str:
     return json.dumps({k: params[k] for k in sorted(params)}, sort_keys=True)
 
@@ -94,8 +102,13 @@ def replay(configs: list[dict], method: str, seed: int, tmp: Path) -> dict:
     best = min(min(v for _, v in c["curve"]) for c in configs)
     layout = SweepLayout(tmp / f"{method}-{seed}")
     sampler = "random" if method == "random" else "tpe"
-    search = Search(trials=1000, sampler=sampler, seed=seed, startup_trials=STARTUP,
-                    params={k: Distribution("choice", values=v) for k, v in GRID.items()})
+    if SPACE == "continuous":  # what a user would write: values between the grid's, each run as its nearest
+        params = {"optimizer.lr": Distribution("loguniform", GRID["optimizer.lr"][0], GRID["optimizer.lr"][-1]),
+                  "model.config.num_hidden_layers": Distribution("randint", 1, 3),
+                  "training.micro_batch_size": Distribution("choice", values=GRID["training.micro_batch_size"])}
+    else:
+        params = {k: Distribution("choice", values=v) for k, v in GRID.items()}
+    search = Search(trials=1000, sampler=sampler, seed=seed, startup_trials=STARTUP, params=params)
     asha = method == "tpe+asha"
     rung_at = rung_steps(GRACE, 2, MAX_STEPS) if asha else []
     clock, events, slot, steps, asked = 0.0, [], itertools.count(), 0, 0
@@ -109,7 +122,7 @@ def replay(configs: list[dict], method: str, seed: int, tmp: Path) -> dict:
             c = choose(search, "min", history(record), prev.sampler if prev else None, prev.study_attrs if prev else {})
             return c.params, c.sampler, c.study_attrs, None
 
-        params = search_record.ask(layout, k, f"t{k}", pick).params
+        params = _nearest(search_record.ask(layout, k, f"t{k}", pick).params)
         asked += 1
         config = by_key[_key(params)]
         curve = dict(config["curve"])
@@ -198,7 +211,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", action="store_true", help="train the grid and record its curves")
     parser.add_argument("--seeds", type=int, default=SEEDS)
+    parser.add_argument("--space", choices=("grid", "continuous"), default="grid",
+                        help="grid: each key a choice of the grid's values; continuous: the learning rate loguniform")
     args = parser.parse_args()
+    global SPACE
+    SPACE = args.space
     with tempfile.TemporaryDirectory() as tmp:
         if args.train:
             train(Path(tmp))
@@ -214,7 +231,7 @@ def main() -> None:
                   f"{_spread([r['steps'] for r in runs])}, found in {sum(r['found'] for r in runs)} of {len(runs)}",
                   file=sys.stderr)
         results["ask_seconds_1000"] = ask_time(Path(tmp))
-    (ROOT / "bench" / "results" / "search.json").write_text(json.dumps(results, indent=1) + "\n")
+    (ROOT / "bench" / "results" / f"search_replay_{SPACE}.json").write_text(json.dumps(results, indent=1) + "\n")
     grid = results["grid"]
     print(f"grid: {grid['configs']} configurations, best validation loss {grid['best']:.4f}, {grid['within']} within "
           f"{WITHIN} of it, {grid['steps']} training steps in all\n")
