@@ -68,7 +68,7 @@ def sample(random_spec: Optional[RandomSearch]) -> list[dict]:
 
 
 def varied_keys(spec: SweepSpec) -> list[str]:
-    """The keys the sweep varies between trials: grid, variants and random search."""
+    """The keys the sweep varies between trials: grid, variants, random and model-based search."""
     keys = set(spec.grid) | {k for v in spec.variants for k in v.set}
     if spec.random:
         keys |= set(spec.random.params)
