@@ -120,7 +120,7 @@ def test_a_preempted_packed_job_saves_requeues_and_resumes_its_own_trials(cluste
 
 def test_a_packed_job_killed_without_warning_has_its_trials_resumed_by_a_rerun(cluster, tmp_path, data_cache):
     # Long enough that neither trial ends between the wait below and the kill, even on a loaded machine.
-    path = _sweep(tmp_path, "killed", data_cache, seeds=[0, 1], max_steps=300, checkpoint_every=5)
+    path = _sweep(tmp_path, "killed", data_cache, seeds=[0, 1], max_steps=120, checkpoint_every=5)
     assert run_sweep(path, "--no-preflight").returncode == 0
     manifest = _manifest(tmp_path, "killed")
     (job,) = {j for r in manifest.trials.values() for j in r.pack_jobs}
