@@ -204,7 +204,7 @@ def ask_time(tmp: Path, n: int = 1000) -> float:
 
 def _spread(values: list[float]) -> str:
     q = statistics.quantiles(values, n=10)
-    return f"{statistics.median(values):.0f} ({q[0]:.0f}-{q[-1]:.0f})"
+    return f"{statistics.median(values):g} ({q[0]:.0f}-{q[-1]:.0f})"
 
 
 def main() -> None:
