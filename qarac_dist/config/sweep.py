@@ -170,6 +170,10 @@ class SweepSpec:
     asha: Optional[Asha] = None
     """Successive halving on the select metric; absent: every trial runs to the end."""
 
+    def trials_as_steps(self) -> bool:
+        """Jobs run trials as steps, started by a runner (submit/pack.py): packed, or a search."""
+        return self.resources.pack > 1 or self.search is not None
+
     def num_trials(self) -> int:
         """Variants x grid points x random samples, computed without building any of them."""
         points = math.prod(len(v) for v in self.grid.values() if isinstance(v, list))

@@ -14,17 +14,12 @@ from . import cluster, sbatch
 from .sweep_dir import layout_for
 
 
-def steps(spec: SweepSpec) -> bool:
-    """Jobs run trials as steps (submit/pack.py): packed, or a model-based search."""
-    return spec.resources.pack > 1 or spec.search is not None
-
-
 def gpu_hours(spec: SweepSpec, num_trials: int) -> float:
     """GPU-hours at most: each trial's job for its whole time limit; where jobs run trials as
     steps, each allocation's."""
     r = spec.resources
     job = sbatch.job_resources(r)
-    return sbatch.num_jobs(r, num_trials, steps(spec)) * job.nodes * job.gpus_per_node * r.time_min / 60
+    return sbatch.num_jobs(r, num_trials, spec.trials_as_steps()) * job.nodes * job.gpus_per_node * r.time_min / 60
 
 
 def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, shown: int = 50) -> None:
@@ -43,19 +38,19 @@ def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, shown: int = 50)
           f"at most {r.max_parallel} at once")
     if spec.search is not None:
         print_search(spec)
-    if steps(spec):
+    if spec.trials_as_steps():
         job = sbatch.job_resources(r)
         print(f"packed: {r.pack} trial(s) per job, each an srun step on its share; "
               f"{sbatch.num_jobs(r, len(trials), True)} job(s) of {job.nodes} node(s) x {job.tasks_per_node} task(s), "
               f"{job.gpus_per_node} GPU(s)/node, {r.time_min} min each, starting the next waiting trial as one ends")
-    print(f"requested GPU-hours: {gpu_hours(spec, len(trials)):.1f}" + (" at most (the allocations)" if steps(spec)
+    print(f"requested GPU-hours: {gpu_hours(spec, len(trials)):.1f}" + (" at most (the allocations)" if spec.trials_as_steps()
                                                                          else ""))
     if spec.asha is not None and trials:
         print_rungs(spec, trials)
     if kind == "slurm" or spec.executor != "local":
         size = cluster.max_array_size() if cluster.available() else 1001
         folder = sbatch.job_folder(layout_for(spec).submitit)
-        if steps(spec):
+        if spec.trials_as_steps():
             print(f"\n# sbatch script of the jobs that run the {len(trials)} trials as steps")
             print(sbatch.sbatch_text(r, sbatch.job_name(spec.name), folder, sys.executable,
                                      sbatch.num_jobs(r, len(trials), True), True))

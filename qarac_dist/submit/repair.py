@@ -39,7 +39,7 @@ def repair(directory: Path) -> Manifest:
     metric, mode = select_defaults(spec, trials)
     manifest = Manifest(spec.name, resolve_kind(spec, source), metric, mode,
                         tracking_uri=absolute_uri(spec.tracking.uri), experiment=spec.tracking.experiment or spec.name)
-    packed = claims.read(layout) if spec.resources.pack > 1 or spec.search is not None else {}
+    packed = claims.read(layout) if spec.trials_as_steps() else {}
     for trial in trials:
         record = TrialRecord(trial.id, trial.label, trial.overrides, trial.config, trial.config["output"]["dir"],
                              manifest.executor, slot=trial.slot)

@@ -44,7 +44,7 @@ class Submission:
         self.command, self.wait, self.preflight = command, wait, preflight
         self.layout = layout_for(spec)
         self.executor = make_executor(kind, self.layout.submitit, spec.resources, sbatch.job_name(spec.name),
-                                      spec.max_requeues, steps=spec.resources.pack > 1 or spec.search is not None)
+                                      spec.max_requeues, steps=spec.trials_as_steps())
         self.lock = SweepLock(self.layout.root)
         self.submitted = False
         self.preflight_text = None
