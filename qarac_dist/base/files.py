@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from .errors import UserError
 
@@ -92,6 +92,24 @@ def write_json(path: Path, obj) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def append_line(f, whole: int, line: str) -> None:
+    """Append `line` to an append-only record held locked in `f` (opened "a+", read through):
+    the tail past its `whole` bytes, a line cut short by a killed writer, is dropped first; the
+    new line is on disk (fsync) when this returns."""
+    if whole != f.tell():
+        f.truncate(whole)
+    f.write(line + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def replace_with(path: Path, fill: Callable[[Path], None]) -> None:
+    """Write `path` whole: `fill` writes a temporary file beside it, renamed into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fill(tmp)
+    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> Optional[dict]:

@@ -43,8 +43,8 @@ def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, shown: int = 50)
         print(f"packed: {r.pack} trial(s) per job, each an srun step on its share; "
               f"{sbatch.num_jobs(r, len(trials), True)} job(s) of {job.nodes} node(s) x {job.tasks_per_node} task(s), "
               f"{job.gpus_per_node} GPU(s)/node, {r.time_min} min each, starting the next waiting trial as one ends")
-    print(f"requested GPU-hours: {gpu_hours(spec, len(trials)):.1f}" + (" at most (the allocations)" if spec.trials_as_steps()
-                                                                         else ""))
+    allocations = " at most (the allocations)" if spec.trials_as_steps() else ""
+    print(f"requested GPU-hours: {gpu_hours(spec, len(trials)):.1f}{allocations}")
     if spec.asha is not None and trials:
         print_rungs(spec, trials)
     if kind == "slurm" or spec.executor != "local":

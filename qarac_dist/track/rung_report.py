@@ -6,9 +6,9 @@ the MLflow parent run, each time a trial ends.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from ..base.files import replace_with
 from ..base.layout import SweepLayout
 from . import rungs
 from .best import Candidate, best_of
@@ -53,7 +53,7 @@ def write(sweep: SweepLayout, metric: str, mode: str) -> tuple[Path, Path]:
     import matplotlib.pyplot as plt
 
     csv = sweep.asha_table
-    _replace(csv, lambda tmp: tmp.write_text(table(sweep)))
+    replace_with(csv, lambda tmp: tmp.write_text(table(sweep)))
     stopped = {}
     k = 0
     while sweep.rung(k).exists():
@@ -80,12 +80,6 @@ def write(sweep: SweepLayout, metric: str, mode: str) -> tuple[Path, Path]:
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     png = sweep.asha_curves
-    _replace(png, lambda tmp: fig.savefig(tmp, format="png"))
+    replace_with(png, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return csv, png
-
-
-def _replace(path: Path, fill) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fill(tmp)
-    os.replace(tmp, path)

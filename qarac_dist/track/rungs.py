@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..base.errors import UserError
+from ..base.files import append_line
 from ..base.layout import SweepLayout
 from ..base.lock import locked
 
@@ -108,10 +108,6 @@ def arrive(sweep: SweepLayout, rung: int, trial: str, score: Score, step: int,
         mine: Optional[Arrival] = next((a for a in arrivals if a.trial == trial), None)
         if mine is not None:
             return mine
-        if good != f.tell():
-            f.truncate(good)  # a line cut short by a killed writer
         arrival = Arrival(trial, *score, step, decide(score, [a.score for a in arrivals]), len(arrivals), time.time())
-        f.write(arrival.to_json() + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+        append_line(f, good, arrival.to_json())
         return arrival

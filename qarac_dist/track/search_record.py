@@ -12,13 +12,13 @@ cut short by a killed writer is dropped on the next write.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..base.errors import UserError
+from ..base.files import append_line, replace_with
 from ..base.layout import SweepLayout
 from ..base.lock import locked
 
@@ -91,14 +91,6 @@ def read(sweep: SweepLayout) -> Record:
     return _parse(text, str(sweep.search))[0]
 
 
-def _append(f, good: int, line: dict) -> None:
-    if good != f.tell():
-        f.truncate(good)  # a line cut short by a killed writer
-    f.write(json.dumps(line) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def ask(sweep: SweepLayout, slot: int, trial: str,
         choose: Callable[[Record], tuple[dict, str, dict, Optional[str]]]) -> Ask:
     """The values of `slot`: those recorded, or chosen now (`choose(record)` -> params, sampler
@@ -113,7 +105,7 @@ def ask(sweep: SweepLayout, slot: int, trial: str,
         mine = Ask(slot, trial, params, sampler, attrs, len(record.tells), time.time(), run_id)
         line = asdict(mine)
         line["ask"] = line.pop("slot")
-        _append(f, good, line)
+        append_line(f, good, json.dumps(line))
         return mine
 
 
@@ -123,8 +115,9 @@ def tell(sweep: SweepLayout, slot: int, state: str, value: Optional[float], inte
         f.seek(0)
         record, good = _parse(f.read(), str(sweep.search))
         if record.told(slot) is None:
-            _append(f, good, {"tell": slot, "state": state, "value": value,
-                              "intermediate": {str(k): v for k, v in intermediate.items()}, "time": time.time()})
+            append_line(f, good, json.dumps({"tell": slot, "state": state, "value": value,
+                                             "intermediate": {str(k): v for k, v in intermediate.items()},
+                                             "time": time.time()}))
 
 
 def write_history(sweep: SweepLayout, mode: str, metric: str) -> Path:
@@ -155,8 +148,6 @@ def write_history(sweep: SweepLayout, mode: str, metric: str) -> Path:
     if points:
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    tmp = sweep.search_history.with_name(f".{sweep.search_history.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png")
+    replace_with(sweep.search_history, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    os.replace(tmp, sweep.search_history)
     return sweep.search_history
