@@ -29,15 +29,21 @@ ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "configs" / "asha_demo.yaml"
 
 
-def run(kind: str, tmp: Path, round_: int) -> dict:
+def demo_spec(name: str, executor: str, tmp: Path) -> dict:
+    """configs/asha_demo.yaml as a sweep named `name` under `tmp`, with its own MLflow store."""
     import yaml
 
     spec = yaml.safe_load(SWEEP.read_text())
     spec["base"] = str(ROOT / "configs" / spec["base"])
-    spec["name"] = f"{kind}{round_}"
-    spec["executor"] = "local"
-    spec["runs_dir"] = str(tmp / "runs")
-    spec["tracking"] = {"uri": f"sqlite:///{tmp / 'mlflow.db'}"}
+    spec.update(name=name, executor=executor, runs_dir=str(tmp / "runs"),
+                tracking={"uri": f"sqlite:///{tmp / 'mlflow.db'}"})
+    return spec
+
+
+def run(kind: str, tmp: Path, round_: int) -> dict:
+    import yaml
+
+    spec = demo_spec(f"{kind}{round_}", "local", tmp)
     # data.cache_dir stays the base's relative default, which lands in `tmp` (the working
     # directory): it is part of a trial's id, and the ids give the order trials start in, so the
     # asha sweep here starts its trials in the order `configs/asha_demo.yaml` does.

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEP = ROOT / "configs" / "asha_demo.yaml"
 
 
 def running(name: str) -> list[str]:
@@ -43,12 +42,9 @@ def running(name: str) -> list[str]:
 def run(pack: int, tmp: Path, round_: int) -> dict:
     import yaml
 
-    spec = yaml.safe_load(SWEEP.read_text())
-    spec["base"] = str(ROOT / "configs" / spec["base"])
-    spec["name"] = f"pack{pack}r{round_}"
-    spec["executor"] = "slurm"
-    spec["runs_dir"] = str(tmp / "runs")
-    spec["tracking"] = {"uri": f"sqlite:///{tmp / 'mlflow.db'}"}
+    from asha import demo_spec  # bench/, on the path when run as `python bench/pack.py`
+
+    spec = demo_spec(f"pack{pack}r{round_}", "slurm", tmp)
     spec["resources"].update(pack=pack, max_parallel=2)
     path = tmp / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec))
