@@ -275,3 +275,39 @@ def test_a_sweep_held_by_another_driver_is_refused_naming_it(tmp_path, monkeypat
     lock = SweepLock(directory)
     lock.acquire()  # the kernel released the dead holder's lock
     lock.release()
+
+
+def _packed_sweep_dir(tmp_path, slot=None):
+    """A sweep directory whose one trial waits in a packed job (pack > 1, or a search slot)."""
+    from qarac_dist.submit.sweep_dir import Manifest, TrialRecord
+
+    directory = _sweep_dir(tmp_path, None)
+    record = TrialRecord("t1", "x", {}, {}, str(directory / "trials" / "t1"), "local", state="PENDING", attempt=1,
+                         pack_jobs=["999999999"], slot=slot)
+    Manifest("s", "local", "accuracy", "max", trials={"t1": record}).save(directory)
+    return directory
+
+
+RECORD_CASES = [
+    ("claims-truncated", "claims", None, b'{"t1": {"attempt": 1, "jo', "not valid JSON"),
+    ("claims-a-list", "claims", None, b"[1, 2]", "expected a JSON object, got list"),
+    ("claims-wrong-shape", "claims", None, b'{"t1": {"attempt": 1, "worker": "x"}}', "not a claims file"),
+    ("claims-record-not-a-mapping", "claims", None, b'{"t1": [1]}', "not a claims file"),
+    ("search-line-not-json", "search", 0, b"not json\n", "damaged: a line is not a search record"),
+    ("search-ask-without-params", "search", 0, b'{"ask": 0, "trial": "t1"}\n', "damaged: a line is not a search"),
+]
+
+
+@pytest.mark.parametrize("which, slot, content, expected", [pytest.param(w, s, c, e, id=i)
+                                                            for i, w, s, c, e in RECORD_CASES])
+def test_a_damaged_claims_file_or_search_record_is_one_line_and_kept(tmp_path, capsys, which, slot, content,
+                                                                      expected):
+    from qarac_dist.base.layout import SweepLayout
+
+    directory = _packed_sweep_dir(tmp_path, slot)
+    path = getattr(SweepLayout(directory), which)
+    path.write_bytes(content)
+    assert status.main([str(directory)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and expected in err, err
+    assert path.read_bytes() == content
