@@ -151,14 +151,13 @@ def run_qarac_dist(cfg, ranks, recorder: Recorder) -> list[int]:
     recorder.watch(trainer.engine.module)
     recorder.engine = trainer.engine
     trainer.start()
-    batches = trainer.batches.iterate()
     tokens = []
     lengths = trainer.splits.train["length"]
     for _ in range(cfg.training.max_steps - 1):
-        micro_batches = next(batches)
+        position, micro_batches = trainer.next_batch()
         recorder.rows += [m.tolist() for m in micro_batches]
         tokens.append(sum(lengths[int(i)] for m in micro_batches for i in m))
-        trainer.advance(micro_batches)
+        trainer.advance((position, micro_batches))
         recorder.step_end()
     trainer.tracker.close()
     return tokens

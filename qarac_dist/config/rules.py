@@ -173,3 +173,10 @@ def rungs_are_validations(cfg: TrainConfig) -> Iterator[str]:
     regression = cfg.model.task == "regression"
     if a.metric in (("accuracy", "macro_f1") if regression else ("spearman",)):
         yield f"asha.metric: {a.metric} is not a validation metric of a {cfg.model.task} trial"
+
+
+@rule("training.spikes", "checkpointing.every_steps")
+def spikes_need_checkpoints(cfg: TrainConfig) -> Iterator[str]:
+    if cfg.training.spikes is not None and not cfg.checkpointing.every_steps:
+        yield ("training.spikes: a rollback goes back to a checkpoint; set checkpointing.every_steps (the steps a "
+               "rollback retrains are at most that many)")

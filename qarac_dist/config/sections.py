@@ -195,6 +195,39 @@ class PrecisionConfig:
 
 
 @dataclass
+class SpikesConfig:
+    """Loss spikes and NaN: roll back to the newest checkpoint, skip the data that led there, go
+    on (train/spikes.py). A step is a spike when its loss is NaN or inf, or more than `z`
+    standard deviations above the mean of the previous `window` steps' losses; the same for the
+    gradient norm where DeepSpeed reports it. Each rank checks its own loss; any rank's spike
+    rolls every rank back. Off by default for this release."""
+
+    z: float = bounded(6.0, gt=0)
+    """Standard deviations above the window's mean that make a spike (OLMo-core skips an update
+    at 6). Detection by z starts once half the window is filled; non-finite losses always count."""
+    min_ratio: float = bounded(1.5, ge=1)
+    """A spike must also be at least this many times the window's mean: a nearly constant
+    window (the plateau before a model starts to learn) has so small a deviation that ordinary
+    noise would pass `z` many times over."""
+    window: int = bounded(128, ge=4, le=1_000_000)
+    """Steps of loss (and gradient norm) history the mean and deviation are taken over
+    (OLMo-core's rolling interval: 128). Spikes never enter it."""
+    grad_norm: bool = False
+    """Also watch the global gradient norm (ZeRO stages report it; fp16 overflow steps, which
+    DeepSpeed skips by itself, are left out). Off by default: a norm that rises while a model
+    starts to learn is many deviations above a window of the plateau before it (measured: a
+    false rollback at step 26 of a 60-step run, window 16), and every false rollback skips data."""
+    margin: int = bounded(8, ge=0, le=1_000_000)
+    """Batches skipped after the spike's own batch, on top of those from the checkpoint to it."""
+    lr_factor: float = bounded(1.0, gt=0, le=1)
+    """Multiply the learning rate by this for `lr_steps` steps after a rollback (1: no cut)."""
+    lr_steps: int = bounded(0, ge=0, le=10**12)
+    """Steps the learning-rate cut lasts after each rollback."""
+    max_rollbacks: int = bounded(3, ge=1, le=1000)
+    """Rollbacks a trial may make; the next spike fails it (pruned, under successive halving)."""
+
+
+@dataclass
 class TrainingConfig:
     micro_batch_size: int = bounded(8, ge=1, le=1_000_000)
     """Examples per rank per forward pass."""
@@ -211,6 +244,9 @@ class TrainingConfig:
     max_nonfinite_steps: int = bounded(3, ge=1)
     """Fail the trial after this many consecutive steps with a NaN or inf loss (skipped fp16
     overflow steps are not counted: their loss is finite)."""
+    spikes: Optional[SpikesConfig] = None
+    """Roll back and skip the data on a loss spike or NaN instead of failing (null: off; then
+    max_nonfinite_steps applies)."""
 
 
 @dataclass

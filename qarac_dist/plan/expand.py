@@ -24,7 +24,7 @@ from ..config.sections import TASK_METRICS
 from ..config.sweep import RandomSearch, SweepSpec
 from . import micro_batch
 from .asha import rung_steps
-from .resolve import MOVED_OUT, NOT_IDENTITY, Resolver
+from .resolve import ADDED_OFF, MOVED_OUT, NOT_IDENTITY, Resolver
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,13 @@ def trial_id(resolved: dict) -> str:
     """A trial's id: a hash of its resolved config, less where it writes and is tracked. The
     definition; the planner computes the same from its cached sections (plan/resolve.py)."""
     identity = {**resolved, "tracking": None}
-    for section in NOT_IDENTITY.keys() | MOVED_OUT.keys():
+    for section in NOT_IDENTITY.keys() | MOVED_OUT.keys() | ADDED_OFF.keys():
         if isinstance(resolved.get(section), dict):
             identity[section] = {**resolved[section], **{k: None for k in (*NOT_IDENTITY.get(section, ()),
                                                                              *MOVED_OUT.get(section, ()))}}
+            for k in ADDED_OFF.get(section, ()):
+                if identity[section].get(k) is None:
+                    identity[section].pop(k, None)
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

@@ -32,6 +32,9 @@ NOT_IDENTITY = {"output": ("dir",)}
 # were hashed with them as null, and still are, so the trials of a sweep planned before keep
 # their ids.
 MOVED_OUT = {"output": ("attempt",), "asha": ("record_dir",)}
+# Fields added since sweeps were first planned: while null (off) they are not in the id, so the
+# trials of a sweep planned before keep their ids.
+ADDED_OFF = {"training": ("spikes",)}
 _IDENTITY_JSON = json.JSONEncoder(sort_keys=True, default=str)  # json.dumps(..., sort_keys=True, default=str), built once
 
 
@@ -160,7 +163,8 @@ class Resolver:
         fields = None
         if isinstance(plain, dict) and dataclasses.is_dataclass(value):
             fields = {f: json.dumps(f) + ": " + ("null" if f in hidden or f not in plain else _json(plain[f]))
-                      for f in sorted([*plain, *MOVED_OUT.get(name, ())])}
+                      for f in sorted([*plain, *MOVED_OUT.get(name, ())])
+                      if not (f in ADDED_OFF.get(name, ()) and plain.get(f) is None)}
         if name == "tracking":
             identity = "null"
         elif fields is not None:
@@ -179,7 +183,10 @@ class Resolver:
         plain = {**base.plain, **{f: to_dict(v) for f, v in typed.items()}}  # = to_dict(the new section), cheaper
         fields = dict(base.fields)
         for f in typed:
-            if f not in hidden:
+            if f in ADDED_OFF.get(name, ()) and plain[f] is None:
+                fields.pop(f, None)
+            elif f not in hidden:
                 fields[f] = json.dumps(f) + ": " + _json(plain[f])
+        fields = dict(sorted(fields.items()))  # a field added back goes where the JSON of the id has it
         identity = "null" if name == "tracking" else "{" + ", ".join(fields.values()) + "}"
         return _Section(None, plain, identity, fields, (), build=lambda: dataclasses.replace(base.value, **typed))

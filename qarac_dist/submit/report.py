@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..base.layout import SweepLayout
+from ..base.files import DamagedFile
 from ..track.best import TIE_ORDER, Candidate, best_of
+from ..track.trial_dir import TrialDir
 from .sweep_dir import DONE, Manifest, TrialRecord
 
 
@@ -26,6 +28,8 @@ class Row:
     """PREEMPTED: the step it stopped and saved at."""
     resumed_from: Optional[int] = None
     """The step the current job resumed from."""
+    rollbacks: int = 0
+    """Loss-spike rollbacks the trial made (training.spikes)."""
 
     def cells(self, metric_digits: int = 4) -> list[str]:
         r = self.record
@@ -39,6 +43,8 @@ class Row:
             state = f"interrupted at step {self.stopped_at}"  # it saved there; a re-run resumes it
         elif r.state in ("RUNNING", "PENDING") and self.resumed_from is not None:
             state = f"{r.state} (resumed at step {self.resumed_from})"
+        if self.rollbacks:
+            state += f" [{self.rollbacks} rollback{'s' if self.rollbacks > 1 else ''}]"
         return [r.id, r.label, state, r.step or r.job_id or "-", str(r.attempt), str(self.restarts),
                 str(self.last_step) if self.last_step is not None else "-",
                 f"{self.value:.{metric_digits}f}" if self.value is not None else "-", error]
@@ -59,10 +65,18 @@ def rows(manifest: Manifest) -> tuple[list[Row], Optional[str]]:
         out.append(Row(r, status.rung if status else None, max(0, status.starts - 1) if status else 0,
                        r.trial_dir.last_step(),
                        metrics.get(manifest.select_metric), metrics.get("loss"), info.get("step"),
-                       status.step if status else None, status.resumed_from if status else None))
+                       status.step if status else None, status.resumed_from if status else None,
+                       _rollbacks(r.trial_dir)))
     best = best_of((Candidate(row.record.id, row.value, row.loss, row.best_step)
                     for row in out if row.record.state in DONE), manifest.select_mode)
     return out, best.trial_id if best else None
+
+
+def _rollbacks(trial: TrialDir) -> int:
+    try:
+        return len(trial.rollbacks())
+    except DamagedFile:  # the trial's job fails on it, and says so in its error
+        return 0
 
 
 def progress_table(manifest: Manifest):

@@ -2,7 +2,8 @@
 
     state.json            TrialStatus: the trial's own state (written by global rank 0 only)
     result.json           what the finished training run reports (steps, best metric and step)
-    metrics.jsonl         one JSON line per logged step or validation
+    metrics.jsonl         one JSON line per logged step or validation, and one per rollback
+    rollbacks.json        the loss-spike rollbacks so far: where each went and the data it skipped
     config.json           the resolved config the job ran, secrets redacted
     deepspeed_config.json the exact DeepSpeed JSON used
     best/, last/          save_pretrained exports; best/qarac_best.json says which step and metrics
@@ -27,6 +28,8 @@ from typing import Optional
 from ..base.files import DamagedFile, read_json, write_json, writing
 
 BEST_INFO = "qarac_best.json"
+ROLLBACK = "spike_rollback"
+"""The metric a rollback's row in metrics.jsonl carries (its number: 1, 2, ...)."""
 
 
 class TrialState(str, enum.Enum):
@@ -105,6 +108,10 @@ class TrialDir:
         return self.path / "metrics.jsonl"
 
     @property
+    def rollbacks_file(self) -> Path:
+        return self.path / "rollbacks.json"
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
@@ -167,6 +174,17 @@ class TrialDir:
         write_json(self.path / "config.json", config)
         write_json(self.path / "deepspeed_config.json", deepspeed)
 
+    # ------------------------------------------------------------------ rollbacks.json
+    def rollbacks(self) -> list[dict]:
+        """The loss-spike rollbacks so far, oldest first (train/spikes.py)."""
+        data = read_json(self.rollbacks_file)
+        return [] if data is None else data["rollbacks"]
+
+    def add_rollback(self, rollback: dict) -> None:
+        """Rank 0 records a rollback before training goes on, so a job killed in the skip window
+        resumes past the skipped data (the whole file is replaced atomically)."""
+        write_json(self.rollbacks_file, {"rollbacks": [*self.rollbacks(), rollback]})
+
     # ------------------------------------------------------------------ metrics.jsonl
     def metrics(self) -> list[dict]:
         return read_metrics(self.metrics_file) if self.metrics_file.exists() else []
@@ -215,14 +233,24 @@ class MetricsFile:
         self.path = path
         with writing(path):
             if keep_through_step is not None and path.exists():
-                # A resumed job recomputes the steps after its checkpoint: drop their old rows
-                # (and a last line cut short).
-                rows = [row for row in read_metrics(path) if row["step"] <= keep_through_step]
-                write_lines = "".join(json.dumps(r) + "\n" for r in rows)
-                tmp = path.with_name(f".{path.name}.tmp")
-                tmp.write_text(write_lines)
-                os.replace(tmp, path)
+                self._keep_through(keep_through_step)
             self._file = open(path, "a", buffering=1)
+
+    def _keep_through(self, step: int) -> None:
+        """A resumed or rolled-back job recomputes the steps after its checkpoint: drop their old
+        rows (and a last line cut short), but never a rollback's own row."""
+        rows = [row for row in read_metrics(self.path) if row["step"] <= step or ROLLBACK in row]
+        write_lines = "".join(json.dumps(r) + "\n" for r in rows)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(write_lines)
+        os.replace(tmp, self.path)
+
+    def rewind(self, step: int) -> None:
+        """After a rollback to `step`: the rows after it are of steps no longer in the run."""
+        with writing(self.path):
+            self._file.close()
+            self._keep_through(step)
+            self._file = open(self.path, "a", buffering=1)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         with writing(self.path):

@@ -18,10 +18,8 @@ read (bench/checkpoint.py measures it).
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -33,6 +31,7 @@ import torch.distributed as dist
 from ..base.files import writing_folder
 from ..config import UserError
 from ..track.trial_dir import TrialDir
+from . import faults
 
 MARKER = "COMPLETE"
 
@@ -147,7 +146,7 @@ def save(engine, directory: Path, step: int, client_state: dict, rank: int, keep
     """Save on every rank; returns the tag. `keep` names a tag never pruned (the best)."""
     tag = tag_for(step)
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
-    _fault_point("checkpoint-write", step, rank, directory)
+    faults.once("checkpoint-write", step, rank, directory)
     torch.save(rng_state(), directory / tag / f"rng_rank{rank}.pt")
     dist.barrier()  # every rank's shards and RNG file are on disk
     sizes: list = [None] * dist.get_world_size()
@@ -162,17 +161,6 @@ def save(engine, directory: Path, step: int, client_state: dict, rank: int, keep
                 shutil.rmtree(directory / old, ignore_errors=True)
     dist.barrier()
     return tag
-
-
-def _fault_point(name: str, step: int, rank: int, directory: Path) -> None:
-    """Test hook: QARAC_FAULT=NAME:STEP:RANK kills that rank with SIGKILL here, once per
-    directory (a marker remembers it), to test recovery from a half-written checkpoint."""
-    if os.environ.get("QARAC_FAULT") != f"{name}:{step}:{rank}":
-        return
-    marker = directory / f".fault-{name}-{step}-{rank}"
-    if not marker.exists():
-        marker.touch()
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load(engine, directory: Path, tag: str, rank: int) -> dict:
@@ -203,10 +191,19 @@ class Checkpointer:
         never starts over silently."""
         if not self.checkpointing.resume:
             return None
+        return self._decided(self._choose)
+
+    def newest(self) -> Optional[str]:
+        """The newest complete and intact checkpoint (what a rollback goes back to); rank 0
+        decides and every rank follows."""
+        return self._decided(lambda: newest_intact(self.directory)[0])
+
+    def _decided(self, decide):
+        """`decide()` on rank 0, its answer (or its UserError) on every rank."""
         outcome: list = [None]
         if self.rank == 0:
             try:
-                outcome[0] = self._choose()
+                outcome[0] = decide()
             except UserError as err:
                 outcome[0] = err
         if self.world_size > 1:

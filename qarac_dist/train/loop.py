@@ -1,6 +1,7 @@
 """The training loop. Reading order: `Trainer.__init__` builds everything, `Trainer.train` is
-the loop: resume -> for each step (forward, backward, step, log) -> validate -> keep the best
--> checkpoint -> honour a stop signal -> stop early.
+the loop: resume -> for each step (forward, backward, step, spike check, log) -> validate ->
+keep the best -> checkpoint -> honour a stop signal -> stop early. A loss spike rolls back to
+the newest checkpoint instead (`roll_back`, train/spikes.py).
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from ..track.job_context import JobContext
 from ..track.mlflow_runs import TrialRun
 from ..track.trackers import NullTracker, Tracker, Trackers
 from ..track.trial_dir import BEST_INFO, MetricsFile, TrialDir
-from . import data, models
+from . import data, faults, models
 from .build import build_parts, lr_lambda, optimizer_for, seed_everything
 from .checkpoint import Checkpointer
 from .export import export, reload_module
-from .metrics import BestTracker, classification_metrics, regression_metrics
+from .metrics import BestTracker
 from .ranks import Ranks
+from .spikes import Spike, SpikeGuard, SpikesExhausted, announce, grad_norm
 from .stop import STOP, Preempted
+from .validation import evaluate
 from .window import NonFinite, Window
 
 # DeepSpeed picks its accelerator when first imported; without CUDA, say CPU before it looks.
@@ -81,6 +84,10 @@ class Trainer:
         self.val_order = np.argsort(-lengths, kind="stable")
         self.best = BestTracker(cfg.evaluation.metric, cfg.evaluation.mode, cfg.early_stopping.min_delta)
         self.step = 0
+        self.offset = 0
+        """Data position of step s: s - 1 + offset (rollbacks move it on, train/spikes.py)."""
+        spikes = cfg.training.spikes
+        self.spikes = SpikeGuard(spikes, ranks.rank, ranks.world_size, self.control_group) if spikes else None
         self.pruned: dict | None = None
         self.tracker: Tracker = NullTracker()
         if ranks.is_main:
@@ -89,11 +96,10 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         self.start()
-        steps = self.batches.iterate(start_step=self.step)
         stopped_early = False
         started = time.perf_counter()
         while self.step < self.cfg.training.max_steps and not stopped_early:
-            stopped_early = self.advance(next(steps))
+            stopped_early = self.advance()
         if self.cfg.output.export_last:
             self.export(self.dir.last, {}, "qarac_last.json")
         result = {"steps": self.step, "stopped_early": stopped_early, "pruned": self.pruned,
@@ -110,7 +116,7 @@ class Trainer:
         self.resume()
         if self.ranks.is_main:
             # Rows after the resumed step are recomputed, so the file keeps only those before.
-            metrics = MetricsFile(self.dir.metrics_file, keep_through_step=self.step)
+            self.metrics_file = metrics = MetricsFile(self.dir.metrics_file, keep_through_step=self.step)
             trackers: list[Tracker] = [metrics]
             if self.trial_run is not None:
                 logger = self.trial_run.logger()
@@ -123,21 +129,34 @@ class Trainer:
             self.tracker = Trackers(*trackers)
         self.window = Window(self.device)
         self.nonfinite = NonFinite(self.cfg.training.max_nonfinite_steps)
+        self.data = self.batches.iterate(start_step=self.step + self.offset)
+        if self.spikes is not None and self.resume_tag is None:
+            self.save_checkpoint()  # so that a spike before the first checkpoint has one to go back to
         if self.stop_requested():  # the warning came while starting up: nothing new to save
             self.tracker.close()
             raise Preempted(STOP.signum, self.step, saved=False)
 
-    def advance(self, micro_batches: list[np.ndarray]) -> bool:
-        """One optimizer step, then what falls due after it: log, validate (keep the best),
-        checkpoint, honour a stop signal. Returns True when early stopping says stop."""
+    def advance(self, batch: tuple[int, list[np.ndarray]] | None = None) -> bool:
+        """One optimizer step, then what falls due after it: check for a spike (and roll back),
+        log, validate (keep the best), checkpoint, honour a stop signal. Returns True when
+        early stopping (or successive halving) says stop."""
         cfg, t = self.cfg, self.cfg.training
+        position, micro_batches = batch or self.next_batch()
+        lr_factor = self.spikes.lr_factor(self.step + 1) if self.spikes is not None else 1.0
         step_started = time.perf_counter()
-        loss, tokens = self.train_step(micro_batches)
-        self.window.add(loss, tokens, time.perf_counter() - step_started)
+        skipped_before = self.engine.skipped_steps
+        loss, tokens = self.train_step(micro_batches, position, lr_factor)
         self.step += 1
-        self.nonfinite.check(self.step, float(loss))
+        if self.spikes is None:
+            self.nonfinite.check(self.step, float(loss))
+        else:
+            spike = self.spikes.check(self.step, position, float(loss), grad_norm(self.engine, skipped_before))
+            if spike is not None:
+                return self.roll_back(spike)
+        self.window.add(loss, tokens, time.perf_counter() - step_started)
         if self.step % t.log_every == 0 or self.step == t.max_steps:
-            self.tracker.log(self.step, self.window.flush(self.engine, self.scheduler))
+            metrics = self.window.flush(self.engine, self.scheduler)
+            self.tracker.log(self.step, {**metrics, **({"lr_factor": lr_factor} if lr_factor != 1 else {})})
         stop_early = False
         if self.step % cfg.evaluation.every_steps == 0 or self.step == t.max_steps:
             stop_early = self.validate_and_keep_best()
@@ -145,6 +164,7 @@ class Trainer:
         checkpointed = bool(cfg.checkpointing.every_steps) and self.step % cfg.checkpointing.every_steps == 0
         if checkpointed:
             self.save_checkpoint()
+        faults.step_end(self.step, self.ranks.rank, self.dir.path)
         if self.stop_requested():
             # SLURM's warning signal (preemption or time limit) or SIGTERM: every rank has
             # finished this step; save, then let the caller requeue or exit.
@@ -154,13 +174,28 @@ class Trainer:
             raise Preempted(STOP.signum, self.step, saved=True)
         return stop_early
 
-    def train_step(self, micro_batches: list[np.ndarray]) -> tuple[torch.Tensor, int]:
+    def next_batch(self) -> tuple[int, list[np.ndarray]]:
+        """This rank's micro batches for the next step, with their data position."""
+        while True:
+            position, micro_batches = self.step + self.offset, next(self.data)
+            if not faults.dropped(position):
+                return position, micro_batches
+            self.offset += 1  # test hook: this batch is not in the data
+
+    def train_step(self, micro_batches: list[np.ndarray], position: int | None = None,
+                   lr_factor: float = 1.0) -> tuple[torch.Tensor, int]:
         """Forward, backward and (at the accumulation boundary) optimizer step."""
+        if lr_factor != 1:  # the scheduler sets each step's rate afresh at the end of the step
+            for group in self.scheduler.optimizer.param_groups:
+                group["lr"] *= lr_factor
+        fault = 1.0 if position is None else faults.loss_factor(position, self.ranks.rank)
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
         for indices in micro_batches:
             batch = self.to_device(self.collate(self.splits.train[indices.tolist()]))
             loss = models.output_value(self.engine(**batch), "loss")
+            if fault != 1:
+                loss = loss * fault
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.detach().float()
@@ -170,7 +205,8 @@ class Trainer:
     def validate_and_keep_best(self) -> bool:
         """Validate; export the model if it is the best so far; at a successive-halving rung,
         record the metric and learn whether to go on. True if training should stop."""
-        metrics = self.evaluate()
+        metrics = evaluate(self.engine, self.splits, self.collate, self.val_order, self.ranks, self.cfg,
+                           self.to_device)
         self.tracker.log(self.step, {f"val_{k}": v for k, v in metrics.items()})
         if self.best.update(self.step, metrics[self.cfg.evaluation.metric]) and self.cfg.output.export_best:
             self.export(self.dir.best, metrics)
@@ -207,33 +243,6 @@ class Trainer:
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Each rank runs the same number of forward passes (ZeRO-3 gathers parameters
-        collectively); a rank whose shard ran out repeats an example and drops its output."""
-        size = self.cfg.evaluation.batch_size
-        mine = self.val_order[self.ranks.rank::self.ranks.world_size]
-        num_batches = -(-(-(-len(self.val_order) // self.ranks.world_size)) // size)
-        self.engine.eval()
-        outputs, indices = [], []
-        for b in range(num_batches):
-            chunk = mine[b * size:(b + 1) * size]
-            rows = chunk if len(chunk) else self.val_order[:1]
-            batch = self.to_device(self.collate(self.splits.validation[rows.tolist()]))
-            batch.pop("labels")
-            logits = models.output_value(self.engine(**batch), "logits")
-            outputs.append(logits[: len(chunk)].float().cpu().numpy())
-            indices.append(chunk)
-        self.engine.train()
-        gathered = [None] * self.ranks.world_size
-        dist.all_gather_object(gathered, (np.concatenate(indices), np.concatenate(outputs)))
-        order = np.concatenate([g[0] for g in gathered])
-        logits = np.concatenate([g[1] for g in gathered])
-        labels = np.asarray(self.splits.validation["labels"])[order]
-        if self.cfg.model.task == "regression":
-            return regression_metrics(logits.reshape(-1), labels)
-        return classification_metrics(logits, labels)
-
     def export(self, target, metrics: dict[str, float], info_file: str = BEST_INFO) -> None:
         export(self.engine, self.cfg.deepspeed.zero_stage, self.ranks.is_main, self.splits.tokenizer, target, info_file,
                {"step": self.step, "metric": self.best.metric, "metrics": metrics})
@@ -244,16 +253,45 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         state = {"step": self.step, "best": vars(self.best).copy(), "world_size": self.ranks.world_size,
-                 "mlflow_run_id": self.trial_run.run_id if self.trial_run else None}
+                 "mlflow_run_id": self.trial_run.run_id if self.trial_run else None, "data_offset": self.offset,
+                 "rollbacks": self.spikes.rollbacks if self.spikes else 0}
         self.checkpointer.save(self.engine, self.step, state, self.best.best_step)
+
+    def load(self, tag: str) -> dict:
+        """Load a checkpoint: the engine, the step, the best so far; returns our saved state."""
+        state = self.checkpointer.load(self.engine, tag)
+        self.step = state["step"]
+        for key, value in state["best"].items():
+            setattr(self.best, key, value)
+        self.offset = state.get("data_offset", 0)
+        return state
+
+    def roll_back(self, spike: Spike) -> bool:
+        """Every rank goes back to the newest checkpoint and on past the spike's data. Rollbacks
+        spent: True (stop, pruned) under successive halving, else SpikesExhausted."""
+        exhausted = self.spikes.exhausted(spike)
+        if exhausted is not None:
+            if self.cfg.asha is None:
+                raise SpikesExhausted(exhausted)
+            self.pruned = {"rung": None, "step": self.step, "reason": exhausted}
+            return True
+        offset, started = self.offset, time.perf_counter()
+        self.load(self.checkpointer.newest())
+        rollback = self.spikes.rolled_back(spike, self.step, offset, time.perf_counter() - started)
+        self.offset = rollback["offset"]
+        self.window = Window(self.device)  # the losses since the last log are of undone steps
+        self.data = self.batches.iterate(start_step=self.step + self.offset)
+        if self.ranks.is_main:
+            announce(spike, rollback, self.spikes.line(spike, rollback), self.dir, self.metrics_file, self.tracker,
+                     self.trial_run)
+        return False
 
     def resume(self) -> None:
         if self.resume_tag is None:
             return
-        state = self.checkpointer.load(self.engine, self.resume_tag)
-        self.step = state["step"]
-        for key, value in state["best"].items():
-            setattr(self.best, key, value)
+        state = self.load(self.resume_tag)
+        if self.spikes is not None:
+            self.offset = self.spikes.resume(state, self.dir)
         if self.ranks.is_main:  # a resume is visible: in the job's log, state.json and MLflow
             print(f"qarac_dist: resumed from checkpoint {self.resume_tag} at step {self.step} (attempt "
                   f"{self.context.attempt or 1})", file=sys.stderr, flush=True)

@@ -76,3 +76,4 @@ class BestTracker:
 
     def should_stop(self, patience: Optional[int]) -> bool:
         return patience is not None and self.bad_validations >= patience
+

@@ -74,11 +74,13 @@ def run(cfg: TrainConfig, context: JobContext = JobContext(), max_requeues: Opti
         finished = True
         if ranks.is_main:
             pruned = result["pruned"]
+            # Pruned at a rung, or by its loss spikes (rollbacks spent) under successive halving.
             trial.update(state=TrialState.PRUNED if pruned else TrialState.COMPLETED, step=result["steps"],
-                         rung=pruned["rung"] if pruned else None, error=None)
+                         rung=pruned["rung"] if pruned else None, error=pruned.get("reason") if pruned else None)
             if trial_run is not None:
                 if pruned:
-                    trial_run.set_tags({"asha.stopped_at_step": pruned["step"], "asha.rung": pruned["rung"]})
+                    trial_run.set_tags({"asha.stopped_at_step": pruned["step"], "asha.rung": pruned["rung"],
+                                        **({"asha.stopped_by": pruned["reason"]} if "reason" in pruned else {})})
                 best = trial.best if cfg.output.export_best and trial.best.exists() else None
                 trial_run.finish("FINISHED", best, module=trainer.best_module() if best else None)
         return result

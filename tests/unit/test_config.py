@@ -67,7 +67,7 @@ def test_overrides_set_dotted_keys_and_are_typed(tmp_path):
     assert cfg.optimizer.lr == 1e-4 and cfg.deepspeed.zero_stage == 3 and cfg.model.activation_checkpointing
     assert _errors(tmp_path, tiny_config(tmp_path, tmp_path / "out"), ["training.max_step=5"])[0].endswith(
         "training.max_step: unknown key; valid keys of training: global_batch_size, gradient_accumulation_steps, "
-        "log_every, max_nonfinite_steps, max_steps, micro_batch_size, seed")
+        "log_every, max_nonfinite_steps, max_steps, micro_batch_size, seed, spikes")
 
 
 def test_raw_deepspeed_keys_pass_through_and_agreeing_duplicates_are_allowed(tmp_path):

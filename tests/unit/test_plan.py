@@ -168,6 +168,9 @@ EQUIVALENCE_CASES = [
                  id="large-int-unicode-text-and-tracking"),
     pytest.param(dict(grid={"model.config": [{"model_type": "longformer", "num_hidden_layers": 1}]},
                       set={"optimizer.lr": 1e-3, "optimizer": {"lr": 2e-3}}), 1, id="whole-section-after-a-field"),
+    # A field added later (training.spikes) is in the id when set, and not while null (off).
+    pytest.param(dict(grid={"training.spikes": [None, {"z": 4.0}, {"window": 16}], "training.seed": [0, 1]},
+                      set={"checkpointing.every_steps": 5}), 6, id="a-field-added-later-set-and-off"),
 ]
 
 

@@ -1,0 +1,136 @@
+"""training.spikes on real training jobs with real injected faults (train/faults.py): a NaN loss
+on one rank, a 100x loss, a job killed or requeued between a rollback and its next checkpoint,
+and a trial whose rollbacks are spent.
+
+The task: 400 generated documents whose class words start at once, so a 1-layer model learns
+within 60 steps and its final validation loss is a fair yardstick. The fault hits data
+position 22 (step 23, three steps after the checkpoint of step 20); with `margin: 2` a rollback
+skips positions 20-24. The reference runs with detection off and position 22 removed from the
+data (`drop`): the same data up to step 22, so the two runs' losses must be equal there, bit for
+bit (detection on and no spike changes nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from qarac_dist.track.mlflow_client import client
+from qarac_dist.track.trial_dir import TrialDir, read_metrics
+from support import logged_losses, run_train, tiny_config, write_config
+
+FAULT_AT = 22  # a data position: the batch of step 23
+BEFORE = 20  # the steps both runs log alike: the rollback rewinds metrics.jsonl to step 20
+
+
+def _config(tmp_path, data_cache, name, spikes=None, **sections):
+    cfg = tiny_config(data_cache, tmp_path / name, training={"max_steps": 60, "micro_batch_size": 8},
+                      checkpointing={"every_steps": 10}, evaluation={"every_steps": 10}, optimizer={"lr": 2.0e-3},
+                      **sections)
+    cfg["model"]["config"]["attention_window"] = 16
+    cfg["data"]["synthetic"].update(num_train=400, evidence_rate=0.5, evidence_after=0, min_tokens=32, max_tokens=64)
+    cfg["data"]["max_length"] = 64
+    if spikes is not None:
+        cfg["training"]["spikes"] = {"window": 16, "margin": 2, "grad_norm": False, **spikes}
+    return write_config(tmp_path / f"{name}.yaml", cfg)
+
+
+def _final_val_loss(out) -> float:
+    return [row["val_loss"] for row in read_metrics(out / "metrics.jsonl") if "val_loss" in row][-1]
+
+
+def _spike_lines(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if "loss spike" in line and "rolled back to" in line]
+
+
+def test_a_nan_on_one_rank_rolls_every_rank_back_and_ends_near_the_run_without_that_batch(tmp_path, data_cache):
+    """Rank 1's loss is NaN; rank 0's is finite. Both roll back at the same step: had rank 0
+    gone on alone, the ranks' collectives would no longer pair up and the job would hang or
+    fail, not end at step 60 with a complete checkpoint."""
+    faulty = _config(tmp_path, data_cache, "faulty", spikes={})
+    reference = _config(tmp_path, data_cache, "reference")
+    proc = run_train(faulty, num_processes=2, fault=f"loss-nan:{FAULT_AT}:1")
+    run_train(reference, num_processes=2, fault=f"drop:{FAULT_AT}:*")
+
+    out = tmp_path / "faulty"
+    (rollback,) = TrialDir(out).rollbacks()
+    assert {k: rollback[k] for k in ("rollback", "step", "to_step", "rank", "what", "value", "position", "skipped")} \
+        == {"rollback": 1, "step": 23, "to_step": 20, "rank": 1, "what": "loss", "value": "nan", "position": 22,
+            "skipped": 5}
+    (line,) = _spike_lines(proc)  # printed by rank 0, whose own loss was finite
+    assert "loss spike at step 23 (loss nan on rank 1): rolled back to step 20, skipping 5 batches (data positions " \
+           "20-24); rollback 1 of 3" in line
+    assert json.loads((out / "result.json").read_text())["steps"] == 60
+    assert (out / "checkpoints" / "step00000060" / "COMPLETE").exists()
+    assert logged_losses(out)[:BEFORE] == logged_losses(tmp_path / "reference")[:BEFORE]
+    assert _final_val_loss(out) == pytest.approx(_final_val_loss(tmp_path / "reference"), rel=0.02)
+
+
+def test_a_100x_loss_rolls_back_and_says_so_in_the_log_metrics_and_mlflow(tmp_path, data_cache):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    faulty = _config(tmp_path, data_cache, "faulty", spikes={}, tracking={"uri": uri, "experiment": "spikes"})
+    reference = _config(tmp_path, data_cache, "reference")
+    proc = run_train(faulty, fault=f"loss-x100:{FAULT_AT}:0")
+    run_train(reference, fault=f"drop:{FAULT_AT}:*")
+
+    out = tmp_path / "faulty"
+    (line,) = _spike_lines(proc)
+    assert ", z " in line and "on rank 0): rolled back to step 20, skipping 5 batches" in line
+    (row,) = [r for r in read_metrics(out / "metrics.jsonl") if "spike_rollback" in r]
+    assert (row["step"], row["spike_rollback"], row["spike_rolled_back_to"], row["spike_batches_skipped"]) == \
+        (23, 1, 20, 5)
+    assert row["spike_value"] > 10 and row["spike_z"] > 6
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == list(range(1, 61))
+    assert logged_losses(out)[:BEFORE] == logged_losses(tmp_path / "reference")[:BEFORE]
+    assert _final_val_loss(out) == pytest.approx(_final_val_loss(tmp_path / "reference"), rel=0.02)
+
+    c = client(uri)
+    (run,) = c.search_runs([c.get_experiment_by_name("spikes").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["spike_rollbacks"] == "1" and "rolled back to step 20" in run.data.tags["spike_last"]
+    (point,) = c.get_metric_history(run.info.run_id, "spike_batches_skipped")
+    assert (point.step, point.value) == (23, 5)
+
+
+@pytest.mark.parametrize("stop", ["kill", "usr2"])
+def test_a_job_stopped_in_the_skip_window_resumes_past_the_same_data(tmp_path, data_cache, stop):
+    """A job killed (SIGKILL: it resumes from step 20, and only rollbacks.json says what to skip)
+    or requeued (SLURM's warning: it saves at step 25) at step 25, after the rollback to step 20
+    and before the next checkpoint: the resumed job logs the uninterrupted run's losses, the
+    learning-rate cut included, and makes no second rollback."""
+    spikes = {"lr_factor": 0.5, "lr_steps": 5}
+    whole = _config(tmp_path, data_cache, "whole", spikes=spikes)
+    stopped = _config(tmp_path, data_cache, "stopped", spikes=spikes)
+    run_train(whole, fault=f"loss-x100:{FAULT_AT}:0")
+    first = run_train(stopped, fault=f"loss-x100:{FAULT_AT}:0,{stop}:25:0", check=False)
+    assert first.returncode == (-signal.SIGKILL if stop == "kill" else 3), first.stderr[-3000:]
+    assert len(_spike_lines(first)) == 1
+    second = run_train(stopped, fault=f"loss-x100:{FAULT_AT}:0,{stop}:25:0")
+    assert f"resumed from checkpoint step000000{20 if stop == 'kill' else 25}" in second.stderr
+    assert _spike_lines(second) == []
+
+    out, ref = tmp_path / "stopped", tmp_path / "whole"
+    assert TrialDir(out).rollbacks() == TrialDir(ref).rollbacks()
+    assert logged_losses(out) == logged_losses(ref)
+    cut = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r.get("lr_factor") == 0.5]
+    assert cut == [21, 22, 23, 24, 25]
+
+
+@pytest.mark.parametrize("asha", [False, True], ids=["alone", "successive-halving"])
+def test_a_spike_after_the_last_rollback_fails_the_trial_or_prunes_it(tmp_path, data_cache, asha):
+    extra = {"asha": {"rungs": [30], "reduction_factor": 2, "metric": "loss", "mode": "min"}} if asha else {}
+    config = _config(tmp_path, data_cache, "spent", spikes={"max_rollbacks": 1}, **extra)
+    proc = run_train(config, "training.max_steps=30", fault="loss-x100:12:0,loss-x100:16:0", check=False)
+    state = json.loads((tmp_path / "spent" / "state.json").read_text())
+    assert len(_spike_lines(proc)) == 1  # the first spike's rollback; the second one ends the trial
+    # The rollback from step 13 to 10 moves position 16 to step 12, where it spikes again.
+    reason = ("loss spike at step 12 (loss ", "after 1 rollback(s), training.spikes.max_rollbacks; lower optimizer.lr, "
+              "or raise training.spikes.z or training.spikes.max_rollbacks")
+    assert state["error"].split("(loss ")[0] + "(loss " == ("" if asha else "SpikesExhausted: ") + reason[0]
+    assert state["error"].endswith(reason[1])
+    if asha:
+        assert proc.returncode == 0 and state["state"] == "PRUNED" and state["step"] == 12
+    else:
+        assert proc.returncode == 1 and state["state"] == "FAILED"
