@@ -74,10 +74,13 @@ def damage(directory: Path, tag: str) -> Optional[str]:
     return None
 
 
-def newest_intact(directory: Path) -> tuple[Optional[str], list[str]]:
-    """The newest complete checkpoint whose files are whole, and a line per damaged newer one."""
+def newest_intact(directory: Path, at_most: Optional[int] = None) -> tuple[Optional[str], list[str]]:
+    """The newest complete checkpoint whose files are whole (of step `at_most` or before, if
+    given), and a line per damaged newer one."""
     damaged = []
     for tag in reversed(complete_tags(directory)):
+        if at_most is not None and int(tag[4:12]) > at_most:
+            continue
         problem = damage(directory, tag)
         if problem is None:
             return tag, damaged
@@ -165,6 +168,9 @@ def save(engine, directory: Path, step: int, client_state: dict, rank: int, keep
 
 def load(engine, directory: Path, tag: str, rank: int) -> dict:
     """Load a complete checkpoint into the engine; restores this rank's RNG; returns client state."""
+    # DeepSpeed reads a universal checkpoint only when its config says so, and a job that resumed
+    # from one may later roll back to one of its own: the tag decides, each time.
+    engine._config.load_universal_checkpoint = tag.endswith("_universal")
     path, client_state = engine.load_checkpoint(str(directory), tag=tag)
     if path is None:
         raise RuntimeError(f"checkpoint {directory / tag} could not be loaded")
@@ -193,10 +199,10 @@ class Checkpointer:
             return None
         return self._decided(self._choose)
 
-    def newest(self) -> Optional[str]:
-        """The newest complete and intact checkpoint (what a rollback goes back to); rank 0
-        decides and every rank follows."""
-        return self._decided(lambda: newest_intact(self.directory)[0])
+    def newest(self, at_most: int) -> Optional[str]:
+        """The newest complete and intact checkpoint of step `at_most` or before (what a
+        rollback goes back to); rank 0 decides and every rank follows."""
+        return self._decided(lambda: newest_intact(self.directory, at_most)[0])
 
     def _decided(self, decide):
         """`decide()` on rank 0, its answer (or its UserError) on every rank."""

@@ -4,8 +4,8 @@
 hook is one dictionary lookup that finds nothing.
 
     checkpoint-write:STEP:RANK  SIGKILL while writing the checkpoint of STEP (once per directory)
-    kill:STEP:RANK              SIGKILL at the end of STEP (once per directory)
-    usr2:STEP:RANK              SLURM's warning signal at the end of STEP (once per directory)
+    kill:STEP:RANK              SIGKILL right after the update of STEP (once per directory)
+    usr2:STEP:RANK              SLURM's warning signal then: the job saves at STEP (once per directory)
     loss-nan:POS:RANK           the loss of the batch at data position POS is NaN on RANK
     loss-x100:POS:RANK          the loss (and so the gradient) of that batch is 100 times larger
     drop:POS:*                  the batch at data position POS is not in the data at all
@@ -54,7 +54,7 @@ def dropped(position: int) -> bool:
     return active("drop", position, 0)
 
 
-def step_end(step: int, rank: int, directory: Path) -> None:
-    """The fault points at the end of a step: `kill` and `usr2`."""
+def after_step(step: int, rank: int, directory: Path) -> None:
+    """The fault points right after a step's update: `kill` and `usr2`."""
     once("kill", step, rank, directory)
     once("usr2", step, rank, directory, signal.SIGUSR2)

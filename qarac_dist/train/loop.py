@@ -137,20 +137,21 @@ class Trainer:
             raise Preempted(STOP.signum, self.step, saved=False)
 
     def advance(self, batch: tuple[int, list[np.ndarray]] | None = None) -> bool:
-        """One optimizer step, then what falls due after it: check for a spike (and roll back),
-        log, validate (keep the best), checkpoint, honour a stop signal. Returns True when
-        early stopping (or successive halving) says stop."""
+        """One optimizer step, then what falls due after it: a spike check (and rollback), log,
+        validate (keep the best), checkpoint, honour a stop signal. True: stop (early, pruned)."""
         cfg, t = self.cfg, self.cfg.training
         position, micro_batches = batch or self.next_batch()
         lr_factor = self.spikes.lr_factor(self.step + 1) if self.spikes is not None else 1.0
-        step_started = time.perf_counter()
-        skipped_before = self.engine.skipped_steps
+        step_started, skipped_before = time.perf_counter(), self.engine.skipped_steps
         loss, tokens = self.train_step(micro_batches, position, lr_factor)
         self.step += 1
+        faults.after_step(self.step, self.ranks.rank, self.dir.path)
+        stop = None  # whether any rank got a stop signal, when the spike check gathered it
         if self.spikes is None:
             self.nonfinite.check(self.step, float(loss))
         else:
-            spike = self.spikes.check(self.step, position, float(loss), grad_norm(self.engine, skipped_before))
+            spike, stop = self.spikes.check(self.step, position, float(loss), grad_norm(self.engine, skipped_before),
+                                            STOP.signum is not None)
             if spike is not None:
                 return self.roll_back(spike)
         self.window.add(loss, tokens, time.perf_counter() - step_started)
@@ -164,8 +165,7 @@ class Trainer:
         checkpointed = bool(cfg.checkpointing.every_steps) and self.step % cfg.checkpointing.every_steps == 0
         if checkpointed:
             self.save_checkpoint()
-        faults.step_end(self.step, self.ranks.rank, self.dir.path)
-        if self.stop_requested():
+        if self.stop_requested() if stop is None else stop:
             # SLURM's warning signal (preemption or time limit) or SIGTERM: every rank has
             # finished this step; save, then let the caller requeue or exit.
             if not checkpointed:
@@ -276,7 +276,7 @@ class Trainer:
             self.pruned = {"rung": None, "step": self.step, "reason": exhausted}
             return True
         offset, started = self.offset, time.perf_counter()
-        self.load(self.checkpointer.newest())
+        self.load(self.checkpointer.newest(at_most=self.step - 1))
         rollback = self.spikes.rolled_back(spike, self.step, offset, time.perf_counter() - started)
         self.offset = rollback["offset"]
         self.window = Window(self.device)  # the losses since the last log are of undone steps

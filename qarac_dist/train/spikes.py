@@ -102,24 +102,28 @@ class SpikeGuard:
             self.cut_after = record[-1]["to_step"]
         return record[-1]["offset"] if len(record) > saved_rollbacks else saved_offset
 
-    def check(self, step: int, position: int, loss: float, grad_norm: Optional[float]) -> Optional[Spike]:
-        """This step's verdict, the same on every rank. A step that is no spike joins the histories."""
+    def check(self, step: int, position: int, loss: float, grad_norm: Optional[float],
+              stopping: bool = False) -> tuple[Optional[Spike], bool]:
+        """This step's verdict, the same on every rank, and whether any rank got a stop signal:
+        both travel in the one gather a step already has (the stop flag's), so detection adds
+        no collective. A step that is no spike joins the histories."""
         watched = self.cfg.grad_norm and grad_norm is not None
         mine = torch.tensor([self.losses.z(loss), loss, self.norms.z(grad_norm) if watched else 0.0,
-                             grad_norm if watched else 0.0], dtype=torch.float64)
+                             grad_norm if watched else 0.0, float(stopping)], dtype=torch.float64)
         every = [mine]
         if self.world_size > 1:
             every = [torch.empty_like(mine) for _ in range(self.world_size)]
             dist.all_gather(every, mine, group=self.group)
+        stop = any(bool(t[4]) for t in every)
         candidates = [Spike(step, position, r, what, float(t[i + 1]), float(t[i]))
                       for r, t in enumerate(every) for i, what in ((0, "loss"), (2, "grad_norm"))
                       if not float(t[i]) <= self.cfg.z]  # NaN compares false: a spike too
         if candidates:
-            return max(candidates, key=lambda s: s.z)
+            return max(candidates, key=lambda s: s.z), stop
         self.losses.values.append(loss)
         if watched:
             self.norms.values.append(grad_norm)
-        return None
+        return None, stop
 
     def lr_factor(self, step: int) -> float:
         """What the learning rate of `step` is multiplied by (the cut after a rollback)."""

@@ -112,7 +112,8 @@ def test_a_job_stopped_in_the_skip_window_resumes_past_the_same_data(tmp_path, d
     assert _spike_lines(second) == []
 
     out, ref = tmp_path / "stopped", tmp_path / "whole"
-    assert TrialDir(out).rollbacks() == TrialDir(ref).rollbacks()
+    timeless = [[{k: v for k, v in r.items() if k != "load_seconds"} for r in TrialDir(d).rollbacks()] for d in (out, ref)]
+    assert timeless[0] == timeless[1] and len(timeless[0]) == 1
     assert logged_losses(out) == logged_losses(ref)
     cut = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r.get("lr_factor") == 0.5]
     assert cut == [21, 22, 23, 24, 25]

@@ -22,7 +22,7 @@ def _guard(**cfg) -> SpikeGuard:
 
 def _warm(guard: SpikeGuard, losses, norm=None) -> None:
     for step, loss in enumerate(losses, 1):
-        assert guard.check(step, step - 1, loss, norm) is None
+        assert guard.check(step, step - 1, loss, norm) == (None, False)
 
 
 def test_z_waits_for_half_a_window_and_non_finite_values_always_count():
@@ -40,33 +40,34 @@ def test_a_nearly_constant_window_does_not_make_ordinary_noise_a_spike():
     event, but it is not 1.5 times the mean."""
     guard = _guard()
     _warm(guard, [0.6931 + 1e-4 * (-1) ** i for i in range(8)])
-    assert guard.check(9, 8, 0.74, None) is None
-    spike = guard.check(10, 9, 69.3, None)
+    assert guard.check(9, 8, 0.74, None) == (None, False)
+    spike, stop = guard.check(10, 9, 69.3, None, stopping=True)
+    assert stop  # the stop flag travels in the same gather
     assert (spike.what, spike.step, spike.position, spike.rank) == ("loss", 10, 9, 0) and spike.z > 6
 
 
 def test_a_spike_stays_out_of_the_window_and_a_gradient_norm_spike_counts_too():
     guard = _guard(grad_norm=True)
     _warm(guard, [1.0, 1.1] * 4, norm=1.0)
-    assert guard.check(9, 8, 50.0, 1.0) is not None
+    assert guard.check(9, 8, 50.0, 1.0)[0] is not None
     assert 50.0 not in guard.losses.values
-    spike = guard.check(9, 8, 1.0, math.nan)
+    spike, _ = guard.check(9, 8, 1.0, math.nan)
     assert (spike.what, spike.z) == ("grad_norm", math.inf)
     assert "grad_norm nan on rank 0" == spike.describe()
-    assert _guard().check(1, 0, 1.0, math.inf) is None  # not watched: the default
-    assert guard.check(9, 8, 1.05, None) is None  # a step without a norm (fp16 overflow) is judged by its loss
+    assert _guard().check(1, 0, 1.0, math.inf)[0] is None  # not watched: the default
+    assert guard.check(9, 8, 1.05, None)[0] is None  # a step without a norm (fp16 overflow) is judged by its loss
 
 
 def test_a_rollback_moves_the_data_past_the_spike_by_the_margin():
     guard = _guard(margin=2, max_rollbacks=2)
     _warm(guard, [1.0, 1.1] * 4)
-    spike = guard.check(23, 22, math.nan, None)
+    spike, _ = guard.check(23, 22, math.nan, None)
     rollback = guard.rolled_back(spike, to_step=20, offset=0)
     # Step 21 now takes position 25: positions 20-24 (3 trained and undone, the spike's, 2 more) are skipped.
     assert (rollback["offset"], rollback["skipped"], rollback["value"], rollback["z"]) == (5, 5, "nan", None)
     assert "rolled back to step 20, skipping 5 batches (data positions 20-24); rollback 1 of 2" in \
         guard.line(spike, rollback)
-    second = guard.rolled_back(guard.check(22, 26, math.inf, None), to_step=20, offset=5)  # the same checkpoint
+    second = guard.rolled_back(guard.check(22, 26, math.inf, None)[0], to_step=20, offset=5)  # the same checkpoint
     assert (second["offset"], second["skipped"], second["rollback"]) == (9, 4, 2)
     assert "after 2 rollback(s)" in guard.exhausted(spike)
     assert _guard(max_rollbacks=3).exhausted(spike) is None
@@ -75,7 +76,7 @@ def test_a_rollback_moves_the_data_past_the_spike_by_the_margin():
 def test_the_learning_rate_cut_counts_from_the_checkpoint_gone_back_to():
     guard = _guard(lr_factor=0.25, lr_steps=3)
     assert guard.lr_factor(21) == 1.0
-    guard.rolled_back(guard.check(23, 22, math.nan, None), to_step=20, offset=0)
+    guard.rolled_back(guard.check(23, 22, math.nan, None)[0], to_step=20, offset=0)
     assert [guard.lr_factor(s) for s in range(20, 26)] == [1.0, 0.25, 0.25, 0.25, 1.0, 1.0]
     assert _guard(lr_steps=3).lr_factor(21) == 1.0  # factor 1: no cut
 
@@ -124,3 +125,18 @@ def test_fault_entries_name_a_point_a_number_and_a_rank(monkeypatch):
     assert faults.dropped(7) and not faults.dropped(5)
     monkeypatch.delenv("QARAC_FAULT")
     assert faults.loss_factor(5, 1) == 1.0
+
+
+def test_status_shows_a_trials_rollbacks(tmp_path):
+    from qarac_dist.submit.report import rows
+    from qarac_dist.submit.sweep_dir import Manifest, TrialRecord
+
+    record = TrialRecord("t1", "x", {}, {}, str(tmp_path / "trials" / "t1"), "local", state="COMPLETED", attempt=1)
+    manifest = Manifest("s", "local", "accuracy", "max", trials={"t1": record})
+    assert rows(manifest)[0][0].cells()[2] == "COMPLETED"
+    trial = TrialDir(record.trial_dir.path)
+    trial.add_rollback({"rollback": 1})
+    trial.add_rollback({"rollback": 2})
+    assert rows(manifest)[0][0].cells()[2] == "COMPLETED [2 rollbacks]"
+    trial.rollbacks_file.write_text("{")  # damaged: the trial's job says so; status still shows the trial
+    assert rows(manifest)[0][0].cells()[2] == "COMPLETED"
