@@ -14,6 +14,7 @@
 
     python bench/search.py --train      # about 10 minutes on 2 cores
     python bench/search.py [--space continuous]   # the replay; writes bench/results/search_replay_<space>.json
+    python bench/search.py --task early [--train]  # a task that learns before the rung: *_early_*.json
 
 Also measured: the time of one ask with 1,000 finished trials in the record.
 """
@@ -34,7 +35,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-GRID_FILE = ROOT / "bench" / "results" / "search_grid.json"
+TASKS = {  # the set of the grid's sweep, and the steps each configuration trains
+    # The label's words start after word 64: what learns does so after step 40, 80 steps.
+    "late": ({"data.synthetic.min_tokens": 128, "data.synthetic.max_tokens": 256,
+              "data.synthetic.evidence_after": 64, "data.max_length": 256}, 80),
+    # The label's words from the first word on, fewer of them: learning starts before the rung
+    # at step 40, 60 steps (at 80, six configurations end within 0.01 of the best).
+    "early": ({"data.synthetic.min_tokens": 64, "data.synthetic.max_tokens": 128, "data.synthetic.evidence_after": 0,
+               "data.synthetic.evidence_rate": 0.1, "data.max_length": 128}, 60),
+}
+TASK = "late"  # --task
+
+
+def grid_file() -> Path:
+    return ROOT / "bench" / "results" / ("search_grid.json" if TASK == "late" else f"search_grid_{TASK}.json")
 GRID = {"optimizer.lr": [3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2], "model.config.num_hidden_layers": [1, 2, 3],
         "training.micro_batch_size": [4, 8, 16]}
 MAX_STEPS, EVERY, WORKERS, SEEDS, WITHIN = 80, 10, 4, 20, 0.01
@@ -49,9 +63,8 @@ def train(tmp: Path) -> None:
 
     spec = {"name": "search_grid", "base": str(ROOT / "configs" / "longformer_synthetic.yaml"), "executor": "local",
             "runs_dir": str(tmp / "runs"), "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"},
-            "set": {"data.synthetic.num_train": 400, "data.synthetic.num_validation": 96,
-                    "data.synthetic.min_tokens": 128, "data.synthetic.max_tokens": 256,
-                    "data.synthetic.evidence_after": 64, "data.synthetic.num_classes": 2, "data.max_length": 256,
+            "set": {"data.synthetic.num_train": 400, "data.synthetic.num_validation": 96, **TASKS[TASK][0],
+                    "data.synthetic.num_classes": 2,
                     "training.max_steps": MAX_STEPS,
                     "training.log_every": 1, "evaluation.every_steps": EVERY, "early_stopping.patience": None,
                     "scheduler.warmup_steps": 5, "output.export_best": False},
@@ -75,7 +88,7 @@ def train(tmp: Path) -> None:
         status = r.trial_dir.status_of(r.attempt)
         seconds = (r.trial_dir.state_file.stat().st_mtime - status.started) / MAX_STEPS
         configs.append({"params": {k: r.overrides[k] for k in GRID}, "curve": curve, "seconds_per_step": seconds})
-    GRID_FILE.write_text(json.dumps(configs, indent=1) + "\n")
+    grid_file().write_text(json.dumps(configs, indent=1) + "\n")
 
 
 def _nearest(params: dict) -> dict:
@@ -211,15 +224,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", action="store_true", help="train the grid and record its curves")
     parser.add_argument("--seeds", type=int, default=SEEDS)
+    parser.add_argument("--task", choices=sorted(TASKS), default="late",
+                        help="late: learning starts after step 40; early: within the first rung")
     parser.add_argument("--space", choices=("grid", "continuous"), default="grid",
                         help="grid: each key a choice of the grid's values; continuous: the learning rate loguniform")
     args = parser.parse_args()
-    global SPACE
-    SPACE = args.space
+    global SPACE, TASK, MAX_STEPS
+    SPACE, TASK = args.space, args.task
+    MAX_STEPS = TASKS[TASK][1]
     with tempfile.TemporaryDirectory() as tmp:
         if args.train:
             train(Path(tmp))
-        configs = json.loads(GRID_FILE.read_text())
+        configs = json.loads(grid_file().read_text())
         values = sorted(min(v for _, v in c["curve"]) for c in configs)
         near = sum(v <= values[0] + WITHIN for v in values)
         results = {"grid": {"configs": len(configs), "best": values[0], "within": near,
@@ -231,7 +247,8 @@ def main() -> None:
                   f"{_spread([r['steps'] for r in runs])}, found in {sum(r['found'] for r in runs)} of {len(runs)}",
                   file=sys.stderr)
         results["ask_seconds_1000"] = ask_time(Path(tmp))
-    (ROOT / "bench" / "results" / f"search_replay_{SPACE}.json").write_text(json.dumps(results, indent=1) + "\n")
+    name = f"search_replay_{SPACE}.json" if TASK == "late" else f"search_replay_{TASK}_{SPACE}.json"
+    (ROOT / "bench" / "results" / name).write_text(json.dumps(results, indent=1) + "\n")
     grid = results["grid"]
     print(f"grid: {grid['configs']} configurations, best validation loss {grid['best']:.4f}, {grid['within']} within "
           f"{WITHIN} of it, {grid['steps']} training steps in all\n")

@@ -176,9 +176,17 @@ class TrialDir:
 
     # ------------------------------------------------------------------ rollbacks.json
     def rollbacks(self) -> list[dict]:
-        """The loss-spike rollbacks so far, oldest first (train/spikes.py)."""
+        """The loss-spike rollbacks so far, oldest first (train/spikes.py); DamagedFile for a
+        file that is not such a record (the data offset to resume with is unknown then)."""
         data = read_json(self.rollbacks_file)
-        return [] if data is None else data["rollbacks"]
+        if data is None:
+            return []
+        rollbacks = data.get("rollbacks")
+        if not isinstance(rollbacks, list) or not all(
+                isinstance(r, dict) and all(type(r.get(k)) is int for k in ("to_step", "offset")) for r in rollbacks):
+            raise DamagedFile(f"{self.rollbacks_file}: not a record of rollbacks (a list of them, each with an integer "
+                              f"to_step and offset)")
+        return rollbacks
 
     def add_rollback(self, rollback: dict) -> None:
         """Rank 0 records a rollback before training goes on, so a job killed in the skip window

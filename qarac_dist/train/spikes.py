@@ -4,8 +4,9 @@ rolls back (train/loop.py `Trainer.roll_back`).
 Detection costs no forward pass: each step's loss (read anyway for the non-finite check) and
 DeepSpeed's global gradient norm are compared with the mean and standard deviation of the last
 `window` steps that were not spikes. Losses are rank-local, so each rank checks its own, and the
-verdicts are gathered on the CPU group: every rank takes the same decision at the same step, and
-a spike seen on one rank alone rolls all of them back.
+verdicts are gathered on the CPU group, in the gather that carries the stop-signal flag (no
+collective of their own): every rank takes the same decision at the same step, and a spike seen
+on one rank alone rolls all of them back. Losses are taken to be non-negative.
 
 A rollback goes to the newest complete checkpoint (a trial with spikes on saves one at step 0,
 so there always is one) and moves the data on: step s trains on the batch at data position

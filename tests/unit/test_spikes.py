@@ -97,12 +97,9 @@ def test_a_resumed_job_takes_the_offset_of_rollbacks_made_after_its_checkpoint(s
 def test_rollbacks_json_and_the_rows_a_rollback_keeps(tmp_path):
     trial = TrialDir(tmp_path)
     assert trial.rollbacks() == []
-    trial.add_rollback({"rollback": 1, "offset": 5})
-    trial.add_rollback({"rollback": 2, "offset": 9})
+    trial.add_rollback({"rollback": 1, "to_step": 20, "offset": 5})
+    trial.add_rollback({"rollback": 2, "to_step": 20, "offset": 9})
     assert [r["offset"] for r in trial.rollbacks()] == [5, 9]
-    trial.rollbacks_file.write_text('{"rollbacks": [')
-    with pytest.raises(DamagedFile):
-        trial.rollbacks()
 
     metrics = MetricsFile(tmp_path / "metrics.jsonl")
     for step in range(1, 24):
@@ -116,6 +113,26 @@ def test_rollbacks_json_and_the_rows_a_rollback_keeps(tmp_path):
     MetricsFile(tmp_path / "metrics.jsonl", keep_through_step=20).close()  # a resume from step 20
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [*range(1, 21), 23]
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1]) == {"step": 23, ROLLBACK: 1}
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"rollbacks": [', "not valid JSON"),
+    ("", "empty"),
+    ("[]", "expected a JSON object, got list"),
+    ('{"rollbacks": {"to_step": 1}}', "not a record of rollbacks"),
+    ('{"rollbacks": [{"to_step": 20}]}', "not a record of rollbacks"),
+    ('{"rollbacks": [{"to_step": "20", "offset": 5}]}', "not a record of rollbacks"),
+    ('{"rollbacks": [{"to_step": 20, "offset": 5.5}]}', "not a record of rollbacks"),
+    ('{"rollbacks": [{"to_step": true, "offset": 5}]}', "not a record of rollbacks"),
+], ids=["cut", "empty", "a-list", "not-a-list", "no-offset", "step-as-text", "offset-fraction", "bool-step"])
+def test_a_damaged_rollbacks_json_is_one_line_naming_it(tmp_path, content, expected):
+    """A job cannot resume past skipped data it cannot read: it fails with this line."""
+    trial = TrialDir(tmp_path)
+    trial.rollbacks_file.write_text(content)
+    with pytest.raises(DamagedFile) as err:
+        trial.rollbacks()
+    assert str(trial.rollbacks_file) in str(err.value) and expected in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_fault_entries_name_a_point_a_number_and_a_rank(monkeypatch):
@@ -135,8 +152,8 @@ def test_status_shows_a_trials_rollbacks(tmp_path):
     manifest = Manifest("s", "local", "accuracy", "max", trials={"t1": record})
     assert rows(manifest)[0][0].cells()[2] == "COMPLETED"
     trial = TrialDir(record.trial_dir.path)
-    trial.add_rollback({"rollback": 1})
-    trial.add_rollback({"rollback": 2})
+    trial.add_rollback({"rollback": 1, "to_step": 10, "offset": 3})
+    trial.add_rollback({"rollback": 2, "to_step": 10, "offset": 6})
     assert rows(manifest)[0][0].cells()[2] == "COMPLETED [2 rollbacks]"
     trial.rollbacks_file.write_text("{")  # damaged: the trial's job says so; status still shows the trial
     assert rows(manifest)[0][0].cells()[2] == "COMPLETED"
