@@ -56,9 +56,10 @@ def _single_run_history(tmp_path, run_id: str) -> list[int]:
     return sorted(m.step for m in c.get_metric_history(run_id, "loss"))
 
 
-@pytest.mark.parametrize("ranks", [1, 2], ids=["1rank-fp32", "2ranks-zero2"])
-def test_usr2_requeues_and_resumes_exactly(cluster, no_requeue_delay, tmp_path, data_cache, ranks):
-    resources = {"time_min": 10, "nodes": ranks, "tasks_per_node": 1}
+def test_usr2_requeues_and_resumes_exactly(cluster, no_requeue_delay, tmp_path, data_cache):
+    """2 ranks on 2 nodes, ZeRO-2. (One rank resuming bit for bit after a stop signal is shown
+    locally, and cheaper, by tests/integration/test_spikes.py.)"""
+    resources = {"time_min": 10, "nodes": 2, "tasks_per_node": 1}
     reference = _sweep(tmp_path, "reference", data_cache, resources=resources)
     interrupted = _sweep(tmp_path, "interrupted", data_cache, resources=resources)
     assert run_sweep(reference, "--no-preflight").returncode == 0
@@ -79,20 +80,10 @@ def test_usr2_requeues_and_resumes_exactly(cluster, no_requeue_delay, tmp_path, 
     losses, ref_losses = logged_losses(out), logged_losses(ref_out)
     assert len(losses) == 60
     a, b = _weights(out), _weights(ref_out)
-    if ranks == 1:
-        assert losses == ref_losses  # bitwise
-        assert all(torch_equal(a[k], b[k]) for k in b)
-    else:
-        assert losses == pytest.approx(ref_losses, abs=1e-6)
-        assert all(float((a[k] - b[k]).abs().max()) <= 1e-6 for k in b)
+    assert losses == pytest.approx(ref_losses, abs=1e-6)
+    assert all(float((a[k] - b[k]).abs().max()) <= 1e-6 for k in b)
     # One MLflow run, one point per step, no gaps or duplicates.
     assert _single_run_history(tmp_path, record.mlflow_run_id) == list(range(1, 61))
-
-
-def torch_equal(x, y) -> bool:
-    import torch
-
-    return torch.equal(x, y)
 
 
 def _helpers_env() -> dict:

@@ -1,6 +1,6 @@
 """training.spikes on real training jobs with real injected faults (train/faults.py): a NaN loss
 on one rank, a 100x loss, a job killed or requeued between a rollback and its next checkpoint,
-and a trial whose rollbacks are spent.
+and a trial whose rollbacks are spent. (Unit tests of the rules: tests/unit/test_spike_guard.py.)
 
 The task: 400 generated documents whose class words start at once, so a 1-layer model learns
 within 60 steps and its final validation loss is a fair yardstick. The fault hits data
@@ -68,9 +68,17 @@ def test_a_nan_on_one_rank_rolls_every_rank_back_and_ends_near_the_run_without_t
     assert _final_val_loss(out) == pytest.approx(_final_val_loss(tmp_path / "reference"), rel=0.02)
 
 
-def test_a_100x_loss_rolls_back_and_says_so_in_the_log_metrics_and_mlflow(tmp_path, data_cache):
+def test_a_100x_loss_rolls_back_says_so_and_a_job_stopped_in_the_skip_window_resumes_past_the_same_data(
+        tmp_path, data_cache):
+    """One rank. The 100x loss at step 23 rolls back to step 20; the log line, the metrics row and
+    MLflow say so; the run ends near the one without that batch. Then the same run stopped at
+    step 25, after the rollback and before the next checkpoint, twice: killed (SIGKILL: it
+    resumes from step 20, and only rollbacks.json says what to skip) and requeued (SLURM's
+    warning: it saves at step 25). Each resumed job logs the uninterrupted run's losses, bit for
+    bit, and makes no second rollback."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    faulty = _config(tmp_path, data_cache, "faulty", spikes={}, tracking={"uri": uri, "experiment": "spikes"})
+    tracked = {"tracking": {"uri": uri, "experiment": "spikes"}}
+    faulty = _config(tmp_path, data_cache, "faulty", spikes={}, **tracked)
     reference = _config(tmp_path, data_cache, "reference")
     proc = run_train(faulty, fault=f"loss-x100:{FAULT_AT}:0")
     run_train(reference, fault=f"drop:{FAULT_AT}:*")
@@ -85,7 +93,6 @@ def test_a_100x_loss_rolls_back_and_says_so_in_the_log_metrics_and_mlflow(tmp_pa
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == list(range(1, 61))
     assert logged_losses(out)[:BEFORE] == logged_losses(tmp_path / "reference")[:BEFORE]
     assert _final_val_loss(out) == pytest.approx(_final_val_loss(tmp_path / "reference"), rel=0.02)
-
     c = client(uri)
     (run,) = c.search_runs([c.get_experiment_by_name("spikes").experiment_id])
     assert run.info.status == "FINISHED"
@@ -93,37 +100,27 @@ def test_a_100x_loss_rolls_back_and_says_so_in_the_log_metrics_and_mlflow(tmp_pa
     (point,) = c.get_metric_history(run.info.run_id, "spike_batches_skipped")
     assert (point.step, point.value) == (23, 5)
 
-
-@pytest.mark.parametrize("stop", ["kill", "usr2"])
-def test_a_job_stopped_in_the_skip_window_resumes_past_the_same_data(tmp_path, data_cache, stop):
-    """A job killed (SIGKILL: it resumes from step 20, and only rollbacks.json says what to skip)
-    or requeued (SLURM's warning: it saves at step 25) at step 25, after the rollback to step 20
-    and before the next checkpoint: the resumed job logs the uninterrupted run's losses, the
-    learning-rate cut included, and makes no second rollback."""
-    spikes = {"lr_factor": 0.5, "lr_steps": 5}
-    whole = _config(tmp_path, data_cache, "whole", spikes=spikes)
-    stopped = _config(tmp_path, data_cache, "stopped", spikes=spikes)
-    run_train(whole, fault=f"loss-x100:{FAULT_AT}:0")
-    first = run_train(stopped, fault=f"loss-x100:{FAULT_AT}:0,{stop}:25:0", check=False)
-    assert first.returncode == (-signal.SIGKILL if stop == "kill" else 3), first.stderr[-3000:]
-    assert len(_spike_lines(first)) == 1
-    second = run_train(stopped, fault=f"loss-x100:{FAULT_AT}:0,{stop}:25:0")
-    assert f"resumed from checkpoint step000000{20 if stop == 'kill' else 25}" in second.stderr
-    assert _spike_lines(second) == []
-
-    out, ref = tmp_path / "stopped", tmp_path / "whole"
-    timeless = [[{k: v for k, v in r.items() if k != "load_seconds"} for r in TrialDir(d).rollbacks()] for d in (out, ref)]
-    assert timeless[0] == timeless[1] and len(timeless[0]) == 1
-    assert logged_losses(out) == logged_losses(ref)
-    cut = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r.get("lr_factor") == 0.5]
-    assert cut == [21, 22, 23, 24, 25]
+    for stop, code, resumed_at in (("kill", -signal.SIGKILL, 20), ("usr2", 3, 25)):
+        stopped = _config(tmp_path, data_cache, stop, spikes={})
+        fault = f"loss-x100:{FAULT_AT}:0,{stop}:25:0"
+        first = run_train(stopped, fault=fault, check=False)
+        assert first.returncode == code, first.stderr[-3000:]
+        assert len(_spike_lines(first)) == 1
+        second = run_train(stopped, fault=fault)
+        assert f"resumed from checkpoint step{resumed_at:08d}" in second.stderr
+        assert _spike_lines(second) == []
+        timeless = [[{k: v for k, v in r.items() if k != "load_seconds"} for r in TrialDir(d).rollbacks()]
+                    for d in (tmp_path / stop, out)]
+        assert timeless[0] == timeless[1] and len(timeless[0]) == 1
+        assert logged_losses(tmp_path / stop) == logged_losses(out), stop
 
 
 @pytest.mark.parametrize("asha", [False, True], ids=["alone", "successive-halving"])
 def test_a_spike_after_the_last_rollback_fails_the_trial_or_prunes_it(tmp_path, data_cache, asha):
-    extra = {"asha": {"rungs": [30], "reduction_factor": 2, "metric": "loss", "mode": "min"}} if asha else {}
-    config = _config(tmp_path, data_cache, "spent", spikes={"max_rollbacks": 1}, **extra)
-    proc = run_train(config, "training.max_steps=30", fault="loss-x100:12:0,loss-x100:16:0", check=False)
+    extra = {"asha": {"rungs": [20], "reduction_factor": 2, "metric": "loss", "mode": "min"}} if asha else {}
+    config = _config(tmp_path, data_cache, "spent", spikes={"max_rollbacks": 1, "lr_factor": 0.5, "lr_steps": 3},
+                     **extra)
+    proc = run_train(config, "training.max_steps=20", fault="loss-x100:12:0,loss-x100:16:0", check=False)
     state = json.loads((tmp_path / "spent" / "state.json").read_text())
     assert len(_spike_lines(proc)) == 1  # the first spike's rollback; the second one ends the trial
     # The rollback from step 13 to 10 moves position 16 to step 12, where it spikes again.
@@ -131,6 +128,8 @@ def test_a_spike_after_the_last_rollback_fails_the_trial_or_prunes_it(tmp_path, 
               "or raise training.spikes.z or training.spikes.max_rollbacks")
     assert state["error"].split("(loss ")[0] + "(loss " == ("" if asha else "SpikesExhausted: ") + reason[0]
     assert state["error"].endswith(reason[1])
+    # The learning-rate cut after the rollback to step 10: step 11 logged it; step 12 spiked.
+    assert [r["step"] for r in read_metrics(tmp_path / "spent" / "metrics.jsonl") if r.get("lr_factor") == 0.5] == [11]
     if asha:
         assert proc.returncode == 0 and state["state"] == "PRUNED" and state["step"] == 12
     else:
