@@ -99,7 +99,9 @@ def test_six_trials_run_two_at_a_time_as_steps_of_one_job_each_on_its_own_gpu(cl
 
 def test_a_preempted_packed_job_saves_requeues_and_resumes_its_own_trials(cluster, no_requeue_delay, tmp_path,
                                                                            data_cache):
-    path = _sweep(tmp_path, "preempted", data_cache, seeds=[0, 1], max_steps=30, checkpoint_every=5)
+    # Long enough that neither trial ends between the wait below and the signal: on a loaded
+    # machine the second trial started its steps when the first had already logged 30 of them.
+    path = _sweep(tmp_path, "preempted", data_cache, seeds=[0, 1], max_steps=120, checkpoint_every=5)
     assert run_sweep(path, "--no-preflight").returncode == 0
     manifest = _manifest(tmp_path, "preempted")
     (job,) = {j for r in manifest.trials.values() for j in r.pack_jobs}
@@ -113,7 +115,7 @@ def test_a_preempted_packed_job_saves_requeues_and_resumes_its_own_trials(cluste
         status = r.trial_dir.status_of(r.attempt)
         assert r.state == "COMPLETED" and r.attempt == 1 and r.job_ids == [job], r
         assert status.starts == 2 and status.resumed_from is not None and status.resumed_from >= 5, status
-        assert _steps_logged(r.trial_dir) == list(range(1, 31))  # resumed where it saved: no gap, no repeat
+        assert _steps_logged(r.trial_dir) == list(range(1, 121))  # resumed where it saved: no gap, no repeat
     log = "".join(p.read_text() for p in (tmp_path / "runs" / "preempted" / "submitit").rglob("*_log.out"))
     assert log.count(f"job {job} preempted; its trials saved; requeued") == 1, log
 
