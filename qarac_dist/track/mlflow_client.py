@@ -46,13 +46,15 @@ def client(uri: str):
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow.tracking import MlflowClient
 
-    c = MlflowClient(tracking_uri=uri)
     if uri.startswith("sqlite:///") and uri not in _opened:
         db = Path(uri[len("sqlite:///"):])
         with locked(Path(f"{db}.lock"), "a"):
-            c.search_experiments(max_results=1)  # creates and migrates the store
+            # Constructing the client already creates and migrates the store: inside the lock.
+            c = MlflowClient(tracking_uri=uri)
+            c.search_experiments(max_results=1)
         _opened.add(uri)
-    return c
+        return c
+    return MlflowClient(tracking_uri=uri)
 
 
 def experiment_id(mlflow_client, name: str) -> str:
