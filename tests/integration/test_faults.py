@@ -217,7 +217,9 @@ def test_nan_loss_fails_its_trial_and_the_others_finish(cluster, tmp_path, data_
     assert status.returncode == 1 and "NonFiniteLoss" in status.stdout
 
 
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)], ids=["2-to-1-ranks", "1-to-2-ranks"])
+# 2 ranks to 1: the usual case (a requeue that gets fewer nodes). The reverse goes through the
+# same conversion to a universal checkpoint; it was dropped to keep CI under 40 minutes.
+@pytest.mark.parametrize("before, after", [(2, 1)], ids=["2-to-1-ranks"])
 def test_zero2_checkpoint_resumes_on_another_number_of_ranks(tmp_path, data_cache, before, after):
     """On 2 ranks, then 1 (and the reverse; torchrun). The global batch stays
     8 (micro 4 x accumulation x ranks), so each step sees the same examples; the first loss
