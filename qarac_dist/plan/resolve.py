@@ -187,6 +187,5 @@ class Resolver:
                 fields.pop(f, None)
             elif f not in hidden:
                 fields[f] = json.dumps(f) + ": " + _json(plain[f])
-        fields = dict(sorted(fields.items()))  # a field added back goes where the JSON of the id has it
         identity = "null" if name == "tracking" else "{" + ", ".join(fields.values()) + "}"
         return _Section(None, plain, identity, fields, (), build=lambda: dataclasses.replace(base.value, **typed))
