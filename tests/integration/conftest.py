@@ -1,10 +1,11 @@
 """Everything here runs real processes: DeepSpeed ranks, SLURM jobs, MLflow servers, chromium.
 
-With `pytest -n 2 --dist loadgroup` (what CI and the README run) the tests that submit to the
-local SLURM cluster run one after another on one worker, so that they never compete for its
-four CPU slots, while the tests of local processes run on the other. The two local tests of
-test_faults.py (checkpoints resumed on another number of ranks) join the cluster's worker, which
-has less to do.
+CI and the README run `pytest tests -n 3`: three workers on two cores, since most of these
+tests wait (on SLURM's scheduler and time limits, on signals, on servers) rather than compute.
+Tests on the local SLURM cluster may run at the same time as each other: a job that finds the
+cluster's CPUs taken stays PENDING until they free, and every test waits on job states, never on
+a fixed time. (xdist's `loadgroup` would keep them on one worker, but with pytest 9.2 it silently
+stops grouping: pytest-xdist #1386.)
 """
 
 import pytest
@@ -14,5 +15,3 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "/integration/" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
-            slurm = "cluster" in getattr(item, "fixturenames", ()) or item.fspath.basename == "test_faults.py"
-            item.add_marker(pytest.mark.xdist_group("slurm" if slurm else "local"))
