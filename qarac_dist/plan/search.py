@@ -9,17 +9,27 @@ into the record), so a sequence of asks is the sequence `study.optimize` would m
 Optuna storage: SQLite must not live on a shared filesystem, the journal file backends lost or
 interleaved lines on NFS and left locks behind killed processes; our record has one writer at a
 time under an fcntl lock, which the kernel releases when its holder dies.
+
+A configuration this sweep has already tried is not trained again (optuna #2021: nothing in
+Optuna's samplers skips one, and on a space of choices TPE keeps asking its incumbent): the
+sampler is told the earlier result as the answer to the repeat, or the repeat is left running
+beside the running one, and asked again, up to REASKS times.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import math
 import pickle
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config.sweep import Distribution, Search
+
+REASKS = 32
+"""Asks at most per slot that land on a configuration already tried; after that the repeat is
+trained (a space of choices nearly used up)."""
 
 
 @dataclass(frozen=True)
@@ -95,8 +105,23 @@ def choose(search: Search, mode: str, history: list[Told], sampler: Optional[str
                                                         if math.isfinite(v)}))
     study.add_trials(trials)
     trial = study.ask(space)
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    tried = {_key(t.params): t for t in trials[len(warm):] if t.state in live}
+    for _ in range(REASKS):
+        earlier = tried.get(_key(trial.params))
+        if earlier is None:
+            break
+        if earlier.state != TrialState.RUNNING:
+            for step, v in earlier.intermediate_values.items():
+                trial.report(v, step)
+            study.tell(trial, earlier.value, state=earlier.state)
+        trial = study.ask(space)
     return Choice(dict(trial.params), base64.b64encode(pickle.dumps(state)).decode(),
                   dict(study._storage.get_study_system_attrs(study._study_id)))
+
+
+def _key(params: dict) -> str:
+    return json.dumps(params, sort_keys=True)
 
 
 def in_space(params: dict, search: Search) -> bool:

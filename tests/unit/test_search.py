@@ -92,6 +92,29 @@ def test_trials_still_running_are_asked_around_and_pruned_ones_are_learned_from(
     assert [t.state for t in told] == ["RUNNING", "PRUNED"] and told[1].intermediate == {"30": 0.25}
 
 
+CHOICES = {"optimizer.lr": Distribution("choice", values=[1e-3, 3e-3]),
+           "training.micro_batch_size": Distribution("choice", values=[4, 8, 16])}
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_configuration_already_tried_or_running_is_not_asked_again_until_the_space_is_used_up(tmp_path, sampler):
+    """Six configurations: the first six asks are six different ones, whether the earlier ones
+    finished, were pruned or still run (every third left running); the seventh repeats one,
+    since none is left (the sampler is not asked forever)."""
+    search = Search(trials=7, sampler=sampler, seed=3, params=CHOICES, startup_trials=2)
+    layout = SweepLayout(tmp_path)
+    asked = []
+    for slot in range(7):
+        asked.append(_ask_through_the_record(layout, search, slot))
+        if slot % 3 == 1:
+            search_record.tell(layout, slot, "PRUNED", None, {"10": 0.5})
+        elif slot % 3 == 0:
+            value = asked[-1]["optimizer.lr"] * asked[-1]["training.micro_batch_size"]
+            search_record.tell(layout, slot, "COMPLETE", value, {})
+    assert len({str(a) for a in asked[:6]}) == 6
+    assert str(asked[6]) in {str(a) for a in asked[:6]}
+
+
 def _ask_and_tell(root: str, slot: int, start_at: float) -> None:
     layout = SweepLayout(Path(root))
     search = Search(trials=32, sampler="tpe", seed=0, params=SPACE)
