@@ -15,6 +15,7 @@
     python bench/search.py --train      # about 10 minutes on 2 cores
     python bench/search.py [--space continuous]   # the replay; writes bench/results/search_replay_<space>.json
     python bench/search.py --task early [--train]  # a task that learns before the rung: *_early_*.json
+    python bench/search.py --task graded [--train] # 54 configurations that all learn: *_graded_*.json
 
 Also measured: the time of one ask with 1,000 finished trials in the record.
 """
@@ -35,41 +36,62 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-TASKS = {  # the set of the grid's sweep, and the steps each configuration trains
-    # The label's words start after word 64: what learns does so after step 40, 80 steps.
+LR4 = {"optimizer.lr": [3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2], "model.config.num_hidden_layers": [1, 2, 3],
+       "training.micro_batch_size": [4, 8, 16]}
+TASKS = {  # the set of the grid's sweep, the steps each configuration trains, its grid, the first rung
+    # 2 classes; the label's words start after word 64: what learns does so after step 40, 80 steps.
     "late": ({"data.synthetic.min_tokens": 128, "data.synthetic.max_tokens": 256,
-              "data.synthetic.evidence_after": 64, "data.max_length": 256}, 80),
-    # The label's words from the first word on, fewer of them: learning starts before the rung
-    # at step 40, 60 steps (at 80, six configurations end within 0.01 of the best).
+              "data.synthetic.evidence_after": 64, "data.max_length": 256}, 80, LR4, 40),
+    # 2 classes; the label's words from the first word on, fewer of them: learning starts before
+    # the rung at step 40, 60 steps (at 80, six configurations end within 0.01 of the best).
     "early": ({"data.synthetic.min_tokens": 64, "data.synthetic.max_tokens": 128, "data.synthetic.evidence_after": 0,
-               "data.synthetic.evidence_rate": 0.1, "data.max_length": 128}, 60),
+               "data.synthetic.evidence_rate": 0.1, "data.max_length": 128}, 60, LR4, 40),
+    # 4 classes, half the words from the label's list: every configuration learns from the first
+    # steps, at a speed set by its learning rate, depth and batch. 60 steps; 132 configurations,
+    # the learning rate in steps of about sqrt(2).
+    "graded": ({"data.synthetic.min_tokens": 64, "data.synthetic.max_tokens": 128, "data.synthetic.evidence_after": 0,
+                "data.synthetic.evidence_rate": 0.5, "data.synthetic.num_classes": 4, "data.max_length": 128}, 60,
+               {"optimizer.lr": [1.0e-3, 1.4e-3, 2.0e-3, 2.8e-3, 4.0e-3, 5.6e-3, 8.0e-3, 1.1e-2, 1.6e-2, 2.3e-2,
+                                 3.2e-2],
+                "model.config.num_hidden_layers": [1, 2, 3, 4], "training.micro_batch_size": [4, 8, 16]}, 20),
 }
 TASK = "late"  # --task
 
 
 def grid_file() -> Path:
     return ROOT / "bench" / "results" / ("search_grid.json" if TASK == "late" else f"search_grid_{TASK}.json")
-GRID = {"optimizer.lr": [3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2], "model.config.num_hidden_layers": [1, 2, 3],
-        "training.micro_batch_size": [4, 8, 16]}
+
+
+def grid() -> dict:
+    return TASKS[TASK][2]
+
+
 MAX_STEPS, EVERY, WORKERS, SEEDS, WITHIN = 80, 10, 4, 20, 0.01
 SPACE = "grid"  # or "continuous" (--space): the learning rate searched on a log scale, run as the nearest grid value
 CAP = 150  # trials asked at most per search; a search that has not found the best by then counts as CAP
-GRACE = 40  # successive halving's first rung (reduction factor 2): rungs at 40 steps
 STARTUP = 4  # search.startup_trials: random trials before TPE models the results (Optuna's default: 10)
 
 
 def train(tmp: Path) -> None:
+    """Trains the grid's configurations that the grid file does not hold yet (training is
+    deterministic: a configuration recorded once on this machine is not trained again)."""
     import yaml
 
+    done = json.loads(grid_file().read_text()) if grid_file().exists() else []
+    everything = [dict(zip(grid(), values)) for values in itertools.product(*grid().values())]
+    keys = {_key(p) for p in everything}
+    done = [c for c in done if _key(c["params"]) in keys]
+    todo = [p for p in everything if _key(p) not in {_key(c["params"]) for c in done}]
     spec = {"name": "search_grid", "base": str(ROOT / "configs" / "longformer_synthetic.yaml"), "executor": "local",
             "runs_dir": str(tmp / "runs"), "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"},
-            "set": {"data.synthetic.num_train": 400, "data.synthetic.num_validation": 96, **TASKS[TASK][0],
-                    "data.synthetic.num_classes": 2,
+            "set": {"data.synthetic.num_train": 400, "data.synthetic.num_validation": 96,
+                    "data.synthetic.num_classes": 2, **TASKS[TASK][0],
                     "training.max_steps": MAX_STEPS,
                     "training.log_every": 1, "evaluation.every_steps": EVERY, "early_stopping.patience": None,
                     "scheduler.warmup_steps": 5, "output.export_best": False},
-            "grid": GRID, "select": {"metric": "loss", "mode": "min"},
-            "resources": {"max_parallel": 2, "time_min": 60}, "max_trials": 100}
+            "variants": [{"name": f"c{i}", "set": p} for i, p in enumerate(todo)],
+            "select": {"metric": "loss", "mode": "min"},
+            "resources": {"max_parallel": 2, "time_min": 60}, "max_trials": len(todo)}
     path = tmp / "search_grid.yaml"
     path.write_text(yaml.safe_dump(spec))
     # Exit code 1 here only says that no best model was exported (export_best is off): the
@@ -78,22 +100,22 @@ def train(tmp: Path) -> None:
                    capture_output=True)
     from qarac_dist.submit.sweep_dir import Manifest
 
-    configs = []
+    configs = done
     records = Manifest.load(tmp / "runs" / "search_grid").trials.values()
-    if any(r.state != "COMPLETED" for r in records):
+    if any(r.state != "COMPLETED" for r in records) or len(records) != len(todo):
         sys.exit(f"the grid did not complete: {sorted(r.state for r in records)}")
     for r in records:
         rows = r.trial_dir.metrics()
         curve = [(row["step"], row["val_loss"]) for row in rows if "val_loss" in row]
         status = r.trial_dir.status_of(r.attempt)
         seconds = (r.trial_dir.state_file.stat().st_mtime - status.started) / MAX_STEPS
-        configs.append({"params": {k: r.overrides[k] for k in GRID}, "curve": curve, "seconds_per_step": seconds})
+        configs.append({"params": {k: r.overrides[k] for k in grid()}, "curve": curve, "seconds_per_step": seconds})
     grid_file().write_text(json.dumps(configs, indent=1) + "\n")
 
 
 def _nearest(params: dict) -> dict:
     """The grid's configuration nearest to asked values (the learning rate on a log scale)."""
-    lr = min(GRID["optimizer.lr"], key=lambda v: abs(math.log(v) - math.log(params["optimizer.lr"])))
+    lr = min(grid()["optimizer.lr"], key=lambda v: abs(math.log(v) - math.log(params["optimizer.lr"])))
     return {**params, "optimizer.lr": lr}
 
 
@@ -115,15 +137,17 @@ def replay(configs: list[dict], method: str, seed: int, tmp: Path) -> dict:
     best = min(min(v for _, v in c["curve"]) for c in configs)
     layout = SweepLayout(tmp / f"{method}-{seed}")
     sampler = "random" if method == "random" else "tpe"
+    GRID = grid()
     if SPACE == "continuous":  # what a user would write: values between the grid's, each run as its nearest
         params = {"optimizer.lr": Distribution("loguniform", GRID["optimizer.lr"][0], GRID["optimizer.lr"][-1]),
-                  "model.config.num_hidden_layers": Distribution("randint", 1, 3),
+                  "model.config.num_hidden_layers": Distribution("randint", min(GRID["model.config.num_hidden_layers"]),
+                                                                 max(GRID["model.config.num_hidden_layers"])),
                   "training.micro_batch_size": Distribution("choice", values=GRID["training.micro_batch_size"])}
     else:
         params = {k: Distribution("choice", values=v) for k, v in GRID.items()}
     search = Search(trials=1000, sampler=sampler, seed=seed, startup_trials=STARTUP, params=params)
     asha = method == "tpe+asha"
-    rung_at = rung_steps(GRACE, 2, MAX_STEPS) if asha else []
+    rung_at = rung_steps(TASKS[TASK][3], 2, MAX_STEPS) if asha else []
     clock, events, slot, steps, asked = 0.0, [], itertools.count(), 0, 0
 
     def start(now: float) -> None:
@@ -225,7 +249,7 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="train the grid and record its curves")
     parser.add_argument("--seeds", type=int, default=SEEDS)
     parser.add_argument("--task", choices=sorted(TASKS), default="late",
-                        help="late: learning starts after step 40; early: within the first rung")
+                        help="late: learning starts after step 40; early: within the first rung; graded: from the first steps")
     parser.add_argument("--space", choices=("grid", "continuous"), default="grid",
                         help="grid: each key a choice of the grid's values; continuous: the learning rate loguniform")
     args = parser.parse_args()
