@@ -15,7 +15,8 @@
     python bench/search.py --train      # about 10 minutes on 2 cores
     python bench/search.py [--space continuous]   # the replay; writes bench/results/search_replay_<space>.json
     python bench/search.py --task early [--train]  # a task that learns before the rung: *_early_*.json
-    python bench/search.py --task graded [--train] # 54 configurations that all learn: *_graded_*.json
+    python bench/search.py --task graded [--train] # 132 configurations that all learn: *_graded_*.json
+    python bench/search.py --task made-up-176      # no training: a smooth made-up landscape (54, 96, 176)
 
 Also measured: the time of one ask with 1,000 finished trials in the record.
 """
@@ -55,6 +56,14 @@ TASKS = {  # the set of the grid's sweep, the steps each configuration trains, i
                                  3.2e-2],
                 "model.config.num_hidden_layers": [1, 2, 3, 4], "training.micro_batch_size": [4, 8, 16]}, 20),
 }
+# No training: made-up curves of a smooth landscape with one best configuration, to see how the
+# figures move with the grid's size (made_up() below).
+for _name, _lrs, _layers, _batches in (
+        ("made-up-54", [1.0e-3 * 2 ** i for i in range(6)], [1, 2, 3], [4, 8, 16]),
+        ("made-up-96", [2.0e-3 * 2 ** (i / 2) for i in range(8)], [1, 2, 3, 4], [4, 8, 16]),
+        ("made-up-176", [1.0e-3 * 2 ** (i / 2) for i in range(11)], [1, 2, 3, 4], [4, 8, 16, 32])):
+    TASKS[_name] = (None, 60, {"optimizer.lr": _lrs, "model.config.num_hidden_layers": _layers,
+                               "training.micro_batch_size": _batches}, 20)
 TASK = "late"  # --task
 
 
@@ -111,6 +120,19 @@ def train(tmp: Path) -> None:
         seconds = (r.trial_dir.state_file.stat().st_mtime - status.started) / MAX_STEPS
         configs.append({"params": {k: r.overrides[k] for k in grid()}, "curve": curve, "seconds_per_step": seconds})
     grid_file().write_text(json.dumps(configs, indent=1) + "\n")
+
+
+def made_up() -> list[dict]:
+    """The grid's curves without training: the final loss is 0.007 + 0.05 log2(lr / 8e-3)^2 +
+    0.02 (layers - 2)^2 + 0.1 |log2(16 / micro batch)|, one best (lr 8e-3, 2 layers, 16), every
+    curve falling from 1.3 along (1 - step/60)^2; 0.25 s a step."""
+    configs = []
+    for values in itertools.product(*grid().values()):
+        lr, layers, batch = values
+        end = 0.007 + 0.05 * math.log2(lr / 8e-3) ** 2 + 0.02 * (layers - 2) ** 2 + 0.1 * abs(math.log2(16 / batch))
+        configs.append({"params": dict(zip(grid(), values)), "seconds_per_step": 0.25,
+                        "curve": [(s, end + (1.3 - end) * (1 - s / 60) ** 2) for s in range(EVERY, 61, EVERY)]})
+    return configs
 
 
 def _nearest(params: dict) -> dict:
@@ -249,7 +271,8 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="train the grid and record its curves")
     parser.add_argument("--seeds", type=int, default=SEEDS)
     parser.add_argument("--task", choices=sorted(TASKS), default="late",
-                        help="late: learning starts after step 40; early: within the first rung; graded: from the first steps")
+                        help="late: learning starts after step 40; early: within the first rung; graded: from "
+                        "the first steps; made-up-N: no training, a smooth landscape of N configurations")
     parser.add_argument("--space", choices=("grid", "continuous"), default="grid",
                         help="grid: each key a choice of the grid's values; continuous: the learning rate loguniform")
     args = parser.parse_args()
@@ -257,9 +280,11 @@ def main() -> None:
     SPACE, TASK = args.space, args.task
     MAX_STEPS = TASKS[TASK][1]
     with tempfile.TemporaryDirectory() as tmp:
+        if args.train and TASKS[TASK][0] is None:
+            parser.error(f"{TASK} is made up: nothing to train")
         if args.train:
             train(Path(tmp))
-        configs = json.loads(grid_file().read_text())
+        configs = made_up() if TASKS[TASK][0] is None else json.loads(grid_file().read_text())
         values = sorted(min(v for _, v in c["curve"]) for c in configs)
         near = sum(v <= values[0] + WITHIN for v in values)
         results = {"grid": {"configs": len(configs), "best": values[0], "within": near,

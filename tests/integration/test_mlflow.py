@@ -12,7 +12,8 @@ from pathlib import Path
 from qarac_dist.submit.sweep_dir import Manifest
 from qarac_dist.track import mlflow_logger
 from qarac_dist.track.mlflow_client import client, create_run, experiment_id
-from support import run_sweep, tiny_config, write_config
+from qarac_dist.track.trial_dir import TrialDir
+from support import run_sweep, tiny_config, wait_for, write_config
 
 
 def _history(client, run_id, key):
@@ -121,16 +122,10 @@ def test_two_rank_trial_makes_one_run_with_one_point_per_step(tmp_path, data_cac
 
 
 def _wait_for_step(out_dir, step, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-            if any(r["step"] >= step and "loss" in r for r in rows):
-                return
-        except FileNotFoundError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"step {step} not reached")
+    """Read as the product reads a file its trial is appending to: a last line caught half
+    written is skipped (json.loads of it failed this test once on a loaded machine)."""
+    trial = TrialDir(out_dir)
+    wait_for(lambda: any(r["step"] >= step and "loss" in r for r in trial.metrics()), timeout, f"step {step}")
 
 
 def test_interrupted_trial_reattaches_to_its_run_without_duplicate_or_missing_steps(tmp_path, data_cache, mlflow_server):
