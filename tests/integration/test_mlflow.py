@@ -123,7 +123,9 @@ def test_two_rank_trial_makes_one_run_with_one_point_per_step(tmp_path, data_cac
 
 def _wait_for_step(out_dir, step, timeout=300):
     """Read as the product reads a file its trial is appending to: a last line caught half
-    written is skipped (json.loads of it failed this test once on a loaded machine)."""
+    written is skipped. (In a CI run on a loaded machine the server was never restarted while
+    the trial went on to step 200: json.loads of a half-written line is the one way the old
+    loop here could raise before step 120.)"""
     trial = TrialDir(out_dir)
     wait_for(lambda: any(r["step"] >= step and "loss" in r for r in trial.metrics()), timeout, f"step {step}")
 
