@@ -1,9 +1,10 @@
 """Model-based search against random search, as a tabular benchmark built from real training.
 
-1. `--train`: a grid of 36 configurations of the generated long-document task (2 classes,
-   128-256 words; learning rate x depth x micro batch), each trained 80 steps once by a real
-   local sweep, its validation loss recorded every 10 steps with the seconds per step:
-   bench/results/search_grid.json.
+1. `--train`: each configuration of a task's grid (learning rate x depth x micro batch on the
+   generated long-document task; TASKS below) trained once by a real local sweep, its
+   validation loss recorded every 10 steps with the seconds per step, in
+   bench/results/search_grid[_<task>].json. Configurations already in that file are not
+   trained again (training is deterministic).
 2. The replay (default): random search, TPE, and TPE with successive halving run over those
    recorded curves through the real code: each ask goes through the sweep directory's record
    (track/search_record.py, plan/search.py: real files, the lock, the rebuilt study), each rung
@@ -12,10 +13,11 @@
    asked and training steps spent until a trial ends within 0.01 of the grid's best validation
    loss (median, 10th-90th percentile).
 
-    python bench/search.py --train      # about 10 minutes on 2 cores
-    python bench/search.py [--space continuous]   # the replay; writes bench/results/search_replay_<space>.json
-    python bench/search.py --task early [--train]  # a task that learns before the rung: *_early_*.json
-    python bench/search.py --task graded [--train] # 132 configurations that all learn: *_graded_*.json
+    python bench/search.py --task graded [--train] [--space continuous]
+        # 132 configurations that all learn (about 12 s each to train on 2 cores):
+        # bench/results/search_replay_graded_<space>.json
+    python bench/search.py [--train] [--space continuous]   # the first grid, 36 configurations
+    python bench/search.py --task early [--train]  # the second, learning before the rung: *_early_*.json
     python bench/search.py --task made-up-176      # no training: a smooth made-up landscape (54, 96, 176)
 
 Also measured: the time of one ask with 1,000 finished trials in the record.
