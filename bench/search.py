@@ -36,27 +36,39 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 LR4 = {"optimizer.lr": [3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2], "model.config.num_hidden_layers": [1, 2, 3],
        "training.micro_batch_size": [4, 8, 16]}
-TASKS = {  # the set of the grid's sweep, the steps each configuration trains, its grid, the first rung
+
+
+class Task(NamedTuple):
+    set: Optional[dict]  # the grid's sweep sets these; None: made-up curves, nothing trained
+    steps: int  # each configuration trains this many
+    grid: dict
+    grace: int  # successive halving's first rung (reduction factor 2)
+
+
+TASKS = {
     # 2 classes; the label's words start after word 64: what learns does so after step 40, 80 steps.
-    "late": ({"data.synthetic.min_tokens": 128, "data.synthetic.max_tokens": 256,
-              "data.synthetic.evidence_after": 64, "data.max_length": 256}, 80, LR4, 40),
+    "late": Task({"data.synthetic.min_tokens": 128, "data.synthetic.max_tokens": 256,
+                  "data.synthetic.evidence_after": 64, "data.max_length": 256}, 80, LR4, 40),
     # 2 classes; the label's words from the first word on, fewer of them: learning starts before
     # the rung at step 40, 60 steps (at 80, six configurations end within 0.01 of the best).
-    "early": ({"data.synthetic.min_tokens": 64, "data.synthetic.max_tokens": 128, "data.synthetic.evidence_after": 0,
-               "data.synthetic.evidence_rate": 0.1, "data.max_length": 128}, 60, LR4, 40),
+    "early": Task({"data.synthetic.min_tokens": 64, "data.synthetic.max_tokens": 128,
+                   "data.synthetic.evidence_after": 0, "data.synthetic.evidence_rate": 0.1, "data.max_length": 128},
+                  60, LR4, 40),
     # 4 classes, half the words from the label's list: every configuration learns from the first
     # steps, at a speed set by its learning rate, depth and batch. 60 steps; 132 configurations,
     # the learning rate in steps of about sqrt(2).
-    "graded": ({"data.synthetic.min_tokens": 64, "data.synthetic.max_tokens": 128, "data.synthetic.evidence_after": 0,
-                "data.synthetic.evidence_rate": 0.5, "data.synthetic.num_classes": 4, "data.max_length": 128}, 60,
-               {"optimizer.lr": [1.0e-3, 1.4e-3, 2.0e-3, 2.8e-3, 4.0e-3, 5.6e-3, 8.0e-3, 1.1e-2, 1.6e-2, 2.3e-2,
-                                 3.2e-2],
-                "model.config.num_hidden_layers": [1, 2, 3, 4], "training.micro_batch_size": [4, 8, 16]}, 20),
+    "graded": Task({"data.synthetic.min_tokens": 64, "data.synthetic.max_tokens": 128,
+                    "data.synthetic.evidence_after": 0, "data.synthetic.evidence_rate": 0.5,
+                    "data.synthetic.num_classes": 4, "data.max_length": 128}, 60,
+                   {"optimizer.lr": [1.0e-3, 1.4e-3, 2.0e-3, 2.8e-3, 4.0e-3, 5.6e-3, 8.0e-3, 1.1e-2, 1.6e-2, 2.3e-2,
+                                     3.2e-2],
+                    "model.config.num_hidden_layers": [1, 2, 3, 4], "training.micro_batch_size": [4, 8, 16]}, 20),
 }
 # No training: made-up curves of a smooth landscape with one best configuration, to see how the
 # figures move with the grid's size (made_up() below).
@@ -64,7 +76,7 @@ for _name, _lrs, _layers, _batches in (
         ("made-up-54", [1.0e-3 * 2 ** i for i in range(6)], [1, 2, 3], [4, 8, 16]),
         ("made-up-96", [2.0e-3 * 2 ** (i / 2) for i in range(8)], [1, 2, 3, 4], [4, 8, 16]),
         ("made-up-176", [1.0e-3 * 2 ** (i / 2) for i in range(11)], [1, 2, 3, 4], [4, 8, 16, 32])):
-    TASKS[_name] = (None, 60, {"optimizer.lr": _lrs, "model.config.num_hidden_layers": _layers,
+    TASKS[_name] = Task(None, 60, {"optimizer.lr": _lrs, "model.config.num_hidden_layers": _layers,
                                "training.micro_batch_size": _batches}, 20)
 TASK = "late"  # --task
 
@@ -74,7 +86,7 @@ def grid_file() -> Path:
 
 
 def grid() -> dict:
-    return TASKS[TASK][2]
+    return TASKS[TASK].grid
 
 
 MAX_STEPS, EVERY, WORKERS, SEEDS, WITHIN = 80, 10, 4, 20, 0.01
@@ -92,11 +104,12 @@ def train(tmp: Path) -> None:
     everything = [dict(zip(grid(), values)) for values in itertools.product(*grid().values())]
     keys = {_key(p) for p in everything}
     done = [c for c in done if _key(c["params"]) in keys]
-    todo = [p for p in everything if _key(p) not in {_key(c["params"]) for c in done}]
+    have = {_key(c["params"]) for c in done}
+    todo = [p for p in everything if _key(p) not in have]
     spec = {"name": "search_grid", "base": str(ROOT / "configs" / "longformer_synthetic.yaml"), "executor": "local",
             "runs_dir": str(tmp / "runs"), "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"},
             "set": {"data.synthetic.num_train": 400, "data.synthetic.num_validation": 96,
-                    "data.synthetic.num_classes": 2, **TASKS[TASK][0],
+                    "data.synthetic.num_classes": 2, **TASKS[TASK].set,
                     "training.max_steps": MAX_STEPS,
                     "training.log_every": 1, "evaluation.every_steps": EVERY, "early_stopping.patience": None,
                     "scheduler.warmup_steps": 5, "output.export_best": False},
@@ -171,7 +184,7 @@ def replay(configs: list[dict], method: str, seed: int, tmp: Path) -> dict:
         params = {k: Distribution("choice", values=v) for k, v in GRID.items()}
     search = Search(trials=1000, sampler=sampler, seed=seed, startup_trials=STARTUP, params=params)
     asha = method == "tpe+asha"
-    rung_at = rung_steps(TASKS[TASK][3], 2, MAX_STEPS) if asha else []
+    rung_at = rung_steps(TASKS[TASK].grace, 2, MAX_STEPS) if asha else []
     clock, events, slot, steps, asked = 0.0, [], itertools.count(), 0, 0
 
     def start(now: float) -> None:
@@ -280,13 +293,13 @@ def main() -> None:
     args = parser.parse_args()
     global SPACE, TASK, MAX_STEPS
     SPACE, TASK = args.space, args.task
-    MAX_STEPS = TASKS[TASK][1]
+    MAX_STEPS = TASKS[TASK].steps
     with tempfile.TemporaryDirectory() as tmp:
-        if args.train and TASKS[TASK][0] is None:
+        if args.train and TASKS[TASK].set is None:
             parser.error(f"{TASK} is made up: nothing to train")
         if args.train:
             train(Path(tmp))
-        configs = made_up() if TASKS[TASK][0] is None else json.loads(grid_file().read_text())
+        configs = made_up() if TASKS[TASK].set is None else json.loads(grid_file().read_text())
         values = sorted(min(v for _, v in c["curve"]) for c in configs)
         near = sum(v <= values[0] + WITHIN for v in values)
         results = {"grid": {"configs": len(configs), "best": values[0], "within": near,
