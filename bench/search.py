@@ -106,6 +106,8 @@ def train(tmp: Path) -> None:
     done = [c for c in done if _key(c["params"]) in keys]
     have = {_key(c["params"]) for c in done}
     todo = [p for p in everything if _key(p) not in have]
+    if not todo:
+        return
     spec = {"name": "search_grid", "base": str(ROOT / "configs" / "longformer_synthetic.yaml"), "executor": "local",
             "runs_dir": str(tmp / "runs"), "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"},
             "set": {"data.synthetic.num_train": 400, "data.synthetic.num_validation": 96,
