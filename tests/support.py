@@ -130,7 +130,10 @@ class MlflowServer:
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # Tracking only: without this, MLflow 3 also starts its job runner (GenAI jobs), six
+            # more Python processes that import MLflow at every start of the server.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
 
         def up() -> bool:
             if self.proc.poll() is not None:
@@ -148,7 +151,11 @@ class MlflowServer:
 
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # an outage all the same: a loaded machine is slow to stop it
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
         self.proc = None
 
 
