@@ -15,7 +15,8 @@ import pytest
 from qarac_dist.track.mlflow_client import client
 from qarac_dist.submit.sweep_dir import Manifest
 from qarac_dist.track.trial_dir import read_metrics
-from support import HELPERS, ROOT, logged_losses, run_sweep, run_train, table_rows, tiny_config, write_config
+from support import HELPERS, ROOT, logged_losses, run_sweep, run_train, table_rows, tiny_config, wait_for, \
+    write_config
 
 
 def _sweep(tmp_path, name, data_cache, base=None, **fields) -> Path:
@@ -91,24 +92,33 @@ def _helpers_env() -> dict:
 
 
 def test_time_limit_is_survived_across_allocations(cluster, no_requeue_delay, tmp_path, data_cache):
-    """Every step sleeps 0.1 s, so 900 steps outlast a 2-minute allocation on any machine. SLURM
-    warns 24 s before the limit, checking every 30 s, so between 66 and 96 s after the start;
-    each allocation saves on the warning and the next resumes, however slowly this machine
-    starts jobs (up to 10 requeues)."""
+    """Every step sleeps 0.1 s until the trial starts a second time, so 900 steps outlast the
+    first 2-minute allocation on any machine. SLURM warns 24 s before the limit, checking every
+    30 s, so between 66 and 96 s after the start; the allocation saves on the warning and the
+    next resumes and finishes at the machine's speed, however slowly this machine starts jobs
+    (up to 10 requeues)."""
+    requeued = tmp_path / "requeued"
     base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 900, "log_every": 50},
                        evaluation={"every_steps": 900}, checkpointing={"every_steps": 100000})
-    base["model"] = {"factory": "faults:slow_steps", "factory_kwargs": {"seconds": 0.1}}
+    base["model"] = {"factory": "faults:slow_steps", "factory_kwargs": {"seconds": 0.1, "until": str(requeued)}}
     path = _sweep(tmp_path, "timelimit", data_cache, base=base, max_requeues=10,
                   resources={"time_min": 2, "max_parallel": 1})
-    proc = subprocess.run([sys.executable, "-m", "qarac_dist.sweep", str(path), "--wait", "--no-preflight"],
-                          cwd=tmp_path, env=_helpers_env(), capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    dirs, manifest = _trial_dirs(tmp_path, "timelimit")
-    (out,) = dirs.values()
-    (record,) = manifest.trials.values()
-    state = json.loads((out / "state.json").read_text())
-    assert state["state"] == "COMPLETED" and state["step"] == 900
-    assert state["starts"] >= 2  # 90 s of sleeping alone cannot fit in one allocation
+    with open(tmp_path / "driver.log", "w+") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "qarac_dist.sweep", str(path), "--wait", "--no-preflight"],
+                                  cwd=tmp_path, env=_helpers_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            record = wait_for(lambda: (m := Manifest.load(tmp_path / "runs" / "timelimit")) and
+                              next(iter(m.trials.values())), 300, "the trial to be submitted")
+            wait_for(lambda: (s := record.trial_dir.status()) and s.starts >= 2, 900, "a second allocation")
+            requeued.touch()
+            code = driver.wait(timeout=900)
+        finally:
+            driver.kill()
+        log.seek(0)
+        assert code == 0, log.read()
+    (record,) = Manifest.load(tmp_path / "runs" / "timelimit").trials.values()
+    state = json.loads((record.trial_dir.state_file).read_text())
+    assert state["state"] == "COMPLETED" and state["step"] == 900 and state["starts"] >= 2
     assert _single_run_history(tmp_path, record.mlflow_run_id) == list(range(50, 901, 50))
 
 

@@ -29,9 +29,12 @@ def _env() -> dict:
 
 
 def _slow_sweep(tmp_path, data_cache, executor: str, max_steps: int, seconds: float, **fields) -> Path:
+    """Each step sleeps `seconds` until the test makes the file `fast` (tmp_path / "fast"): the
+    re-run after an interruption goes at the machine's speed."""
     base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": max_steps, "log_every": 1},
                        evaluation={"every_steps": max_steps}, checkpointing={"every_steps": 10_000})
-    base["model"] = {"factory": "faults:slow_steps", "factory_kwargs": {"seconds": seconds}}
+    base["model"] = {"factory": "faults:slow_steps",
+                     "factory_kwargs": {"seconds": seconds, "until": str(tmp_path / "fast")}}
     sweep = {"name": "interrupted", "base": base, "runs_dir": str(tmp_path / "runs"), "executor": executor,
              "grid": {"optimizer.lr": [1e-3, 2e-3]}, "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
              "resources": {"time_min": 10, "max_parallel": 2}, **fields}
@@ -120,6 +123,7 @@ def test_ctrl_c_in_a_terminal_saves_every_local_trial_and_the_same_command_resum
     assert states == {tid: f"interrupted at step {step}" for tid, step in saved.items()}, shown.stdout
 
     # The resume line, run through a shell as printed.
+    (tmp_path / "fast").touch()
     again = subprocess.run(["bash", "-c", resume], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                            timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -175,6 +179,7 @@ def test_a_cancelled_sweep_is_cancelled_everywhere_and_its_printed_commands_name
     assert all(step and step >= 3 for step in saved.values()), saved
 
     # The follow command, as printed, re-runs the same sweep: it submits the cancelled trials again.
+    (tmp_path / "fast").touch()
     follow = subprocess.run(["bash", "-c", commands["follow"]], **{**shell, "cwd": path.parent, "timeout": 900})
     assert follow.returncode == 0, follow.stdout + follow.stderr
     assert "sweep cx: 2 trials, 2 to run" in follow.stdout
