@@ -131,8 +131,8 @@ class MlflowServer:
              "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            # Tracking only: without this, MLflow 3 also starts its job runner (GenAI jobs), six
-            # more Python processes that import MLflow at every start of the server.
+            # Tracking only: without this, MLflow 3 also starts its job runner (GenAI jobs): a
+            # Huey consumer per kind of job, each a Python process that imports MLflow and polls.
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
 
         def up() -> bool:
