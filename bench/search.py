@@ -13,9 +13,9 @@
    asked and training steps spent until a trial ends within 0.01 of the grid's best validation
    loss (median, 10th-90th percentile).
 
-    python bench/search.py --task graded [--train] [--space continuous]
-        # 132 configurations that all learn (about 12 s each to train on 2 cores):
-        # bench/results/search_replay_graded_<space>.json
+    python bench/search.py --task graded-176 [--train] [--space continuous]
+        # 176 configurations that all learn (about 12-20 s each to train on 2 cores):
+        # bench/results/search_replay_graded-176_<space>.json; --task graded: the first 132 of them
     python bench/search.py [--train] [--space continuous]   # the first grid, 36 configurations
     python bench/search.py --task early [--train]  # the second, learning before the rung: *_early_*.json
     python bench/search.py --task made-up-176      # no training: a smooth made-up landscape (54, 96, 176)
@@ -49,6 +49,7 @@ class Task(NamedTuple):
     steps: int  # each configuration trains this many
     grid: dict
     grace: int  # successive halving's first rung (reduction factor 2)
+    curves: Optional[str] = None  # the task whose curves file this one shares (same set and steps)
 
 
 TASKS = {
@@ -70,6 +71,10 @@ TASKS = {
                                      3.2e-2],
                     "model.config.num_hidden_layers": [1, 2, 3, 4], "training.micro_batch_size": [4, 8, 16]}, 20),
 }
+# The graded grid with micro batch 32 too, the way its best configurations point: 176
+# configurations, the 132 above among them (one curves file).
+TASKS["graded-176"] = TASKS["graded"]._replace(
+    grid={**TASKS["graded"].grid, "training.micro_batch_size": [4, 8, 16, 32]}, curves="graded")
 # No training: made-up curves of a smooth landscape with one best configuration, to see how the
 # figures move with the grid's size (made_up() below).
 for _name, _lrs, _layers, _batches in (
@@ -82,7 +87,14 @@ TASK = "late"  # --task
 
 
 def grid_file() -> Path:
-    return ROOT / "bench" / "results" / ("search_grid.json" if TASK == "late" else f"search_grid_{TASK}.json")
+    name = TASKS[TASK].curves or TASK
+    return ROOT / "bench" / "results" / ("search_grid.json" if name == "late" else f"search_grid_{name}.json")
+
+
+def recorded() -> list[dict]:
+    """The curves file's configurations that belong to this task's grid."""
+    keys = {_key(dict(zip(grid(), values))) for values in itertools.product(*grid().values())}
+    return [c for c in json.loads(grid_file().read_text()) if _key(c["params"]) in keys]
 
 
 def grid() -> dict:
@@ -100,10 +112,8 @@ def train(tmp: Path) -> None:
     deterministic: a configuration recorded once on this machine is not trained again)."""
     import yaml
 
-    done = json.loads(grid_file().read_text()) if grid_file().exists() else []
+    done = json.loads(grid_file().read_text()) if grid_file().exists() else []  # every task's that shares it
     everything = [dict(zip(grid(), values)) for values in itertools.product(*grid().values())]
-    keys = {_key(p) for p in everything}
-    done = [c for c in done if _key(c["params"]) in keys]
     have = {_key(c["params"]) for c in done}
     todo = [p for p in everything if _key(p) not in have]
     if not todo:
@@ -289,7 +299,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=SEEDS)
     parser.add_argument("--task", choices=sorted(TASKS), default="late",
                         help="late: learning starts after step 40; early: within the first rung; graded: from "
-                        "the first steps; made-up-N: no training, a smooth landscape of N configurations")
+                        "the first steps (graded-176: with micro batch 32 too); made-up-N: no training, a smooth "
+                        "landscape of N configurations")
     parser.add_argument("--space", choices=("grid", "continuous"), default="grid",
                         help="grid: each key a choice of the grid's values; continuous: the learning rate loguniform")
     args = parser.parse_args()
@@ -301,7 +312,7 @@ def main() -> None:
             parser.error(f"{TASK} is made up: nothing to train")
         if args.train:
             train(Path(tmp))
-        configs = made_up() if TASKS[TASK].set is None else json.loads(grid_file().read_text())
+        configs = made_up() if TASKS[TASK].set is None else recorded()
         values = sorted(min(v for _, v in c["curve"]) for c in configs)
         near = sum(v <= values[0] + WITHIN for v in values)
         results = {"grid": {"configs": len(configs), "best": values[0], "within": near,
