@@ -91,9 +91,14 @@ def grid_file() -> Path:
     return ROOT / "bench" / "results" / ("search_grid.json" if name == "late" else f"search_grid_{name}.json")
 
 
+def configurations() -> list[dict]:
+    """Every configuration of this task's grid."""
+    return [dict(zip(grid(), values)) for values in itertools.product(*grid().values())]
+
+
 def recorded() -> list[dict]:
     """The curves file's configurations that belong to this task's grid."""
-    keys = {_key(dict(zip(grid(), values))) for values in itertools.product(*grid().values())}
+    keys = {_key(p) for p in configurations()}
     return [c for c in json.loads(grid_file().read_text()) if _key(c["params"]) in keys]
 
 
@@ -113,9 +118,8 @@ def train(tmp: Path) -> None:
     import yaml
 
     done = json.loads(grid_file().read_text()) if grid_file().exists() else []  # every task's that shares it
-    everything = [dict(zip(grid(), values)) for values in itertools.product(*grid().values())]
     have = {_key(c["params"]) for c in done}
-    todo = [p for p in everything if _key(p) not in have]
+    todo = [p for p in configurations() if _key(p) not in have]
     if not todo:
         return
     spec = {"name": "search_grid", "base": str(ROOT / "configs" / "longformer_synthetic.yaml"), "executor": "local",
