@@ -18,7 +18,19 @@ def data_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def mlflow_server(tmp_path):
+    """A server of the test's own, for tests that stop and restart it."""
     server = MlflowServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_mlflow_server(tmp_path_factory):
+    """One server per test process (xdist worker), started when a test first asks for it, for
+    tests that leave it running: each test writes under an experiment named for itself. A
+    server takes 15-45 s of CPU to start and stop on a loaded machine."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
     server.start()
     yield server
     server.stop()

@@ -63,8 +63,8 @@ def _steps_logged(trial_dir) -> list[int]:
     return [row["step"] for row in read_metrics(trial_dir.metrics_file) if "loss" in row]
 
 
-def test_four_trials_run_two_at_a_time_as_steps_of_one_job_each_on_its_own_gpu(cluster, tmp_path, data_cache):
-    path = _sweep(tmp_path, "packed", data_cache, seeds=[0, 1, 2, 3])
+def test_three_trials_run_two_at_a_time_as_steps_of_one_job_each_on_its_own_gpu(cluster, tmp_path, data_cache):
+    path = _sweep(tmp_path, "packed", data_cache, seeds=[0, 1, 2])
     proc = run_sweep(path, "--no-preflight", "--wait")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "submitted: SLURM job" in proc.stdout and "an array" not in proc.stdout  # one job
@@ -78,11 +78,12 @@ def test_four_trials_run_two_at_a_time_as_steps_of_one_job_each_on_its_own_gpu(c
     found = claims.read(SweepLayout(tmp_path / "runs" / "packed"))
     assert {tid: (c.job, c.outcome) for tid, c in found.items()} == {tid: (job, "COMPLETED") for tid in manifest.trials}
     steps = {tid: r.step for tid, r in manifest.trials.items()}
-    assert len(set(steps.values())) == 4 and all(s.startswith(f"{job}.") for s in steps.values()), steps
+    assert len(set(steps.values())) == 3 and all(s.startswith(f"{job}.") for s in steps.values()), steps
     starts = sorted((c.started, tid) for tid, c in found.items())
     overlap = {tid: [o for o, c in found.items() if o != tid and c.started < found[tid].ended and
                      found[tid].started < c.ended] for tid in found}
-    assert max(len(others) for others in overlap.values()) <= 2 and any(overlap.values()), starts
+    at_once = [sum(c.started <= found[tid].started < c.ended for c in found.values()) for tid in found]
+    assert max(at_once) == 2, starts  # two at once for a while, never three
     # SLURM bound a GPU to each step: trials that ran at the same time saw different devices.
     runs = {tid: client(manifest.tracking_uri).get_run(r.mlflow_run_id).data.tags for tid, r in manifest.trials.items()}
     assert {tid: tags["slurm_step"] for tid, tags in runs.items()} == steps
@@ -158,7 +159,7 @@ def _search_sweep(tmp_path, name, data_cache, executor, **resources) -> Path:
     base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 4}, evaluation={"every_steps": 2})
     sweep = {"name": name, "base": base, "runs_dir": str(tmp_path / "runs"), "executor": executor,
              "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-             "search": {"sampler": "tpe", "trials": 4, "seed": 0, "params": {
+             "search": {"sampler": "tpe", "trials": 3, "seed": 0, "params": {
                  "optimizer.lr": {"distribution": "loguniform", "low": 1.0e-4, "high": 1.0e-2},
                  "model.config.num_hidden_layers": {"distribution": "randint", "low": 1, "high": 2}}},
              "resources": {"time_min": 10, "max_parallel": 2, "pack": 2, **resources}}
@@ -173,8 +174,8 @@ def _each_slot_ran_once_with_its_recorded_values(tmp_path, name) -> Manifest:
     layout = SweepLayout(tmp_path / "runs" / name)
     manifest = _manifest(tmp_path, name)
     record = search_record.read(layout)
-    assert sorted(a.slot for a in record.asks) == [0, 1, 2, 3]  # each asked once
-    assert sorted(t.slot for t in record.tells) == [0, 1, 2, 3] and {t.state for t in record.tells} == {"COMPLETE"}
+    assert sorted(a.slot for a in record.asks) == [0, 1, 2]  # each asked once
+    assert sorted(t.slot for t in record.tells) == [0, 1, 2] and {t.state for t in record.tells} == {"COMPLETE"}
     asked = {a.trial: a for a in record.asks}
     for tid, r in manifest.trials.items():
         assert r.state == "COMPLETED", r

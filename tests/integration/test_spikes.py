@@ -72,10 +72,10 @@ def test_a_100x_loss_rolls_back_says_so_and_a_job_stopped_in_the_skip_window_res
         tmp_path, data_cache):
     """One rank. The 100x loss at step 23 rolls back to step 20; the log line, the metrics row and
     MLflow say so; the run ends near the one without that batch. Then the same run stopped at
-    step 25, after the rollback and before the next checkpoint, twice: killed (SIGKILL: it
-    resumes from step 20, and only rollbacks.json says what to skip) and requeued (SLURM's
-    warning: it saves at step 25). Each resumed job logs the uninterrupted run's losses, bit for
-    bit, and makes no second rollback."""
+    step 25, after the rollback and before the next checkpoint: killed (SIGKILL: it resumes from
+    step 20, and only rollbacks.json says what to skip), and the resumed job requeued there
+    (SLURM's warning: it saves at step 25, and the next resumes from it). The stopped run logs
+    the uninterrupted run's losses, bit for bit, and makes no second rollback."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracked = {"tracking": {"uri": uri, "experiment": "spikes"}}
     faulty = _config(tmp_path, data_cache, "faulty", spikes={}, **tracked)
@@ -100,19 +100,21 @@ def test_a_100x_loss_rolls_back_says_so_and_a_job_stopped_in_the_skip_window_res
     (point,) = c.get_metric_history(run.info.run_id, "spike_batches_skipped")
     assert (point.step, point.value) == (23, 5)
 
-    for stop, code, resumed_at in (("kill", -signal.SIGKILL, 20), ("usr2", 3, 25)):
-        stopped = _config(tmp_path, data_cache, stop, spikes={})
-        fault = f"loss-x100:{FAULT_AT}:0,{stop}:25:0"
-        first = run_train(stopped, fault=fault, check=False)
-        assert first.returncode == code, first.stderr[-3000:]
-        assert len(_spike_lines(first)) == 1
-        second = run_train(stopped, fault=fault)
-        assert f"resumed from checkpoint step{resumed_at:08d}" in second.stderr
-        assert _spike_lines(second) == []
-        timeless = [[{k: v for k, v in r.items() if k != "load_seconds"} for r in TrialDir(d).rollbacks()]
-                    for d in (tmp_path / stop, out)]
-        assert timeless[0] == timeless[1] and len(timeless[0]) == 1
-        assert logged_losses(tmp_path / stop) == logged_losses(out), stop
+    # Killed at step 25, then (the resumed job) warned at step 25: each fault fires once.
+    stopped = _config(tmp_path, data_cache, "stopped", spikes={})
+    fault = f"loss-x100:{FAULT_AT}:0,kill:25:0,usr2:25:0"
+    killed = run_train(stopped, fault=fault, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert len(_spike_lines(killed)) == 1
+    for resumed_at, code in ((20, 3), (25, 0)):
+        resumed = run_train(stopped, fault=fault, check=False)
+        assert resumed.returncode == code, resumed.stderr[-3000:]
+        assert f"resumed from checkpoint step{resumed_at:08d}" in resumed.stderr
+        assert _spike_lines(resumed) == []
+    timeless = [[{k: v for k, v in r.items() if k != "load_seconds"} for r in TrialDir(d).rollbacks()]
+                for d in (tmp_path / "stopped", out)]
+    assert timeless[0] == timeless[1] and len(timeless[0]) == 1
+    assert logged_losses(tmp_path / "stopped") == logged_losses(out)
 
 
 @pytest.mark.parametrize("asha", [False, True], ids=["alone", "successive-halving"])

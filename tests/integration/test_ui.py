@@ -14,7 +14,7 @@ from qarac_dist.track.mlflow_client import client, create_run, experiment_id
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 
-def test_parent_and_child_runs_show_on_the_experiment_page(tmp_path, mlflow_server):
+def test_parent_and_child_runs_show_on_the_experiment_page(tmp_path, shared_mlflow_server):
     if not shutil.which("chromium") or not shutil.which("chromedriver"):
         pytest.skip("needs Debian's chromium and chromium-driver (tests/setup.sh installs them)")
     from mlflow_ui import check_runs_page
@@ -23,7 +23,7 @@ def test_parent_and_child_runs_show_on_the_experiment_page(tmp_path, mlflow_serv
 
     from qarac_dist.track.logged_model import log
 
-    c = client(mlflow_server.uri)
+    c = client(shared_mlflow_server.uri)
     exp = experiment_id(c, "ui_sweep")
     parent = create_run(c, exp, "ui_sweep", {"sweep": "ui_sweep"})
     names = ["ui_sweep"]
@@ -33,10 +33,10 @@ def test_parent_and_child_runs_show_on_the_experiment_page(tmp_path, mlflow_serv
         best = tmp_path / f"best{i}"
         best.mkdir()
         (best / "tokenizer.json").write_text("{}")
-        assert log(mlflow_server.uri, run, best, module=torch.nn.Linear(2, 2))  # as a trial logs its best model
+        assert log(shared_mlflow_server.uri, run, best, module=torch.nn.Linear(2, 2))  # as a trial logs its best model
         names.append(name)
     shot = tmp_path / "ui.png"
-    missing, models = check_runs_page(mlflow_server.uri, exp, names, shot, num_models=3)
+    missing, models = check_runs_page(shared_mlflow_server.uri, exp, names, shot, num_models=3)
     assert missing == [], f"not on the page: {missing}"
     assert models == 3, "the Models column does not show each trial's model"
     assert shot.stat().st_size > 10_000
