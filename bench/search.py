@@ -19,6 +19,8 @@
     python bench/search.py [--train] [--space continuous]   # the first grid, 36 configurations
     python bench/search.py --task early [--train]  # the second, learning before the rung: *_early_*.json
     python bench/search.py --task made-up-176      # no training: a smooth made-up landscape (54, 96, 176)
+    python bench/search.py --task graded-176 --startup 1 [--independent-tpe]
+        # TPE with another search.startup_trials, or modelling each key on its own: *_startup1*.json
 
 Also measured: the time of one ask with 1,000 finished trials in the record.
 """
@@ -110,6 +112,7 @@ MAX_STEPS, EVERY, WORKERS, SEEDS, WITHIN = 80, 10, 4, 20, 0.01
 SPACE = "grid"  # or "continuous" (--space): the learning rate searched on a log scale, run as the nearest grid value
 CAP = 150  # trials asked at most per search; a search that has not found the best by then counts as CAP
 STARTUP = 4  # search.startup_trials: random trials before TPE models the results (Optuna's default: 10)
+INDEPENDENT = False  # --independent-tpe: TPE modelling each key on its own (Optuna 5's TPE is multivariate)
 
 
 def train(tmp: Path) -> None:
@@ -199,6 +202,15 @@ def replay(configs: list[dict], method: str, seed: int, tmp: Path) -> dict:
     else:
         params = {k: Distribution("choice", values=v) for k, v in GRID.items()}
     search = Search(trials=1000, sampler=sampler, seed=seed, startup_trials=STARTUP, params=params)
+    first = None  # the sampler of the first ask (None: the sweep's own, plan/search.py)
+    if INDEPENDENT and sampler == "tpe":
+        import base64
+        import pickle
+
+        import optuna
+
+        first = base64.b64encode(pickle.dumps(optuna.samplers.TPESampler(
+            seed=seed, constant_liar=True, n_startup_trials=STARTUP, multivariate=False))).decode()
     asha = method == "tpe+asha"
     rung_at = rung_steps(TASKS[TASK].grace, 2, MAX_STEPS) if asha else []
     clock, events, slot, steps, asked = 0.0, [], itertools.count(), 0, 0
@@ -209,7 +221,8 @@ def replay(configs: list[dict], method: str, seed: int, tmp: Path) -> dict:
 
         def pick(record):
             prev = record.asks[-1] if record.asks else None
-            c = choose(search, "min", history(record), prev.sampler if prev else None, prev.study_attrs if prev else {})
+            c = choose(search, "min", history(record), prev.sampler if prev else first,
+                       prev.study_attrs if prev else {})
             return c.params, c.sampler, c.study_attrs, None
 
         params = _nearest(search_record.ask(layout, k, f"t{k}", pick).params)
@@ -298,6 +311,7 @@ def _spread(values: list[float]) -> str:
 
 
 def main() -> None:
+    global SPACE, TASK, MAX_STEPS, STARTUP, INDEPENDENT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", action="store_true", help="train the grid and record its curves")
     parser.add_argument("--seeds", type=int, default=SEEDS)
@@ -307,9 +321,12 @@ def main() -> None:
                         "landscape of N configurations")
     parser.add_argument("--space", choices=("grid", "continuous"), default="grid",
                         help="grid: each key a choice of the grid's values; continuous: the learning rate loguniform")
+    parser.add_argument("--startup", type=int, default=STARTUP, help="search.startup_trials of the TPE searches")
+    parser.add_argument("--independent-tpe", action="store_true",
+                        help="TPE modelling each key on its own (the sweep's TPE, Optuna's default, models "
+                        "them jointly)")
     args = parser.parse_args()
-    global SPACE, TASK, MAX_STEPS
-    SPACE, TASK = args.space, args.task
+    SPACE, TASK, STARTUP, INDEPENDENT = args.space, args.task, args.startup, args.independent_tpe
     MAX_STEPS = TASKS[TASK].steps
     with tempfile.TemporaryDirectory() as tmp:
         if args.train and TASKS[TASK].set is None:
@@ -328,7 +345,10 @@ def main() -> None:
                   f"{_spread([r['steps'] for r in runs])}, found in {sum(r['found'] for r in runs)} of {len(runs)}",
                   file=sys.stderr)
         results["ask_seconds_1000"] = ask_time(Path(tmp))
-    name = f"search_replay_{SPACE}.json" if TASK == "late" else f"search_replay_{TASK}_{SPACE}.json"
+    name = f"search_replay_{SPACE}" if TASK == "late" else f"search_replay_{TASK}_{SPACE}"
+    variant = (f"_startup{STARTUP}" if STARTUP != parser.get_default("startup") else "") + \
+        ("_independent" if INDEPENDENT else "")
+    name = f"{name}{variant}.json"
     (ROOT / "bench" / "results" / name).write_text(json.dumps(results, indent=1) + "\n")
     grid = results["grid"]
     print(f"grid: {grid['configs']} configurations, best validation loss {grid['best']:.4f}, {grid['within']} within "
