@@ -8,11 +8,15 @@ collected first. Measured on 2 cores: the landing CI of stop 27 took 38 minutes 
 slower still (load averages of 5-6, a benchmark beside it at the lowest priority); and with
 plain `--dist load` the first worker's initial chunk holds every integration test.
 
-The two workers keep both cores busy, so what costs is CPU, and most of it is Python processes
-starting (a trial's imports of torch, transformers, DeepSpeed and MLflow: about 15 s of CPU
-each): a test starts as few trials as its point needs, and slow steps (tests/helpers/faults.py)
-stop sleeping once the interruption a test is about is behind it. A fresh-clone CI took 36.6
-minutes in all (pytest 33:38) at stop 29, against 41 at stop 28.
+The two workers keep both cores busy (idle 3-5% of the time, measured), so what costs is CPU,
+and most of it is Python processes starting: a trial's imports of torch, transformers,
+DeepSpeed and MLflow take about 15 s of CPU, a driver's about 9 (MLflow, and its migrations
+on a new sqlite store). So a test starts as few trials and drivers as its point needs, tests
+that leave an MLflow server running share one per worker (tests/conftest.py), and slow steps
+(tests/helpers/faults.py) stop sleeping once the interruption a test is about is behind it.
+A fresh-clone CI took 36.6 minutes in all (pytest 33:32) at stop 30, as at stop 29: the tests
+changed at stop 30 took 792 s against 919, and the unchanged ones 3189 s against 3070 (two
+runs of the same test differ by up to 20 s here).
 
 Tests on the local SLURM cluster may run at the same time as each other: a job that finds the
 cluster's CPUs taken stays PENDING until they free, and every test waits on job states, never
