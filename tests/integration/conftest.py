@@ -14,9 +14,9 @@ DeepSpeed and MLflow take about 15 s of CPU, a driver's about 9 (MLflow, and its
 on a new sqlite store). So a test starts as few trials and drivers as its point needs, tests
 that leave an MLflow server running share one per worker (tests/conftest.py), and slow steps
 (tests/helpers/faults.py) stop sleeping once the interruption a test is about is behind it.
-A fresh-clone CI took 36.6 minutes in all (pytest 33:32) at stop 30, as at stop 29: the tests
-changed at stop 30 took 792 s against 919, and the unchanged ones 3189 s against 3070 (two
-runs of the same test differ by up to 20 s here).
+Fresh-clone CI runs at stop 30 took 36.6 and 33.4 minutes in all (pytest 33:32 and 30:47)
+for the same tests, against 36.6 and 38.0 at stop 29: a run differs from the next by minutes
+here. In the first, the tests changed at stop 30 took 792 s against 919 at stop 29.
 
 Tests on the local SLURM cluster may run at the same time as each other: a job that finds the
 cluster's CPUs taken stays PENDING until they free, and every test waits on job states, never
