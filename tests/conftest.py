@@ -29,7 +29,7 @@ def mlflow_server(tmp_path):
 def shared_mlflow_server(tmp_path_factory):
     """One server per test process (xdist worker), started when a test first asks for it, for
     tests that leave it running: each test writes under an experiment named for itself. A
-    server takes 15-45 s of CPU to start and stop on a loaded machine."""
+    server took 14-20 s to start in CI's fixture setup."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
     server.start()
     yield server
