@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -36,13 +35,10 @@ def _trial_dirs(tmp_path, name) -> dict:
     return {tid: Path(r.output_dir) for tid, r in manifest.trials.items()}, manifest
 
 
-def _wait_step(out: Path, step: int, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (out / "metrics.jsonl").exists() and any(r.get("step", 0) >= step for r in read_metrics(out / "metrics.jsonl")):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{out}: step {step} not reached")
+def _wait_step(out: Path, step: int) -> None:
+    metrics = out / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and any(r.get("step", 0) >= step for r in read_metrics(metrics)),
+             what=f"{out}: step {step}")
 
 
 def _weights(out: Path) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 from qarac_dist.base.layout import SweepLayout
@@ -14,7 +13,7 @@ from qarac_dist.submit import claims
 from qarac_dist.submit.sweep_dir import Manifest
 from qarac_dist.track.mlflow_client import client
 from qarac_dist.track.trial_dir import read_metrics
-from support import run_sweep, table_rows, tiny_config, write_config
+from support import run_sweep, table_rows, tiny_config, wait_for, write_config
 
 
 def _sweep(tmp_path, name, data_cache, seeds, max_steps=4, checkpoint_every=None, executor="slurm",
@@ -31,15 +30,6 @@ def _sweep(tmp_path, name, data_cache, seeds, max_steps=4, checkpoint_every=None
 
 def _manifest(tmp_path, name) -> Manifest:
     return Manifest.load(tmp_path / "runs" / name)
-
-
-def _wait(condition, what: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _past_checkpoint(manifest: Manifest, step: int) -> bool:
@@ -74,7 +64,7 @@ def test_three_trials_run_two_at_a_time_as_steps_of_one_job_each_on_its_own_gpu(
     # Each trial ran once, as one step of that job; never more than two at once, and two at once
     # for a while. (The runner records a step's end within a second of the trial's verdict,
     # which the driver may have seen first: read the claims once the job has exited.)
-    _wait(lambda: _gone(job), f"job {job} to exit")
+    wait_for(lambda: _gone(job), what=f"job {job} to exit")
     found = claims.read(SweepLayout(tmp_path / "runs" / "packed"))
     assert {tid: (c.job, c.outcome) for tid, c in found.items()} == {tid: (job, "COMPLETED") for tid in manifest.trials}
     steps = {tid: r.step for tid, r in manifest.trials.items()}
@@ -106,7 +96,7 @@ def test_a_preempted_packed_job_saves_requeues_and_resumes_its_own_trials(cluste
     assert run_sweep(path, "--no-preflight").returncode == 0
     manifest = _manifest(tmp_path, "preempted")
     (job,) = {j for r in manifest.trials.values() for j in r.pack_jobs}
-    _wait(lambda: _past_checkpoint(_manifest(tmp_path, "preempted"), 7), "both trials past a checkpoint")
+    wait_for(lambda: _past_checkpoint(_manifest(tmp_path, "preempted"), 7), what="both trials past a checkpoint")
     # SLURM's warning goes to the job's steps, not to the batch shell (sbatch --signal without B:).
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     proc = run_sweep(path, "--wait")
@@ -127,9 +117,9 @@ def test_a_packed_job_killed_without_warning_has_its_trials_resumed_by_a_rerun(c
     assert run_sweep(path, "--no-preflight").returncode == 0
     manifest = _manifest(tmp_path, "killed")
     (job,) = {j for r in manifest.trials.values() for j in r.pack_jobs}
-    _wait(lambda: _past_checkpoint(_manifest(tmp_path, "killed"), 7), "both trials past a checkpoint")
+    wait_for(lambda: _past_checkpoint(_manifest(tmp_path, "killed"), 7), what="both trials past a checkpoint")
     subprocess.run(["scancel", "--full", "--signal=KILL", job], check=True)  # every process, the batch shell too
-    _wait(lambda: _gone(job), f"job {job} to leave the queue")
+    wait_for(lambda: _gone(job), what=f"job {job} to leave the queue")
     proc = run_sweep(path, "--no-preflight", "--wait")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 to run" in proc.stdout, proc.stdout
@@ -139,7 +129,8 @@ def test_a_packed_job_killed_without_warning_has_its_trials_resumed_by_a_rerun(c
         assert r.state == "COMPLETED" and r.attempt == 2 and r.job_ids[0] == job and r.job_ids[-1] != job, r
         assert status.resumed_from is not None and status.resumed_from >= 5, status
         assert r.history[0].state in ("LOST", "PREEMPTED"), r.history
-    _wait(lambda: all(_gone(j) for j in manifest.trials[next(iter(manifest.trials))].pack_jobs), "the new job to exit")
+    wait_for(lambda: all(_gone(j) for j in manifest.trials[next(iter(manifest.trials))].pack_jobs),
+             what="the new job to exit")
     found = claims.read(SweepLayout(tmp_path / "runs" / "killed"))
     assert all(c.attempt == 2 and c.outcome == "COMPLETED" for c in found.values()), found
 
@@ -210,7 +201,7 @@ def test_a_search_job_killed_while_asking_is_rerun_and_every_slot_ends_once(clus
     try:
         assert run_sweep(path, "--no-preflight").returncode == 0
         (job,) = {j for r in _manifest(tmp_path, "asking").trials.values() for j in r.pack_jobs}
-        _wait(lambda: any(c.job == job for c in claims.read(layout).values()), "the job to claim a slot")
+        wait_for(lambda: any(c.job == job for c in claims.read(layout).values()), what="the job to claim a slot")
         subprocess.run(["scontrol", "requeue", job], check=True)
     finally:
         held.close()
