@@ -204,13 +204,12 @@ def replay(configs: list[dict], method: str, seed: int, tmp: Path) -> dict:
     search = Search(trials=1000, sampler=sampler, seed=seed, startup_trials=STARTUP, params=params)
     first = None  # the sampler of the first ask (None: the sweep's own, plan/search.py)
     if INDEPENDENT and sampler == "tpe":
-        import base64
-        import pickle
-
         import optuna
 
-        first = base64.b64encode(pickle.dumps(optuna.samplers.TPESampler(
-            seed=seed, constant_liar=True, n_startup_trials=STARTUP, multivariate=False))).decode()
+        from qarac_dist.plan.search import encode
+
+        first = encode(optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=STARTUP,
+                                                  multivariate=False))
     asha = method == "tpe+asha"
     rung_at = rung_steps(TASKS[TASK].grace, 2, MAX_STEPS) if asha else []
     clock, events, slot, steps, asked = 0.0, [], itertools.count(), 0, 0

@@ -81,6 +81,11 @@ def new_sampler(search: Search):
             "random": lambda: optuna.samplers.RandomSampler(seed=seed)}[search.sampler]()
 
 
+def encode(sampler) -> str:
+    """A sampler as the record keeps it (Choice.sampler): base64 of its pickle."""
+    return base64.b64encode(pickle.dumps(sampler)).decode()
+
+
 def choose(search: Search, mode: str, history: list[Told], sampler: Optional[str], study_attrs: dict,
            warm: list[Told] = ()) -> Choice:
     """The next trial's values. `history`: this sweep's trials in the order they were asked;
@@ -116,7 +121,7 @@ def choose(search: Search, mode: str, history: list[Told], sampler: Optional[str
                 trial.report(v, step)
             study.tell(trial, earlier.value, state=earlier.state)
         trial = study.ask(space)
-    return Choice(dict(trial.params), base64.b64encode(pickle.dumps(state)).decode(),
+    return Choice(dict(trial.params), encode(state),
                   dict(study._storage.get_study_system_attrs(study._study_id)))
 
 
