@@ -354,7 +354,8 @@ def main() -> None:
         results["ask_seconds_1000"] = ask_time(Path(tmp))
     name = f"search_replay_{SPACE}" if TASK == "late" else f"search_replay_{TASK}_{SPACE}"
     variant = (f"_startup{STARTUP}" if STARTUP != parser.get_default("startup") else "") + \
-        ("_independent" if INDEPENDENT else "") + (f"_seeds{args.seeds}" if args.seeds != SEEDS else "")
+        ("_independent" if INDEPENDENT else "") + \
+        (f"_seeds{args.seeds}" if args.seeds != parser.get_default("seeds") else "")
     name = f"{name}{variant}.json"
     (ROOT / "bench" / "results" / name).write_text(json.dumps(results, indent=1) + "\n")
     grid = results["grid"]
