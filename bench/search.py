@@ -24,6 +24,9 @@
     python bench/search.py --task graded-176 --startup 1 [--independent-tpe] [--seeds 100]
         # TPE with another search.startup_trials, or modelling each key on its own, or more
         # seeds than 20: *_startup1*.json, *_seeds100.json
+    python bench/search.py --task graded-176 --sampler gp [--workers 1] [--seeds 100]
+        # Optuna's GPSampler instead of TPE (no successive halving: it learns nothing from pruned
+        # trials), or one trial at a time instead of 4: *_gp*.json, *_workers1*.json
 
 Also measured: the time of one ask with 1,000 finished trials in the record.
 """
@@ -121,6 +124,7 @@ SPACE = "grid"  # or "continuous" (--space): the learning rate searched on a log
 CAP = 150  # trials asked at most per search; a search that has not found the best by then counts as CAP
 STARTUP = 4  # search.startup_trials: random trials before TPE models the results (Optuna's default: 10)
 INDEPENDENT = False  # --independent-tpe: TPE modelling each key on its own (Optuna 5's TPE is multivariate)
+SAMPLER = "tpe"  # --sampler: the model-based search set against random search (search.sampler)
 
 
 def train(tmp: Path) -> None:
@@ -200,7 +204,7 @@ def replay(configs: list[dict], method: str, seed: int, tmp: Path) -> dict:
     by_key = {_key(c["params"]): c for c in configs}
     best = min(min(v for _, v in c["curve"]) for c in configs)
     layout = SweepLayout(tmp / f"{method}-{seed}")
-    sampler = "random" if method == "random" else "tpe"
+    sampler = "random" if method == "random" else SAMPLER
     GRID = grid()
     if SPACE == "continuous":  # what a user would write: values between the grid's, each run as its nearest
         params = {"optimizer.lr": Distribution("loguniform", GRID["optimizer.lr"][0], GRID["optimizer.lr"][-1]),
@@ -218,7 +222,7 @@ def replay(configs: list[dict], method: str, seed: int, tmp: Path) -> dict:
 
         first = encode(optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=STARTUP,
                                                   multivariate=False))
-    asha = method == "tpe+asha"
+    asha = method.endswith("+asha")
     rung_at = rung_steps(TASKS[TASK].grace, 2, MAX_STEPS) if asha else []
     clock, events, slot, steps, asked = 0.0, [], itertools.count(), 0, 0
 
@@ -318,7 +322,7 @@ def _spread(values: list[float]) -> str:
 
 
 def main() -> None:
-    global SPACE, TASK, MAX_STEPS, STARTUP, INDEPENDENT
+    global SPACE, TASK, MAX_STEPS, STARTUP, INDEPENDENT, SAMPLER, WORKERS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", action="store_true", help="train the grid and record its curves")
     parser.add_argument("--seeds", type=int, default=SEEDS)
@@ -329,11 +333,19 @@ def main() -> None:
     parser.add_argument("--space", choices=("grid", "continuous"), default="grid",
                         help="grid: each key a choice of the grid's values; continuous: the learning rate loguniform")
     parser.add_argument("--startup", type=int, default=STARTUP, help="search.startup_trials of the TPE searches")
+    parser.add_argument("--workers", type=int, default=WORKERS, help="trials at once")
+    parser.add_argument("--sampler", choices=("tpe", "gp"), default=SAMPLER,
+                        help="the model-based search set against random search (gp: Optuna's GPSampler)")
     parser.add_argument("--independent-tpe", action="store_true",
                         help="TPE modelling each key on its own (the sweep's TPE, Optuna's default, models "
                         "them jointly)")
     args = parser.parse_args()
-    SPACE, TASK, STARTUP, INDEPENDENT = args.space, args.task, args.startup, args.independent_tpe
+    SPACE, TASK, STARTUP, INDEPENDENT, SAMPLER = args.space, args.task, args.startup, args.independent_tpe, args.sampler
+    WORKERS = args.workers
+    if INDEPENDENT and SAMPLER != "tpe":
+        parser.error("--independent-tpe is a setting of TPE, not of --sampler gp")
+    # Optuna's GPSampler learns from finished trials only, nothing from pruned ones: no successive halving with it.
+    methods = ("random", "tpe", "tpe+asha") if SAMPLER == "tpe" else ("random", SAMPLER)
     MAX_STEPS = TASKS[TASK].steps
     with tempfile.TemporaryDirectory() as tmp:
         if args.train and TASKS[TASK].set is None:
@@ -345,7 +357,7 @@ def main() -> None:
         near = sum(v <= values[0] + WITHIN for v in values)
         results = {"grid": {"configs": len(configs), "best": values[0], "within": near,
                             "steps": len(configs) * MAX_STEPS}}
-        for method in ("random", "tpe", "tpe+asha"):
+        for method in methods:
             runs = [replay(configs, method, seed, Path(tmp)) for seed in range(args.seeds)]
             results[method] = runs
             print(f"{method}: trials {_spread([r['trials'] for r in runs])}, steps "
@@ -353,7 +365,9 @@ def main() -> None:
                   file=sys.stderr)
         results["ask_seconds_1000"] = ask_time(Path(tmp))
     name = f"search_replay_{SPACE}" if TASK == "late" else f"search_replay_{TASK}_{SPACE}"
-    variant = (f"_startup{STARTUP}" if STARTUP != parser.get_default("startup") else "") + \
+    variant = (f"_{SAMPLER}" if SAMPLER != parser.get_default("sampler") else "") + \
+        (f"_workers{WORKERS}" if WORKERS != parser.get_default("workers") else "") + \
+        (f"_startup{STARTUP}" if STARTUP != parser.get_default("startup") else "") + \
         ("_independent" if INDEPENDENT else "") + \
         (f"_seeds{args.seeds}" if args.seeds != parser.get_default("seeds") else "")
     name = f"{name}{variant}.json"
@@ -364,15 +378,17 @@ def main() -> None:
     print("| search | trials until within 0.01 of the best: median (10th-90th) | training steps: median (10th-90th) "
           f"| found within {CAP} trials |")
     print("|---|---|---|---|")
-    for method in ("random", "tpe", "tpe+asha"):
+    for method in methods:
         runs = results[method]
         print(f"| {method} | {_spread([r['trials'] for r in runs])} | {_spread([r['steps'] for r in runs])} | "
               f"{sum(r['found'] for r in runs)} of {len(runs)} |")
-    ratio = statistics.median(r["trials"] for r in results["tpe"]) / statistics.median(
+    ratio = statistics.median(r["trials"] for r in results[SAMPLER]) / statistics.median(
         r["trials"] for r in results["random"])
-    steps = statistics.median(r["steps"] for r in results["tpe+asha"]) / grid["steps"]
-    print(f"\ntpe / random trials (medians): {ratio:.2f} (target <= 0.5); tpe+asha steps / grid steps: {steps:.2f} "
-          f"(target <= 0.25); one ask with 1,000 finished trials: {results['ask_seconds_1000']:.3f} s")
+    print(f"\n{SAMPLER} / random trials (medians): {ratio:.2f} (target <= 0.5); one ask with 1,000 finished trials "
+          f"(tpe): {results['ask_seconds_1000']:.3f} s")
+    if "tpe+asha" in results:
+        steps = statistics.median(r["steps"] for r in results["tpe+asha"]) / grid["steps"]
+        print(f"tpe+asha steps / grid steps: {steps:.2f} (target <= 0.25)")
 
 
 if __name__ == "__main__":
