@@ -342,6 +342,8 @@ def main() -> None:
     args = parser.parse_args()
     SPACE, TASK, STARTUP, INDEPENDENT, SAMPLER = args.space, args.task, args.startup, args.independent_tpe, args.sampler
     WORKERS = args.workers
+    if WORKERS < 1 or args.seeds < 2:
+        parser.error("--workers needs at least 1 and --seeds at least 2 (a median and a spread)")
     if INDEPENDENT and SAMPLER != "tpe":
         parser.error("--independent-tpe is a setting of TPE, not of --sampler gp")
     # Optuna's GPSampler learns from finished trials only, nothing from pruned ones: no successive halving with it.
