@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 from .deepspeed import raw_key_conflicts
-from .sections import TrainConfig
+from .sections import METRIC_MODES, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,16 @@ def global_batch(cfg: TrainConfig) -> Iterator[str]:
                f"({t.micro_batch_size} x {t.gradient_accumulation_steps})")
 
 
+def batch_on_ranks(cfg: TrainConfig, world_size: int) -> Iterator[str]:
+    """training.global_batch_size against the ranks a job has (known only when it starts)."""
+    t = cfg.training
+    actual = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+    if t.global_batch_size is not None and actual != t.global_batch_size:
+        yield (f"training.global_batch_size: {t.global_batch_size} != training.micro_batch_size x "
+               f"training.gradient_accumulation_steps x world size ({t.micro_batch_size} x "
+               f"{t.gradient_accumulation_steps} x {world_size} = {actual})")
+
+
 @rule("evaluation.metric", "model.task")
 def metric_fits_task(cfg: TrainConfig) -> Iterator[str]:
     metric, task = cfg.evaluation.metric, cfg.model.task
@@ -135,6 +145,24 @@ def metric_fits_task(cfg: TrainConfig) -> Iterator[str]:
         yield "evaluation.metric: spearman is a regression metric; model.task is classification"
     if task == "regression" and metric in ("accuracy", "macro_f1"):
         yield f"evaluation.metric: {metric} is a classification metric; model.task is regression"
+
+
+def against_direction(key: str, metric: str, mode: str) -> Iterator[str]:
+    """A metric selected against its known direction (the worst checkpoint or trial would win)."""
+    if METRIC_MODES.get(metric, mode) != mode:
+        better = "smaller" if METRIC_MODES[metric] == "min" else "larger"
+        yield f"{key}: {mode} selects the worst {metric} ({metric} is better {better}); set it to {METRIC_MODES[metric]}"
+
+
+@rule("evaluation.metric", "evaluation.mode")
+def evaluation_direction(cfg: TrainConfig) -> Iterator[str]:
+    yield from against_direction("evaluation.mode", cfg.evaluation.metric, cfg.evaluation.mode)
+
+
+@rule("asha")
+def asha_direction(cfg: TrainConfig) -> Iterator[str]:
+    if cfg.asha is not None:
+        yield from against_direction("asha.mode", cfg.asha.metric, cfg.asha.mode)
 
 
 @rule("optimizer.betas")

@@ -15,6 +15,8 @@ Task = Literal["classification", "regression"]
 Metric = Literal["loss", "accuracy", "macro_f1", "spearman"]
 TASK_METRICS = {"classification": ("loss", "accuracy", "macro_f1"), "regression": ("loss", "spearman")}
 """The validation metrics a trial of each model.task logs (train/metrics.py)."""
+METRIC_MODES = {"loss": "min", "accuracy": "max", "macro_f1": "max", "spearman": "max"}
+"""Which way each validation metric is better: selecting it the other way picks the worst."""
 
 
 @dataclass
@@ -114,7 +116,10 @@ class DataConfig:
     validation_split: Optional[str] = "validation"
     """Split of a hub dataset to validate on (ignored when validation_fraction is set)."""
     validation_fraction: Optional[float] = bounded(None, gt=0, lt=1)
-    """Hold out this fraction of the training set (seeded) for validation."""
+    """Hold out this fraction of the training set for validation, chosen by split_seed."""
+    split_seed: Optional[int] = bounded(None, ge=0, lt=2**32)
+    """Seed of the validation_fraction hold-out; null: 0. Never training.seed: the validation rows
+    are a property of the data, the same for every trial of a sweep, whatever its seed."""
     text_column: str = "text"
     """Column with the input text."""
     text_pair_column: Optional[str] = None
@@ -256,7 +261,7 @@ class EvaluationConfig:
     metric: Metric = "accuracy"
     """Validation metric that picks the best checkpoint and drives early stopping."""
     mode: Literal["max", "min"] = "max"
-    """Whether a larger or a smaller metric is better."""
+    """Whether a larger or a smaller metric is better: min for loss, max for the others."""
     batch_size: int = bounded(16, ge=1, le=1_000_000)
     """Examples per rank per validation forward pass."""
 

@@ -20,7 +20,8 @@ from typing import Optional
 
 from ..base.layout import SweepLayout
 from ..config import ConfigError
-from ..config.sections import TASK_METRICS
+from ..config.rules import against_direction
+from ..config.sections import METRIC_MODES, TASK_METRICS
 from ..config.sweep import RandomSearch, SweepSpec
 from . import micro_batch
 from .asha import rung_steps
@@ -135,7 +136,8 @@ def plan(spec: SweepSpec, base: dict, source: str = "sweep", micro_batches: dict
             asha = {"asha": successive_halving(spec, resolved["training"]["max_steps"], resolved["evaluation"])} \
                 if spec.asha else {}
             rungs = tuple(asha["asha"]["rungs"]) if asha else None
-            key = (resolved["model"]["task"], resolved["evaluation"]["every_steps"], rungs)
+            key = (resolved["model"]["task"], resolved["evaluation"]["every_steps"], rungs,
+                   resolved["evaluation"]["metric"])
             problems = checked.get(key)
             if problems is None:  # a few distinct answers per sweep: worked out once each
                 problems = checked[key] = _sweep_problems(spec, source, *key)
@@ -172,7 +174,7 @@ def _slots(spec: SweepSpec, resolver: Resolver, trials_dir: str, source: str) ->
         asha = {"asha": successive_halving(spec, resolved["training"]["max_steps"], resolved["evaluation"])} \
             if spec.asha else {}
         problems = _sweep_problems(spec, source, resolved["model"]["task"], resolved["evaluation"]["every_steps"],
-                                   tuple(asha["asha"]["rungs"]) if asha else None)
+                                   tuple(asha["asha"]["rungs"]) if asha else None, resolved["evaluation"]["metric"])
         if problems:
             raise ConfigError(problems)
         resolved, tid = resolver.resolve({**overrides, **asha})
@@ -217,13 +219,16 @@ def successive_halving(spec: SweepSpec, max_steps: int, evaluation: dict) -> dic
             "reduction_factor": spec.asha.reduction_factor, "metric": metric, "mode": mode}
 
 
-def _sweep_problems(spec: SweepSpec, source: str, task: str, every: int, rungs: Optional[tuple]) -> list[str]:
+def _sweep_problems(spec: SweepSpec, source: str, task: str, every: int, rungs: Optional[tuple],
+                    evaluation_metric: str) -> list[str]:
     """What the sweep's own keys ask of a trial that its config cannot give, named by those keys."""
     problems = []
     metric = spec.select.metric
     if metric is not None and metric not in TASK_METRICS[task]:
         problems.append(f"{source}: select.metric: {metric!r} is not logged by a {task} trial; it logs "
                         f"{', '.join(TASK_METRICS[task])}")
+    metric, mode = select_defaults(spec, [], {"metric": evaluation_metric, "mode": spec.select.mode})
+    problems += [f"{source}: {problem}" for problem in against_direction("select.mode", metric, mode)]
     if rungs is not None:
         off = [step for step in rungs if step % every]
         if off:
@@ -237,6 +242,8 @@ def _short(value) -> str:
 
 
 def select_defaults(spec: SweepSpec, trials: list[Trial], evaluation: dict | None = None) -> tuple[str, str]:
-    """The metric and mode that pick the best trial (default: the trials' own evaluation)."""
+    """The metric and mode that pick the best trial (default: the trials' own evaluation
+    metric, and the direction that metric is better in)."""
     evaluation = evaluation or (trials[0].config["evaluation"] if trials else {"metric": "loss", "mode": "min"})
-    return spec.select.metric or evaluation["metric"], spec.select.mode or evaluation["mode"]
+    metric = spec.select.metric or evaluation["metric"]
+    return metric, spec.select.mode or METRIC_MODES.get(metric) or evaluation["mode"]

@@ -34,7 +34,7 @@ NOT_IDENTITY = {"output": ("dir",)}
 MOVED_OUT = {"output": ("attempt",), "asha": ("record_dir",)}
 # Fields added since sweeps were first planned: while null (off) they are not in the id, so the
 # trials of a sweep planned before keep their ids.
-ADDED_OFF = {"training": ("spikes",)}
+ADDED_OFF = {"training": ("spikes",), "data": ("split_seed",)}
 _IDENTITY_JSON = json.JSONEncoder(sort_keys=True, default=str)  # json.dumps(..., sort_keys=True, default=str), built once
 
 

@@ -31,6 +31,8 @@ class Result:
     memory: Optional[MemoryPlan] = None
     explained_zero: dict = field(default_factory=dict)
     """Parameter -> why its all-zero gradient is expected (a note, not a warning)."""
+    facts: list[str] = field(default_factory=list)
+    """What the data holds that a reader should know, and need not fix (a few tokens cut)."""
 
     @property
     def ok(self) -> bool:
@@ -39,7 +41,8 @@ class Result:
     def findings(self) -> list[Finding]:
         return [*self.report.findings(self.explained_zero),
                 *(Finding("fail", *_split(p)) for p in self.problems),
-                *(Finding("warn", *_split(n)) for n in self.notes)]
+                *(Finding("warn", *_split(n)) for n in self.notes),
+                *(Finding("note", *_split(n)) for n in self.facts)]
 
 
 def _split(line: str) -> tuple[str, str]:
@@ -73,6 +76,7 @@ def run(cfg, world_size: int = 1, resources=None) -> Result:
     `resources.gpu_memory_gb` set, also plan the memory per GPU."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from ..train.build import build_parts
+    from ..train.data import report_lines
 
     parts = build_parts(_with_small_data(cfg))
     splits, model, collate = parts.splits, parts.model, parts.collate
@@ -83,7 +87,11 @@ def run(cfg, world_size: int = 1, resources=None) -> Result:
     if resources is not None and resources.gpu_memory_gb and not problems:
         plan, advice = _plan_memory(cfg, model, collate, splits.train[[0]], resources)
         problems += advice
-    return Result(cfg.name, report, problems, warnings_for(cfg, model), plan, explain_zero(model, report.zero))
+    # Truncation as measured on the rows read here (their count is in the line).
+    data_lines = report_lines(splits.report, cfg.data.max_length)
+    return Result(cfg.name, report, problems, warnings_for(cfg, model) + [line for level, line in data_lines
+                                                                          if level == "warn"],
+                  plan, explain_zero(model, report.zero), [line for level, line in data_lines if level == "note"])
 
 
 def _plan_memory(cfg, model, collate, row: dict, resources) -> tuple[MemoryPlan, list[str]]:

@@ -59,7 +59,7 @@ def measure(cfg, micro: int) -> int | None:
         try:
             with contextlib.nullcontext() if cuda else rss:
                 trainer = Trainer(cfg, export_from_environment())
-                lengths = np.asarray(trainer.splits.train["length"])
+                lengths = np.asarray(trainer.splits.train["length"][:])
                 longest = np.resize(np.argsort(-lengths, kind="stable"), micro)  # repeats if the set is small
                 for _ in range(2):  # the first step also allocates the optimizer's states
                     trainer.train_step([longest])

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
+from ..config.rules import batch_on_ranks
+
 
 def check_config(cfg, tokenizer=None, model=None, world_size: int = 1) -> list[str]:
     """Rules that need more than the config's own fields: the tokenizer, the model, the world."""
-    problems = []
-    t = cfg.training
-    if t.global_batch_size is not None:
-        actual = t.micro_batch_size * t.gradient_accumulation_steps * world_size
-        if actual != t.global_batch_size:
-            problems.append(f"training.global_batch_size: {t.global_batch_size} != training.micro_batch_size x "
-                            f"training.gradient_accumulation_steps x world size ({t.micro_batch_size} x "
-                            f"{t.gradient_accumulation_steps} x {world_size} = {actual})")
+    problems = list(batch_on_ranks(cfg, world_size))
     config = getattr(model, "config", None)
     if tokenizer is not None and config is not None and getattr(config, "vocab_size", None):
         if len(tokenizer) > config.vocab_size:

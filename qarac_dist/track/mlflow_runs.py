@@ -54,6 +54,15 @@ class TrialRun:
         except Exception as err:  # noqa: BLE001
             print(f"qarac_dist: could not log {name} to MLflow: {type(err).__name__}", file=sys.stderr)
 
+    def log_params(self, params: dict) -> None:
+        """Params a job learns while it runs (what its data holds); a requeued job sends the same values."""
+        try:
+            from mlflow.entities import Param
+
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in screen(params).items()])
+        except Exception as err:  # noqa: BLE001
+            print(f"qarac_dist: could not log params to MLflow run {self.run_id}: {type(err).__name__}", file=sys.stderr)
+
     def set_tags(self, tags: dict) -> None:
         try:
             for key, value in screen(tags).items():

@@ -145,8 +145,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, directory: Path, step: int, client_state: dict, rank: int, keep_last: int,
-         keep: Optional[str] = None) -> str:
-    """Save on every rank; returns the tag. `keep` names a tag never pruned (the best)."""
+         keep: Optional[str] = None, step_examples: Optional[int] = None) -> str:
+    """Save on every rank; returns the tag. `keep` names a tag never pruned (the best);
+    `step_examples`, the examples one step takes (what a resume on other ranks must keep)."""
     tag = tag_for(step)
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
     faults.once("checkpoint-write", step, rank, directory)
@@ -157,7 +158,7 @@ def save(engine, directory: Path, step: int, client_state: dict, rank: int, keep
     if rank == 0:
         files = {name: size for own in sizes for name, size in own.items()}
         (directory / tag / MARKER).write_text(json.dumps({"step": step, "world_size": dist.get_world_size(),
-                                                         "files": files}))
+                                                         "step_examples": step_examples, "files": files}))
         tags = complete_tags(directory)
         for old in tags[:-keep_last]:
             if old != keep:
@@ -186,9 +187,12 @@ class Checkpointer:
     intact one, converted to a universal checkpoint when it was saved on another number of
     ranks), loading it, and saving one (keeping the newest `keep_last` and the best)."""
 
-    def __init__(self, checkpointing, zero_stage: int, trial: TrialDir, rank: int, world_size: int):
+    def __init__(self, checkpointing, zero_stage: int, trial: TrialDir, rank: int, world_size: int,
+                 rank_examples: int):
         self.checkpointing, self.zero_stage, self.trial = checkpointing, zero_stage, trial
         self.rank, self.world_size = rank, world_size
+        self.step_examples = rank_examples * world_size
+        """Examples one optimizer step takes (micro batch x accumulation x ranks)."""
         self.directory = trial.checkpoints
 
     def choose(self) -> Optional[str]:
@@ -233,9 +237,24 @@ class Checkpointer:
         if tag is None:
             return None
         saved = saved_world_size(self.directory, tag)
+        if saved not in (None, self.world_size):
+            self._same_data_order(tag, saved)
         if saved in (None, self.world_size) or self.zero_stage == 0:
             return tag  # ZeRO-0 keeps whole optimizer states: it loads on any number of ranks
         return universal(self.directory, tag)
+
+    def _same_data_order(self, tag: str, saved_world: int) -> None:
+        """A step's examples are drawn per step (train/data.py): on another number of ranks the
+        epoch goes on exactly where it stopped only if a step still takes as many examples."""
+        # Checkpoints from before the marker recorded it: the same micro batch and accumulation.
+        saved = _marker(self.directory, tag).get("step_examples") or self.step_examples // self.world_size * saved_world
+        if saved != self.step_examples:
+            raise UserError(
+                f"checkpointing: {self.directory / tag} was saved on {saved_world} ranks taking {saved} examples a "
+                f"step; this job has {self.world_size} ranks taking {self.step_examples}, so the rest of the epoch "
+                f"would see some examples twice and others never. Make training.micro_batch_size x "
+                f"gradient_accumulation_steps x {self.world_size} ranks equal {saved} to resume here "
+                f"(training.global_batch_size: {saved} holds every job of the trial to it)")
 
     def load(self, engine, tag: str) -> dict:
         """Load `tag` into the engine on every rank; returns our state saved with it."""
@@ -246,6 +265,7 @@ class Checkpointer:
         # A save cut short (a full disk) is removed: it never had a marker, so it was never
         # loadable, and its space lets the trial record why it failed.
         with writing_folder(self.directory / tag_for(step)):
-            save(engine, self.directory, step, state, self.rank, self.checkpointing.keep_last, keep=keep)
+            save(engine, self.directory, step, state, self.rank, self.checkpointing.keep_last, keep=keep,
+                 step_examples=self.step_examples)
         if self.rank == 0:
             self.trial.update(last_checkpoint=step)

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config import TrainConfig, UserError
 from ..config.sections import DataConfig
+from . import labels
 from .synthetic import generate_similarity, generate_synthetic
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -75,9 +76,13 @@ class Splits:
     tokenizer: object
     num_labels: int
     label_names: Optional[list[str]]
+    report: dict
+    """Per split: rows, unlabelled rows left out, documents and tokens cut by data.max_length
+    (`data_report`)."""
 
 
-def _raw_splits(cfg: TrainConfig):
+def _raw_splits(cfg: TrainConfig) -> list[labels.Split]:
+    """The splits as loaded, train first; with validation_fraction, the training split alone."""
     import sys
 
     import datasets
@@ -91,26 +96,29 @@ def _raw_splits(cfg: TrainConfig):
         directory = synthetic_dir(d)
         generate = generate_similarity if d.synthetic.task == "similarity" else generate_synthetic
         _atomic_dir(directory, lambda tmp: generate(d.synthetic, tmp))
-        train = _load_files("data.synthetic", "json", [str(directory / "train.jsonl")], cache)
-        validation = _load_files("data.synthetic", "json", [str(directory / "validation.jsonl")], cache)
-    elif d.train_files is not None:
+        return [labels.Split(name, _load_files("data.synthetic", "json", [str(directory / f"{name}.jsonl")], cache),
+                             f"data.synthetic ({directory / name}.jsonl)") for name in ("train", "validation")]
+    if d.train_files is not None:
         kind = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}[Path(d.train_files[0]).suffix]
-        train = _load_files("data.train_files", kind, d.train_files, cache)
-        validation = None
-        if d.validation_files and d.validation_fraction is None:
-            validation = _load_files("data.validation_files", kind, d.validation_files, cache)
-    else:
-        train = _load_hub(d.dataset, d.dataset_config, d.train_split, cache)
-        validation = None
+        named = [("train", "data.train_files", d.train_files)]
         if d.validation_fraction is None:
-            validation = _load_hub(d.dataset, d.dataset_config, d.validation_split, cache)
-    if d.validation_fraction is not None:
-        if len(train) < 2:
-            raise UserError(f"data.validation_fraction: the training split has {len(train)} row(s), too few to hold "
-                            f"some out")
-        held = train.train_test_split(test_size=d.validation_fraction, seed=cfg.training.seed)
-        train, validation = held["train"], held["test"]
-    return train, validation
+            named.append(("validation", "data.validation_files", d.validation_files))
+        return [labels.Split(name, _load_files(key, kind, files, cache), f"{key} ({', '.join(files)})")
+                for name, key, files in named]
+    named = [("train", d.train_split)] + ([("validation", d.validation_split)] if d.validation_fraction is None else [])
+    return [labels.Split(name, _load_hub(d.dataset, d.dataset_config, split, cache),
+                         f"data.dataset ({d.dataset}{'/' + d.dataset_config if d.dataset_config else ''}, "
+                         f"split {split!r})") for name, split in named]
+
+
+def _held_out(cfg: TrainConfig, train):
+    """Train and validation from one split: the validation rows depend on `data.split_seed`
+    only, so every trial of a sweep, whatever its training.seed, validates on the same rows."""
+    if len(train) < 2:
+        raise UserError(f"data.validation_fraction: the training split has {len(train)} row(s), too few to hold "
+                        f"some out")
+    held = train.train_test_split(test_size=cfg.data.validation_fraction, seed=cfg.data.split_seed or 0)
+    return held["train"], held["test"]
 
 
 def _load_files(key: str, kind: str, files: list[str], cache: str):
@@ -201,82 +209,93 @@ def _prepare(cfg: TrainConfig) -> Splits:
         d = dataclasses.replace(d, text_pair_column="text_pair")
         cfg = dataclasses.replace(cfg, data=d)
     separate = cfg.model.kind == "dual_encoder"  # each text encoded on its own
-    train, validation = _raw_splits(cfg)
-    _check_columns(d, train, validation)
+    raw = _raw_splits(cfg)
+    _check_columns(d, raw)
+    task_labels, keep_rows = labels.check(cfg, raw)
+    unlabelled = {s.name: len(s.rows) - len(keep_rows[s.name]) for s in raw if s.name in keep_rows}
+    loaded = {s.name: s.rows.select(keep_rows[s.name]) if s.name in keep_rows else s.rows for s in raw}
+    train, validation = (loaded["train"], loaded["validation"]) if "validation" in loaded else _held_out(cfg, loaded["train"])
     if d.max_train_examples is not None:
         train = train.select(range(min(d.max_train_examples, len(train))))
     if d.max_validation_examples is not None:
         validation = validation.select(range(min(d.max_validation_examples, len(validation))))
     tokenizer = _load_tokenizer(cfg, train)
-
-    label_names = None
-    num_labels = 1
-    if cfg.model.task == "classification":
-        feature = train.features[d.label_column]
-        if hasattr(feature, "names"):
-            label_names = list(feature.names)
-        elif feature.dtype == "string":
-            label_names = sorted(set(train[d.label_column]))
-        if label_names is not None:
-            num_labels = len(label_names)
-        else:
-            num_labels = _class_count(d.label_column, train, validation)
-        num_labels = cfg.model.num_labels or num_labels
-
-    to_id = {name: i for i, name in enumerate(label_names)} if label_names and not hasattr(train.features[d.label_column], "names") else None
+    to_id = task_labels.to_id
     keep = [n for n in tokenizer.model_input_names if n != "attention_mask"]
 
     def encode(batch):
         pair = batch[d.text_pair_column] if d.text_pair_column else None
-        enc = tokenizer(batch[d.text_column], None if separate else pair, truncation=True, max_length=d.max_length)
-        out = {k: enc[k] for k in keep if k in enc}
-        out["length"] = [len(ids) for ids in enc["input_ids"]]
-        if separate:
-            enc_b = tokenizer(pair, truncation=True, max_length=d.max_length)
-            out.update({f"{k}_b": enc_b[k] for k in keep if k in enc_b})
-            out["length"] = [max(x, len(ids)) for x, ids in zip(out["length"], enc_b["input_ids"])]
-        labels = batch[d.label_column]
+        sides = [(batch[d.text_column], None if separate else pair, "")] + ([(pair, None, "_b")] if separate else [])
+        out = {"length": [0] * len(batch[d.text_column])}
+        out["tokens_whole"] = out["tokens_cut"] = out["length"]
+        for text, text_pair, suffix in sides:
+            enc = tokenizer(text, text_pair, truncation=True, max_length=d.max_length)
+            # Again without truncation, to count what it cut (verbose=False: no warning per long text).
+            whole = [len(ids) for ids in tokenizer(text, text_pair, verbose=False)["input_ids"]]
+            lengths = [len(ids) for ids in enc["input_ids"]]
+            out.update({f"{k}{suffix}": enc[k] for k in keep if k in enc})
+            out["length"] = [max(x, n) for x, n in zip(out["length"], lengths)]
+            out["tokens_whole"] = [x + w for x, w in zip(out["tokens_whole"], whole)]
+            out["tokens_cut"] = [x + w - n for x, w, n in zip(out["tokens_cut"], whole, lengths)]
+        values = batch[d.label_column]
         if to_id is not None:
-            labels = [to_id[label] for label in labels]
-        out["labels"] = [float(v) for v in labels] if cfg.model.task == "regression" else [int(v) for v in labels]
+            values = [to_id[label] for label in values]
+        out["labels"] = [float(v) for v in values] if cfg.model.task == "regression" else [int(v) for v in values]
         return out
 
     # Our own fingerprint: datasets' hash of `encode` changes once the tokenizer has been called
     # (it keeps truncation state), which would defeat the cache on every run.
-    recipe = [separate, d.max_length, d.text_column, d.text_pair_column, d.label_column, cfg.model.task, label_names, keep,
-              _tokenizer_digest(tokenizer)]
+    recipe = [separate, d.max_length, d.text_column, d.text_pair_column, d.label_column, cfg.model.task,
+              task_labels.names, keep, _tokenizer_digest(tokenizer), "tokens_cut"]
 
     def tokenize(split):
         return split.map(encode, batched=True, batch_size=256, remove_columns=split.column_names,
                          desc="tokenizing", new_fingerprint=_fingerprint([split._fingerprint, recipe]))
 
-    return Splits(tokenize(train), tokenize(validation), tokenizer, num_labels, label_names)
-
-
-def _class_count(column: str, train, validation) -> int:
-    """Classes of numeric labels, which must be whole numbers from 0 in both splits."""
+    report = {}
+    tokenized = {}
     for name, split in (("train", train), ("validation", validation)):
-        values = np.asarray(split[column], dtype=float)
-        bad = values[~np.isfinite(values) | (values < 0) | (values != np.round(values))]
-        if len(bad):
-            raise UserError(f"data.label_column: classification labels must be whole numbers from 0 (or strings); "
-                            f"the {name} split has {bad[0]!r}")
-    return int(max(np.max(train[column]), np.max(validation[column]))) + 1
+        split = tokenize(split)
+        whole, cut = np.asarray(split["tokens_whole"][:]), np.asarray(split["tokens_cut"][:])
+        report[name] = {"rows": len(split), "unlabelled_rows": unlabelled.get(name, 0),
+                        "truncated_documents": int((cut > 0).sum()), "tokens": int(whole.sum()),
+                        "truncated_tokens": int(cut.sum())}
+        tokenized[name] = split.remove_columns(["tokens_whole", "tokens_cut"])
+    return Splits(tokenized["train"], tokenized["validation"], tokenizer, task_labels.num_labels, task_labels.names,
+                  report)
 
 
-def _check_columns(d: DataConfig, train, validation) -> None:
-    """Both splits hold the configured columns; a label column of the same type in both."""
-    for name, split in (("train", train), ("validation", validation)):
+HEAVY_TRUNCATION = 0.01
+"""Above this fraction of a split's tokens cut, truncation is a warning (preflight), not a note."""
+
+
+def report_lines(report: dict, max_length: int) -> list[tuple[str, str]]:
+    """What a reader of the metric must know, as (level, line): rows left out, documents cut,
+    and (once the trainer added it) each epoch's tail that does not fill a step."""
+    lines = []
+    if report.get("dropped_per_epoch"):
+        lines.append(("note", f"data: each epoch leaves out {report['dropped_per_epoch']} of {report['train']['rows']} "
+                              f"training rows, drawn anew each epoch (a step takes {report['examples_per_step']})"))
+    for name in ("train", "validation"):
+        r = report[name]
+        if r["unlabelled_rows"]:
+            lines.append(("note", f"data: {r['unlabelled_rows']} unlabelled row(s) (label {labels.UNLABELLED}) of the "
+                                  f"{name} split left out; {r['rows']} remain"))
+        if r["truncated_documents"]:
+            level = "warn" if r["truncated_tokens"] > HEAVY_TRUNCATION * r["tokens"] else "note"
+            lines.append((level, f"data.max_length: {r['truncated_documents']} of {r['rows']} {name} documents cut at "
+                                 f"{max_length} tokens ({r['truncated_tokens']:,} of {r['tokens']:,} tokens cut)"))
+    return lines
+
+
+def _check_columns(d: DataConfig, splits: list[labels.Split]) -> None:
+    """Every split holds the configured columns."""
+    for split in splits:
         for key in ("text_column", "text_pair_column", "label_column"):
             column = getattr(d, key)
-            if column and column not in split.column_names:
-                raise UserError(f"data.{key}: column {column!r} not in the {name} split "
-                                f"(columns: {', '.join(split.column_names)})")
-    a, b = train.features[d.label_column], validation.features[d.label_column]
-    kind = lambda f: "string" if getattr(f, "dtype", None) == "string" else "number"  # noqa: E731
-    if kind(a) != kind(b):
-        raise UserError(f"data.label_column: {d.label_column!r} holds {kind(a)}s in the train split but "
-                        f"{kind(b)}s in the validation split")
+            if column and column not in split.rows.column_names:
+                raise UserError(f"data.{key}: column {column!r} not in the {split.name} split "
+                                f"(columns: {', '.join(split.rows.column_names)})")
 
 
 def _tokenizer_digest(tokenizer) -> str:

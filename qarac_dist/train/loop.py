@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from ..base.secrets import redact
 from ..config import TrainConfig, config_to_dict, deepspeed_config
+from ..config.schema import flatten
 from ..track import rungs
 from ..track.job_context import JobContext
 from ..track.mlflow_runs import TrialRun
@@ -47,7 +48,7 @@ class Trainer:
         self.cfg, self.ranks, self.trial_run, self.context = cfg, ranks, trial_run, context
         self.dir = TrialDir(cfg.output.dir)
         self.checkpointer = Checkpointer(cfg.checkpointing, cfg.deepspeed.zero_stage, self.dir, ranks.rank,
-                                         ranks.world_size)
+                                         ranks.world_size, cfg.training.micro_batch_size * cfg.training.gradient_accumulation_steps)
         seed_everything(cfg.training.seed)
         # Flags (cache state, stop signals) travel on a CPU (gloo) group, so checking them never
         # syncs a GPU stream and works whatever the main backend is.
@@ -77,10 +78,12 @@ class Trainer:
         self.device = torch.device(get_accelerator().device_name(self.engine.local_rank)) \
             if get_accelerator().device_name() != "cpu" else torch.device("cpu")
 
-        self.batches = data.StepBatches(np.asarray(self.splits.train["length"]), cfg.training.micro_batch_size,
+        self.batches = data.StepBatches(np.asarray(self.splits.train["length"][:]), cfg.training.micro_batch_size,
                                         cfg.training.gradient_accumulation_steps, ranks.world_size,
                                         ranks.rank, cfg.training.seed, cfg.data.length_grouping)
-        lengths = np.asarray(self.splits.validation["length"])
+        self.data_report = {**self.splits.report, "examples_per_step": self.batches.step_size,
+                            "dropped_per_epoch": len(self.splits.train) % self.batches.step_size}
+        lengths = np.asarray(self.splits.validation["length"][:])
         self.val_order = np.argsort(-lengths, kind="stable")
         self.best = BestTracker(cfg.evaluation.metric, cfg.evaluation.mode, cfg.early_stopping.min_delta)
         self.step = 0
@@ -105,7 +108,7 @@ class Trainer:
         result = {"steps": self.step, "stopped_early": stopped_early, "pruned": self.pruned,
                   "train_seconds": time.perf_counter() - started, "metric": self.best.metric,
                   "best_value": self.best.best, "best_step": self.best.best_step,
-                  "best_dir": str(self.dir.best) if self.cfg.output.export_best else None}
+                  "best_dir": str(self.dir.best) if self.cfg.output.export_best else None, "data": self.data_report}
         if self.ranks.is_main:
             self.dir.write_result(result)
         self.tracker.close()
@@ -115,6 +118,8 @@ class Trainer:
         """Resume from the newest complete checkpoint, if any; open the trackers (rank 0)."""
         self.resume()
         if self.ranks.is_main:
+            for _, line in data.report_lines(self.data_report, self.cfg.data.max_length):  # what reached the metric
+                print(f"qarac_dist: {line}", file=sys.stderr, flush=True)
             # Rows after the resumed step are recomputed, so the file keeps only those before.
             self.metrics_file = metrics = MetricsFile(self.dir.metrics_file, keep_through_step=self.step)
             trackers: list[Tracker] = [metrics]
@@ -126,15 +131,17 @@ class Trainer:
                     logger.log(row.pop("step"), row)
                 trackers.append(logger)
                 self.trial_run.log_dict(self.ds_config, "deepspeed_config.json")
+                self.trial_run.log_params(flatten(self.data_report, "data_report"))
             self.tracker = Trackers(*trackers)
         self.window = Window(self.device)
         self.nonfinite = NonFinite(self.cfg.training.max_nonfinite_steps)
         self.data = self.batches.iterate(start_step=self.step + self.offset)
         if self.spikes is not None and self.resume_tag is None:
             self.save_checkpoint()  # so that a spike before the first checkpoint has one to go back to
-        if self.stop_requested():  # the warning came while starting up: nothing new to save
+        signum = STOP.agreed(self.ranks.world_size, self.control_group)
+        if signum:  # the warning came while starting up: nothing new to save
             self.tracker.close()
-            raise Preempted(STOP.signum, self.step, saved=False)
+            raise Preempted(signum, self.step, saved=False)
 
     def advance(self, batch: tuple[int, list[np.ndarray]] | None = None) -> bool:
         """One optimizer step, then what falls due after it: a spike check (and rollback), log,
@@ -146,12 +153,12 @@ class Trainer:
         loss, tokens = self.train_step(micro_batches, position, lr_factor)
         self.step += 1
         faults.after_step(self.step, self.ranks.rank, self.dir.path)
-        stop = None  # whether any rank got a stop signal, when the spike check gathered it
+        stop = None  # the stop signal any rank got (0: none), when the spike check gathered it
         if self.spikes is None:
             self.nonfinite.check(self.step, float(loss))
         else:
             spike, stop = self.spikes.check(self.step, position, float(loss), grad_norm(self.engine, skipped_before),
-                                            STOP.signum is not None)
+                                            STOP.signum or 0)
             if spike is not None:
                 return self.roll_back(spike)
         self.window.add(loss, tokens, time.perf_counter() - step_started)
@@ -165,13 +172,14 @@ class Trainer:
         checkpointed = bool(cfg.checkpointing.every_steps) and self.step % cfg.checkpointing.every_steps == 0
         if checkpointed:
             self.save_checkpoint()
-        if self.stop_requested() if stop is None else stop:
-            # SLURM's warning signal (preemption or time limit) or SIGTERM: every rank has
-            # finished this step; save, then let the caller requeue or exit.
+        signum = STOP.agreed(self.ranks.world_size, self.control_group) if stop is None else stop
+        if signum:
+            # SLURM's warning signal (preemption or time limit) or SIGTERM, on any rank: every
+            # rank has finished this step; save, then let the caller requeue or exit.
             if not checkpointed:
                 self.save_checkpoint()
             self.tracker.close()
-            raise Preempted(STOP.signum, self.step, saved=True)
+            raise Preempted(signum, self.step, saved=True)
         return stop_early
 
     def next_batch(self) -> tuple[int, list[np.ndarray]]:
@@ -232,14 +240,6 @@ class Trainer:
         return bool(going.item())
 
     # ------------------------------------------------------------------ pieces
-    def stop_requested(self) -> bool:
-        """Whether any rank got a stop signal; all ranks agree, so all of them save."""
-        if self.ranks.world_size == 1:
-            return STOP.signum is not None
-        flag = torch.tensor([int(STOP.signum is not None)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
-        return bool(flag.item())
-
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 

@@ -31,8 +31,12 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation; NaN when either side is constant."""
-    ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
+    """Spearman's rank correlation; NaN when either side is constant or holds a NaN (sorting
+    would rank a NaN as the largest value and give a finite, wrong correlation)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if np.isnan(a).any() or np.isnan(b).any():
+        return float("nan")
+    ra, rb = _ranks(a), _ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = math.sqrt(float(ra @ ra) * float(rb @ rb))
     return float(ra @ rb / denom) if denom else float("nan")

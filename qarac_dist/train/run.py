@@ -20,6 +20,7 @@ import torch.distributed as dist
 from ..base.files import DiskFull
 from ..base.secrets import redact_text
 from ..config import TrainConfig, UserError, config_to_dict
+from ..config.rules import batch_on_ranks
 from ..track.job_context import JobContext
 from ..track.mlflow_runs import TrialRun
 from ..track.sweep_runs import trial_params
@@ -49,6 +50,8 @@ def run(cfg: TrainConfig, context: JobContext = JobContext(), max_requeues: Opti
     from deepspeed.accelerator import get_accelerator
 
     ranks = export_from_environment()
+    for problem in batch_on_ranks(cfg, ranks.world_size):  # what no rank can know before it starts
+        raise UserError(problem)
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                auto_mpi_discovery=False, verbose=False)
     if not sys.stderr.isatty():  # progress bars only clutter job logs

@@ -104,8 +104,8 @@ class SpikeGuard:
         return record[-1]["offset"] if len(record) > saved_rollbacks else saved_offset
 
     def check(self, step: int, position: int, loss: float, grad_norm: Optional[float],
-              stopping: bool = False) -> tuple[Optional[Spike], bool]:
-        """This step's verdict, the same on every rank, and whether any rank got a stop signal:
+              stopping: int = 0) -> tuple[Optional[Spike], int]:
+        """This step's verdict, the same on every rank, and the stop signal any rank got (0: none):
         both travel in the one gather a step already has (the stop flag's), so detection adds
         no collective. A step that is no spike joins the histories."""
         watched = self.cfg.grad_norm and grad_norm is not None
@@ -115,7 +115,7 @@ class SpikeGuard:
         if self.world_size > 1:
             every = [torch.empty_like(mine) for _ in range(self.world_size)]
             dist.all_gather(every, mine, group=self.group)
-        stop = any(bool(t[4]) for t in every)
+        stop = int(max(float(t[4]) for t in every))
         candidates = [Spike(step, position, r, what, float(t[i + 1]), float(t[i]))
                       for r, t in enumerate(every) for i, what in ((0, "loss"), (2, "grad_norm"))
                       if not float(t[i]) <= self.cfg.z]  # NaN compares false: a spike too

@@ -31,6 +31,18 @@ class _StopRequest:
         for signum in signums:
             self.previous[signum] = signal.signal(signum, self.handler)
 
+    def agreed(self, world_size: int, group) -> int:
+        """The stop signal any rank got (0: none), the same on every rank: all of them save, and
+        a rank the signal did not reach stops with the same signal."""
+        if world_size == 1:
+            return self.signum or 0
+        import torch
+        import torch.distributed as dist
+
+        signum = torch.tensor([self.signum or 0])
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=group)
+        return int(signum.item())
+
     def restore(self) -> None:
         for signum, previous in self.previous.items():
             signal.signal(signum, previous)

@@ -34,7 +34,7 @@ def evaluate(engine, splits, collate, order: np.ndarray, ranks, cfg, to_device) 
     dist.all_gather_object(gathered, (np.concatenate(indices), np.concatenate(outputs)))
     seen = np.concatenate([g[0] for g in gathered])
     logits = np.concatenate([g[1] for g in gathered])
-    labels = np.asarray(splits.validation["labels"])[seen]
+    labels = np.asarray(splits.validation["labels"][:])[seen]
     if cfg.model.task == "regression":
         return regression_metrics(logits.reshape(-1), labels)
     return classification_metrics(logits, labels)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 
 import pytest
 
@@ -41,8 +42,8 @@ def test_a_nearly_constant_window_does_not_make_ordinary_noise_a_spike():
     guard = _guard()
     _warm(guard, [0.6931 + 1e-4 * (-1) ** i for i in range(8)])
     assert guard.check(9, 8, 0.74, None) == (None, False)
-    spike, stop = guard.check(10, 9, 69.3, None, stopping=True)
-    assert stop  # the stop flag travels in the same gather
+    spike, stop = guard.check(10, 9, 69.3, None, stopping=signal.SIGUSR2)
+    assert stop == signal.SIGUSR2  # the stop signal travels in the same gather
     assert (spike.what, spike.step, spike.position, spike.rank) == ("loss", 10, 9, 0) and spike.z > 6
 
 
