@@ -204,3 +204,17 @@ def test_a_problem_of_some_trials_only_is_found_by_the_fast_planner(tmp_path, ov
         _plan(tmp_path, _sweep(tmp_path, grid=override))
     (line,) = info.value.errors
     assert expected in line and "trial [" in line and " more:" not in line
+
+
+@pytest.mark.parametrize("select, expected", [({}, ("accuracy", "max")), ({"metric": "loss"}, ("loss", "min")),
+                                              ({"metric": "macro_f1"}, ("macro_f1", "max"))],
+                         ids=["the-trials-own", "loss-is-minimised", "macro-f1-is-maximised"])
+def test_select_defaults_to_the_direction_its_metric_is_better_in(tmp_path, select, expected):
+    """select.metric: loss without a mode took the trials' evaluation.mode (max), and so picked
+    the trial of the worst loss."""
+    from qarac_dist.plan import select_defaults
+
+    spec_file = write_config(tmp_path / "s.yaml", {"name": "s", "base": tiny_config(tmp_path, tmp_path / "o"),
+                                                   "select": select})
+    spec, base = load_sweep(spec_file)
+    assert select_defaults(spec, plan(spec, base)) == expected
