@@ -95,3 +95,13 @@ def test_collator_pads_to_the_window_and_marks_the_first_token_global():
     assert batch["global_attention_mask"][:, 0].tolist() == [1, 1]
     assert batch["global_attention_mask"].sum() == 2
     assert batch["labels"].tolist() == [1, 0]
+
+
+def test_another_world_size_with_the_same_step_sees_the_same_examples_per_step():
+    """A resume on 1 rank of a 2-rank checkpoint (allowed when micro x accumulation x ranks is
+    unchanged) goes on with the same examples in each step, so each epoch's once."""
+    lengths = np.random.default_rng(2).integers(10, 500, size=90)
+    two = [_batches(4, 1, 2, rank, lengths).iterate(start_step=7) for rank in (0, 1)]
+    one = _batches(4, 2, 1, 0, lengths).iterate(start_step=7)
+    for _ in range(25):  # crosses an epoch boundary (11 steps per epoch)
+        assert sorted(np.concatenate([m for it in two for m in next(it)])) == sorted(np.concatenate(next(one)))
