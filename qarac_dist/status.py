@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return status(args.sweep_dir, args.sync, args.repair)
     except UserError as err:
         print(redact_text(str(err)), file=sys.stderr)
-        return 2
+        return err.exit_code
 
 
 def status(directory: Path, sync: bool = False, repair: bool = False) -> int:

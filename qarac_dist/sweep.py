@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                                      _preflight(spec, args.sweep, args.no_preflight)).run()
     except UserError as err:
         print(redact_text(str(err)), file=sys.stderr)
-        return 2
+        return err.exit_code
     except KeyboardInterrupt:  # before any trial was followed (planning, preflight, submitting)
         print("\ninterrupted", file=sys.stderr)
         return 130

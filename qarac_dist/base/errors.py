@@ -6,6 +6,9 @@ from __future__ import annotations
 class UserError(ValueError):
     """A mistake the user can fix (a config value, a missing column): printed as one line, exit 2."""
 
+    exit_code = 2
+    """What the command exits with; a subclass that is no mistake of the user's says otherwise."""
+
 
 class ConfigError(UserError):
     """One or more user mistakes in a config, each naming where it is: `file: dotted.key: what`."""

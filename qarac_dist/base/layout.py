@@ -92,6 +92,11 @@ class SweepLayout:
     def submitit(self) -> Path:
         return self.root / "submitit"
 
+    def job_logs(self, job_id: str) -> list[Path]:
+        """Where submitit may have put a job's stderr: SLURM's folder per job (`%j`), the local
+        executor's one folder."""
+        return [self.submitit / job_id / f"{job_id}_0_log.err", self.submitit / f"{job_id}_0_log.err"]
+
     @property
     def batch_size_submitit(self) -> Path:
         return self.root / "submitit-batch-size"

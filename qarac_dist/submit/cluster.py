@@ -8,7 +8,11 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from typing import Optional
+import sys
+import time
+from typing import Callable, Optional
+
+from ..base.errors import UserError
 
 # Job states, normalized. SLURM's names are kept; these say what they mean to a sweep.
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
@@ -40,9 +44,40 @@ def test_submission(text: str) -> Optional[str]:
     return errors[-1]
 
 
+class SchedulerUnavailable(UserError):
+    """squeue failed or timed out: the jobs' states are unknown, which is not the same as gone.
+    A command stops on it in one line with EX_TEMPFAIL (75: try again later), having submitted
+    and taken over nothing."""
+
+    exit_code = 75
+
+
+class Patience:
+    """Who asks the scheduler again after it failed: not before a wait that doubles with each
+    failure (5 s to 5 min), saying so once per failure; meanwhile the answer is `unknown`."""
+
+    def __init__(self, ask: Callable, unknown, clock: Callable[[], float] = time.monotonic):
+        self.ask, self.unknown, self.clock = ask, unknown, clock
+        self.wait_s, self.until = 0.0, 0.0
+
+    def __call__(self, *args):
+        if self.clock() < self.until:
+            return self.unknown
+        try:
+            answer = self.ask(*args)
+        except SchedulerUnavailable as err:
+            self.wait_s = min(300.0, max(5.0, 2 * self.wait_s))
+            self.until = self.clock() + self.wait_s
+            print(f"qarac_dist: {err}; asking again in {self.wait_s:.0f} s", file=sys.stderr, flush=True)
+            return self.unknown
+        self.wait_s = 0.0
+        return answer
+
+
 def job_states(job_ids: list[str]) -> dict[str, str]:
     """State of each job ("123" or array task "123_4"): sacct where accounting runs, else squeue
-    (which forgets finished jobs; those are left out)."""
+    (which forgets finished jobs; those are left out). SchedulerUnavailable when squeue fails or
+    times out: a job it did not list is then unknown, never taken for gone."""
     if not job_ids:
         return {}
     base_ids = sorted({j.split("_")[0] for j in job_ids})
@@ -54,12 +89,20 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
             for line in proc.stdout.splitlines():
                 job, _, state = line.partition("|")
                 states.update({j: state.split()[0] for j in _expand(job) if state.split()})
-    proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(base_ids)],
-                          capture_output=True, text=True, timeout=60)
-    if proc.returncode == 0:  # squeue is current for live jobs; it wins over sacct
-        for line in proc.stdout.splitlines():
-            job, _, state = line.partition("|")
-            states.update({j: state.strip() for j in _expand(job)})
+    try:
+        proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(base_ids)],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise SchedulerUnavailable(f"squeue did not answer ({type(err).__name__}: {err}): the jobs' states are "
+                                   f"unknown, so none was taken for gone") from None
+    # One job id that SLURM has purged is an error of squeue's: "Invalid job id specified".
+    if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+        first = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[0]
+        raise SchedulerUnavailable(f"squeue failed ({first}): the jobs' states are unknown, so none was taken for "
+                                   f"gone")
+    for line in proc.stdout.splitlines():  # squeue is current for live jobs; it wins over sacct
+        job, _, state = line.partition("|")
+        states.update({j: state.strip() for j in _expand(job)})
     return {j: states[j] for j in job_ids if j in states}
 
 

@@ -42,7 +42,7 @@ from ..config.sweep import Resources, Search
 from ..track import search_record
 from ..track.trial_dir import TrialDir, TrialState
 from . import claims, sbatch, search
-from .cluster import ACTIVE
+from .cluster import ACTIVE, Patience
 from .executors import make_executor
 from .step import TRIAL_ENV
 from .sweep_dir import resolve_state
@@ -104,8 +104,9 @@ class _Runner:
         self.signum: Optional[int] = None
         self.preempted = False
         self.out_of_time = False
-        self.alive = make_executor(job.kind, self.layout.submitit, Resources(), sbatch.job_name(self.layout.root.name),
-                                   0).alive
+        # A job the scheduler cannot tell about is not taken for dead: its trials are not taken over.
+        self.alive = Patience(make_executor(job.kind, self.layout.submitit, Resources(),
+                                            sbatch.job_name(self.layout.root.name), 0).alive, unknown=True)
         self.ended: list[str] = []
         self.num_started = 0
 
@@ -119,6 +120,9 @@ class _Runner:
                 if not self.steps:
                     break
                 time.sleep(POLL_S)
+        except Exception as err:
+            self.stop_steps(err)
+            raise
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -134,6 +138,18 @@ class _Runner:
             for process in step.processes:
                 if process.poll() is None:
                     process.send_signal(signum)
+
+    def stop_steps(self, err: Exception) -> None:
+        """The runner cannot go on (a damaged record, a full disk, an outage): its trials save
+        as on SLURM's warning, their claims stay open, and the job exits with the reason. Once
+        the scheduler no longer knows the job, the next runner or a re-run of the sweep resumes
+        them from what they saved."""
+        print(f"qarac_dist: job {self.job_id} stops: {type(err).__name__}: {err}; its running trials save and "
+              f"are resumed by another job or a re-run of the sweep", file=sys.stderr, flush=True)
+        self.on_signal(signal.SIGUSR2, None)
+        for step in self.steps.values():
+            for process in step.processes:
+                process.wait()
 
     def fill(self) -> None:
         while len(self.steps) < self.r.pack and self.signum is None:
@@ -243,8 +259,18 @@ def _local_ranks(r: Resources, slot: int, payload: dict) -> list[subprocess.Pope
     if r.gpus_per_node:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(slot * r.gpus_per_node + i) for i in range(r.gpus_per_node))
     return [subprocess.Popen([sys.executable, "-u", "-m", "qarac_dist.submit.step"],
-                             env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+                             env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, preexec_fn=_stop_with_parent)
             for rank in range(r.tasks_per_node)]
+
+
+def _stop_with_parent() -> None:
+    """In a rank, before it runs: SIGTERM when its runner dies, however it dies (Linux's
+    parent-death signal), so it saves and stops; no trial outlives its runner to be started a
+    second time beside itself by the next one (the trial directory's writer lock refuses that too)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _free_port() -> int:

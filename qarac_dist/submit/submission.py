@@ -27,8 +27,8 @@ from ..track.trial_dir import TrialState
 from . import claims, cluster, pack, sbatch, tracking
 from .executors import Executor, TrialJob, make_executor
 from .report import print_summary
-from .sweep_dir import DONE, FAILED, RESUBMIT, Attempt, Manifest, SweepLock, TrialRecord, layout_for, own_error, \
-    read_cancels, record_cancels, resolve_state, write_sweep_file
+from .sweep_dir import DONE, FAILED, QUIET, RESUBMIT, Attempt, Manifest, SweepLock, TrialRecord, job_error, layout_for, \
+    own_error, read_cancels, record_cancels, resolve_state, write_sweep_file
 
 SAVE_WAIT_S = 120
 """How long a stopped driver waits for its local trials to save before it stops them at once."""
@@ -289,7 +289,7 @@ def refresh(manifest: Manifest, executor: Executor, layout: SweepLayout) -> None
             r.state = "CANCELLED"
         r.state = pack.state_of(r, ended, scheduler) if r.pack_jobs else resolve_state(r, scheduler.get(r.job_id))
         if r.state in FAILED:
-            r.error = own_error(r) or r.error
+            r.error = own_error(r) or r.error or (job_error(layout, r) if r.state not in QUIET else None)
 
 
 def submit_records(manifest: Manifest, layout: SweepLayout, executor: Executor, records: list[TrialRecord],
@@ -343,9 +343,12 @@ def follow(manifest: Manifest, layout: SweepLayout, executor: Executor, queued: 
     console = Console(width=200)
     queue = list(queued)
     last_states: dict[str, str] = {}
+    refreshed = cluster.Patience(lambda: refresh(manifest, executor, layout) or True, unknown=False)
     with Live(console=console, auto_refresh=False, transient=True) as live:
         while True:
-            refresh(manifest, executor, layout)
+            if not refreshed():  # the scheduler did not answer: nothing is decided on it
+                time.sleep(poll_s)
+                continue
             if queue:
                 running = sum(r.active for r in manifest.trials.values())
                 start = queue[: max(0, max_parallel - running)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shlex
 import socket
 import time
@@ -22,6 +23,7 @@ from typing import Optional
 from ..base.files import DamagedFile, read_json, write_json
 from ..base.layout import SweepLayout
 from ..base.lock import LockHeld, lock
+from ..base.secrets import redact_text
 from ..config import UserError
 from ..config.schema import build
 from ..config.sweep import SweepSpec
@@ -36,6 +38,8 @@ DONE = {TrialState.COMPLETED.value, TrialState.PRUNED.value}
 RESUBMIT = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE", "LOST", "QUEUED"}
 FAILED = RESUBMIT - {"QUEUED"}
+QUIET = {"PREEMPTED", "CANCELLED"}
+"""Ends that need no error line: saved to resume, or stopped by the user."""
 
 
 def layout_for(spec: SweepSpec) -> SweepLayout:
@@ -173,6 +177,26 @@ def resolve_state(record: TrialRecord, scheduler_state: Optional[str]) -> str:
 def own_error(record: TrialRecord) -> Optional[str]:
     status = record.trial_dir.status_of(record.attempt)
     return status.error if status is not None else None
+
+
+ERROR_LINE = re.compile(r"error|exception|traceback|killed|cancelled|due to|srun:|slurmstepd:", re.IGNORECASE)
+
+
+def job_error(layout: SweepLayout, record: TrialRecord) -> Optional[str]:
+    """A job that left no verdict: the last error line of its log, and the log's path (the
+    newest job first), so a LOST or FAILED trial never shows an empty error."""
+    for job in reversed(record.jobs):
+        for path in layout.job_logs(job):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+                    lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+            except OSError:
+                continue
+            if lines:
+                line = next((line for line in reversed(lines) if ERROR_LINE.search(line)), lines[-1])
+                return f"{redact_text(line)[:300]} ({path})"
+    return None
 
 
 class SweepLock:

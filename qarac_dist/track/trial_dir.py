@@ -9,6 +9,11 @@
     best/, last/          save_pretrained exports; best/qarac_best.json says which step and metrics
     checkpoints/          resumable checkpoints (contents: train/checkpoint.py)
     mlflow_*.json(l)      what could not reach MLflow yet (track/mlflow_logger.py, mlflow_runs.py)
+    .writer               the one live writer: an fcntl lock the training job's global rank 0 holds
+                          while it runs (the kernel drops it when that process dies), naming it
+
+Whatever a sweep's bookkeeping says (a claim taken over on a scheduler's wrong answer, an
+orphan of a killed runner), a second job on one directory refuses to start: `hold_writer`.
 
 The scheduler's view of a job is another matter (submit/sweep_dir.py); `state.json` is what the
 training job itself says, stamped with the sweep's attempt number so that a new submission
@@ -23,9 +28,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import IO, Optional
 
+from ..base.errors import UserError
 from ..base.files import DamagedFile, read_json, write_json, writing
+from ..base.lock import LockHeld, lock
 
 BEST_INFO = "qarac_best.json"
 ROLLBACK = "spike_rollback"
@@ -90,6 +97,10 @@ class TrialStatus:
         return cls(**{k: v for k, v in data.items() if k in names and k != "state"}, state=state)
 
 
+class WriterHeld(UserError):
+    """A live process holds the trial directory's writer lock."""
+
+
 class TrialDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -110,6 +121,10 @@ class TrialDir:
     @property
     def rollbacks_file(self) -> Path:
         return self.path / "rollbacks.json"
+
+    @property
+    def writer(self) -> Path:
+        return self.path / ".writer"
 
     @property
     def checkpoints(self) -> Path:
@@ -151,6 +166,23 @@ class TrialDir:
                              last_checkpoint=previous.last_checkpoint if previous else None, **job)
         self.write_status(status)
         return status
+
+    def hold_writer(self, holder: str) -> IO:
+        """Become the directory's one writer (close the file to stop being it), or raise
+        WriterHeld naming the live holder. `holder`: who this is, as the refusal shows it."""
+        try:
+            f = lock(self.writer, wait=False)
+        except LockHeld:
+            try:
+                other = self.writer.read_text().strip()
+            except OSError:
+                other = ""
+            raise WriterHeld(f"{self.path}: another process is training this trial ({other or 'unnamed'}); a second "
+                             f"one does not start. Wait for it to end, or stop it") from None
+        f.truncate(0)  # append mode: the write lands at the start of the emptied file
+        f.write(holder)
+        f.flush()
+        return f
 
     def update(self, **fields) -> TrialStatus:
         status = self.status() or TrialStatus(TrialState.RUNNING)

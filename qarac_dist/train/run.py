@@ -24,7 +24,7 @@ from ..config.rules import batch_on_ranks
 from ..track.job_context import JobContext
 from ..track.mlflow_runs import TrialRun
 from ..track.sweep_runs import trial_params
-from ..track.trial_dir import TrialDir, TrialState, TrialStatus
+from ..track.trial_dir import TrialDir, TrialState, TrialStatus, WriterHeld
 from .loop import Trainer
 from .stop import STOP, STOP_SIGNALS, Preempted
 from .ranks import export_from_environment
@@ -59,6 +59,7 @@ def run(cfg: TrainConfig, context: JobContext = JobContext(), max_requeues: Opti
 
         hf_logging.disable_progress_bar()
     trial = TrialDir(cfg.output.dir)
+    writer = _hold_writer(trial, ranks, context)  # before anything in the directory is written
     trial_run, status, finished = None, None, False
     STOP.install(STOP_SIGNALS)
     try:
@@ -113,6 +114,28 @@ def run(cfg: TrainConfig, context: JobContext = JobContext(), max_requeues: Opti
             # (after a failure the peers may be gone: then no barrier).
             dist.barrier()
         dist.destroy_process_group()
+        if writer is not None:
+            writer.close()
+
+
+def _hold_writer(trial: TrialDir, ranks, context: JobContext):
+    """Global rank 0 becomes the trial directory's one writer for the job's life; when another
+    live process is, every rank refuses alike (WriterHeld), and nothing is written."""
+    writer, refusal = None, [None]
+    if ranks.is_main:
+        job = context.step or slurm_job_id()
+        since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        try:
+            writer = trial.hold_writer(f"pid {os.getpid()} on {socket.gethostname()}"
+                                       f"{f', job {job}' if job else ''}, since {since}")
+        except WriterHeld as held:
+            refusal[0] = str(held)
+    if ranks.world_size > 1:
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        dist.destroy_process_group()
+        raise WriterHeld(refusal[0])
+    return writer
 
 
 def _one_line(err: BaseException, trial: TrialDir) -> str:
