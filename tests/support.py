@@ -88,6 +88,17 @@ def run_train(config: Path, *overrides: str, num_processes: int = 1, timeout: in
     return proc
 
 
+def fake_commands(bin_dir: Path, **bodies: str) -> str:
+    """Shell scripts named after SLURM commands (`squeue="exit 1"`) in `bin_dir`; returns a PATH
+    that finds them before the real ones."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name, body in bodies.items():
+        script = bin_dir / name
+        script.write_text(f"#!/bin/sh\n{body}\n")
+        script.chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+
+
 def run_sweep(path: Path, *args: str, timeout: int = 900, env: dict | None = None,
               cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`python -m qarac_dist.sweep` as a user runs it, from the sweep file's folder."""

@@ -18,6 +18,8 @@ from ..base.errors import UserError
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
           "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
 REQUEUED = {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
+SQUEUE_TIMEOUT_S = 60
+"""Past this, a squeue that has not answered is a failure (the controller is overloaded or gone)."""
 
 
 def available() -> bool:
@@ -91,7 +93,7 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
                 states.update({j: state.split()[0] for j in _expand(job) if state.split()})
     try:
         proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(base_ids)],
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise SchedulerUnavailable(f"squeue did not answer ({type(err).__name__}: {err}): the jobs' states are "
                                    f"unknown, so none was taken for gone") from None

@@ -68,6 +68,8 @@ class TrialJob(submitit.helpers.Checkpointable):
         from ..train.run import run
         from ..train.stop import Preempted
 
+        if os.environ.get("SUBMITIT_EXECUTOR") == "local":
+            stop_with_parent()
         try:
             return run(config_from_dict(self.config, f"trial {self.config.get('name')}"),
                        JobContext(**self.context), self.max_requeues)
@@ -82,6 +84,20 @@ class TrialJob(submitit.helpers.Checkpointable):
                 raise
             handler(signal.SIGUSR2, None)
             raise
+
+
+def stop_with_parent() -> None:
+    """This process gets SIGTERM when its parent dies, however it dies (Linux's parent-death
+    signal): a local job's tasks when submitit's controller (the job's pid) is killed, a trial's
+    ranks when their runner is. So each saves and stops, as on SLURM's warning, and none goes on
+    training unseen beside the next start (the trial directory's writer lock refuses that too).
+    Also run in a rank between fork and exec (Popen's preexec_fn: the runner starts no threads)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the signal was asked for
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class SlurmArrays:

@@ -43,7 +43,7 @@ from ..track import search_record
 from ..track.trial_dir import TrialDir, TrialState
 from . import claims, sbatch, search
 from .cluster import ACTIVE, Patience
-from .executors import make_executor
+from .executors import make_executor, stop_with_parent
 from .step import TRIAL_ENV
 from .sweep_dir import resolve_state
 
@@ -92,6 +92,8 @@ class PackJob:
     search: Optional[Search] = None
 
     def __call__(self) -> dict:
+        if self.kind == "local":  # SLURM ends a job's steps with it; here the kernel must
+            stop_with_parent()
         return _Runner(self).run()
 
 
@@ -259,18 +261,8 @@ def _local_ranks(r: Resources, slot: int, payload: dict) -> list[subprocess.Pope
     if r.gpus_per_node:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(slot * r.gpus_per_node + i) for i in range(r.gpus_per_node))
     return [subprocess.Popen([sys.executable, "-u", "-m", "qarac_dist.submit.step"],
-                             env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, preexec_fn=_stop_with_parent)
+                             env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, preexec_fn=stop_with_parent)
             for rank in range(r.tasks_per_node)]
-
-
-def _stop_with_parent() -> None:
-    """In a rank, before it runs: SIGTERM when its runner dies, however it dies (Linux's
-    parent-death signal), so it saves and stops; no trial outlives its runner to be started a
-    second time beside itself by the next one (the trial directory's writer lock refuses that too)."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _free_port() -> int:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from qarac_dist.base.layout import SweepLayout
 from qarac_dist.submit import claims
+from qarac_dist.submit.sbatch import job_name
 from qarac_dist.submit.sweep_dir import Manifest
 from qarac_dist.track.mlflow_client import client
 from qarac_dist.track.trial_dir import read_metrics
-from support import run_sweep, table_rows, tiny_config, wait_for, write_config
+from support import fake_commands, run_sweep, table_rows, tiny_config, wait_for, write_config
 
 
 def _sweep(tmp_path, name, data_cache, seeds, max_steps=4, checkpoint_every=None, executor="slurm",
@@ -118,6 +119,16 @@ def test_a_packed_job_killed_without_warning_has_its_trials_resumed_by_a_rerun(c
     manifest = _manifest(tmp_path, "killed")
     (job,) = {j for r in manifest.trials.values() for j in r.pack_jobs}
     wait_for(lambda: _past_checkpoint(_manifest(tmp_path, "killed"), 7), what="both trials past a checkpoint")
+    # A controller that times out is no proof the job is gone: the re-run stops, submitting nothing.
+    timeout = "slurm_load_jobs error: Socket timed out on send/recv operation"
+    path_env = fake_commands(tmp_path / "bin", squeue=f'echo "{timeout}" >&2; exit 1')
+    before = (tmp_path / "runs" / "killed" / "manifest.json").read_bytes()
+    proc = run_sweep(path, "--no-preflight", env={"PATH": path_env})
+    assert proc.returncode == 75 and proc.stderr.strip() == (
+        f"squeue failed ({timeout}): the jobs' states are unknown, so none was taken for gone"), proc.stderr
+    assert (tmp_path / "runs" / "killed" / "manifest.json").read_bytes() == before
+    mine = subprocess.run(["squeue", "-h", "-n", job_name("killed"), "-o", "%i"], capture_output=True, text=True)
+    assert mine.stdout.split() == [job]  # nothing submitted again
     subprocess.run(["scancel", "--full", "--signal=KILL", job], check=True)  # every process, the batch shell too
     wait_for(lambda: _gone(job), what=f"job {job} to leave the queue")
     proc = run_sweep(path, "--no-preflight", "--wait")
