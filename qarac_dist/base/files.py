@@ -95,12 +95,12 @@ def write_json(path: Path, obj) -> None:
 
 
 def append_line(f, whole: int, line: str) -> None:
-    """Append `line` to an append-only record held locked in `f` (opened "a+", read through):
-    the tail past its `whole` bytes, a line cut short by a killed writer, is dropped first; the
-    new line is on disk (fsync) when this returns."""
+    """Append `line` to an append-only record held locked in `f` (opened "a+" or "a+b", read
+    through): the tail past its `whole` bytes, a line cut short by a killed writer, is dropped
+    first; the new line is on disk (fsync) when this returns."""
     if whole != f.tell():
         f.truncate(whole)
-    f.write(line + "\n")
+    f.write((line + "\n").encode() if "b" in f.mode else line + "\n")
     f.flush()
     os.fsync(f.fileno())
 

@@ -6,18 +6,19 @@ Kept as the rung records are (track/rungs.py says why on NFS): each writer locks
 (`fcntl.lockf`, exclusive; the kernel releases it when the holder dies, so a killed process
 never blocks the next), reads every line, appends, fsyncs and unlocks. A slot asked once is
 never asked again: a requeued or re-run job finds its line and replays the values. A last line
-cut short by a killed writer is dropped on the next write.
+cut short by a killed writer is dropped on the next write; a whole line that is no record is
+named and skipped.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..base.errors import UserError
 from ..base.files import append_line, replace_with
 from ..base.layout import SweepLayout
 from ..base.lock import locked
@@ -53,6 +54,8 @@ class Tell:
 class Record:
     asks: list[Ask]
     tells: list[Tell]
+    damaged: list[str] = field(default_factory=list)
+    """A line per complete line that is no record, skipped (its number and its start)."""
 
     def asked(self, slot: int) -> Optional[Ask]:
         return next((a for a in self.asks if a.slot == slot), None)
@@ -61,12 +64,17 @@ class Record:
         return next((t for t in self.tells if t.slot == slot), None)
 
 
-def _parse(text: str, where: str) -> tuple[Record, int]:
-    """The record, and the length of the text that holds whole lines."""
+_REPORTED: set[str] = set()
+
+
+def _parse(data: bytes, where: str) -> tuple[Record, int]:
+    """The record, and the bytes that hold whole lines. A whole line that is no record (a disk's
+    or an editor's damage) is skipped and said once per process, with its number: one bad line
+    must not stop every ask, tell and runner of the sweep."""
     record, good = Record([], []), 0
-    for line in text.splitlines(keepends=True):
-        if not line.endswith("\n"):
-            break
+    *whole, _cut_short = data.split(b"\n")
+    for number, raw in enumerate(whole, 1):
+        line = raw.decode(errors="replace")
         try:
             d = json.loads(line)
             if "ask" in d:
@@ -78,24 +86,28 @@ def _parse(text: str, where: str) -> tuple[Record, int]:
                                          {str(k): float(v) for k, v in d.get("intermediate", {}).items()},
                                          float(d["time"])))
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise UserError(f"{where}: damaged: a line is not a search record: {line[:100]!r}") from None
-        good += len(line)
+            damage = f"{where}: line {number} is not a search record, skipped: {line[:100]!r}"
+            record.damaged.append(damage)
+            if damage not in _REPORTED:
+                _REPORTED.add(damage)
+                print(f"qarac_dist: {damage}", file=sys.stderr, flush=True)
+        good += len(raw) + 1
     return record, good
 
 
 def read(sweep: SweepLayout) -> Record:
     try:
-        text = sweep.search.read_text()
+        data = sweep.search.read_bytes()
     except FileNotFoundError:
         return Record([], [])
-    return _parse(text, str(sweep.search))[0]
+    return _parse(data, str(sweep.search))[0]
 
 
 def ask(sweep: SweepLayout, slot: int, trial: str,
         choose: Callable[[Record], tuple[dict, str, dict, Optional[str]]]) -> Ask:
     """The values of `slot`: those recorded, or chosen now (`choose(record)` -> params, sampler
     state, study attributes, MLflow run id) from everything recorded, and recorded."""
-    with locked(sweep.search) as f:  # closing the file releases the lock
+    with locked(sweep.search, mode="a+b") as f:  # closing the file releases the lock
         f.seek(0)
         record, good = _parse(f.read(), str(sweep.search))
         mine = record.asked(slot)
@@ -111,7 +123,7 @@ def ask(sweep: SweepLayout, slot: int, trial: str,
 
 def tell(sweep: SweepLayout, slot: int, state: str, value: Optional[float], intermediate: dict) -> None:
     """Record how `slot` ended (once: a second result for it is ignored)."""
-    with locked(sweep.search) as f:
+    with locked(sweep.search, mode="a+b") as f:
         f.seek(0)
         record, good = _parse(f.read(), str(sweep.search))
         if record.told(slot) is None:

@@ -325,8 +325,13 @@ RECORD_CASES = [
     ("claims-a-list", "claims", None, b"[1, 2]", "expected a JSON object, got list"),
     ("claims-wrong-shape", "claims", None, b'{"t1": {"attempt": 1, "worker": "x"}}', "not a claims file"),
     ("claims-record-not-a-mapping", "claims", None, b'{"t1": [1]}', "not a claims file"),
-    ("search-line-not-json", "search", 0, b"not json\n", "damaged: a line is not a search record"),
-    ("search-ask-without-params", "search", 0, b'{"ask": 0, "trial": "t1"}\n', "damaged: a line is not a search"),
+]
+SEARCH_LINES = [
+    ("not-json", b"not json\n"),
+    ("ask-without-params", b'{"ask": 0, "trial": "t1"}\n'),
+    ("tell-value-text", b'{"tell": 0, "state": "COMPLETE", "value": "high", "time": 1}\n'),
+    ("a-list", b"[1, 2]\n"),
+    ("binary", b"\x00\xff\xfe\n"),
 ]
 
 
@@ -343,3 +348,25 @@ def test_a_damaged_claims_file_or_search_record_is_one_line_and_kept(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(path) in err and expected in err, err
     assert path.read_bytes() == content
+
+
+@pytest.mark.parametrize("line", [pytest.param(c, id=i) for i, c in SEARCH_LINES])
+def test_a_damaged_whole_line_of_the_search_record_is_named_and_skipped(tmp_path, capsys, line):
+    """One bad complete line crashed every ask, tell and runner: now it is named with its
+    number, skipped, and the record kept as it is."""
+    from qarac_dist.base.layout import SweepLayout
+    from qarac_dist.track import search_record
+
+    directory = _packed_sweep_dir(tmp_path, 0)
+    path = SweepLayout(directory).search
+    tell = b'{"tell": 3, "state": "COMPLETE", "value": 0.5, "intermediate": {}, "time": 1.0}\n'
+    content = line + tell
+    path.write_bytes(content)
+    assert status.main([str(directory)]) in (0, 1)
+    err = capsys.readouterr().err
+    assert f"{path}: line 1 is not a search record, skipped: " in err and "Traceback" not in err, err
+    record = search_record.read(SweepLayout(directory))
+    assert [t.slot for t in record.tells] == [3] and len(record.damaged) == 1
+    search_record.tell(SweepLayout(directory), 4, "FAIL", None, {})  # appends after it, losing nothing
+    assert path.read_bytes().startswith(content) and [t.slot for t in search_record.read(SweepLayout(directory)).tells] \
+        == [3, 4]
