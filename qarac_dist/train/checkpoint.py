@@ -76,16 +76,22 @@ def damage(directory: Path, tag: str) -> Optional[str]:
 
 def newest_intact(directory: Path, at_most: Optional[int] = None) -> tuple[Optional[str], list[str]]:
     """The newest complete checkpoint whose files are whole (of step `at_most` or before, if
-    given), and a line per damaged newer one."""
-    damaged = []
-    for tag in reversed(complete_tags(directory)):
+    given), and a line per newer one passed over: damaged, or never completed (a save cut short
+    by a kill has no marker)."""
+    passed = []
+    complete = set(complete_tags(directory))
+    tags = sorted(p.name for p in directory.glob("step*") if p.is_dir()) if directory.is_dir() else []
+    for tag in reversed(tags):
         if at_most is not None and int(tag[4:12]) > at_most:
+            continue
+        if tag not in complete:
+            passed.append(f"{tag} was never completed (no {MARKER} marker: its save was cut short)")
             continue
         problem = damage(directory, tag)
         if problem is None:
-            return tag, damaged
-        damaged.append(f"{tag} is damaged ({problem})")
-    return None, damaged
+            return tag, passed
+        passed.append(f"{tag} is damaged ({problem})")
+    return None, passed
 
 
 def _own_files(tag_dir: Path, rank: int) -> dict[str, int]:
@@ -223,7 +229,8 @@ class Checkpointer:
         return outcome[0]
 
     def _choose(self) -> Optional[str]:
-        tag, damaged = newest_intact(self.directory)
+        tag, passed = newest_intact(self.directory)
+        damaged = [line for line in passed if "is damaged" in line]
         status = self.trial.status()
         expected = status.last_checkpoint if status is not None else None
         if tag is None and (damaged or expected is not None):
@@ -232,8 +239,9 @@ class Checkpointer:
                     f"checkpoint")
             raise UserError(f"checkpointing: {what}; it will not start over. Restore the checkpoints, or remove "
                             f"{self.trial.state_file} to start from scratch")
-        if damaged:
-            print(f"qarac_dist: {'; '.join(damaged)}; resuming from {tag}", file=sys.stderr, flush=True)
+        if passed:
+            print(f"qarac_dist: {'; '.join(passed)}; {f'resuming from {tag}' if tag else 'starting from scratch'}",
+                  file=sys.stderr, flush=True)
         if tag is None:
             return None
         saved = saved_world_size(self.directory, tag)

@@ -161,9 +161,14 @@ def test_rank_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(cl
     assert (out / "checkpoints" / "step00000020").exists()
     assert not (out / "checkpoints" / "step00000020" / "COMPLETE").exists()
     assert (out / "checkpoints" / "step00000010" / "COMPLETE").exists()
+    (killed,) = Manifest.load(tmp_path / "runs" / "faulty").trials.values()
+    assert killed.state in ("LOST", "FAILED") and killed.error, killed  # never an empty error
     proc = subprocess.run([sys.executable, "-m", "qarac_dist.sweep", str(faulty), "--wait"], cwd=tmp_path,
                           env={**os.environ, "QARAC_FAULT": "checkpoint-write:20:1"}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    logs = "".join(p.read_text() for p in (tmp_path / "runs" / "faulty" / "submitit").rglob("*_log.err"))
+    assert "step00000020 was never completed (no COMPLETE marker: its save was cut short); resuming from " \
+           "step00000010" in logs
     (ref_out,) = _trial_dirs(tmp_path, "ref")[0].values()
     assert logged_losses(out) == pytest.approx(logged_losses(ref_out), abs=1e-6)
     a, b = _weights(out), _weights(ref_out)

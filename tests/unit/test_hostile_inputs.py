@@ -370,3 +370,42 @@ def test_a_damaged_whole_line_of_the_search_record_is_named_and_skipped(tmp_path
     search_record.tell(SweepLayout(directory), 4, "FAIL", None, {})  # appends after it, losing nothing
     assert path.read_bytes().startswith(content) and [t.slot for t in search_record.read(SweepLayout(directory)).tells] \
         == [3, 4]
+
+
+def test_a_job_that_left_no_verdict_shows_its_logs_last_error_line(tmp_path, capsys):
+    """A runner that died importing (an upgrade that moved a class) showed LOST with an empty
+    error column; the cause sat only in the job's log."""
+    from qarac_dist.base.layout import SweepLayout
+    from qarac_dist.submit.sweep_dir import Manifest
+
+    directory = _packed_sweep_dir(tmp_path)
+    log = SweepLayout(directory).submitit / "999999999_0_log.err"
+    log.parent.mkdir(parents=True)
+    log.write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                   "ModuleNotFoundError: No module named 'optuna.samplers._tpe'\nsubmitit WARNING: exiting\n")
+    assert status.main([str(directory)]) == 1
+    out = capsys.readouterr().out
+    assert "LOST" in out and "ModuleNotFoundError" in out, out
+    from qarac_dist.submit import submission
+
+    manifest = Manifest.load(directory)
+    submission.refresh(manifest, submission.attach("local", SweepLayout(directory)), SweepLayout(directory))
+    assert manifest.trials["t1"].error == f"ModuleNotFoundError: No module named 'optuna.samplers._tpe' ({log})"
+
+
+def test_a_checkpoint_cut_short_is_named_when_it_is_passed_over(tmp_path):
+    """A save killed mid-write (no COMPLETE marker) was skipped without a word."""
+    import json
+
+    from qarac_dist.train.checkpoint import MARKER, newest_intact
+
+    for step, complete in ((10, True), (20, False), (30, True)):
+        tag = tmp_path / f"step{step:08d}"
+        (tag / "shard").mkdir(parents=True)
+        if complete:
+            (tag / MARKER).write_text(json.dumps({"step": step, "files": {}}))
+    (tmp_path / "step00000030" / MARKER).write_text("{")  # and one damaged
+    assert newest_intact(tmp_path) == ("step00000010", [
+        f"step00000030 is damaged ({MARKER} unreadable)",
+        f"step00000020 was never completed (no {MARKER} marker: its save was cut short)"])
+    assert newest_intact(tmp_path, at_most=19) == ("step00000010", [])
