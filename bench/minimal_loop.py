@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 
 from qarac_dist.config import deepspeed_config, load_config  # noqa: E402
-from qarac_dist.train import data  # noqa: E402
+from qarac_dist.train import batches as batching  # noqa: E402
 from qarac_dist.train.build import build_parts, optimizer_for  # noqa: E402
 from qarac_dist.train.ranks import export_from_environment  # noqa: E402
 
@@ -37,7 +37,7 @@ def build(cfg, ranks):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, ranks.world_size),
                                            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule))
-    batches = data.StepBatches(np.asarray(splits.train["length"]), cfg.training.micro_batch_size,
+    batches = batching.StepBatches(np.asarray(splits.train["length"][:]), cfg.training.micro_batch_size,
                                cfg.training.gradient_accumulation_steps, ranks.world_size, ranks.rank,
                                cfg.training.seed, cfg.data.length_grouping).iterate()
     return engine, splits, collate, batches

@@ -127,7 +127,7 @@ def build(cfg, ranks):
     """Data, model and this rank's micro batches exactly as qarac_dist's trainer makes them."""
     import numpy as np
 
-    from qarac_dist.train import data
+    from qarac_dist.train import batches as batching
     from qarac_dist.train.build import build_parts
 
     parts = build_parts(cfg)
@@ -135,7 +135,7 @@ def build(cfg, ranks):
     steps = cfg.training.max_steps - 1
 
     def plan(rank: int) -> list[list]:
-        batches = data.StepBatches(np.asarray(splits.train["length"]), cfg.training.micro_batch_size,
+        batches = batching.StepBatches(np.asarray(splits.train["length"][:]), cfg.training.micro_batch_size,
                                    cfg.training.gradient_accumulation_steps, ranks.world_size, rank,
                                    cfg.training.seed, cfg.data.length_grouping).iterate()
         return [next(batches) for _ in range(steps)]

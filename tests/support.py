@@ -75,7 +75,7 @@ def logged_losses(out_dir: Path) -> list[float]:
 
 def run_train(config: Path, *overrides: str, num_processes: int = 1, timeout: int = 600, fault: str = "",
               check: bool = True) -> subprocess.CompletedProcess:
-    """Run the training CLI as real processes (torchrun for 2 ranks); `fault`: QARAC_FAULT, the
+    """Run the training CLI as real processes (launch/run_local.sh for 2 ranks); `fault`: QARAC_FAULT, the
     faults to inject (train/faults.py)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "QARAC_FAULT": fault}
     if num_processes == 1:

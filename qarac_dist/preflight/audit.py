@@ -87,8 +87,9 @@ def run(cfg, world_size: int = 1, resources=None) -> Result:
     if resources is not None and resources.gpu_memory_gb and not problems:
         plan, advice = _plan_memory(cfg, model, collate, splits.train[[0]], resources)
         problems += advice
-    # Truncation as measured on the rows read here (their count is in the line).
-    data_lines = report_lines(splits.report, cfg.data.max_length)
+    # Truncation as measured on the rows read here, not the whole split.
+    data_lines = [(level, f"{line}, in the rows preflight reads" if line.startswith("data.max_length") else line)
+                  for level, line in report_lines(splits.report, cfg.data.max_length)]
     return Result(cfg.name, report, problems, warnings_for(cfg, model) + [line for level, line in data_lines
                                                                           if level == "warn"],
                   plan, explain_zero(model, report.zero), [line for level, line in data_lines if level == "note"])

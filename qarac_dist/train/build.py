@@ -11,15 +11,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import TrainConfig
-from . import data, models
+from ..config import TrainConfig, UserError
+from . import batches, data, models
 
 
 @dataclass
 class Parts:
     splits: data.Splits
     model: nn.Module
-    collate: data.Collator
+    collate: batches.Collator
 
 
 def build_parts(cfg: TrainConfig) -> Parts:
@@ -29,9 +29,34 @@ def build_parts(cfg: TrainConfig) -> Parts:
     torch.manual_seed(cfg.training.seed)
     model = models.build_model(cfg, splits.num_labels, splits.tokenizer)
     spec = models.input_spec(model)
-    collate = data.Collator(splits.tokenizer.pad_token_id, spec.pad_multiple, spec.global_first_token,
+    collate = batches.Collator(splits.tokenizer.pad_token_id, spec.pad_multiple, spec.global_first_token,
                             cfg.model.task == "regression")
     return Parts(splits, model, collate)
+
+
+def build_on_ranks(cfg: TrainConfig, ranks, group) -> Parts:
+    """`build_parts` on every rank of a job. On a cold cache rank 0 goes first: it generates
+    data, checks the labels, trains the tokenizer and fills the datasets cache; the others then
+    read the cache instead of racing to write it, or learn the mistake it found (one line on
+    every rank, no rank left waiting). Once every rank sees a completed preparation of this
+    recipe, they all read at once."""
+    import torch.distributed as dist
+
+    warm = torch.tensor([int(data.prepared_marker(cfg).exists())])
+    if ranks.world_size > 1:
+        dist.all_reduce(warm, op=dist.ReduceOp.MIN, group=group)
+    if warm or ranks.world_size == 1:
+        return build_parts(cfg)
+    failure: list = [None]
+    if ranks.is_main:
+        try:
+            parts = build_parts(cfg)
+        except UserError as err:
+            failure[0] = str(err)
+    dist.broadcast_object_list(failure, src=0, group=group)
+    if failure[0] is not None:
+        raise UserError(failure[0])
+    return parts if ranks.is_main else build_parts(cfg)
 
 
 def optimizer_for(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -245,17 +245,20 @@ class Checkpointer:
         if tag is None:
             return None
         saved = saved_world_size(self.directory, tag)
-        if saved not in (None, self.world_size):
-            self._same_data_order(tag, saved)
+        self._same_data_order(tag, saved)
         if saved in (None, self.world_size) or self.zero_stage == 0:
             return tag  # ZeRO-0 keeps whole optimizer states: it loads on any number of ranks
         return universal(self.directory, tag)
 
-    def _same_data_order(self, tag: str, saved_world: int) -> None:
-        """A step's examples are drawn per step (train/data.py): on another number of ranks the
-        epoch goes on exactly where it stopped only if a step still takes as many examples."""
-        # Checkpoints from before the marker recorded it: the same micro batch and accumulation.
-        saved = _marker(self.directory, tag).get("step_examples") or self.step_examples // self.world_size * saved_world
+    def _same_data_order(self, tag: str, saved_world: Optional[int]) -> None:
+        """A step's examples are drawn per step (train/data.py): the epoch goes on exactly where
+        it stopped only if a step still takes as many examples (another micro batch or
+        accumulation, or another number of ranks, may keep that or break it)."""
+        saved = _marker(self.directory, tag).get("step_examples")
+        if saved is None:  # saved before the marker recorded it: what it was is known only across ranks
+            if saved_world in (None, self.world_size):
+                return
+            saved = self.step_examples // self.world_size * saved_world
         if saved != self.step_examples:
             raise UserError(
                 f"checkpointing: {self.directory / tag} was saved on {saved_world} ranks taking {saved} examples a "

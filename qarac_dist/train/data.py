@@ -1,9 +1,5 @@
-"""Data: the generated long-document set, loading with `datasets`, tokenization, batching.
-
-Batching is planned per optimizer step: one step takes `micro_batch x accumulation x world`
-examples, which are split into micro batches per rank. So micro batch 2 x accumulation 4 sees
-exactly the examples of micro batch 8, and a step's examples do not depend on the ZeRO stage.
-"""
+"""Data: the generated long-document set, loading with `datasets`, the checks of what reaches
+the metric (train/labels.py), tokenization and its report. Batching: train/batches.py."""
 
 from __future__ import annotations
 
@@ -211,16 +207,16 @@ def _prepare(cfg: TrainConfig) -> Splits:
     separate = cfg.model.kind == "dual_encoder"  # each text encoded on its own
     raw = _raw_splits(cfg)
     _check_columns(d, raw)
-    task_labels, keep_rows = labels.check(cfg, raw)
-    unlabelled = {s.name: len(s.rows) - len(keep_rows[s.name]) for s in raw if s.name in keep_rows}
-    loaded = {s.name: s.rows.select(keep_rows[s.name]) if s.name in keep_rows else s.rows for s in raw}
-    train, validation = (loaded["train"], loaded["validation"]) if "validation" in loaded else _held_out(cfg, loaded["train"])
+    task = labels.check(cfg, raw)
+    read = {s.name: len(s.rows) for s in raw}
+    loaded = {s.name: _checked(s.rows, task, s.name) for s in raw}
+    train, validation = (loaded["train"], loaded["validation"]) if "validation" in loaded \
+        else _held_out(cfg, loaded["train"])
     if d.max_train_examples is not None:
         train = train.select(range(min(d.max_train_examples, len(train))))
     if d.max_validation_examples is not None:
         validation = validation.select(range(min(d.max_validation_examples, len(validation))))
     tokenizer = _load_tokenizer(cfg, train)
-    to_id = task_labels.to_id
     keep = [n for n in tokenizer.model_input_names if n != "attention_mask"]
 
     def encode(batch):
@@ -237,16 +233,13 @@ def _prepare(cfg: TrainConfig) -> Splits:
             out["length"] = [max(x, n) for x, n in zip(out["length"], lengths)]
             out["tokens_whole"] = [x + w for x, w in zip(out["tokens_whole"], whole)]
             out["tokens_cut"] = [x + w - n for x, w, n in zip(out["tokens_cut"], whole, lengths)]
-        values = batch[d.label_column]
-        if to_id is not None:
-            values = [to_id[label] for label in values]
-        out["labels"] = [float(v) for v in values] if cfg.model.task == "regression" else [int(v) for v in values]
+        out["labels"] = batch[CHECKED_LABEL]
         return out
 
     # Our own fingerprint: datasets' hash of `encode` changes once the tokenizer has been called
     # (it keeps truncation state), which would defeat the cache on every run.
-    recipe = [separate, d.max_length, d.text_column, d.text_pair_column, d.label_column, cfg.model.task,
-              task_labels.names, keep, _tokenizer_digest(tokenizer), "tokens_cut"]
+    recipe = [separate, d.max_length, d.text_column, d.text_pair_column, keep, _tokenizer_digest(tokenizer),
+              "tokens_cut"]
 
     def tokenize(split):
         return split.map(encode, batched=True, batch_size=256, remove_columns=split.column_names,
@@ -257,12 +250,24 @@ def _prepare(cfg: TrainConfig) -> Splits:
     for name, split in (("train", train), ("validation", validation)):
         split = tokenize(split)
         whole, cut = np.asarray(split["tokens_whole"][:]), np.asarray(split["tokens_cut"][:])
-        report[name] = {"rows": len(split), "unlabelled_rows": unlabelled.get(name, 0),
+        report[name] = {"rows": len(split), "rows_read": read.get(name), "unlabelled_rows":
+                        read[name] - len(loaded[name]) if name in read else 0,
                         "truncated_documents": int((cut > 0).sum()), "tokens": int(whole.sum()),
                         "truncated_tokens": int(cut.sum())}
         tokenized[name] = split.remove_columns(["tokens_whole", "tokens_cut"])
-    return Splits(tokenized["train"], tokenized["validation"], tokenizer, task_labels.num_labels, task_labels.names,
-                  report)
+    return Splits(tokenized["train"], tokenized["validation"], tokenizer, task.num_labels, task.names, report)
+
+
+CHECKED_LABEL = "qarac_label"
+"""The column of checked labels (labels.Labels.values) that tokenizing turns into `labels`."""
+
+
+def _checked(rows, task: labels.Labels, name: str):
+    """`rows` with its checked labels as a column, less the rows without a label."""
+    values = task.values[name]
+    fingerprint = _fingerprint([rows._fingerprint, CHECKED_LABEL, hashlib.sha256(values.tobytes()).hexdigest()])
+    rows = rows.add_column(CHECKED_LABEL, values.tolist(), new_fingerprint=fingerprint)
+    return rows.select(task.keep[name]) if name in task.keep else rows
 
 
 HEAVY_TRUNCATION = 0.01
@@ -279,8 +284,8 @@ def report_lines(report: dict, max_length: int) -> list[tuple[str, str]]:
     for name in ("train", "validation"):
         r = report[name]
         if r["unlabelled_rows"]:
-            lines.append(("note", f"data: {r['unlabelled_rows']} unlabelled row(s) (label {labels.UNLABELLED}) of the "
-                                  f"{name} split left out; {r['rows']} remain"))
+            lines.append(("note", f"data: {r['unlabelled_rows']} of the {r['rows_read']} rows read for the {name} "
+                                  f"split are unlabelled (label {labels.UNLABELLED}) and left out"))
         if r["truncated_documents"]:
             level = "warn" if r["truncated_tokens"] > HEAVY_TRUNCATION * r["tokens"] else "note"
             lines.append((level, f"data.max_length: {r['truncated_documents']} of {r['rows']} {name} documents cut at "
@@ -289,110 +294,21 @@ def report_lines(report: dict, max_length: int) -> list[tuple[str, str]]:
 
 
 def _check_columns(d: DataConfig, splits: list[labels.Split]) -> None:
-    """Every split holds the configured columns."""
+    """Every split holds the configured columns, and text in every cell of its text columns."""
     for split in splits:
         for key in ("text_column", "text_pair_column", "label_column"):
             column = getattr(d, key)
             if column and column not in split.rows.column_names:
                 raise UserError(f"data.{key}: column {column!r} not in the {split.name} split "
                                 f"(columns: {', '.join(split.rows.column_names)})")
+        for column in filter(None, (d.text_column, d.text_pair_column)):
+            values = split.rows[column][:]
+            if labels.kind(split.rows.features[column]) != "string" or None in values:
+                row = next(i for i, v in enumerate(values) if not isinstance(v, str))
+                raise labels.bad_row(split, column, row, values[row], "text")
 
 
 def _tokenizer_digest(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps([tokenizer.name_or_path, len(tokenizer)])
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-# ---------------------------------------------------------------- batching
-
-class StepBatches:
-    """Deterministic, length-grouped, rank-sharded batches, planned one optimizer step at a time.
-
-    Per epoch, the indices are shuffled with `seed + epoch`, cut into windows of 50 steps,
-    sorted by length inside each window (so a micro batch holds similar lengths), cut into
-    steps, and the steps shuffled. A step's sorted examples are dealt as `accumulation x world`
-    micro batches; micro batch `a` of rank `r` is chunk `a * world + r`, so ranks process
-    similar lengths at the same time. The tail that does not fill a step is dropped.
-    """
-
-    WINDOW_STEPS = 50
-
-    def __init__(self, lengths: np.ndarray, micro_batch: int, accumulation: int, world_size: int,
-                 rank: int, seed: int, group_by_length: bool = True):
-        self.lengths = np.asarray(lengths)
-        self.micro, self.accumulation, self.world, self.rank = micro_batch, accumulation, world_size, rank
-        self.seed, self.group = seed, group_by_length
-        self.step_size = micro_batch * accumulation * world_size
-        self.steps_per_epoch = len(self.lengths) // self.step_size
-        if self.steps_per_epoch == 0:
-            raise UserError(f"training.micro_batch_size: a step needs {self.step_size} examples "
-                             f"(micro x accumulation x world), the training set has {len(self.lengths)}")
-
-    def epoch_steps(self, epoch: int) -> np.ndarray:
-        """All steps of an epoch, shape (steps, step_size), each row sorted by length."""
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.lengths))[: self.steps_per_epoch * self.step_size]
-        if self.group:
-            window = self.WINDOW_STEPS * self.step_size
-            order = np.concatenate([
-                chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-                for chunk in np.split(order, range(window, len(order), window))])
-        steps = order.reshape(self.steps_per_epoch, self.step_size)
-        return steps[rng.permutation(self.steps_per_epoch)]
-
-    def for_rank(self, step_indices: np.ndarray) -> list[np.ndarray]:
-        chunks = step_indices.reshape(self.accumulation * self.world, self.micro)
-        return [chunks[a * self.world + self.rank] for a in range(self.accumulation)]
-
-    def iterate(self, start_step: int = 0) -> Iterator[list[np.ndarray]]:
-        """Yield this rank's micro batches for each optimizer step, from global step `start_step`."""
-        epoch, offset = divmod(start_step, self.steps_per_epoch)
-        while True:
-            steps = self.epoch_steps(epoch)
-            for row in steps[offset:]:
-                yield self.for_rank(row)
-            epoch, offset = epoch + 1, 0
-
-
-@dataclass
-class Collator:
-    """Pads a micro batch to its longest example, rounded up to `pad_multiple`; for Longformer,
-    the multiple is the attention window and the first token gets global attention."""
-
-    pad_token_id: int
-    pad_multiple: int = 8
-    global_first_token: bool = False
-    regression: bool = False
-
-    def __call__(self, rows: dict) -> dict:
-        import torch
-
-        batch = self._side(rows, "")
-        if "input_ids_b" in rows:  # a dual encoder's second text
-            batch.update(self._side(rows, "_b"))
-        batch["labels"] = torch.tensor(rows["labels"], dtype=torch.float if self.regression else torch.long)
-        return batch
-
-    def _side(self, rows: dict, suffix: str) -> dict:
-        import torch
-
-        ids = rows[f"input_ids{suffix}"]
-        longest = max(len(x) for x in ids)
-        width = -(-longest // self.pad_multiple) * self.pad_multiple
-        input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, : len(x)] = torch.as_tensor(x)
-            attention[i, : len(x)] = 1
-        batch = {f"input_ids{suffix}": input_ids, f"attention_mask{suffix}": attention}
-        if f"token_type_ids{suffix}" in rows:
-            types_ = torch.zeros((len(ids), width), dtype=torch.long)
-            for i, x in enumerate(rows[f"token_type_ids{suffix}"]):
-                types_[i, : len(x)] = torch.as_tensor(x)
-            batch[f"token_type_ids{suffix}"] = types_
-        if self.global_first_token:
-            glob = torch.zeros_like(attention)
-            glob[:, 0] = 1
-            batch[f"global_attention_mask{suffix}"] = glob
-        return batch

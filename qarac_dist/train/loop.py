@@ -23,8 +23,8 @@ from ..track.job_context import JobContext
 from ..track.mlflow_runs import TrialRun
 from ..track.trackers import NullTracker, Tracker, Trackers
 from ..track.trial_dir import BEST_INFO, MetricsFile, TrialDir
-from . import data, faults, models
-from .build import build_parts, lr_lambda, optimizer_for, seed_everything
+from . import batches, data, faults, models
+from .build import build_on_ranks, lr_lambda, optimizer_for, seed_everything
 from .checkpoint import Checkpointer
 from .export import export, reload_module
 from .metrics import BestTracker
@@ -54,17 +54,7 @@ class Trainer:
         # syncs a GPU stream and works whatever the main backend is.
         self.control_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
-        # On a cold cache rank 0 goes first: it generates data, trains the tokenizer and fills
-        # the datasets cache; the others then read the cache instead of racing to write it.
-        # Once every rank sees a completed preparation of this recipe, they all read at once.
-        warm = torch.tensor([int(data.prepared_marker(cfg).exists())])
-        if ranks.world_size > 1:
-            dist.all_reduce(warm, op=dist.ReduceOp.MIN, group=self.control_group)
-        if not warm and not ranks.is_main:
-            dist.barrier()
-        parts = build_parts(cfg)
-        if not warm and ranks.is_main:
-            dist.barrier()
+        parts = build_on_ranks(cfg, ranks, self.control_group)
         self.splits, self.collate = parts.splits, parts.collate
 
         schedule = lr_lambda(cfg.scheduler.kind, cfg.scheduler.warmup_steps, cfg.training.max_steps)
@@ -78,7 +68,7 @@ class Trainer:
         self.device = torch.device(get_accelerator().device_name(self.engine.local_rank)) \
             if get_accelerator().device_name() != "cpu" else torch.device("cpu")
 
-        self.batches = data.StepBatches(np.asarray(self.splits.train["length"][:]), cfg.training.micro_batch_size,
+        self.batches = batches.StepBatches(np.asarray(self.splits.train["length"][:]), cfg.training.micro_batch_size,
                                         cfg.training.gradient_accumulation_steps, ranks.world_size,
                                         ranks.rank, cfg.training.seed, cfg.data.length_grouping)
         self.data_report = {**self.splits.report, "examples_per_step": self.batches.step_size,

@@ -43,6 +43,10 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Loss, accuracy and macro F1; all NaN when a logit is not finite (argmax would pick a
+    class for a NaN row and score it, and BestTracker never takes NaN as the best)."""
+    if not np.isfinite(logits).all():
+        return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan")}
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     preds = logits.argmax(axis=1)

@@ -232,7 +232,7 @@ def test_nan_loss_fails_its_trial_and_the_others_finish(cluster, tmp_path, data_
 # same conversion to a universal checkpoint; it was dropped to keep CI under 40 minutes.
 @pytest.mark.parametrize("before, after", [(2, 1)], ids=["2-to-1-ranks"])
 def test_zero2_checkpoint_resumes_on_another_number_of_ranks(tmp_path, data_cache, before, after):
-    """On 2 ranks, then 1 (and the reverse; torchrun). The global batch stays
+    """On 2 ranks, then 1 (and the reverse). The global batch stays
     8 (micro 4 x accumulation x ranks), so each step sees the same examples; the first loss
     after the switch matches an uninterrupted run. (A constant learning rate: the schedule would
     otherwise depend on max_steps, which differs between the runs.)"""

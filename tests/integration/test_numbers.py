@@ -33,7 +33,7 @@ def _predictions(best_dir, texts, max_length, batch_size, world_size=1):
     first, dealt to the ranks in turn, so each batch is padded as it was."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from qarac_dist.train.data import Collator
+    from qarac_dist.train.batches import Collator
 
     model = AutoModelForSequenceClassification.from_pretrained(best_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(best_dir)
@@ -155,7 +155,8 @@ def test_regression_metrics_recomputed_by_scipy_and_truncation_reported(tmp_path
 
 def test_a_bad_label_stops_before_training_in_one_line(tmp_path, data_cache):
     """num_labels 2 with a label 2 in validation was an IndexError at the first validation, after
-    training: now one line before any step, exit 2."""
+    training: now one line before any step, exit 2, on 2 ranks as on one (rank 1, waiting for
+    rank 0's preparation, learns of it and leaves no traceback)."""
     rows = _documents(tmp_path)
     for split in ("train", "validation"):
         (tmp_path / f"{split}.jsonl").write_text("".join(
@@ -165,7 +166,7 @@ def test_a_bad_label_stops_before_training_in_one_line(tmp_path, data_cache):
     cfg = tiny_config(data_cache, out, model={"num_labels": 2})
     cfg["data"] = {"train_files": [str(tmp_path / "train.jsonl")], "validation_files": [str(tmp_path / "validation.jsonl")],
                    "max_length": 320, "cache_dir": str(data_cache)}
-    proc = run_train(write_config(tmp_path / "c.yaml", cfg), check=False)
+    proc = run_train(write_config(tmp_path / "c.yaml", cfg), num_processes=2, check=False)
     first_two = next(i for i, d in enumerate(rows["validation"]) if d["label"] == 2)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
@@ -187,6 +188,7 @@ def test_a_signal_on_one_rank_stops_both_and_another_world_size_must_keep_the_st
             evaluation={"every_steps": 4}))
 
     stopped = run_train(config(2, 1), num_processes=2, fault="usr2:3:1", check=False)
+    assert stopped.returncode == 3, stopped.stderr[-3000:]  # launch/run_local.sh exits as its ranks did
     assert stopped.stderr.count("stopped by signal SIGUSR2 after step 3; checkpoint saved") == 2, stopped.stderr[-3000:]
     assert "ValueError" not in stopped.stderr
     state = json.loads((out / "state.json").read_text())

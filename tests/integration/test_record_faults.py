@@ -4,12 +4,10 @@ and a scheduler that does not answer."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from qarac_dist.base.layout import SweepLayout

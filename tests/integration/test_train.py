@@ -16,7 +16,7 @@ from support import logged_losses, run_train, tiny_config, write_config
 def test_one_rank_run_logs_every_metric_and_exports_a_reloadable_best_model(tmp_path, data_cache):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from qarac_dist.train.data import Collator
+    from qarac_dist.train.batches import Collator
     from qarac_dist.train.metrics import classification_metrics
 
     out = tmp_path / "out"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qarac_dist.config.sections import SyntheticConfig
-from qarac_dist.train.data import Collator, StepBatches
+from qarac_dist.train.batches import Collator, StepBatches
 from qarac_dist.train.synthetic import generate_synthetic
 
 

@@ -409,3 +409,30 @@ def test_a_checkpoint_cut_short_is_named_when_it_is_passed_over(tmp_path):
         f"step00000030 is damaged ({MARKER} unreadable)",
         f"step00000020 was never completed (no {MARKER} marker: its save was cut short)"])
     assert newest_intact(tmp_path, at_most=19) == ("step00000010", [])
+
+
+@pytest.mark.parametrize("world, per_rank, refused", [(2, 4, False), (2, 2, True), (1, 8, False), (1, 4, True),
+                                                      (4, 2, False)],
+                         ids=["same", "smaller-micro-same-ranks", "fewer-ranks-same-step", "fewer-ranks-smaller-step",
+                              "more-ranks-same-step"])
+def test_a_resume_that_would_change_the_step_is_refused_before_loading(tmp_path, world, per_rank, refused):
+    """Saved on 2 ranks at 8 examples a step: a resume goes on with the epoch's order only if a
+    step still takes 8 (micro batch x accumulation x ranks), whatever the ranks."""
+    import json
+
+    from qarac_dist.base.errors import UserError
+    from qarac_dist.config.sections import CheckpointingConfig
+    from qarac_dist.track.trial_dir import TrialDir
+    from qarac_dist.train.checkpoint import MARKER, Checkpointer
+
+    trial = TrialDir(tmp_path)
+    (trial.checkpoints / "step00000003").mkdir(parents=True)
+    (trial.checkpoints / "step00000003" / MARKER).write_text(json.dumps(
+        {"step": 3, "world_size": 2, "step_examples": 8, "files": {}}))
+    checkpointer = Checkpointer(CheckpointingConfig(), 0, trial, 0, world, per_rank)
+    if not refused:
+        assert checkpointer._choose() == "step00000003"  # ZeRO-0: loads on any number of ranks
+        return
+    with pytest.raises(UserError, match=f"saved on 2 ranks taking 8 examples a step; this job has {world} ranks "
+                                        f"taking {world * per_rank}"):
+        checkpointer._choose()

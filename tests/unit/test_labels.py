@@ -74,7 +74,7 @@ def test_classlabel_unlabelled_rows_are_left_out_and_counted(tmp_path):
     assert splits.report["validation"]["unlabelled_rows"] == 4 and splits.report["validation"]["rows"] == 5
     assert splits.report["train"]["unlabelled_rows"] == 1
     lines = [line for _, line in data.report_lines(splits.report, 16)]
-    assert "data: 4 unlabelled row(s) (label -1) of the validation split left out; 5 remain" in lines
+    assert "data: 4 of the 9 rows read for the validation split are unlabelled (label -1) and left out" in lines
 
 
 def test_string_labels_from_csv_work_as_from_json_lines(tmp_path):
@@ -94,8 +94,43 @@ def _mk(path):
     return path
 
 
+def _plain_parquet(path, labels, text_offset=0):
+    import pandas as pd
+
+    pd.DataFrame({"text": _texts(len(labels), text_offset), "label": labels}).to_parquet(path)
+    return path
+
+
 # (id, train file, validation file, config overrides, the line's expected fragment)
 BAD_DATA = [
+    # A ClassLabel's -1 marks its own rows only; other files' labels are plain class ids.
+    ("classlabel-then-fractions", lambda t: _parquet(t / "t.parquet", [0, 1, 1]),
+     lambda t: _plain_parquet(t / "v.parquet", [0.0, 1.0, 0.5]), {},
+     "v.parquet): validation split, row 3, column 'label': 0.5, expected a class id"),
+    ("classlabel-then-plain-minus-one", lambda t: _parquet(t / "t.parquet", [0, 1, 1]),
+     lambda t: _plain_parquet(t / "v.parquet", [0, 1, -1]), {},
+     "v.parquet): validation split, row 3, column 'label': -1, expected a class id"),
+    ("int64-max-class-id", lambda t: _csv(t / "t.csv", [0, 1, 9223372036854775807]), lambda t: _csv(t / "v.csv", [0]),
+     {}, "train split, row 3, column 'label': 9223372036854775807, expected a class id"),
+    ("past-int64-class-id", lambda t: _jsonl(t / "t.jsonl", [0, 1, 10**19]), lambda t: _jsonl(t / "v.jsonl", [0]),
+     {}, "train split, row 3, column 'label': 1e+19, expected a class id"),
+    ("numbers-and-a-word", lambda t: _jsonl(t / "t.jsonl", [0, "cat", 1]), lambda t: _jsonl(t / "v.jsonl", [0]),
+     {}, "train split, row 2, column 'label': 'cat', expected a class id"),
+    ("list-labels", lambda t: _jsonl(t / "t.jsonl", [[0], [1, 0]]), lambda t: _jsonl(t / "v.jsonl", [[0]]),
+     {}, "train split, row 1, column 'label': [0], expected a class id"),
+    ("dict-labels", lambda t: _jsonl(t / "t.jsonl", [{"a": 0}, {"a": 1}]), lambda t: _jsonl(t / "v.jsonl", [{"a": 0}]),
+     {}, "train split, row 1, column 'label': {'a': 0}, expected a class id"),
+    ("numbers-then-a-word-in-csv", lambda t: _csv(t / "t.csv", [0, 1, 1]), lambda t: _csv(t / "v.csv", [0, 1, "x", 1]),
+     {}, "validation split, row 3, column 'label': 'x', expected a class id"),
+    ("score-past-float32", lambda t: _jsonl(t / "t.jsonl", [0.1, 0.5]), lambda t: _jsonl(t / "v.jsonl", [0.1, 1e39]),
+     {"model.task": "regression"}, "validation split, row 2, column 'label': 1e+39, expected a finite number within"),
+    ("scores-then-a-word-in-csv", lambda t: _csv(t / "t.csv", [0.1, 0.5]),
+     lambda t: _csv(t / "v.csv", [0.1, 0.3, 0.5, "abc"]), {"model.task": "regression"},
+     "validation split, row 4, column 'label': 'abc', expected a finite number"),
+    ("empty-text-cell", lambda t: (t / "t.csv").write_text("text,label\na b,0\n,1\nc d,1\n") and t / "t.csv",
+     lambda t: _csv(t / "v.csv", [0]), {}, "t.csv): train split, row 2, column 'text': no value, expected text"),
+    ("numbers-as-text", lambda t: (t / "t.csv").write_text("text,label\n1,0\n2,1\n") and t / "t.csv",
+     lambda t: _csv(t / "v.csv", [0]), {}, "t.csv): train split, row 1, column 'text': 1, expected text"),
     ("string-label-train-lacks", lambda t: _csv(t / "t.csv", ["a", "b", "a"]), lambda t: _csv(t / "v.csv", ["a", "c"]),
      {}, "v.csv): validation split, row 2, column 'label': 'c', expected a label of the train split (a, b)"),
     ("empty-string-label", lambda t: _csv(t / "t.csv", ["a", "", "b"]), lambda t: _csv(t / "v.csv", ["a"]),
@@ -120,12 +155,13 @@ BAD_DATA = [
     ("all-unlabelled", lambda t: _parquet(t / "t.parquet", [0, 1, 1]), lambda t: _parquet(t / "v.parquet", [-1, -1]),
      {}, "v.parquet): validation split: all 2 rows are unlabelled ('label' is -1); choose a split that has labels"),
     ("strings-then-numbers", lambda t: _jsonl(t / "t.jsonl", ["a", "b"]), lambda t: _jsonl(t / "v.jsonl", [0, 1]),
-     {}, "validation split, row 1, column 'label': 0, expected a string, as the train split's labels are"),
+     {}, "validation split, row 1, column 'label': 0, expected a label of the train split (a, b)"),
     ("numbers-then-strings", lambda t: _jsonl(t / "t.jsonl", [0, 1]), lambda t: _jsonl(t / "v.jsonl", ["a"]),
-     {}, "validation split, row 1, column 'label': 'a', expected a number, as the train split's labels are"),
+     {}, "validation split, row 1, column 'label': 'a', expected a class id (a whole number from 0) or a string"),
     ("nan-score-validation", lambda t: _jsonl(t / "t.jsonl", [0.1, 0.5, 0.9]),
      lambda t: _jsonl(t / "v.jsonl", [0.2, float("nan"), 0.4]), {"model.task": "regression"},
-     "v.jsonl): validation split, row 2, column 'label': nan, expected a finite number (model.task: regression)"),
+     "v.jsonl): validation split, row 2, column 'label': nan, expected a finite number within float32 "
+     "(model.task: regression)"),
     ("nan-score-train", lambda t: _jsonl(t / "t.jsonl", [0.1, float("nan"), 0.9]),
      lambda t: _jsonl(t / "v.jsonl", [0.2]), {"model.task": "regression"},
      "t.jsonl): train split, row 2, column 'label': nan, expected a finite number"),
@@ -201,3 +237,17 @@ def test_spearman_with_a_nan_is_nan_not_a_rank():
     best = BestTracker("spearman", "max")
     best.update(5, 0.1)
     assert not best.update(10, spearman(scores, labels)) and best.best == 0.1  # never chosen as best
+
+
+def test_numbers_in_one_csv_are_the_labels_another_wrote_as_text(tmp_path):
+    """CSV infers types per file: "1", "2", "x" in train are strings, "1", "2" alone are ints."""
+    splits = data.prepare(_cfg(tmp_path, _csv(tmp_path / "t.csv", ["1", "2", "x", "2"]),
+                               _csv(tmp_path / "v.csv", [1, 2, 2])))
+    assert splits.label_names == ["1", "2", "x"] and _labels(splits.validation) == [0, 1, 1]
+
+
+def test_nan_logits_score_nan_never_a_best():
+    from qarac_dist.train.metrics import classification_metrics
+
+    logits = np.full((5, 2), np.nan)
+    assert all(math.isnan(v) for v in classification_metrics(logits, np.array([0, 0, 0, 0, 1])).values())

@@ -207,7 +207,8 @@ def test_findings_carry_a_level_and_an_ok_report_says_what_it_noted(tmp_path, ca
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "preflight tiny: ok; 2 note(s), expected and not failures"
     # Its longest documents (320 words and [CLS], [SEP]) lose a few tokens: under 1%, a note.
-    assert out[2] == "  note: data.max_length (2 of 64 train documents cut at 320 tokens (3 of 15,499 tokens cut))"
+    assert out[2] == ("  note: data.max_length (2 of 64 train documents cut at 320 tokens (3 of 15,499 tokens cut), in "
+                      "the rows preflight reads)")
     assert out[1].startswith("  note: all-zero gradient: longformer.encoder.layer.1.attention.self.{query, key, value}"
                              ".{weight, bias} (the classifier reads only the first token")
     assert out[1].endswith("; expected, not a failure)")
