@@ -40,10 +40,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print_plan(spec, trials, kind)
             return 0
+        if args.cancel:
+            from .submit.cancel import cancel
+
+            return cancel(layout)
         from .submit import submission
 
-        if args.cancel:
-            return submission.cancel(layout)
         # The command as the user gave it, for the lines printed to copy (follow, cancel, resume).
         command = ["python", "-m", "qarac_dist.sweep", args.sweep, *args.overrides,
                    *(["--no-preflight"] if args.no_preflight else [])]

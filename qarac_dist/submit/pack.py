@@ -228,7 +228,7 @@ class _Runner:
         then its claim ended."""
         if entry.slot is not None:
             search.tell(self.layout, entry.slot, entry.trial_dir, verdict, entry.context["select_metric"],
-                        entry.context["select_mode"])
+                        entry.context["select_mode"], entry.attempt)
         claims.end(self.layout, self.job_id, entry.id, entry.attempt, outcome)
         self.ended.append(entry.id)
 

@@ -75,18 +75,31 @@ def _child_run(context: dict, trial: str, slot: int, config: dict, params: dict)
 
 
 def tell(layout: SweepLayout, slot: int, trial_dir: TrialDir, verdict: Optional[TrialState], metric: str,
-         mode: str) -> None:
-    """Record how the slot's trial ended: its best value of the select metric over its
-    validations (COMPLETE), the values it reported before a rung stopped it (PRUNED), or FAIL."""
+         mode: str, attempt: int) -> None:
+    """Record how attempt `attempt` of the slot's trial ended: its best value of the select
+    metric over its validations (COMPLETE), the values it reported before a rung stopped it
+    (PRUNED), or FAIL."""
     curve = {row["step"]: row[f"val_{metric}"] for row in trial_dir.metrics()
              if f"val_{metric}" in row and isinstance(row[f"val_{metric}"], (int, float))}
     finite = [v for v in curve.values() if math.isfinite(v)]
     if verdict == TrialState.COMPLETED and finite:
-        search_record.tell(layout, slot, "COMPLETE", max(finite) if mode == "max" else min(finite), curve)
+        search_record.tell(layout, slot, "COMPLETE", max(finite) if mode == "max" else min(finite), curve, attempt)
     elif verdict == TrialState.PRUNED:
-        search_record.tell(layout, slot, "PRUNED", None, curve)
+        search_record.tell(layout, slot, "PRUNED", None, curve, attempt)
     else:
-        search_record.tell(layout, slot, "FAIL", None, curve)
+        search_record.tell(layout, slot, "FAIL", None, curve, attempt)
+
+
+def tell_ended(layout: SweepLayout, records: list, metric: str, mode: str) -> None:
+    """Whoever first sees a slot's trial ended records its result: a runner killed between the
+    step's end and its bookkeeping left the trial's own verdict (state.json), not the tell."""
+    record = search_record.read(layout)
+    for r in records:
+        status = r.trial_dir.status_of(r.attempt) if r.slot is not None else None
+        ended = status is not None and status.state in (TrialState.COMPLETED, TrialState.PRUNED, TrialState.FAILED)
+        latest = record.told(r.slot) if ended else None
+        if ended and (latest is None or (latest.attempt or 0) < r.attempt):
+            tell(layout, r.slot, r.trial_dir, status.state, metric, mode, r.attempt)
 
 
 def refused(trial_dir: TrialDir, attempt: int, err: ConfigError) -> str:

@@ -1,7 +1,7 @@
 """One run of the sweep command past planning, in the order its steps happen: take the sweep's
 lock, read the manifest, decide what to run, check it (sbatch --test-only, preflight), write
 the sweep's files, make the MLflow runs, submit, report, follow until the trials end, close the
-parent run. Also the other ways in: `refresh` (the status command), `cancel`.
+parent run. Also the other way in: `refresh` (the status command; cancel.py).
 """
 
 from __future__ import annotations
@@ -17,18 +17,17 @@ from typing import Callable, Optional
 
 from ..base.files import DiskFull
 from ..base.layout import SweepLayout
-from ..base.secrets import redact_text
 from ..config import UserError
 from ..config.schema import to_dict
 from ..config.sweep import Resources, Search, SweepSpec
 from ..plan import Trial, select_defaults, varied_keys
 from ..track.job_context import JobContext
-from ..track.trial_dir import TrialState
 from . import claims, cluster, pack, sbatch, tracking
 from .executors import Executor, TrialJob, make_executor
 from .report import print_summary
+from .search import tell_ended
 from .sweep_dir import DONE, FAILED, QUIET, RESUBMIT, Attempt, Manifest, SweepLock, TrialRecord, job_error, layout_for, \
-    own_error, read_cancels, record_cancels, resolve_state, write_sweep_file
+    own_error, read_cancels, resolve_state, write_sweep_file
 
 SAVE_WAIT_S = 120
 """How long a stopped driver waits for its local trials to save before it stops them at once."""
@@ -188,6 +187,8 @@ class Submission:
                                                         trial.config["output"]["dir"], self.executor.kind,
                                                         slot=trial.slot)
         refresh(manifest, self.executor, self.layout)
+        if self.spec.search is not None:
+            tell_ended(self.layout, list(manifest.trials.values()), manifest.select_metric, manifest.select_mode)
         planned = {t.id for t in self.trials}
         return [r for r in manifest.trials.values() if r.id in planned and r.state in RESUBMIT]
 
@@ -369,31 +370,3 @@ def follow(manifest: Manifest, layout: SweepLayout, executor: Executor, queued: 
             if not queue and manifest.all_ended():
                 return
             time.sleep(poll_s)
-
-
-def cancel(layout: SweepLayout) -> int:
-    """Cancel the sweep's active jobs and record them CANCELLED."""
-    manifest = Manifest.load(layout.root)
-    if manifest is None:
-        raise UserError(f"{layout.root}: no sweep here")
-    lock: Optional[SweepLock] = SweepLock(layout.root)
-    try:
-        lock.acquire()
-    except UserError:  # a driver follows the sweep: it records the cancellation itself
-        lock = None
-    try:
-        executor = attach(manifest.executor, layout)
-        refresh(manifest, executor, layout)
-        active = [r for r in manifest.trials.values() if r.active]
-        record_cancels(layout.root, {r.id: r.attempt for r in active})  # for a driver that follows
-        executor.cancel(sorted({job for r in active for job in r.jobs}))
-        for r in active:
-            r.state = TrialState.CANCELLED.value
-        if lock is not None:
-            manifest.save(layout.root)
-        tracking.end_runs(manifest, active, "KILLED")
-    finally:
-        if lock is not None:
-            lock.release()
-    print(f"cancelled {len(active)} trial(s) of {redact_text(manifest.sweep)}")
-    return 0

@@ -111,3 +111,16 @@ def arrive(sweep: SweepLayout, rung: int, trial: str, score: Score, step: int,
         arrival = Arrival(trial, *score, step, decide(score, [a.score for a in arrivals]), len(arrivals), time.time())
         append_line(f, good, arrival.to_json())
         return arrival
+
+
+def stopped_at(sweep: SweepLayout, trial: str, rung_steps: list[int], step: int) -> Optional[dict]:
+    """The first rung at or before `step` where `trial` was told to stop, as the loop's `pruned`
+    (None: none). A job that resumes past such a rung (a signal or a kill came between the
+    decision and the trial's end) stops there: a decision recorded is acted on, whatever came next."""
+    for k, rung_step in enumerate(rung_steps):
+        if rung_step > step:
+            break
+        mine = next((a for a in read(sweep, k) if a.trial == trial), None)
+        if mine is not None and not mine.keeps_going:
+            return {"rung": k, "step": rung_step}
+    return None

@@ -48,6 +48,9 @@ class Tell:
     value: Optional[float] = None
     intermediate: dict = field(default_factory=dict)
     time: float = 0.0
+    attempt: Optional[int] = None
+    """The sweep's attempt of the slot's trial this result is of (None: a record from before
+    attempts were kept). A later attempt's result replaces an earlier one's."""
 
 
 @dataclass
@@ -61,7 +64,8 @@ class Record:
         return next((a for a in self.asks if a.slot == slot), None)
 
     def told(self, slot: int) -> Optional[Tell]:
-        return next((t for t in self.tells if t.slot == slot), None)
+        """The slot's latest result."""
+        return next((t for t in reversed(self.tells) if t.slot == slot), None)
 
 
 _REPORTED: set[str] = set()
@@ -84,7 +88,7 @@ def _parse(data: bytes, where: str) -> tuple[Record, int]:
             else:
                 record.tells.append(Tell(int(d["tell"]), str(d["state"]), None if d["value"] is None else float(d["value"]),
                                          {str(k): float(v) for k, v in d.get("intermediate", {}).items()},
-                                         float(d["time"])))
+                                         float(d["time"]), None if d.get("attempt") is None else int(d["attempt"])))
         except (ValueError, KeyError, TypeError, AttributeError):
             damage = f"{where}: line {number} is not a search record, skipped: {line[:100]!r}"
             record.damaged.append(damage)
@@ -121,15 +125,19 @@ def ask(sweep: SweepLayout, slot: int, trial: str,
         return mine
 
 
-def tell(sweep: SweepLayout, slot: int, state: str, value: Optional[float], intermediate: dict) -> None:
-    """Record how `slot` ended (once: a second result for it is ignored)."""
+def tell(sweep: SweepLayout, slot: int, state: str, value: Optional[float], intermediate: dict,
+         attempt: Optional[int] = None) -> None:
+    """Record how attempt `attempt` of `slot` ended: once per attempt (a second result for it
+    is ignored), and a later attempt's result after an earlier one's (the latest counts: a trial
+    that failed, then completed on a re-run, is complete)."""
     with locked(sweep.search, mode="a+b") as f:
         f.seek(0)
         record, good = _parse(f.read(), str(sweep.search))
-        if record.told(slot) is None:
+        latest = record.told(slot)
+        if latest is None or (attempt or 0) > (latest.attempt or 0):
             append_line(f, good, json.dumps({"tell": slot, "state": state, "value": value,
                                              "intermediate": {str(k): v for k, v in intermediate.items()},
-                                             "time": time.time()}))
+                                             "time": time.time(), "attempt": attempt}))
 
 
 def write_history(sweep: SweepLayout, mode: str, metric: str) -> Path:

@@ -89,7 +89,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         self.start()
-        stopped_early = False
+        stopped_early = self.pruned is not None  # told to stop at a rung before a requeue or kill
         started = time.perf_counter()
         while self.step < self.cfg.training.max_steps and not stopped_early:
             stopped_early = self.advance()
@@ -126,6 +126,7 @@ class Trainer:
         self.window = Window(self.device)
         self.nonfinite = NonFinite(self.cfg.training.max_nonfinite_steps)
         self.data = self.batches.iterate(start_step=self.step + self.offset)
+        self.pruned = self.recorded_stop() if self.cfg.asha is not None and self.resume_tag is not None else None
         if self.spikes is not None and self.resume_tag is None:
             self.save_checkpoint()  # so that a spike before the first checkpoint has one to go back to
         signum = STOP.agreed(self.ranks.world_size, self.control_group)
@@ -228,6 +229,15 @@ class Trainer:
         if self.ranks.world_size > 1:
             dist.broadcast(going, src=0, group=self.control_group)
         return bool(going.item())
+
+    def recorded_stop(self) -> dict | None:
+        """Rank 0 finds a rung this trial already met and was told to stop at; all ranks follow."""
+        stop: list = [None]
+        if self.ranks.is_main:
+            stop[0] = rungs.stopped_at(self.context.sweep, self.dir.path.name, self.cfg.asha.rungs, self.step)
+        if self.ranks.world_size > 1:
+            dist.broadcast_object_list(stop, src=0, group=self.control_group)
+        return stop[0]
 
     # ------------------------------------------------------------------ pieces
     def to_device(self, batch: dict) -> dict:

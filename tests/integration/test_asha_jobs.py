@@ -16,6 +16,7 @@ from qarac_dist.base.layout import SweepLayout
 from qarac_dist.submit.sweep_dir import Manifest
 from qarac_dist.track import rungs
 from qarac_dist.track.mlflow_client import client
+from qarac_dist.track.trial_dir import read_metrics
 from support import HELPERS, run_sweep, table_rows, tiny_config, wait_for, write_config
 
 
@@ -129,3 +130,26 @@ def test_a_killed_trial_rerun_replays_its_decision(tmp_path, data_cache):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert rungs.read(SweepLayout(directory), 0) == arrivals  # the same single line: replayed, not taken again
     assert json.loads(record.trial_dir.state_file.read_text())["state"] == "COMPLETED"
+
+
+def test_a_trial_told_to_stop_at_a_rung_never_trains_past_it(tmp_path, data_cache):
+    """SLURM's warning at the rung step: validation records `continue: false`, the step's
+    checkpoint is saved after, and the signal stops the job (PREEMPTED). The resumed job used to
+    go on from the next step, never meeting the rung again, and end COMPLETED. It ends PRUNED at
+    the rung now, with nothing trained past it. (A better trial is in the record already, so
+    this one is told to stop.) Local executor."""
+    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 8}, evaluation={"every_steps": 4},
+                       checkpointing={"every_steps": 4})
+    path = _sweep(tmp_path, data_cache, "told", [1e-3], executor="local", base=base)
+    layout = SweepLayout(tmp_path / "runs" / "told")
+    layout.rung(0).parent.mkdir(parents=True)
+    layout.rung(0).write_text(rungs.Arrival("elsewhere", 0.0, 0.0, 4, True, 0, 0.0).to_json() + "\n")
+    stopped = run_sweep(path, "--no-preflight", env={"QARAC_FAULT": "usr2:4:0"})
+    (record,) = Manifest.load(layout.root).trials.values()
+    assert record.trial_dir.status().state.value == "PREEMPTED", stopped.stdout + stopped.stderr
+    assert [(a.trial, a.keeps_going) for a in rungs.read(layout, 0)] == [("elsewhere", True), (record.id, False)]
+    proc = run_sweep(path, "--no-preflight")
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # no trial completed: no best
+    status = record.trial_dir.status()
+    assert (status.state.value, status.rung, status.step) == ("PRUNED", 0, 4), status
+    assert max(r["step"] for r in read_metrics(record.trial_dir.metrics_file)) == 4

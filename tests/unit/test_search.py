@@ -81,6 +81,43 @@ def test_a_slot_asked_again_replays_its_values_and_a_second_result_is_ignored(tm
         [("COMPLETE", 1.0, {"10": 0.5})]
 
 
+def test_the_latest_attempts_result_counts(tmp_path):
+    """A trial that failed (a full disk, a refused requeue) and completed on the re-run the
+    product asks for stayed FAIL to the sampler: the first result won."""
+    layout, search = SweepLayout(tmp_path), Search(trials=3, sampler="tpe", seed=0, params=SPACE)
+    _ask_through_the_record(layout, search, 0)
+    search_record.tell(layout, 0, "FAIL", None, {}, attempt=1)
+    search_record.tell(layout, 0, "COMPLETE", 0.7, {"10": 0.7}, attempt=2)
+    search_record.tell(layout, 0, "FAIL", None, {}, attempt=2)  # the same attempt twice: ignored
+    search_record.tell(layout, 0, "FAIL", None, {}, attempt=1)  # an older one's, late: ignored
+    record = search_record.read(layout)
+    assert [(t.state, t.attempt) for t in record.tells] == [("FAIL", 1), ("COMPLETE", 2)]
+    assert [(t.state, t.value) for t in history(record)] == [("COMPLETE", 0.7)]
+
+
+def test_a_result_the_runner_never_told_is_told_by_the_next_to_see_it(tmp_path):
+    """A runner SIGKILLed between a step's end and its bookkeeping: state.json says COMPLETED,
+    the record nothing. A re-run (the driver) tells it from the trial's own files."""
+    from qarac_dist.submit.search import tell_ended
+    from qarac_dist.submit.sweep_dir import TrialRecord
+    from qarac_dist.track.trial_dir import TrialDir, TrialState
+
+    layout, search = SweepLayout(tmp_path / "sweep"), Search(trials=3, sampler="tpe", seed=0, params=SPACE)
+    _ask_through_the_record(layout, search, 0)
+    _ask_through_the_record(layout, search, 1)
+    records = []
+    for slot, state in ((0, TrialState.COMPLETED), (1, TrialState.RUNNING)):
+        trial = TrialDir(tmp_path / f"t{slot}")
+        trial.begin(1)
+        trial.update(state=state)
+        trial.metrics_file.write_text('{"step": 4, "val_accuracy": 0.75}\n')
+        records.append(TrialRecord(f"t{slot}", "x", {}, {}, str(trial.path), "local", attempt=1, slot=slot))
+    tell_ended(layout, records, "accuracy", "max")
+    tell_ended(layout, records, "accuracy", "max")  # once
+    assert [(t.slot, t.state, t.value, t.attempt) for t in search_record.read(layout).tells] == \
+        [(0, "COMPLETE", 0.75, 1)]  # the one still running is not told
+
+
 def test_trials_still_running_are_asked_around_and_pruned_ones_are_learned_from(tmp_path):
     """Two slots asked before any result: TPE's constant liar keeps them apart; a pruned trial
     (its values at the rungs it reached) is replayed into the study as PRUNED."""
