@@ -4,8 +4,10 @@ Metrics go to MLflow in `log_batch` requests of at most 1000 points. If the serv
 the buffer grows to a bound, then spills to a file in the trial directory; both are sent when
 the server answers again. What is still unsent when the job ends is left in
 `mlflow_unsent.jsonl` and reported on stderr; `python -m qarac_dist.status --sync` replays it.
-A resumed job recomputes the steps after its checkpoint; the points MLflow already holds are
-not sent twice.
+Every point reaches the run once, whoever sends it: before a metric's first send, the steps the
+run already holds for it are read, and those points are dropped (a resumed job recomputes the
+steps after its checkpoint and replays metrics.jsonl; `--sync` replays what a job left; a
+request that failed may have reached the server, so after a failure the steps are read again).
 """
 
 from __future__ import annotations
@@ -32,9 +34,6 @@ class MlflowLogger:
     def __init__(self, uri: str, run_id: str, directory: Path, max_buffer: int = 50_000, interval_s: float = 5.0):
         self.uri, self.run_id, self.directory = uri, run_id, directory
         self.max_buffer, self.interval_s = max_buffer, interval_s
-        # Last step the run already holds, per metric: a resumed job recomputes the steps after
-        # its checkpoint, and those that reached MLflow before the interruption are not sent twice.
-        self.last_steps: dict[str, Optional[int]] = {}
         self.buffer: deque = deque()
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -42,6 +41,7 @@ class MlflowLogger:
         self.failing_since: Optional[float] = None
         self.sent = 0
         self.client = client(uri)
+        self.held = HeldSteps(self.client, run_id)
         self.thread = threading.Thread(target=self._run, name="mlflow-logger", daemon=True)
         self.thread.start()
 
@@ -62,12 +62,12 @@ class MlflowLogger:
         from mlflow.entities import Metric
 
         try:
-            for key in {p[0] for p in points} - self.last_steps.keys():
-                self.last_steps[key] = last_logged_step(self.client, self.run_id, key)
-            fresh = [(k, v, t, s) for k, v, t, s in points if self.last_steps[k] is None or s > self.last_steps[k]]
+            fresh = self.held.fresh(points)
             if fresh:
                 self.client.log_batch(self.run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in fresh])
+            self.held.add(fresh)
         except Exception as err:  # any transport or server error: keep the points, retry later
+            self.held.forget({p[0] for p in points})  # the request may have reached the server
             if self.failing_since is None:
                 self.failing_since = time.time()
                 print(f"qarac_dist: MLflow at {shown(self.uri)} did not take metrics ({type(err).__name__}); "
@@ -148,14 +148,39 @@ def replay_unsent(directory: Path) -> int:
     sent = 0
     for header, points in batches:
         c = client(header["uri"])
+        held = HeldSteps(c, header["run_id"])
         for start in range(0, len(points), MlflowLogger.BATCH):
-            chunk = points[start:start + MlflowLogger.BATCH]
-            c.log_batch(header["run_id"], metrics=[Metric(k, v, t, s) for k, v, t, s in chunk])
+            chunk = held.fresh(points[start:start + MlflowLogger.BATCH])
+            if chunk:
+                c.log_batch(header["run_id"], metrics=[Metric(k, v, t, s) for k, v, t, s in chunk])
+            held.add(chunk)
             sent += len(chunk)
     path.unlink()
     return sent
 
 
-def last_logged_step(mlflow_client, run_id: str, key: str) -> Optional[int]:
-    history = mlflow_client.get_metric_history(run_id, key)
-    return max((m.step for m in history), default=None)
+class HeldSteps:
+    """The steps a run holds per metric, read from MLflow once per metric (and again after a
+    failed request): the points to send are those it does not hold yet, each (metric, step) once."""
+
+    def __init__(self, mlflow_client, run_id: str):
+        self.client, self.run_id = mlflow_client, run_id
+        self.steps: dict[str, set[int]] = {}
+
+    def fresh(self, points: list) -> list:
+        for key in {p[0] for p in points} - self.steps.keys():
+            self.steps[key] = {m.step for m in self.client.get_metric_history(self.run_id, key)}
+        out, seen = [], set()
+        for point in points:
+            if point[3] not in self.steps[point[0]] and (point[0], point[3]) not in seen:
+                seen.add((point[0], point[3]))
+                out.append(point)
+        return out
+
+    def add(self, points: list) -> None:
+        for key, _, _, step in points:
+            self.steps[key].add(step)
+
+    def forget(self, keys) -> None:
+        for key in keys:
+            self.steps.pop(key, None)

@@ -34,3 +34,39 @@ def test_batched_logger_sends_every_point_in_few_requests(tmp_path):
     assert _history(c, run_id, "loss") == list(range(1, 1201))
     assert _history(c, run_id, "lr") == list(range(1, 1201))
     assert max(calls) <= 1000 and len(calls) <= 10
+
+
+def test_every_point_reaches_the_run_once_whoever_sends_it(tmp_path):
+    """After an outage and a requeue, the resumed job re-sent metrics.jsonl's rows and left
+    mlflow_unsent.jsonl; `status --sync` then sent steps 1-4 again. A request that failed after
+    reaching the server did the same on its retry."""
+    import json
+
+    from qarac_dist.track.mlflow_logger import UNSENT, replay_unsent
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = client(uri)
+    run_id = create_run(c, experiment_id(c, "e"), "r", {})
+    requeued = MlflowLogger(uri, run_id, tmp_path)  # the resumed job: replays rows 1-4, then trains 5-6
+    for step in range(1, 7):
+        requeued.log(step, {"loss": 1.0 / step})
+    assert requeued.close() == 0
+    # What the interrupted job could not send: steps 1-4, and one it never sent at all (val at 4).
+    (tmp_path / UNSENT).write_text("\n".join([json.dumps({"uri": uri, "run_id": run_id}),
+                                              *(json.dumps(["loss", 1.0 / s, 0, s]) for s in range(1, 5)),
+                                              json.dumps(["val_loss", 0.5, 0, 4])]) + "\n")
+    assert replay_unsent(tmp_path) == 1 and not (tmp_path / UNSENT).exists()
+    assert _history(c, run_id, "loss") == list(range(1, 7)) and _history(c, run_id, "val_loss") == [4]
+
+    slow = MlflowLogger(uri, run_id, tmp_path)  # its request reached the server, its answer did not
+    send = slow.client.log_batch
+
+    def reached_then_failed(*args, **kwargs):
+        send(*args, **kwargs)
+        slow.client.log_batch = send
+        raise TimeoutError("read timed out")
+
+    slow.client.log_batch = reached_then_failed
+    slow.log(7, {"loss": 1 / 7})
+    assert slow.close() == 0
+    assert _history(c, run_id, "loss") == list(range(1, 8))
