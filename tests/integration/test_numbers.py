@@ -82,7 +82,7 @@ def test_classification_metrics_recomputed_by_sklearn_with_unlabelled_rows_left_
                    "max_length": 320, "cache_dir": str(data_cache)}
     (tmp_path / "validation.parquet").rename(tmp_path / "val.parquet")
     proc = run_train(write_config(tmp_path / "c.yaml", cfg), num_processes=2)
-    assert "7 unlabelled row(s) (label -1) of the validation split left out; 33 remain" in proc.stderr
+    assert "data: 7 of the 40 rows read for the validation split are unlabelled (label -1) and left out" in proc.stderr
     # 96 rows, 10 a step (5 x 2 ranks): each epoch leaves 6 out, and says so.
     assert "each epoch leaves out 6 of 96 training rows" in proc.stderr
 
@@ -100,9 +100,9 @@ def test_classification_metrics_recomputed_by_sklearn_with_unlabelled_rows_left_
         assert best["metrics"][name] == pytest.approx(value, abs=1e-5), name
         assert logged[f"val_{name}"] == pytest.approx(value, abs=1e-5), name
     assert result["best_value"] == best["metrics"]["accuracy"] and result["best_step"] == best["step"]
-    assert result["data"]["validation"] == {"rows": 33, "unlabelled_rows": 7, "truncated_documents": result[
-        "data"]["validation"]["truncated_documents"], "tokens": result["data"]["validation"]["tokens"],
-        "truncated_tokens": result["data"]["validation"]["truncated_tokens"]}
+    validated = result["data"]["validation"]
+    assert (validated["rows"], validated["rows_read"], validated["unlabelled_rows"]) == (33, 40, 7)
+    assert validated["tokens"] == sum(len(d["text"].split()) + 2 for d in labelled)
     assert result["data"]["dropped_per_epoch"] == 6 and result["data"]["examples_per_step"] == 10
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
