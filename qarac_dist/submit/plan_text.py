@@ -8,9 +8,10 @@ from collections import Counter
 
 from ..base.secrets import redact_text
 from ..config.sweep import SweepSpec
-from ..plan import Trial
+from ..plan import Trial, select_defaults
 from ..plan.asha import budget
 from . import cluster, sbatch
+from .search import warm_start
 from .sweep_dir import layout_for
 
 
@@ -23,6 +24,8 @@ def gpu_hours(spec: SweepSpec, num_trials: int) -> float:
 
 
 def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, shown: int = 50) -> None:
+    # Checked before anything is printed: a warm start that does not fit is one line, exit 2.
+    told = warm_start(spec.search, *select_defaults(spec, trials))[1] if spec.search is not None else ""
     print(f"sweep {spec.name}: {len(trials)} trials, executor {kind}")
     width = max([len("trial")] + [len(t.id) for t in trials[:shown]])
     print(f"{'trial':<{width}}  overrides")
@@ -37,7 +40,7 @@ def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, shown: int = 50)
           f"{r.cpus_per_task} CPU(s)/task, mem {r.mem_gb or 'default'} GB, {r.time_min} min; "
           f"at most {r.max_parallel} at once")
     if spec.search is not None:
-        print_search(spec)
+        print_search(spec, told)
     if spec.trials_as_steps():
         job = sbatch.job_resources(r)
         print(f"packed: {r.pack} trial(s) per job, each an srun step on its share; "
@@ -60,15 +63,16 @@ def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, shown: int = 50)
             print(sbatch.sbatch_text(spec.resources, sbatch.job_name(spec.name), folder, sys.executable, len(array)))
 
 
-def print_search(spec: SweepSpec) -> None:
+def print_search(spec: SweepSpec, told: str) -> None:
+    """The search's sampler and space; `told`: what a warm start tells the sampler first."""
     search = spec.search
     print(f"model-based search: Optuna's {search.sampler} sampler (seed {search.seed}), {search.trials} trials, "
           f"each given its values when a job starts it, from every result recorded before")
     for key, d in search.params.items():
         where = f"one of {d.values}" if d.distribution == "choice" else f"[{d.low:g}, {d.high:g}]"
         print(f"  {key}: {d.distribution} {where}")
-    if search.warm_start:
-        print(f"  told first: the finished trials of {search.warm_start}")
+    if told:
+        print(f"  {told}")
 
 
 def print_rungs(spec: SweepSpec, trials: list[Trial]) -> None:

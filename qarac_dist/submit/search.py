@@ -36,7 +36,7 @@ def start(layout: SweepLayout, search: Search, slot: int, trial: str, config: di
     def ask(record: search_record.Record) -> tuple[dict, str, dict, Optional[str]]:
         previous = record.asks[-1] if record.asks else None
         choice = choose(search, mode, history(record), previous.sampler if previous else None,
-                        previous.study_attrs if previous else {}, warm_start(search, context["select_metric"]))
+                        previous.study_attrs if previous else {}, warm_start(search, context["select_metric"], mode)[0])
         return choice.params, choice.sampler, choice.study_attrs, _child_run(context, trial, slot, config, choice.params)
 
     asked = search_record.ask(layout, slot, trial, ask)
@@ -52,15 +52,41 @@ def history(record: search_record.Record) -> list[Told]:
             else Told(a.params, "RUNNING") for a in record.asks]
 
 
-def warm_start(search: Search, metric: str) -> list[Told]:
-    """The finished trials of the sweep `search.warm_start` names, over the same keys and
-    within this space; nothing when it names none."""
+def warm_start(search: Search, metric: str, mode: str) -> tuple[list[Told], str]:
+    """What a warm start tells the sampler first, and the line that says so: the finished
+    trials of the sweep `search.warm_start` names that lie in this space (a narrower range drops
+    some, and the line counts them). ConfigError when that sweep is not comparable: another
+    select metric or mode (its values would be told as this sweep's), other searched keys, or
+    another distribution for a key."""
     if not search.warm_start:
-        return []
+        return [], ""
     from pathlib import Path
 
-    old = history(search_record.read(SweepLayout(Path(search.warm_start))))
-    return [t for t in old if t.state != "RUNNING" and in_space(t.params, search)]
+    from ..base.files import read_json
+    from .sweep_dir import Manifest
+
+    earlier = SweepLayout(Path(search.warm_start))
+    manifest = Manifest.load(earlier.root)
+    saved = ((read_json(earlier.sweep_file) or {}).get("spec") or {}).get("search") or {}
+    theirs = {k: (d or {}).get("distribution") for k, d in (saved.get("params") or {}).items()}
+    ours = {k: d.distribution for k, d in search.params.items()}
+    where = f"{search.warm_start}: search.warm_start"
+    problems = []
+    if manifest is not None and (manifest.select_metric, manifest.select_mode) != (metric, mode):
+        problems.append(f"{where}: that sweep selected {manifest.select_mode} {manifest.select_metric}, this one "
+                        f"{mode} {metric}: its values would be told as this sweep's; warm-start from a sweep that "
+                        f"selects the same")
+    if saved and set(theirs) != set(ours):
+        problems.append(f"{where}: that sweep searched {', '.join(sorted(theirs))}, this one {', '.join(sorted(ours))}")
+    problems += [f"{where}: search.params.{k} was {theirs[k]} there, {ours[k]} here" for k in sorted(ours)
+                 if saved and k in theirs and theirs[k] != ours[k]]
+    if problems:
+        raise ConfigError(problems)
+    finished = [t for t in history(search_record.read(earlier)) if t.state != "RUNNING"]
+    kept = [t for t in finished if in_space(t.params, search)]
+    dropped = len(finished) - len(kept)
+    return kept, (f"told first: {len(kept)} of the {len(finished)} finished trials of {search.warm_start}"
+                  + (f"; {dropped} dropped, outside this sweep's ranges" if dropped else ""))
 
 
 def _child_run(context: dict, trial: str, slot: int, config: dict, params: dict) -> Optional[str]:

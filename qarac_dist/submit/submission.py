@@ -25,9 +25,9 @@ from ..track.job_context import JobContext
 from . import claims, cluster, pack, sbatch, tracking
 from .executors import Executor, TrialJob, make_executor
 from .report import print_summary
-from .search import tell_ended
-from .sweep_dir import DONE, FAILED, QUIET, RESUBMIT, Attempt, Manifest, SweepLock, TrialRecord, job_error, layout_for, \
-    own_error, read_cancels, resolve_state, write_sweep_file
+from .search import tell_ended, warm_start
+from .sweep_dir import DONE, FAILED, QUIET, RESUBMIT, Attempt, Manifest, SweepLock, TrialRecord, job_error, \
+    layout_for, own_error, read_cancels, resolve_state, write_sweep_file
 
 SAVE_WAIT_S = 120
 """How long a stopped driver waits for its local trials to save before it stops them at once."""
@@ -178,7 +178,27 @@ class Submission:
         if manifest.executor != kind:
             raise UserError(f"{self.source}: executor: {self.layout.root} was submitted with {manifest.executor}, now "
                             f"{kind}; use another sweep name")
+        self.same_record(manifest)
         return manifest
+
+    def same_record(self, manifest: Manifest) -> None:
+        """What the sweep's record was made with (how the best is picked, where it is tracked,
+        the rungs) cannot change under it: a re-run whose file changed it is refused in one line."""
+        from ..base.files import read_json
+        from ..track.mlflow_client import absolute_uri
+
+        t = self.spec.tracking
+        saved = (read_json(self.layout.sweep_file) or {}).get("spec") or {}
+        metric, mode = select_defaults(self.spec, self.trials)
+        changed = {"select": (f"{manifest.select_mode} {manifest.select_metric}", f"{mode} {metric}"),
+                   "tracking.uri": (manifest.tracking_uri, absolute_uri(t.uri) if t.uri else manifest.tracking_uri),
+                   "tracking.experiment": (manifest.experiment, t.experiment or manifest.experiment),
+                   "asha": (saved.get("asha"), to_dict(self.spec).get("asha") if saved else saved.get("asha"))}
+        for key, (was, now) in changed.items():
+            if was != now:
+                raise UserError(f"{self.source}: {key}: {self.layout.root} was made with {was}, this file asks for "
+                                f"{now}; its trials were picked and recorded by the first. Start a new sweep for "
+                                f"it: another name= (or runs_dir=)")
 
     def to_run(self, manifest: Manifest) -> list[TrialRecord]:
         for trial in self.trials:
@@ -188,12 +208,15 @@ class Submission:
                                                         slot=trial.slot)
         refresh(manifest, self.executor, self.layout)
         if self.spec.search is not None:
-            tell_ended(self.layout, list(manifest.trials.values()), manifest.select_metric, manifest.select_mode)
+            tell_ended(self.layout, list(manifest.trials.values()), manifest.select_metric,
+                       manifest.select_mode)
         planned = {t.id for t in self.trials}
         return [r for r in manifest.trials.values() if r.id in planned and r.state in RESUBMIT]
 
     def check(self, todo: list[TrialRecord]) -> int:
-        """sbatch --test-only and preflight: 0 when the trials may be submitted."""
+        """sbatch --test-only, a warm start that fits, preflight: 0 when the trials may be submitted."""
+        if self.spec.search is not None and self.spec.search.warm_start:
+            print(warm_start(self.spec.search, *select_defaults(self.spec, self.trials))[1])
         if self.executor.kind == "slurm" and todo:
             refusal = cluster.test_submission(self.sbatch_text(sbatch.num_jobs(self.spec.resources, len(todo),
                                                                                self.executor.steps)))

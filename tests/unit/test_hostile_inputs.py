@@ -436,3 +436,43 @@ def test_a_resume_that_would_change_the_step_is_refused_before_loading(tmp_path,
     with pytest.raises(UserError, match=f"saved on 2 ranks taking 8 examples a step; this job has {world} ranks "
                                         f"taking {world * per_rank}"):
         checkpointer._choose()
+
+
+RERUN_EDITS = [
+    ("select-metric", {"select": {"metric": "loss"}}, "select: ", "was made with max accuracy, this file asks for min loss"),
+    ("select-mode", {"select": {"mode": "min"}, "set": {"evaluation.metric": "loss", "evaluation.mode": "min"}},
+     "select: ", "was made with max accuracy, this file asks for min loss"),
+    ("tracking-uri", {"tracking": {"uri": "sqlite:////elsewhere/mlflow.db"}}, "tracking.uri: ",
+     "this file asks for sqlite:////elsewhere/mlflow.db"),
+    ("tracking-experiment", {"tracking": {"experiment": "other"}}, "tracking.experiment: ",
+     "was made with s, this file asks for other"),
+    ("asha-grace", {"asha": {"grace_steps": 10}}, "asha: ", "'grace_steps': 10"),
+]
+
+
+@pytest.mark.parametrize("edit, key, expected", [pytest.param(*c[1:], id=c[0]) for c in RERUN_EDITS])
+def test_a_rerun_that_changes_what_the_record_was_made_with_is_refused(tmp_path, monkeypatch, capsys, edit, key,
+                                                                        expected):
+    """The saved manifest won without a word: a changed select picked the best by the old rule,
+    changed rungs compared new arrivals with old ones recorded at other steps."""
+    import json
+
+    from qarac_dist.submit.sweep_dir import Manifest
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = {"name": "s", "base": tiny_config(tmp_path / "cache", tmp_path / "out"), "executor": "local",
+            "runs_dir": str(tmp_path / "runs"), "tracking": {"uri": uri}, "asha": {"grace_steps": 5}}
+    directory = tmp_path / "runs" / "s"
+    directory.mkdir(parents=True)
+    Manifest("s", "local", "accuracy", "max", tracking_uri=uri, experiment="s").save(directory)
+    (directory / "sweep.json").write_text(json.dumps({"spec": {"asha": {"grace_steps": 5, "reduction_factor": 3,
+                                                                        "start": "shuffled"}}}))
+    saved = {p.name: p.read_bytes() for p in directory.iterdir()}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**spec, **edit, "set": {**edit.get("set", {})}}))
+    assert sweep.main([str(path), "--no-preflight"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"{path}: {key}{directory} was made with ") and \
+        expected in err and "Start a new sweep for it: another name= (or runs_dir=)" in err, err
+    assert {p.name: p.read_bytes() for p in directory.iterdir() if p.name != ".lock"} == saved  # nothing written

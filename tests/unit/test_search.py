@@ -230,7 +230,14 @@ def test_a_search_plans_one_trial_per_slot_with_ids_that_follow_the_space(tmp_pa
 
 
 def test_warm_start_tells_the_finished_trials_of_another_sweep_within_this_space(tmp_path):
+    """What fits is told, and how many were dropped is said; another space, metric or mode is
+    refused in one line each (an earlier sweep's accuracy was told as this sweep's loss)."""
+    import dataclasses
+
+    from qarac_dist.config import ConfigError
+    from qarac_dist.config.schema import to_dict
     from qarac_dist.submit.search import warm_start
+    from qarac_dist.submit.sweep_dir import Manifest, write_sweep_file
 
     old = SweepLayout(tmp_path / "old")
     search = Search(trials=3, sampler="random", params=SPACE)
@@ -238,11 +245,27 @@ def test_warm_start_tells_the_finished_trials_of_another_sweep_within_this_space
         _ask_through_the_record(old, search, slot)
         if value is not None:
             search_record.tell(old, slot, "COMPLETE", value, {})
-    told = warm_start(Search(trials=3, sampler="tpe", params=SPACE, warm_start=str(old.root)), "loss")
+    Manifest("old", "local", "loss", "min").save(old.root)
+    write_sweep_file(old.root, {"search": to_dict(search)}, {}, "old.yaml", [])
+    told, line = warm_start(Search(trials=3, sampler="tpe", params=SPACE, warm_start=str(old.root)), "loss", "min")
     assert sorted(t.value for t in told) == [1.0, 2.0]  # the running one is left out
+    assert line == f"told first: 2 of the 2 finished trials of {old.root}"
     lowest = min(told, key=lambda t: t.params["optimizer.lr"])
     narrower = Search(trials=3, sampler="tpe", warm_start=str(old.root), params={
         **SPACE, "optimizer.lr": Distribution("loguniform", 1e-4, lowest.params["optimizer.lr"] * 1.0001)})
-    assert [t.value for t in warm_start(narrower, "loss")] == [lowest.value]  # the other lies outside
-    assert warm_start(Search(trials=3, params={"optimizer.lr": SPACE["optimizer.lr"]}, warm_start=str(old.root)),
-                      "loss") == []  # other keys: another space
+    told, line = warm_start(narrower, "loss", "min")
+    assert [t.value for t in told] == [lowest.value]  # the other lies outside
+    assert line.endswith("told first: 1 of the 2 finished trials of " + str(old.root) + "; 1 dropped, outside this "
+                         "sweep's ranges")
+    refusals = {
+        "select": (Search(trials=3, params=SPACE, warm_start=str(old.root)), "accuracy", "max",
+                   "that sweep selected min loss, this one max accuracy: its values would be told as this sweep's"),
+        "keys": (Search(trials=3, params={"optimizer.lr": SPACE["optimizer.lr"]}, warm_start=str(old.root)), "loss",
+                 "min", f"that sweep searched {', '.join(sorted(SPACE))}, this one optimizer.lr"),
+        "distribution": (Search(trials=3, warm_start=str(old.root), params={
+            **SPACE, "optimizer.lr": dataclasses.replace(SPACE["optimizer.lr"], distribution="uniform")}), "loss", "min",
+            "search.params.optimizer.lr was loguniform there, uniform here")}
+    for name, (searched, metric, mode, expected) in refusals.items():
+        with pytest.raises(ConfigError) as err:
+            warm_start(searched, metric, mode)
+        assert expected in str(err.value) and str(err.value).startswith(f"{old.root}: search.warm_start: "), name
