@@ -59,7 +59,20 @@ def repair(directory: Path) -> Manifest:
     found = sum(r.mlflow_run_id is not None for r in manifest.trials.values())
     print(f"rebuilt {layout.manifest}: {len(manifest.trials)} trials, "
           f"{sum(r.job_id is not None for r in manifest.trials.values())} with a job, {found} with an MLflow run")
+    _repair_rungs(layout, manifest)
     return manifest
+
+
+def _repair_rungs(layout: SweepLayout, manifest: Manifest) -> None:
+    """Rung records with a damaged line, rebuilt from the trials' own records (track/rungs.py)."""
+    from ..track import rungs
+
+    for k in range(len(list(layout.asha.glob("rung*.jsonl"))) if layout.asha.is_dir() else 0):
+        trials = [(r.id, r.trial_dir, r.config["asha"]["rungs"][k]) for r in manifest.trials.values()
+                  if (r.config.get("asha") or {}).get("rungs", [])[k:]]
+        kept = rungs.rebuild(layout, k, manifest.select_metric, trials)
+        if kept is not None:
+            print(f"rebuilt {layout.rung(k)} from the trials' own records; the damaged one is {kept}")
 
 
 def _find_runs(manifest: Manifest) -> None:

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
-from ..base.errors import UserError
-from ..base.files import append_line
+from ..base.files import DamagedFile, append_line, replace_with
 from ..base.layout import SweepLayout
 from ..base.lock import locked
+from .trial_dir import TrialDir, TrialState
 
 Score = tuple[float, float]
 """(the select metric, the validation loss) of a trial at a rung."""
@@ -76,35 +78,77 @@ class Arrival:
 def read(sweep: SweepLayout, rung: int) -> list[Arrival]:
     """The arrivals recorded at a rung, in order (a last line cut short is left out)."""
     try:
-        text = sweep.rung(rung).read_text()
+        data = sweep.rung(rung).read_bytes()
     except FileNotFoundError:
         return []
-    return _parse(text)[0]
+    return _parse(data, sweep, rung)[0]
 
 
-def _parse(text: str) -> tuple[list[Arrival], int]:
-    """Arrivals, and the length of the text that holds whole lines."""
+def _arrival(line: str) -> Arrival:
+    d = json.loads(line)
+    return Arrival(str(d["trial"]), float(d["value"]), float(d.get("loss", "nan")), int(d["step"]),
+                   bool(d["continue"]), int(d["seen"]), float(d["time"]))
+
+
+def _parse(data: bytes, sweep: SweepLayout, rung: int) -> tuple[list[Arrival], int]:
+    """Arrivals, and the bytes that hold whole lines. A whole line that is no record stops every
+    trial that reaches the rung (its decisions depend on every line), so it is named, with the
+    way to rebuild the file."""
     arrivals, good = [], 0
-    for line in text.splitlines(keepends=True):
-        if not line.endswith("\n"):
-            break
+    *whole, _cut_short = data.split(b"\n")
+    for number, raw in enumerate(whole, 1):
+        line = raw.decode(errors="replace")
         try:
-            d = json.loads(line)
-            arrivals.append(Arrival(d["trial"], float(d["value"]), float(d.get("loss", "nan")), int(d["step"]),
-                                    bool(d["continue"]), int(d["seen"]), float(d["time"])))
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"asha record damaged: a line of rung file is not a record: {line[:100]!r}") from None
-        good += len(line)
+            arrivals.append(_arrival(line))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise DamagedFile(f"{sweep.rung(rung)}: rung {rung}, line {number} is not a rung record: {line[:100]!r}; "
+                              f"rebuild the file from the trials' own records with python -m qarac_dist.status "
+                              f"--repair {sweep.root}") from None
+        good += len(raw) + 1
     return arrivals, good
+
+
+def rebuild(sweep: SweepLayout, rung: int, metric: str, trials: list[tuple[str, TrialDir, int]]) -> Optional[Path]:
+    """Rebuild rung `rung`'s file if a line of it is damaged: the lines that are records, then
+    each trial (id, directory, its step at this rung) that validated there and has no line, its
+    decision from its own state (PRUNED at this rung: stopped; else it went on). The damaged
+    file is kept beside it; returns that copy's path (None: the file was whole or absent)."""
+    path = sweep.rung(rung)
+    try:
+        data = path.read_bytes()
+        _parse(data, sweep, rung)
+        return None
+    except FileNotFoundError:
+        return None
+    except DamagedFile:
+        pass
+    arrivals = []
+    for line in data.decode(errors="replace").splitlines():
+        try:
+            arrivals.append(_arrival(line))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    for trial, directory, step in trials:
+        row = next((r for r in directory.metrics() if r.get("step") == step and f"val_{metric}" in r), None)
+        if row is None or any(a.trial == trial for a in arrivals):
+            continue
+        status = directory.status()
+        stopped = status is not None and status.state == TrialState.PRUNED and status.rung == rung
+        arrivals.append(Arrival(trial, float(row[f"val_{metric}"]), float(row.get("val_loss", math.nan)), step,
+                                not stopped, len(arrivals), time.time()))
+    kept = path.with_name(f"{path.name}.before-repair-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, kept)
+    replace_with(path, lambda tmp: tmp.write_text("".join(a.to_json() + "\n" for a in arrivals)))
+    return kept
 
 
 def arrive(sweep: SweepLayout, rung: int, trial: str, score: Score, step: int,
            decide: Callable[[Score, list[Score]], bool]) -> Arrival:
     """Record `trial`'s score (metric, validation loss) at `rung` and return the decision, or
     replay the one recorded."""
-    with locked(sweep.rung(rung)) as f:  # closing the file releases the lock
+    with locked(sweep.rung(rung), mode="a+b") as f:  # closing the file releases the lock
         f.seek(0)
-        arrivals, good = _parse(f.read())
+        arrivals, good = _parse(f.read(), sweep, rung)
         mine: Optional[Arrival] = next((a for a in arrivals if a.trial == trial), None)
         if mine is not None:
             return mine

@@ -476,3 +476,36 @@ def test_a_rerun_that_changes_what_the_record_was_made_with_is_refused(tmp_path,
     assert len(err.splitlines()) == 1 and err.startswith(f"{path}: {key}{directory} was made with ") and \
         expected in err and "Start a new sweep for it: another name= (or runs_dir=)" in err, err
     assert {p.name: p.read_bytes() for p in directory.iterdir() if p.name != ".lock"} == saved  # nothing written
+
+
+def test_a_damaged_rung_record_is_named_and_rebuilt_from_the_trials_own_records(tmp_path):
+    """A damaged line named no file, rung or line, --repair did not cover it, and every trial
+    reaching that rung failed there on every re-run."""
+    from qarac_dist.base.errors import UserError
+    from qarac_dist.base.layout import SweepLayout
+    from qarac_dist.track import rungs
+    from qarac_dist.track.trial_dir import TrialDir, TrialState
+
+    sweep = SweepLayout(tmp_path / "runs" / "s")
+    sweep.asha.mkdir(parents=True)
+    first = rungs.Arrival("a", 0.9, 0.3, 4, True, 0, 1.0)
+    sweep.rung(0).write_bytes((first.to_json() + "\n").encode() + b'{"trial": "b", "val\xff\n')
+    with pytest.raises(UserError) as err:
+        rungs.read(sweep, 0)
+    assert str(err.value).startswith(f"{sweep.rung(0)}: rung 0, line 2 is not a rung record: ") and \
+        str(err.value).endswith(f"rebuild the file from the trials' own records with python -m qarac_dist.status "
+                                f"--repair {sweep.root}")
+    trials = []
+    for name, accuracy, state in (("a", 0.9, TrialState.COMPLETED), ("b", 0.5, TrialState.PRUNED),
+                                  ("c", None, TrialState.RUNNING)):
+        trial = TrialDir(tmp_path / name)
+        trial.begin(1)
+        trial.update(state=state, rung=0 if state == TrialState.PRUNED else None)
+        rows = [{"step": 4, "val_accuracy": accuracy, "val_loss": 0.7}] if accuracy is not None else []
+        trial.metrics_file.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+        trials.append((name, trial, 4))
+    kept = rungs.rebuild(sweep, 0, "accuracy", trials)
+    assert kept.read_bytes().endswith(b"\xff\n")  # the damaged file, kept as it was
+    rebuilt = rungs.read(sweep, 0)
+    assert rebuilt[0] == first and [(a.trial, a.value, a.keeps_going, a.seen) for a in rebuilt[1:]] == [("b", 0.5, False, 1)]
+    assert rungs.rebuild(sweep, 0, "accuracy", trials) is None  # whole now: left alone
