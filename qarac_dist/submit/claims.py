@@ -94,6 +94,17 @@ def end(layout: SweepLayout, job: str, tid: str, attempt: int, outcome: str) -> 
             _write(layout, claims)
 
 
+def release(layout: SweepLayout, job: str, tid: str, attempt: int) -> None:
+    """`job` could not start the step of `tid`: the claim goes back to the queue, as if never
+    taken (no outcome, nothing counted), for any job to take."""
+    with locked(layout.claims_lock):
+        claims = read(layout)
+        claim = claims.get(tid)
+        if claim is not None and claim.attempt == attempt and claim.job == job:
+            claims[tid] = Claim(attempt, first_checkpoint_s=claim.first_checkpoint_s)
+            _write(layout, claims)
+
+
 def note_first_checkpoint(layout: SweepLayout, job: str, tid: str, attempt: int, seconds: float) -> None:
     with locked(layout.claims_lock):
         claims = read(layout)

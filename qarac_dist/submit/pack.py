@@ -45,9 +45,13 @@ from . import claims, sbatch, search
 from .cluster import ACTIVE, Patience
 from .executors import make_executor, stop_with_parent
 from .step import TRIAL_ENV
-from .sweep_dir import resolve_state
+from .sweep_dir import last_error, resolve_state
 
 POLL_S = 1.0
+MAX_FAILED_STARTS = 3
+"""Steps in a row that end before their trial begins, after which a job takes no more trials:
+one bad node would otherwise fail every waiting trial within seconds. Three, not one: a step can
+fail to start for a passing reason (a node still cleaning up the previous step)."""
 
 
 @dataclass
@@ -111,13 +115,17 @@ class _Runner:
                                             sbatch.job_name(self.layout.root.name), 0).alive, unknown=True)
         self.ended: list[str] = []
         self.num_started = 0
+        self.failed_starts = 0
+        """Steps in a row that ended before their trial began (a bad node: srun's "Requested node
+        configuration is not available"); at MAX_FAILED_STARTS the job takes no more trials."""
 
     def run(self) -> dict:
         previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGUSR2, signal.SIGTERM)}
         try:
             while True:
                 self.reap()
-                if self.signum is None and not self.preempted and not self.out_of_time:
+                broken = self.failed_starts >= MAX_FAILED_STARTS
+                if self.signum is None and not self.preempted and not self.out_of_time and not broken:
                     self.fill()
                 if not self.steps:
                     break
@@ -131,6 +139,10 @@ class _Runner:
         if self.preempted and self.signum != signal.SIGTERM and self.job.kind == "slurm":
             print(f"qarac_dist: job {self.job_id} preempted; its trials saved; requeued", flush=True)
             subprocess.run(["scontrol", "requeue", self.job_id], check=False, timeout=60)
+        if self.failed_starts >= MAX_FAILED_STARTS:
+            raise RuntimeError(f"job {self.job_id} took no more trials: {self.failed_starts} steps in a row could not "
+                               f"start ({last_error(self.layout, self.job_id) or 'see its log'}); they went back to "
+                               f"the queue for another job or a re-run of the sweep")
         return {"job": self.job_id, "ended": self.ended, "preempted": self.preempted}
 
     def on_signal(self, signum, _frame) -> None:
@@ -218,6 +230,12 @@ class _Runner:
             if not ended and self.signum is not None:  # stopped with the job, before it could save
                 print(f"qarac_dist: job {self.job_id}: trial {tid} stopped with the job; it resumes from its newest "
                       f"checkpoint when the job is requeued, or in another job", flush=True)
+                continue
+            self.failed_starts = self.failed_starts + 1 if verdict is None and max(codes) != 0 else 0
+            if self.failed_starts:  # its trial never began: nothing of it to count or tell
+                claims.release(self.layout, self.job_id, tid, step.entry.attempt)
+                print(f"qarac_dist: job {self.job_id}: the step of trial {tid} could not start (exit {max(codes)}); "
+                      f"the trial goes back to the queue", flush=True)
                 continue
             outcome = verdict.value if ended else f"exit {max(codes)}"
             self.end(step.entry, outcome, verdict)

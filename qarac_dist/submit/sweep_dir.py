@@ -186,16 +186,24 @@ def job_error(layout: SweepLayout, record: TrialRecord) -> Optional[str]:
     """A job that left no verdict: the last error line of its log, and the log's path (the
     newest job first), so a LOST or FAILED trial never shows an empty error."""
     for job in reversed(record.jobs):
-        for path in layout.job_logs(job):
-            try:
-                with open(path, "rb") as f:
-                    f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
-                    lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
-            except OSError:
-                continue
-            if lines:
-                line = next((line for line in reversed(lines) if ERROR_LINE.search(line)), lines[-1])
-                return f"{redact_text(line)[:300]} ({path})"
+        found = last_error(layout, job)
+        if found is not None:
+            return found
+    return None
+
+
+def last_error(layout: SweepLayout, job: str) -> Optional[str]:
+    """The last error line of a job's log (the last line where none looks like one), with its path."""
+    for path in layout.job_logs(job):
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+                lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            continue
+        if lines:
+            line = next((line for line in reversed(lines) if ERROR_LINE.search(line)), lines[-1])
+            return f"{redact_text(line)[:300]} ({path})"
     return None
 
 

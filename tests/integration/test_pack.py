@@ -5,6 +5,7 @@ refilled as they end; preemption, a hard kill, and the local executor's runner."
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -221,3 +222,28 @@ def test_a_search_job_killed_while_asking_is_rerun_and_every_slot_ends_once(clus
     proc = run_sweep(path, "--no-preflight", "--wait")  # run again: nothing to ask or run twice
     assert proc.returncode == 0 and "0 to run" in proc.stdout, proc.stdout + proc.stderr
     _each_slot_ran_once_with_its_recorded_values(tmp_path, "asking")
+
+
+def test_steps_that_cannot_start_send_their_trials_back_to_the_queue(cluster, tmp_path, data_cache):
+    """A bad node (srun: "Requested node configuration is not available") failed every waiting
+    trial within seconds, each recorded FAIL, shown LOST with an empty error column. Now the job
+    takes no more trials after 3 such steps in a row, their claims go back to the queue with
+    nothing counted, and the job's error says why. (A fake srun on the job's PATH.)"""
+    path = _sweep(tmp_path, "badnode", data_cache, seeds=[0, 1, 2])
+    message = "srun: error: Unable to create step for job: Requested node configuration is not available"
+    env = {"PATH": fake_commands(tmp_path / "bin", srun=f'echo "{message}" >&2; exit 1')}
+    assert run_sweep(path, "--no-preflight", env=env).returncode == 0
+    layout = SweepLayout(tmp_path / "runs" / "badnode")
+    (job,) = {j for r in _manifest(tmp_path, "badnode").trials.values() for j in r.pack_jobs}
+    wait_for(lambda: _gone(job), what=f"job {job} to exit")
+    found = claims.read(layout)
+    assert found and all(c.job is None and c.outcome is None for c in found.values()), found  # back in the queue
+    manifest = _manifest(tmp_path, "badnode")
+    assert all(r.trial_dir.status() is None for r in manifest.trials.values())  # no trial began
+    status = subprocess.run(["python", "-m", "qarac_dist.status", str(layout.root)], capture_output=True, text=True)
+    assert status.returncode == 1 and "steps in a row could not start" in status.stdout, status.stdout
+    log = "".join(p.read_text() for p in layout.submitit.rglob("*_log.err"))
+    # 3 in a row, or 4: a second step was in flight when the third failed (2 at once).
+    assert re.search(rf"took no more trials: [34] steps in a row could not start \({re.escape(message)}", log), log[-3000:]
+    out = "".join(p.read_text() for p in layout.submitit.rglob("*_log.out"))
+    assert out.count("could not start (exit 1); the trial goes back to the queue") in (3, 4), out
