@@ -151,7 +151,8 @@ def against_direction(key: str, metric: str, mode: str) -> Iterator[str]:
     """A metric selected against its known direction (the worst checkpoint or trial would win)."""
     if METRIC_MODES.get(metric, mode) != mode:
         better = "smaller" if METRIC_MODES[metric] == "min" else "larger"
-        yield f"{key}: {mode} selects the worst {metric} ({metric} is better {better}); set it to {METRIC_MODES[metric]}"
+        yield (f"{key}: {mode} selects the worst {metric} ({metric} is better {better}); "
+               f"set it to {METRIC_MODES[metric]}")
 
 
 @rule("evaluation.metric", "evaluation.mode")

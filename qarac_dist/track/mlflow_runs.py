@@ -61,7 +61,8 @@ class TrialRun:
 
             self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in screen(params).items()])
         except Exception as err:  # noqa: BLE001
-            print(f"qarac_dist: could not log params to MLflow run {self.run_id}: {type(err).__name__}", file=sys.stderr)
+            print(f"qarac_dist: could not log params to MLflow run {self.run_id}: {type(err).__name__}",
+                  file=sys.stderr)
 
     def set_tags(self, tags: dict) -> None:
         try:

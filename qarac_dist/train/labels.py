@@ -97,8 +97,8 @@ def check(cfg: TrainConfig, splits: list[Split]) -> Labels:
         beyond = np.flatnonzero(ids[split.name] >= num_labels)
         if len(beyond):
             row = int(beyond[0])
-            raise bad_row(split, column, row, split.rows[row][column], f"a class below model.num_labels ({num_labels}); "
-                                                                    f"it is class {int(ids[split.name][row])}")
+            raise bad_row(split, column, row, split.rows[row][column],
+                          f"a class below model.num_labels ({num_labels}); it is class {int(ids[split.name][row])}")
         unlabelled = ids[split.name] == UNLABELLED
         if len(unlabelled) and unlabelled.all():
             raise UserError(f"{split.source}: {split.name} split: all {len(unlabelled)} rows are unlabelled "

@@ -78,8 +78,8 @@ def test_classification_metrics_recomputed_by_sklearn_with_unlabelled_rows_left_
     cfg = tiny_config(data_cache, out, training={"max_steps": 12, "micro_batch_size": 5},
                       evaluation={"every_steps": 6, "batch_size": 4},
                       tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "numbers"})
-    cfg["data"] = {"train_files": [str(tmp_path / "train.parquet")], "validation_files": [str(tmp_path / "val.parquet")],
-                   "max_length": 320, "cache_dir": str(data_cache)}
+    cfg["data"] = {"train_files": [str(tmp_path / "train.parquet")],
+                   "validation_files": [str(tmp_path / "val.parquet")], "max_length": 320, "cache_dir": str(data_cache)}
     (tmp_path / "validation.parquet").rename(tmp_path / "val.parquet")
     proc = run_train(write_config(tmp_path / "c.yaml", cfg), num_processes=2)
     assert "data: 7 of the 40 rows read for the validation split are unlabelled (label -1) and left out" in proc.stderr
@@ -164,8 +164,9 @@ def test_a_bad_label_stops_before_training_in_one_line(tmp_path, data_cache):
             for d in rows[split]))
     out = tmp_path / "out"
     cfg = tiny_config(data_cache, out, model={"num_labels": 2})
-    cfg["data"] = {"train_files": [str(tmp_path / "train.jsonl")], "validation_files": [str(tmp_path / "validation.jsonl")],
-                   "max_length": 320, "cache_dir": str(data_cache)}
+    cfg["data"] = {"train_files": [str(tmp_path / "train.jsonl")],
+                   "validation_files": [str(tmp_path / "validation.jsonl")], "max_length": 320,
+                   "cache_dir": str(data_cache)}
     proc = run_train(write_config(tmp_path / "c.yaml", cfg), num_processes=2, check=False)
     first_two = next(i for i, d in enumerate(rows["validation"]) if d["label"] == 2)
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -184,8 +185,8 @@ def test_a_signal_on_one_rank_stops_both_and_another_world_size_must_keep_the_st
 
     def config(ranks, accumulation):
         return write_config(tmp_path / f"c{ranks}.yaml", tiny_config(
-            data_cache, out, training={"max_steps": 8, "micro_batch_size": 4, "gradient_accumulation_steps": accumulation},
-            evaluation={"every_steps": 4}))
+            data_cache, out, evaluation={"every_steps": 4},
+            training={"max_steps": 8, "micro_batch_size": 4, "gradient_accumulation_steps": accumulation}))
 
     stopped = run_train(config(2, 1), num_processes=2, fault="usr2:3:1", check=False)
     assert stopped.returncode == 3, stopped.stderr[-3000:]  # launch/run_local.sh exits as its ranks did

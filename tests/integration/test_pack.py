@@ -244,6 +244,7 @@ def test_steps_that_cannot_start_send_their_trials_back_to_the_queue(cluster, tm
     assert status.returncode == 1 and "steps in a row could not start" in status.stdout, status.stdout
     log = "".join(p.read_text() for p in layout.submitit.rglob("*_log.err"))
     # 3 in a row, or 4: a second step was in flight when the third failed (2 at once).
-    assert re.search(rf"took no more trials: [34] steps in a row could not start \({re.escape(message)}", log), log[-3000:]
+    assert re.search(rf"took no more trials: [34] steps in a row could not start \({re.escape(message)}", log), \
+        log[-3000:]
     out = "".join(p.read_text() for p in layout.submitit.rglob("*_log.out"))
     assert out.count("could not start (exit 1); the trial goes back to the queue") in (3, 4), out

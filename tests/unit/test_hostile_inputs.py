@@ -368,8 +368,8 @@ def test_a_damaged_whole_line_of_the_search_record_is_named_and_skipped(tmp_path
     record = search_record.read(SweepLayout(directory))
     assert [t.slot for t in record.tells] == [3] and len(record.damaged) == 1
     search_record.tell(SweepLayout(directory), 4, "FAIL", None, {})  # appends after it, losing nothing
-    assert path.read_bytes().startswith(content) and [t.slot for t in search_record.read(SweepLayout(directory)).tells] \
-        == [3, 4]
+    assert path.read_bytes().startswith(content)
+    assert [t.slot for t in search_record.read(SweepLayout(directory)).tells] == [3, 4]
 
 
 def test_a_job_that_left_no_verdict_shows_its_logs_last_error_line(tmp_path, capsys):
@@ -439,7 +439,8 @@ def test_a_resume_that_would_change_the_step_is_refused_before_loading(tmp_path,
 
 
 RERUN_EDITS = [
-    ("select-metric", {"select": {"metric": "loss"}}, "select: ", "was made with max accuracy, this file asks for min loss"),
+    ("select-metric", {"select": {"metric": "loss"}}, "select: ",
+     "was made with max accuracy, this file asks for min loss"),
     ("select-mode", {"select": {"mode": "min"}, "set": {"evaluation.metric": "loss", "evaluation.mode": "min"}},
      "select: ", "was made with max accuracy, this file asks for min loss"),
     ("tracking-uri", {"tracking": {"uri": "sqlite:////elsewhere/mlflow.db"}}, "tracking.uri: ",
@@ -507,5 +508,6 @@ def test_a_damaged_rung_record_is_named_and_rebuilt_from_the_trials_own_records(
     kept = rungs.rebuild(sweep, 0, "accuracy", trials)
     assert kept.read_bytes().endswith(b"\xff\n")  # the damaged file, kept as it was
     rebuilt = rungs.read(sweep, 0)
-    assert rebuilt[0] == first and [(a.trial, a.value, a.keeps_going, a.seen) for a in rebuilt[1:]] == [("b", 0.5, False, 1)]
+    assert rebuilt[0] == first
+    assert [(a.trial, a.value, a.keeps_going, a.seen) for a in rebuilt[1:]] == [("b", 0.5, False, 1)]
     assert rungs.rebuild(sweep, 0, "accuracy", trials) is None  # whole now: left alone

@@ -263,7 +263,8 @@ def test_warm_start_tells_the_finished_trials_of_another_sweep_within_this_space
         "keys": (Search(trials=3, params={"optimizer.lr": SPACE["optimizer.lr"]}, warm_start=str(old.root)), "loss",
                  "min", f"that sweep searched {', '.join(sorted(SPACE))}, this one optimizer.lr"),
         "distribution": (Search(trials=3, warm_start=str(old.root), params={
-            **SPACE, "optimizer.lr": dataclasses.replace(SPACE["optimizer.lr"], distribution="uniform")}), "loss", "min",
+            **SPACE, "optimizer.lr": dataclasses.replace(SPACE["optimizer.lr"], distribution="uniform")}),
+            "loss", "min",
             "search.params.optimizer.lr was loguniform there, uniform here")}
     for name, (searched, metric, mode, expected) in refusals.items():
         with pytest.raises(ConfigError) as err:
