@@ -193,11 +193,10 @@ class Checkpointer:
     intact one, converted to a universal checkpoint when it was saved on another number of
     ranks), loading it, and saving one (keeping the newest `keep_last` and the best)."""
 
-    def __init__(self, checkpointing, zero_stage: int, trial: TrialDir, rank: int, world_size: int,
-                 rank_examples: int):
+    def __init__(self, checkpointing, zero_stage: int, trial: TrialDir, rank: int, world_size: int, training):
         self.checkpointing, self.zero_stage, self.trial = checkpointing, zero_stage, trial
         self.rank, self.world_size = rank, world_size
-        self.step_examples = rank_examples * world_size
+        self.step_examples = training.micro_batch_size * training.gradient_accumulation_steps * world_size
         """Examples one optimizer step takes (micro batch x accumulation x ranks)."""
         self.directory = trial.checkpoints
 

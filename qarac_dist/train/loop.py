@@ -47,9 +47,8 @@ class Trainer:
 
         self.cfg, self.ranks, self.trial_run, self.context = cfg, ranks, trial_run, context
         self.dir = TrialDir(cfg.output.dir)
-        per_rank = cfg.training.micro_batch_size * cfg.training.gradient_accumulation_steps
         self.checkpointer = Checkpointer(cfg.checkpointing, cfg.deepspeed.zero_stage, self.dir, ranks.rank,
-                                         ranks.world_size, per_rank)
+                                         ranks.world_size, cfg.training)
         seed_everything(cfg.training.seed)
         # Flags (cache state, stop signals) travel on a CPU (gloo) group, so checking them never
         # syncs a GPU stream and works whatever the main backend is.

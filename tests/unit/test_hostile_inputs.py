@@ -421,7 +421,7 @@ def test_a_resume_that_would_change_the_step_is_refused_before_loading(tmp_path,
     import json
 
     from qarac_dist.base.errors import UserError
-    from qarac_dist.config.sections import CheckpointingConfig
+    from qarac_dist.config.sections import CheckpointingConfig, TrainingConfig
     from qarac_dist.track.trial_dir import TrialDir
     from qarac_dist.train.checkpoint import MARKER, Checkpointer
 
@@ -429,7 +429,7 @@ def test_a_resume_that_would_change_the_step_is_refused_before_loading(tmp_path,
     (trial.checkpoints / "step00000003").mkdir(parents=True)
     (trial.checkpoints / "step00000003" / MARKER).write_text(json.dumps(
         {"step": 3, "world_size": 2, "step_examples": 8, "files": {}}))
-    checkpointer = Checkpointer(CheckpointingConfig(), 0, trial, 0, world, per_rank)
+    checkpointer = Checkpointer(CheckpointingConfig(), 0, trial, 0, world, TrainingConfig(micro_batch_size=per_rank))
     if not refused:
         assert checkpointer._choose() == "step00000003"  # ZeRO-0: loads on any number of ranks
         return
