@@ -68,16 +68,22 @@ def _repair_or_sync(layout: SweepLayout, repair: bool, sync: bool) -> Manifest:
         if repair:
             from .submit.repair import repair as rebuild
 
-            manifest = rebuild(layout.root)
+            manifest = rebuild(layout.root, lambda m: submission.refresh(m, submission.attach(m.executor, layout),
+                                                                         layout))
         else:
             manifest = Manifest.load(layout.root)
         submission.refresh(manifest, submission.attach(manifest.executor, layout), layout)
         manifest.save(layout.root)
         if sync:
             from .track.mlflow_runs import sync as send
+            from .track.trial_dir import WriterHeld
 
             for r in manifest.trials.values():
-                sent, finished = send(Path(r.output_dir))
+                try:
+                    sent, finished = send(Path(r.output_dir))
+                except WriterHeld as running:  # its own job sends what it has
+                    print(f"trial {r.id}: not synced: {running}", file=sys.stderr)
+                    continue
                 if sent or finished:
                     print(f"trial {r.id}: sent {sent} metric points{', finished its run' if finished else ''}")
             tracking.close_parent(manifest, layout)

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             from .submit.plan_text import print_plan
 
-            print_plan(spec, trials, kind)
+            print_plan(spec, trials, kind, args.sweep)
             return 0
         if args.cancel:
             from .submit.cancel import cancel

@@ -94,6 +94,11 @@ def write_json(path: Path, obj) -> None:
             raise
 
 
+NOT_A_RECORD = (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError)
+"""What parsing a line of a JSON-lines record raises when the line is no record (bad JSON, a
+field missing or of another type, a number past float's range, nesting past the parser's)."""
+
+
 def append_line(f, whole: int, line: str) -> None:
     """Append `line` to an append-only record held locked in `f` (opened "a+" or "a+b", read
     through): the tail past its `whole` bytes, a line cut short by a killed writer, is dropped

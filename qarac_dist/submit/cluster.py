@@ -62,8 +62,12 @@ class Patience:
         self.ask, self.unknown, self.clock = ask, unknown, clock
         self.wait_s, self.until = 0.0, 0.0
 
+    def waiting(self) -> bool:
+        """The scheduler failed and is not asked again yet."""
+        return self.clock() < self.until
+
     def __call__(self, *args):
-        if self.clock() < self.until:
+        if self.waiting():
             return self.unknown
         try:
             answer = self.ask(*args)
@@ -84,9 +88,12 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
         return {}
     base_ids = sorted({j.split("_")[0] for j in job_ids})
     states: dict[str, str] = {}
-    if shutil.which("sacct"):
-        proc = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(base_ids)],
-                              capture_output=True, text=True, timeout=60)
+    if shutil.which("sacct"):  # it only adds jobs squeue forgot: a sacct that fails or hangs is passed over
+        try:
+            proc = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(base_ids)],
+                                  capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired):
+            proc = subprocess.CompletedProcess([], 1)
         if proc.returncode == 0:
             for line in proc.stdout.splitlines():
                 job, _, state = line.partition("|")

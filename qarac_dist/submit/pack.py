@@ -127,7 +127,7 @@ class _Runner:
                 broken = self.failed_starts >= MAX_FAILED_STARTS
                 if self.signum is None and not self.preempted and not self.out_of_time and not broken:
                     self.fill()
-                if not self.steps:
+                if not self.steps and not self.alive.waiting():  # a job it cannot see may be gone: ask again
                     break
                 time.sleep(POLL_S)
         except Exception as err:

@@ -12,7 +12,7 @@ from ..plan import Trial, select_defaults
 from ..plan.asha import budget
 from . import cluster, sbatch
 from .search import warm_start
-from .sweep_dir import layout_for
+from .sweep_dir import Manifest, layout_for, same_record
 
 
 def gpu_hours(spec: SweepSpec, num_trials: int) -> float:
@@ -23,9 +23,13 @@ def gpu_hours(spec: SweepSpec, num_trials: int) -> float:
     return sbatch.num_jobs(r, num_trials, spec.trials_as_steps()) * job.nodes * job.gpus_per_node * r.time_min / 60
 
 
-def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, shown: int = 50) -> None:
-    # Checked before anything is printed: a warm start that does not fit is one line, exit 2.
-    told = warm_start(spec.search, *select_defaults(spec, trials))[1] if spec.search is not None else ""
+def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, source: str, shown: int = 50) -> None:
+    # Checked before anything is printed, as the run checks them: one line, exit 2.
+    select = select_defaults(spec, trials)
+    manifest = Manifest.load(layout_for(spec).root)
+    if manifest is not None:
+        same_record(manifest, layout_for(spec), spec, select, source)
+    told = warm_start(spec.search, *select)[1] if spec.search is not None else ""
     print(f"sweep {spec.name}: {len(trials)} trials, executor {kind}")
     width = max([len("trial")] + [len(t.id) for t in trials[:shown]])
     print(f"{'trial':<{width}}  overrides")

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
+from ..base.files import DamagedFile
 from ..config import ConfigError, UserError
 from ..config.schema import build
 from ..config.sweep import SweepSpec
@@ -20,8 +22,32 @@ from .executors import resolve_kind
 from .sweep_dir import Manifest, TrialRecord, read_micro_batches, read_sweep_file
 
 
-def repair(directory: Path) -> Manifest:
+def repair(directory: Path, check: Callable[[Manifest], None]) -> Manifest:
+    """Repair what is damaged: the manifest (rebuilt only when it cannot be read; a readable one
+    is kept, its attempts and jobs with it), then the rung records. `check(manifest)` runs first
+    and may stop it (the scheduler cannot answer): nothing is written before."""
     layout = SweepLayout(directory)
+    try:
+        manifest = Manifest.load(directory)
+    except DamagedFile:
+        manifest = None
+    if manifest is not None:
+        check(manifest)
+        _repair_rungs(layout, manifest)
+        return manifest
+    manifest = _rebuilt(layout)
+    check(manifest)
+    _keep_old(layout.manifest)
+    manifest.save(directory)
+    found = sum(r.mlflow_run_id is not None for r in manifest.trials.values())
+    print(f"rebuilt {layout.manifest}: {len(manifest.trials)} trials, "
+          f"{sum(r.job_id is not None for r in manifest.trials.values())} with a job, {found} with an MLflow run")
+    _repair_rungs(layout, manifest)
+    return manifest
+
+
+def _rebuilt(layout: SweepLayout) -> Manifest:
+    directory = layout.root
     saved = read_sweep_file(directory)
     if saved is None:
         raise UserError(f"{directory}: no {layout.sweep_file.name} here, so there is nothing to rebuild the manifest from")
@@ -54,12 +80,6 @@ def repair(directory: Path) -> Manifest:
             record.state = "PENDING"
         manifest.trials[trial.id] = record
     _find_runs(manifest)
-    _keep_old(layout.manifest)
-    manifest.save(directory)
-    found = sum(r.mlflow_run_id is not None for r in manifest.trials.values())
-    print(f"rebuilt {layout.manifest}: {len(manifest.trials)} trials, "
-          f"{sum(r.job_id is not None for r in manifest.trials.values())} with a job, {found} with an MLflow run")
-    _repair_rungs(layout, manifest)
     return manifest
 
 

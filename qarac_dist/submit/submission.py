@@ -27,7 +27,7 @@ from .executors import Executor, TrialJob, make_executor
 from .report import print_summary
 from .search import tell_ended, warm_start
 from .sweep_dir import DONE, FAILED, QUIET, RESUBMIT, Attempt, Manifest, SweepLock, TrialRecord, job_error, \
-    layout_for, own_error, read_cancels, resolve_state, write_sweep_file
+    layout_for, own_error, read_cancels, resolve_state, same_record, write_sweep_file
 
 SAVE_WAIT_S = 120
 """How long a stopped driver waits for its local trials to save before it stops them at once."""
@@ -178,27 +178,8 @@ class Submission:
         if manifest.executor != kind:
             raise UserError(f"{self.source}: executor: {self.layout.root} was submitted with {manifest.executor}, now "
                             f"{kind}; use another sweep name")
-        self.same_record(manifest)
+        same_record(manifest, self.layout, self.spec, select_defaults(self.spec, self.trials), self.source)
         return manifest
-
-    def same_record(self, manifest: Manifest) -> None:
-        """What the sweep's record was made with (how the best is picked, where it is tracked,
-        the rungs) cannot change under it: a re-run whose file changed it is refused in one line."""
-        from ..base.files import read_json
-        from ..track.mlflow_client import absolute_uri
-
-        t = self.spec.tracking
-        saved = (read_json(self.layout.sweep_file) or {}).get("spec") or {}
-        metric, mode = select_defaults(self.spec, self.trials)
-        changed = {"select": (f"{manifest.select_mode} {manifest.select_metric}", f"{mode} {metric}"),
-                   "tracking.uri": (manifest.tracking_uri, absolute_uri(t.uri) if t.uri else manifest.tracking_uri),
-                   "tracking.experiment": (manifest.experiment, t.experiment or manifest.experiment),
-                   "asha": (saved.get("asha"), to_dict(self.spec).get("asha") if saved else saved.get("asha"))}
-        for key, (was, now) in changed.items():
-            if was != now:
-                raise UserError(f"{self.source}: {key}: {self.layout.root} was made with {was}, this file asks for "
-                                f"{now}; its trials were picked and recorded by the first. Start a new sweep for "
-                                f"it: another name= (or runs_dir=)")
 
     def to_run(self, manifest: Manifest) -> list[TrialRecord]:
         for trial in self.trials:

@@ -25,7 +25,7 @@ from ..base.layout import SweepLayout
 from ..base.lock import LockHeld, lock
 from ..base.secrets import redact_text
 from ..config import UserError
-from ..config.schema import build
+from ..config.schema import build, to_dict
 from ..config.sweep import SweepSpec
 from ..track.trial_dir import TrialDir, TrialState
 from .cluster import ACTIVE, REQUEUED
@@ -259,6 +259,26 @@ def _describe(holder: str) -> str:
 
 def read_sweep_file(sweep_dir: Path) -> Optional[dict]:
     return read_json(SweepLayout(Path(sweep_dir)).sweep_file)
+
+
+def same_record(manifest: Manifest, layout: SweepLayout, spec: SweepSpec, select: tuple[str, str],
+                source: str) -> None:
+    """What the sweep's record was made with (how the best is picked, where it is tracked, the
+    rungs) cannot change under it: a re-run (or its --dry-run) whose file changed it is refused
+    in one line naming the key. `select`: the metric and mode this file picks the best by."""
+    from ..track.mlflow_client import absolute_uri
+
+    t = spec.tracking
+    saved = (read_json(layout.sweep_file) or {}).get("spec") or {}
+    changed = {"select": (f"{manifest.select_mode} {manifest.select_metric}", f"{select[1]} {select[0]}"),
+               "tracking.uri": (manifest.tracking_uri, absolute_uri(t.uri) if t.uri else manifest.tracking_uri),
+               "tracking.experiment": (manifest.experiment, t.experiment or manifest.experiment),
+               "asha": (saved.get("asha"), to_dict(spec).get("asha") if saved else saved.get("asha"))}
+    for key, (was, now) in changed.items():
+        if was != now:
+            raise UserError(f"{source}: {key}: {layout.root} was made with {was}, this file asks for {now}; its "
+                            f"trials were picked and recorded by the first. Start a new sweep for it: another name= "
+                            f"(or runs_dir=)")
 
 
 def write_sweep_file(sweep_dir: Path, spec: dict, base: dict, source: str, trials: list) -> None:

@@ -20,6 +20,7 @@ from collections import deque
 from pathlib import Path
 from typing import Optional
 
+from ..base.files import NOT_A_RECORD
 from .mlflow_client import client, shown
 
 UNSENT = "mlflow_unsent.jsonl"
@@ -84,7 +85,7 @@ class MlflowLogger:
         """Send spilled points first (they are oldest), then the buffer. False on failure."""
         spill = self.directory / SPILL
         if spill.exists():
-            points = [tuple(json.loads(line)) for line in spill.read_text().splitlines() if line.strip()]
+            points = [p for p in _points(spill) if isinstance(p, tuple)]
             for start in range(0, len(points), self.BATCH):
                 if not self._send(points[start:start + self.BATCH]):
                     spill.write_text("".join(json.dumps(p) + "\n" for p in points[start:]))
@@ -119,7 +120,7 @@ class MlflowLogger:
         left = list(self.buffer)
         spill = self.directory / SPILL
         if spill.exists():
-            left = [tuple(json.loads(line)) for line in spill.read_text().splitlines() if line.strip()] + left
+            left = [p for p in _points(spill) if isinstance(p, tuple)] + left
             spill.unlink()
         if left:
             with open(self.directory / UNSENT, "a") as f:
@@ -139,12 +140,11 @@ def replay_unsent(directory: Path) -> int:
     from mlflow.entities import Metric
 
     batches: list[tuple[dict, list]] = []
-    for line in path.read_text().splitlines():
-        item = json.loads(line) if line.strip() else None
+    for item in _points(path):
         if isinstance(item, dict):
             batches.append((item, []))
-        elif item is not None:
-            batches[-1][1].append(tuple(item))
+        elif batches:
+            batches[-1][1].append(item)
     sent = 0
     for header, points in batches:
         c = client(header["uri"])
@@ -157,6 +157,28 @@ def replay_unsent(directory: Path) -> int:
             sent += len(chunk)
     path.unlink()
     return sent
+
+
+def _points(path: Path):
+    """The points (and run headers) of a spill or unsent file. Appended without a rename, so a
+    kill or a full disk can leave its last line cut short, or a line that is no point: passed
+    over, with a word."""
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    if lines and lines[-1]:
+        print(f"qarac_dist: {path}: its last line was cut short; passed over", file=sys.stderr)
+    for number, line in enumerate(lines[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            if isinstance(item, dict):  # the header of an unsent file's run
+                yield {"uri": str(item["uri"]), "run_id": str(item["run_id"])}
+                continue
+            key, value, timestamp, step = item
+            yield (str(key), float(value), int(timestamp), int(step))
+        except NOT_A_RECORD:
+            print(f"qarac_dist: {path}: line {number} is not a metric point; passed over", file=sys.stderr)
 
 
 class HeldSteps:

@@ -9,6 +9,7 @@ and an unfinished end of run (artifacts, status, the parent's verdict) is left i
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..base.layout import SweepLayout
 from ..base.secrets import redact, redact_text, screen
 from .job_context import JobContext
 from .sweep_runs import update_parent
-from .trial_dir import BEST_INFO
+from .trial_dir import BEST_INFO, TrialDir
 
 PENDING_FINISH = "mlflow_pending_finish.json"
 
@@ -133,12 +134,19 @@ def _log_model(mlflow_client, pending: dict, best_dir: Path, module) -> None:
 
 def sync(directory: Path) -> tuple[int, bool]:
     """Replay what a trial could not send: metric points, then its end of run. Returns the
-    number of points sent and whether a pending finish was completed."""
-    sent = replay_unsent(directory)
-    path = directory / PENDING_FINISH
-    pending = read_json(path)
-    if pending is None:
-        return sent, False
-    complete_run(client(pending["uri"]), pending)
-    path.unlink()
-    return sent, True
+    number of points sent and whether a pending finish was completed. Not while a job trains the
+    trial (WriterHeld): that job sends what it has, and may be appending to the same files."""
+    if not directory.is_dir():  # never started: nothing to send
+        return 0, False
+    writer = TrialDir(directory).hold_writer(f"status --sync, pid {os.getpid()}")
+    try:
+        sent = replay_unsent(directory)
+        path = directory / PENDING_FINISH
+        pending = read_json(path)
+        if pending is None:
+            return sent, False
+        complete_run(client(pending["uri"]), pending)
+        path.unlink()
+        return sent, True
+    finally:
+        writer.close()

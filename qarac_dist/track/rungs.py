@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..base.files import DamagedFile, append_line, replace_with
+from ..base.files import NOT_A_RECORD, DamagedFile, append_line, replace_with
 from ..base.layout import SweepLayout
 from ..base.lock import locked
 from .trial_dir import TrialDir, TrialState
@@ -100,7 +100,7 @@ def _parse(data: bytes, sweep: SweepLayout, rung: int) -> tuple[list[Arrival], i
         line = raw.decode(errors="replace")
         try:
             arrivals.append(_arrival(line))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except NOT_A_RECORD:
             raise DamagedFile(f"{sweep.rung(rung)}: rung {rung}, line {number} is not a rung record: {line[:100]!r}; "
                               f"rebuild the file from the trials' own records with python -m qarac_dist.status "
                               f"--repair {sweep.root}") from None
@@ -126,7 +126,7 @@ def rebuild(sweep: SweepLayout, rung: int, metric: str, trials: list[tuple[str, 
     for line in data.decode(errors="replace").splitlines():
         try:
             arrivals.append(_arrival(line))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except NOT_A_RECORD:
             continue
     for trial, directory, step in trials:
         row = next((r for r in directory.metrics() if r.get("step") == step and f"val_{metric}" in r), None)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..base.files import append_line, replace_with
+from ..base.files import NOT_A_RECORD, append_line, replace_with
 from ..base.layout import SweepLayout
 from ..base.lock import locked
 
@@ -89,7 +89,7 @@ def _parse(data: bytes, where: str) -> tuple[Record, int]:
                 record.tells.append(Tell(int(d["tell"]), str(d["state"]), None if d["value"] is None else float(d["value"]),
                                          {str(k): float(v) for k, v in d.get("intermediate", {}).items()},
                                          float(d["time"]), None if d.get("attempt") is None else int(d["attempt"])))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except NOT_A_RECORD:
             damage = f"{where}: line {number} is not a search record, skipped: {line[:100]!r}"
             record.damaged.append(damage)
             if damage not in _REPORTED:

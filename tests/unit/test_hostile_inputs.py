@@ -332,6 +332,8 @@ SEARCH_LINES = [
     ("tell-value-text", b'{"tell": 0, "state": "COMPLETE", "value": "high", "time": 1}\n'),
     ("a-list", b"[1, 2]\n"),
     ("binary", b"\x00\xff\xfe\n"),
+    ("number-past-float", b'{"tell": 1e999, "state": "COMPLETE", "value": 1, "time": 0}\n'),
+    ("nested-past-the-parser", b"[" * 100000 + b"\n"),
 ]
 
 
@@ -472,6 +474,9 @@ def test_a_rerun_that_changes_what_the_record_was_made_with_is_refused(tmp_path,
     saved = {p.name: p.read_bytes() for p in directory.iterdir()}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({**spec, **edit, "set": {**edit.get("set", {})}}))
+    assert sweep.main([str(path), "--dry-run"]) == 2  # the plan says what the run would refuse
+    dry = capsys.readouterr()
+    assert not dry.out and f"{path}: {key}{directory} was made with " in dry.err
     assert sweep.main([str(path), "--no-preflight"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"{path}: {key}{directory} was made with ") and \
@@ -490,6 +495,10 @@ def test_a_damaged_rung_record_is_named_and_rebuilt_from_the_trials_own_records(
     sweep = SweepLayout(tmp_path / "runs" / "s")
     sweep.asha.mkdir(parents=True)
     first = rungs.Arrival("a", 0.9, 0.3, 4, True, 0, 1.0)
+    for damage in (b'{"trial":"a","value":1,"step":1e999,"continue":true,"seen":0,"time":0}\n', b"[" * 100000 + b"\n"):
+        sweep.rung(0).write_bytes((first.to_json() + "\n").encode() + damage)
+        with pytest.raises(UserError, match="rung 0, line 2 is not a rung record"):
+            rungs.read(sweep, 0)
     sweep.rung(0).write_bytes((first.to_json() + "\n").encode() + b'{"trial": "b", "val\xff\n')
     with pytest.raises(UserError) as err:
         rungs.read(sweep, 0)

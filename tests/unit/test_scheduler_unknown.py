@@ -80,3 +80,11 @@ def test_patience_doubles_its_wait_up_to_five_minutes():
         waits.append(ask.wait_s)
         now[0] += ask.wait_s
     assert waits == [5, 10, 20, 40, 80, 160, 300, 300, 300]
+
+
+def test_a_hung_or_missing_sacct_is_passed_over(tmp_path, monkeypatch):
+    """sacct only adds jobs squeue forgot: one that hangs (a slurmdbd that does not answer) gave
+    a traceback after 60 s."""
+    monkeypatch.setenv("PATH", fake_commands(tmp_path / "bin", sacct="sleep 30", squeue='echo "77_0|RUNNING"'))
+    monkeypatch.setattr(cluster, "SQUEUE_TIMEOUT_S", 1)
+    assert cluster.job_states(["77_0"]) == {"77_0": "RUNNING"}

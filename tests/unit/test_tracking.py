@@ -70,3 +70,35 @@ def test_every_point_reaches_the_run_once_whoever_sends_it(tmp_path):
     slow.log(7, {"loss": 1 / 7})
     assert slow.close() == 0
     assert _history(c, run_id, "loss") == list(range(1, 8))
+
+
+def test_sync_skips_what_is_no_point_and_waits_for_a_live_writer(tmp_path, capsys):
+    """A cut-short last line of mlflow_unsent.jsonl (appended, so a kill mid-write leaves one)
+    crashed `status --sync`; and --sync replayed and removed a live job's file under it."""
+    import json
+    import subprocess
+    import sys
+
+    import pytest
+
+    from qarac_dist.track.mlflow_logger import UNSENT
+    from qarac_dist.track.mlflow_runs import sync
+    from qarac_dist.track.trial_dir import WriterHeld
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = client(uri)
+    run_id = create_run(c, experiment_id(c, "e"), "r", {})
+    trial = tmp_path / "trial"
+    trial.mkdir()
+    (trial / UNSENT).write_text(json.dumps({"uri": uri, "run_id": run_id}) + "\n" + json.dumps(["loss", 0.5, 0, 1])
+                                + "\n" + "not a point\n" + '["loss", 0.4, 2')
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from qarac_dist.track.trial_dir import TrialDir; "
+                               f"f = TrialDir({str(trial)!r}).hold_writer('a training job'); print('held', flush=True); "
+                               "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(WriterHeld, match="a training job"):
+        sync(trial)
+    holder.communicate("")  # the job ends: its lock goes with it
+    assert sync(trial) == (1, False) and _history(c, run_id, "loss") == [1]
+    err = capsys.readouterr().err
+    assert "line 3 is not a metric point; passed over" in err and "its last line was cut short" in err
