@@ -189,7 +189,7 @@ def job_error(layout: SweepLayout, record: TrialRecord) -> Optional[str]:
         found = last_error(layout, job)
         if found is not None:
             return found
-    return None
+    return f"the job left no verdict and no log (looked in {layout.submitit})" if record.jobs else None
 
 
 def last_error(layout: SweepLayout, job: str) -> Optional[str]:
