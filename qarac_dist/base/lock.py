@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import time
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -46,6 +47,36 @@ def lock(path: Path, mode: str = "a+", wait: bool = True) -> IO:
                             f"across nodes (NFS: mount without -o nolock; Lustre: mount with -o flock)") from None
         raise
     return f
+
+
+def hold(path: Path, holder: str) -> IO:
+    """Lock `path` without waiting and write `holder` (who this is) into it, for the message of
+    whoever comes next; closing the returned file releases it. When another process holds it:
+    LockHeld, carrying what that holder wrote about itself."""
+    try:
+        f = lock(path, wait=False)
+    except LockHeld:
+        raise LockHeld(_written(Path(path))) from None
+    f.seek(0)
+    f.truncate()
+    f.write(holder + "\n")
+    f.flush()
+    return f
+
+
+def _written(path: Path) -> str:
+    """What a holder wrote about itself. It writes just after it locks, so wait a moment for the
+    whole line (bounded: a holder that never writes is shown as what there is, maybe nothing)."""
+    text = ""
+    for _ in range(40):
+        try:
+            text = path.read_text()
+        except OSError:
+            text = ""
+        if text.endswith("\n"):
+            break
+        time.sleep(0.05)
+    return text.strip()
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from typing import Optional
 
 from ..base.files import DamagedFile, read_json, write_json
 from ..base.layout import SweepLayout
-from ..base.lock import LockHeld, lock
+from ..base.lock import LockHeld, hold
 from ..base.secrets import redact_text
 from ..config import UserError
 from ..config.schema import build, to_dict
@@ -218,34 +218,16 @@ class SweepLock:
 
     def acquire(self) -> None:
         try:
-            f = lock(self.path, wait=False)
-        except LockHeld:
-            with open(self.path) as held:
-                holder = _holder(held)
+            self.file = hold(self.path, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                    "since": time.time()}))
+        except LockHeld as held:
             raise UserError(f"{self.path.parent}: another driver is working on this sweep "
-                            f"({_describe(holder)}); wait for it to end, or stop it") from None
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}))
-        f.flush()
-        self.file = f
+                            f"({_describe(str(held))}); wait for it to end, or stop it") from None
 
     def release(self) -> None:
         if self.file is not None:
             self.file.close()
             self.file = None
-
-
-def _holder(f) -> str:
-    """What the holder wrote about itself; it writes just after it locks, so wait a moment for
-    it (bounded: a holder that never writes is shown as unknown)."""
-    for _ in range(40):
-        f.seek(0)
-        text = f.read().strip()
-        if text.endswith("}"):
-            return text
-        time.sleep(0.05)
-    return text
 
 
 def _describe(holder: str) -> str:

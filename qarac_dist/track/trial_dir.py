@@ -32,7 +32,7 @@ from typing import IO, Optional
 
 from ..base.errors import UserError
 from ..base.files import DamagedFile, read_json, write_json, writing
-from ..base.lock import LockHeld, lock
+from ..base.lock import LockHeld, hold
 
 BEST_INFO = "qarac_best.json"
 ROLLBACK = "spike_rollback"
@@ -171,18 +171,10 @@ class TrialDir:
         """Become the directory's one writer (close the file to stop being it), or raise
         WriterHeld naming the live holder. `holder`: who this is, as the refusal shows it."""
         try:
-            f = lock(self.writer, wait=False)
-        except LockHeld:
-            try:
-                other = self.writer.read_text().strip()
-            except OSError:
-                other = ""
-            raise WriterHeld(f"{self.path}: another process is training this trial ({other or 'unnamed'}); a second "
+            return hold(self.writer, holder)
+        except LockHeld as held:
+            raise WriterHeld(f"{self.path}: another process is training this trial ({held or 'unnamed'}); a second "
                              f"one does not start. Wait for it to end, or stop it") from None
-        f.truncate(0)  # append mode: the write lands at the start of the emptied file
-        f.write(holder)
-        f.flush()
-        return f
 
     def update(self, **fields) -> TrialStatus:
         status = self.status() or TrialStatus(TrialState.RUNNING)
