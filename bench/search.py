@@ -28,7 +28,10 @@
         # Optuna's GPSampler instead of TPE (no successive halving: it learns nothing from pruned
         # trials), or one trial at a time instead of 4: *_gp*.json, *_workers1*.json
 
-Also measured: the time of one ask with 1,000 finished trials in the record.
+    python bench/search.py --growth   # one ask and one tell at 100 and 1,000 trials, each sampler
+
+Also measured (--growth): one ask and one tell with 100 and 1,000 finished trials in the record
+for each sampler offered, and the record's bytes per trial.
 """
 
 from __future__ import annotations
@@ -198,7 +201,7 @@ def replay(configs: list[dict], method: str, seed: int, tmp: Path) -> dict:
     from qarac_dist.config.sweep import Distribution, Search
     from qarac_dist.plan.asha import rung_steps
     from qarac_dist.plan.search import choose
-    from qarac_dist.submit.search import history
+    from qarac_dist.submit.search import history, previous_state
     from qarac_dist.track import rungs, search_record
 
     by_key = {_key(c["params"]): c for c in configs}
@@ -214,14 +217,6 @@ def replay(configs: list[dict], method: str, seed: int, tmp: Path) -> dict:
     else:
         params = {k: Distribution("choice", values=v) for k, v in GRID.items()}
     search = Search(trials=1000, sampler=sampler, seed=seed, startup_trials=STARTUP, params=params)
-    first = None  # the sampler of the first ask (None: the sweep's own, plan/search.py)
-    if INDEPENDENT and sampler == "tpe":
-        import optuna
-
-        from qarac_dist.plan.search import encode
-
-        first = encode(optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=STARTUP,
-                                                  multivariate=False))
     asha = method.endswith("+asha")
     rung_at = rung_steps(TASKS[TASK].grace, 2, MAX_STEPS) if asha else []
     clock, events, slot, steps, asked = 0.0, [], itertools.count(), 0, 0
@@ -231,10 +226,8 @@ def replay(configs: list[dict], method: str, seed: int, tmp: Path) -> dict:
         k = next(slot)
 
         def pick(record):
-            prev = record.asks[-1] if record.asks else None
-            c = choose(search, "min", history(record), prev.sampler if prev else first,
-                       prev.study_attrs if prev else {})
-            return c.params, c.sampler, c.study_attrs, None
+            c = choose(search, "min", history(record), previous_state(record))
+            return c.params, c.state, None
 
         params = _nearest(search_record.ask(layout, k, f"t{k}", pick).params)
         asked += 1
@@ -272,48 +265,52 @@ def replay(configs: list[dict], method: str, seed: int, tmp: Path) -> dict:
     return {"trials": asked, "steps": steps, "found": False}
 
 
-def ask_time(tmp: Path, n: int = 1000) -> float:
-    """Seconds of one TPE ask with `n` finished trials in the record (median of 5)."""
+GROWTH = {"tpe": (100, 1000), "random": (100, 1000), "qmc": (100, 1000), "gp": (50, 100, 200)}
+"""Trials in the record at which each sampler offered is timed (gp: to past its bound, GP_TRIALS)."""
+
+
+def growth(tmp: Path, sampler: str, n: int) -> dict:
+    """One ask and one tell through the record with `n` finished trials in it, each line as a
+    sweep writes it (median of 5), and the record's bytes per trial."""
     import random
 
     from qarac_dist.base.layout import SweepLayout
     from qarac_dist.config.sweep import Distribution, Search
     from qarac_dist.plan.search import choose
-    from qarac_dist.submit.search import history
+    from qarac_dist.submit.search import history, previous_state
     from qarac_dist.track import search_record
 
-    layout = SweepLayout(tmp / "ask-time")
-    search = Search(trials=n + 10, sampler="tpe", seed=0, params={
+    layout = SweepLayout(tmp / f"growth-{sampler}-{n}")
+    search = Search(trials=n + 10, sampler=sampler, seed=0, params={
         "optimizer.lr": Distribution("loguniform", 1e-4, 1e-2), "model.config.num_hidden_layers": Distribution(
             "randint", 1, 4), "training.micro_batch_size": Distribution("choice", values=[2, 4, 8])})
     rng = random.Random(0)
-    first = None
+    state = choose(search, "min", [], None).state
     lines = []
     for k in range(n):
         params = {"optimizer.lr": 10 ** rng.uniform(-4, -2), "model.config.num_hidden_layers": rng.randint(1, 4),
                   "training.micro_batch_size": rng.choice([2, 4, 8])}
-        if first is None:
-            c = choose(search, "min", [], None, {})
-            first = c
-        lines.append(json.dumps({"trial": f"t{k}", "params": params, "sampler": first.sampler, "study_attrs": {},
-                                 "told_before": k, "time": 0.0, "run_id": None, "ask": k}))
+        lines.append(json.dumps({"ask": k, "trial": f"t{k}", "params": params, "state": state, "told_before": k,
+                                 "time": 0.0, "run_id": None}))
         lines.append(json.dumps({"tell": k, "state": "COMPLETE", "value": rng.random(), "intermediate": {},
-                                 "time": 0.0}))
+                                 "time": 0.0, "attempt": 1}))
     layout.root.mkdir(parents=True)
     layout.search.write_text("\n".join(lines) + "\n")
-    times = []
-    for k in range(5):
+    asks, tells = [], []
+
+    def pick(record):
+        c = choose(search, "min", history(record), previous_state(record))
+        return c.params, c.state, None
+
+    for k in range(n, n + 5):
         started = time.perf_counter()
-
-        def pick(record):
-            prev = record.asks[-1]
-            c = choose(search, "min", history(record), prev.sampler, prev.study_attrs)
-            return c.params, c.sampler, c.study_attrs, None
-
-        search_record.ask(layout, n + k, f"t{n + k}", pick)
-        times.append(time.perf_counter() - started)
-        search_record.tell(layout, n + k, "COMPLETE", 0.5, {})
-    return statistics.median(times)
+        search_record.ask(layout, k, f"t{k}", pick)
+        asks.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        search_record.tell(layout, k, "COMPLETE", 0.5, {}, 1)
+        tells.append(time.perf_counter() - started)
+    return {"sampler": sampler, "trials": n, "ask_s": statistics.median(asks), "tell_s": statistics.median(tells),
+            "bytes_per_trial": layout.search.stat().st_size / (n + 5)}
 
 
 def _spread(values: list[float]) -> str:
@@ -336,6 +333,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=WORKERS, help="trials at once")
     parser.add_argument("--sampler", choices=("tpe", "gp"), default=SAMPLER,
                         help="the model-based search set against random search (gp: Optuna's GPSampler)")
+    parser.add_argument("--growth", action="store_true",
+                        help="only time one ask and one tell with 100 and 1,000 trials in the record, for each "
+                        "sampler offered (gp: 50, 100, its bound, and 200): bench/results/search_growth.json")
     parser.add_argument("--independent-tpe", action="store_true",
                         help="TPE modelling each key on its own (the sweep's TPE, Optuna's default, models "
                         "them jointly)")
@@ -346,6 +346,24 @@ def main() -> None:
         parser.error("--workers needs at least 1 and --seeds at least 2 (a median and a spread)")
     if INDEPENDENT and SAMPLER != "tpe":
         parser.error("--independent-tpe is a setting of TPE, not of --sampler gp")
+    if args.growth:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = [growth(Path(tmp), sampler, n) for sampler, sizes in GROWTH.items() for n in sizes]
+        (ROOT / "bench" / "results" / "search_growth.json").write_text(json.dumps(rows, indent=1) + "\n")
+        print("| sampler | trials in the record | one ask | one tell | record bytes per trial |\n|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['sampler']} | {r['trials']:,} | {r['ask_s']:.3f} s | {r['tell_s']:.3f} s | "
+                  f"{r['bytes_per_trial']:,.0f} |")
+        return
+    if INDEPENDENT:  # the sweep's TPE models the keys jointly; this one, each on its own
+        import optuna
+
+        from qarac_dist.plan import search as chosen
+
+        joint = chosen.new_sampler
+        chosen.new_sampler = lambda s: optuna.samplers.TPESampler(
+            seed=s.seed, constant_liar=True, n_startup_trials=STARTUP, multivariate=False) if s.sampler == "tpe" \
+            else joint(s)
     # Optuna's GPSampler learns from finished trials only, nothing from pruned ones: no successive halving with it.
     methods = ("random", "tpe", "tpe+asha") if SAMPLER == "tpe" else ("random", SAMPLER)
     MAX_STEPS = TASKS[TASK].steps
@@ -365,7 +383,6 @@ def main() -> None:
             print(f"{method}: trials {_spread([r['trials'] for r in runs])}, steps "
                   f"{_spread([r['steps'] for r in runs])}, found in {sum(r['found'] for r in runs)} of {len(runs)}",
                   file=sys.stderr)
-        results["ask_seconds_1000"] = ask_time(Path(tmp))
     name = f"search_replay_{SPACE}" if TASK == "late" else f"search_replay_{TASK}_{SPACE}"
     variant = (f"_{SAMPLER}" if SAMPLER != parser.get_default("sampler") else "") + \
         (f"_workers{WORKERS}" if WORKERS != parser.get_default("workers") else "") + \
@@ -386,8 +403,7 @@ def main() -> None:
               f"{sum(r['found'] for r in runs)} of {len(runs)} |")
     ratio = statistics.median(r["trials"] for r in results[SAMPLER]) / statistics.median(
         r["trials"] for r in results["random"])
-    print(f"\n{SAMPLER} / random trials (medians): {ratio:.2f} (target <= 0.5); one ask with 1,000 finished trials "
-          f"(tpe): {results['ask_seconds_1000']:.3f} s")
+    print(f"\n{SAMPLER} / random trials (medians): {ratio:.2f} (target <= 0.5)")
     if "tpe+asha" in results:
         steps = statistics.median(r["steps"] for r in results["tpe+asha"]) / grid["steps"]
         print(f"tpe+asha steps / grid steps: {steps:.2f} (target <= 0.25)")

@@ -16,6 +16,12 @@ Pure: it names paths, it reads and writes nothing.
                            or ends a trial; the driver, when it     start), the driver, status
                            submits one again (submit/claims.py)
     .claims.lock           whoever reads-and-writes claims.json     -
+                           or bad_nodes.json
+    bad_nodes.json         a packed job's runner whose steps could  the driver: --exclude on the
+                           not start there (submit/claims.py)       next submission, --dry-run
+    .lock_probe,           the driver, checking once that its locks the next driver (asks no more
+    lock_check.json        are seen on a compute node               once seen)
+                           (submit/lock_check.py)
     search.jsonl           a packed job's runner: a line per ask    the next ask, the runner, the
                            and per result (track/search_record.py)  driver, status, the parent run
     search_history.png     the parent run update (the last trial    the user, MLflow (parent run)
@@ -72,6 +78,18 @@ class SweepLayout:
     @property
     def claims_lock(self) -> Path:
         return self.root / ".claims.lock"
+
+    @property
+    def bad_nodes(self) -> Path:
+        return self.root / "bad_nodes.json"
+
+    @property
+    def lock_probe(self) -> Path:
+        return self.root / ".lock_probe"
+
+    @property
+    def lock_check(self) -> Path:
+        return self.root / "lock_check.json"
 
     @property
     def search(self) -> Path:

@@ -54,11 +54,12 @@ class Search:
     trials: int = bounded(dataclasses.MISSING, ge=1, le=100_000)
     """Trials to run, each asked for when it starts."""
     sampler: Literal["tpe", "gp", "cmaes", "qmc", "random"] = "tpe"
-    """Optuna's sampler: tpe (constant liar for trials still running), gp, cmaes, qmc, random."""
+    """Optuna's sampler: tpe (constant liar for trials still running), gp (at most GP_TRIALS trials),
+    qmc, random. cmaes is refused with its reason (NOT_OFFERED)."""
     seed: int = bounded(0, ge=0, lt=2**32)
     """Seed of the sampler: the same seed and the same results give the same values."""
     startup_trials: Optional[int] = bounded(None, ge=0, le=100_000)
-    """Trials drawn at random before tpe, gp or cmaes model the results; null: Optuna's default
+    """Trials drawn at random before tpe or gp model the results; null: Optuna's default
     (10). Lower it for small budgets."""
     params: dict = field(default_factory=dict)
     """Dotted training-config key -> {distribution, low, high | values}, as random.params."""
@@ -314,8 +315,21 @@ def _check_spec(spec: SweepSpec, errors: list[str]) -> None:
                       f"(raise max_trials to allow it)")
 
 
+GP_TRIALS = 100
+"""Trials at most for search.sampler gp: its ask refits a Gaussian process on every trial told,
+cubic in their number (bench/RESULTS.md, 2 cores: up to 1 s an ask at 100, 1.3 s at 200)."""
+NOT_OFFERED = {"cmaes": "CMA-ES keeps its state in a pickled optimizer among the trials' attributes, which a record "
+                        "of data cannot carry, so its asks would not follow Optuna's own; use tpe, gp, qmc or random"}
+
+
 def _check_search(spec: SweepSpec, errors: list[str]) -> None:
     """A model-based search chooses every trial's values itself: nothing else may multiply them."""
+    search = spec.search
+    if search.sampler in NOT_OFFERED:
+        errors.append(f"search.sampler: {search.sampler} is not offered: {NOT_OFFERED[search.sampler]}")
+    if search.sampler == "gp" and search.trials > GP_TRIALS:
+        errors.append(f"search.trials: gp takes at most {GP_TRIALS} (got {search.trials:,}): each ask refits its "
+                      f"model on every result, over a second an ask past {GP_TRIALS}; use tpe for more trials")
     for key, given in (("grid", spec.grid), ("variants", spec.variants), ("random", spec.random)):
         if given:
             errors.append(f"search: cannot be combined with {key} (the sampler chooses each trial's values; "

@@ -4,8 +4,12 @@ everything recorded before it (track/search_record.py keeps the record; submit/s
 The study is rebuilt in memory at each ask, never stored: finished trials with their value (a
 pruned one with the values it reported at its rungs, as Optuna's pruners report them), trials
 still running as RUNNING (TPE's constant liar takes them as bad, so trials asked at the same
-time spread out), and the sampler as it was after the previous ask (its random state, pickled
-into the record), so a sequence of asks is the sequence `study.optimize` would make. Why not an
+time spread out), and the sampler rebuilt from the sweep file's seed and the state the previous
+ask left (state_of: its random generators' states and the study's system attributes, numbers
+and strings, never a pickle: a record anyone can write must not run code in every job, and a
+class Optuna moves must not break it), so a sequence of asks is the sequence `study.optimize`
+would make. The state is read by the Optuna version that wrote it (check): another version may
+draw otherwise from the same state, so a sweep is asked by one version. Why not an
 Optuna storage: SQLite must not live on a shared filesystem, the journal file backends lost or
 interleaved lines on NFS and left locks behind killed processes; our record has one writer at a
 time under an fcntl lock, which the kernel releases when its holder dies.
@@ -21,10 +25,10 @@ from __future__ import annotations
 import base64
 import json
 import math
-import pickle
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..base.errors import UserError
 from ..config.sweep import Distribution, Search
 
 REASKS = 32
@@ -47,10 +51,13 @@ class Told:
 @dataclass(frozen=True)
 class Choice:
     params: dict
-    sampler: str
-    """The sampler after this ask (base64 of its pickle): the next ask starts from it."""
-    study_attrs: dict
-    """The study's system attributes after this ask (QMC keeps its sequence position there)."""
+    state: dict
+    """The sampler's state after this ask (state_of), data the next ask starts from."""
+
+
+class RecordMismatch(UserError):
+    """The record's sampler state cannot be read here: written by another Optuna version, or by
+    an older qarac_dist that pickled the sampler."""
 
 
 def distributions(params: dict[str, Distribution]) -> dict:
@@ -76,28 +83,88 @@ def new_sampler(search: Search):
     startup = {} if search.startup_trials is None else {"n_startup_trials": search.startup_trials}
     return {"tpe": lambda: optuna.samplers.TPESampler(seed=seed, constant_liar=True, **startup),
             "gp": lambda: optuna.samplers.GPSampler(seed=seed, **startup),
-            "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, **startup),
             "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
             "random": lambda: optuna.samplers.RandomSampler(seed=seed)}[search.sampler]()
 
 
-def encode(sampler) -> str:
-    """A sampler as the record keeps it (Choice.sampler): base64 of its pickle."""
-    return base64.b64encode(pickle.dumps(sampler)).decode()
+def _generators(sampler, prefix: str = ""):
+    """(path, generator) for each random generator of a sampler and of the samplers it holds
+    (TPE's and GP's random sampler for their first trials, QMC's for keys outside its space)."""
+    from optuna.samplers import BaseSampler
+    from optuna.samplers._lazy_random_state import LazyRandomState
+
+    for name, value in sorted(vars(sampler).items()):
+        if isinstance(value, LazyRandomState):
+            yield prefix + name, value.rng
+        elif isinstance(value, BaseSampler):
+            yield from _generators(value, f"{prefix}{name}.")
 
 
-def choose(search: Search, mode: str, history: list[Told], sampler: Optional[str], study_attrs: dict,
-           warm: list[Told] = ()) -> Choice:
+def state_of(sampler, study_attrs: dict) -> dict:
+    """A sampler's state as data: each generator's Mersenne Twister state (its 624 words in
+    base64, position, cached Gaussian) and the study's system attributes (QMC's position in its
+    sequence). What else a sampler holds is a cache (GP's fitted kernel, a starting guess for the
+    next fit) or comes from the sweep file."""
+    import optuna
+
+    rngs = {}
+    for path, rng in _generators(sampler):
+        _, words, pos, has_gauss, gauss = rng.get_state()
+        rngs[path] = {"words": base64.b64encode(words.astype("<u4").tobytes()).decode(), "pos": int(pos),
+                      "gauss": float(gauss) if has_gauss else None}
+    return {"optuna": optuna.__version__, "rngs": rngs, "study_attrs": study_attrs}
+
+
+def _check(state: dict, where: str) -> None:
+    """RecordMismatch, in one line, when this process cannot go on from `state` exactly."""
+    import optuna
+
+    if "optuna" not in state:
+        raise RecordMismatch(f"{where}: written by an older qarac_dist that kept the sampler as a pickle, which "
+                             f"is no longer read (a record must not run code); start a new sweep (--name), with "
+                             f"search.warm_start naming this one to keep its results")
+    if state.get("optuna") != optuna.__version__:
+        raise RecordMismatch(f"{where}: the sampler's state was recorded by Optuna {state.get('optuna')}, this is "
+                             f"Optuna {optuna.__version__}, which may draw otherwise from it; install "
+                             f"optuna=={state.get('optuna')} (constraints.txt pins it) or start a new sweep")
+
+
+def restored(search: Search, state: Optional[dict], where: str):
+    """A new sampler from the sweep file with the generators' states `state` recorded."""
+    import numpy as np
+
+    sampler = new_sampler(search)
+    if state is None:  # the first ask: as the seed starts it
+        return sampler
+    _check(state, where)
+    generators = dict(_generators(sampler))
+    if set(generators) != set(state.get("rngs") or {}):
+        raise RecordMismatch(f"{where}: the sampler's state holds generators {sorted(state.get('rngs') or {})}, "
+                             f"search.sampler {search.sampler} has {sorted(generators)}")
+    for path, rng in generators.items():
+        try:
+            saved = state["rngs"][path]
+            words = np.frombuffer(base64.b64decode(saved["words"], validate=True), dtype="<u4")
+            rng.set_state(("MT19937", words, int(saved["pos"]), saved["gauss"] is not None,
+                           float(saved["gauss"] or 0.0)))
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise RecordMismatch(f"{where}: the sampler's state of {path} is damaged ({err}); start a new "
+                                 f"sweep, with search.warm_start naming this one to keep its results") from None
+    return sampler
+
+
+def choose(search: Search, mode: str, history: list[Told], previous: Optional[dict], warm: list[Told] = (),
+           where: str = "the search record") -> Choice:
     """The next trial's values. `history`: this sweep's trials in the order they were asked;
-    `sampler` and `study_attrs`: as the previous ask left them (None: the first ask); `warm`:
-    another sweep's finished trials, told first."""
+    `previous`: the state the previous ask left (None: the first ask); `warm`: another sweep's
+    finished trials, told first; `where`: the record, for errors."""
     import optuna
     from optuna.trial import TrialState, create_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    state = pickle.loads(base64.b64decode(sampler)) if sampler else new_sampler(search)
-    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize", sampler=state)
-    for key, value in study_attrs.items():
+    sampler = restored(search, previous, where)
+    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize", sampler=sampler)
+    for key, value in ((previous or {}).get("study_attrs") or {}).items():
         study._storage.set_study_system_attr(study._study_id, key, value)
     space = distributions(search.params)
     trials = []
@@ -121,8 +188,7 @@ def choose(search: Search, mode: str, history: list[Told], sampler: Optional[str
                 trial.report(v, step)
             study.tell(trial, earlier.value, state=earlier.state)
         trial = study.ask(space)
-    return Choice(dict(trial.params), encode(state),
-                  dict(study._storage.get_study_system_attrs(study._study_id)))
+    return Choice(dict(trial.params), state_of(sampler, dict(study._storage.get_study_system_attrs(study._study_id))))
 
 
 def _key(params: dict) -> str:

@@ -14,6 +14,7 @@ newest checkpoint.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Optional
@@ -55,11 +56,13 @@ def _write(layout: SweepLayout, claims: dict[str, Claim]) -> None:
 
 
 def take(layout: SweepLayout, job: str, queue: Iterable[tuple[str, int]], running: set[str],
-         alive: Callable[[str], bool]) -> Optional[tuple[str, int]]:
+         live: Callable[[list[str]], set[str]]) -> Optional[tuple[str, int]]:
     """Claim the next trial for `job` from `queue` ((trial id, attempt), in the order to start
     them), or None. First the job's own open claims (a requeued job resumes its trials), then a
     trial nobody started, then one whose job is gone without ending it. `running`: trials this
-    job runs now, never taken twice."""
+    job runs now, never taken twice. `live(jobs)`: those of the jobs that may still run (one
+    scheduler query for all, asked only when nothing of the first two kinds is left: the lock
+    is held meanwhile)."""
     with locked(layout.claims_lock):
         claims = read(layout)
         queue = [(tid, attempt) for tid, attempt in queue if tid not in running]
@@ -73,8 +76,9 @@ def take(layout: SweepLayout, job: str, queue: Iterable[tuple[str, int]], runnin
 
         own = [(t, a) for t, a in queue if (c := current(t, a)) is not None and c.open and c.job == job]
         free = [(t, a) for t, a in queue if not newer(t, a) and ((c := current(t, a)) is None or c.job is None)]
-        released = [(t, a) for t, a in queue if (c := current(t, a)) is not None and c.open and c.job != job
-                    and not alive(c.job)]
+        others = [(t, a, c.job) for t, a in queue if (c := current(t, a)) is not None and c.open and c.job != job]
+        alive = live(sorted({j for _, _, j in others})) if others and not own + free else set()
+        released = [(t, a) for t, a, j in others if j not in alive and not own + free]
         for tid, attempt in own + free + released:
             previous = current(tid, attempt)
             claims[tid] = Claim(attempt, job, time.time(),
@@ -114,22 +118,45 @@ def note_first_checkpoint(layout: SweepLayout, job: str, tid: str, attempt: int,
             _write(layout, claims)
 
 
-def reserve(layout: SweepLayout, attempts: dict[str, tuple[int, int]], alive: Callable[[str], bool]) -> list[str]:
+def reserve(layout: SweepLayout, attempts: dict[str, tuple[int, int]],
+            live: Callable[[list[str]], set[str]]) -> list[str]:
     """Reserve each trial's new attempt (trial id -> (the attempt it ran, the new one)) for the
     packed jobs about to be submitted: runners of older attempts no longer take it. A trial
     whose claim on the attempt it ran is open in a job that is still alive (another runner took
     it over meanwhile) is left to that job: the trials reserved are returned."""
     with locked(layout.claims_lock):
         claims = read(layout)
+        held = {tid: c.job for tid, (old, _) in attempts.items()
+                if (c := claims.get(tid)) is not None and c.attempt == old and c.open}
+        alive = live(sorted(set(held.values()))) if held else set()
         reserved = []
         for tid, (old, new) in attempts.items():
             claim = claims.get(tid)
-            if claim is not None and claim.attempt == old and claim.open and alive(claim.job):
+            if tid in held and held[tid] in alive:
                 continue
             claims[tid] = Claim(new, first_checkpoint_s=claim.first_checkpoint_s if claim else None)
             reserved.append(tid)
         _write(layout, claims)
         return reserved
+
+
+def note_bad_nodes(layout: SweepLayout, nodes: str, job: str, error: str) -> None:
+    """Job `job` took no more trials: its steps could not start on `nodes` (a SLURM host list).
+    The next submission of the sweep excludes them (submission.py)."""
+    with locked(layout.claims_lock):
+        found = bad_nodes(layout)
+        found[nodes] = f"job {job}: {error}"
+        write_json(layout.bad_nodes, found)
+
+
+def bad_nodes(layout: SweepLayout) -> dict[str, str]:
+    """Host list -> why it is excluded. A damaged file is named and passed over: it only advises."""
+    try:
+        data = read_json(layout.bad_nodes) or {}
+    except DamagedFile as err:
+        print(f"qarac_dist: {err}; no node is excluded for it", file=sys.stderr)
+        return {}
+    return {str(k): str(v) for k, v in data.items()}
 
 
 def time_needed(claims: dict[str, Claim]) -> Optional[float]:

@@ -58,7 +58,8 @@ class Patience:
     """Who asks the scheduler again after it failed: not before a wait that doubles with each
     failure (5 s to 5 min), saying so once per failure; meanwhile the answer is `unknown`."""
 
-    def __init__(self, ask: Callable, unknown, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, ask: Callable, unknown: Callable, clock: Callable[[], float] = time.monotonic):
+        """`unknown(*args)`: the answer while the scheduler cannot tell."""
         self.ask, self.unknown, self.clock = ask, unknown, clock
         self.wait_s, self.until = 0.0, 0.0
 
@@ -68,16 +69,21 @@ class Patience:
 
     def __call__(self, *args):
         if self.waiting():
-            return self.unknown
+            return self.unknown(*args)
         try:
             answer = self.ask(*args)
         except SchedulerUnavailable as err:
             self.wait_s = min(300.0, max(5.0, 2 * self.wait_s))
             self.until = self.clock() + self.wait_s
             print(f"qarac_dist: {err}; asking again in {self.wait_s:.0f} s", file=sys.stderr, flush=True)
-            return self.unknown
+            return self.unknown(*args)
         self.wait_s = 0.0
         return answer
+
+
+def all_may_run(job_ids: list[str]) -> set[str]:
+    """What a Patience over `live` answers while the scheduler cannot tell: every job may run."""
+    return set(job_ids)
 
 
 def job_states(job_ids: list[str]) -> dict[str, str]:

@@ -39,6 +39,9 @@ class Executor(Protocol):
     def states(self, job_ids: list[str]) -> dict[str, str]:
         """The scheduler's state of each job it still knows (SLURM's names)."""
 
+    def live(self, job_ids: list[str]) -> set[str]:
+        """Those of the jobs that may still run, in one query."""
+
     def cancel(self, job_ids: list[str], at_once: bool = False) -> None:
         """Stop the jobs: SIGTERM, on which each trial saves at the end of its step and exits;
         `at_once`: SIGKILL, nothing saved."""
@@ -126,6 +129,9 @@ class SlurmArrays:
     def states(self, job_ids: list[str]) -> dict[str, str]:
         return cluster.job_states(job_ids)
 
+    def live(self, job_ids: list[str]) -> set[str]:
+        return {j for j, state in self.states(job_ids).items() if state in cluster.ACTIVE}
+
     def cancel(self, job_ids: list[str], at_once: bool = False) -> None:
         cluster.cancel(job_ids, "KILL" if at_once else None)
 
@@ -184,6 +190,9 @@ class LocalProcesses:
 
     def states(self, job_ids: list[str]) -> dict[str, str]:
         return {j: "RUNNING" for j in job_ids if self.alive(j)}
+
+    def live(self, job_ids: list[str]) -> set[str]:
+        return set(self.states(job_ids))
 
     def cancel(self, job_ids: list[str], at_once: bool = False) -> None:
         # submitit's controller (the job's pid) forwards SIGTERM to its tasks; SIGKILL it cannot

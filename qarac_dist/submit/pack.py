@@ -42,7 +42,7 @@ from ..config.sweep import Resources, Search
 from ..track import search_record
 from ..track.trial_dir import TrialDir, TrialState
 from . import claims, sbatch, search
-from .cluster import ACTIVE, Patience
+from .cluster import ACTIVE, Patience, all_may_run
 from .executors import make_executor, stop_with_parent
 from .step import TRIAL_ENV
 from .sweep_dir import last_error, resolve_state
@@ -111,8 +111,8 @@ class _Runner:
         self.preempted = False
         self.out_of_time = False
         # A job the scheduler cannot tell about is not taken for dead: its trials are not taken over.
-        self.alive = Patience(make_executor(job.kind, self.layout.submitit, Resources(),
-                                            sbatch.job_name(self.layout.root.name), 0).alive, unknown=True)
+        self.live = Patience(make_executor(job.kind, self.layout.submitit, Resources(),
+                                           sbatch.job_name(self.layout.root.name), 0).live, unknown=all_may_run)
         self.ended: list[str] = []
         self.num_started = 0
         self.failed_starts = 0
@@ -127,7 +127,7 @@ class _Runner:
                 broken = self.failed_starts >= MAX_FAILED_STARTS
                 if self.signum is None and not self.preempted and not self.out_of_time and not broken:
                     self.fill()
-                if not self.steps and not self.alive.waiting():  # a job it cannot see may be gone: ask again
+                if not self.steps and not self.live.waiting():  # a job it cannot see may be gone: ask again
                     break
                 time.sleep(POLL_S)
         except Exception as err:
@@ -140,9 +140,13 @@ class _Runner:
             print(f"qarac_dist: job {self.job_id} preempted; its trials saved; requeued", flush=True)
             subprocess.run(["scontrol", "requeue", self.job_id], check=False, timeout=60)
         if self.failed_starts >= MAX_FAILED_STARTS:
+            error = last_error(self.layout, self.job_id) or "see its log"
+            nodes = os.environ.get("SLURM_JOB_NODELIST")
+            if nodes:  # the sweep's next submission keeps away from them
+                claims.note_bad_nodes(self.layout, nodes, self.job_id, error)
             raise RuntimeError(f"job {self.job_id} took no more trials: {self.failed_starts} steps in a row could not "
-                               f"start ({last_error(self.layout, self.job_id) or 'see its log'}); they went back to "
-                               f"the queue for another job or a re-run of the sweep")
+                               f"start ({error}); they went back to the queue for another job or a re-run of the "
+                               f"sweep" + (f", which excludes {nodes}" if nodes else ""))
         return {"job": self.job_id, "ended": self.ended, "preempted": self.preempted}
 
     def on_signal(self, signum, _frame) -> None:
@@ -175,7 +179,7 @@ class _Runner:
                 self.out_of_time = True
                 return
             taken = claims.take(self.layout, self.job_id, [(e.id, e.attempt) for e in self.job.entries],
-                                set(self.steps), self.alive)
+                                set(self.steps), self.live)
             if taken is None:
                 return
             entry = next(e for e in self.job.entries if (e.id, e.attempt) == taken)

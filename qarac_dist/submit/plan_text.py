@@ -10,8 +10,8 @@ from ..base.secrets import redact_text
 from ..config.sweep import SweepSpec
 from ..plan import Trial, select_defaults
 from ..plan.asha import budget
-from . import cluster, sbatch
-from .search import warm_start
+from . import claims, cluster, sbatch
+from .search import check_record, warm_start
 from .sweep_dir import Manifest, layout_for, same_record
 
 
@@ -29,6 +29,8 @@ def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, source: str, sho
     manifest = Manifest.load(layout_for(spec).root)
     if manifest is not None:
         same_record(manifest, layout_for(spec), spec, select, source)
+        if spec.search is not None:
+            check_record(layout_for(spec), spec.search)
     told = warm_start(spec.search, *select)[1] if spec.search is not None else ""
     print(f"sweep {spec.name}: {len(trials)} trials, executor {kind}")
     width = max([len("trial")] + [len(t.id) for t in trials[:shown]])
@@ -57,6 +59,10 @@ def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, source: str, sho
     if kind == "slurm" or spec.executor != "local":
         size = cluster.max_array_size() if cluster.available() else 1001
         folder = sbatch.job_folder(layout_for(spec).submitit)
+        bad = claims.bad_nodes(layout_for(spec))
+        for nodes, why in bad.items():
+            print(f"excluded: {nodes} ({why}); delete {layout_for(spec).bad_nodes} to allow them again")
+        r = sbatch.excluding(r, bad)
         if spec.trials_as_steps():
             print(f"\n# sbatch script of the jobs that run the {len(trials)} trials as steps")
             print(sbatch.sbatch_text(r, sbatch.job_name(spec.name), folder, sys.executable,
@@ -64,7 +70,7 @@ def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, source: str, sho
             return
         for array in sbatch.arrays(len(trials), size):
             print(f"\n# sbatch script of the array with trials {array.start}..{array.stop - 1}")
-            print(sbatch.sbatch_text(spec.resources, sbatch.job_name(spec.name), folder, sys.executable, len(array)))
+            print(sbatch.sbatch_text(r, sbatch.job_name(spec.name), folder, sys.executable, len(array)))
 
 
 def print_search(spec: SweepSpec, told: str) -> None:

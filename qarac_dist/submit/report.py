@@ -56,9 +56,10 @@ runs the trial (`<array>_<task>.<step>`, as squeue -s shows it)."""
 
 
 def rows(manifest: Manifest) -> tuple[list[Row], Optional[str]]:
-    """One row per trial, by trial id, and the best trial's id."""
+    """One row per trial, by trial id (those no longer in the sweep file last), and the best
+    trial's id (never one of those)."""
     out = []
-    for r in sorted(manifest.trials.values(), key=lambda r: r.id):
+    for r in sorted(manifest.trials.values(), key=lambda r: (r.retired, r.id)):
         status = r.trial_dir.status_of(r.attempt)
         info = r.trial_dir.best_info() or {}
         metrics = info.get("metrics", {})
@@ -68,7 +69,7 @@ def rows(manifest: Manifest) -> tuple[list[Row], Optional[str]]:
                        status.step if status else None, status.resumed_from if status else None,
                        _rollbacks(r.trial_dir)))
     best = best_of((Candidate(row.record.id, row.value, row.loss, row.best_step)
-                    for row in out if row.record.state in DONE), manifest.select_mode)
+                    for row in out if row.record.state in DONE and not row.record.retired), manifest.select_mode)
     return out, best.trial_id if best else None
 
 
@@ -88,9 +89,19 @@ def progress_table(manifest: Manifest):
     table = Table(title=Text(f"sweep {manifest.sweep}: {done}/{len(table_rows)} ended"))
     for col in (*COLUMNS, f"best {manifest.select_metric}"):
         table.add_column(col)
-    for row in table_rows:
+    for row in _apart(table, table_rows):
         table.add_row(*map(Text, row.cells()[:8]))  # as text: error lines hold brackets, not markup
     return table
+
+
+def _apart(table, rows: list[Row]):
+    """The rows, with a line above the first trial no longer in the sweep file."""
+    apart = False
+    for row in rows:
+        if row.record.retired and not apart:
+            table.add_section()
+            apart = True
+        yield row
 
 
 def print_summary(manifest: Manifest, layout: SweepLayout) -> Optional[str]:
@@ -103,7 +114,7 @@ def print_summary(manifest: Manifest, layout: SweepLayout) -> Optional[str]:
     table = Table(title=Text(f"sweep {manifest.sweep} ({manifest.executor}); * marks the best trial"))
     for col in ("", *COLUMNS, f"best {manifest.select_metric}", "error"):
         table.add_column(col)
-    for row in table_rows:
+    for row in _apart(table, table_rows):
         best = row.record.id == best_id
         table.add_row("*" if best else "", *map(Text, row.cells()), style="bold green" if best else None)
     console = Console(width=200)
@@ -115,6 +126,10 @@ def print_summary(manifest: Manifest, layout: SweepLayout) -> Optional[str]:
                       highlight=False, soft_wrap=True)
         console.print(f"best = {manifest.select_mode} {manifest.select_metric}; {TIE_ORDER}", markup=False,
                       highlight=False, soft_wrap=True)
+    retired = sum(row.record.retired for row in table_rows)
+    if retired:
+        console.print(f"{retired} trial(s) below the line are no longer in the sweep file: shown, never chosen best "
+                      f"(back in the file, back in the running)", markup=False, highlight=False, soft_wrap=True)
     if layout.asha.is_dir():
         pruned = sum(row.record.state == "PRUNED" for row in table_rows)
         console.print(f"successive halving: {pruned} trial(s) stopped at a rung; rung table {layout.asha_table}, "

@@ -59,6 +59,17 @@ def num_jobs(resources: Resources, num_trials: int, steps: bool = False) -> int:
     return min(math.ceil(resources.max_parallel / resources.pack), math.ceil(num_trials / resources.pack))
 
 
+def excluding(resources: Resources, bad_nodes: dict[str, str]) -> Resources:
+    """`resources` with the sweep's bad nodes (submit/claims.py) added to sbatch's --exclude,
+    beside any the sweep file gives."""
+    if not bad_nodes:
+        return resources
+    extra = dict(resources.extra_sbatch or {})
+    given = [str(extra["exclude"])] if extra.get("exclude") else []
+    extra["exclude"] = ",".join(dict.fromkeys([*given, *bad_nodes]))
+    return dataclasses.replace(resources, extra_sbatch=extra)
+
+
 def executor_parameters(resources: Resources, name: str, steps: bool = False) -> dict:
     """submitit SlurmExecutor parameters for these resources. Where trials run as steps (packed,
     or `steps`), the job's script runs its runner (submit/pack.py) directly, not under srun."""

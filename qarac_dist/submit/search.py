@@ -13,9 +13,9 @@ from typing import Optional
 from ..base.layout import SweepLayout
 from ..base.secrets import redact_text
 from ..config import ConfigError
-from ..config.sweep import Search
+from ..config.sweep import GP_TRIALS, Search
 from ..plan.resolve import Resolver
-from ..plan.search import Told, choose, in_space
+from ..plan.search import Told, choose, in_space, restored
 from ..track import search_record
 from ..track.trial_dir import TrialDir, TrialState
 
@@ -33,16 +33,27 @@ def start(layout: SweepLayout, search: Search, slot: int, trial: str, config: di
     ConfigError when the values do not make a valid config."""
     mode = context["select_mode"]
 
-    def ask(record: search_record.Record) -> tuple[dict, str, dict, Optional[str]]:
-        previous = record.asks[-1] if record.asks else None
-        choice = choose(search, mode, history(record), previous.sampler if previous else None,
-                        previous.study_attrs if previous else {}, warm_start(search, context["select_metric"], mode)[0])
-        return choice.params, choice.sampler, choice.study_attrs, _child_run(context, trial, slot, config, choice.params)
+    def ask(record: search_record.Record) -> tuple[dict, dict, Optional[str]]:
+        choice = choose(search, mode, history(record), previous_state(record),
+                        warm_start(search, context["select_metric"], mode)[0], str(layout.search))
+        return choice.params, choice.state, _child_run(context, trial, slot, config, choice.params)
 
     asked = search_record.ask(layout, slot, trial, ask)
     resolved, _ = Resolver(config, set(asked.params)).resolve(asked.params)
     resolved.update(name=config["name"], output=config["output"])
     return resolved, {**context, "run_id": asked.run_id}
+
+
+def previous_state(record: search_record.Record) -> Optional[dict]:
+    """The sampler's state the latest ask left (None: nothing asked yet)."""
+    return record.asks[-1].state if record.asks else None
+
+
+def check_record(layout: SweepLayout, search: Search) -> None:
+    """RecordMismatch, in one line, when the next ask could not go on from the sweep's search
+    record (another Optuna wrote it, an older qarac_dist, a damaged state): said before anything
+    is submitted, not by every job."""
+    restored(search, previous_state(search_record.read(layout)), str(layout.search))
 
 
 def history(record: search_record.Record) -> list[Told]:
@@ -84,6 +95,9 @@ def warm_start(search: Search, metric: str, mode: str) -> tuple[list[Told], str]
         raise ConfigError(problems)
     finished = [t for t in history(search_record.read(earlier)) if t.state != "RUNNING"]
     kept = [t for t in finished if in_space(t.params, search)]
+    if search.sampler == "gp" and len(kept) + search.trials > GP_TRIALS:
+        raise ConfigError([f"{where}: gp takes at most {GP_TRIALS} trials, told ones included: {len(kept)} told "
+                           f"first and search.trials {search.trials}; use tpe, or fewer trials"])
     dropped = len(finished) - len(kept)
     return kept, (f"told first: {len(kept)} of the {len(finished)} finished trials of {search.warm_start}"
                   + (f"; {dropped} dropped, outside this sweep's ranges" if dropped else ""))
@@ -102,13 +116,18 @@ def _child_run(context: dict, trial: str, slot: int, config: dict, params: dict)
 
 def tell(layout: SweepLayout, slot: int, trial_dir: TrialDir, verdict: Optional[TrialState], metric: str,
          mode: str, attempt: int) -> None:
-    """Record how attempt `attempt` of the slot's trial ended: its best value of the select
-    metric over its validations (COMPLETE), the values it reported before a rung stopped it
-    (PRUNED), or FAIL."""
+    """Record how attempt `attempt` of the slot's trial ended: the select metric of its best
+    model, as the parent run ranks it (best/'s validation; without one, its best over its
+    validations) (COMPLETE), the values it reported before a rung stopped it (PRUNED), or FAIL.
+    After a rollback that undid best/, the model validated again is the best: the record and the
+    choice agree."""
     curve = {row["step"]: row[f"val_{metric}"] for row in trial_dir.metrics()
              if f"val_{metric}" in row and isinstance(row[f"val_{metric}"], (int, float))}
     finite = [v for v in curve.values() if math.isfinite(v)]
-    if verdict == TrialState.COMPLETED and finite:
+    kept = ((trial_dir.best_info() or {}).get("metrics") or {}).get(metric)
+    if verdict == TrialState.COMPLETED and isinstance(kept, (int, float)) and math.isfinite(kept):
+        search_record.tell(layout, slot, "COMPLETE", float(kept), curve, attempt)
+    elif verdict == TrialState.COMPLETED and finite:
         search_record.tell(layout, slot, "COMPLETE", max(finite) if mode == "max" else min(finite), curve, attempt)
     elif verdict == TrialState.PRUNED:
         search_record.tell(layout, slot, "PRUNED", None, curve, attempt)

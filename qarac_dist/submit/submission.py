@@ -22,10 +22,10 @@ from ..config.schema import to_dict
 from ..config.sweep import Resources, Search, SweepSpec
 from ..plan import Trial, select_defaults, varied_keys
 from ..track.job_context import JobContext
-from . import claims, cluster, pack, sbatch, tracking
+from . import claims, cluster, lock_check, pack, sbatch, tracking
 from .executors import Executor, TrialJob, make_executor
 from .report import print_summary
-from .search import tell_ended, warm_start
+from .search import check_record, tell_ended, warm_start
 from .sweep_dir import DONE, FAILED, QUIET, RESUBMIT, Attempt, Manifest, SweepLock, TrialRecord, job_error, \
     layout_for, own_error, read_cancels, resolve_state, same_record, write_sweep_file
 
@@ -42,11 +42,17 @@ class Submission:
         self.spec, self.base, self.trials, self.source = spec, base, trials, source
         self.command, self.wait, self.preflight = command, wait, preflight
         self.layout = layout_for(spec)
-        self.executor = make_executor(kind, self.layout.submitit, spec.resources, sbatch.job_name(spec.name),
+        self.bad_nodes = claims.bad_nodes(self.layout) if kind == "slurm" else {}
+        self.resources = sbatch.excluding(spec.resources, self.bad_nodes)
+        """What each job asks for: the sweep file's resources, keeping away from nodes where this
+        sweep's steps could not start."""
+        self.executor = make_executor(kind, self.layout.submitit, self.resources, sbatch.job_name(spec.name),
                                       spec.max_requeues, steps=spec.trials_as_steps())
         self.lock = SweepLock(self.layout.root)
         self.submitted = False
         self.preflight_text = None
+        self.retiring: list[TrialRecord] = []
+        """Trials that left the sweep file (or came back) since the manifest was saved."""
 
     @property
     def local(self) -> bool:
@@ -94,7 +100,7 @@ class Submission:
                 return 1
             tracking.close_parent(manifest, self.layout)
             best = print_summary(manifest, self.layout)
-            unfinished = [r for r in manifest.trials.values() if r.state not in DONE]
+            unfinished = [r for r in manifest.trials.values() if r.state not in DONE and not r.retired]
             return 1 if unfinished or best is None else 0
         finally:
             self.lock.release()
@@ -179,6 +185,8 @@ class Submission:
             raise UserError(f"{self.source}: executor: {self.layout.root} was submitted with {manifest.executor}, now "
                             f"{kind}; use another sweep name")
         same_record(manifest, self.layout, self.spec, select_defaults(self.spec, self.trials), self.source)
+        if self.spec.search is not None:
+            check_record(self.layout, self.spec.search)
         return manifest
 
     def to_run(self, manifest: Manifest) -> list[TrialRecord]:
@@ -192,10 +200,14 @@ class Submission:
             tell_ended(self.layout, list(manifest.trials.values()), manifest.select_metric,
                        manifest.select_mode)
         planned = {t.id for t in self.trials}
+        self.retiring = [r for r in manifest.trials.values() if r.retired != (r.id not in planned)]
+        for r in self.retiring:
+            r.retired = r.id not in planned
         return [r for r in manifest.trials.values() if r.id in planned and r.state in RESUBMIT]
 
     def check(self, todo: list[TrialRecord]) -> int:
-        """sbatch --test-only, a warm start that fits, preflight: 0 when the trials may be submitted."""
+        """sbatch --test-only, locks that hold across nodes, a warm start that fits, preflight: 0
+        when the trials may be submitted."""
         if self.spec.search is not None and self.spec.search.warm_start:
             print(warm_start(self.spec.search, *select_defaults(self.spec, self.trials))[1])
         if self.executor.kind == "slurm" and todo:
@@ -203,6 +215,8 @@ class Submission:
                                                                                self.executor.steps)))
             if refusal:
                 raise UserError(f"{self.source}: resources: sbatch refused the job: {refusal}")
+            if self.executor.steps:  # runners on several nodes share the sweep's locks
+                lock_check.check(self.layout, self.resources)
         if todo and self.preflight is not None:
             self.preflight_text, passed = self.preflight(todo)
             if not passed:
@@ -212,7 +226,7 @@ class Submission:
         return 0
 
     def sbatch_text(self, num_jobs: int) -> str:
-        return sbatch.sbatch_text(self.spec.resources, sbatch.job_name(self.spec.name),
+        return sbatch.sbatch_text(self.resources, sbatch.job_name(self.spec.name),
                                   sbatch.job_folder(self.layout.submitit), sys.executable, num_jobs, self.executor.steps)
 
     def submit(self, manifest: Manifest, todo: list[TrialRecord]) -> None:
@@ -223,6 +237,7 @@ class Submission:
         manifest.save(self.layout.root)
         tracking.ensure_runs(manifest, [r for r in todo if r.slot is None], varied_keys(self.spec))
         manifest.save(self.layout.root)
+        tracking.mark_retired(manifest, self.retiring, self.layout)
         if self.preflight_text is not None:
             tracking.log_preflight(manifest, self.preflight_text)
         if todo and not self.started_here:
@@ -234,6 +249,8 @@ class Submission:
               f"{len(self.trials) - len(todo)} already pending, running or completed; directory {self.layout.root}")
         if self.executor.kind != "slurm" or not todo:
             return
+        for nodes, why in self.bad_nodes.items():
+            print(f"excluded: {nodes} ({why}); delete {self.layout.bad_nodes} to allow them again")
         arrays: dict[str, int] = {}
         for job in sorted({job for r in todo for job in r.jobs}):
             arrays[job.split("_")[0]] = arrays.get(job.split("_")[0], 0) + 1
@@ -303,7 +320,7 @@ def submit_records(manifest: Manifest, layout: SweepLayout, executor: Executor, 
     attempts are reserved in the claims first, so no runner of an older submission starts them."""
     resources = executor.resources
     if executor.steps:  # a trial another job took over meanwhile is left to it
-        kept = set(claims.reserve(layout, {r.id: (r.attempt, r.attempt + 1) for r in records}, executor.alive))
+        kept = set(claims.reserve(layout, {r.id: (r.attempt, r.attempt + 1) for r in records}, executor.live))
         records = [r for r in records if r.id in kept]
     for r in records:
         if r.attempt:
@@ -348,7 +365,7 @@ def follow(manifest: Manifest, layout: SweepLayout, executor: Executor, queued: 
     console = Console(width=200)
     queue = list(queued)
     last_states: dict[str, str] = {}
-    refreshed = cluster.Patience(lambda: refresh(manifest, executor, layout) or True, unknown=False)
+    refreshed = cluster.Patience(lambda: refresh(manifest, executor, layout) or True, unknown=lambda: False)
     with Live(console=console, auto_refresh=False, transient=True) as live:
         while True:
             if not refreshed():  # the scheduler did not answer: nothing is decided on it

@@ -86,6 +86,9 @@ class TrialRecord:
     mlflow_run_id: Optional[str] = None
     error: Optional[str] = None
     """Last error line, for a failed trial."""
+    retired: bool = False
+    """No longer in the sweep file as last run: shown apart, never chosen best (its MLflow run is
+    tagged so, track/sweep_runs.py); back in the file, back in the running."""
 
     @property
     def trial_dir(self) -> TrialDir:
@@ -146,7 +149,10 @@ class Manifest:
         write_json(SweepLayout(Path(sweep_dir)).manifest, dataclasses.asdict(self))
 
     def all_ended(self) -> bool:
-        return not any(r.state in RUNNING_STATES for r in self.trials.values())
+        """No trial runs or waits to (one no longer in the sweep file and never submitted waits
+        for nothing)."""
+        return not any(r.state in RUNNING_STATES and not (r.retired and r.state == "QUEUED")
+                       for r in self.trials.values())
 
 
 def resolve_state(record: TrialRecord, scheduler_state: Optional[str]) -> str:

@@ -51,10 +51,31 @@ def close_parent(manifest: Manifest, layout: SweepLayout) -> None:
 
     try:
         sweep_runs.close_parent(manifest.tracking_uri, manifest.mlflow_parent_run_id, manifest.select_metric,
-                                manifest.select_mode, all(r.state in DONE for r in manifest.trials.values()), layout)
+                                manifest.select_mode,
+                                all(r.state in DONE for r in manifest.trials.values() if not r.retired), layout)
     except Exception as err:  # noqa: BLE001 - the sweep's own outcome stands; say why MLflow lags
         print(f"qarac_dist: could not update the sweep's MLflow run: {type(err).__name__}: {redact_text(str(err))}",
               file=sys.stderr)
+
+
+def mark_retired(manifest: Manifest, changed: list[TrialRecord], layout: SweepLayout) -> None:
+    """Tag the runs of trials that left the sweep file (or came back), and choose the parent's
+    best again: a trial no longer in the file is never the sweep's best."""
+    runs = [r for r in changed if r.mlflow_run_id is not None]
+    if manifest.mlflow_parent_run_id is None or not runs:
+        return
+    from ..track import sweep_runs
+    from ..track.mlflow_client import client
+
+    try:
+        c = client(manifest.tracking_uri)
+        for r in runs:
+            c.set_tag(r.mlflow_run_id, sweep_runs.RETIRED, str(r.retired).lower())
+        sweep_runs.update_parent(c, manifest.mlflow_parent_run_id, manifest.select_metric, manifest.select_mode,
+                                 layout)
+    except Exception as err:  # noqa: BLE001 - the manifest says it; say why MLflow lags
+        print(f"qarac_dist: could not mark the runs of trials no longer in the sweep file: {type(err).__name__}: "
+              f"{redact_text(str(err))}", file=sys.stderr)
 
 
 def end_runs(manifest: Manifest, records: list[TrialRecord], status: str) -> None:

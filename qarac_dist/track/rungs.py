@@ -84,8 +84,18 @@ def read(sweep: SweepLayout, rung: int) -> list[Arrival]:
     return _parse(data, sweep, rung)[0]
 
 
-def _arrival(line: str) -> Arrival:
+def _apply(line: str, arrivals: list[Arrival]) -> None:
+    """One line onto the arrivals: an arrival is added; a withdrawal (a rollback undid the steps
+    that brought the trial to the rung) takes the trial's arrival back."""
     d = json.loads(line)
+    if "withdrawn" in d:
+        trial = str(d["withdrawn"])
+        arrivals[:] = [a for a in arrivals if a.trial != trial]
+    else:
+        arrivals.append(_arrival(d))
+
+
+def _arrival(d: dict) -> Arrival:
     return Arrival(str(d["trial"]), float(d["value"]), float(d.get("loss", "nan")), int(d["step"]),
                    bool(d["continue"]), int(d["seen"]), float(d["time"]))
 
@@ -99,7 +109,7 @@ def _parse(data: bytes, sweep: SweepLayout, rung: int) -> tuple[list[Arrival], i
     for number, raw in enumerate(whole, 1):
         line = raw.decode(errors="replace")
         try:
-            arrivals.append(_arrival(line))
+            _apply(line, arrivals)
         except NOT_A_RECORD:
             raise DamagedFile(f"{sweep.rung(rung)}: rung {rung}, line {number} is not a rung record: {line[:100]!r}; "
                               f"rebuild the file from the trials' own records with python -m qarac_dist.status "
@@ -125,7 +135,7 @@ def rebuild(sweep: SweepLayout, rung: int, metric: str, trials: list[tuple[str, 
     arrivals = []
     for line in data.decode(errors="replace").splitlines():
         try:
-            arrivals.append(_arrival(line))
+            _apply(line, arrivals)
         except NOT_A_RECORD:
             continue
     for trial, directory, step in trials:
@@ -155,6 +165,21 @@ def arrive(sweep: SweepLayout, rung: int, trial: str, score: Score, step: int,
         arrival = Arrival(trial, *score, step, decide(score, [a.score for a in arrivals]), len(arrivals), time.time())
         append_line(f, good, arrival.to_json())
         return arrival
+
+
+def withdraw(sweep: SweepLayout, rung: int, trial: str) -> bool:
+    """Take back `trial`'s arrival at `rung` (a line saying so): a rollback undid the steps that
+    brought it there, so its score there belongs to no model, and it is decided again when it
+    reaches the rung. False: it had none."""
+    if not sweep.rung(rung).exists():
+        return False
+    with locked(sweep.rung(rung), mode="a+b") as f:
+        f.seek(0)
+        arrivals, good = _parse(f.read(), sweep, rung)
+        if not any(a.trial == trial for a in arrivals):
+            return False
+        append_line(f, good, json.dumps({"withdrawn": trial, "time": time.time()}))
+        return True
 
 
 def stopped_at(sweep: SweepLayout, trial: str, rung_steps: list[int], step: int) -> Optional[dict]:

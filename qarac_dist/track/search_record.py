@@ -1,6 +1,8 @@
 """Model-based search's record, `search.jsonl` in the sweep directory (base/layout.py): a line
-per ask (the slot, the values chosen, the sampler's state after it, how many results it was
-told) and a line per result (the slot, how it ended, its value, its values at validations).
+per ask (the slot, the values chosen, the sampler's state after it as data, how many results it
+was told) and a line per result (the slot, how it ended, its value, its values at validations).
+Every line is JSON of numbers and strings, never a pickle, so the record is O(trials) and
+reading it runs no code.
 
 Kept as the rung records are (track/rungs.py says why on NFS): each writer locks the file
 (`fcntl.lockf`, exclusive; the kernel releases it when the holder dies, so a killed process
@@ -30,9 +32,9 @@ class Ask:
     trial: str
     """The trial id the slot runs as."""
     params: dict
-    sampler: str
-    """The sampler's state after this ask (plan/search.py)."""
-    study_attrs: dict
+    state: dict
+    """The sampler's state after this ask, as data (plan/search.py's state_of); {} in a line an
+    older qarac_dist wrote, which pickled the sampler instead (never read)."""
     told_before: int
     """Results recorded when it was asked: it was chosen from all of them."""
     time: float
@@ -82,9 +84,8 @@ def _parse(data: bytes, where: str) -> tuple[Record, int]:
         try:
             d = json.loads(line)
             if "ask" in d:
-                record.asks.append(Ask(int(d["ask"]), str(d["trial"]), dict(d["params"]), str(d["sampler"]),
-                                       dict(d.get("study_attrs", {})), int(d["told_before"]), float(d["time"]),
-                                       d.get("run_id")))
+                record.asks.append(Ask(int(d["ask"]), str(d["trial"]), dict(d["params"]), dict(d.get("state", {})),
+                                       int(d["told_before"]), float(d["time"]), d.get("run_id")))
             else:
                 record.tells.append(Tell(int(d["tell"]), str(d["state"]), None if d["value"] is None else float(d["value"]),
                                          {str(k): float(v) for k, v in d.get("intermediate", {}).items()},
@@ -108,17 +109,17 @@ def read(sweep: SweepLayout) -> Record:
 
 
 def ask(sweep: SweepLayout, slot: int, trial: str,
-        choose: Callable[[Record], tuple[dict, str, dict, Optional[str]]]) -> Ask:
+        choose: Callable[[Record], tuple[dict, dict, Optional[str]]]) -> Ask:
     """The values of `slot`: those recorded, or chosen now (`choose(record)` -> params, sampler
-    state, study attributes, MLflow run id) from everything recorded, and recorded."""
+    state, MLflow run id) from everything recorded, and recorded."""
     with locked(sweep.search, mode="a+b") as f:  # closing the file releases the lock
         f.seek(0)
         record, good = _parse(f.read(), str(sweep.search))
         mine = record.asked(slot)
         if mine is not None:
             return mine
-        params, sampler, attrs, run_id = choose(record)
-        mine = Ask(slot, trial, params, sampler, attrs, len(record.tells), time.time(), run_id)
+        params, state, run_id = choose(record)
+        mine = Ask(slot, trial, params, state, len(record.tells), time.time(), run_id)
         line = asdict(mine)
         line["ask"] = line.pop("slot")
         append_line(f, good, json.dumps(line))

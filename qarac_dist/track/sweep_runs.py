@@ -48,6 +48,10 @@ def _one_at_a_time(sweep: Optional[SweepLayout]):
         yield
 
 
+RETIRED = "qarac.retired"
+"""Tag of a child run whose trial is no longer in the sweep file: never the best."""
+
+
 def update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
                   sweep: Optional[SweepLayout] = None) -> Optional[tuple[str, float]]:
     """Name the best finished child on the parent (tags best_trial, best_run_id; metric
@@ -65,7 +69,7 @@ def _update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
                                          filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                                          max_results=10000)
     key = f"best_val_{metric}"
-    lines = [f"trial,run_id,status,{key},best_val_loss,best_step,stopped"]
+    lines = [f"trial,run_id,status,{key},best_val_loss,best_step,stopped,in_sweep_file"]
     candidates, runs = [], {}
     for child in sorted(children, key=lambda r: r.data.tags.get("trial_id", "")):
         tags, metrics = child.data.tags, child.data.metrics
@@ -73,8 +77,10 @@ def _update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
         value = metrics.get(key)
         lines.append(",".join(str(x) for x in (
             trial, child.info.run_id, child.info.status, "" if value is None else value,
-            metrics.get("best_val_loss", ""), tags.get("best_step", ""), tags.get("asha.stopped_at_step", ""))))
-        if child.info.status == "FINISHED" and value is not None and not math.isnan(value):
+            metrics.get("best_val_loss", ""), tags.get("best_step", ""), tags.get("asha.stopped_at_step", ""),
+            "no" if tags.get(RETIRED) == "true" else "yes")))
+        if child.info.status == "FINISHED" and value is not None and not math.isnan(value) and \
+                tags.get(RETIRED) != "true":
             step = tags.get("best_step")
             candidates.append(Candidate(trial, value, metrics.get("best_val_loss"), int(step) if step else None))
             runs[trial] = child.info.run_id

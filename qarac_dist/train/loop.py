@@ -18,12 +18,11 @@ import torch.distributed as dist
 from ..base.secrets import redact
 from ..config import TrainConfig, config_to_dict, deepspeed_config
 from ..config.schema import flatten
-from ..track import rungs
 from ..track.job_context import JobContext
 from ..track.mlflow_runs import TrialRun
 from ..track.trackers import NullTracker, Tracker, Trackers
 from ..track.trial_dir import BEST_INFO, MetricsFile, TrialDir
-from . import batches, data, faults, models
+from . import batches, data, faults, models, rung_gate
 from .build import build_on_ranks, lr_lambda, optimizer_for, seed_everything
 from .checkpoint import Checkpointer
 from .export import export, reload_module
@@ -126,7 +125,9 @@ class Trainer:
         self.window = Window(self.device)
         self.nonfinite = NonFinite(self.cfg.training.max_nonfinite_steps)
         self.data = self.batches.iterate(start_step=self.step + self.offset)
-        self.pruned = self.recorded_stop() if self.cfg.asha is not None and self.resume_tag is not None else None
+        self.pruned = rung_gate.recorded_stop(self.cfg.asha, self.ranks, self.control_group, self.context.sweep,
+                                              self.dir.path.name, self.step) \
+            if self.cfg.asha is not None and self.resume_tag is not None else None
         if self.spikes is not None and self.resume_tag is None:
             self.save_checkpoint()  # so that a spike before the first checkpoint has one to go back to
         signum = STOP.agreed(self.ranks.world_size, self.control_group)
@@ -210,34 +211,12 @@ class Trainer:
         if self.best.update(self.step, metrics[self.cfg.evaluation.metric]) and self.cfg.output.export_best:
             self.export(self.dir.best, metrics)
         asha = self.cfg.asha
-        if asha is not None and self.step in asha.rungs and not self.at_rung(asha.rungs.index(self.step), metrics):
+        if asha is not None and self.step in asha.rungs and not rung_gate.keeps_going(
+                asha, self.ranks, self.control_group, self.context.sweep, self.dir.path.name,
+                asha.rungs.index(self.step), self.step, metrics):
             self.pruned = {"rung": asha.rungs.index(self.step), "step": self.step}
             return True
         return self.best.should_stop(self.cfg.early_stopping.patience)
-
-    def at_rung(self, rung: int, metrics: dict[str, float]) -> bool:
-        """Rank 0 records this trial's metric at the rung (or finds the decision it recorded
-        before a requeue) and decides; every rank follows it."""
-        asha = self.cfg.asha
-        going = torch.tensor([1])
-        if self.ranks.is_main:
-            score = (float(metrics[asha.metric]), float(metrics.get("loss", math.nan)))
-            arrival = rungs.arrive(self.context.sweep, rung, self.dir.path.name, score, self.step,
-                                   lambda mine, before: rungs.keeps_going(mine, before, asha.reduction_factor,
-                                                                          asha.mode))
-            going[0] = int(arrival.keeps_going)
-        if self.ranks.world_size > 1:
-            dist.broadcast(going, src=0, group=self.control_group)
-        return bool(going.item())
-
-    def recorded_stop(self) -> dict | None:
-        """Rank 0 finds a rung this trial already met and was told to stop at; all ranks follow."""
-        stop: list = [None]
-        if self.ranks.is_main:
-            stop[0] = rungs.stopped_at(self.context.sweep, self.dir.path.name, self.cfg.asha.rungs, self.step)
-        if self.ranks.world_size > 1:
-            dist.broadcast_object_list(stop, src=0, group=self.control_group)
-        return stop[0]
 
     # ------------------------------------------------------------------ pieces
     def to_device(self, batch: dict) -> dict:
@@ -275,8 +254,12 @@ class Trainer:
                 raise SpikesExhausted(exhausted)
             self.pruned = {"rung": None, "step": self.step, "reason": exhausted}
             return True
-        offset, started = self.offset, time.perf_counter()
+        offset, started, exported = self.offset, time.perf_counter(), self.best.best_step
         self.load(self.checkpointer.newest(at_most=self.step - 1))
+        if self.cfg.asha is not None:
+            rung_gate.withdraw_after(self.cfg.asha, self.ranks, self.context.sweep, self.dir.path.name, self.step)
+        if exported is not None and exported > self.step and self.cfg.output.export_best:
+            self.revalidate(exported)
         rollback = self.spikes.rolled_back(spike, self.step, offset, time.perf_counter() - started)
         self.offset = rollback["offset"]
         self.window = Window(self.device)  # the losses since the last log are of undone steps
@@ -285,6 +268,21 @@ class Trainer:
             announce(spike, rollback, self.spikes.line(spike, rollback), self.dir, self.metrics_file, self.tracker,
                      self.trial_run)
         return False
+
+    def revalidate(self, undone: int) -> None:
+        """best/ held a model the rollback undid: the restored one is validated and is the best
+        from here (the best before it is gone with the model that best/ held)."""
+        metrics = evaluate(self.engine, self.splits, self.collate, self.val_order, self.ranks, self.cfg,
+                           self.to_device)
+        if self.ranks.is_main:
+            print(f"qarac_dist: best/ held step {undone}, which the rollback undid: the model of step {self.step} is "
+                  f"validated again and is the best from here", file=sys.stderr, flush=True)
+        self.best.best, self.best.best_step, self.best.bad_validations = None, None, 0
+        self.best.update(self.step, metrics[self.cfg.evaluation.metric])
+        self.export(self.dir.best, metrics)
+        if self.ranks.is_main and not any(r.get("step") == self.step and f"val_{self.best.metric}" in r
+                                          for r in self.dir.metrics()):
+            self.tracker.log(self.step, {f"val_{k}": v for k, v in metrics.items()})
 
     def resume(self) -> None:
         if self.resume_tag is None:

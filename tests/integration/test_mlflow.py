@@ -109,6 +109,30 @@ def test_two_trial_sweep_makes_one_parent_and_two_complete_children(tmp_path, da
     summary = c.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path))
     assert len(open(summary).read().splitlines()) == 3
 
+    # The best trial leaves the sweep file: a re-run shows it apart and never names it best, here
+    # and on the parent; back in the file, it is back in the running.
+    best, other = parent.data.tags["best_trial"], next(t for t in by_trial if t != parent.data.tags["best_trial"])
+    narrowed = _sweep_file(tmp_path, data_cache, uri, log_model=True, grid={
+        "optimizer.lr": [manifest.trials[other].config["optimizer"]["lr"]], "training.seed": [1]})
+    proc = run_sweep(narrowed)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"best trial: {other}" in proc.stdout and "1 trial(s) below the line are no longer in the sweep file" \
+        in proc.stdout
+    assert proc.stdout.index(f" {other} ") < proc.stdout.index(f" {best} ")
+    assert Manifest.load(tmp_path / "runs" / "tracked").trials[best].retired
+    parent = c.get_run(parent.info.run_id)
+    assert parent.data.tags["best_trial"] == other and c.get_run(by_trial[best].info.run_id).data.tags[
+        "qarac.retired"] == "true"
+    (tmp_path / "again").mkdir()
+    summary = c.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path / "again"))
+    assert {line.split(",")[0]: line.split(",")[-1] for line in open(summary).read().splitlines()[1:]} == \
+        {best: "no", other: "yes"}
+    path = _sweep_file(tmp_path, data_cache, uri, log_model=True, grid={"optimizer.lr": [1e-3, 3e-3],
+                                                                         "training.seed": [1]})
+    proc = run_sweep(path)
+    assert proc.returncode == 0 and f"best trial: {best}" in proc.stdout, proc.stdout + proc.stderr
+    assert c.get_run(parent.info.run_id).data.tags["best_trial"] == best
+
 
 def test_two_rank_trial_makes_one_run_with_one_point_per_step(tmp_path, data_cache, shared_mlflow_server):
     path = _sweep_file(tmp_path, data_cache, shared_mlflow_server.uri, name="two_ranks",

@@ -248,3 +248,15 @@ def test_steps_that_cannot_start_send_their_trials_back_to_the_queue(cluster, tm
         log[-3000:]
     out = "".join(p.read_text() for p in layout.submitit.rglob("*_log.out"))
     assert out.count("could not start (exit 1); the trial goes back to the queue") in (3, 4), out
+
+    # The node is recorded; the re-run's jobs keep away from it (--exclude), and the trials run.
+    (bad,) = claims.bad_nodes(layout)
+    assert bad in ("node1", "node2") and "Requested node configuration is not available" in claims.bad_nodes(layout)[bad]
+    before = set(layout.submitit.rglob("*_submission.sh"))
+    proc = run_sweep(path, "--no-preflight", "--wait")
+    assert proc.returncode == 0 and f"excluded: {bad} (job {job}: " in proc.stdout, proc.stdout + proc.stderr
+    (script,) = set(layout.submitit.rglob("*_submission.sh")) - before
+    assert f"#SBATCH --exclude={bad}\n" in script.read_text()
+    manifest = _manifest(tmp_path, "badnode")
+    assert {r.state for r in manifest.trials.values()} == {"COMPLETED"}
+    assert {r.trial_dir.status().nodes for r in manifest.trials.values()} == {"node1", "node2"} - {bad}

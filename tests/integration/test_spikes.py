@@ -136,3 +136,42 @@ def test_a_spike_after_the_last_rollback_fails_the_trial_or_prunes_it(tmp_path, 
         assert proc.returncode == 0 and state["state"] == "PRUNED" and state["step"] == 12
     else:
         assert proc.returncode == 1 and state["state"] == "FAILED"
+
+
+def test_a_rollback_past_a_validation_and_a_rung_undoes_what_they_recorded(tmp_path, data_cache):
+    """The validation of step 12 exports best/ and records the trial at the rung of step 12; the
+    spike at step 13 rolls back to step 10. Before, best/ kept step 12's model and score (the
+    result said step 10's) and the rung kept the undone score, against which later trials were
+    compared. Now the rung's arrival is withdrawn, and the model restored is validated again and
+    is best/. Here the trial's second spike (at step 12, after the rollback) prunes it before
+    anything could overwrite either."""
+    from qarac_dist.base.layout import SweepLayout
+    from qarac_dist.track import rungs
+
+    sweep = SweepLayout(tmp_path / "sweep")
+    config = _config(tmp_path, data_cache, "undone", spikes={"max_rollbacks": 1},
+                     asha={"rungs": [12], "reduction_factor": 2, "metric": "loss", "mode": "min"})
+    script = ("import sys; from qarac_dist.config import load_config; from qarac_dist.train.run import run; "
+              "from qarac_dist.track.job_context import JobContext; "
+              "run(load_config(sys.argv[1], sys.argv[2:]), JobContext(sweep_dir=sys.argv[1] + '.sweep'))")
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "undone.yaml.sweep").symlink_to(sweep.root, target_is_directory=True)
+    sweep.root.mkdir()
+    proc = subprocess.run([sys.executable, "-c", script, str(config), "training.max_steps=20",
+                           "evaluation.every_steps=12"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "QARAC_FAULT": "loss-x100:12:0,loss-x100:16:0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "best/ held step 12, which the rollback undid: the model of step 10 is validated again" in proc.stderr
+    out = TrialDir(tmp_path / "undone")
+    assert (out.status().state.value, out.status().step) == ("PRUNED", 12)
+    lines = [json.loads(line) for line in sweep.rung(0).read_text().splitlines()]
+    assert [("withdrawn" in line, line.get("step")) for line in lines] == [(False, 12), (True, None)]
+    assert rungs.read(sweep, 0) == []
+    best = out.best_info()
+    assert best["step"] == 10 and json.loads(out.result_file.read_text())["best_step"] == 10
+    (row,) = [r for r in read_metrics(out.metrics_file) if r["step"] == 10 and "val_loss" in r]
+    assert row["val_loss"] == best["metrics"]["loss"]
+    assert not [r for r in read_metrics(out.metrics_file) if r["step"] > 10 and "val_loss" in r]

@@ -37,7 +37,7 @@ LIMITS = {"qarac_dist.sweep": 150, "qarac_dist.train.loop": 300}
 # The sweep directory's paths, as spelled: only base/layout.py may hold these file names in a
 # string, or join these folder names onto a path with `/`.
 SWEEP_FILES = ("manifest.json", "sweep.json", "micro_batch.json", ".parent.lock", "submitit-batch-size", "asha.csv",
-               "curves.png", "cancelled.json", "claims.json", ".claims.lock",
+               "curves.png", "cancelled.json", "claims.json", ".claims.lock", "bad_nodes.json", ".lock_probe", "lock_check.json",
                "search.jsonl", "search_history.png")
 SWEEP_FOLDERS = {"trials", "asha", "submitit", ".lock"}
 

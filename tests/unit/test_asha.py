@@ -186,6 +186,33 @@ def test_a_decision_once_recorded_is_replayed_and_a_cut_line_is_dropped(tmp_path
     assert SweepLayout(tmp_path).rung(0).read_text().count("\n") == 3
 
 
+def test_an_arrival_a_rollback_undid_is_withdrawn_and_decided_again(tmp_path):
+    """The rung kept the score of steps a rollback undid: later trials were compared against a
+    state that no longer existed. A withdrawal line takes it back, in the rule, the replay and a
+    repair alike; the trial arrives again when it reaches the rung."""
+    from qarac_dist.track import rungs
+    from qarac_dist.track.trial_dir import TrialDir
+
+    layout = SweepLayout(tmp_path)
+
+    def rule(mine, before):
+        return keeps_going(mine, before, 2, "max")
+
+    assert not rungs.withdraw(layout, 0, "a")  # nothing recorded: nothing written
+    assert not layout.rung(0).exists()
+    rungs.arrive(layout, 0, "a", (0.99, 0.1), 5, rule)  # the undone score
+    assert not rungs.arrive(layout, 0, "b", (0.5, 0.5), 5, rule).keeps_going  # below the undone one
+    assert rungs.withdraw(layout, 0, "a") and not rungs.withdraw(layout, 0, "a")
+    assert [a.trial for a in rungs.read(layout, 0)] == ["b"]
+    again = rungs.arrive(layout, 0, "a", (0.2, 0.9), 5, rule)  # decided anew, on its new score
+    assert not again.keeps_going and again.score == (0.2, 0.9)
+    assert rungs.arrive(layout, 0, "c", (0.6, 0.4), 5, rule).keeps_going  # compared with what stands
+    with open(layout.rung(0), "ab") as f:
+        f.write(b"damaged\n")
+    assert rungs.rebuild(layout, 0, "accuracy", [("a", TrialDir(tmp_path / "a"), 5)]) is not None
+    assert [(a.trial, a.value) for a in rungs.read(layout, 0)] == [("b", 0.5), ("a", 0.2), ("c", 0.6)]
+
+
 def _asha_sweep(tmp_path, asha: dict, **training):
 
     from support import tiny_config

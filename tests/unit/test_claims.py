@@ -21,7 +21,7 @@ def _claim_all(root: str, job: str, start_at: float, out) -> None:
     while time.time() < start_at:  # every process asks at the same moment
         pass
     taken = []
-    while (got := claims.take(layout, job, QUEUE, set(), lambda _job: True)) is not None:
+    while (got := claims.take(layout, job, QUEUE, set(), lambda jobs: set(jobs))) is not None:
         taken.append(got[0])
         claims.end(layout, job, got[0], got[1], "COMPLETED")  # ends at once, and asks again
     out.put((job, taken))
@@ -47,34 +47,38 @@ def test_jobs_asking_at_the_same_moment_never_take_the_same_trial(tmp_path):
 def test_a_job_resumes_its_own_trials_first_then_new_ones_then_those_of_dead_jobs(tmp_path):
     layout = SweepLayout(tmp_path)
     queue = [("a", 1), ("b", 1), ("c", 1), ("d", 1)]
-    alive = {"1_0": True, "1_1": False}
-    assert claims.take(layout, "1_1", queue, set(), alive.get) == ("a", 1)   # dies without ending it
-    assert claims.take(layout, "1_0", queue, set(), alive.get) == ("b", 1)   # preempted: its claim stays open
-    assert claims.take(layout, "1_0", queue, {"b"}, alive.get) == ("c", 1)
+    running = {"1_0"}
+
+    def alive(jobs):
+        return set(jobs) & running
+
+    assert claims.take(layout, "1_1", queue, set(), alive) == ("a", 1)   # dies without ending it
+    assert claims.take(layout, "1_0", queue, set(), alive) == ("b", 1)   # preempted: its claim stays open
+    assert claims.take(layout, "1_0", queue, {"b"}, alive) == ("c", 1)
     # Requeued, job 1_0 runs nothing yet: its own open claims come first, then the free trial,
     # then the trial of the job the scheduler no longer knows.
-    assert [claims.take(layout, "1_0", queue, running, alive.get) for running in (set(), {"b"}, {"b", "c"},
-                                                                                   {"b", "c", "d"})] \
+    assert [claims.take(layout, "1_0", queue, mine, alive) for mine in (set(), {"b"}, {"b", "c"},
+                                                                                 {"b", "c", "d"})] \
         == [("b", 1), ("c", 1), ("d", 1), ("a", 1)]
-    assert claims.take(layout, "1_0", queue, {"a", "b", "c", "d"}, alive.get) is None
+    assert claims.take(layout, "1_0", queue, {"a", "b", "c", "d"}, alive) is None
     assert claims.read(layout)["a"].job == "1_0"
 
 
 def test_a_reservation_for_a_new_attempt_keeps_runners_of_the_old_one_away(tmp_path):
     layout = SweepLayout(tmp_path)
-    assert claims.take(layout, "1_0", [("a", 1)], set(), lambda job: False) == ("a", 1)
-    assert claims.reserve(layout, {"a": (1, 2)}, lambda job: False) == ["a"]
-    assert claims.take(layout, "1_1", [("a", 1)], set(), lambda job: False) is None   # the old submission's runner
-    assert claims.take(layout, "2_0", [("a", 2)], set(), lambda job: True) == ("a", 2)
+    assert claims.take(layout, "1_0", [("a", 1)], set(), lambda jobs: set()) == ("a", 1)
+    assert claims.reserve(layout, {"a": (1, 2)}, lambda jobs: set()) == ["a"]
+    assert claims.take(layout, "1_1", [("a", 1)], set(), lambda jobs: set()) is None   # the old submission's runner
+    assert claims.take(layout, "2_0", [("a", 2)], set(), lambda jobs: set(jobs)) == ("a", 2)
     # A trial another runner took over and still runs is left to it.
-    assert claims.reserve(layout, {"a": (2, 3)}, lambda job: job == "2_0") == []
+    assert claims.reserve(layout, {"a": (2, 3)}, lambda jobs: set(jobs) & {"2_0"}) == []
     assert claims.read(layout)["a"].attempt == 2
 
 
 def test_a_process_killed_while_it_holds_the_lock_does_not_block_the_next(tmp_path):
     layout = SweepLayout(tmp_path)
     kill_while_holding_lock(layout.claims_lock)
-    assert claims.take(layout, "1_0", [("a", 1)], set(), lambda job: True) == ("a", 1)
+    assert claims.take(layout, "1_0", [("a", 1)], set(), lambda jobs: set(jobs)) == ("a", 1)
 
 
 def test_the_refill_rule_uses_the_time_to_a_first_checkpoint_else_a_whole_trial():

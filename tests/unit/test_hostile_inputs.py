@@ -132,6 +132,12 @@ FILE_CASES = [
     ("search-no-trials", lambda t: _sweep_text(t, search={"params": SEARCH["params"]}), (), "search.trials: "),
     ("search-unknown-sampler", lambda t: _sweep_text(t, search={**SEARCH, "sampler": "bohb"}), (),
      "search.sampler: "),
+    ("search-cmaes", lambda t: _sweep_text(t, search={**SEARCH, "sampler": "cmaes"}), (),
+     "search.sampler: cmaes is not offered: CMA-ES keeps its state in a pickled optimizer"),
+    ("search-gp-past-its-bound", lambda t: _sweep_text(t, search={**SEARCH, "sampler": "gp", "trials": 101}), (),
+     "search.trials: gp takes at most 100 (got 101)"),
+    ("search-gp-at-its-bound-overridden", lambda t: _sweep_text(t, search={**SEARCH, "sampler": "gp"}),
+     ("search.trials=100000",), "search.trials: gp takes at most 100 (got 100,000)"),
     ("search-not-a-key", lambda t: _sweep_text(t, search={**SEARCH, "params": {"optimizer.lrr": {
         "distribution": "uniform", "low": 0.1, "high": 0.2}}}), (), "search.params.optimizer.lrr: not a key"),
     ("search-bad-bounds", lambda t: _sweep_text(t, search={**SEARCH, "params": {"optimizer.lr": {
@@ -332,6 +338,8 @@ SEARCH_LINES = [
     ("tell-value-text", b'{"tell": 0, "state": "COMPLETE", "value": "high", "time": 1}\n'),
     ("a-list", b"[1, 2]\n"),
     ("binary", b"\x00\xff\xfe\n"),
+    ("ask-state-not-a-mapping", b'{"ask": 0, "trial": "t", "params": {}, "state": "x", "told_before": 0, "time": 0}\n'),
+    ("ask-state-null", b'{"ask": 0, "trial": "t", "params": {}, "state": null, "told_before": 0, "time": 0}\n'),
     ("number-past-float", b'{"tell": 1e999, "state": "COMPLETE", "value": 1, "time": 0}\n'),
     ("nested-past-the-parser", b"[" * 100000 + b"\n"),
 ]
@@ -520,3 +528,69 @@ def test_a_damaged_rung_record_is_named_and_rebuilt_from_the_trials_own_records(
     assert rebuilt[0] == first
     assert [(a.trial, a.value, a.keeps_going, a.seen) for a in rebuilt[1:]] == [("b", 0.5, False, 1)]
     assert rungs.rebuild(sweep, 0, "accuracy", trials) is None  # whole now: left alone
+
+
+class _Payload:
+    """What a poisoned record would run if it were unpickled: it leaves a file behind."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _state(**changes) -> dict:
+    from qarac_dist.config.sweep import Distribution, Search
+    from qarac_dist.plan.search import choose
+
+    search = Search(trials=4, params={"optimizer.lr": Distribution("loguniform", 1.0e-4, 1.0e-2)})
+    return {**choose(search, "max", [], None).state, **changes}
+
+
+POISONED_RECORDS = [
+    ("pickled-sampler", lambda marker: {"sampler": __import__("base64").b64encode(
+        __import__("pickle").dumps(_Payload(marker))).decode(), "study_attrs": {}},
+     "written by an older qarac_dist that kept the sampler as a pickle, which is no longer read"),
+    ("another-optuna", lambda marker: {"state": _state(optuna="4.0.0")},
+     "the sampler's state was recorded by Optuna 4.0.0, this is Optuna "),
+    ("state-words-damaged", lambda marker: {"state": _state(rngs={"_rng": {"words": "!!", "pos": 1, "gauss": None},
+                                                                  "_random_sampler._rng": {}})},
+     "the sampler's state of _random_sampler._rng is damaged"),
+    ("state-of-another-sampler", lambda marker: {"state": _state(rngs={"_cma_rng": {}})},
+     "the sampler's state holds generators ['_cma_rng'], search.sampler tpe has"),
+    ("state-words-short", lambda marker: {"state": _state(rngs={
+        "_rng": {"words": "AAAA", "pos": 1, "gauss": None}, "_random_sampler._rng": {"words": "AAAA", "pos": 1}})},
+     "is damaged"),
+]
+
+
+@pytest.mark.parametrize("line, expected", [pytest.param(*c[1:], id=c[0]) for c in POISONED_RECORDS])
+def test_a_poisoned_or_foreign_search_record_is_refused_in_one_line_and_runs_nothing(tmp_path, monkeypatch, capsys,
+                                                                                     line, expected):
+    """Every ask unpickled a sampler stored in search.jsonl: whoever could write the sweep
+    directory ran code in every job, and an Optuna that moved a class made every job die."""
+    import json
+
+    from qarac_dist.submit.sweep_dir import Manifest
+
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "ran"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    directory = tmp_path / "runs" / "s"
+    directory.mkdir(parents=True)
+    Manifest("s", "local", "accuracy", "max", tracking_uri=uri, experiment="s").save(directory)
+    (directory / "sweep.json").write_text(json.dumps({"spec": {}}))
+    ask = {"ask": 0, "trial": "t0", "params": {"optimizer.lr": 1e-3}, "told_before": 0, "time": 0.0, **line(marker)}
+    (directory / "search.jsonl").write_text(json.dumps(ask) + "\n")
+    saved = {p.name: p.read_bytes() for p in directory.iterdir()}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(_sweep_text(tmp_path, tracking={"uri": uri}, search=SEARCH))
+    for args in (["--dry-run"], ["--no-preflight"]):
+        assert sweep.main([str(path), *args]) == 2
+        out = capsys.readouterr()
+        lines = out.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"{directory / 'search.jsonl'}: ") and expected in lines[0], \
+            out.err
+    assert not marker.exists()
+    assert {p.name: p.read_bytes() for p in directory.iterdir() if p.name != ".lock"} == saved

@@ -53,9 +53,10 @@ def test_a_runner_never_takes_over_a_trial_whose_job_it_cannot_see(tmp_path, mon
     """The claim of another job stays its own while squeue fails; the runner asks again only
     after a wait, and takes the trial over once squeue says that job is gone."""
     layout = SweepLayout(tmp_path / "sweep")
-    assert claims.take(layout, "55_0", [("t1", 1)], set(), lambda _job: True) == ("t1", 1)
+    assert claims.take(layout, "55_0", [("t1", 1)], set(), set) == ("t1", 1)
     now = [0.0]
-    alive = cluster.Patience(SlurmArrays(tmp_path, Resources(), "s", 0).alive, unknown=True, clock=lambda: now[0])
+    alive = cluster.Patience(SlurmArrays(tmp_path, Resources(), "s", 0).live, unknown=cluster.all_may_run,
+                             clock=lambda: now[0])
     _fake_squeue(tmp_path, monkeypatch, f'echo "{TIMEOUT}" >&2; exit 1')
     assert claims.take(layout, "56_0", [("t1", 1)], set(), alive) is None
     assert "asking again in 5 s" in capsys.readouterr().err
@@ -67,13 +68,29 @@ def test_a_runner_never_takes_over_a_trial_whose_job_it_cannot_see(tmp_path, mon
     assert claims.read(layout)["t1"].job == "56_0"
 
 
+def test_a_claim_asks_the_scheduler_once_and_only_when_nothing_else_is_left(tmp_path, monkeypatch):
+    """claims.take called squeue once per running trial of other jobs while it held the lock
+    (100 claims: 100 calls, 0.9 s held)."""
+    layout = SweepLayout(tmp_path / "sweep")
+    queue = [(f"t{k:03d}", 1) for k in range(101)]
+    for k in range(100):
+        assert claims.take(layout, f"60_{k}", queue, set(), set) == queue[k]
+    calls = tmp_path / "calls"
+    _fake_squeue(tmp_path, monkeypatch, f'echo "$@" >> {calls}; for k in $(seq 0 98); do echo "60_$k|RUNNING"; done')
+    live = SlurmArrays(tmp_path, Resources(), "s", 0).live
+    assert claims.take(layout, "61_0", queue, set(), live) == queue[100]  # a free one: squeue is not asked
+    assert not calls.exists()
+    assert claims.take(layout, "61_0", queue, {queue[100][0]}, live) == queue[99]  # 60_99 is gone
+    assert len(calls.read_text().splitlines()) == 1
+
+
 def test_patience_doubles_its_wait_up_to_five_minutes():
     now = [0.0]
 
     def fails():
         raise cluster.SchedulerUnavailable("squeue failed (x)")
 
-    ask = cluster.Patience(fails, unknown="?", clock=lambda: now[0])
+    ask = cluster.Patience(fails, unknown=lambda: "?", clock=lambda: now[0])
     waits = []
     for _ in range(9):
         assert ask() == "?"
@@ -88,3 +105,41 @@ def test_a_hung_or_missing_sacct_is_passed_over(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", fake_commands(tmp_path / "bin", sacct="sleep 30", squeue='echo "77_0|RUNNING"'))
     monkeypatch.setattr(cluster, "SQUEUE_TIMEOUT_S", 1)
     assert cluster.job_states(["77_0"]) == {"77_0": "RUNNING"}
+
+
+BAD_NODES = [  # (id, bad_nodes.json's bytes, what --exclude holds, the line said)
+    ("one-node", b'{"node1": "job 5_0: srun: error: Requested node configuration is not available"}', "node1",
+     "excluded: node1 (job 5_0: srun: error: Requested node configuration is not available)"),
+    ("beside-the-users-own", b'{"node[3-4]": "job 6_1: x"}', "'node9,node[3-4]'", "excluded: node[3-4] (job 6_1: x)"),
+    ("damaged", b'{"node1": ', None, "bad_nodes.json: not valid JSON"),
+    ("a-list", b'["node1"]', None, "bad_nodes.json: expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize("content, exclude, said", [pytest.param(*c[1:], id=c[0]) for c in BAD_NODES])
+def test_nodes_where_steps_could_not_start_are_excluded_from_the_next_submission(tmp_path, monkeypatch, capsys,
+                                                                                content, exclude, said):
+    """A bad node drained the queue, and a re-run sent the trials back to it. The runner records
+    the job's nodes; --dry-run and the next submission's sbatch exclude them (a damaged record
+    only advises: it is named and passed over)."""
+    import yaml
+
+    from qarac_dist import sweep
+    from support import tiny_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", fake_commands(tmp_path / "bin", sbatch="exit 0", scontrol="exit 1"))
+    layout = SweepLayout(tmp_path / "runs" / "s")
+    layout.root.mkdir(parents=True)
+    layout.bad_nodes.write_bytes(content)
+    extra = {"exclude": "node9"} if "node9" in (exclude or "") else {}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "base": tiny_config(tmp_path / "c", tmp_path / "o"),
+                                    "executor": "slurm", "runs_dir": str(tmp_path / "runs"),
+                                    "resources": {"pack": 2, "extra_sbatch": extra}}))
+    assert sweep.main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert said in out.out + out.err
+    assert (f"#SBATCH --exclude={exclude}\n" in out.out) if exclude else "--exclude" not in out.out
+    if exclude is None:
+        assert layout.bad_nodes.read_bytes() == content  # kept as it is

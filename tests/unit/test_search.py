@@ -14,7 +14,7 @@ import pytest
 from qarac_dist.base.layout import SweepLayout
 from qarac_dist.config.sweep import Distribution, Search
 from qarac_dist.plan.search import choose, new_sampler
-from qarac_dist.submit.search import history
+from qarac_dist.submit.search import history, previous_state
 from qarac_dist.track import search_record
 from support import kill_while_holding_lock
 
@@ -30,10 +30,8 @@ def objective(params: dict) -> float:
 
 def _ask_through_the_record(layout: SweepLayout, search: Search, slot: int) -> dict:
     def pick(record):
-        previous = record.asks[-1] if record.asks else None
-        c = choose(search, "max", history(record), previous.sampler if previous else None,
-                   previous.study_attrs if previous else {})
-        return c.params, c.sampler, c.study_attrs, None
+        c = choose(search, "max", history(record), previous_state(record))
+        return c.params, c.state, None
 
     return search_record.ask(layout, slot, f"t{slot}", pick).params
 
@@ -52,12 +50,15 @@ def _optuna_reference(search: Search, n: int) -> list[dict]:
         asked.append(params)
         return objective(params)
 
-    study.optimize(trial_objective, n_trials=n)
+    def forget_cache(study, _trial):  # GP's fitted kernel is a starting guess the record does not keep
+        study.sampler._gprs_cache_list = None
+
+    study.optimize(trial_objective, n_trials=n, callbacks=[forget_cache] if search.sampler == "gp" else [])
     return asked
 
 
 @pytest.mark.parametrize("sampler, n, startup", [("random", 12, None), ("tpe", 16, None), ("tpe", 10, 3),
-                                                  ("gp", 13, None)])
+                                                  ("gp", 13, None), ("qmc", 12, None)])
 def test_one_trial_at_a_time_the_sweep_asks_what_optuna_asks(tmp_path, sampler, n, startup):
     search = Search(trials=n, sampler=sampler, seed=7, params=SPACE, startup_trials=startup)
     layout = SweepLayout(tmp_path)
@@ -68,6 +69,47 @@ def test_one_trial_at_a_time_the_sweep_asks_what_optuna_asks(tmp_path, sampler, 
         ours.append(params)
     assert ours == _optuna_reference(search, n)
     assert len(set(map(str, ours))) == n
+
+
+def test_the_record_holds_data_of_one_size_per_ask_and_a_pickle_in_it_is_never_run(tmp_path):
+    """Each ask line kept a whole pickled sampler (GP's grew with the trials) that every ask
+    unpickled: code in a text record. Now a line is numbers and strings of one size whatever
+    came before, and a line of the old kind is refused, its pickle never loaded."""
+    import base64
+    import json
+    import pickle
+
+    from qarac_dist.plan.search import RecordMismatch
+
+    layout, search = SweepLayout(tmp_path / "a"), Search(trials=30, sampler="gp", seed=0, params=SPACE)
+    for slot in range(30):
+        search_record.tell(layout, slot, "COMPLETE", objective(_ask_through_the_record(layout, search, slot)), {})
+    asks = [line for line in layout.search.read_text().splitlines() if '"ask"' in line]
+
+    def plain(value) -> bool:
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        return all(map(plain, value)) if isinstance(value, list) else isinstance(value, (str, int, float, type(None)))
+
+    assert all(plain(json.loads(line)) for line in asks) and max(map(len, asks)) - min(map(len, asks)) < 100
+
+    poisoned = SweepLayout(tmp_path / "b")
+    poisoned.root.mkdir()
+    marker = tmp_path / "ran"
+    payload = base64.b64encode(pickle.dumps(_Opens(marker))).decode()
+    poisoned.search.write_text(json.dumps({"ask": 0, "trial": "t0", "params": {"optimizer.lr": 1e-3}, "told_before": 0,
+                                           "time": 0.0, "sampler": payload, "study_attrs": {}}) + "\n")
+    with pytest.raises(RecordMismatch, match="kept the sampler as a pickle, which is no longer read"):
+        _ask_through_the_record(poisoned, search, 1)
+    assert not marker.exists() and len(search_record.read(poisoned).asks) == 1
+
+
+class _Opens:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
 
 
 def test_a_slot_asked_again_replays_its_values_and_a_second_result_is_ignored(tmp_path):
@@ -116,6 +158,28 @@ def test_a_result_the_runner_never_told_is_told_by_the_next_to_see_it(tmp_path):
     tell_ended(layout, records, "accuracy", "max")  # once
     assert [(t.slot, t.state, t.value, t.attempt) for t in search_record.read(layout).tells] == \
         [(0, "COMPLETE", 0.75, 1)]  # the one still running is not told
+
+
+def test_a_completed_trial_is_told_as_the_parent_ranks_it_the_score_of_its_best_model(tmp_path):
+    """The record was told the best of the curve while best/ (and the parent's choice) held
+    another model's score: after a rollback that undid best/, the model validated again is the
+    best, and its score is what the sampler learns."""
+    import json
+
+    from qarac_dist.submit.search import tell
+    from qarac_dist.track.trial_dir import BEST_INFO, TrialDir, TrialState
+
+    layout, search = SweepLayout(tmp_path / "sweep"), Search(trials=3, sampler="tpe", seed=0, params=SPACE)
+    _ask_through_the_record(layout, search, 0)
+    _ask_through_the_record(layout, search, 1)
+    trial = TrialDir(tmp_path / "t0")
+    trial.begin(1)
+    trial.metrics_file.write_text('{"step": 5, "val_accuracy": 0.9}\n{"step": 10, "val_accuracy": 0.7}\n')
+    tell(layout, 0, trial, TrialState.COMPLETED, "accuracy", "max", 1)
+    trial.best.mkdir()
+    (trial.best / BEST_INFO).write_text(json.dumps({"step": 10, "metric": "accuracy", "metrics": {"accuracy": 0.7}}))
+    tell(layout, 1, trial, TrialState.COMPLETED, "accuracy", "max", 1)
+    assert [(t.slot, t.value) for t in search_record.read(layout).tells] == [(0, 0.9), (1, 0.7)]
 
 
 def test_trials_still_running_are_asked_around_and_pruned_ones_are_learned_from(tmp_path):
