@@ -74,10 +74,10 @@ def logged_losses(out_dir: Path) -> list[float]:
 
 
 def run_train(config: Path, *overrides: str, num_processes: int = 1, timeout: int = 600, fault: str = "",
-              check: bool = True) -> subprocess.CompletedProcess:
+              check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the training CLI as real processes (launch/run_local.sh for 2 ranks); `fault`: QARAC_FAULT, the
-    faults to inject (train/faults.py)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "QARAC_FAULT": fault}
+    faults to inject (train/faults.py); `env`: variables to set besides."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "QARAC_FAULT": fault, **(env or {})}
     if num_processes == 1:
         cmd = [sys.executable, "-m", "qarac_dist.train", str(config), *overrides]
     else:

@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 from ..base.errors import ConfigError
 from ..base.layout import SweepLayout
 from . import sbatch_options
+from .environment import Environment, check_environment
 from .schema import apply_overrides, bounded, build, field_types, parse_overrides
 from .sections import TrainConfig
 from .yaml_file import read_yaml
@@ -170,6 +171,8 @@ class SweepSpec:
     """Times a trial is requeued after preemption or its time limit."""
     asha: Optional[Asha] = None
     """Successive halving on the select metric; absent: every trial runs to the end."""
+    environment: Environment = field(default_factory=Environment)
+    """Setup lines and variables of every job (`environment.setup=[]` runs a cluster's file here)."""
 
     def trials_as_steps(self) -> bool:
         """Jobs run trials as steps, started by a runner (submit/pack.py): packed, or a search."""
@@ -305,6 +308,7 @@ def _check_spec(spec: SweepSpec, errors: list[str]) -> None:
     for key in spec.resources.extra_sbatch:
         if (problem := sbatch_options.problem(key)) is not None:
             errors.append(f"resources.extra_sbatch.{key}: {problem}")
+    check_environment(spec.environment, errors)
     if (problem := name_problem(spec.name)) is not None:
         errors.append(f"name: {problem}")
     runs = Path(spec.runs_dir)

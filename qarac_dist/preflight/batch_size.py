@@ -153,7 +153,7 @@ def find(spec, trials: list, executor_kind: str, layout) -> dict:
     one_gpu = dataclasses.replace(spec.resources, nodes=1, tasks_per_node=1,
                                   gpus_per_node=min(1, spec.resources.gpus_per_node))
     executor = make_executor(executor_kind, layout.batch_size_submitit, one_gpu, job_name(f"{spec.name}-batch-size"),
-                             max_requeues=0)
+                             max_requeues=0, env=spec.environment)
     submitted = executor.submit([functools.partial(search, config, budget) for config in shapes.values()])
     results = {}
     for key, job in zip(shapes, submitted):

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import submitit
 
 from ..config import ConfigError
+from ..config.environment import Environment
 from ..config.sweep import Resources, SweepSpec
-from . import cluster, sbatch
+from . import cluster, environment, sbatch
 
 
 class Executor(Protocol):
@@ -72,6 +74,7 @@ class TrialJob(submitit.helpers.Checkpointable):
         from ..train.stop import Preempted
 
         if os.environ.get("SUBMITIT_EXECUTOR") == "local":
+            environment.fail_early()
             stop_with_parent()
         try:
             return run(config_from_dict(self.config, f"trial {self.config.get('name')}"),
@@ -108,15 +111,22 @@ class SlurmArrays:
 
     kind = "slurm"
 
-    def __init__(self, folder: Path, resources: Resources, name: str, max_requeues: int, steps: bool = False):
+    def __init__(self, folder: Path, resources: Resources, name: str, max_requeues: int, steps: bool = False,
+                 env: Environment = Environment()):
         self.folder = sbatch.job_folder(folder)
         self.resources, self.name, self.max_requeues, self.steps = resources, name, max_requeues, steps
+        self.setup = environment.sbatch_setup(env, resources.extra_sbatch)
+
+    def script(self, num_jobs: int) -> str:
+        """The sbatch script of an array of `num_jobs` jobs, as submit() would send it."""
+        return sbatch.sbatch_text(self.resources, self.name, self.folder, sys.executable, num_jobs, self.steps,
+                                  self.setup)
 
     def submit(self, calls: list[Callable[[], Any]]) -> list[submitit.Job]:
         # Our own requeue budget (train/run.py) binds first and fails the trial with a reason;
         # submitit's count of timed-out interruptions is set one higher so it never does.
         executor = submitit.SlurmExecutor(folder=self.folder, max_num_timeout=self.max_requeues + 1)
-        executor.update_parameters(**sbatch.executor_parameters(self.resources, self.name, self.steps))
+        executor.update_parameters(**sbatch.executor_parameters(self.resources, self.name, self.steps, self.setup))
         jobs: list[submitit.Job] = []
         for chunk in sbatch.arrays(len(calls), cluster.max_array_size()):
             with executor.batch():
@@ -142,24 +152,28 @@ class LocalProcesses:
 
     kind = "local"
 
-    def __init__(self, folder: Path, resources: Resources, max_requeues: int, steps: bool = False):
+    def __init__(self, folder: Path, resources: Resources, max_requeues: int, steps: bool = False,
+                 env: Environment = Environment()):
         self.folder, self.resources, self.max_requeues = Path(folder).resolve(), resources, max_requeues
-        self.steps = steps
+        self.steps, self.env = steps, env
         self.jobs: dict[str, submitit.local.local.LocalJob] = {}
 
     def submit(self, calls: list[Callable[[], Any]]) -> list[submitit.Job]:
-        executor = submitit.LocalExecutor(folder=self.folder, max_num_timeout=self.max_requeues + 1)
         # A job of steps is one process, its runner, which starts each trial's ranks itself.
         packed = self.steps
-        executor.update_parameters(timeout_min=self.resources.time_min,
-                                   tasks_per_node=1 if packed else self.resources.tasks_per_node,
-                                   gpus_per_node=0 if packed else self.resources.gpus_per_node)
         # The jobs ignore the terminal's SIGINT and SIGHUP (a disposition children inherit):
         # Ctrl-C reaches the driver alone, which asks each trial to save (submission.py). Left
         # to the terminal, submitit's controller would kill the tasks a second after SIGINT.
         previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGHUP)}
+        jobs = []
         try:
-            jobs = [executor.submit(call) for call in calls]
+            for call in calls:  # the setup lines run before each job (a trial, a packed runner), as on SLURM
+                executor = submitit.LocalExecutor(folder=self.folder, max_num_timeout=self.max_requeues + 1,
+                                                  python=environment.local_python(self.env, sys.executable))
+                executor.update_parameters(timeout_min=self.resources.time_min,
+                                           tasks_per_node=1 if packed else self.resources.tasks_per_node,
+                                           gpus_per_node=0 if packed else self.resources.gpus_per_node)
+                jobs.append(executor.submit(call))
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -235,9 +249,9 @@ def resolve_kind(spec: SweepSpec, source: str) -> str:
 
 
 def make_executor(kind: str, folder: Path, resources: Resources, name: str, max_requeues: int,
-                  steps: bool = False) -> Executor:
+                  steps: bool = False, env: Environment = Environment()) -> Executor:
     """The executor of this kind, its jobs' files under `folder`; `steps`: its jobs run trials
-    as steps (submit/pack.py)."""
+    as steps (submit/pack.py); `env`: the sweep's environment section."""
     if kind == "slurm":
-        return SlurmArrays(folder, resources, name, max_requeues, steps)
-    return LocalProcesses(folder, resources, max_requeues, steps)
+        return SlurmArrays(folder, resources, name, max_requeues, steps, env)
+    return LocalProcesses(folder, resources, max_requeues, steps, env)

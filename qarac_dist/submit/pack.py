@@ -41,7 +41,7 @@ from ..config import ConfigError
 from ..config.sweep import Resources, Search
 from ..track import search_record
 from ..track.trial_dir import TrialDir, TrialState
-from . import claims, sbatch, search
+from . import claims, environment, sbatch, search
 from .cluster import ACTIVE, Patience, all_may_run
 from .executors import make_executor, stop_with_parent
 from .step import TRIAL_ENV
@@ -97,6 +97,7 @@ class PackJob:
 
     def __call__(self) -> dict:
         if self.kind == "local":  # SLURM ends a job's steps with it; here the kernel must
+            environment.fail_early()
             stop_with_parent()
         return _Runner(self).run()
 

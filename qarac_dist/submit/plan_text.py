@@ -10,7 +10,7 @@ from ..base.secrets import redact_text
 from ..config.sweep import SweepSpec
 from ..plan import Trial, select_defaults
 from ..plan.asha import budget
-from . import claims, cluster, sbatch
+from . import claims, cluster, environment, sbatch
 from .search import check_record, warm_start
 from .sweep_dir import Manifest, layout_for, same_record
 
@@ -63,14 +63,15 @@ def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, source: str, sho
         for nodes, why in bad.items():
             print(f"excluded: {nodes} ({why}); delete {layout_for(spec).bad_nodes} to allow them again")
         r = sbatch.excluding(r, bad)
+        setup = environment.sbatch_setup(spec.environment, r.extra_sbatch, shown=True)
         if spec.trials_as_steps():
             print(f"\n# sbatch script of the jobs that run the {len(trials)} trials as steps")
             print(sbatch.sbatch_text(r, sbatch.job_name(spec.name), folder, sys.executable,
-                                     sbatch.num_jobs(r, len(trials), True), True))
+                                     sbatch.num_jobs(r, len(trials), True), True, setup))
             return
         for array in sbatch.arrays(len(trials), size):
             print(f"\n# sbatch script of the array with trials {array.start}..{array.stop - 1}")
-            print(sbatch.sbatch_text(r, sbatch.job_name(spec.name), folder, sys.executable, len(array)))
+            print(sbatch.sbatch_text(r, sbatch.job_name(spec.name), folder, sys.executable, len(array), setup=setup))
 
 
 def print_search(spec: SweepSpec, told: str) -> None:

@@ -47,7 +47,7 @@ class Submission:
         """What each job asks for: the sweep file's resources, keeping away from nodes where this
         sweep's steps could not start."""
         self.executor = make_executor(kind, self.layout.submitit, self.resources, sbatch.job_name(spec.name),
-                                      spec.max_requeues, steps=spec.trials_as_steps())
+                                      spec.max_requeues, steps=spec.trials_as_steps(), env=spec.environment)
         self.lock = SweepLock(self.layout.root)
         self.submitted = False
         self.preflight_text = None
@@ -211,8 +211,8 @@ class Submission:
         if self.spec.search is not None and self.spec.search.warm_start:
             print(warm_start(self.spec.search, *select_defaults(self.spec, self.trials))[1])
         if self.executor.kind == "slurm" and todo:
-            refusal = cluster.test_submission(self.sbatch_text(sbatch.num_jobs(self.spec.resources, len(todo),
-                                                                               self.executor.steps)))
+            refusal = cluster.test_submission(self.executor.script(sbatch.num_jobs(self.spec.resources, len(todo),
+                                                                                   self.executor.steps)))
             if refusal:
                 raise UserError(f"{self.source}: resources: sbatch refused the job: {refusal}")
             if self.executor.steps:  # runners on several nodes share the sweep's locks
@@ -224,10 +224,6 @@ class Submission:
                       file=sys.stderr)
                 return 1
         return 0
-
-    def sbatch_text(self, num_jobs: int) -> str:
-        return sbatch.sbatch_text(self.resources, sbatch.job_name(self.spec.name),
-                                  sbatch.job_folder(self.layout.submitit), sys.executable, num_jobs, self.executor.steps)
 
     def submit(self, manifest: Manifest, todo: list[TrialRecord]) -> None:
         """Write the sweep's files, make the MLflow runs, and submit `todo` (the local executor

@@ -23,7 +23,7 @@ from typing import Optional
 from ..base.files import DamagedFile, read_json, write_json
 from ..base.layout import SweepLayout
 from ..base.lock import LockHeld, hold
-from ..base.secrets import redact_text
+from ..base.secrets import redact, redact_text
 from ..config import UserError
 from ..config.schema import build, to_dict
 from ..config.sweep import SweepSpec
@@ -270,6 +270,9 @@ def same_record(manifest: Manifest, layout: SweepLayout, spec: SweepSpec, select
 
 
 def write_sweep_file(sweep_dir: Path, spec: dict, base: dict, source: str, trials: list) -> None:
+    """sweep.json: what --repair rebuilds the manifest from (its environment's secrets masked:
+    the jobs were given them, the record needs none)."""
+    spec = {**spec, "environment": redact(spec.get("environment") or {})}
     write_json(SweepLayout(Path(sweep_dir)).sweep_file, {"spec": spec, "base": base, "source": source,
                                                         "trials": [{"id": t.id, "label": t.label} for t in trials]})
 

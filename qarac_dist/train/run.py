@@ -25,6 +25,7 @@ from ..track.job_context import JobContext
 from ..track.mlflow_runs import TrialRun
 from ..track.sweep_runs import trial_params
 from ..track.trial_dir import TrialDir, TrialState, TrialStatus, WriterHeld
+from .build_locks import wait_for_builds
 from .loop import Trainer
 from .stop import STOP, STOP_SIGNALS, Preempted
 from .ranks import export_from_environment
@@ -52,6 +53,7 @@ def run(cfg: TrainConfig, context: JobContext = JobContext(), max_requeues: Opti
     ranks = export_from_environment()
     for problem in batch_on_ranks(cfg, ranks.world_size):  # what no rank can know before it starts
         raise UserError(problem)
+    wait_for_builds()  # DeepSpeed builds its ops behind locks a killed build leaves behind
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                auto_mpi_discovery=False, verbose=False)
     if not sys.stderr.isatty():  # progress bars only clutter job logs

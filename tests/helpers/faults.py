@@ -84,3 +84,15 @@ def fail_unless(num_labels, tokenizer, marker: str):
     if not Path(marker).exists():
         raise RuntimeError(f"the fix is not in place yet ({marker} is missing)")
     return _tiny_longformer(num_labels, tokenizer)
+
+
+def environment_seen(num_labels, tokenizer, names, into):
+    """A tiny Longformer, after this process writes what it sees of the variables `names` into
+    a file of its own under `into` (environment.setup and environment.variables reach it)."""
+    import json
+    import os
+    from pathlib import Path
+
+    Path(into).mkdir(parents=True, exist_ok=True)
+    (Path(into) / f"{os.getpid()}.json").write_text(json.dumps({n: os.environ.get(n) for n in names}))
+    return _tiny_longformer(num_labels, tokenizer)

@@ -145,7 +145,8 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_intact_one(tmp_path, data_
 
 
 SECRETS = {"hf": "hf_" + "Ab3dE5gH7jK9mN1pQ3sT5vW7yZ9bC1dF3", "aws": "AKIA" + "ABCDEFGHIJKLMNOP",
-           "openai": "sk-" + "proj-Zq8Xw7Vu6Ts5Rq4Po3Nm", "password": "pw-" + "correct-horse-battery"}
+           "openai": "sk-" + "proj-Zq8Xw7Vu6Ts5Rq4Po3Nm", "password": "pw-" + "correct-horse-battery",
+           "github": "ghp_" + "Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2Jh1Gf0EdCbA9", "hf2": "hf_" + "Qw2Er4Ty6Ui8Op0As2Df4Gh6Jk8Lz0Xc"}
 
 
 def test_secrets_never_reach_the_mlflow_store(tmp_path, data_cache, shared_mlflow_server):
@@ -158,7 +159,9 @@ def test_secrets_never_reach_the_mlflow_store(tmp_path, data_cache, shared_mlflo
     base["model"]["config"]["comment"] = f"token {SECRETS['hf']}"
     base["tracking"] = {"tags": {"owner": SECRETS["aws"], "team": "nlp"}}
     base["deepspeed"] = {"config": {"wandb": {"enabled": False, "project": SECRETS["openai"]}}}
-    path = _sweep(tmp_path, data_cache, uri, name="secrets", base=base)
+    # The environment's secrets reach the trials (the job needs them) and nothing else.
+    environment = {"setup": [f"export MY_TOKEN={SECRETS['github']}"], "variables": {"HF_TOKEN": SECRETS["hf2"]}}
+    path = _sweep(tmp_path, data_cache, uri, name="secrets", base=base, environment=environment)
     proc = run_sweep(path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (child,) = _runs(shared_mlflow_server.uri, "secrets")[1]
@@ -169,6 +172,9 @@ def test_secrets_never_reach_the_mlflow_store(tmp_path, data_cache, shared_mlflo
     (record,) = Manifest.load(tmp_path / "runs" / "secrets").trials.values()
     ours = [record.trial_dir.path / name for name in ("config.json", "deepspeed_config.json", "state.json",
                                                        "result.json", "metrics.jsonl")]
+    for secret in (SECRETS["github"], SECRETS["hf2"]):  # the sweep's own records keep the environment masked
+        for name in ("sweep.json", "manifest.json"):
+            assert secret.encode() not in (tmp_path / "runs" / "secrets" / name).read_bytes(), name
     for secret in SECRETS.values():
         for path_ in stores + ours:
             assert secret.encode() not in path_.read_bytes(), f"{secret[:6]}... found in {path_}"

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from qarac_dist.config.environment import Environment
 from qarac_dist.config.sweep import Resources
 from qarac_dist.base.layout import SweepLayout
-from qarac_dist.submit import sbatch
+from qarac_dist.submit import environment, sbatch
 from qarac_dist.submit.pack import srun_command
 from support import ROOT, tiny_config, write_config
 
@@ -33,18 +34,25 @@ CASES = {
     # A node-exclusive cluster: 4 one-GPU trials per 4-GPU node, two such nodes at once.
     "packed_four_one_gpu_trials": (Resources(gpus_per_node=1, cpus_per_task=8, mem_gb=60, time_min=240,
                                              partition="gpu", max_parallel=8, pack=4), 12, 1001),
+    # A site's setup lines, variables (one secret, masked as --dry-run shows it) and --export=NONE,
+    # packed: the lines come before the runner, which starts every step.
+    "setup_lines_packed": (Resources(gpus_per_node=1, cpus_per_task=8, time_min=240, partition="gpu", max_parallel=4,
+                                     pack=2, extra_sbatch={"export": "NONE"}), 4, 1001, Environment(
+        setup=["module load cuda/12.4 nccl", "source /opt/conda/etc/profile.d/conda.sh && conda activate train  # ours"],
+        variables={"NCCL_SOCKET_IFNAME": "ib0", "HF_HOME": "/shared/hf cache", "HF_TOKEN": "hf_" + "x1Y2" * 8})),
 }
 
 
-def render(resources: Resources, num_trials: int, max_array_size: int) -> str:
+def render(resources: Resources, num_trials: int, max_array_size: int, env: Environment = Environment()) -> str:
     """Every script of the submission, as the dry-run prints them; for packed jobs, with the
     command that starts each trial's step."""
+    setup = environment.sbatch_setup(env, resources.extra_sbatch, shown=True)
     if resources.pack > 1:
         script = sbatch.sbatch_text(resources, sbatch.job_name("demo"), FOLDER, PYTHON,
-                                    sbatch.num_jobs(resources, num_trials))
+                                    sbatch.num_jobs(resources, num_trials), setup=setup)
         step = " ".join(srun_command(resources)).replace(sys.executable, PYTHON)
         return f"{script}\n# ---- each trial's step ----\n{step}\n"
-    scripts = [sbatch.sbatch_text(resources, sbatch.job_name("demo"), FOLDER, PYTHON, len(array))
+    scripts = [sbatch.sbatch_text(resources, sbatch.job_name("demo"), FOLDER, PYTHON, len(array), setup=setup)
                for array in sbatch.arrays(num_trials, max_array_size)]
     return "\n# ---- next array ----\n".join(scripts) + "\n"
 
@@ -94,7 +102,7 @@ def test_packed_submissions_make_ceil_max_parallel_over_pack_jobs(max_parallel, 
 def test_a_changed_directive_fails_the_comparison(change, monkeypatch):
     """The golden comparison itself can fail: one directive changed gives another script."""
     monkeypatch.delenv("QARAC_RECORD_GOLDEN", raising=False)
-    resources, trials, size = CASES["two_nodes_four_gpus"]
+    resources, trials, size = CASES["two_nodes_four_gpus"][:3]
     with pytest.raises(AssertionError, match="the sbatch text changed"):
         _compare("two_nodes_four_gpus", render(dataclasses.replace(resources, **change), trials, size))
 
@@ -117,3 +125,26 @@ def test_dry_run_prints_the_scripts_verbatim_on_a_narrow_terminal(tmp_path, monk
                                   __import__("sys").executable, 3)
     assert expected + "\n" in out
     assert any(len(line) > 40 for line in expected.splitlines())  # the point: long lines stay whole
+
+
+def test_dry_run_shows_the_setup_lines_verbatim_with_secrets_masked_and_the_command_line_drops_them(
+        tmp_path, monkeypatch, capsys):
+    from qarac_dist import sweep
+    from support import fake_commands
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", fake_commands(tmp_path / "bin", sbatch="exit 0", scontrol="exit 1"))
+    token = "hf_" + "Ab3d" * 8
+    spec = {"name": "site", "base": tiny_config(tmp_path / "cache", tmp_path / "out"), "executor": "slurm",
+            "environment": {"setup": ["module load cuda/12.4  # the site's", f"export HF_TOKEN={token}"],
+                            "variables": {"API_KEY": "plain-looking", "NCCL_DEBUG": "WARN"}}}
+    path = tmp_path / "site.yaml"
+    write_config(path, spec)
+    assert sweep.main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "\n{ module load cuda/12.4  # the site's\n} || qarac_setup_failed 0 $? " in out
+    assert "export API_KEY='[redacted]'" in out and "export NCCL_DEBUG=WARN" in out
+    assert token not in out and "export HF_TOKEN=[redacted]" in out
+    assert sweep.main([str(path), "environment.setup=[]", "environment.variables={}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# setup" not in out and "qarac_setup_failed" not in out

@@ -1,0 +1,95 @@
+"""The sweep file's `environment:` on real jobs: setup lines and variables reach every trial's own
+process (a model factory records what it sees), on the local SLURM cluster with `--export=NONE`
+(the site default under which every trial ended LOST) and with the local executor; a failing
+setup line stops its job at once and `status` names it with its exit code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qarac_dist.submit.sweep_dir import Manifest
+from support import HELPERS, run_status, run_sweep, tiny_config, write_config
+
+NAMES = ["FROM_SETUP", "FROM_VARIABLES", "SUBMITIT_EXECUTOR"]
+
+
+def _sweep(tmp_path, data_cache, name, executor, setup, **resources):
+    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 4}, evaluation={"every_steps": 4})
+    base["model"] = {"factory": "faults:environment_seen",
+                     "factory_kwargs": {"names": NAMES, "into": str(tmp_path / "seen" / name)}}
+    sweep = {"name": name, "base": base, "runs_dir": str(tmp_path / "runs"), "executor": executor,
+             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "grid": {"training.seed": [0, 1]},
+             "resources": {"time_min": 10, "max_parallel": 2, **resources},
+             # The helpers' folder reaches the jobs through the section, not the submitting shell.
+             "environment": {"setup": setup, "variables": {"PYTHONPATH": HELPERS, "FROM_VARIABLES": "a value"}}}
+    path = tmp_path / f"{name}.yaml"
+    write_config(path, sweep)
+    return path
+
+
+def _seen(tmp_path, name) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((tmp_path / "seen" / name).glob("*.json"))]
+
+
+@pytest.mark.parametrize("executor, resources", [
+    pytest.param("slurm", {"extra_sbatch": {"export": "NONE"}}, id="slurm-arrays-export-none"),
+    pytest.param("slurm", {"pack": 2, "extra_sbatch": {"export": "NONE"}}, id="slurm-packed-export-none"),
+    pytest.param("local", {}, id="local"),
+])
+def test_setup_lines_and_variables_reach_every_trial(request, tmp_path, data_cache, executor, resources):
+    if executor == "slurm":
+        request.getfixturevalue("cluster")
+    path = _sweep(tmp_path, data_cache, "env", executor, ["export FROM_SETUP=made-by-setup"], **resources)
+    proc = run_sweep(path, "--no-preflight", "--wait", env={"PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    manifest = Manifest.load(tmp_path / "runs" / "env")
+    assert {r.state for r in manifest.trials.values()} == {"COMPLETED"}
+    seen = _seen(tmp_path, "env")
+    assert len(seen) == 2 and all(s["FROM_SETUP"] == "made-by-setup" and s["FROM_VARIABLES"] == "a value"
+                                  for s in seen), seen
+
+
+@pytest.mark.parametrize("executor, resources", [
+    pytest.param("slurm", {"pack": 2}, id="slurm-packed"),
+    pytest.param("slurm", {}, id="slurm-arrays"),
+    pytest.param("local", {}, id="local"),
+])
+def test_a_failing_setup_line_stops_the_job_and_status_names_it(request, tmp_path, data_cache, executor, resources):
+    if executor == "slurm":
+        request.getfixturevalue("cluster")
+    path = _sweep(tmp_path, data_cache, "broken", executor, ["export FROM_SETUP=1", "module-that-is-not-here load x"],
+                  **resources)
+    run_sweep(path, "--no-preflight", "--wait")
+    assert _seen(tmp_path, "broken") == []  # no trial began
+    status = run_status(tmp_path / "runs" / "broken")
+    said = "environment.setup[1] failed with exit code 127: module-that-is-not-here load x"
+    assert said in status.stdout and "Traceback" not in status.stdout, status.stdout + status.stderr
+
+
+def test_a_build_lock_a_killed_build_left_does_not_hang_the_next_trial(tmp_path, data_cache):
+    """DeepSpeed builds its shm op behind torch's lock file; a build killed mid-way left it, and
+    every later trial waited on it forever. The op's build directory is copied as built (or
+    left to build), and the lock planted an hour old, as a SIGKILL leaves it."""
+    import os
+    import shutil
+    import time
+
+    from support import run_train
+
+    built = next(Path.home().glob(".cache/torch_extensions/*/deepspeed_shm_comm"), None)
+    extensions = tmp_path / "extensions"
+    op = extensions / "deepspeed_shm_comm"
+    if built is not None:
+        shutil.copytree(built, op, ignore=shutil.ignore_patterns("lock"))
+    op.mkdir(parents=True, exist_ok=True)
+    (op / "lock").write_text("")
+    hour_ago = time.time() - 3600
+    for path in op.iterdir():
+        os.utime(path, (hour_ago, hour_ago))
+    config = write_config(tmp_path / "t.yaml", tiny_config(data_cache, tmp_path / "out", training={"max_steps": 2}))
+    proc = run_train(config, timeout=900, env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert f"removed a torch-extension build lock that no build holds: {op / 'lock'} (left 36" in proc.stderr
+    assert (tmp_path / "out" / "result.json").exists()

@@ -1,0 +1,87 @@
+"""Torch-extension build locks (train/build_locks.py) with real processes on real files: a lock
+a killed build left is removed and named; a lock a live build holds open, or in a directory a
+build is writing, is waited for, never broken; trials that meet one stale lock together remove
+it once and none fails."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+
+from qarac_dist.train import build_locks
+
+HOUR = 3600.0
+
+
+def _killed_build(root, op="deepspeed_shm_comm", age=HOUR):
+    """What a build SIGKILLed mid-way leaves: its directory, an object file, the lock; all old."""
+    build = root / "py311_cpu" / op
+    build.mkdir(parents=True)
+    for name in ("build.ninja", "shm.o", "lock"):
+        (build / name).write_text("")
+        os.utime(build / name, (time.time() - age, time.time() - age))
+    return build / "lock"
+
+
+def test_a_lock_a_killed_build_left_is_removed_and_named(tmp_path):
+    lock = _killed_build(tmp_path)
+    said = []
+    assert build_locks.wait_for_builds(tmp_path, say=said.append) == [lock]
+    assert not lock.exists() and len(said) == 1 and str(lock) in said[0] and "left 3600 s ago" in said[0]
+
+
+def test_a_lock_a_live_build_holds_open_is_waited_for_however_old(tmp_path, monkeypatch):
+    lock = _killed_build(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "print('holding', flush=True); time.sleep(3); os.close(fd); os.remove(sys.argv[1])",
+                               str(lock)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "holding\n"
+    monkeypatch.setattr(build_locks, "POLL_S", 0.1)
+    started = time.monotonic()
+    assert build_locks.wait_for_builds(tmp_path, say=print) == []  # the holder removed it itself
+    assert time.monotonic() - started > 1 and holder.wait(timeout=10) == 0
+
+
+def test_a_lock_in_a_directory_still_being_written_is_waited_for_until_it_goes_quiet(tmp_path, monkeypatch):
+    """A build on another node is not in this host's /proc; its writes in the directory are seen."""
+    lock = _killed_build(tmp_path)
+    (lock.parent / "shm_interface.o").write_text("")  # written just now
+    monkeypatch.setattr(build_locks, "POLL_S", 0.1)
+    started = time.monotonic()
+    assert build_locks.wait_for_builds(tmp_path, idle_s=2.0, say=print) == [lock]
+    assert time.monotonic() - started >= 1.5
+
+
+def _wait(root, out):
+    out.put([str(p) for p in build_locks.wait_for_builds(root, say=lambda line: None)])
+
+
+def test_trials_meeting_one_stale_lock_together_remove_it_once(tmp_path):
+    lock = _killed_build(tmp_path)
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_wait, args=(tmp_path, out)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    removed = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert sorted(map(len, removed)) == [0, 0, 0, 0, 0, 1] and not lock.exists()
+
+
+def test_a_new_builds_lock_taken_between_the_judgement_and_the_removal_is_given_back(tmp_path):
+    lock = _killed_build(tmp_path)
+    judged = build_locks.stale(lock, time.time())
+    assert judged is not None
+    lock.unlink()  # another trial removed the dead one, and a new build took the name
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL)
+    try:
+        assert not build_locks._remove(lock, judged)
+        assert lock.exists() and os.fstat(fd).st_ino == lock.stat().st_ino
+        assert [p.name for p in lock.parent.iterdir() if p.name.startswith("lock.")] == []
+    finally:
+        os.close(fd)
