@@ -129,28 +129,56 @@ def _check(state: dict, where: str) -> None:
                              f"optuna=={state.get('optuna')} (constraints.txt pins it) or start a new sweep")
 
 
+MT_WORDS = 624
+"""A Mersenne Twister's state: 624 32-bit words and a position in them, 0 to 624."""
+_SCALAR = (str, int, float, bool, type(None))
+
+
 def restored(search: Search, state: Optional[dict], where: str):
-    """A new sampler from the sweep file with the generators' states `state` recorded."""
+    """A new sampler from the sweep file with the generators' states `state` recorded. Every
+    value is checked before numpy sees it (it reads past its array on a bad position)."""
     import numpy as np
 
     sampler = new_sampler(search)
     if state is None:  # the first ask: as the seed starts it
         return sampler
     _check(state, where)
+    rngs, attrs = state.get("rngs"), state.get("study_attrs", {})
     generators = dict(_generators(sampler))
-    if set(generators) != set(state.get("rngs") or {}):
-        raise RecordMismatch(f"{where}: the sampler's state holds generators {sorted(state.get('rngs') or {})}, "
-                             f"search.sampler {search.sampler} has {sorted(generators)}")
+    if not isinstance(rngs, dict) or set(generators) != set(rngs):
+        raise RecordMismatch(f"{where}: the sampler's state holds generators "
+                             f"{sorted(rngs) if isinstance(rngs, dict) else repr(rngs)[:60]}, search.sampler "
+                             f"{search.sampler} has {sorted(generators)}")
+    if not isinstance(attrs, dict) or not all(isinstance(k, str) and isinstance(v, _SCALAR) for k, v in attrs.items()):
+        raise RecordMismatch(f"{where}: the sampler's study attributes are damaged ({repr(attrs)[:80]}); start a "
+                             f"new sweep, with search.warm_start naming this one to keep its results")
     for path, rng in generators.items():
-        try:
-            saved = state["rngs"][path]
-            words = np.frombuffer(base64.b64decode(saved["words"], validate=True), dtype="<u4")
-            rng.set_state(("MT19937", words, int(saved["pos"]), saved["gauss"] is not None,
-                           float(saved["gauss"] or 0.0)))
-        except (ValueError, TypeError, KeyError, AttributeError) as err:
-            raise RecordMismatch(f"{where}: the sampler's state of {path} is damaged ({err}); start a new "
-                                 f"sweep, with search.warm_start naming this one to keep its results") from None
+        problem = _state_problem(rngs[path])
+        if problem:
+            raise RecordMismatch(f"{where}: the sampler's state of {path} is damaged ({problem}); start a new "
+                                 f"sweep, with search.warm_start naming this one to keep its results")
+        saved = rngs[path]
+        words = np.frombuffer(base64.b64decode(saved["words"], validate=True), dtype="<u4")
+        rng.set_state(("MT19937", words, saved["pos"], saved["gauss"] is not None, float(saved["gauss"] or 0.0)))
     return sampler
+
+
+def _state_problem(saved) -> Optional[str]:
+    """What is wrong with one generator's recorded state, or None."""
+    if not isinstance(saved, dict) or set(saved) != {"words", "pos", "gauss"}:
+        return "expected words, pos and gauss"
+    try:
+        raw = base64.b64decode(saved["words"], validate=True) if isinstance(saved["words"], str) else None
+    except ValueError:
+        raw = None
+    if raw is None or len(raw) != MT_WORDS * 4 or not raw.strip(b"\0"):
+        return f"expected {MT_WORDS} words in base64, not all zero"
+    pos, gauss = saved["pos"], saved["gauss"]
+    if type(pos) is not int or not 0 <= pos <= MT_WORDS:
+        return f"expected a position from 0 to {MT_WORDS}, got {repr(pos)[:40]}"
+    if gauss is not None and (type(gauss) is not float or not math.isfinite(gauss)):
+        return f"expected a cached Gaussian (a finite number) or null, got {gauss!r}"
+    return None
 
 
 def choose(search: Search, mode: str, history: list[Told], previous: Optional[dict], warm: list[Told] = (),
@@ -163,6 +191,7 @@ def choose(search: Search, mode: str, history: list[Told], previous: Optional[di
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = restored(search, previous, where)
+    check_history(search, history, where)
     study = optuna.create_study(direction="maximize" if mode == "max" else "minimize", sampler=sampler)
     for key, value in ((previous or {}).get("study_attrs") or {}).items():
         study._storage.set_study_system_attr(study._study_id, key, value)
@@ -189,6 +218,16 @@ def choose(search: Search, mode: str, history: list[Told], previous: Optional[di
             study.tell(trial, earlier.value, state=earlier.state)
         trial = study.ask(space)
     return Choice(dict(trial.params), state_of(sampler, dict(study._storage.get_study_system_attrs(study._study_id))))
+
+
+def check_history(search: Search, history: list[Told], where: str) -> None:
+    """RecordMismatch when a recorded trial's values are not of this search's space (the file's
+    search.params edited since, or the record): the sampler cannot be told them."""
+    for n, told in enumerate(history):
+        if not in_space(told.params, search):
+            raise RecordMismatch(f"{where}: trial {n + 1} in the order asked has values outside search.params "
+                                 f"({repr(told.params)[:120]}); the record is of another space: start a new sweep, "
+                                 f"with search.warm_start naming this one to keep what fits")
 
 
 def _key(params: dict) -> str:

@@ -13,6 +13,7 @@ newest checkpoint.
 
 from __future__ import annotations
 
+import re
 import statistics
 import sys
 import time
@@ -156,7 +157,13 @@ def bad_nodes(layout: SweepLayout) -> dict[str, str]:
     except DamagedFile as err:
         print(f"qarac_dist: {err}; no node is excluded for it", file=sys.stderr)
         return {}
-    return {str(k): str(v) for k, v in data.items()}
+    odd = [k for k in data if not HOSTLIST.fullmatch(str(k))]
+    if odd:
+        print(f"qarac_dist: {layout.bad_nodes}: {odd[0]!r} is no SLURM host list; passed over", file=sys.stderr)
+    return {str(k): str(v) for k, v in data.items() if k not in odd}
+
+
+HOSTLIST = re.compile(r"[A-Za-z0-9._-]+(?:\[[0-9,-]+\][A-Za-z0-9._-]*)*(?:,[A-Za-z0-9._-]+(?:\[[0-9,-]+\][A-Za-z0-9._-]*)*)*")
 
 
 def time_needed(claims: dict[str, Claim]) -> Optional[float]:

@@ -56,12 +56,17 @@ class SchedulerUnavailable(UserError):
 
 class Patience:
     """Who asks the scheduler again after it failed: not before a wait that doubles with each
-    failure (5 s to 5 min), saying so once per failure; meanwhile the answer is `unknown`."""
+    failure (5 s to 5 min), saying so once per failure; meanwhile the answer is `unknown`. An
+    answer to the same question is kept `remember_s` (a runner at the end of a sweep would
+    otherwise ask every second)."""
 
-    def __init__(self, ask: Callable, unknown: Callable, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, ask: Callable, unknown: Callable, clock: Callable[[], float] = time.monotonic,
+                 remember_s: float = 0.0):
         """`unknown(*args)`: the answer while the scheduler cannot tell."""
-        self.ask, self.unknown, self.clock = ask, unknown, clock
+        self.ask, self.unknown, self.clock, self.remember_s = ask, unknown, clock, remember_s
         self.wait_s, self.until = 0.0, 0.0
+        self.last: Optional[tuple] = None
+        """(question, answer, when) of the last answer."""
 
     def waiting(self) -> bool:
         """The scheduler failed and is not asked again yet."""
@@ -70,6 +75,8 @@ class Patience:
     def __call__(self, *args):
         if self.waiting():
             return self.unknown(*args)
+        if self.last is not None and self.last[0] == args and self.clock() - self.last[2] < self.remember_s:
+            return self.last[1]
         try:
             answer = self.ask(*args)
         except SchedulerUnavailable as err:
@@ -77,7 +84,7 @@ class Patience:
             self.until = self.clock() + self.wait_s
             print(f"qarac_dist: {err}; asking again in {self.wait_s:.0f} s", file=sys.stderr, flush=True)
             return self.unknown(*args)
-        self.wait_s = 0.0
+        self.wait_s, self.last = 0.0, (args, answer, self.clock())
         return answer
 
 
@@ -86,15 +93,16 @@ def all_may_run(job_ids: list[str]) -> set[str]:
     return set(job_ids)
 
 
-def job_states(job_ids: list[str]) -> dict[str, str]:
+def job_states(job_ids: list[str], finished: bool = True) -> dict[str, str]:
     """State of each job ("123" or array task "123_4"): sacct where accounting runs, else squeue
-    (which forgets finished jobs; those are left out). SchedulerUnavailable when squeue fails or
-    times out: a job it did not list is then unknown, never taken for gone."""
+    (which forgets finished jobs; those are left out; `finished=False`: squeue alone, whether
+    jobs still run being all that is asked). SchedulerUnavailable when squeue fails, times out or
+    prints what is no job state: a job it did not list is then unknown, never taken for gone."""
     if not job_ids:
         return {}
     base_ids = sorted({j.split("_")[0] for j in job_ids})
     states: dict[str, str] = {}
-    if shutil.which("sacct"):  # it only adds jobs squeue forgot: a sacct that fails or hangs is passed over
+    if finished and shutil.which("sacct"):  # it only adds jobs squeue forgot: one that fails or hangs is passed over
         try:
             proc = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(base_ids)],
                                   capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S)
@@ -115,21 +123,32 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
         first = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[0]
         raise SchedulerUnavailable(f"squeue failed ({first}): the jobs' states are unknown, so none was taken for "
                                    f"gone")
-    for line in proc.stdout.splitlines():  # squeue is current for live jobs; it wins over sacct
-        job, _, state = line.partition("|")
-        states.update({j: state.strip() for j in _expand(job)})
+    lines = proc.stdout.splitlines()
+    odd = next((line for line in lines if not SQUEUE_LINE.fullmatch(line.strip())), None)
+    if odd is not None:  # an answer we cannot read is no answer: nothing is taken for gone on it
+        raise SchedulerUnavailable(f"squeue printed a line that is no job state ({odd[:80]!r}): the jobs' states are "
+                                   f"unknown, so none was taken for gone")
+    for line in lines:  # squeue is current for live jobs; it wins over sacct
+        job, _, state = line.strip().partition("|")
+        states.update({j: state for j in _expand(job)})
     return {j: states[j] for j in job_ids if j in states}
 
 
+SQUEUE_LINE = re.compile(r"\d+(?:_\d+|_\[[\d,%-]+\])?(?:\+\d+)?\|[A-Z_]+")
+"""What `squeue -o %i|%T` prints per job: 123, 123_4, 123_[0-3%2] or a het job's 123+0, and a state."""
+
+
 def _expand(job: str) -> list[str]:
-    """`123_[0-3%2]` or `123_[1,4]` -> ids; anything else as it is."""
-    match = re.fullmatch(r"(\d+)_\[([^\]]+)\]", job.strip())
+    """`123_[0-3%2]` or `123_[1,4]` -> ids; anything else as it is (a range it cannot read too)."""
+    match = re.fullmatch(r"(\d+)_\[([\d,%-]+)\]", job.strip())
     if not match:
         return [job.strip()]
     base, spec = match.groups()
     ids = []
     for part in spec.split("%")[0].split(","):
         lo, _, hi = part.partition("-")
+        if not lo.isdigit() or not (hi or lo).isdigit() or int(hi or lo) - int(lo) > 1_000_000:
+            return [job.strip()]
         ids += [f"{base}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
     return ids
 

@@ -28,13 +28,15 @@ IMMEDIATE_S = 120
 """srun --immediate: how long the probe may wait for a place on a compute node."""
 NOT_SEEN = 10
 """The probe's exit code when it was granted the lock the driver holds."""
+MARK = "qarac_dist lock probe:"
 PROBE = ("import fcntl, os, sys\n"
          "f = open(sys.argv[1], 'a')\n"
          "try:\n"
          "    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
          "except OSError:\n"
-         "    print(os.uname().nodename); sys.exit(0)\n"
-         "print(os.uname().nodename); sys.exit(%d)\n" % NOT_SEEN)
+         f"    print('{MARK} seen on', os.uname().nodename); sys.exit(0)\n"
+         f"print('{MARK} not seen on', os.uname().nodename); sys.exit({NOT_SEEN})\n")
+"""Tries the lock and says, in a line only it prints, whether it was refused (seen) or granted."""
 
 
 def check(layout: SweepLayout, resources: Resources, python: str = sys.executable) -> None:
@@ -53,15 +55,16 @@ def check(layout: SweepLayout, resources: Resources, python: str = sys.executabl
             proc = subprocess.run(command, capture_output=True, text=True, timeout=IMMEDIATE_S + 60)
         except (OSError, subprocess.TimeoutExpired) as err:
             proc = subprocess.CompletedProcess(command, -1, "", f"{type(err).__name__}: {err}")
-    here, node = socket.gethostname(), (proc.stdout.strip().splitlines() or ["?"])[-1]
-    if proc.returncode == 0:
+    said = next((line for line in proc.stdout.splitlines() if line.startswith(MARK)), "")
+    here, node = socket.gethostname(), said.rpartition(" on ")[2]
+    if proc.returncode == 0 and said.startswith(f"{MARK} seen on "):
         write_json(layout.lock_check, {"seen": True, "from": here, "on": node, "time": time.time()})
-    elif proc.returncode == NOT_SEEN:
+    elif proc.returncode == NOT_SEEN and said.startswith(f"{MARK} not seen on "):
         raise UserError(f"{layout.root}: a lock taken on {here} is not seen on {node}: the file system of runs_dir "
                         f"grants fcntl locks per node (Lustre mounted with localflock does), and packed jobs or a "
                         f"search on several nodes would start one trial twice; mount it with -o flock, use a "
                         f"runs_dir on NFS, or run without pack and search")
     else:
-        first = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[0]
+        first = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}, no answer from the probe"])[0]
         print(f"qarac_dist: could not check that locks hold across nodes ({first}); going on, and asking again on "
               f"the next run of the sweep", file=sys.stderr)

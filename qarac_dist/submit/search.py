@@ -15,7 +15,7 @@ from ..base.secrets import redact_text
 from ..config import ConfigError
 from ..config.sweep import GP_TRIALS, Search
 from ..plan.resolve import Resolver
-from ..plan.search import Told, choose, in_space, restored
+from ..plan.search import Told, check_history, choose, in_space, restored
 from ..track import search_record
 from ..track.trial_dir import TrialDir, TrialState
 
@@ -53,7 +53,9 @@ def check_record(layout: SweepLayout, search: Search) -> None:
     """RecordMismatch, in one line, when the next ask could not go on from the sweep's search
     record (another Optuna wrote it, an older qarac_dist, a damaged state): said before anything
     is submitted, not by every job."""
-    restored(search, previous_state(search_record.read(layout)), str(layout.search))
+    record = search_record.read(layout)
+    restored(search, previous_state(record), str(layout.search))
+    check_history(search, history(record), str(layout.search))
 
 
 def history(record: search_record.Record) -> list[Told]:

@@ -199,17 +199,20 @@ def job_error(layout: SweepLayout, record: TrialRecord) -> Optional[str]:
 
 
 def last_error(layout: SweepLayout, job: str) -> Optional[str]:
-    """The last error line of a job's log (the last line where none looks like one), with its path."""
+    """The last error line of a job's log (the last line where none looks like one), with its
+    path. A traceback's own lines (its head, its indented frames and source: `raise error`) are
+    passed over for the line that says what went wrong."""
     for path in layout.job_logs(job):
         try:
             with open(path, "rb") as f:
                 f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
-                lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+                lines = [line.rstrip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
         except OSError:
             continue
         if lines:
-            line = next((line for line in reversed(lines) if ERROR_LINE.search(line)), lines[-1])
-            return f"{redact_text(line)[:300]} ({path})"
+            line = next((line for line in reversed(lines) if ERROR_LINE.search(line) and not line[:1].isspace()
+                         and not line.startswith("Traceback (")), lines[-1])
+            return f"{redact_text(line.strip())[:300]} ({path})"
     return None
 
 
@@ -252,8 +255,10 @@ def read_sweep_file(sweep_dir: Path) -> Optional[dict]:
 def same_record(manifest: Manifest, layout: SweepLayout, spec: SweepSpec, select: tuple[str, str],
                 source: str) -> None:
     """What the sweep's record was made with (how the best is picked, where it is tracked, the
-    rungs) cannot change under it: a re-run (or its --dry-run) whose file changed it is refused
-    in one line naming the key. `select`: the metric and mode this file picks the best by."""
+    rungs, a search's space and sampler: the record's values and states are of them) cannot
+    change under it: a re-run (or its --dry-run) whose file changed it is refused in one line
+    naming the key. `select`: the metric and mode this file picks the best by. A search may be
+    given more trials."""
     from ..track.mlflow_client import absolute_uri
 
     t = spec.tracking
@@ -261,12 +266,19 @@ def same_record(manifest: Manifest, layout: SweepLayout, spec: SweepSpec, select
     changed = {"select": (f"{manifest.select_mode} {manifest.select_metric}", f"{select[1]} {select[0]}"),
                "tracking.uri": (manifest.tracking_uri, absolute_uri(t.uri) if t.uri else manifest.tracking_uri),
                "tracking.experiment": (manifest.experiment, t.experiment or manifest.experiment),
-               "asha": (saved.get("asha"), to_dict(spec).get("asha") if saved else saved.get("asha"))}
+               "asha": (saved.get("asha"), to_dict(spec).get("asha") if saved else saved.get("asha")),
+               "search": (_searched(saved.get("search")), _searched(to_dict(spec).get("search")) if saved else
+                          _searched(saved.get("search")))}
     for key, (was, now) in changed.items():
         if was != now:
             raise UserError(f"{source}: {key}: {layout.root} was made with {was}, this file asks for {now}; its "
                             f"trials were picked and recorded by the first. Start a new sweep for it: another name= "
                             f"(or runs_dir=)")
+
+
+def _searched(search: Optional[dict]) -> Optional[dict]:
+    return None if not search else {k: search.get(k) for k in ("sampler", "seed", "startup_trials", "params",
+                                                               "warm_start")}
 
 
 def write_sweep_file(sweep_dir: Path, spec: dict, base: dict, source: str, trials: list) -> None:

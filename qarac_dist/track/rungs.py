@@ -89,8 +89,9 @@ def _apply(line: str, arrivals: list[Arrival]) -> None:
     that brought the trial to the rung) takes the trial's arrival back."""
     d = json.loads(line)
     if "withdrawn" in d:
-        trial = str(d["withdrawn"])
-        arrivals[:] = [a for a in arrivals if a.trial != trial]
+        if set(d) != {"withdrawn", "step", "time"} or not isinstance(d["withdrawn"], str) or type(d["step"]) is not int:
+            raise ValueError("not a withdrawal")
+        arrivals[:] = [a for a in arrivals if a.trial != d["withdrawn"]]
     else:
         arrivals.append(_arrival(d))
 
@@ -167,10 +168,10 @@ def arrive(sweep: SweepLayout, rung: int, trial: str, score: Score, step: int,
         return arrival
 
 
-def withdraw(sweep: SweepLayout, rung: int, trial: str) -> bool:
-    """Take back `trial`'s arrival at `rung` (a line saying so): a rollback undid the steps that
-    brought it there, so its score there belongs to no model, and it is decided again when it
-    reaches the rung. False: it had none."""
+def withdraw(sweep: SweepLayout, rung: int, trial: str, step: int) -> bool:
+    """Take back `trial`'s arrival at `rung` (a line saying so): a rollback to `step` undid the
+    steps that brought it there, so its score there belongs to no model, and it is decided again
+    when it reaches the rung. False: it had none."""
     if not sweep.rung(rung).exists():
         return False
     with locked(sweep.rung(rung), mode="a+b") as f:
@@ -178,7 +179,7 @@ def withdraw(sweep: SweepLayout, rung: int, trial: str) -> bool:
         arrivals, good = _parse(f.read(), sweep, rung)
         if not any(a.trial == trial for a in arrivals):
             return False
-        append_line(f, good, json.dumps({"withdrawn": trial, "time": time.time()}))
+        append_line(f, good, json.dumps({"withdrawn": trial, "step": step, "time": time.time()}))
         return True
 
 

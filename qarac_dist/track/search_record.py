@@ -71,6 +71,14 @@ class Record:
 
 
 _REPORTED: set[str] = set()
+STATES = ("COMPLETE", "PRUNED", "FAIL")
+
+
+def _params(params: dict) -> dict:
+    """An ask's values: searched keys to numbers, strings and booleans (what the sampler gives)."""
+    if not all(isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in params.items()):
+        raise ValueError("params")
+    return dict(params)
 
 
 def _parse(data: bytes, where: str) -> tuple[Record, int]:
@@ -84,12 +92,14 @@ def _parse(data: bytes, where: str) -> tuple[Record, int]:
         try:
             d = json.loads(line)
             if "ask" in d:
-                record.asks.append(Ask(int(d["ask"]), str(d["trial"]), dict(d["params"]), dict(d.get("state", {})),
+                record.asks.append(Ask(int(d["ask"]), str(d["trial"]), _params(d["params"]), dict(d.get("state", {})),
                                        int(d["told_before"]), float(d["time"]), d.get("run_id")))
-            else:
-                record.tells.append(Tell(int(d["tell"]), str(d["state"]), None if d["value"] is None else float(d["value"]),
-                                         {str(k): float(v) for k, v in d.get("intermediate", {}).items()},
+            elif d["state"] in STATES:
+                record.tells.append(Tell(int(d["tell"]), d["state"], None if d["value"] is None else float(d["value"]),
+                                         {str(int(k)): float(v) for k, v in d.get("intermediate", {}).items()},
                                          float(d["time"]), None if d.get("attempt") is None else int(d["attempt"])))
+            else:
+                raise ValueError(f"state {d['state']!r}")
         except NOT_A_RECORD:
             damage = f"{where}: line {number} is not a search record, skipped: {line[:100]!r}"
             record.damaged.append(damage)

@@ -46,4 +46,4 @@ def withdraw_after(asha: AshaConfig, ranks: Ranks, sweep, trial: str, step: int)
     if ranks.is_main and sweep is not None:
         for rung, rung_step in enumerate(asha.rungs):
             if rung_step > step:
-                rungs.withdraw(sweep, rung, trial)
+                rungs.withdraw(sweep, rung, trial, step)

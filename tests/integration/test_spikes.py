@@ -168,7 +168,7 @@ def test_a_rollback_past_a_validation_and_a_rung_undoes_what_they_recorded(tmp_p
     out = TrialDir(tmp_path / "undone")
     assert (out.status().state.value, out.status().step) == ("PRUNED", 12)
     lines = [json.loads(line) for line in sweep.rung(0).read_text().splitlines()]
-    assert [("withdrawn" in line, line.get("step")) for line in lines] == [(False, 12), (True, None)]
+    assert [("withdrawn" in line, line.get("step")) for line in lines] == [(False, 12), (True, 10)]
     assert rungs.read(sweep, 0) == []
     best = out.best_info()
     assert best["step"] == 10 and json.loads(out.result_file.read_text())["best_step"] == 10

@@ -198,11 +198,11 @@ def test_an_arrival_a_rollback_undid_is_withdrawn_and_decided_again(tmp_path):
     def rule(mine, before):
         return keeps_going(mine, before, 2, "max")
 
-    assert not rungs.withdraw(layout, 0, "a")  # nothing recorded: nothing written
+    assert not rungs.withdraw(layout, 0, "a", 3)  # nothing recorded: nothing written
     assert not layout.rung(0).exists()
     rungs.arrive(layout, 0, "a", (0.99, 0.1), 5, rule)  # the undone score
     assert not rungs.arrive(layout, 0, "b", (0.5, 0.5), 5, rule).keeps_going  # below the undone one
-    assert rungs.withdraw(layout, 0, "a") and not rungs.withdraw(layout, 0, "a")
+    assert rungs.withdraw(layout, 0, "a", 3) and not rungs.withdraw(layout, 0, "a", 3)
     assert [a.trial for a in rungs.read(layout, 0)] == ["b"]
     again = rungs.arrive(layout, 0, "a", (0.2, 0.9), 5, rule)  # decided anew, on its new score
     assert not again.keeps_going and again.score == (0.2, 0.9)

@@ -366,6 +366,11 @@ SEARCH_LINES = [
     ("binary", b"\x00\xff\xfe\n"),
     ("ask-state-not-a-mapping", b'{"ask": 0, "trial": "t", "params": {}, "state": "x", "told_before": 0, "time": 0}\n'),
     ("ask-state-null", b'{"ask": 0, "trial": "t", "params": {}, "state": null, "told_before": 0, "time": 0}\n'),
+    ("ask-params-a-list-value", b'{"ask": 0, "trial": "t", "params": {"a": [1]}, "state": {}, "told_before": 0, '
+                                b'"time": 0}\n'),
+    ("tell-state-unknown", b'{"tell": 0, "state": "WHATEVER", "value": 1.0, "intermediate": {}, "time": 0}\n'),
+    ("tell-intermediate-not-a-step", b'{"tell": 0, "state": "PRUNED", "value": null, "intermediate": {"abc": 0.5}, '
+                                     b'"time": 0}\n'),
     ("number-past-float", b'{"tell": 1e999, "state": "COMPLETE", "value": 1, "time": 0}\n'),
     ("nested-past-the-parser", b"[" * 100000 + b"\n"),
 ]
@@ -418,7 +423,9 @@ def test_a_job_that_left_no_verdict_shows_its_logs_last_error_line(tmp_path, cap
     log = SweepLayout(directory).submitit / "999999999_0_log.err"
     log.parent.mkdir(parents=True)
     log.write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
-                   "ModuleNotFoundError: No module named 'optuna.samplers._tpe'\nsubmitit WARNING: exiting\n")
+                   "ModuleNotFoundError: No module named 'optuna.samplers._tpe'\nsubmitit WARNING: exiting\n"
+                   "Traceback (most recent call last):\n  File \"submission.py\", line 69, in process_job\n"
+                   "    raise error\n    ^^^^^^^^^^^\n")  # the second traceback's code line is no message
     assert status.main([str(directory)]) == 1
     out = capsys.readouterr().out
     assert "LOST" in out and "ModuleNotFoundError" in out, out
@@ -529,7 +536,12 @@ def test_a_damaged_rung_record_is_named_and_rebuilt_from_the_trials_own_records(
     sweep = SweepLayout(tmp_path / "runs" / "s")
     sweep.asha.mkdir(parents=True)
     first = rungs.Arrival("a", 0.9, 0.3, 4, True, 0, 1.0)
-    for damage in (b'{"trial":"a","value":1,"step":1e999,"continue":true,"seen":0,"time":0}\n', b"[" * 100000 + b"\n"):
+    odd_withdrawals = [b'{"withdrawn": null, "step": 3, "time": 0}\n', b'{"withdrawn": 5, "step": 3, "time": 0}\n',
+                       b'{"withdrawn": ["a"], "step": 3, "time": 0}\n', b'{"withdrawn": "a", "time": 0}\n',
+                       b'{"withdrawn": "a", "step": 3, "time": 0, "trial": "a", "value": 1}\n',
+                       b'{"withdrawn": "a", "step": "3", "time": 0}\n']
+    for damage in (b'{"trial":"a","value":1,"step":1e999,"continue":true,"seen":0,"time":0}\n', b"[" * 100000 + b"\n",
+                   *odd_withdrawals):
         sweep.rung(0).write_bytes((first.to_json() + "\n").encode() + damage)
         with pytest.raises(UserError, match="rung 0, line 2 is not a rung record"):
             rungs.read(sweep, 0)
@@ -574,6 +586,12 @@ def _state(**changes) -> dict:
     return {**choose(search, "max", [], None).state, **changes}
 
 
+def _rng(**changes) -> dict:
+    state = _state()
+    state["rngs"]["_rng"] = {**state["rngs"]["_rng"], **changes}
+    return state
+
+
 POISONED_RECORDS = [
     ("pickled-sampler", lambda marker: {"sampler": __import__("base64").b64encode(
         __import__("pickle").dumps(_Payload(marker))).decode(), "study_attrs": {}},
@@ -585,6 +603,17 @@ POISONED_RECORDS = [
      "the sampler's state of _random_sampler._rng is damaged"),
     ("state-of-another-sampler", lambda marker: {"state": _state(rngs={"_cma_rng": {}})},
      "the sampler's state holds generators ['_cma_rng'], search.sampler tpe has"),
+    ("state-position-past-the-words", lambda marker: {"state": _rng(pos=1000000)}, "expected a position from 0 to 624"),
+    ("state-position-huge", lambda marker: {"state": _rng(pos=2**70)}, "expected a position from 0 to 624"),
+    ("state-position-negative", lambda marker: {"state": _rng(pos=-5)}, "expected a position from 0 to 624, got -5"),
+    ("state-words-all-zero", lambda marker: {"state": _rng(words="A" * 3328)}, "not all zero"),
+    ("state-gauss-text", lambda marker: {"state": _rng(gauss="nan")}, "expected a cached Gaussian"),
+    ("state-generators-a-list", lambda marker: {"state": _state(rngs=[{"a": 1}])}, "the sampler's state holds generators"),
+    ("state-study-attrs-a-list", lambda marker: {"state": _state(study_attrs=[1, 2])}, "study attributes are damaged"),
+    ("values-outside-the-space", lambda marker: {"state": _state(), "params": {"optimizer.lr": 0.5}},
+     "trial 1 in the order asked has values outside search.params"),
+    ("values-of-another-key", lambda marker: {"state": _state(), "params": {"optimizer.lrr": 1e-3}},
+     "has values outside search.params"),
     ("state-words-short", lambda marker: {"state": _state(rngs={
         "_rng": {"words": "AAAA", "pos": 1, "gauss": None}, "_random_sampler._rng": {"words": "AAAA", "pos": 1}})},
      "is damaged"),
@@ -620,3 +649,36 @@ def test_a_poisoned_or_foreign_search_record_is_refused_in_one_line_and_runs_not
             out.err
     assert not marker.exists()
     assert {p.name: p.read_bytes() for p in directory.iterdir() if p.name != ".lock"} == saved
+
+
+@pytest.mark.parametrize("edit, refused", [
+    pytest.param({"params": {"optimizer.lr": {"distribution": "loguniform", "low": 1.0e-4, "high": 1.0e-3}}}, True,
+                 id="narrower-range"),
+    pytest.param({"params": {"optimizer.lr": {"distribution": "uniform", "low": 1.0e-4, "high": 1.0e-2}}}, True,
+                 id="another-distribution"),
+    pytest.param({"sampler": "random"}, True, id="another-sampler"),
+    pytest.param({"seed": 1}, True, id="another-seed"),
+    pytest.param({"trials": 9}, False, id="more-trials"),
+])
+def test_a_rerun_that_changes_the_searched_space_is_refused(tmp_path, monkeypatch, capsys, edit, refused):
+    """Editing search.params and re-running was accepted: the recorded values were trained again
+    outside the new range, the next ask died on them, and the MLflow parent named a retired trial."""
+    import json
+
+    from qarac_dist.config.schema import to_dict
+    from qarac_dist.config.sweep import load_sweep
+    from qarac_dist.submit.sweep_dir import Manifest
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = tmp_path / "sweep.yaml"
+    path.write_text(_sweep_text(tmp_path, tracking={"uri": uri}, search=SEARCH))
+    spec, _ = load_sweep(str(path), [])
+    directory = tmp_path / "runs" / "s"
+    directory.mkdir(parents=True)
+    Manifest("s", "local", "accuracy", "max", tracking_uri=uri, experiment="s").save(directory)
+    (directory / "sweep.json").write_text(json.dumps({"spec": to_dict(spec)}))
+    path.write_text(_sweep_text(tmp_path, tracking={"uri": uri}, search={**SEARCH, **edit}))
+    code = sweep.main([str(path), "--dry-run"])
+    err = capsys.readouterr().err
+    assert (code, "search: " in err and "was made with" in err) == ((2, True) if refused else (0, False)), err

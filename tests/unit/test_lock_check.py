@@ -45,7 +45,9 @@ def test_a_lock_not_seen_on_the_node_is_refused_in_one_line(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("body", ['echo "srun: error: Unable to allocate resources: Requested node configuration '
-                                  'is not available" >&2; exit 1', "sleep 5; exit 0"], ids=["refused", "hangs"])
+                                  'is not available" >&2; exit 1', "sleep 5; exit 0", "echo node7; exit 0",
+                                  "echo garbage; exit 10", "exit 0"],
+                         ids=["refused", "hangs", "exit-0-without-the-probe", "exit-10-without-the-probe", "silent"])
 def test_a_probe_that_cannot_run_leaves_the_question_open(tmp_path, monkeypatch, capsys, body):
     _srun(tmp_path, monkeypatch, body)
     monkeypatch.setattr(lock_check, "IMMEDIATE_S", -59)  # a minute less: the timeout is 1 s

@@ -34,6 +34,11 @@ ANSWERS = [
     ("no-words", "exit 1", "squeue failed (exit code 1)"),
     ("killed", "kill -9 $$", "squeue failed (exit code -9)"),
     ("hangs", "sleep 30", "squeue did not answer (TimeoutExpired"),
+    ("garbage-with-exit-0", 'echo garbage', "squeue printed a line that is no job state ('garbage')"),
+    ("a-range-it-cannot-read", 'echo "77_[x]|RUNNING"', "squeue printed a line that is no job state"),
+    ("half-a-line", 'echo "77_0|"', "squeue printed a line that is no job state"),
+    ("het-job", 'echo "77+0|RUNNING"', {}),
+    ("empty-answer", "exit 0", {}),
 ]
 
 
@@ -84,6 +89,20 @@ def test_a_claim_asks_the_scheduler_once_and_only_when_nothing_else_is_left(tmp_
     assert len(calls.read_text().splitlines()) == 1
 
 
+def test_an_answer_is_kept_a_while_and_the_scheduler_not_asked_every_second():
+    now, asked = [0.0], []
+
+    def ask(jobs):
+        asked.append(list(jobs))
+        return set(jobs[:1])
+
+    live = cluster.Patience(ask, unknown=cluster.all_may_run, clock=lambda: now[0], remember_s=30)
+    assert [live(["1_0", "1_1"]) for _ in range(5)] == [{"1_0"}] * 5 and len(asked) == 1
+    assert live(["1_1"]) == {"1_1"} and len(asked) == 2  # another question
+    now[0] = 31.0
+    assert live(["1_1"]) == {"1_1"} and len(asked) == 3
+
+
 def test_patience_doubles_its_wait_up_to_five_minutes():
     now = [0.0]
 
@@ -113,6 +132,8 @@ BAD_NODES = [  # (id, bad_nodes.json's bytes, what --exclude holds, the line sai
     ("beside-the-users-own", b'{"node[3-4]": "job 6_1: x"}', "'node9,node[3-4]'", "excluded: node[3-4] (job 6_1: x)"),
     ("damaged", b'{"node1": ', None, "bad_nodes.json: not valid JSON"),
     ("a-list", b'["node1"]', None, "bad_nodes.json: expected a JSON object"),
+    ("an-empty-host", b'{"": null, "node2": "job 7_0: x"}', "node2", "bad_nodes.json: '' is no SLURM host list; passed over"),
+    ("a-line-break", b'{"node1\\n#SBATCH --x": "y"}', None, "is no SLURM host list; passed over"),
 ]
 
 
@@ -143,3 +164,14 @@ def test_nodes_where_steps_could_not_start_are_excluded_from_the_next_submission
     assert (f"#SBATCH --exclude={exclude}\n" in out.out) if exclude else "--exclude" not in out.out
     if exclude is None:
         assert layout.bad_nodes.read_bytes() == content  # kept as it is
+
+
+def test_only_a_nodes_own_trouble_marks_it_bad():
+    """Any step that could not start marked its node bad: a bad gres request, failing on every
+    node alike, excluded them all one by one, until sbatch refused the sweep."""
+    from qarac_dist.submit.pack import NODE_TROUBLE
+
+    assert NODE_TROUBLE.search("srun: error: Unable to create step for job 5: Requested node configuration is not "
+                               "available")
+    assert not NODE_TROUBLE.search("srun: error: Unable to create step for job 5: Invalid generic resource (gres) "
+                                   "specification")
