@@ -5,6 +5,26 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+
+@dataclass
+class Container:
+    """The image every process of every trial runs in (submit/environment.py says how)."""
+
+    runtime: Literal["apptainer", "pyxis", "charliecloud"]
+    """apptainer (`apptainer exec --nv`), pyxis (`srun --container-image`, SLURM only), or
+    charliecloud (`ch-run` on a directory image)."""
+    image: str
+    """An Apptainer image (a .sif file, or a URI such as docker://...), a pyxis/enroot image
+    (nvcr.io#nvidia/pytorch:24.05-py3, or a .sqsh file), or a Charliecloud image directory."""
+    mounts: list[str] = field(default_factory=list)
+    """`host:container` (or one path, the same in both) mounted besides the sweep's own: the
+    working directory, the sweep directory, the data caches and a sqlite store are mounted
+    without being listed (their top-level directories)."""
+    python: str = "python"
+    """The interpreter inside the image, with qarac_dist and its dependencies installed."""
 
 
 @dataclass
@@ -16,6 +36,8 @@ class Environment:
     activate, export), and locally before each trial; a failing line stops the job, named."""
     variables: dict = field(default_factory=dict)
     """Name -> value, set for every process of every trial (HF_HOME, NCCL_*, ...)."""
+    container: Optional[Container] = None
+    """The image every trial's processes run in; absent: the sweep's own interpreter."""
 
 
 VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -43,3 +65,24 @@ def check_environment(env: Environment, errors: list[str]) -> None:
             errors.append(f"{key}: expected a string or a number, got {value!r}")
         elif "\0" in str(value):
             errors.append(f"{key}: expected a value without a NUL character")
+    if env.container is not None:
+        _check_container(env.container, errors)
+
+
+def _check_container(c: Container, errors: list[str]) -> None:
+    if not c.image.strip():
+        errors.append("environment.container.image: expected an image")
+    elif c.runtime == "charliecloud" and not Path(c.image).is_dir():
+        errors.append(f"environment.container.image: {c.image} is not a directory (charliecloud runs a directory "
+                      f"image: ch-convert IMAGE DIR makes one)")
+    elif c.runtime == "apptainer" and "://" not in c.image and not Path(c.image).exists():
+        errors.append(f"environment.container.image: {c.image} does not exist (an Apptainer image file, or a URI "
+                      f"such as docker://...)")
+    for i, mount in enumerate(c.mounts):
+        host, _, guest = mount.partition(":")
+        guest = guest or host
+        if not host.startswith("/") or not guest.startswith("/") or guest.count(":") or "," in mount:
+            errors.append(f"environment.container.mounts[{i}]: expected host:container with absolute paths and no "
+                          f"comma, got {mount!r}")
+    if not c.python.strip() or "\n" in c.python:
+        errors.append(f"environment.container.python: expected the interpreter's name or path, got {c.python!r}")

@@ -140,6 +140,7 @@ def find(spec, trials: list, executor_kind: str, layout) -> dict:
 
     from ..config import UserError
     from ..plan.micro_batch import memory_key
+    from ..submit.environment import launch
     from ..submit.executors import make_executor
     from ..submit.sbatch import job_name
     from ..submit.sweep_dir import read_micro_batches, write_micro_batches
@@ -152,8 +153,9 @@ def find(spec, trials: list, executor_kind: str, layout) -> dict:
         shapes.setdefault(memory_key(trial.config), trial.config)
     one_gpu = dataclasses.replace(spec.resources, nodes=1, tasks_per_node=1,
                                   gpus_per_node=min(1, spec.resources.gpus_per_node))
+    run = launch(spec.environment, [str(layout.root), *{str(c["data"]["cache_dir"]) for c in shapes.values()}])
     executor = make_executor(executor_kind, layout.batch_size_submitit, one_gpu, job_name(f"{spec.name}-batch-size"),
-                             max_requeues=0, env=spec.environment)
+                             max_requeues=0, env=spec.environment, run=run)
     submitted = executor.submit([functools.partial(search, config, budget) for config in shapes.values()])
     results = {}
     for key, job in zip(shapes, submitted):

@@ -21,12 +21,70 @@ script (the job needs it) but masked where people read: `--dry-run`, and the fai
 
 from __future__ import annotations
 
+import getpass
 import os
 import shlex
 import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
 
 from ..base.secrets import REDACTED, is_secret_name, redact_text
-from ..config.environment import Environment
+from ..config.environment import Container, Environment
+
+REQUEUE_OUTSIDE = "QARAC_REQUEUE_OUTSIDE"
+"""Set in a job whose trials run in a container: on SLURM's warning a trial saves and exits
+PREEMPTED_EXIT, and the job's script requeues it (no SLURM command runs in the image)."""
+PREEMPTED_EXIT = 3
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a trial's Python starts: the argv before `-u -m ...` (the sweep's interpreter, or the
+    container's through its runtime), and srun's own flags for it (pyxis)."""
+
+    python: tuple[str, ...] = (sys.executable,)
+    srun: tuple[str, ...] = ()
+    container: bool = False
+
+
+def launch(env: Environment, paths: Iterable[str], cwd: str | None = None) -> Launch:
+    """The Launch of `env`; `paths`: what the trials read and write outside the image (with the
+    working directory `cwd`, this process's: the sweep directory, data caches, a sqlite store),
+    mounted by their top-level directories, beside the container's own `mounts`."""
+    c = env.container
+    if c is None:
+        return Launch()
+    cwd = cwd or os.getcwd()
+    mounts = _mounts(c, [cwd, *paths])
+    if c.runtime == "charliecloud":  # ch-run refuses to start without USER, which a job may not have
+        return Launch(("env", f"USER={getpass.getuser()}", "ch-run", *(f"--bind={m}" for m in mounts), f"--cd={cwd}",
+                       c.image, "--", c.python), container=True)
+    if c.runtime == "apptainer":
+        return Launch(("apptainer", "exec", "--nv", *(f"--bind={m}" for m in mounts), "--pwd", cwd, c.image,
+                       c.python), container=True)
+    return Launch((c.python,), (f"--container-image={c.image}", f"--container-mounts={','.join(mounts)}",
+                                f"--container-workdir={cwd}"), container=True)
+
+
+def trial_paths(root: Path, trials: list, tracking_uri: str | None) -> list[str]:
+    """What the trials read and write outside a container's image: the sweep directory `root`,
+    their data caches, a sqlite store."""
+    paths = [str(root), *{str(t.config["data"]["cache_dir"]) for t in trials}]
+    uri = tracking_uri or ""
+    return paths + ([uri.removeprefix("sqlite:///")] if uri.startswith("sqlite:///") else [])
+
+
+def _mounts(c: Container, paths: list[str]) -> list[str]:
+    tops = {"/" + Path(p).resolve().parts[1] for p in paths if len(Path(p).resolve().parts) > 1}
+    own = [m if ":" in m else f"{m}:{m}" for m in c.mounts]
+    guests = {m.partition(":")[2] for m in own}
+    return [*(f"{t}:{t}" for t in sorted(tops) if t not in guests and t not in SYSTEM), *own]
+
+
+SYSTEM = {"/usr", "/etc", "/bin", "/lib", "/lib64", "/sbin", "/proc", "/sys", "/dev", "/var", "/opt"}
+"""Top-level directories the image has its own of: never mounted over."""
 
 _FAIL_FUNCTION = ('qarac_setup_failed() { echo "qarac_dist: error: environment.setup[$1] failed with exit code $2: '
                   '$3" >&2; exit "$2"; }')
@@ -50,32 +108,45 @@ def _shown(name: str, value: str) -> str:
     return REDACTED if is_secret_name(name) else redact_text(value)
 
 
-def sbatch_setup(env: Environment, extra_sbatch: dict, shown: bool = False) -> list[str]:
-    """job_lines for a SLURM job of these sbatch options."""
-    return job_lines(env, "export" in (extra_sbatch or {}), shown)
+def job_parameters(env: Environment, extra_sbatch: dict, run: Launch, steps: bool = False,
+                   shown: bool = False) -> dict:
+    """submitit's job parameters for them: `setup` (job_lines), and where a job's trials run in
+    a container under srun (not `steps`: a packed job's runner starts them and requeues itself),
+    pyxis's `srun_args` and the `teardown` that requeues a trial saved on SLURM's warning (it
+    exits PREEMPTED_EXIT; the image has no scontrol)."""
+    setup = job_lines(env, "export" in (extra_sbatch or {}), shown)
+    params: dict = {"setup": setup} if setup else {}
+    if run.container and not steps:
+        params["setup"] = [*setup, f"export {REQUEUE_OUTSIDE}=1"]
+        params["teardown"] = [f'code=$?; if [ "$code" -eq {PREEMPTED_EXIT} ]; then scontrol requeue "$SLURM_JOB_ID"; '
+                              f'fi; exit "$code"']
+    if run.srun and not steps:
+        params["srun_args"] = list(run.srun)
+    return params
 
 
 FAILED_BEFORE = "QARAC_SETUP_FAILED"
 """Set for a local job whose setup line failed: the job says that line and exits (fail_early)."""
 
 
-def local_python(env: Environment, python: str) -> str:
-    """The command that starts a local job's tasks: `python` under `env` with what the setup
-    lines and the variables change (run now by bash, as a job's script would), or, when a line
-    fails, with FAILED_BEFORE naming it."""
+def local_python(env: Environment, run: Launch) -> str:
+    """The command that starts a local job's tasks: `run.python` under `env` with what the
+    setup lines and the variables change (run now by bash, as a job's script would), or, when a
+    line fails, with FAILED_BEFORE naming it."""
+    python = list(run.python)
     if not env.setup and not env.variables:
-        return shlex.quote(python)
+        return shlex.join(python)
     script = "\n".join([*job_lines(env), "env -0"])
     proc = subprocess.run(["bash", "-c", script], capture_output=True, timeout=600)
     if proc.returncode != 0:
         said = [line for line in proc.stderr.decode(errors="replace").splitlines() if "environment.setup[" in line]
         failed = said[-1] if said else f"qarac_dist: error: environment.setup failed with exit code {proc.returncode}"
-        return shlex.join(["env", f"{FAILED_BEFORE}={failed}", python])
+        return shlex.join(["env", f"{FAILED_BEFORE}={failed}", *python])
     pairs = (item.partition("=") for item in proc.stdout.decode(errors="replace").split("\0") if "=" in item)
     made = {name: value for name, _, value in pairs if name not in ("_", "SHLVL", "PWD", "OLDPWD")}
     gone = [f"--unset={name}" for name in os.environ if name not in made and name not in ("_", "SHLVL", "PWD")]
     changed = [f"{name}={value}" for name, value in made.items() if os.environ.get(name) != value]
-    return shlex.join(["env", *gone, *changed, python])
+    return shlex.join(["env", *gone, *changed, *python])
 
 
 def fail_early() -> None:

@@ -9,6 +9,7 @@ Nothing outside submit/ asks which executor it holds.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -31,6 +32,8 @@ class Executor(Protocol):
     """How often a trial's job may be requeued (the sweep's max_requeues)."""
     steps: bool
     """Jobs run trials as steps (submit/pack.py): packed, or a model-based search."""
+    launch: environment.Launch
+    """How a trial's Python starts (in the sweep's container, if any)."""
 
     def submit(self, calls: list[Callable[[], Any]]) -> list[submitit.Job]:
         """One job per call (SLURM: job arrays); the jobs in the calls' order."""
@@ -82,7 +85,11 @@ class TrialJob(submitit.helpers.Checkpointable):
         except Preempted as stop:
             # The checkpoint is saved on every rank, and run() has checked the requeue budget.
             # On USR2, global rank 0 hands over to submitit's own handler, which pickles this
-            # job and requeues it (and exits).
+            # job and requeues it (and exits). In a container (no scontrol there) every rank exits
+            # PREEMPTED_EXIT and the job's script requeues (environment.job_parameters).
+            if stop.signum == signal.SIGUSR2 and os.environ.get(environment.REQUEUE_OUTSIDE):
+                sys.stderr.flush()
+                os._exit(environment.PREEMPTED_EXIT)
             if stop.signum != signal.SIGUSR2 or submitit.JobEnvironment().global_rank != 0:
                 raise
             handler = signal.getsignal(signal.SIGUSR2)
@@ -112,21 +119,23 @@ class SlurmArrays:
     kind = "slurm"
 
     def __init__(self, folder: Path, resources: Resources, name: str, max_requeues: int, steps: bool = False,
-                 env: Environment = Environment()):
+                 env: Environment = Environment(), run: environment.Launch = environment.Launch()):
         self.folder = sbatch.job_folder(folder)
         self.resources, self.name, self.max_requeues, self.steps = resources, name, max_requeues, steps
-        self.setup = environment.sbatch_setup(env, resources.extra_sbatch)
+        self.launch = run
+        self.job = environment.job_parameters(env, resources.extra_sbatch, run, steps)
+        # A packed job's script runs its runner here (it starts the steps in the container).
+        self.python = shlex.quote(sys.executable) if steps else shlex.join(run.python)
 
     def script(self, num_jobs: int) -> str:
         """The sbatch script of an array of `num_jobs` jobs, as submit() would send it."""
-        return sbatch.sbatch_text(self.resources, self.name, self.folder, sys.executable, num_jobs, self.steps,
-                                  self.setup)
+        return sbatch.sbatch_text(self.resources, self.name, self.folder, self.python, num_jobs, self.steps, self.job)
 
     def submit(self, calls: list[Callable[[], Any]]) -> list[submitit.Job]:
         # Our own requeue budget (train/run.py) binds first and fails the trial with a reason;
         # submitit's count of timed-out interruptions is set one higher so it never does.
-        executor = submitit.SlurmExecutor(folder=self.folder, max_num_timeout=self.max_requeues + 1)
-        executor.update_parameters(**sbatch.executor_parameters(self.resources, self.name, self.steps, self.setup))
+        executor = submitit.SlurmExecutor(folder=self.folder, max_num_timeout=self.max_requeues + 1, python=self.python)
+        executor.update_parameters(**sbatch.executor_parameters(self.resources, self.name, self.steps, self.job))
         jobs: list[submitit.Job] = []
         for chunk in sbatch.arrays(len(calls), cluster.max_array_size()):
             with executor.batch():
@@ -140,7 +149,7 @@ class SlurmArrays:
         return cluster.job_states(job_ids)
 
     def live(self, job_ids: list[str]) -> set[str]:
-        return {j for j, state in self.states(job_ids).items() if state in cluster.ACTIVE}
+        return {j for j, state in cluster.job_states(job_ids, finished=False).items() if state in cluster.ACTIVE}
 
     def cancel(self, job_ids: list[str], at_once: bool = False) -> None:
         cluster.cancel(job_ids, "KILL" if at_once else None)
@@ -153,9 +162,9 @@ class LocalProcesses:
     kind = "local"
 
     def __init__(self, folder: Path, resources: Resources, max_requeues: int, steps: bool = False,
-                 env: Environment = Environment()):
+                 env: Environment = Environment(), run: environment.Launch = environment.Launch()):
         self.folder, self.resources, self.max_requeues = Path(folder).resolve(), resources, max_requeues
-        self.steps, self.env = steps, env
+        self.steps, self.env, self.launch = steps, env, run
         self.jobs: dict[str, submitit.local.local.LocalJob] = {}
 
     def submit(self, calls: list[Callable[[], Any]]) -> list[submitit.Job]:
@@ -169,7 +178,7 @@ class LocalProcesses:
         try:
             for call in calls:  # the setup lines run before each job (a trial, a packed runner), as on SLURM
                 executor = submitit.LocalExecutor(folder=self.folder, max_num_timeout=self.max_requeues + 1,
-                                                  python=environment.local_python(self.env, sys.executable))
+                                                  python=environment.local_python(self.env, self.python()))
                 executor.update_parameters(timeout_min=self.resources.time_min,
                                            tasks_per_node=1 if packed else self.resources.tasks_per_node,
                                            gpus_per_node=0 if packed else self.resources.gpus_per_node)
@@ -179,6 +188,10 @@ class LocalProcesses:
                 signal.signal(signum, handler)
         self.jobs.update({job.job_id: job for job in jobs})
         return jobs
+
+    def python(self) -> environment.Launch:
+        """A packed job's runner runs here, outside the container (it starts each step in it)."""
+        return environment.Launch() if self.steps else self.launch
 
     def alive(self, job_id: str) -> bool:
         job = self.jobs.get(job_id)
@@ -249,9 +262,11 @@ def resolve_kind(spec: SweepSpec, source: str) -> str:
 
 
 def make_executor(kind: str, folder: Path, resources: Resources, name: str, max_requeues: int,
-                  steps: bool = False, env: Environment = Environment()) -> Executor:
+                  steps: bool = False, env: Environment = Environment(),
+                  run: environment.Launch = environment.Launch()) -> Executor:
     """The executor of this kind, its jobs' files under `folder`; `steps`: its jobs run trials
-    as steps (submit/pack.py); `env`: the sweep's environment section."""
+    as steps (submit/pack.py); `env`: the sweep's environment section; `run`: how trials'
+    Python starts (environment.launch)."""
     if kind == "slurm":
-        return SlurmArrays(folder, resources, name, max_requeues, steps, env)
-    return LocalProcesses(folder, resources, max_requeues, steps, env)
+        return SlurmArrays(folder, resources, name, max_requeues, steps, env, run)
+    return LocalProcesses(folder, resources, max_requeues, steps, env, run)

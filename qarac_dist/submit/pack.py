@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -48,6 +49,13 @@ from .step import TRIAL_ENV
 from .sweep_dir import last_error, resolve_state
 
 POLL_S = 1.0
+NODE_TROUBLE = re.compile(r"Requested node configuration is not available|Node failure|not responding")
+"""srun's words for a step that could not start because of its node, not of its request (a bad
+gres or memory request fails the same way on every node, and excluding nodes would not help)."""
+LIVE_REMEMBER_S = 30.0
+"""How long a runner keeps the scheduler's answer to which other jobs still run: a dead job's
+trials are taken over that much later at most, and a sweep's tail asks squeue twice a minute,
+not every second, per job."""
 MAX_FAILED_STARTS = 3
 """Steps in a row that end before their trial begins, after which a job takes no more trials:
 one bad node would otherwise fail every waiting trial within seconds. Three, not one: a step can
@@ -94,6 +102,8 @@ class PackJob:
     entries: list[Entry]
     max_requeues: int
     search: Optional[Search] = None
+    launch: environment.Launch = environment.Launch()
+    """How each step's Python starts (in the sweep's container, if any)."""
 
     def __call__(self) -> dict:
         if self.kind == "local":  # SLURM ends a job's steps with it; here the kernel must
@@ -113,7 +123,8 @@ class _Runner:
         self.out_of_time = False
         # A job the scheduler cannot tell about is not taken for dead: its trials are not taken over.
         self.live = Patience(make_executor(job.kind, self.layout.submitit, Resources(),
-                                           sbatch.job_name(self.layout.root.name), 0).live, unknown=all_may_run)
+                                           sbatch.job_name(self.layout.root.name), 0).live, unknown=all_may_run,
+                             remember_s=LIVE_REMEMBER_S)
         self.ended: list[str] = []
         self.num_started = 0
         self.failed_starts = 0
@@ -143,7 +154,7 @@ class _Runner:
         if self.failed_starts >= MAX_FAILED_STARTS:
             error = last_error(self.layout, self.job_id) or "see its log"
             nodes = os.environ.get("SLURM_JOB_NODELIST")
-            if nodes:  # the sweep's next submission keeps away from them
+            if nodes and NODE_TROUBLE.search(error):  # the sweep's next submission keeps away from them
                 claims.note_bad_nodes(self.layout, nodes, self.job_id, error)
             raise RuntimeError(f"job {self.job_id} took no more trials: {self.failed_starts} steps in a row could not "
                                f"start ({error}); they went back to the queue for another job or a re-run of the "
@@ -204,10 +215,11 @@ class _Runner:
         payload = {"config": config, "context": context, "max_requeues": self.job.max_requeues,
                    "cpus_per_task": self.r.cpus_per_task}
         if self.job.kind == "slurm":
-            processes = [subprocess.Popen(srun_command(self.r), env={**os.environ, TRIAL_ENV: json.dumps(payload)})]
+            processes = [subprocess.Popen(srun_command(self.r, self.job.launch),
+                                          env={**os.environ, TRIAL_ENV: json.dumps(payload)})]
         else:
             payload["step"] = f"{self.job_id}.{self.num_started - 1}"
-            processes = _local_ranks(self.r, slot, payload)
+            processes = _local_ranks(self.r, slot, payload, self.job.launch)
         print(f"qarac_dist: job {self.job_id} starts trial {entry.id} (attempt {entry.attempt})", flush=True)
         self.steps[entry.id] = Step(entry, slot, processes, time.time(), latest.last_checkpoint if latest else None,
                                     status.starts if status else 0)
@@ -263,18 +275,19 @@ class _Runner:
                                          time.time() - step.started)
 
 
-def srun_command(r: Resources) -> list[str]:
-    """The step of one trial: its share of the allocation, no more (`--exact`)."""
+def srun_command(r: Resources, run: environment.Launch = environment.Launch()) -> list[str]:
+    """The step of one trial: its share of the allocation, no more (`--exact`), its Python
+    started as `run` says (in the sweep's container, if any)."""
     command = ["srun", "--exact", "--kill-on-bad-exit=1", f"--nodes={r.nodes}", f"--ntasks={r.world_size}",
                f"--ntasks-per-node={r.tasks_per_node}", f"--cpus-per-task={r.cpus_per_task}"]
     if r.gpus_per_node:
         command.append(f"--gpus-per-node={r.gpus_per_node}")
     if r.mem_gb is not None:  # else a step may take all of the job's memory on its node
         command.append(f"--mem={int(r.mem_gb * 1024)}M")
-    return command + [sys.executable, "-u", "-m", "qarac_dist.submit.step"]
+    return command + [*run.srun, *run.python, "-u", "-m", "qarac_dist.submit.step"]
 
 
-def _local_ranks(r: Resources, slot: int, payload: dict) -> list[subprocess.Popen]:
+def _local_ranks(r: Resources, slot: int, payload: dict, run: environment.Launch) -> list[subprocess.Popen]:
     """A trial's ranks on this machine, as the local executor's "step"; slot k's GPUs are the
     k-th share of this machine's."""
     port = _free_port()
@@ -283,7 +296,7 @@ def _local_ranks(r: Resources, slot: int, payload: dict) -> list[subprocess.Pope
     env.pop("SUBMITIT_EXECUTOR", None)
     if r.gpus_per_node:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(slot * r.gpus_per_node + i) for i in range(r.gpus_per_node))
-    return [subprocess.Popen([sys.executable, "-u", "-m", "qarac_dist.submit.step"],
+    return [subprocess.Popen([*run.python, "-u", "-m", "qarac_dist.submit.step"],
                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, preexec_fn=stop_with_parent)
             for rank in range(r.tasks_per_node)]
 
@@ -295,10 +308,11 @@ def _free_port() -> int:
 
 
 def packed_jobs(layout: SweepLayout, executor_kind: str, resources: Resources, max_requeues: int,
-                entries: list[Entry], search_spec: Optional[Search]) -> list[PackJob]:
+                entries: list[Entry], search_spec: Optional[Search],
+                run: environment.Launch = environment.Launch()) -> list[PackJob]:
     """The runners of one submission: ceil(max_parallel / pack) jobs (fewer for fewer trials),
     each with every entry in the order to start them."""
-    job = PackJob(str(layout.root.resolve()), executor_kind, resources, entries, max_requeues, search_spec)
+    job = PackJob(str(layout.root.resolve()), executor_kind, resources, entries, max_requeues, search_spec, run)
     return [job] * sbatch.num_jobs(resources, len(entries), steps=True)
 
 

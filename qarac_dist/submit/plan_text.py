@@ -3,6 +3,7 @@ scripts, as plain text (no wrapping, no markup, so the scripts copy as they are)
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections import Counter
 
@@ -11,6 +12,7 @@ from ..config.sweep import SweepSpec
 from ..plan import Trial, select_defaults
 from ..plan.asha import budget
 from . import claims, cluster, environment, sbatch
+from .pack import srun_command
 from .search import check_record, warm_start
 from .sweep_dir import Manifest, layout_for, same_record
 
@@ -63,15 +65,19 @@ def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, source: str, sho
         for nodes, why in bad.items():
             print(f"excluded: {nodes} ({why}); delete {layout_for(spec).bad_nodes} to allow them again")
         r = sbatch.excluding(r, bad)
-        setup = environment.sbatch_setup(spec.environment, r.extra_sbatch, shown=True)
+        run = environment.launch(spec.environment, environment.trial_paths(layout_for(spec).root, trials,
+                                                                           spec.tracking.uri))
+        job = environment.job_parameters(spec.environment, r.extra_sbatch, run, spec.trials_as_steps(), shown=True)
         if spec.trials_as_steps():
             print(f"\n# sbatch script of the jobs that run the {len(trials)} trials as steps")
-            print(sbatch.sbatch_text(r, sbatch.job_name(spec.name), folder, sys.executable,
-                                     sbatch.num_jobs(r, len(trials), True), True, setup))
+            print(sbatch.sbatch_text(r, sbatch.job_name(spec.name), folder, shlex.quote(sys.executable),
+                                     sbatch.num_jobs(r, len(trials), True), True, job))
+            print(f"# each trial's step: {shlex.join(srun_command(spec.resources, run))}")
             return
         for array in sbatch.arrays(len(trials), size):
             print(f"\n# sbatch script of the array with trials {array.start}..{array.stop - 1}")
-            print(sbatch.sbatch_text(r, sbatch.job_name(spec.name), folder, sys.executable, len(array), setup=setup))
+            print(sbatch.sbatch_text(r, sbatch.job_name(spec.name), folder, shlex.join(run.python), len(array),
+                                     job=job))
 
 
 def print_search(spec: SweepSpec, told: str) -> None:

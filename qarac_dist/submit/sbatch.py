@@ -12,6 +12,7 @@ import dataclasses
 import math
 import shlex
 from pathlib import Path
+from typing import Optional
 
 from ..config.sweep import Resources
 
@@ -70,9 +71,10 @@ def excluding(resources: Resources, bad_nodes: dict[str, str]) -> Resources:
     return dataclasses.replace(resources, extra_sbatch=extra)
 
 
-def executor_parameters(resources: Resources, name: str, steps: bool = False, setup: list[str] = ()) -> dict:
+def executor_parameters(resources: Resources, name: str, steps: bool = False, job: Optional[dict] = None) -> dict:
     """submitit SlurmExecutor parameters for these resources. Where trials run as steps (packed,
-    or `steps`), the job's script runs its runner (submit/pack.py) directly, not under srun."""
+    or `steps`), the job's script runs its runner (submit/pack.py) directly, not under srun.
+    `job`: setup, teardown and srun_args of the sweep's environment (submit/environment.py)."""
     packed = resources.pack > 1 or steps
     resources = job_resources(resources)
     params = {
@@ -96,8 +98,7 @@ def executor_parameters(resources: Resources, name: str, steps: bool = False, se
             params[key] = getattr(resources, key)
     if resources.extra_sbatch:
         params["additional_parameters"] = dict(resources.extra_sbatch)
-    if setup:  # before the first srun (submit/environment.py)
-        params["setup"] = list(setup)
+    params.update(job or {})
     return params
 
 
@@ -108,11 +109,11 @@ def arrays(num_trials: int, max_array_size: int) -> list[range]:
 
 
 def sbatch_text(resources: Resources, name: str, folder: Path, python: str, num_array_tasks: int,
-                steps: bool = False, setup: list[str] = ()) -> str:
-    """The sbatch script of one array of `num_array_tasks` jobs (a single job for one); `setup`:
-    its lines before the command (submit/environment.py)."""
+                steps: bool = False, job: Optional[dict] = None) -> str:
+    """The sbatch script of one array of `num_array_tasks` jobs (a single job for one); `python`:
+    the command that runs the job's Python; `job`: as executor_parameters takes it."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    command = f"{shlex.quote(python)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    command = f"{python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
     return _make_sbatch_string(command=command, folder=folder, map_count=num_array_tasks if num_array_tasks > 1 else None,
-                               **executor_parameters(resources, name, steps, setup))
+                               **executor_parameters(resources, name, steps, job))

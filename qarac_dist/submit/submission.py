@@ -22,7 +22,7 @@ from ..config.schema import to_dict
 from ..config.sweep import Resources, Search, SweepSpec
 from ..plan import Trial, select_defaults, varied_keys
 from ..track.job_context import JobContext
-from . import claims, cluster, lock_check, pack, sbatch, tracking
+from . import claims, cluster, environment, lock_check, pack, sbatch, tracking
 from .executors import Executor, TrialJob, make_executor
 from .report import print_summary
 from .search import check_record, tell_ended, warm_start
@@ -47,7 +47,9 @@ class Submission:
         """What each job asks for: the sweep file's resources, keeping away from nodes where this
         sweep's steps could not start."""
         self.executor = make_executor(kind, self.layout.submitit, self.resources, sbatch.job_name(spec.name),
-                                      spec.max_requeues, steps=spec.trials_as_steps(), env=spec.environment)
+                                      spec.max_requeues, steps=spec.trials_as_steps(), env=spec.environment,
+                                      run=environment.launch(spec.environment, environment.trial_paths(
+                                          self.layout.root, trials, spec.tracking.uri)))
         self.lock = SweepLock(self.layout.root)
         self.submitted = False
         self.preflight_text = None
@@ -214,7 +216,9 @@ class Submission:
             refusal = cluster.test_submission(self.executor.script(sbatch.num_jobs(self.spec.resources, len(todo),
                                                                                    self.executor.steps)))
             if refusal:
-                raise UserError(f"{self.source}: resources: sbatch refused the job: {refusal}")
+                excluded = f" (with {', '.join(self.bad_nodes)} excluded by {self.layout.bad_nodes}; delete it to " \
+                           f"allow them again)" if self.bad_nodes else ""
+                raise UserError(f"{self.source}: resources: sbatch refused the job: {refusal}{excluded}")
             if self.executor.steps:  # runners on several nodes share the sweep's locks
                 lock_check.check(self.layout, self.resources)
         if todo and self.preflight is not None:
@@ -243,6 +247,9 @@ class Submission:
     def report(self, manifest: Manifest, todo: list[TrialRecord]) -> None:
         print(f"sweep {self.spec.name}: {len(self.trials)} trials, {len(todo)} to run, "
               f"{len(self.trials) - len(todo)} already pending, running or completed; directory {self.layout.root}")
+        if retired := sum(r.retired and r.active for r in manifest.trials.values()):
+            print(f"{retired} trial(s) no longer in the sweep file still run: they end as they would, shown apart and "
+                  f"never chosen best")
         if self.executor.kind != "slurm" or not todo:
             return
         for nodes, why in self.bad_nodes.items():
@@ -328,7 +335,7 @@ def submit_records(manifest: Manifest, layout: SweepLayout, executor: Executor, 
         entries = [pack.Entry(r.id, r.attempt, r.config, job_context(manifest, layout, r).to_dict(), r.slot)
                    for r in records]
         jobs = executor.submit(pack.packed_jobs(layout, executor.kind, resources, executor.max_requeues, entries,
-                                                search))
+                                                search, executor.launch))
         for r in records:
             r.pack_jobs = [job.job_id for job in jobs]
     else:

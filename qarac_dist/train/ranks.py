@@ -12,8 +12,8 @@ Sources, first match wins:
 from __future__ import annotations
 
 import os
+import re
 import socket
-import subprocess
 from dataclasses import dataclass
 
 
@@ -34,6 +34,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM host list, as `scontrol show hostnames` would list it first
+    ("gpu[07-09,12]-ib,cpu1" -> "gpu07-ib"), read here: a trial in a container's image has no
+    scontrol."""
+    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\]([^,]*))?", nodelist.strip())
+    prefix, ranges, suffix = match.group(1), match.group(2), match.group(3) or ""
+    return prefix if ranges is None else prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
 def export_from_environment(env=os.environ) -> Ranks:
     """Make sure the torch.distributed env:// variables are set, and return this process's ranks."""
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -45,10 +54,8 @@ def export_from_environment(env=os.environ) -> Ranks:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     elif "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
-        nodes = subprocess.run(["scontrol", "show", "hostnames", nodelist],
-                               capture_output=True, text=True, check=True).stdout.split()
         env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env.get("SLURM_NTASKS", "1"),
-                   LOCAL_RANK=env.get("SLURM_LOCALID", "0"), MASTER_ADDR=nodes[0])
+                   LOCAL_RANK=env.get("SLURM_LOCALID", "0"), MASTER_ADDR=first_host(nodelist))
         step = int(env["SLURM_STEP_ID"]) if env["SLURM_STEP_ID"].isdigit() else 0
         env.setdefault("MASTER_PORT", str(20000 + (int(env["SLURM_JOB_ID"]) + 7919 * step) % 40000))
     else:

@@ -93,6 +93,10 @@ def environment_seen(num_labels, tokenizer, names, into):
     import os
     from pathlib import Path
 
+    import shutil
+
     Path(into).mkdir(parents=True, exist_ok=True)
-    (Path(into) / f"{os.getpid()}.json").write_text(json.dumps({n: os.environ.get(n) for n in names}))
+    seen = {n: os.environ.get(n) for n in names}
+    seen["scontrol"] = shutil.which("scontrol")  # no SLURM command inside a container's image
+    (Path(into) / f"{os.getpid()}.json").write_text(json.dumps(seen))
     return _tiny_longformer(num_labels, tokenizer)

@@ -13,7 +13,7 @@ import pytest
 from qarac_dist.submit.sweep_dir import Manifest
 from support import HELPERS, run_status, run_sweep, tiny_config, write_config
 
-NAMES = ["FROM_SETUP", "FROM_VARIABLES", "SUBMITIT_EXECUTOR"]
+NAMES = ["FROM_SETUP", "FROM_VARIABLES", "SUBMITIT_EXECUTOR", "CH_RUNNING"]
 
 
 def _sweep(tmp_path, data_cache, name, executor, setup, **resources):
@@ -93,3 +93,59 @@ def test_a_build_lock_a_killed_build_left_does_not_hang_the_next_trial(tmp_path,
     proc = run_train(config, timeout=900, env={"TORCH_EXTENSIONS_DIR": str(extensions)})
     assert f"removed a torch-extension build lock that no build holds: {op / 'lock'} (left 36" in proc.stderr
     assert (tmp_path / "out" / "result.json").exists()
+
+
+SLURM_COMMANDS = ("srun", "sbatch", "scontrol", "squeue", "sacct", "scancel", "salloc", "sinfo", "sstat", "sattach")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    """A Charliecloud directory image: this machine's /usr, hard-linked (seconds, no space),
+    without SLURM's commands, and the directories ch-run binds over. The interpreter comes in
+    through the container's mounts (the venv and the Python it was made from)."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("ch-run") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install charliecloud-runtime (tests/setup.sh)")
+        pytest.skip("no ch-run; tests/setup.sh installs charliecloud-runtime")
+    root = tmp_path_factory.mktemp("image")
+    for name in ("dev", "proc", "sys", "tmp", "home", "root", "run", "var", "mnt", "work", "etc"):
+        (root / name).mkdir()
+    for name in ("passwd", "group", "hosts", "resolv.conf"):
+        (root / "etc" / name).write_text("")
+    for name in ("bin", "lib", "lib64", "sbin"):
+        (root / name).symlink_to(f"usr/{name}")
+    subprocess.run(["cp", "-al", "/usr", str(root / "usr")], check=True)
+    for command in SLURM_COMMANDS:
+        (root / "usr" / "bin" / command).unlink(missing_ok=True)
+    return root
+
+
+def _python_mounts() -> list[str]:
+    """The venv and the Python it was made from, where they are on the host."""
+    import sys
+
+    venv, base = Path(sys.prefix), Path(sys.base_prefix)
+    return sorted({f"/{p.resolve().parts[1]}" for p in (venv, base)})
+
+
+def test_a_packed_sweep_runs_every_trial_inside_a_charliecloud_container(cluster, tmp_path, data_cache, image):
+    """Each trial's own process records what it sees: ch-run's CH_RUNNING, a variable from
+    `environment.variables` and one a setup line exported, and no scontrol."""
+    import sys
+
+    path = _sweep(tmp_path, data_cache, "boxed", "slurm", ["export FROM_SETUP=made-by-setup"], pack=2)
+    spec = __import__("yaml").safe_load(path.read_text())
+    spec["environment"]["container"] = {"runtime": "charliecloud", "image": str(image),
+                                        "mounts": _python_mounts(), "python": sys.executable}
+    write_config(path, spec)
+    proc = run_sweep(path, "--no-preflight", "--wait", env={"PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    manifest = Manifest.load(tmp_path / "runs" / "boxed")
+    assert {r.state for r in manifest.trials.values()} == {"COMPLETED"}
+    seen = _seen(tmp_path, "boxed")
+    assert len(seen) == 2 and all(s["CH_RUNNING"] and s["FROM_SETUP"] == "made-by-setup" and s["scontrol"] is None
+                                  for s in seen), seen

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from qarac_dist.train import build_locks
 
 HOUR = 3600.0
@@ -85,3 +87,13 @@ def test_a_new_builds_lock_taken_between_the_judgement_and_the_removal_is_given_
         assert [p.name for p in lock.parent.iterdir() if p.name.startswith("lock.")] == []
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("nodelist, first", [("node1", "node1"), ("node[1-2]", "node1"), ("n[5,1-3]", "n5"),
+                                             ("a-b[003-004]", "a-b003"), ("gpu[07-09]-ib,cpu1", "gpu07-ib"),
+                                             ("cpu1,gpu[2-3]", "cpu1"), (" node2 ", "node2")])
+def test_a_steps_first_host_is_read_without_scontrol(nodelist, first):
+    """A trial in a container's image has no scontrol: `scontrol show hostnames` failed there."""
+    from qarac_dist.train.ranks import first_host
+
+    assert first_host(nodelist) == first

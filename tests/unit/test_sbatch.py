@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qarac_dist.config.environment import Environment
+from qarac_dist.config.environment import Container, Environment
 from qarac_dist.config.sweep import Resources
 from qarac_dist.base.layout import SweepLayout
 from qarac_dist.submit import environment, sbatch
@@ -40,20 +40,34 @@ CASES = {
                                      pack=2, extra_sbatch={"export": "NONE"}), 4, 1001, Environment(
         setup=["module load cuda/12.4 nccl", "source /opt/conda/etc/profile.d/conda.sh && conda activate train  # ours"],
         variables={"NCCL_SOCKET_IFNAME": "ib0", "HF_HOME": "/shared/hf cache", "HF_TOKEN": "hf_" + "x1Y2" * 8})),
+    # Containers on two nodes of four GPUs: Apptainer wraps the job's Python; pyxis gives srun its
+    # flags; a trial saved on SLURM's warning is requeued by the job's script (no scontrol inside).
+    "apptainer_two_nodes_four_gpus": (Resources(nodes=2, tasks_per_node=4, gpus_per_node=4, cpus_per_task=8,
+                                                time_min=240, partition="gpu"), 2, 1001, Environment(
+        container=Container("apptainer", "/shared/images/train.sif", ["/gpfs/datasets:/data"], "/opt/venv/bin/python"))),
+    "pyxis_two_nodes_four_gpus": (Resources(nodes=2, tasks_per_node=4, gpus_per_node=4, cpus_per_task=8,
+                                            time_min=240, partition="gpu"), 2, 1001, Environment(
+        setup=["export NCCL_DEBUG=WARN"],
+        container=Container("pyxis", "nvcr.io#nvidia/pytorch:24.05-py3", ["/gpfs/datasets:/data"]))),
+    "pyxis_packed": (Resources(gpus_per_node=1, cpus_per_task=8, time_min=240, partition="gpu", max_parallel=4, pack=4),
+                     4, 1001, Environment(container=Container("pyxis", "/shared/images/train.sqsh"))),
 }
 
 
 def render(resources: Resources, num_trials: int, max_array_size: int, env: Environment = Environment()) -> str:
     """Every script of the submission, as the dry-run prints them; for packed jobs, with the
     command that starts each trial's step."""
-    setup = environment.sbatch_setup(env, resources.extra_sbatch, shown=True)
+    run = environment.launch(env, ["/shared/runs/demo", "/scratch/data_cache"], cwd="/shared/work")
+    if run.python == (sys.executable,):
+        run = environment.Launch((PYTHON,))
+    job = environment.job_parameters(env, resources.extra_sbatch, run, resources.pack > 1, shown=True)
     if resources.pack > 1:
         script = sbatch.sbatch_text(resources, sbatch.job_name("demo"), FOLDER, PYTHON,
-                                    sbatch.num_jobs(resources, num_trials), setup=setup)
-        step = " ".join(srun_command(resources)).replace(sys.executable, PYTHON)
+                                    sbatch.num_jobs(resources, num_trials), job=job)
+        step = " ".join(srun_command(resources, run))
         return f"{script}\n# ---- each trial's step ----\n{step}\n"
-    scripts = [sbatch.sbatch_text(resources, sbatch.job_name("demo"), FOLDER, PYTHON, len(array), setup=setup)
-               for array in sbatch.arrays(num_trials, max_array_size)]
+    scripts = [sbatch.sbatch_text(resources, sbatch.job_name("demo"), FOLDER, " ".join(run.python), len(array),
+                                  job=job) for array in sbatch.arrays(num_trials, max_array_size)]
     return "\n# ---- next array ----\n".join(scripts) + "\n"
 
 
