@@ -149,3 +149,40 @@ def test_a_packed_sweep_runs_every_trial_inside_a_charliecloud_container(cluster
     seen = _seen(tmp_path, "boxed")
     assert len(seen) == 2 and all(s["CH_RUNNING"] and s["FROM_SETUP"] == "made-by-setup" and s["scontrol"] is None
                                   for s in seen), seen
+
+
+def test_a_trial_in_a_container_requeues_from_outside_it_and_resumes(cluster, no_requeue_delay, tmp_path, data_cache,
+                                                                     image):
+    """An array job's trial in the image, warned by SLURM: it saves and exits, and the job's
+    script (outside the image, where scontrol is) requeues it; it resumes from its checkpoint,
+    each step logged once. Before, submitit requeued from inside the step: no scontrol there."""
+    import subprocess
+    import sys
+
+    from qarac_dist.track.mlflow_client import client
+    from qarac_dist.track.trial_dir import read_metrics
+    from support import wait_for
+
+    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 30}, evaluation={"every_steps": 10},
+                       checkpointing={"every_steps": 5})
+    base["model"] = {"factory": "faults:slow_steps", "factory_kwargs": {"seconds": 0.3}}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = tmp_path / "warned.yaml"
+    write_config(path, {"name": "warned", "base": base, "runs_dir": str(tmp_path / "runs"), "executor": "slurm",
+                        "tracking": {"uri": uri}, "resources": {"time_min": 10},
+                        "environment": {"variables": {"PYTHONPATH": HELPERS}, "container": {
+                            "runtime": "charliecloud", "image": str(image), "mounts": _python_mounts(),
+                            "python": sys.executable}}})
+    assert run_sweep(path, "--no-preflight", env={"PYTHONPATH": ""}).returncode == 0
+    (record,) = Manifest.load(tmp_path / "runs" / "warned").trials.values()
+    metrics = record.trial_dir.metrics_file
+    wait_for(lambda: metrics.exists() and any(r.get("step", 0) >= 12 for r in read_metrics(metrics)),
+             what="step 12 in the container")
+    subprocess.run(["scancel", "--signal=USR2", record.job_id], check=True)  # to the job's steps, as SLURM warns
+    proc = run_sweep(path, "--wait", env={"PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    (record,) = Manifest.load(tmp_path / "runs" / "warned").trials.values()
+    state = json.loads(record.trial_dir.state_file.read_text())
+    assert state["state"] == "COMPLETED" and state["starts"] == 2, state  # requeued once, resumed
+    c = client(uri)
+    assert sorted(m.step for m in c.get_metric_history(record.mlflow_run_id, "loss")) == list(range(1, 31))
