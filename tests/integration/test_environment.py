@@ -36,8 +36,7 @@ def _seen(tmp_path, name) -> list[dict]:
 
 @pytest.mark.parametrize("executor, resources", [
     pytest.param("slurm", {"extra_sbatch": {"export": "NONE"}}, id="slurm-arrays-export-none"),
-    pytest.param("slurm", {"pack": 2, "extra_sbatch": {"export": "NONE"}}, id="slurm-packed-export-none"),
-    pytest.param("local", {}, id="local"),
+    pytest.param("local", {}, id="local"),  # packed with export NONE: in the container test below
 ])
 def test_setup_lines_and_variables_reach_every_trial(request, tmp_path, data_cache, executor, resources):
     if executor == "slurm":
@@ -53,8 +52,7 @@ def test_setup_lines_and_variables_reach_every_trial(request, tmp_path, data_cac
 
 
 @pytest.mark.parametrize("executor, resources", [
-    pytest.param("slurm", {"pack": 2}, id="slurm-packed"),
-    pytest.param("slurm", {}, id="slurm-arrays"),
+    pytest.param("slurm", {"pack": 2}, id="slurm-packed"),  # an array job runs the same lines in the same place
     pytest.param("local", {}, id="local"),
 ])
 def test_a_failing_setup_line_stops_the_job_and_status_names_it(request, tmp_path, data_cache, executor, resources):
@@ -134,10 +132,11 @@ def _python_mounts() -> list[str]:
 
 def test_a_packed_sweep_runs_every_trial_inside_a_charliecloud_container(cluster, tmp_path, data_cache, image):
     """Each trial's own process records what it sees: ch-run's CH_RUNNING, a variable from
-    `environment.variables` and one a setup line exported, and no scontrol."""
+    `environment.variables` and one a setup line exported, and no scontrol; with --export=NONE."""
     import sys
 
-    path = _sweep(tmp_path, data_cache, "boxed", "slurm", ["export FROM_SETUP=made-by-setup"], pack=2)
+    path = _sweep(tmp_path, data_cache, "boxed", "slurm", ["export FROM_SETUP=made-by-setup"], pack=2,
+                  extra_sbatch={"export": "NONE"})
     spec = __import__("yaml").safe_load(path.read_text())
     spec["environment"]["container"] = {"runtime": "charliecloud", "image": str(image),
                                         "mounts": _python_mounts(), "python": sys.executable}
