@@ -24,6 +24,7 @@ from __future__ import annotations
 import getpass
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -125,8 +126,14 @@ def job_parameters(env: Environment, extra_sbatch: dict, run: Launch, steps: boo
     return params
 
 
+SETUP_TIMEOUT_S = 600
+"""How long the setup lines may take before a local trial (a line that waits on a terminal)."""
 FAILED_BEFORE = "QARAC_SETUP_FAILED"
 """Set for a local job whose setup line failed: the job says that line and exits (fail_early)."""
+
+
+_SHELLS_OWN = ("_", "SHLVL", "PWD", "OLDPWD", "LINES", "COLUMNS")
+"""What bash sets of its own: not a change the lines made."""
 
 
 def local_python(env: Environment, run: Launch) -> str:
@@ -136,15 +143,23 @@ def local_python(env: Environment, run: Launch) -> str:
     python = list(run.python)
     if not env.setup and not env.variables:
         return shlex.join(python)
-    script = "\n".join([*job_lines(env), "env -0"])
-    proc = subprocess.run(["bash", "-c", script], capture_output=True, timeout=600)
-    if proc.returncode != 0:
-        said = [line for line in proc.stderr.decode(errors="replace").splitlines() if "environment.setup[" in line]
-        failed = said[-1] if said else f"qarac_dist: error: environment.setup failed with exit code {proc.returncode}"
+    # What the lines print goes to stderr; the environment they leave, to the saved stdout.
+    script = "\n".join(["exec 3>&1 1>&2", *job_lines(env), "env -0 >&3"])
+    with subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          start_new_session=True) as bash:
+        try:
+            out, err = bash.communicate(timeout=SETUP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # the lines' own children too, which hold the pipes
+            os.killpg(bash.pid, signal.SIGKILL)
+            bash.communicate()
+            out, err = b"", b"qarac_dist: error: environment.setup did not finish within %d s" % SETUP_TIMEOUT_S
+    if bash.returncode != 0:
+        said = [line for line in err.decode(errors="replace").splitlines() if "environment.setup" in line]
+        failed = said[-1] if said else f"qarac_dist: error: environment.setup failed with exit code {bash.returncode}"
         return shlex.join(["env", f"{FAILED_BEFORE}={failed}", *python])
-    pairs = (item.partition("=") for item in proc.stdout.decode(errors="replace").split("\0") if "=" in item)
-    made = {name: value for name, _, value in pairs if name not in ("_", "SHLVL", "PWD", "OLDPWD")}
-    gone = [f"--unset={name}" for name in os.environ if name not in made and name not in ("_", "SHLVL", "PWD")]
+    pairs = (item.partition("=") for item in out.decode(errors="replace").split("\0") if "=" in item)
+    made = {name: value for name, _, value in pairs if name not in _SHELLS_OWN}
+    gone = [f"--unset={name}" for name in os.environ if name not in made and name not in _SHELLS_OWN]
     changed = [f"{name}={value}" for name, value in made.items() if os.environ.get(name) != value]
     return shlex.join(["env", *gone, *changed, *python])
 

@@ -162,3 +162,16 @@ def test_dry_run_shows_the_setup_lines_verbatim_with_secrets_masked_and_the_comm
     assert sweep.main([str(path), "environment.setup=[]", "environment.variables={}", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "# setup" not in out and "qarac_setup_failed" not in out
+
+
+def test_a_local_trial_starts_with_what_the_setup_lines_left_whatever_they_print(monkeypatch):
+    """The lines run by bash before a local trial; what they print must not be taken for the
+    environment they leave, and a line that hangs is a failure named, not a hung driver."""
+    from qarac_dist.submit import environment as env_module
+
+    run = env_module.Launch(("python",))
+    started = env_module.local_python(Environment(setup=["echo noise; printf 'X=fake\\\\0'", "export A=1"],
+                                                  variables={"B": "x y"}), run)
+    assert started.endswith("'B=x y' A=1 python") and "X=fake" not in started, started
+    monkeypatch.setattr(env_module, "SETUP_TIMEOUT_S", 1)
+    assert "environment.setup did not finish within 1 s" in env_module.local_python(Environment(setup=["sleep 30"]), run)
