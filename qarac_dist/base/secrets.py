@@ -12,7 +12,9 @@ Screened, by key name and by the shape of the value:
   and lower case and digits and over 4.5 bits per character (hex alone is not taken for a
   secret: MLflow run ids and commit hashes are hex);
 - values equal to, or containing, an environment variable whose name looks secret;
-- credentials in URIs (`scheme://user:password@host`): the password is redacted, the rest kept.
+- credentials in URIs (`scheme://user:password@host`): the password is redacted, the rest kept;
+- in text, the value of an assignment to a secret-named name (`export HF_TOKEN=...`,
+  `--api-key=...`).
 A param whose value holds a secret is left out; text (artifacts, error lines, run names) keeps
 its shape with the secret replaced.
 """
@@ -43,6 +45,8 @@ _TOKENS = re.compile("|".join([
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----(?:.|\n)*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)",
     r"(?i:\bbearer\s+)[A-Za-z0-9._~+/=\-]{12,}",
 ]))
+_ASSIGNMENT = re.compile(r"(?<![\w.])([A-Za-z_][A-Za-z0-9_-]*=)(\"[^\"]*\"|'[^']*'|[^\s;&|]+)")
+"""NAME=value (a shell line's `export HF_TOKEN=...`, a `--api-key=...` flag): by the name."""
 _LONG = re.compile(r"[A-Za-z0-9+=_\-.~]{32,}")
 _URI_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s/:@]+:)(?P<password>[^\s/@]+)(?=@)")
 
@@ -73,6 +77,7 @@ def _env_secrets(environ: Mapping[str, str]) -> list[str]:
 def redact_text(text: str, environ: Mapping[str, str] = os.environ) -> str:
     """`text` with every secret-shaped part replaced; URI passwords become `***`."""
     text = _URI_PASSWORD.sub(lambda m: m.group("head") + "***", text)
+    text = _ASSIGNMENT.sub(lambda m: m.group(1) + (REDACTED if is_secret_name(m.group(1)[:-1]) else m.group(2)), text)
     text = _TOKENS.sub(REDACTED, text)
     text = _LONG.sub(lambda m: REDACTED if _high_entropy(m.group()) else m.group(), text)
     for value in _env_secrets(environ):

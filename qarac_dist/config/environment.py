@@ -4,6 +4,7 @@ turned into what a job runs by submit/environment.py."""
 from __future__ import annotations
 
 import re
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -41,6 +42,19 @@ class Environment:
 
 
 VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+EXIT = re.compile(r"(?:^|[;&|({]\s*)exit\b")
+HEREDOC = re.compile(r"(?<!<)<<(?!<)")
+
+
+def _shell_problem(line: str) -> str | None:
+    """What bash says of `line` as the job's script holds it (within braces), or None."""
+    if HEREDOC.search(line):
+        return "a here-document"
+    try:
+        proc = subprocess.run(["bash", "-n", "-c", f"{{ {line}\n}}"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None  # no bash to ask here: the job's shell will say
+    return proc.stderr.strip().splitlines()[-1][:120] if proc.returncode or proc.stderr.strip() else None
 OWN_VARIABLES = ("SLURM_", "SUBMITIT_", "QARAC_")
 """Prefixes of the variables the scheduler, submitit and qarac_dist set for a job themselves."""
 
@@ -54,6 +68,11 @@ def check_environment(env: Environment, errors: list[str]) -> None:
         elif isinstance(line, str) and line.rstrip().endswith("\\"):
             errors.append(f"environment.setup[{i}]: ends in a backslash (a line continued on the next); give the "
                           f"whole command in one line")
+        elif isinstance(line, str) and EXIT.search(line):
+            errors.append(f"environment.setup[{i}]: `exit` would end the job before its trials start; remove it")
+        elif isinstance(line, str) and (problem := _shell_problem(line)):
+            errors.append(f"environment.setup[{i}]: not a whole shell line ({problem}); each item is one command, "
+                          f"with its quotes, braces and here-documents closed on it")
     for name, value in env.variables.items():
         key = f"environment.variables.{name}"
         if not isinstance(name, str) or not VARIABLE.fullmatch(name):
@@ -75,6 +94,9 @@ def _check_container(c: Container, errors: list[str]) -> None:
     elif c.runtime == "charliecloud" and not Path(c.image).is_dir():
         errors.append(f"environment.container.image: {c.image} is not a directory (charliecloud runs a directory "
                       f"image: ch-convert IMAGE DIR makes one)")
+    elif c.runtime == "pyxis" and c.image.endswith((".sqsh", ".squashfs")) and not c.image.startswith("/"):
+        errors.append(f"environment.container.image: {c.image}: give an image file by its absolute path (pyxis "
+                      f"takes anything else for a registry's image name)")
     elif c.runtime == "apptainer" and "://" not in c.image and not Path(c.image).exists():
         errors.append(f"environment.container.image: {c.image} does not exist (an Apptainer image file, or a URI "
                       f"such as docker://...)")

@@ -24,13 +24,16 @@ from __future__ import annotations
 import getpass
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from ..base.errors import UserError
 from ..base.secrets import REDACTED, is_secret_name, redact_text
 from ..config.environment import Container, Environment
 
@@ -50,15 +53,23 @@ class Launch:
     container: bool = False
 
 
-def launch(env: Environment, paths: Iterable[str], cwd: str | None = None) -> Launch:
+def launch(env: Environment, paths: Iterable[str], cwd: str | None = None, source: str = "") -> Launch:
     """The Launch of `env`; `paths`: what the trials read and write outside the image (with the
     working directory `cwd`, this process's: the sweep directory, data caches, a sqlite store),
-    mounted by their top-level directories, beside the container's own `mounts`."""
+    mounted by their top-level directories, beside the container's own `mounts`. UserError,
+    naming the file `source`, when the image cannot take them."""
     c = env.container
     if c is None:
         return Launch()
     cwd = cwd or os.getcwd()
-    mounts = _mounts(c, [cwd, *paths])
+    where = f"{source}: " if source else ""
+    mounts = _mounts(c, [cwd, *paths], where)
+    if c.runtime == "charliecloud":  # ch-run mounts onto directories the image has; it makes none
+        missing = [m.partition(":")[2] for m in mounts
+                   if not (Path(c.image) / m.partition(":")[2].lstrip("/")).is_dir()]
+        if missing:
+            raise UserError(f"{where}environment.container.image: {c.image} has no {missing[0]} to mount the trials' "
+                            f"files onto; make that directory in the image, or move them (runs_dir, data.cache_dir)")
     if c.runtime == "charliecloud":  # ch-run refuses to start without USER, which a job may not have
         return Launch(("env", f"USER={getpass.getuser()}", "ch-run", *(f"--bind={m}" for m in mounts), f"--cd={cwd}",
                        c.image, "--", c.python), container=True)
@@ -77,11 +88,22 @@ def trial_paths(root: Path, trials: list, tracking_uri: str | None) -> list[str]
     return paths + ([uri.removeprefix("sqlite:///")] if uri.startswith("sqlite:///") else [])
 
 
-def _mounts(c: Container, paths: list[str]) -> list[str]:
-    tops = {"/" + Path(p).resolve().parts[1] for p in paths if len(Path(p).resolve().parts) > 1}
+def _mounts(c: Container, paths: list[str], where: str) -> list[str]:
+    """Each path's top-level directory (the path itself under one the image has of its own:
+    /var/tmp/runs, not /var), the same inside, then the container's own mounts; UserError when
+    one of those would hide a path the trials need."""
+    needed = [Path(p).resolve() for p in paths]
+    binds = {str(p) if "/" + p.parts[1] in SYSTEM else "/" + p.parts[1] for p in needed if len(p.parts) > 1}
     own = [m if ":" in m else f"{m}:{m}" for m in c.mounts]
+    for mount in own:
+        host, _, guest = mount.partition(":")
+        hidden = next((p for p in needed if host != guest and (str(p) == guest or str(p).startswith(guest + "/"))),
+                      None)
+        if hidden is not None:
+            raise UserError(f"{where}environment.container.mounts: {mount} would hide {hidden}, which the trials need "
+                            f"inside; mount it elsewhere")
     guests = {m.partition(":")[2] for m in own}
-    return [*(f"{t}:{t}" for t in sorted(tops) if t not in guests and t not in SYSTEM), *own]
+    return [*(f"{b}:{b}" for b in sorted(binds) if b not in guests), *own]
 
 
 SYSTEM = {"/usr", "/etc", "/bin", "/lib", "/lib64", "/sbin", "/proc", "/sys", "/dev", "/var", "/opt"}
@@ -132,6 +154,12 @@ FAILED_BEFORE = "QARAC_SETUP_FAILED"
 """Set for a local job whose setup line failed: the job says that line and exits (fail_early)."""
 
 
+def _write(file, text: str) -> str:
+    file.write(text)
+    file.flush()
+    return file.name
+
+
 _SHELLS_OWN = ("_", "SHLVL", "PWD", "OLDPWD", "LINES", "COLUMNS")
 """What bash sets of its own: not a change the lines made."""
 
@@ -143,19 +171,25 @@ def local_python(env: Environment, run: Launch) -> str:
     python = list(run.python)
     if not env.setup and not env.variables:
         return shlex.join(python)
-    # What the lines print goes to stderr; the environment they leave, to the saved stdout.
-    script = "\n".join(["exec 3>&1 1>&2", *job_lines(env), "env -0 >&3"])
-    with subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          start_new_session=True) as bash:
+    # What the lines print goes to stderr; the environment they leave, to the saved stdout (by
+    # env's own path: a line may have unset PATH). A file, not -c: a line may be long.
+    script = "\n".join(["exec 3>&1 1>&2", *job_lines(env), f"{shlex.quote(shutil.which('env') or 'env')} -0 >&3"])
+    with tempfile.NamedTemporaryFile("w", suffix=".sh") as file, \
+            subprocess.Popen(["bash", _write(file, script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True) as bash:
         try:
             out, err = bash.communicate(timeout=SETUP_TIMEOUT_S)
         except subprocess.TimeoutExpired:  # the lines' own children too, which hold the pipes
             os.killpg(bash.pid, signal.SIGKILL)
             bash.communicate()
             out, err = b"", b"qarac_dist: error: environment.setup did not finish within %d s" % SETUP_TIMEOUT_S
+    if bash.returncode == 0 and not out:  # `exit 0` in a line: the shell ended before env could say anything
+        bash.returncode, err = 1, b"qarac_dist: error: environment.setup ended the shell (exit) before the trial"
     if bash.returncode != 0:
-        said = [line for line in err.decode(errors="replace").splitlines() if "environment.setup" in line]
-        failed = said[-1] if said else f"qarac_dist: error: environment.setup failed with exit code {bash.returncode}"
+        lines = err.decode(errors="replace").strip().splitlines()
+        said = [line for line in lines if "environment.setup" in line]
+        failed = said[-1] if said else (f"qarac_dist: error: environment.setup failed with exit code "
+                                        f"{bash.returncode}: {redact_text(lines[-1] if lines else '')[:200]}")
         return shlex.join(["env", f"{FAILED_BEFORE}={failed}", *python])
     pairs = (item.partition("=") for item in out.decode(errors="replace").split("\0") if "=" in item)
     made = {name: value for name, _, value in pairs if name not in _SHELLS_OWN}

@@ -252,13 +252,17 @@ def _process_tree(pid: int) -> list[int]:
 
 def resolve_kind(spec: SweepSpec, source: str) -> str:
     """slurm or local, as the sweep file asks and this machine allows."""
-    if spec.executor == "auto":
-        return "slurm" if cluster.available() else "local"
+    kind = ("slurm" if cluster.available() else "local") if spec.executor == "auto" else spec.executor
     if spec.executor == "slurm" and not cluster.available():
         raise ConfigError([f"{source}: executor: slurm, but sbatch is not on PATH"])
+    container = spec.environment.container
+    if kind == "local" and container is not None and container.runtime == "pyxis":
+        raise ConfigError([f"{source}: environment.container.runtime: pyxis runs containers through SLURM's srun, and "
+                           f"the local executor has none; use apptainer or charliecloud here, or "
+                           f"environment.container=null"])
     if spec.executor == "local" and spec.resources.nodes > 1:
         raise ConfigError([f"{source}: resources.nodes: the local executor runs one node, got {spec.resources.nodes}"])
-    return spec.executor
+    return kind
 
 
 def make_executor(kind: str, folder: Path, resources: Resources, name: str, max_requeues: int,

@@ -66,7 +66,7 @@ def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, source: str, sho
             print(f"excluded: {nodes} ({why}); delete {layout_for(spec).bad_nodes} to allow them again")
         r = sbatch.excluding(r, bad)
         run = environment.launch(spec.environment, environment.trial_paths(layout_for(spec).root, trials,
-                                                                           spec.tracking.uri))
+                                                                           spec.tracking.uri), source=source)
         job = environment.job_parameters(spec.environment, r.extra_sbatch, run, spec.trials_as_steps(), shown=True)
         if spec.trials_as_steps():
             print(f"\n# sbatch script of the jobs that run the {len(trials)} trials as steps")

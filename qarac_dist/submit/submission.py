@@ -49,7 +49,7 @@ class Submission:
         self.executor = make_executor(kind, self.layout.submitit, self.resources, sbatch.job_name(spec.name),
                                       spec.max_requeues, steps=spec.trials_as_steps(), env=spec.environment,
                                       run=environment.launch(spec.environment, environment.trial_paths(
-                                          self.layout.root, trials, spec.tracking.uri)))
+                                          self.layout.root, trials, spec.tracking.uri), source=source))
         self.lock = SweepLock(self.layout.root)
         self.submitted = False
         self.preflight_text = None

@@ -185,6 +185,9 @@ def own_error(record: TrialRecord) -> Optional[str]:
     return status.error if status is not None else None
 
 
+SRUN_ECHO = re.compile(r"srun: (?:error: \S+: tasks? [\d,-]+: (?:Exited|Killed)|launch/slurm: _step_signal|"
+                       r"Job step aborted|Force Terminated)")
+"""srun's words after a task failed: the task's own line above says why."""
 ERROR_LINE = re.compile(r"error|exception|traceback|killed|cancelled|due to|srun:|slurmstepd:", re.IGNORECASE)
 
 
@@ -200,8 +203,8 @@ def job_error(layout: SweepLayout, record: TrialRecord) -> Optional[str]:
 
 def last_error(layout: SweepLayout, job: str) -> Optional[str]:
     """The last error line of a job's log (the last line where none looks like one), with its
-    path. A traceback's own lines (its head, its indented frames and source: `raise error`) are
-    passed over for the line that says what went wrong."""
+    path. A traceback's own lines (its head, its indented frames and source: `raise error`) and
+    srun's echo of a failed task are passed over for the line that says what went wrong."""
     for path in layout.job_logs(job):
         try:
             with open(path, "rb") as f:
@@ -209,9 +212,11 @@ def last_error(layout: SweepLayout, job: str) -> Optional[str]:
                 lines = [line.rstrip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
         except OSError:
             continue
+        errors = [line for line in lines if ERROR_LINE.search(line) and not line[:1].isspace()
+                  and not line.startswith("Traceback (")]
+        causes = [line for line in errors if not SRUN_ECHO.match(line)]
         if lines:
-            line = next((line for line in reversed(lines) if ERROR_LINE.search(line) and not line[:1].isspace()
-                         and not line.startswith("Traceback (")), lines[-1])
+            line = (causes or errors or lines)[-1]
             return f"{redact_text(line.strip())[:300]} ({path})"
     return None
 

@@ -41,11 +41,13 @@ def extensions_root() -> Path:
 
 
 def _held_here(lock: Path) -> bool:
-    """Whether a process of this host has `lock` open."""
+    """Whether a process of this host has `lock` open (the kernel names an open file by its real
+    path: a root reached through a symlink is resolved first)."""
+    real = os.path.realpath(lock)
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):
         try:
             for fd in fd_dir.iterdir():
-                if os.readlink(fd) == str(lock):
+                if os.readlink(fd) == real:
                     return True
         except OSError:  # gone meanwhile, or not ours to read
             continue

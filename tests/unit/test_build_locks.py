@@ -97,3 +97,16 @@ def test_a_steps_first_host_is_read_without_scontrol(nodelist, first):
     from qarac_dist.train.ranks import first_host
 
     assert first_host(nodelist) == first
+
+
+def test_a_live_builds_lock_is_seen_through_a_symlinked_root(tmp_path, monkeypatch):
+    """The kernel names an open file by its real path: a holder was missed when
+    TORCH_EXTENSIONS_DIR went through a symlink, and its lock removed under it."""
+    real = tmp_path / "real"
+    lock = _killed_build(real)
+    (tmp_path / "link").symlink_to(real)
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        assert build_locks.stale(tmp_path / "link" / lock.relative_to(real), time.time()) is None
+    finally:
+        os.close(fd)

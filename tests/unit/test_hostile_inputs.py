@@ -21,6 +21,14 @@ def _sweep_text(tmp_path, **fields) -> str:
     return yaml.safe_dump(spec)
 
 
+def _image(tmp_path, **fields) -> str:
+    """A sweep file whose Charliecloud image is a directory with no mount points (a test's
+    tmp_path is under /tmp, which the image lacks): its lines, then the image made."""
+    text = _sweep_text(tmp_path, **fields)
+    (tmp_path / "img").mkdir()
+    return text
+
+
 def _base_with(tmp_path, section: str, values: dict) -> dict:
     base = tiny_config(tmp_path / "cache", tmp_path / "out")
     base[section] = {**base.get(section, {}), **values}
@@ -222,6 +230,29 @@ FILE_CASES = [
      "environment.variables.X: expected a string or a number, got True"),
     ("environment-variables-a-list", lambda t: _sweep_text(t, environment={"variables": ["X=1"]}), (),
      "environment.variables: expected a mapping"),
+    ("environment-setup-exit", lambda t: _sweep_text(t, environment={"setup": ["module load x; exit 0"]}), (),
+     "environment.setup[0]: `exit` would end the job before its trials start"),
+    ("environment-setup-here-document", lambda t: _sweep_text(t, environment={"setup": ["cat <<EOF"]}), (),
+     "environment.setup[0]: not a whole shell line (a here-document)"),
+    ("environment-setup-open-quote", lambda t: _sweep_text(t, environment={"setup": ["echo 'open"]}), (),
+     "environment.setup[0]: not a whole shell line (bash: "),
+    ("environment-setup-open-brace", lambda t: _sweep_text(t, environment={"setup": ["{ echo x"]}), (),
+     "environment.setup[0]: not a whole shell line"),
+    ("environment-pyxis-relative-image", lambda t: _sweep_text(t, environment={"container": {
+        "runtime": "pyxis", "image": "img.sqsh"}}), (), "environment.container.image: img.sqsh: give an image file by"),
+    ("environment-pyxis-locally", lambda t: _sweep_text(t, environment={"container": {
+        "runtime": "pyxis", "image": "nvcr.io#nvidia/pytorch:24.05-py3"}}), (),
+     "environment.container.runtime: pyxis runs containers through SLURM's srun"),
+    ("environment-charliecloud-no-image", lambda t: _sweep_text(t, environment={"container": {
+        "runtime": "charliecloud", "image": str(t / "nowhere")}}), (), "is not a directory (charliecloud runs"),
+    ("environment-charliecloud-image-lacks-a-mount-point", lambda t: _image(t, environment={"container": {
+        "runtime": "charliecloud", "image": str(t / "img")}}), (), "has no /tmp to mount the trials' files onto"),
+    ("environment-mount-hides-the-sweep", lambda t: _image(t, environment={"container": {
+        "runtime": "charliecloud", "image": str(t / "img"), "mounts": ["/root:/tmp"]}}), (),
+     "environment.container.mounts: /root:/tmp would hide /tmp/"),
+    ("environment-mount-relative", lambda t: _sweep_text(t, environment={"container": {
+        "runtime": "apptainer", "image": "docker://x", "mounts": ["data:/data"]}}), (),
+     "environment.container.mounts[0]: expected host:container with absolute paths"),
     ("environment-unknown-key", lambda t: _sweep_text(t, environment={"modules": ["cuda"]}), (),
      "environment.modules: "),
     ("spikes-unknown-key", lambda t: _sweep_text(t, set={"training.spikes": {"sigma": 6}}), (),
@@ -425,7 +456,9 @@ def test_a_job_that_left_no_verdict_shows_its_logs_last_error_line(tmp_path, cap
     log.write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
                    "ModuleNotFoundError: No module named 'optuna.samplers._tpe'\nsubmitit WARNING: exiting\n"
                    "Traceback (most recent call last):\n  File \"submission.py\", line 69, in process_job\n"
-                   "    raise error\n    ^^^^^^^^^^^\n")  # the second traceback's code line is no message
+                   "    raise error\n    ^^^^^^^^^^^\n"  # the second traceback's code line is no message
+                   "srun: error: node1: task 0: Exited with exit code 1\n"  # nor srun's echo of it
+                   "srun: launch/slurm: _step_signal: Terminating StepId=5.0\n")
     assert status.main([str(directory)]) == 1
     out = capsys.readouterr().out
     assert "LOST" in out and "ModuleNotFoundError" in out, out

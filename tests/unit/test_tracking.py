@@ -20,6 +20,19 @@ def test_params_never_hold_secrets(monkeypatch):
     assert screen(flat) == {"optimizer.lr": "0.001"}
 
 
+def test_assignments_to_secret_names_are_masked_in_text_and_prose_is_not():
+    """`export HF_TOKEN=hunter2hunter2` in a setup line reached --dry-run and sweep.json: no
+    shape of token, only a name."""
+    from qarac_dist.base.secrets import redact_text
+
+    cases = {"export HF_TOKEN=hunter2hunter2": "export HF_TOKEN=[redacted]",
+             "--api-key='two words' --lr=3": "--api-key=[redacted] --lr=3",
+             'export MY_SECRET="s 1" && run': "export MY_SECRET=[redacted] && run",
+             "expected dotted.key=value": "expected dotted.key=value", "max_tokens=5 tokenizer=bert":
+             "max_tokens=5 tokenizer=bert"}
+    assert {text: redact_text(text, {}) for text in cases} == cases
+
+
 def test_batched_logger_sends_every_point_in_few_requests(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = client(uri)
