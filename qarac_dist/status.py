@@ -4,7 +4,8 @@ the last error line, earlier attempts' errors included. Exits 1 if any trial fai
 otherwise. Imports no torch.
 
     --sync     send to MLflow what trials could not send (metrics, end of run), and close the
-               sweep's parent run once every trial has ended
+               sweep's parent run once every trial has ended; it (and --repair) also tells a
+               search the result of a trial whose runner was killed before it did
 Without --sync or --repair it writes nothing.
     --repair   rebuild a damaged or missing manifest from sweep.json, the trials' own files
                and MLflow; the damaged file is kept beside it
@@ -74,6 +75,10 @@ def _repair_or_sync(layout: SweepLayout, repair: bool, sync: bool) -> Manifest:
             manifest = Manifest.load(layout.root)
         submission.refresh(manifest, submission.attach(manifest.executor, layout), layout)
         manifest.save(layout.root)
+        if layout.search.exists():  # a result a killed runner never told, from the trial's own verdict
+            from .submit.search import tell_ended
+
+            tell_ended(layout, list(manifest.trials.values()), manifest.select_metric, manifest.select_mode)
         if sync:
             from .track.mlflow_runs import sync as send
             from .track.trial_dir import WriterHeld

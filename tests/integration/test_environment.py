@@ -114,6 +114,8 @@ def image(tmp_path_factory):
         (root / name).mkdir()
     for name in ("passwd", "group", "hosts", "resolv.conf"):
         (root / "etc" / name).write_text("")
+    # /usr/bin/c++ and friends point through /etc/alternatives (DeepSpeed compiles its ops in there)
+    subprocess.run(["cp", "-a", "/etc/alternatives", str(root / "etc")], check=True)
     for name in ("bin", "lib", "lib64", "sbin"):
         (root / name).symlink_to(f"usr/{name}")
     subprocess.run(["cp", "-al", "/usr", str(root / "usr")], check=True)
@@ -135,7 +137,10 @@ def test_a_packed_sweep_runs_every_trial_inside_a_charliecloud_container(cluster
     `environment.variables` and one a setup line exported, and no scontrol; with --export=NONE."""
     import sys
 
-    path = _sweep(tmp_path, data_cache, "boxed", "slurm", ["export FROM_SETUP=made-by-setup"], pack=2,
+    # With --export=NONE the job starts with the system's PATH: activate the venv, as a user would
+    # (its ninja, which DeepSpeed's op build uses, is not the system's).
+    path = _sweep(tmp_path, data_cache, "boxed", "slurm", [f"export PATH={Path(sys.executable).parent}:$PATH",
+                                                           "export FROM_SETUP=made-by-setup"], pack=2,
                   extra_sbatch={"export": "NONE"})
     spec = __import__("yaml").safe_load(path.read_text())
     spec["environment"]["container"] = {"runtime": "charliecloud", "image": str(image),

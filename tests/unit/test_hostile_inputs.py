@@ -715,3 +715,27 @@ def test_a_rerun_that_changes_the_searched_space_is_refused(tmp_path, monkeypatc
     code = sweep.main([str(path), "--dry-run"])
     err = capsys.readouterr().err
     assert (code, "search: " in err and "was made with" in err) == ((2, True) if refused else (0, False)), err
+
+
+def test_status_sync_tells_the_search_what_a_killed_runner_never_did(tmp_path, capsys):
+    """A runner SIGKILLed between a step's end and its bookkeeping: state.json says COMPLETED,
+    the search record nothing. Whoever first looks with a writing command records it: a re-run,
+    a runner, or `status --sync` (plain `status` writes nothing)."""
+    import json
+
+    from qarac_dist.base.layout import SweepLayout
+    from qarac_dist.track import search_record
+    from qarac_dist.track.trial_dir import TrialDir, TrialState
+
+    directory = _packed_sweep_dir(tmp_path, slot=0)
+    layout = SweepLayout(directory)
+    layout.search.write_text(json.dumps({"ask": 0, "trial": "t1", "params": {"optimizer.lr": 1e-3}, "state": {},
+                                         "told_before": 0, "time": 0.0}) + "\n")
+    trial = TrialDir(directory / "trials" / "t1")
+    trial.begin(1)
+    trial.update(state=TrialState.COMPLETED)
+    trial.metrics_file.write_text('{"step": 4, "val_accuracy": 0.75}\n')
+    status.main([str(directory)])
+    assert search_record.read(layout).tells == []  # plain status: read only
+    assert status.main([str(directory), "--sync"]) in (0, 1)
+    assert [(t.slot, t.state, t.value) for t in search_record.read(layout).tells] == [(0, "COMPLETE", 0.75)]
