@@ -219,8 +219,9 @@ class Submission:
                 excluded = f" (with {', '.join(self.bad_nodes)} excluded by {self.layout.bad_nodes}; delete it to " \
                            f"allow them again)" if self.bad_nodes else ""
                 raise UserError(f"{self.source}: resources: sbatch refused the job: {refusal}{excluded}")
-            if self.executor.steps:  # runners on several nodes share the sweep's locks
-                lock_check.check(self.layout, self.resources)
+            job = sbatch.job_resources(self.resources)
+            if self.executor.steps and (job.nodes > 1 or sbatch.num_jobs(self.resources, len(todo), True) > 1):
+                lock_check.check(self.layout, self.resources)  # runners on several nodes share the sweep's locks
         if todo and self.preflight is not None:
             self.preflight_text, passed = self.preflight(todo)
             if not passed:

@@ -65,7 +65,8 @@ def test_a_packed_sweep_on_node_local_locks_is_refused_and_nothing_is_submitted(
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"name": "s", "base": tiny_config(tmp_path / "c", tmp_path / "o"),
                                     "executor": "slurm", "runs_dir": str(tmp_path / "runs"),
-                                    "grid": {"training.seed": [0, 1]}, "resources": {"pack": 2}}))
+                                    "grid": {"training.seed": [0, 1, 2, 3]},
+                                    "resources": {"pack": 2, "max_parallel": 4}}))  # two jobs: two nodes
     assert sweep.main([str(path), "--no-preflight"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is not seen on" in err, err
