@@ -114,8 +114,11 @@ def image(tmp_path_factory):
             pytest.fail("CI must install charliecloud-runtime (tests/setup.sh)")
         pytest.skip("no ch-run; tests/setup.sh installs charliecloud-runtime")
     root = tmp_path_factory.mktemp("image")
-    for name in ("dev", "proc", "sys", "tmp", "home", "root", "run", "var", "mnt", "work", "etc"):
-        (root / name).mkdir()
+    # ch-run binds onto directories the image has: the system's own, and the tops of where this
+    # checkout, its venv and the Python it was made from are (/work here, /check in CI).
+    tops = ({m.lstrip("/") for m in _python_mounts()} | {Path.cwd().resolve().parts[1]}) - {"usr", "bin", "lib", "sbin"}
+    for name in {"dev", "proc", "sys", "tmp", "home", "root", "run", "var", "mnt", "etc"} | tops:
+        (root / name).mkdir(exist_ok=True)
     for name in ("passwd", "group", "hosts", "resolv.conf"):
         (root / "etc" / name).write_text("")
     # /usr/bin/c++ and friends point through /etc/alternatives (DeepSpeed compiles its ops in there)
