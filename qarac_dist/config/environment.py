@@ -3,11 +3,12 @@ turned into what a job runs by submit/environment.py."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Mapping, Optional
 
 
 @dataclass
@@ -39,6 +40,30 @@ class Environment:
     """Name -> value, set for every process of every trial (HF_HOME, NCCL_*, ...)."""
     container: Optional[Container] = None
     """The image every trial's processes run in; absent: the sweep's own interpreter."""
+    hub_offline: bool = False
+    """Compute nodes without internet: trials run with the hub offline (HUB_OFFLINE), and the
+    sweep refuses to submit until every model, tokenizer and data set they load is in the caches
+    they use (`python -m qarac_dist.prefetch SWEEP.yaml` fills them)."""
+
+    def exported(self) -> dict:
+        """What every process of every trial gets set: `variables`; offline, the hub's switches and
+        the hub cache the sweep checked (this process's: a job may inherit no HF_HOME)."""
+        if not self.hub_offline:
+            return dict(self.variables)
+        return {**self.variables, **HUB_OFFLINE, "HF_HUB_CACHE": str(self.hub_cache(os.environ))}
+
+    def hub_cache(self, shell: Mapping[str, str]) -> Path:
+        """Where the trials' models and tokenizers are cached, as huggingface_hub finds it from
+        the variables over `shell` (the environment a job inherits: none under --export=NONE)."""
+        seen = {**shell, **{k: str(v) for k, v in self.variables.items()}}
+        home = seen.get("HF_HOME") or os.path.join(seen.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+        cache = seen.get("HF_HUB_CACHE") or seen.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+        return Path(os.path.expanduser(cache))
+
+
+HUB_OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+"""What environment.hub_offline sets: huggingface_hub, datasets and transformers load from their
+caches and never try the network."""
 
 
 VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -84,6 +109,9 @@ def check_environment(env: Environment, errors: list[str]) -> None:
             errors.append(f"{key}: expected a string or a number, got {value!r}")
         elif "\0" in str(value):
             errors.append(f"{key}: expected a value without a NUL character")
+        elif env.hub_offline and name in HUB_OFFLINE and str(value) != HUB_OFFLINE[name]:
+            errors.append(f"{key}: {value!r} contradicts environment.hub_offline: true, which sets it to "
+                          f"{HUB_OFFLINE[name]}; remove one of them")
     if env.container is not None:
         _check_container(env.container, errors)
 

@@ -6,6 +6,7 @@ the rules between fields are in rules.py. Light: no torch.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -136,6 +137,15 @@ class DataConfig:
     """Batch examples of similar length together so little padding is computed."""
     cache_dir: str = "data_cache"
     """Where generated data, trained tokenizers and tokenized datasets are cached."""
+
+    @property
+    def datasets_cache(self) -> str:
+        """Where `datasets` keeps what it loads and prepares (prefetch fills it for offline nodes)."""
+        return datasets_cache(self.cache_dir)
+
+
+def datasets_cache(cache_dir: str) -> str:
+    return os.path.join(cache_dir, "hf")
 
 
 @dataclass

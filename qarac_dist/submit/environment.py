@@ -55,15 +55,15 @@ class Launch:
 
 def launch(env: Environment, paths: Iterable[str], cwd: str | None = None, source: str = "") -> Launch:
     """The Launch of `env`; `paths`: what the trials read and write outside the image (with the
-    working directory `cwd`, this process's: the sweep directory, data caches, a sqlite store),
-    mounted by their top-level directories, beside the container's own `mounts`. UserError,
+    working directory `cwd`, this process's: the sweep directory, data caches, a sqlite store;
+    offline, the hub cache), mounted by their top-level directories, beside the container's own `mounts`. UserError,
     naming the file `source`, when the image cannot take them."""
     c = env.container
     if c is None:
         return Launch()
     cwd = cwd or os.getcwd()
     where = f"{source}: " if source else ""
-    mounts = _mounts(c, [cwd, *paths], where)
+    mounts = _mounts(c, [cwd, *paths, *([env.exported()["HF_HUB_CACHE"]] if env.hub_offline else [])], where)
     if c.runtime == "charliecloud":  # ch-run mounts onto directories the image has; it makes none
         missing = [m.partition(":")[2] for m in mounts
                    if not (Path(c.image) / m.partition(":")[2].lstrip("/")).is_dir()]
@@ -120,7 +120,7 @@ def job_lines(env: Environment, exports_none: bool = False, shown: bool = False)
     for n, line in enumerate(env.setup):
         lines += [f"{{ {redact_text(line) if shown else line}",
                   f"}} || qarac_setup_failed {n} $? {shlex.quote(redact_text(line))}"]
-    for name, value in env.variables.items():
+    for name, value in env.exported().items():
         lines.append(f"export {name}={shlex.quote(_shown(name, str(value)) if shown else str(value))}")
     if exports_none:
         lines.append("export SLURM_EXPORT_ENV=ALL  # steps get this environment, whatever --export the job had")
@@ -169,7 +169,7 @@ def local_python(env: Environment, run: Launch) -> str:
     setup lines and the variables change (run now by bash, as a job's script would), or, when a
     line fails, with FAILED_BEFORE naming it."""
     python = list(run.python)
-    if not env.setup and not env.variables:
+    if not env.setup and not env.exported():
         return shlex.join(python)
     # What the lines print goes to stderr; the environment they leave, to the saved stdout (by
     # env's own path: a line may have unset PATH). A file, not -c: a line may be long.

@@ -87,7 +87,7 @@ def _raw_splits(cfg: TrainConfig) -> list[labels.Split]:
         datasets.disable_progress_bars()
 
     d = cfg.data
-    cache = str(Path(d.cache_dir) / "hf")
+    cache = d.datasets_cache
     if d.synthetic is not None:
         directory = synthetic_dir(d)
         generate = generate_similarity if d.synthetic.task == "similarity" else generate_synthetic

@@ -29,6 +29,22 @@ def _image(tmp_path, **fields) -> str:
     return text
 
 
+def _offline(tmp_path, snapshot: dict | None = None, ref: bytes = b"abc", offline: bool = True) -> str:
+    """An offline sweep of one hub model, its tokenizer a local directory, and the hub cache (in
+    environment.variables) holding `snapshot` (file name -> text) for it, or nothing."""
+    base = tiny_config(tmp_path / "cache", tmp_path / "out")
+    base["model"], base["tokenizer"] = {"name_or_path": "org/absent"}, {"name_or_path": str(tmp_path)}
+    hub = tmp_path / "hf" / "hub" / "models--org--absent"
+    if snapshot is not None:
+        (hub / "refs").mkdir(parents=True)
+        (hub / "refs" / "main").write_bytes(ref)
+        (hub / "snapshots" / "abc").mkdir(parents=True)
+        for name, text in snapshot.items():
+            (hub / "snapshots" / "abc" / name).write_text(text)
+    return yaml.safe_dump({"name": "s", "base": base, "executor": "local", "runs_dir": str(tmp_path / "runs"),
+                           "environment": {"hub_offline": offline, "variables": {"HF_HOME": str(tmp_path / "hf")}}})
+
+
 def _base_with(tmp_path, section: str, values: dict) -> dict:
     base = tiny_config(tmp_path / "cache", tmp_path / "out")
     base[section] = {**base.get(section, {}), **values}
@@ -255,6 +271,27 @@ FILE_CASES = [
      "environment.container.mounts[0]: expected host:container with absolute paths"),
     ("environment-unknown-key", lambda t: _sweep_text(t, environment={"modules": ["cuda"]}), (),
      "environment.modules: "),
+    ("environment-hub-offline-a-string", lambda t: _sweep_text(t, environment={"hub_offline": "yes"}), (),
+     "environment.hub_offline: expected"),
+    ("environment-hub-offline-contradicted", lambda t: _sweep_text(t, environment={
+        "hub_offline": True, "variables": {"HF_HUB_OFFLINE": "0"}}), (),
+     "environment.variables.HF_HUB_OFFLINE: '0' contradicts environment.hub_offline: true"),
+    ("environment-hub-offline-model-not-cached", lambda t: _offline(t), (),
+     "environment.hub_offline: model.name_or_path: model org/absent is not in the trials' cache"),
+    ("environment-hub-offline-cache-without-weights", lambda t: _offline(t, {"config.json": "{}"}), (),
+     "environment.hub_offline: model.name_or_path: model org/absent is not in the trials' cache"),
+    ("environment-hub-offline-shard-missing", lambda t: _offline(t, {
+        "config.json": "{}", "model.safetensors.index.json": '{"weight_map": {"a": "model-1.safetensors"}}'}), (),
+     "environment.hub_offline: model.name_or_path: model org/absent is not in the trials' cache"),
+    ("environment-hub-offline-index-truncated", lambda t: _offline(t, {
+        "config.json": "{}", "model.safetensors.index.json": '{"weight_map": '}), (),
+     "environment.hub_offline: model.name_or_path: model org/absent is not in the trials' cache"),
+    ("environment-hub-offline-ref-is-binary", lambda t: _offline(t, {"config.json": "{}", "model.safetensors": ""},
+                                                                 ref=b"\xff\xfe"), (),
+     "environment.hub_offline: model.name_or_path: model org/absent is not in the trials' cache"),
+    ("environment-hub-offline-on-the-command-line", lambda t: _offline(t, offline=False),
+     ("environment.hub_offline=true",),
+     "environment.hub_offline: model.name_or_path: model org/absent is not in the trials' cache"),
     ("spikes-unknown-key", lambda t: _sweep_text(t, set={"training.spikes": {"sigma": 6}}), (),
      "set.training.spikes.sigma: not a key of the training config (training.spikes.sigma: valid keys of training.spikes: grad_norm, lr_factor"),
     ("spikes-a-list", lambda t: _sweep_text(t, set={"training.spikes": [6]}), (), "training.spikes: expected a mapping"),
@@ -739,3 +776,19 @@ def test_status_sync_tells_the_search_what_a_killed_runner_never_did(tmp_path, c
     assert search_record.read(layout).tells == []  # plain status: read only
     assert status.main([str(directory), "--sync"]) in (0, 1)
     assert [(t.slot, t.state, t.value) for t in search_record.read(layout).tells] == [(0, "COMPLETE", 0.75)]
+
+
+def test_a_cached_model_passes_the_offline_check_and_local_paths_are_not_asked(tmp_path, monkeypatch, capsys):
+    """The other side of the hub_offline cases above: with config.json and the weights in the
+    snapshot the sweep runs (its --dry-run, as far as it goes here)."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(_offline(tmp_path, {"config.json": "{}", "model.safetensors": ""}))
+    monkeypatch.chdir(tmp_path)
+    from qarac_dist.config.environment import Environment
+    from qarac_dist.preflight.hub_cache import needed, refuse_missing
+
+    spec = yaml.safe_load(path.read_text())
+    items = needed([{**spec["base"], "data": {}}, {**spec["base"], "data": {}}])
+    assert [(n.kind, n.name) for n in items] == [("model", "org/absent")]  # once; the tokenizer is a directory
+    refuse_missing(Environment(hub_offline=True, variables={"HF_HOME": str(tmp_path / "hf")}), [
+        {**spec["base"], "data": {}}], str(path))

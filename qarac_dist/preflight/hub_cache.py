@@ -1,0 +1,188 @@
+"""What the trials load from the Hugging Face hub by name (models, tokenizers, data sets), whether
+it is in the caches the trials use, and fetching it there: for compute nodes without internet
+(`environment.hub_offline`, `python -m qarac_dist.prefetch`). Imports no torch.
+
+The caches are the trials' own. Models and tokenizers: the hub cache of Environment.hub_cache
+(HF_HUB_CACHE or HF_HOME in `environment.variables`, else this shell's, else
+~/.cache/huggingface/hub), which an offline job is given as HF_HUB_CACHE. Data sets: prepared
+under the trial's `data.cache_dir` (DataConfig.datasets_cache), as `datasets.load_dataset` leaves them.
+
+What counts as cached, for the main revision: a model's snapshot holds config.json and its
+weights (model.safetensors, pytorch_model.bin, or an index with every shard it names); a
+tokenizer's, tokenizer.json, tokenizer_config.json or a vocabulary file; a data set is found
+prepared by `datasets` itself, offline, with the splits the trials read. That last is asked of a
+child process: `datasets` reads the offline switch once, at import, and this one may be online.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+from ..base.errors import UserError
+from ..config.environment import HUB_OFFLINE, Environment
+from ..config.sections import datasets_cache
+
+HEADS = "qarac_dist.train.heads:sentence_classifier"
+"""The model factory whose `encoder` keyword is a pretrained name."""
+HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+TEXT_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken"]
+"""What prefetch takes of a model's repository besides weights (configs, tokenizers, vocabularies)."""
+
+
+@dataclass(frozen=True)
+class Needed:
+    kind: str
+    """model, tokenizer or dataset."""
+    name: str
+    key: str
+    """The dotted key of the trial config that names it."""
+    config: Optional[str] = None
+    """A data set's configuration."""
+    splits: tuple[str, ...] = ()
+    """The splits of a data set the trials read."""
+    cache: str = ""
+    """Where `datasets` keeps a data set (under data.cache_dir), absolute."""
+
+    def __str__(self) -> str:
+        what = f"{self.name}/{self.config}" if self.config else self.name
+        return f"{self.key}: {self.kind} {what}" + (f" (splits {', '.join(self.splits)})" if self.splits else "")
+
+
+def needed(configs: Iterable[dict]) -> list[Needed]:
+    """What trial configs (dicts) load from the hub by name, each once: local paths are not."""
+    found: dict[tuple, Needed] = {}
+    for c in configs:
+        model, data = c["model"], c["data"]
+        encoder = (model.get("factory_kwargs") or {}).get("encoder") if model.get("factory") == HEADS else None
+        tokenizer = c["tokenizer"].get("name_or_path")
+        for kind, key, name in (("model", "model.name_or_path", model.get("name_or_path")),
+                                ("model", "model.factory_kwargs.encoder", encoder),
+                                ("tokenizer", "tokenizer.name_or_path" if tokenizer else "model.name_or_path",
+                                 tokenizer or model.get("name_or_path"))):
+            if isinstance(name, str) and _on_hub(name):
+                found.setdefault((kind, name), Needed(kind, name, key))
+        if data.get("dataset"):
+            validation = data.get("validation_split") if data.get("validation_fraction") is None else None
+            splits = (data["train_split"],) + ((validation,) if validation else ())
+            cache = str(Path(datasets_cache(data["cache_dir"])).resolve())
+            ident = ("dataset", data["dataset"], data.get("dataset_config"), cache)
+            was = found.get(ident)
+            splits = tuple(dict.fromkeys((*(was.splits if was else ()), *splits)))
+            found[ident] = Needed("dataset", data["dataset"], "data.dataset", data.get("dataset_config"), splits, cache)
+    return list(found.values())
+
+
+def _on_hub(name: str) -> bool:
+    return not name.startswith(("/", ".", "~")) and HUB_NAME.fullmatch(name) is not None and not Path(name).exists()
+
+
+def missing(items: list[Needed], hub_cache: Path, variables: dict) -> list[Needed]:
+    """The items not in the caches (the hub cache `hub_cache`; data sets as `datasets` finds them
+    under the trials' variables)."""
+    absent = [n for n in items if n.kind != "dataset" and not _cached(n, hub_cache)]
+    sets = [n for n in items if n.kind == "dataset"]
+    return absent + (_datasets_missing(sets, variables) if sets else [])
+
+
+def _snapshot(cache: Path, name: str) -> Optional[Path]:
+    repo = cache / f"models--{name.replace('/', '--')}"
+    try:
+        commit = (repo / "refs" / "main").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    snapshot = repo / "snapshots" / commit
+    return snapshot if commit and snapshot.is_dir() else None
+
+
+def _weights(snapshot: Path) -> bool:
+    """config.json and the weights, every shard of an index (the files are links into blobs:
+    is_file follows them, so a link whose blob is gone is missing)."""
+    if not (snapshot / "config.json").is_file():
+        return False
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (snapshot / single).is_file():
+            return True
+        try:
+            shards = set(json.loads((snapshot / index).read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if shards and all((snapshot / s).is_file() for s in shards):
+            return True
+    return False
+
+
+def _cached(item: Needed, cache: Path) -> bool:
+    snapshot = _snapshot(cache, item.name)
+    if snapshot is None:
+        return False
+    if item.kind == "model":
+        return _weights(snapshot)
+    return any((snapshot / f).is_file() for f in TOKENIZER_FILES)
+
+
+def _datasets_missing(sets: list[Needed], variables: dict) -> list[Needed]:
+    asked = [[n.name, n.config, n.cache, list(n.splits)] for n in sets]
+    env = {**os.environ, **{k: str(v) for k, v in variables.items()}, **HUB_OFFLINE}
+    proc = subprocess.run([sys.executable, "-m", __name__], input=json.dumps(asked), env=env, capture_output=True,
+                          text=True, timeout=600)
+    try:
+        answers = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise RuntimeError(f"could not ask datasets what it has cached: {proc.stderr.strip()[-500:]}") from None
+    return [n for n, ok in zip(sets, answers) if not ok]
+
+
+def fetch(item: Needed, hub_cache: Path) -> None:
+    """Download `item` into its cache (huggingface_hub's and datasets' own progress bars)."""
+    if item.kind == "dataset":
+        import datasets
+
+        datasets.load_dataset(item.name, item.config, cache_dir=item.cache)
+        return
+    from huggingface_hub import snapshot_download
+
+    path = Path(snapshot_download(item.name, cache_dir=hub_cache, allow_patterns=[*TEXT_FILES, "*.safetensors"]))
+    if item.kind == "model" and not _weights(path):  # older repositories: PyTorch's own files
+        snapshot_download(item.name, cache_dir=hub_cache, allow_patterns=["pytorch_model*.bin"])
+
+
+def refuse_missing(env: Environment, configs: Iterable[dict], source: str, overrides: Iterable[str] = ()) -> None:
+    """For an offline sweep: UserError, one line for each thing its trials would not find in
+    their caches, naming it and the command that fetches it."""
+    cache = env.hub_cache(os.environ)
+    absent = missing(needed(configs), cache, env.exported())
+    if absent:
+        command = shlex.join(["python", "-m", "qarac_dist.prefetch", source, *overrides])
+        raise UserError("\n".join(f"{source}: environment.hub_offline: {n} is not in the trials' cache "
+                                  f"({n.cache or cache}); on a node that reaches the hub: {command}" for n in absent))
+
+
+def _answer() -> None:
+    """In the child, offline: for each [name, config, cache, splits] on stdin, whether datasets
+    finds it prepared there with those splits."""
+    import datasets
+
+    answers = []
+    for name, config, cache, splits in json.loads(sys.stdin.read()):
+        try:
+            builder = datasets.load_dataset_builder(name, config, cache_dir=cache)
+            have = set(builder.info.splits or {}) if os.path.isdir(builder.cache_dir) else set()
+        except Exception:  # noqa: BLE001 - not cached: datasets says so in many ways
+            have = set()
+        answers.append(set(splits) <= have)
+    print(json.dumps(answers))
+
+
+if __name__ == "__main__":
+    _answer()
