@@ -146,7 +146,10 @@ class Manifest:
         return manifest
 
     def save(self, sweep_dir: Path) -> None:
-        write_json(SweepLayout(Path(sweep_dir)).manifest, dataclasses.asdict(self))
+        """Atomically; O(trials), and no deep copy (asdict's was half the time at 1,000 trials)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["trials"] = {tid: {**vars(r), "history": [vars(a) for a in r.history]} for tid, r in self.trials.items()}
+        write_json(SweepLayout(Path(sweep_dir)).manifest, data, compact=True)
 
     def all_ended(self) -> bool:
         """No trial runs or waits to (one no longer in the sweep file and never submitted waits
