@@ -16,7 +16,7 @@ from .config import UserError, config_to_dict, load_config, read_yaml
 from .config.environment import Environment
 from .config.sweep import load_sweep
 from .plan import plan
-from .preflight.hub_cache import fetch, missing, needed
+from .preflight.hub_cache import fetch, missing, needed, sweep_configs
 from .train.hub import load_error
 
 
@@ -50,7 +50,7 @@ def _configs(source: str, overrides: list[str]) -> tuple[Environment, list[dict]
     raw = read_yaml(source)
     if "grid" in raw or "base" in raw:
         spec, base = load_sweep(source, overrides)
-        return spec.environment, [t.config for t in plan(spec, base, source)]
+        return spec.environment, sweep_configs(spec, plan(spec, base, source))
     return Environment(), [config_to_dict(load_config(source, overrides))]
 
 

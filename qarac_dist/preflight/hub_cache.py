@@ -28,6 +28,7 @@ from typing import Iterable, Optional
 
 from ..base.errors import UserError
 from ..config.environment import HUB_OFFLINE, Environment
+from ..config.schema import apply_overrides
 from ..config.sections import datasets_cache
 
 HEADS = "qarac_dist.train.heads:sentence_classifier"
@@ -80,6 +81,19 @@ def needed(configs: Iterable[dict]) -> list[Needed]:
             splits = tuple(dict.fromkeys((*(was.splits if was else ()), *splits)))
             found[ident] = Needed("dataset", data["dataset"], "data.dataset", data.get("dataset_config"), splits, cache)
     return list(found.values())
+
+
+HUB_KEYS = ("model.name_or_path", "model.factory_kwargs.encoder", "tokenizer.name_or_path", "data.dataset",
+            "data.dataset_config")
+
+
+def sweep_configs(spec, trials: list) -> list[dict]:
+    """The trials' configs; for a model-based search, whose values are asked for when its jobs
+    start, one more for each value a searched key of HUB_KEYS may take."""
+    configs = [t.config for t in trials]
+    params = spec.search.params if spec.search is not None and configs else {}
+    return configs + [apply_overrides(configs[0], [(key, value)]) for key, d in params.items()
+                      if key in HUB_KEYS and d.distribution == "choice" for value in d.values]
 
 
 def _on_hub(name: str) -> bool:

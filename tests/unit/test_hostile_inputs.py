@@ -792,3 +792,18 @@ def test_a_cached_model_passes_the_offline_check_and_local_paths_are_not_asked(t
     assert [(n.kind, n.name) for n in items] == [("model", "org/absent")]  # once; the tokenizer is a directory
     refuse_missing(Environment(hub_offline=True, variables={"HF_HOME": str(tmp_path / "hf")}), [
         {**spec["base"], "data": {}}], str(path))
+
+
+def test_an_offline_search_needs_every_model_it_may_ask_for(tmp_path, monkeypatch, capsys):
+    """A model-based search picks its values when its jobs start: every choice of a searched
+    model is checked before submission, not only the one its first slot was planned with."""
+    spec = yaml.safe_load(_offline(tmp_path))
+    spec["search"] = {"trials": 2, "params": {"model.name_or_path": {"distribution": "choice",
+                                                                     "values": ["org/absent", "org/other"]}}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "model org/absent is not" in err and "model org/other is not" in err, err
+    assert not (tmp_path / "runs").exists()
