@@ -16,7 +16,7 @@ from .config import UserError, config_to_dict, load_config, read_yaml
 from .config.environment import Environment
 from .config.sweep import load_sweep
 from .plan import plan
-from .preflight.hub_cache import fetch, missing, needed, sweep_configs
+from .preflight.hub_cache import fetch, hub_variables, missing, needed, sweep_configs
 from .train.hub import load_error
 
 
@@ -25,24 +25,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="a sweep file or a training config (YAML)")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value")
     args = parser.parse_intermixed_args(argv)
+    stderr, sys.stderr = sys.stderr, _Redacting(sys.stderr)  # before the hub's libraries hold it
     try:
         env, configs = _configs(args.config, args.overrides)
+        os.environ.update(hub_variables(env))  # as the trials would: HF_HOME, HF_TOKEN, HF_ENDPOINT
+        return _fetch_missing(env, needed(configs))
     except UserError as err:
         print(redact_text(str(err)), file=sys.stderr)
         return err.exit_code
-    items = needed(configs)
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to go on", file=sys.stderr)
+        return 130
+    finally:
+        sys.stderr = stderr
+
+
+def _fetch_missing(env: Environment, items: list) -> int:
     cache = env.hub_cache(os.environ)
     todo = missing(items, cache, env.exported())
     print(f"{len(items)} loaded by name, {len(items) - len(todo)} cached already, {len(todo)} to fetch", flush=True)
-    failed = 0
+    failed: set = set()
     for i, item in enumerate(todo, 1):
+        if item.name in failed or not missing([item], cache, env.exported()):  # a model's fetch brings its tokenizer
+            continue
         print(f"[{i}/{len(todo)}] {item} into {item.cache or cache}", flush=True)
         try:
             fetch(item, cache)
         except Exception as err:  # noqa: BLE001 - hub, network and disk errors, one line each
             print(redact_text(str(load_error(item.key, item.name, err))), file=sys.stderr, flush=True)
-            failed += 1
-    return 1 if failed else 0
+            failed.add(item.name)
+    still = missing([n for n in todo if n.name not in failed], cache, env.exported())
+    for item, why in still.items():  # fetched, and still not what the trials load
+        print(f"{item} {why} ({item.cache or cache}) after fetching it", file=sys.stderr, flush=True)
+    return 1 if failed or still else 0
+
+
+class _Redacting:
+    """A text stream that writes what it is given with secrets masked (base/secrets.py)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(redact_text(text))
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 def _configs(source: str, overrides: list[str]) -> tuple[Environment, list[dict]]:

@@ -45,9 +45,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return cancel(layout)
         if spec.environment.hub_offline:  # before anything is created: every trial would fail on it
-            from .preflight.hub_cache import refuse_missing, sweep_configs
+            from .preflight.hub_cache import go_offline, refuse_missing, sweep_configs
 
             refuse_missing(spec.environment, sweep_configs(spec, trials), args.sweep, args.overrides)
+            go_offline(spec.environment)
         from .submit import submission
 
         # The command as the user gave it, for the lines printed to copy (follow, cancel, resume).

@@ -53,12 +53,16 @@ class Environment:
         return {**self.variables, **HUB_OFFLINE, "HF_HUB_CACHE": str(self.hub_cache(os.environ))}
 
     def hub_cache(self, shell: Mapping[str, str]) -> Path:
-        """Where the trials' models and tokenizers are cached, as huggingface_hub finds it from
-        the variables over `shell` (the environment a job inherits: none under --export=NONE)."""
-        seen = {**shell, **{k: str(v) for k, v in self.variables.items()}}
-        home = seen.get("HF_HOME") or os.path.join(seen.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-        cache = seen.get("HF_HUB_CACHE") or seen.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
-        return Path(os.path.expanduser(cache))
+        """Where the trials' models and tokenizers are cached, absolute, as huggingface_hub finds
+        it: from the variables, else from `shell` (what a job inherits), else ~/.cache."""
+        own = {k: str(v) for k, v in self.variables.items()}
+        for seen in (own, shell):
+            cache = seen.get("HF_HUB_CACHE") or seen.get("HUGGINGFACE_HUB_CACHE") or (
+                os.path.join(seen["HF_HOME"], "hub") if seen.get("HF_HOME") else None)
+            if cache:
+                return Path(os.path.abspath(os.path.expanduser(cache)))
+        home = os.path.join(own.get("XDG_CACHE_HOME") or shell.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+        return Path(os.path.abspath(os.path.expanduser(os.path.join(home, "hub"))))
 
 
 HUB_OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -18,6 +18,7 @@ from ..submit.executors import resolve_kind
 from ..submit.sweep_dir import layout_for
 from . import batch_size
 from .audit import print_result, run_many
+from .hub_cache import go_offline, refuse_missing, sweep_configs
 from .memory import gib
 
 
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         if "grid" in raw or "base" in raw:
             spec, base = load_sweep(args.config, args.overrides)
             trials = plan(spec, base, args.config)
+            if spec.environment.hub_offline:  # load what the trials load, where they do
+                refuse_missing(spec.environment, sweep_configs(spec, trials), args.config, args.overrides)
+                go_offline(spec.environment)
             configs = [config_from_dict(t.config, args.config) for t in trials]
             world, resources = spec.resources.world_size, spec.resources
         else:

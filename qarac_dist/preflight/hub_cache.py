@@ -34,10 +34,12 @@ from ..config.sections import datasets_cache
 HEADS = "qarac_dist.train.heads:sentence_classifier"
 """The model factory whose `encoder` keyword is a pretrained name."""
 HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
-                   "sentencepiece.bpe.model", "tokenizer.model")
-TEXT_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken"]
-"""What prefetch takes of a model's repository besides weights (configs, tokenizers, vocabularies)."""
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+TEXT_SUFFIXES = (".json", ".txt", ".model", ".tiktoken")
+"""What prefetch takes of a repository besides weights (configs, tokenizers, vocabularies)."""
+NO_SPLIT = "has no split"
+PYTORCH_WEIGHTS = r"pytorch_model(-\d+-of-\d+)?\.bin"
 
 
 @dataclass(frozen=True)
@@ -100,12 +102,12 @@ def _on_hub(name: str) -> bool:
     return not name.startswith(("/", ".", "~")) and HUB_NAME.fullmatch(name) is not None and not Path(name).exists()
 
 
-def missing(items: list[Needed], hub_cache: Path, variables: dict) -> list[Needed]:
-    """The items not in the caches (the hub cache `hub_cache`; data sets as `datasets` finds them
-    under the trials' variables)."""
-    absent = [n for n in items if n.kind != "dataset" and not _cached(n, hub_cache)]
+def missing(items: list[Needed], hub_cache: Path, variables: dict) -> dict[Needed, str]:
+    """The items not in the caches, each with what is missing (the hub cache `hub_cache`; data
+    sets as `datasets` finds them, with the hub's variables among `variables`)."""
+    absent = {n: why for n in items if n.kind != "dataset" and (why := _absent(n, hub_cache))}
     sets = [n for n in items if n.kind == "dataset"]
-    return absent + (_datasets_missing(sets, variables) if sets else [])
+    return {**absent, **(_datasets_missing(sets, variables) if sets else {})}
 
 
 def _snapshot(cache: Path, name: str) -> Optional[Path]:
@@ -136,39 +138,69 @@ def _weights(snapshot: Path) -> bool:
     return False
 
 
-def _cached(item: Needed, cache: Path) -> bool:
+def _absent(item: Needed, cache: Path) -> Optional[str]:
+    """What of `item` the hub cache lacks, or None."""
     snapshot = _snapshot(cache, item.name)
     if snapshot is None:
-        return False
+        return "is not in the trials' cache"
     if item.kind == "model":
-        return _weights(snapshot)
-    return any((snapshot / f).is_file() for f in TOKENIZER_FILES)
+        return None if _weights(snapshot) else "is in the trials' cache without config.json or its weights"
+    return None if _tokenizer(snapshot) else "is in the trials' cache without tokenizer.json or a vocabulary"
 
 
-def _datasets_missing(sets: list[Needed], variables: dict) -> list[Needed]:
-    asked = [[n.name, n.config, n.cache, list(n.splits)] for n in sets]
-    env = {**os.environ, **{k: str(v) for k, v in variables.items()}, **HUB_OFFLINE}
+def _tokenizer(snapshot: Path) -> bool:
+    """A tokenizer's own files: tokenizer.json, or a vocabulary (a BPE's vocab.json with its merges);
+    tokenizer_config.json alone names files, it is none."""
+    have = {f for f in TOKENIZER_FILES if (snapshot / f).is_file()}
+    return bool(have - {"vocab.json"}) or ("vocab.json" in have and (snapshot / "merges.txt").is_file())
+
+
+def _hub_variables(variables: dict) -> dict:
+    """Of the trials' variables, the hub's (a child here gets no PYTHONHOME or LD_PRELOAD meant
+    for the jobs)."""
+    return {k: str(v) for k, v in variables.items() if k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+
+
+def _split_names(split: str) -> list[str]:
+    """The splits `datasets` reads for a split expression: train[:50%]+validation -> both names."""
+    return [re.sub(r"\[.*\]$", "", part.strip()) for part in split.split("+")]
+
+
+def _datasets_missing(sets: list[Needed], variables: dict) -> dict[Needed, str]:
+    asked = [[n.name, n.config, n.cache] for n in sets]
+    env = {**os.environ, **_hub_variables(variables), **HUB_OFFLINE}
     proc = subprocess.run([sys.executable, "-m", __name__], input=json.dumps(asked), env=env, capture_output=True,
                           text=True, timeout=600)
     try:
         answers = json.loads(proc.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        raise RuntimeError(f"could not ask datasets what it has cached: {proc.stderr.strip()[-500:]}") from None
-    return [n for n, ok in zip(sets, answers) if not ok]
+        said = (proc.stderr.strip().splitlines() or ["no answer"])[-1][:300]
+        raise UserError(f"could not ask datasets what it has cached ({sys.executable}: {said})") from None
+    out = {}
+    for n, have in zip(sets, answers):
+        if have is None:
+            out[n] = "is not prepared in the trials' cache"
+        elif lacking := [s for split in n.splits for s in _split_names(split) if s not in have]:
+            out[n] = (f"{NO_SPLIT} {lacking[0]!r} (it has {', '.join(have) or 'none'}; data.train_split, "
+                      f"data.validation_split or data.validation_fraction choose)")
+    return out
 
 
 def fetch(item: Needed, hub_cache: Path) -> None:
-    """Download `item` into its cache (huggingface_hub's and datasets' own progress bars)."""
+    """Download `item` into its cache (huggingface_hub's and datasets' own progress bars): a
+    model's top-level configs, tokenizer files and weights (safetensors, else PyTorch's), a
+    tokenizer's files without weights, a data set prepared as the trials load it."""
     if item.kind == "dataset":
         import datasets
 
         datasets.load_dataset(item.name, item.config, cache_dir=item.cache)
         return
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import list_repo_files, snapshot_download
 
-    path = Path(snapshot_download(item.name, cache_dir=hub_cache, allow_patterns=[*TEXT_FILES, "*.safetensors"]))
-    if item.kind == "model" and not _weights(path):  # older repositories: PyTorch's own files
-        snapshot_download(item.name, cache_dir=hub_cache, allow_patterns=["pytorch_model*.bin"])
+    top = [f for f in list_repo_files(item.name) if "/" not in f]
+    text = [f for f in top if f.endswith(TEXT_SUFFIXES)]
+    weights = [f for f in top if f.endswith(".safetensors")] or [f for f in top if re.fullmatch(PYTORCH_WEIGHTS, f)]
+    snapshot_download(item.name, cache_dir=hub_cache, allow_patterns=text + (weights if item.kind == "model" else []))
 
 
 def refuse_missing(env: Environment, configs: Iterable[dict], source: str, overrides: Iterable[str] = ()) -> None:
@@ -178,23 +210,35 @@ def refuse_missing(env: Environment, configs: Iterable[dict], source: str, overr
     absent = missing(needed(configs), cache, env.exported())
     if absent:
         command = shlex.join(["python", "-m", "qarac_dist.prefetch", source, *overrides])
-        raise UserError("\n".join(f"{source}: environment.hub_offline: {n} is not in the trials' cache "
-                                  f"({n.cache or cache}); on a node that reaches the hub: {command}" for n in absent))
+        raise UserError("\n".join(f"{source}: environment.hub_offline: {n} {why} ({n.cache or cache})"
+                                  + ("" if why.startswith(NO_SPLIT) else f"; on a node that reaches the hub: {command}")
+                                  for n, why in absent.items()))
+
+
+def go_offline(env: Environment) -> None:
+    """This process loads as the trials do: offline, from their hub cache (the preflight audit
+    loads their models here; huggingface_hub reads these once, when first imported)."""
+    os.environ.update({k: v for k, v in env.exported().items() if k in HUB_OFFLINE or k == "HF_HUB_CACHE"})
+
+
+def hub_variables(env: Environment) -> dict:
+    """What prefetch takes of the trials' variables: the hub's (HF_HOME, HF_TOKEN, HF_ENDPOINT),
+    not its offline switches."""
+    return {k: v for k, v in _hub_variables(env.variables).items() if k not in HUB_OFFLINE}
 
 
 def _answer() -> None:
-    """In the child, offline: for each [name, config, cache, splits] on stdin, whether datasets
-    finds it prepared there with those splits."""
+    """In the child, offline: for each [name, config, cache] on stdin, the splits datasets finds
+    prepared there, or None."""
     import datasets
 
     answers = []
-    for name, config, cache, splits in json.loads(sys.stdin.read()):
+    for name, config, cache in json.loads(sys.stdin.read()):
         try:
             builder = datasets.load_dataset_builder(name, config, cache_dir=cache)
-            have = set(builder.info.splits or {}) if os.path.isdir(builder.cache_dir) else set()
+            answers.append(sorted(builder.info.splits or {}) if os.path.isdir(builder.cache_dir) else None)
         except Exception:  # noqa: BLE001 - not cached: datasets says so in many ways
-            have = set()
-        answers.append(set(splits) <= have)
+            answers.append(None)
     print(json.dumps(answers))
 
 

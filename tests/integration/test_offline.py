@@ -42,10 +42,10 @@ def hub(tmp_path):
     served.shutdown()
 
 
-def _prefetch(path, hub_url: str) -> subprocess.CompletedProcess:
+def _prefetch(path, hub_url: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qarac_dist.prefetch", str(path)], cwd=path.parent,
-                          env={**__import__("os").environ, "HF_ENDPOINT": hub_url}, capture_output=True, text=True,
-                          timeout=600)
+                          env={**__import__("os").environ, "HF_ENDPOINT": hub_url, **env}, capture_output=True,
+                          text=True, timeout=600)
 
 
 def test_an_offline_sweep_is_refused_until_prefetch_fills_its_caches_then_runs_without_the_hub(tmp_path, hub):
@@ -79,25 +79,33 @@ def test_an_offline_sweep_is_refused_until_prefetch_fills_its_caches_then_runs_w
     assert again.returncode == 0 and "3 loaded by name, 3 cached already, 0 to fetch" in again.stdout, again.stdout
     assert len(hub.requests) == asked, hub.requests[asked:]
 
-    ran = run_sweep(path, "--no-preflight", "--wait", env={"HF_ENDPOINT": hub.url})
+    # With preflight, which loads the model here: from the trials' cache, offline, not the shell's.
+    ran = run_sweep(path, "--wait", env={"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "empty")})
     assert ran.returncode == 0, ran.stdout + ran.stderr[-3000:]
     (record,) = Manifest.load(tmp_path / "runs" / "offline").trials.values()
     assert record.state == "COMPLETED"
-    assert len(hub.requests) == asked, hub.requests[asked:]  # the trial asked the hub nothing
+    assert len(hub.requests) == asked, hub.requests[asked:]  # neither preflight nor the trial asked the hub
 
 
 def test_prefetch_of_what_the_hub_does_not_have_is_one_line_each_and_fails(tmp_path, hub):
-    """A training config (not a sweep) naming a model the hub lacks, and a data set it has: the
-    data set is fetched, the model is one line naming its key, exit 1, no traceback."""
+    """A training config (not a sweep): a model the hub lacks is one line naming its key; a
+    tokenizer taken from a model's repository comes without the weights; a data set is fetched,
+    and a split it lacks (a slice of one it has is fine) is named after fetching; exit 1, no
+    traceback, and a password in HF_ENDPOINT is never printed."""
     config = tiny_config(tmp_path / "data", tmp_path / "out")
     config["model"] = {"name_or_path": "tiny-org/no-such-model"}
-    config["tokenizer"] = {"name_or_path": str(tmp_path)}
-    config["data"] = {"dataset": "tiny-org/tiny-text", "max_length": 16, "cache_dir": str(tmp_path / "data")}
+    config["tokenizer"] = {"name_or_path": "tiny-org/tiny-bert"}
+    config["data"] = {"dataset": "tiny-org/tiny-text", "train_split": "train[:50%]", "validation_split": "dev",
+                      "max_length": 16, "cache_dir": str(tmp_path / "data")}
     path = write_config(tmp_path / "train.yaml", config)
-    proc = _prefetch(path, hub.url)
+    endpoint = hub.url.replace("http://", "http://alice:pa55w0rdXYZ@")
+    proc = _prefetch(path, endpoint, HF_HOME=str(tmp_path / "hf"))  # a training config: the shell's cache
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "2 loaded by name, 0 cached already, 2 to fetch" in proc.stdout
+    assert "3 loaded by name, 0 cached already, 3 to fetch" in proc.stdout
     said = [line for line in proc.stderr.splitlines() if "no-such-model" in line]
     assert len(said) == 1 and said[0].startswith("model.name_or_path: cannot load 'tiny-org/no-such-model'"), said
-    assert "Traceback" not in proc.stderr
-    assert "2 loaded by name, 1 cached already, 1 to fetch" in _prefetch(path, hub.url).stdout  # the data set stays
+    assert "data.dataset: dataset tiny-org/tiny-text (splits train[:50%], dev) has no split 'dev'" in proc.stderr
+    assert "Traceback" not in proc.stderr and "pa55w0rdXYZ" not in proc.stdout + proc.stderr
+    assert not any(r.endswith(".safetensors") for r in hub.requests), hub.requests  # the tokenizer alone
+    again = _prefetch(path, endpoint, HF_HOME=str(tmp_path / "hf"))
+    assert "3 loaded by name, 1 cached already, 2 to fetch" in again.stdout, again.stdout  # the tokenizer stays

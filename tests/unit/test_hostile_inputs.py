@@ -29,11 +29,12 @@ def _image(tmp_path, **fields) -> str:
     return text
 
 
-def _offline(tmp_path, snapshot: dict | None = None, ref: bytes = b"abc", offline: bool = True) -> str:
-    """An offline sweep of one hub model, its tokenizer a local directory, and the hub cache (in
-    environment.variables) holding `snapshot` (file name -> text) for it, or nothing."""
+def _offline(tmp_path, snapshot: dict | None = None, ref: bytes = b"abc", offline: bool = True,
+             tokenizer: str = "") -> str:
+    """An offline sweep of one hub model, its tokenizer a local directory (or `tokenizer`), and
+    the hub cache (in environment.variables) holding `snapshot` (file name -> text) for it, or nothing."""
     base = tiny_config(tmp_path / "cache", tmp_path / "out")
-    base["model"], base["tokenizer"] = {"name_or_path": "org/absent"}, {"name_or_path": str(tmp_path)}
+    base["model"], base["tokenizer"] = {"name_or_path": "org/absent"}, {"name_or_path": tokenizer or str(tmp_path)}
     hub = tmp_path / "hf" / "hub" / "models--org--absent"
     if snapshot is not None:
         (hub / "refs").mkdir(parents=True)
@@ -279,16 +280,22 @@ FILE_CASES = [
     ("environment-hub-offline-model-not-cached", lambda t: _offline(t), (),
      "environment.hub_offline: model.name_or_path: model org/absent is not in the trials' cache"),
     ("environment-hub-offline-cache-without-weights", lambda t: _offline(t, {"config.json": "{}"}), (),
-     "environment.hub_offline: model.name_or_path: model org/absent is not in the trials' cache"),
+     "environment.hub_offline: model.name_or_path: model org/absent is in the trials' cache without config.json"),
     ("environment-hub-offline-shard-missing", lambda t: _offline(t, {
         "config.json": "{}", "model.safetensors.index.json": '{"weight_map": {"a": "model-1.safetensors"}}'}), (),
-     "environment.hub_offline: model.name_or_path: model org/absent is not in the trials' cache"),
+     "environment.hub_offline: model.name_or_path: model org/absent is in the trials' cache without config.json"),
     ("environment-hub-offline-index-truncated", lambda t: _offline(t, {
         "config.json": "{}", "model.safetensors.index.json": '{"weight_map": '}), (),
-     "environment.hub_offline: model.name_or_path: model org/absent is not in the trials' cache"),
+     "environment.hub_offline: model.name_or_path: model org/absent is in the trials' cache without config.json"),
     ("environment-hub-offline-ref-is-binary", lambda t: _offline(t, {"config.json": "{}", "model.safetensors": ""},
                                                                  ref=b"\xff\xfe"), (),
      "environment.hub_offline: model.name_or_path: model org/absent is not in the trials' cache"),
+    ("environment-hub-offline-tokenizer-config-alone", lambda t: _offline(t, {
+        "config.json": "{}", "model.safetensors": "", "tokenizer_config.json": "{}"}, tokenizer="org/absent"), (),
+     "tokenizer org/absent is in the trials' cache without tokenizer.json or a vocabulary"),
+    ("environment-hub-offline-bpe-vocabulary-without-merges", lambda t: _offline(t, {
+        "config.json": "{}", "model.safetensors": "", "vocab.json": "{}"}, tokenizer="org/absent"), (),
+     "tokenizer org/absent is in the trials' cache without tokenizer.json or a vocabulary"),
     ("environment-hub-offline-on-the-command-line", lambda t: _offline(t, offline=False),
      ("environment.hub_offline=true",),
      "environment.hub_offline: model.name_or_path: model org/absent is not in the trials' cache"),
@@ -300,6 +307,8 @@ FILE_CASES = [
 
 @pytest.mark.parametrize("make, args, expected", [pytest.param(m, a, e, id=i) for i, m, a, e in FILE_CASES])
 def test_bad_sweep_files_are_one_line_exit_2_and_nothing_created(tmp_path, monkeypatch, capsys, make, args, expected):
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)  # an offline sweep that passes its check sets them here
     content = make(tmp_path)
     path = tmp_path / "sweep.yaml"
     (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
@@ -807,3 +816,17 @@ def test_an_offline_search_needs_every_model_it_may_ask_for(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert "model org/absent is not" in err and "model org/other is not" in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_offline_data_set_check_takes_only_the_hubs_variables(tmp_path, monkeypatch, capsys):
+    """The data-set check runs this machine's Python: a PYTHONHOME meant for the jobs' image must
+    not reach it (it died with a traceback), and a data set not prepared is one line."""
+    spec = yaml.safe_load(_offline(tmp_path, {"config.json": "{}", "model.safetensors": ""}))
+    spec["base"]["data"] = {"dataset": "org/set", "validation_fraction": 0.2, "cache_dir": str(tmp_path / "data")}
+    spec["environment"]["variables"]["PYTHONHOME"] = "/opt/conda"
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main([str(path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "data.dataset: dataset org/set (splits train) is not prepared in the trials' cache" in line, line
