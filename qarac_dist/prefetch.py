@@ -16,7 +16,7 @@ from .config import UserError, config_to_dict, load_config, read_yaml
 from .config.environment import Environment
 from .config.sweep import load_sweep
 from .plan import plan
-from .preflight.hub_cache import fetch, hub_variables, missing, needed, sweep_configs
+from .preflight.hub_cache import config_mistake, fetch, hub_variables, missing, needed, sweep_configs
 from .train.hub import load_error
 
 
@@ -44,20 +44,31 @@ def _fetch_missing(env: Environment, items: list) -> int:
     cache = env.hub_cache(os.environ)
     todo = missing(items, cache, env.exported())
     print(f"{len(items)} loaded by name, {len(items) - len(todo)} cached already, {len(todo)} to fetch", flush=True)
+    mistakes = [item for item, why in todo.items() if config_mistake(why)]
+    for item in mistakes:  # fetching cannot mend these
+        print(f"{item} {todo[item]}", file=sys.stderr, flush=True)
     failed: set = set()
     for i, item in enumerate(todo, 1):
-        if item.name in failed or not missing([item], cache, env.exported()):  # a model's fetch brings its tokenizer
-            continue
+        if item in mistakes or item.name in failed or not missing([item], cache, env.exported()):
+            continue  # (a model's fetch brings its tokenizer)
         print(f"[{i}/{len(todo)}] {item} into {item.cache or cache}", flush=True)
         try:
             fetch(item, cache)
         except Exception as err:  # noqa: BLE001 - hub, network and disk errors, one line each
-            print(redact_text(str(load_error(item.key, item.name, err))), file=sys.stderr, flush=True)
+            print(redact_text(_failure(item, err, item.cache or cache)), file=sys.stderr, flush=True)
             failed.add(item.name)
-    still = missing([n for n in todo if n.name not in failed], cache, env.exported())
+    still = missing([n for n in todo if n.name not in failed and n not in mistakes], cache, env.exported())
     for item, why in still.items():  # fetched, and still not what the trials load
         print(f"{item} {why} ({item.cache or cache}) after fetching it", file=sys.stderr, flush=True)
-    return 1 if failed or still else 0
+    return 2 if mistakes else 1 if failed or still else 0
+
+
+def _failure(item, err: Exception, into) -> str:
+    """One line for a failed fetch: a file system's error as itself (an OSError with an errno:
+    the hub's and the network's errors carry none), else what the trial would say."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return f"{item.key}: cannot fetch {item.name!r} into {into}: {err.strerror} ({err.filename or into})"
+    return str(load_error(item.key, item.name, err))
 
 
 class _Redacting:

@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from ..base.secrets import redact_text
 from ..config import ConfigError, UserError, config_from_dict, load_config, read_yaml
 from ..config.sweep import load_sweep
 from ..plan import plan
@@ -46,8 +47,11 @@ def main(argv: list[str] | None = None) -> int:
             configs, world, resources = [load_config(args.config, args.overrides)], 1, None
         results = run_many(configs, world, resources)
     except (ConfigError, UserError) as err:
-        print(err if isinstance(err, ConfigError) else f"{args.config}: {err}", file=sys.stderr)
+        print(redact_text(str(err) if isinstance(err, ConfigError) else f"{args.config}: {err}"), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     for result in results:
         print_result(result)
     return 0 if all(r.ok for r in results) else 1

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ..base.errors import UserError
+from ..base.errors import ConfigError, UserError
 from ..config.environment import HUB_OFFLINE, Environment
 from ..config.schema import apply_overrides
 from ..config.sections import datasets_cache
@@ -85,8 +85,9 @@ def needed(configs: Iterable[dict]) -> list[Needed]:
     return list(found.values())
 
 
-HUB_KEYS = ("model.name_or_path", "model.factory_kwargs.encoder", "tokenizer.name_or_path", "data.dataset",
-            "data.dataset_config")
+HUB_KEYS = ("model.name_or_path", "model.factory_kwargs.encoder", "tokenizer.name_or_path", "data.")
+"""Searched keys whose choices change what the trials load, or where (data.*: the data set, its
+splits, its cache)."""
 
 
 def sweep_configs(spec, trials: list) -> list[dict]:
@@ -95,7 +96,7 @@ def sweep_configs(spec, trials: list) -> list[dict]:
     configs = [t.config for t in trials]
     params = spec.search.params if spec.search is not None and configs else {}
     return configs + [apply_overrides(configs[0], [(key, value)]) for key, d in params.items()
-                      if key in HUB_KEYS and d.distribution == "choice" for value in d.values]
+                      if key.startswith(HUB_KEYS) and d.distribution == "choice" for value in d.values]
 
 
 def _on_hub(name: str) -> bool:
@@ -145,14 +146,17 @@ def _absent(item: Needed, cache: Path) -> Optional[str]:
         return "is not in the trials' cache"
     if item.kind == "model":
         return None if _weights(snapshot) else "is in the trials' cache without config.json or its weights"
-    return None if _tokenizer(snapshot) else "is in the trials' cache without tokenizer.json or a vocabulary"
+    return None if _tokenizer(snapshot) else ("is in the trials' cache without tokenizer.json or a vocabulary, "
+                                              "or without tokenizer_config.json or config.json")
 
 
 def _tokenizer(snapshot: Path) -> bool:
-    """A tokenizer's own files: tokenizer.json, or a vocabulary (a BPE's vocab.json with its merges);
-    tokenizer_config.json alone names files, it is none."""
+    """A tokenizer's own files: tokenizer.json, or a vocabulary (a BPE's vocab.json with its merges),
+    and what AutoTokenizer reads first to know its class: tokenizer_config.json or config.json
+    (tokenizers' own from_pretrained leaves tokenizer.json alone)."""
     have = {f for f in TOKENIZER_FILES if (snapshot / f).is_file()}
-    return bool(have - {"vocab.json"}) or ("vocab.json" in have and (snapshot / "merges.txt").is_file())
+    vocabulary = bool(have - {"vocab.json"}) or ("vocab.json" in have and (snapshot / "merges.txt").is_file())
+    return vocabulary and any((snapshot / f).is_file() for f in ("tokenizer_config.json", "config.json"))
 
 
 def _hub_variables(variables: dict) -> dict:
@@ -210,9 +214,15 @@ def refuse_missing(env: Environment, configs: Iterable[dict], source: str, overr
     absent = missing(needed(configs), cache, env.exported())
     if absent:
         command = shlex.join(["python", "-m", "qarac_dist.prefetch", source, *overrides])
-        raise UserError("\n".join(f"{source}: environment.hub_offline: {n} {why} ({n.cache or cache})"
-                                  + ("" if why.startswith(NO_SPLIT) else f"; on a node that reaches the hub: {command}")
-                                  for n, why in absent.items()))
+        raise ConfigError([f"{source}: environment.hub_offline: {n} {why} ({n.cache or cache})"
+                           + ("" if config_mistake(why) else f"; on a node that reaches the hub: {command}")
+                           for n, why in absent.items()])
+
+
+def config_mistake(why: str) -> bool:
+    """Whether what `missing` says is a mistake of the config (a split the data set lacks), which
+    fetching cannot mend."""
+    return why.startswith(NO_SPLIT)
 
 
 def go_offline(env: Environment) -> None:

@@ -69,7 +69,8 @@ def launch(env: Environment, paths: Iterable[str], cwd: str | None = None, sourc
                    if not (Path(c.image) / m.partition(":")[2].lstrip("/")).is_dir()]
         if missing:
             raise UserError(f"{where}environment.container.image: {c.image} has no {missing[0]} to mount the trials' "
-                            f"files onto; make that directory in the image, or move them (runs_dir, data.cache_dir)")
+                            f"files onto; make that directory in the image, or move them (runs_dir, data.cache_dir, "
+                            f"HF_HOME in environment.variables)")
     if c.runtime == "charliecloud":  # ch-run refuses to start without USER, which a job may not have
         return Launch(("env", f"USER={getpass.getuser()}", "ch-run", *(f"--bind={m}" for m in mounts), f"--cd={cwd}",
                        c.image, "--", c.python), container=True)

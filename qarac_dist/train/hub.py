@@ -23,7 +23,7 @@ def load_error(key: str, name: str, err: BaseException) -> UserError:
     if Path(name).exists():
         reason = f"the local path does not hold it ({detail})"
     elif offline():
-        reason = "the hub is offline here (HF_HUB_OFFLINE is set) and it is not in the local cache"
+        reason = f"the hub is offline here (HF_HUB_OFFLINE is set) and the local cache did not give it ({detail})"
     elif any(word in lowered for word in ("connect", "resolve", "network", "timed out", "offline")):
         reason = f"the hub could not be reached and it is not in the local cache ({detail})"
     else:

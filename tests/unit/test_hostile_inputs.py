@@ -830,3 +830,47 @@ def test_the_offline_data_set_check_takes_only_the_hubs_variables(tmp_path, monk
     assert sweep.main([str(path)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "data.dataset: dataset org/set (splits train) is not prepared in the trials' cache" in line, line
+
+
+def test_a_tokenizer_needs_its_files_and_what_names_its_class(tmp_path):
+    """tokenizers' own from_pretrained leaves tokenizer.json alone, which AutoTokenizer cannot
+    load offline; tokenizer_config.json alone names files it does not hold."""
+    from qarac_dist.preflight.hub_cache import _tokenizer
+
+    for files, loads in [({"tokenizer.json"}, False), ({"tokenizer_config.json"}, False),
+                         ({"tokenizer.json", "tokenizer_config.json"}, True), ({"vocab.txt", "config.json"}, True),
+                         ({"vocab.json", "config.json"}, False), ({"vocab.json", "merges.txt", "config.json"}, True)]:
+        snapshot = tmp_path / "-".join(sorted(files))
+        snapshot.mkdir()
+        for name in files:
+            (snapshot / name).write_text("{}")
+        assert _tokenizer(snapshot) == loads, files
+
+
+def test_preflight_names_the_file_once_and_masks_a_token_in_the_command_it_prints(tmp_path, monkeypatch, capsys):
+    from qarac_dist.preflight.__main__ import main
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(_offline(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert main([str(path), "environment.variables.HF_TOKEN=hf_AbCdEfGhIjKlMnOpQrStUvWxYz123456"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"{path}: environment.hub_offline: ") and line.count(str(path)) == 2, line  # + the command
+    assert "hf_AbCdEfGhIjKlMnOpQrStUvWxYz123456" not in line, line
+
+
+def test_a_searched_data_key_adds_what_each_choice_loads(tmp_path):
+    """A search over data.cache_dir (or the splits) loads the data set into each choice's cache."""
+    from qarac_dist.config.sweep import load_sweep
+    from qarac_dist.plan import plan
+    from qarac_dist.preflight.hub_cache import needed, sweep_configs
+
+    spec = yaml.safe_load(_offline(tmp_path))
+    spec["base"]["data"] = {"dataset": "org/set", "cache_dir": str(tmp_path / "a")}
+    spec["search"] = {"trials": 2, "params": {"data.cache_dir": {"distribution": "choice",
+                                                                 "values": [str(tmp_path / "a"), str(tmp_path / "b")]}}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    sweep_spec, base = load_sweep(str(path), [])
+    sets = [n for n in needed(sweep_configs(sweep_spec, plan(sweep_spec, base, str(path)))) if n.kind == "dataset"]
+    assert sorted(n.cache for n in sets) == [str(tmp_path / "a" / "hf"), str(tmp_path / "b" / "hf")]
