@@ -9,9 +9,10 @@ under the trial's `data.cache_dir` (DataConfig.datasets_cache), as `datasets.loa
 
 What counts as cached, for the main revision: a model's snapshot holds config.json and its
 weights (model.safetensors, pytorch_model.bin, or an index with every shard it names); a
-tokenizer's, tokenizer.json, tokenizer_config.json or a vocabulary file; a data set is found
-prepared by `datasets` itself, offline, with the splits the trials read. That last is asked of a
-child process: `datasets` reads the offline switch once, at import, and this one may be online.
+tokenizer's, tokenizer.json or a vocabulary beside tokenizer_config.json or config.json; a data
+set is found prepared by `datasets` itself, offline, with the splits the trials read. That last
+is asked of a child process (given only the hub's variables): `datasets` reads the offline
+switch once, at import, and this one may be online.
 """
 
 from __future__ import annotations
@@ -208,8 +209,8 @@ def fetch(item: Needed, hub_cache: Path) -> None:
 
 
 def refuse_missing(env: Environment, configs: Iterable[dict], source: str, overrides: Iterable[str] = ()) -> None:
-    """For an offline sweep: UserError, one line for each thing its trials would not find in
-    their caches, naming it and the command that fetches it."""
+    """For an offline sweep: ConfigError, one line for each thing its trials would not find in
+    their caches, naming it and the command that fetches it (not for a split the data set lacks)."""
     cache = env.hub_cache(os.environ)
     absent = missing(needed(configs), cache, env.exported())
     if absent:
