@@ -192,6 +192,10 @@ SRUN_ECHO = re.compile(r"srun: (?:error: \S+: tasks? [\d,-]+: (?:Exited|Killed)|
                        r"Job step aborted|Force Terminated)")
 """srun's words after a task failed: the task's own line above says why."""
 ERROR_LINE = re.compile(r"error|exception|traceback|killed|cancelled|due to|srun:|slurmstepd:", re.IGNORECASE)
+RANK_PREFIX = re.compile(r"^\[(?:rank|default)\d+\]: ?")
+"""What torch's distributed launch puts before each line a rank writes (`[rank0]:     raise X`)."""
+RAISED = re.compile(r"(?:[A-Za-z_]\w*\.)*[A-Z]\w*: ")
+"""A traceback's last line, after its frames: `qarac_dist.base.files.DiskFull: /x: No space left`."""
 
 
 def job_error(layout: SweepLayout, record: TrialRecord) -> Optional[str]:
@@ -206,17 +210,19 @@ def job_error(layout: SweepLayout, record: TrialRecord) -> Optional[str]:
 
 def last_error(layout: SweepLayout, job: str) -> Optional[str]:
     """The last error line of a job's log (the last line where none looks like one), with its
-    path. A traceback's own lines (its head, its indented frames and source: `raise error`) and
-    srun's echo of a failed task are passed over for the line that says what went wrong."""
+    path. A traceback's own lines (its head, its indented frames and source: `raise error`, after
+    a rank's prefix) and srun's echo of a failed task are passed over for the line that says what
+    went wrong."""
     for path in layout.job_logs(job):
         try:
             with open(path, "rb") as f:
                 f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
-                lines = [line.rstrip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+                lines = [RANK_PREFIX.sub("", line.rstrip()) for line in f.read().decode(errors="replace").splitlines()
+                         if line.strip()]
         except OSError:
             continue
-        errors = [line for line in lines if ERROR_LINE.search(line) and not line[:1].isspace()
-                  and not line.startswith("Traceback (")]
+        errors = [line for i, line in enumerate(lines) if not line[:1].isspace() and not line.startswith("Traceback (")
+                  and (ERROR_LINE.search(line) or (i and lines[i - 1][:1].isspace() and RAISED.match(line)))]
         causes = [line for line in errors if not SRUN_ECHO.match(line)]
         if lines:
             line = (causes or errors or lines)[-1]

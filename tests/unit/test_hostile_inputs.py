@@ -515,6 +515,23 @@ def test_a_job_that_left_no_verdict_shows_its_logs_last_error_line(tmp_path, cap
     assert manifest.trials["t1"].error == f"ModuleNotFoundError: No module named 'optuna.samplers._tpe' ({log})"
 
 
+def test_a_ranks_traceback_shows_its_exception_not_its_source_line(tmp_path):
+    """torch prefixes each line a rank writes with `[rank0]:`, so the traceback's source line (it
+    held `strerror`) was taken for the error; a full disk showed as code."""
+    from qarac_dist.base.layout import SweepLayout
+    from qarac_dist.submit.sweep_dir import last_error
+
+    layout = SweepLayout(tmp_path)
+    log = layout.submitit / "7_0_log.err"
+    log.parent.mkdir(parents=True)
+    log.write_text("[rank0]: Traceback (most recent call last):\n[rank0]:   File \"files.py\", line 75, in writing\n"
+                   "[rank0]:     raise DiskFull(f\"{path}: {os.strerror(errno.ENOSPC)} (the part written is removed)\n"
+                   "[rank0]: qarac_dist.base.files.DiskFull: /d/ckpt: No space left on device (the part written is "
+                   "removed)\nINFO: the job ends\n")
+    assert last_error(layout, "7") == (f"qarac_dist.base.files.DiskFull: /d/ckpt: No space left on device (the part "
+                                         f"written is removed) ({log})")
+
+
 def test_a_checkpoint_cut_short_is_named_when_it_is_passed_over(tmp_path):
     """A save killed mid-write (no COMPLETE marker) was skipped without a word."""
     import json
