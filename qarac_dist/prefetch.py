@@ -14,7 +14,7 @@ import sys
 from .base.secrets import redact_text
 from .config import UserError, config_to_dict, load_config, read_yaml
 from .config.environment import Environment
-from .config.sweep import load_sweep
+from .config.sweep import is_sweep, load_sweep
 from .plan import plan
 from .preflight.hub_cache import config_mistake, fetch, hub_variables, missing, needed, sweep_configs
 from .train.hub import load_error
@@ -49,8 +49,9 @@ def _fetch_missing(env: Environment, items: list) -> int:
         print(f"{item} {todo[item]}", file=sys.stderr, flush=True)
     failed: set = set()
     for i, item in enumerate(todo, 1):
-        if item in mistakes or item.name in failed or not missing([item], cache, env.exported()):
-            continue  # (a model's fetch brings its tokenizer)
+        fetched = item.kind != "dataset" and not missing([item], cache, env.exported())  # a model's brings its tokenizer
+        if item in mistakes or item.name in failed or fetched:  # (a data set is asked of a child Python: not again)
+            continue
         print(f"[{i}/{len(todo)}] {item} into {item.cache or cache}", flush=True)
         try:
             fetch(item, cache)
@@ -87,7 +88,7 @@ class _Redacting:
 def _configs(source: str, overrides: list[str]) -> tuple[Environment, list[dict]]:
     """The environment and the trial configs of a sweep file, or of one training config."""
     raw = read_yaml(source)
-    if "grid" in raw or "base" in raw:
+    if is_sweep(raw):
         spec, base = load_sweep(source, overrides)
         return spec.environment, sweep_configs(spec, plan(spec, base, source))
     return Environment(), [config_to_dict(load_config(source, overrides))]

@@ -187,6 +187,11 @@ class SweepSpec:
         return max(1, len(self.variants)) * points * samples
 
 
+def is_sweep(raw) -> bool:
+    """Whether a YAML file's contents are a sweep file (else a training config)."""
+    return isinstance(raw, dict) and ("grid" in raw or "base" in raw)
+
+
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepSpec, dict]:
     """Read and validate a sweep file; returns the spec and the base training config dict."""
     path = Path(path)

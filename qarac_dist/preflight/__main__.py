@@ -13,7 +13,7 @@ import sys
 
 from ..base.secrets import redact_text
 from ..config import ConfigError, UserError, config_from_dict, load_config, read_yaml
-from ..config.sweep import load_sweep
+from ..config.sweep import is_sweep, load_sweep
 from ..plan import plan
 from ..submit.executors import resolve_kind
 from ..submit.sweep_dir import layout_for
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = read_yaml(args.config)
         if args.find_batch_size:
             return find_batch_size(args.config, args.overrides)
-        if "grid" in raw or "base" in raw:
+        if is_sweep(raw):
             spec, base = load_sweep(args.config, args.overrides)
             trials = plan(spec, base, args.config)
             if spec.environment.hub_offline:  # load what the trials load, where they do
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def find_batch_size(source: str, overrides: list[str]) -> int:
     raw = read_yaml(source)
-    if not ("grid" in raw or "base" in raw):
+    if not is_sweep(raw):
         raise UserError("--find-batch-size: give a sweep file (it writes into the sweep's directory)")
     spec, base = load_sweep(source, overrides)
     trials = plan(spec, base, source)
