@@ -49,7 +49,7 @@ def _fetch_missing(env: Environment, items: list) -> int:
         print(f"{item} {todo[item]}", file=sys.stderr, flush=True)
     failed: set = set()
     for i, item in enumerate(todo, 1):
-        fetched = item.kind != "dataset" and not missing([item], cache, env.exported())  # a model's brings its tokenizer
+        fetched = item.kind != "dataset" and not missing([item], cache, env.exported())  # with its model
         if item in mistakes or item.name in failed or fetched:  # (a data set is asked of a child Python: not again)
             continue
         print(f"[{i}/{len(todo)}] {item} into {item.cache or cache}", flush=True)
