@@ -10,8 +10,13 @@ exactly the shape a trial writes), for N = 100, 300, 1,000, interleaved, median 
 
     python bench/scale.py [--sizes 100 300 1000] [--repeats 5]
 
-Writes bench/results/scale.json and prints a markdown table. The tracking import of issue 37
-is measured once it exists.
+4. the tracking import of all the trials' records (track/store_import.py: each trial's outbox,
+   in the shape the template trial wrote it, with 200 steps of points) into a store that holds
+   only the sweep's runs, as the driver made them at submit (in process; the points per second
+   count the whole import, events and the parent's verdict included). `status` is timed after
+   a first one, which imports the sweep (as a driver following it would have, live).
+
+Writes bench/results/scale.json and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -80,6 +85,21 @@ def metrics_lines(trial: Path) -> list[str]:
     return out
 
 
+def outbox_lines(trial: Path) -> str:
+    """The template's outbox with 200 steps of points in its shape: its events, the points a
+    training step and a validation log, and its end last (without a model to log: no best/)."""
+    from qarac_dist.track.outbox import OUTBOX
+
+    items = [json.loads(line) for line in (trial / OUTBOX).read_text().splitlines()]
+    events = [i for i in items if isinstance(i, dict) and "finish" not in i]
+    (finish,) = [i for i in items if isinstance(i, dict) and "finish" in i]
+    rows = [json.loads(line) for line in metrics_lines(trial)]
+    points = [[k, float(v) if isinstance(v, (int, float)) else 0.0, 1_700_000_000_000 + row["step"], row["step"]]
+              for row in rows for k, v in row.items() if k != "step"]
+    finish["finish"]["best_dir"] = None
+    return "".join(json.dumps(i) + "\n" for i in [*events, *points, finish])
+
+
 def synthesize(directory: Path, trials: int, sweep_template: Path, trial_template: Path) -> Path:
     """A sweep of `trials` completed trials, each with the template trial's files."""
     from qarac_dist.config.sweep import load_sweep
@@ -97,12 +117,14 @@ def synthesize(directory: Path, trials: int, sweep_template: Path, trial_templat
     (model,) = manifest.trials.values()
     manifest.name = name
     lines = "\n".join(metrics_lines(trial_template)) + "\n"
+    outbox = outbox_lines(trial_template)
     state = json.loads((trial_template / "state.json").read_text())
     manifest.trials = {}
     for trial in planned:
         out = Path(trial.config["output"]["dir"])
         shutil.copytree(trial_template, out, ignore=shutil.ignore_patterns("checkpoints", "best", "last"))
         (out / "metrics.jsonl").write_text(lines)
+        (out / "mlflow_outbox.jsonl").write_text(outbox)
         (out / "state.json").write_text(json.dumps({**state, "step": STEPS}))
         record = TrialRecord(trial.id, trial.label, trial.overrides, trial.config, str(out), "local",
                              state="COMPLETED", attempt=1, job_id=model.job_id, job_ids=list(model.job_ids),
@@ -110,6 +132,43 @@ def synthesize(directory: Path, trials: int, sweep_template: Path, trial_templat
         manifest.trials[trial.id] = record
     manifest.save(sweep)
     return path
+
+
+def runs_store(path: Path) -> Path:
+    """A store holding the sweep's parent and a child run per trial, made as the driver makes
+    them at submit (their ids into the manifest); copied afresh for each import measured."""
+    from qarac_dist.submit import tracking
+    from qarac_dist.submit.sweep_dir import Manifest
+
+    sweep = path.parent / "runs" / path.stem
+    manifest = Manifest.load(sweep)
+    manifest.mlflow_parent_run_id = None
+    for r in manifest.trials.values():
+        r.mlflow_run_id = None
+    tracking.ensure_runs(manifest, list(manifest.trials.values()), ["training.seed"])
+    manifest.save(sweep)
+    pristine = path.parent / f"{path.stem}.runs.db"
+    shutil.copy(manifest.tracking_uri[len("sqlite:///"):], pristine)
+    return pristine
+
+
+def time_import(path: Path, store: Path) -> tuple[float, int]:
+    """Import every trial's outbox into a copy of the runs' store; the time and the points."""
+    from qarac_dist.submit.sweep_dir import Manifest
+    from qarac_dist.track.store_import import Entry, import_outboxes
+
+    sweep = path.parent / "runs" / path.stem
+    manifest = Manifest.load(sweep)
+    fresh = store.with_name(f"{path.stem}.import.db")
+    shutil.copy(store, fresh)
+    state = path.parent / f"{path.stem}.imported.json"  # not status's, which goes on where it was
+    state.unlink(missing_ok=True)
+    entries = [Entry(r.id, Path(r.output_dir), r.mlflow_run_id) for r in manifest.trials.values()]
+    started = time.perf_counter()
+    done = import_outboxes(f"sqlite:///{fresh}", state, entries)
+    elapsed = time.perf_counter() - started
+    assert done.trials == len(entries), done
+    return elapsed, done.points
 
 
 def time_status(sweep: Path) -> float:
@@ -172,20 +231,30 @@ def main() -> None:
         directory = Path(tmp)
         sweep_template, trial_template = template(directory)
         files = {n: synthesize(directory, n, sweep_template, trial_template) for n in args.sizes}
-        times: dict = {(what, n): [] for what in ("status", "replan", "claim") for n in args.sizes}
+        stores = {n: runs_store(path) for n, path in files.items()}
+        for path in files.values():  # the first status imports the whole sweep (the driver would have, live)
+            time_status(path.parent / "runs" / path.stem)
+        times: dict = {(what, n): [] for what in ("status", "replan", "claim", "import") for n in args.sizes}
+        points = {}
         for _ in range(args.repeats):
             for n, path in files.items():
                 times["status", n].append(time_status(path.parent / "runs" / path.stem))
                 times["replan", n].append(time_replan(path))
                 times["claim", n].append(time_claim(path, n))
+                elapsed, points[n] = time_import(path, stores[n])
+                times["import", n].append(elapsed)
     result = {f"{what}_{n}_s": statistics.median(v) for (what, n), v in times.items()}
+    result.update({f"import_{n}_points": p for n, p in points.items()})
+    result.update({f"import_{n}_points_per_s": p / result[f"import_{n}_s"] for n, p in points.items()})
     out = ROOT / "bench" / "results" / "scale.json"
     out.write_text(json.dumps({"sizes": args.sizes, "repeats": args.repeats, "steps": STEPS, **result}, indent=2) + "\n")
-    print("| trials | status (s) | re-run planning (s) | one more claim + manifest save (ms) |")
-    print("|---:|---:|---:|---:|")
+    print("| trials | status (s) | re-run planning (s) | one more claim + manifest save (ms) | import (s) | "
+          "points | points/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.sizes:
         print(f"| {n} | {result[f'status_{n}_s']:.2f} | {result[f'replan_{n}_s']:.2f} | "
-              f"{result[f'claim_{n}_s'] * 1e3:.1f} |")
+              f"{result[f'claim_{n}_s'] * 1e3:.1f} | {result[f'import_{n}_s']:.2f} | {points[n]:,} | "
+              f"{result[f'import_{n}_points_per_s']:,.0f} |")
 
 
 if __name__ == "__main__":

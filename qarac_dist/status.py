@@ -6,7 +6,8 @@ otherwise. Imports no torch.
     --sync     send to MLflow what trials could not send (metrics, end of run), and close the
                sweep's parent run once every trial has ended; it (and --repair) also tells a
                search the result of a trial whose runner was killed before it did
-Without --sync or --repair it writes nothing.
+Without --sync or --repair it writes nothing in the sweep, except that a sweep whose MLflow
+store is a sqlite file has what its trials recorded imported into it (track/store_import.py).
     --repair   rebuild a damaged or missing manifest from sweep.json, the trials' own files
                and MLflow; the damaged file is kept beside it
 """
@@ -39,11 +40,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def status(directory: Path, sync: bool = False, repair: bool = False) -> int:
-    """Show the sweep. Plain `status` writes nothing (it reads the manifest and the trials'
-    files, asks the scheduler, and prints), so it is safe beside a running driver and on a full
-    disk; --repair and --sync write, under the sweep's lock (--sync also closes the sweep's
+    """Show the sweep. Plain `status` reads the manifest and the trials' files, asks the
+    scheduler, imports the trials' records into a sqlite store (one writer at a time; skipped
+    while another process imports), and prints, so it is safe beside a running driver and on a
+    full disk; --repair and --sync write, under the sweep's lock (--sync also closes the sweep's
     MLflow parent run once every trial has ended, when no driver followed it to the end)."""
-    from .submit import submission
+    from .submit import submission, tracking
     from .submit.report import print_summary
 
     layout = SweepLayout(directory)
@@ -56,6 +58,7 @@ def status(directory: Path, sync: bool = False, repair: bool = False) -> int:
     else:
         manifest = Manifest.load(directory)
         submission.refresh(manifest, submission.attach(manifest.executor, layout), layout)
+        tracking.import_records(manifest, layout)
     print_summary(manifest, layout)
     return 1 if any(r.state in FAILED for r in manifest.trials.values()) else 0
 

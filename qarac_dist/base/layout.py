@@ -4,8 +4,8 @@ Pure: it names paths, it reads and writes nothing.
     path                   written by                               read by
     .lock                  the driver working on the sweep          the next driver (who holds it)
                            (submit/submission.py, base/lock.py)
-    .parent.lock           a trial's rank 0 while it updates the    -
-                           sweep's MLflow parent run (track/sweep_runs.py)
+    .parent.lock           whoever updates the sweep's MLflow       -
+                           parent run (track/sweep_runs.py)
     sweep.json             the driver: resolved spec, base config,  status --repair (submit/repair.py)
                            trial ids and labels
     manifest.json          the driver: one record per trial         status, cancel, re-runs
@@ -22,6 +22,9 @@ Pure: it names paths, it reads and writes nothing.
     .lock_probe,           the driver, checking once that its locks the next driver (asks no more
     lock_check.json        are seen on a compute node               once seen)
                            (submit/lock_check.py)
+    mlflow_imported.json   the importer of a sqlite store: how far  the next import (an aid: the
+                           it read each trial's outbox              store's own steps decide)
+                           (track/store_import.py)
     search.jsonl           a packed job's runner: a line per ask    the next ask, the runner, the
                            and per result (track/search_record.py)  driver, status, the parent run
     search_history.png     the parent run update (the last trial    the user, MLflow (parent run)
@@ -90,6 +93,10 @@ class SweepLayout:
     @property
     def lock_check(self) -> Path:
         return self.root / "lock_check.json"
+
+    @property
+    def imported(self) -> Path:
+        return self.root / "mlflow_imported.json"
 
     @property
     def search(self) -> Path:

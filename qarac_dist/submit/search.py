@@ -17,6 +17,7 @@ from ..config.sweep import GP_TRIALS, Search
 from ..plan.resolve import Resolver
 from ..plan.search import Told, check_history, choose, in_space, restored
 from ..track import search_record
+from ..track.outbox import is_local_store
 from ..track.trial_dir import TrialDir, TrialState
 
 
@@ -108,6 +109,8 @@ def warm_start(search: Search, metric: str, mode: str) -> tuple[list[Told], str]
 def _child_run(context: dict, trial: str, slot: int, config: dict, params: dict) -> Optional[str]:
     if context.get("tracking_uri") is None or context.get("parent_run_id") is None:
         return None
+    if is_local_store(context["tracking_uri"]):  # made by the driver: a job never opens a sqlite store
+        return context.get("run_id")
     from ..track import sweep_runs
 
     resolved, _ = Resolver(config, set(params)).resolve(params)

@@ -236,7 +236,7 @@ class Submission:
         self.layout.root.mkdir(parents=True, exist_ok=True)
         write_sweep_file(self.layout.root, to_dict(self.spec), self.base, str(self.source), self.trials)
         manifest.save(self.layout.root)
-        tracking.ensure_runs(manifest, [r for r in todo if r.slot is None], varied_keys(self.spec))
+        tracking.ensure_runs(manifest, todo, varied_keys(self.spec))
         manifest.save(self.layout.root)
         tracking.mark_retired(manifest, self.retiring, self.layout)
         if self.preflight_text is not None:
@@ -267,7 +267,7 @@ class Submission:
             print(f"follow:    {again} --wait\n"
                   f"status:    python -m qarac_dist.status {shlex.quote(str(self.layout.root))}\n"
                   f"cancel:    {again} --cancel\n"
-                  f"results:   {tracking.ui_command(manifest.tracking_uri)}")
+                  f"results:   {tracking.ui_command(manifest.tracking_uri, self.layout)}")
 
 
 class _Stopped(Exception):
@@ -375,6 +375,7 @@ def follow(manifest: Manifest, layout: SweepLayout, executor: Executor, queued: 
             if not refreshed():  # the scheduler did not answer: nothing is decided on it
                 time.sleep(poll_s)
                 continue
+            tracking.import_records(manifest, layout)
             if queue:
                 running = sum(r.active for r in manifest.trials.values())
                 start = queue[: max(0, max_parallel - running)]

@@ -4,10 +4,15 @@ jobs), the preflight report on the parent, and the parent's verdict once every t
 
 from __future__ import annotations
 
+import shlex
 import sys
+from pathlib import Path
 
 from ..base.layout import SweepLayout
+from ..base.lock import LockHeld
 from ..base.secrets import redact_text
+from ..track.outbox import is_local_store
+from ..track.store_import import one_writer
 from .sweep_dir import DONE, Manifest, TrialRecord
 
 
@@ -15,6 +20,11 @@ def ensure_runs(manifest: Manifest, records: list[TrialRecord], varied: list[str
     """Create the sweep's parent run and each trial's child run, once: their ids are kept in
     the manifest, so requeued and re-run jobs log to the same runs. A parent that ended is
     running again while trials are submitted anew."""
+    with one_writer(manifest.tracking_uri):
+        _ensure_runs(manifest, records, varied)
+
+
+def _ensure_runs(manifest: Manifest, records: list[TrialRecord], varied: list[str]) -> None:
     from ..track import sweep_runs
 
     uri, exp = manifest.tracking_uri, manifest.experiment
@@ -26,18 +36,38 @@ def ensure_runs(manifest: Manifest, records: list[TrialRecord], varied: list[str
     elif records:
         sweep_runs.reopen(uri, manifest.mlflow_parent_run_id)
     for r in records:
-        if r.mlflow_run_id is None:
+        # A search trial's run is made when a job asks its values; in a sqlite store, which no job
+        # opens, it is made here, and the trial's job records the values asked.
+        if r.mlflow_run_id is None and (r.slot is None or is_local_store(uri)):
             r.mlflow_run_id = sweep_runs.create_child(
                 uri, exp, manifest.mlflow_parent_run_id, f"{r.id} {r.label}",
                 {"sweep": manifest.sweep, "trial_id": r.id, "executor": r.executor, "varied": ", ".join(varied),
-                 "label": r.label}, sweep_runs.trial_params(r.config))
+                 "label": r.label}, sweep_runs.trial_params(r.config) if r.slot is None else {})
+
+
+def import_records(manifest: Manifest, layout: SweepLayout, wait: bool = False) -> None:
+    """Copy what the trials recorded in their directories into a sqlite store (the one writer:
+    track/store_import.py); with `wait` False, nothing when another process is at it."""
+    if not is_local_store(manifest.tracking_uri):
+        return
+    from ..track.store_import import Entry, import_outboxes
+
+    entries = [Entry(r.id, Path(r.output_dir), r.mlflow_run_id) for r in manifest.trials.values()]
+    try:
+        import_outboxes(manifest.tracking_uri, layout.imported, entries, wait)
+    except LockHeld:
+        return
+    except Exception as err:  # noqa: BLE001 - the trials keep their records; the next import goes on
+        print(f"qarac_dist: could not import the trials' records into MLflow: {type(err).__name__}: "
+              f"{redact_text(str(err))[:300]}", file=sys.stderr)
 
 
 def log_preflight(manifest: Manifest, text: str) -> None:
     from ..track.sweep_runs import log_text
 
     try:
-        log_text(manifest.tracking_uri, manifest.mlflow_parent_run_id, text, "preflight.txt")
+        with one_writer(manifest.tracking_uri):
+            log_text(manifest.tracking_uri, manifest.mlflow_parent_run_id, text, "preflight.txt")
     except Exception as err:  # noqa: BLE001 - the report was printed; MLflow may lag
         print(f"qarac_dist: could not log the preflight report to MLflow: {type(err).__name__}", file=sys.stderr)
 
@@ -47,12 +77,14 @@ def close_parent(manifest: Manifest, layout: SweepLayout) -> None:
     end it, FINISHED when all of them completed (or were pruned)."""
     if manifest.mlflow_parent_run_id is None or not manifest.all_ended():
         return
+    import_records(manifest, layout, wait=True)  # the trials' ends, before the verdict
     from ..track import sweep_runs
 
     try:
-        sweep_runs.close_parent(manifest.tracking_uri, manifest.mlflow_parent_run_id, manifest.select_metric,
-                                manifest.select_mode,
-                                all(r.state in DONE for r in manifest.trials.values() if not r.retired), layout)
+        with one_writer(manifest.tracking_uri):
+            sweep_runs.close_parent(manifest.tracking_uri, manifest.mlflow_parent_run_id, manifest.select_metric,
+                                    manifest.select_mode,
+                                    all(r.state in DONE for r in manifest.trials.values() if not r.retired), layout)
     except Exception as err:  # noqa: BLE001 - the sweep's own outcome stands; say why MLflow lags
         print(f"qarac_dist: could not update the sweep's MLflow run: {type(err).__name__}: {redact_text(str(err))}",
               file=sys.stderr)
@@ -68,11 +100,12 @@ def mark_retired(manifest: Manifest, changed: list[TrialRecord], layout: SweepLa
     from ..track.mlflow_client import client
 
     try:
-        c = client(manifest.tracking_uri)
-        for r in runs:
-            c.set_tag(r.mlflow_run_id, sweep_runs.RETIRED, str(r.retired).lower())
-        sweep_runs.update_parent(c, manifest.mlflow_parent_run_id, manifest.select_metric, manifest.select_mode,
-                                 layout)
+        with one_writer(manifest.tracking_uri):
+            c = client(manifest.tracking_uri)
+            for r in runs:
+                c.set_tag(r.mlflow_run_id, sweep_runs.RETIRED, str(r.retired).lower())
+            sweep_runs.update_parent(c, manifest.mlflow_parent_run_id, manifest.select_metric, manifest.select_mode,
+                                     layout)
     except Exception as err:  # noqa: BLE001 - the manifest says it; say why MLflow lags
         print(f"qarac_dist: could not mark the runs of trials no longer in the sweep file: {type(err).__name__}: "
               f"{redact_text(str(err))}", file=sys.stderr)
@@ -84,16 +117,17 @@ def end_runs(manifest: Manifest, records: list[TrialRecord], status: str) -> Non
     from ..track.mlflow_client import client
 
     try:
-        c = client(manifest.tracking_uri)
-        for r in records:
-            if r.mlflow_run_id is not None:
-                c.set_terminated(r.mlflow_run_id, status=status)
+        with one_writer(manifest.tracking_uri):
+            c = client(manifest.tracking_uri)
+            for r in records:
+                if r.mlflow_run_id is not None:
+                    c.set_terminated(r.mlflow_run_id, status=status)
     except Exception as err:  # noqa: BLE001 - the trials' state stands; say why MLflow lags
         print(f"qarac_dist: could not end the trials' MLflow runs: {type(err).__name__}: {redact_text(str(err))}",
               file=sys.stderr)
 
 
-def ui_command(uri: str) -> str:
-    if uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {uri}  (then open the experiment's Runs)"
+def ui_command(uri: str, layout: SweepLayout) -> str:
+    if is_local_store(uri):
+        return f"python -m qarac_dist.ui {shlex.quote(str(layout.root))}  (imports the trials' records while open)"
     return f"open {redact_text(uri)} (the experiment's Runs)"

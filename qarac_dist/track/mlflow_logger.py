@@ -31,6 +31,8 @@ class MlflowLogger:
     """Rank 0's metric sender: `log` appends to a buffer; a thread sends batches."""
 
     BATCH = 1000
+    replays_record = True
+    """A resumed job sends metrics.jsonl again first: what an interrupted job had not sent."""
 
     def __init__(self, uri: str, run_id: str, directory: Path, max_buffer: int = 50_000, interval_s: float = 5.0):
         self.uri, self.run_id, self.directory = uri, run_id, directory

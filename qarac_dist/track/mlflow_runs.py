@@ -18,6 +18,7 @@ from typing import Optional
 from ..base.files import read_json, write_json
 from .mlflow_client import absolute_uri, client, create_run, experiment_id, git_commit, shown
 from .mlflow_logger import MlflowLogger, replay_unsent
+from .outbox import OutboxRun, is_local_store, pending_finish
 from ..base.layout import SweepLayout
 from ..base.secrets import redact, redact_text, screen
 from .job_context import JobContext
@@ -25,6 +26,14 @@ from .sweep_runs import update_parent
 from .trial_dir import BEST_INFO, TrialDir
 
 PENDING_FINISH = "mlflow_pending_finish.json"
+
+
+def open_run(tracking, context: JobContext, name: str, params: dict, directory: Path, run_tags: dict):
+    """A sweep trial whose store is a sqlite file keeps its record in its own directory, for the
+    one importer (track/outbox.py); otherwise rank 0 writes the run itself."""
+    if context.sweep_dir and context.run_id and is_local_store(context.tracking_uri):
+        return OutboxRun(tracking, context, params, directory, run_tags, git_commit())
+    return TrialRun(tracking, context, name, params, directory, run_tags)
 
 
 class TrialRun:
@@ -75,12 +84,7 @@ class TrialRun:
     def finish(self, status: str, best_dir: Optional[Path] = None, error: Optional[str] = None, module=None) -> None:
         """End the run: the best model (as an MLflow model: `module` for one that is not a
         transformers model), the best metrics, the status, the parent's verdict."""
-        pending = {"uri": self.uri, "run_id": self.run_id, "status": status,
-                   "error": redact_text(error) if error else None,
-                   "best_dir": str(best_dir) if best_dir else None,
-                   "parent_run_id": self.context.parent_run_id, "select_metric": self.context.select_metric,
-                   "select_mode": self.context.select_mode, "register_model": self.tracking.register_model,
-                   "sweep_dir": self.context.sweep_dir, "log_model": self.tracking.log_model}
+        pending = pending_finish(self.tracking, self.context, self.uri, self.run_id, status, best_dir, error)
         try:
             complete_run(self.client, pending, module)
         except Exception as err:  # noqa: BLE001
@@ -89,26 +93,52 @@ class TrialRun:
                   f"{redact_text(str(err))}); replay with python -m qarac_dist.status --sync", file=sys.stderr)
 
 
-def complete_run(mlflow_client, pending: dict, module=None) -> None:
-    """End a trial's run: best model and its metrics, status, the parent's best trial."""
+def complete_run(mlflow_client, pending: dict, module=None, parent: bool = True) -> None:
+    """End a trial's run: best model and its metrics, status, and (`parent`) the parent's best
+    trial, which an importer of many ends updates once after them (update_parents)."""
     run_id = pending["run_id"]
     best_dir = Path(pending["best_dir"]) if pending.get("best_dir") else None
     info = read_json(best_dir / BEST_INFO) if best_dir is not None else None
     if info is not None:
         from mlflow.entities import Metric, RunTag
 
-        now = int(time.time() * 1000)
-        mlflow_client.log_batch(run_id, metrics=[Metric(f"best_val_{k}", float(v), now, info["step"])
-                                                 for k, v in info["metrics"].items()],
-                                tags=[RunTag("best_step", str(info["step"])), RunTag("best_metric", info["metric"])])
-        _log_model(mlflow_client, pending, best_dir, module)
+        # Done once per best step: an end replayed (an importer killed mid-way, --sync) adds nothing.
+        now, run = int(time.time() * 1000), mlflow_client.get_run(run_id)
+        first = next(iter(info["metrics"]), None)
+        if first is None or info["step"] not in {m.step for m in mlflow_client.get_metric_history(
+                run_id, f"best_val_{first}")}:
+            mlflow_client.log_batch(run_id, metrics=[Metric(f"best_val_{k}", float(v), now, info["step"])
+                                                     for k, v in info["metrics"].items()],
+                                    tags=[RunTag("best_step", str(info["step"])), RunTag("best_metric", info["metric"])])
+        if run.data.tags.get("best_model_step") != str(info["step"]):
+            _log_model(mlflow_client, pending, best_dir, _module(pending, module))
+            mlflow_client.set_tag(run_id, "best_model_step", str(info["step"]))
     if pending.get("error"):
         mlflow_client.set_tag(run_id, "error", pending["error"][:5000])
     mlflow_client.set_terminated(run_id, status=pending["status"])
-    if pending.get("parent_run_id"):
-        metric = pending.get("select_metric") or (info or {}).get("metric") or "loss"
-        sweep = SweepLayout(Path(pending["sweep_dir"])) if pending.get("sweep_dir") else None
-        update_parent(mlflow_client, pending["parent_run_id"], metric, pending.get("select_mode") or "max", sweep)
+    if parent:
+        update_parents(mlflow_client, [pending])
+
+
+def update_parents(mlflow_client, ends: list[dict]) -> None:
+    """The best trial of each sweep parent that these ends of runs name, chosen again once each."""
+    seen = set()
+    for pending in ends:
+        if pending.get("parent_run_id") and pending["parent_run_id"] not in seen:
+            seen.add(pending["parent_run_id"])
+            info = read_json(Path(pending["best_dir"]) / BEST_INFO) if pending.get("best_dir") else None
+            metric = pending.get("select_metric") or (info or {}).get("metric") or "loss"
+            sweep = SweepLayout(Path(pending["sweep_dir"])) if pending.get("sweep_dir") else None
+            update_parent(mlflow_client, pending["parent_run_id"], metric, pending.get("select_mode") or "max", sweep)
+
+
+def _module(pending: dict, module):
+    """The best model's module: the job's own, or the one it pickled for the importer (outbox.MODULE)."""
+    if module is not None or not pending.get("module") or not Path(pending["module"]).exists():
+        return module
+    import torch
+
+    return torch.load(pending["module"], weights_only=False)
 
 
 def _log_model(mlflow_client, pending: dict, best_dir: Path, module) -> None:

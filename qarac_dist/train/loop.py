@@ -116,7 +116,7 @@ class Trainer:
                 logger = self.trial_run.logger()
                 # metrics.jsonl is the durable record: what an interrupted job had not yet sent
                 # goes now (the logger drops the steps MLflow already holds).
-                for row in self.dir.metrics():
+                for row in self.dir.metrics() if logger.replays_record else []:
                     logger.log(row.pop("step"), row)
                 trackers.append(logger)
                 self.trial_run.log_dict(self.ds_config, "deepspeed_config.json")

@@ -22,7 +22,7 @@ from ..base.secrets import redact_text
 from ..config import TrainConfig, UserError, config_to_dict
 from ..config.rules import batch_on_ranks
 from ..track.job_context import JobContext
-from ..track.mlflow_runs import TrialRun
+from ..track.mlflow_runs import open_run
 from ..track.sweep_runs import trial_params
 from ..track.trial_dir import TrialDir, TrialState, TrialStatus, WriterHeld
 from .build_locks import wait_for_builds
@@ -71,7 +71,7 @@ def run(cfg: TrainConfig, context: JobContext = JobContext(), max_requeues: Opti
                                  job_id=context.step or slurm_job_id(),
                                  nodes=os.environ.get("SLURM_JOB_NODELIST"))
             if (context.tracking_uri or cfg.tracking.uri) is not None:
-                trial_run = TrialRun(cfg.tracking, context, cfg.name, trial_params(config_to_dict(cfg)), trial.path,
+                trial_run = open_run(cfg.tracking, context, cfg.name, trial_params(config_to_dict(cfg)), trial.path,
                                      run_tags={"slurm_job_id": status.job_id, "restarts": status.starts - 1,
                                                "attempt": context.attempt, "nodes": status.nodes or status.host,
                                                "world_size": ranks.world_size})

@@ -12,6 +12,7 @@ from pathlib import Path
 from qarac_dist.submit.sweep_dir import Manifest
 from qarac_dist.track import mlflow_logger
 from qarac_dist.track.mlflow_client import client, create_run, experiment_id
+from qarac_dist.track.outbox import OUTBOX
 from qarac_dist.track.trial_dir import TrialDir
 from support import run_sweep, tiny_config, wait_for, write_config
 
@@ -58,8 +59,9 @@ def _runs(c, experiment):
 def test_two_trial_sweep_makes_one_parent_and_two_complete_children(tmp_path, data_cache):
     """One parent, two children with params, tags and metric histories; each child's best model
     is an MLflow model that MLflow's own API loads and runs on a sentence; the parent's best
-    metric has one point per change of the best. On the default store, sqlite, which the
-    driver and both trials write at once; sweeps against a server: the tests below and test_ui."""
+    metric has one point per change of the best. On the default store, sqlite, which only the
+    driver writes (importing what the trials kept in their directories); sweeps against a
+    server: the tests below and test_ui."""
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'store.db'}"
@@ -144,6 +146,11 @@ def test_two_rank_trial_makes_one_run_with_one_point_per_step(tmp_path, data_cac
     assert len(parents) == 1 and len(children) == 1
     assert children[0].data.tags["world_size"] == "2"
     assert [m.step for m in c.get_metric_history(children[0].info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    # A server is written by the trial itself: nothing is kept for an importer, none is asked.
+    (record,) = Manifest.load(tmp_path / "runs" / "two_ranks").trials.values()
+    trial = tmp_path / record.output_dir  # the sweep ran in tmp_path
+    assert (trial / "metrics.jsonl").exists() and not (trial / OUTBOX).exists()
+    assert not (tmp_path / "runs" / "two_ranks" / "mlflow_imported.json").exists()
 
 
 def _wait_for_step(out_dir, step, timeout=300):

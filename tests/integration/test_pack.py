@@ -5,7 +5,9 @@ refilled as they end; preemption, a hard kill, and the local executor's runner."
 from __future__ import annotations
 
 import json
+import os
 import re
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -55,35 +57,89 @@ def _steps_logged(trial_dir) -> list[int]:
     return [row["step"] for row in read_metrics(trial_dir.metrics_file) if "loss" in row]
 
 
-def test_three_trials_run_two_at_a_time_as_steps_of_one_job_each_on_its_own_gpu(cluster, tmp_path, data_cache):
-    path = _sweep(tmp_path, "packed", data_cache, seeds=[0, 1, 2])
-    proc = run_sweep(path, "--no-preflight", "--wait")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "submitted: SLURM job" in proc.stdout and "an array" not in proc.stdout  # one job
+def _exited(proc: subprocess.Popen, within_s: float) -> bool:
+    try:
+        proc.wait(timeout=within_s)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def _holding(path: Path, besides: set[int]) -> dict[int, str]:
+    """Processes other than `besides` with `path` (or its journal) open: pid -> command line."""
+    found = {}
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        pid = int(fd_dir.parent.name)
+        if pid in besides:
+            continue
+        try:
+            links = [os.readlink(fd) for fd in fd_dir.iterdir()]
+            if any(link.startswith(str(path)) for link in links):
+                found[pid] = (fd_dir.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def test_eight_trials_packed_two_per_job_on_both_nodes_reach_the_sqlite_store_once_and_never_open_it(
+        cluster, tmp_path, data_cache):
+    """Issue 37's cluster check: two jobs, one per node, each running two trials at once as steps
+    bound to their own GPUs, refilled as they end; every trial logs each of 60 steps. Observed
+    from outside while they run, no process but the driver (the one importer) holds the sqlite
+    store open, and every point lands in it exactly once."""
+    path = _sweep(tmp_path, "packed", data_cache, seeds=list(range(8)), max_steps=60, max_parallel=4)
+    db = tmp_path / "mlflow.db"
+    out, err = (open(tmp_path / name, "w") for name in ("driver.out", "driver.err"))
+    sweep = subprocess.Popen(["python", "-m", "qarac_dist.sweep", str(path), "--no-preflight", "--wait"],
+                             stdout=out, stderr=err, text=True)
+    holders, trials_seen = {}, set()
+    while not _exited(sweep, 0.5):  # sampled while the jobs run
+        holders.update(_holding(db, {os.getpid(), sweep.pid}))
+        manifest = _manifest(tmp_path, "packed")
+        for r in (manifest.trials.values() if manifest else []):
+            status = r.trial_dir.status_of(r.attempt)
+            if status is not None and status.state == "RUNNING" and Path(f"/proc/{status.pid}").exists():
+                trials_seen.add(r.id)
+    out.close(), err.close()
+    stdout, stderr = ((tmp_path / name).read_text() for name in ("driver.out", "driver.err"))
+    assert sweep.returncode == 0, stdout + stderr
+    assert not holders, holders
+    assert len(trials_seen) >= 4, "too few trials observed running: the check above saw nothing"
+    assert "an array of 2 job(s) of 2 trial(s) at once" in stdout
     manifest = _manifest(tmp_path, "packed")
-    (job,) = {j for r in manifest.trials.values() for j in r.job_ids}
-    assert all(r.state == "COMPLETED" and r.attempt == 1 and r.pack_jobs == [job] for r in manifest.trials.values())
-    # Each trial ran once, as one step of that job; never more than two at once, and two at once
-    # for a while. (The runner records a step's end within a second of the trial's verdict,
-    # which the driver may have seen first: read the claims once the job has exited.)
-    wait_for(lambda: _gone(job), what=f"job {job} to exit")
+    jobs = {j for r in manifest.trials.values() for j in r.job_ids}
+    assert len(jobs) == 2 and all(r.state == "COMPLETED" and r.attempt == 1 for r in manifest.trials.values())
+    wait_for(lambda: all(_gone(job) for job in jobs), what=f"jobs {jobs} to exit")
     found = claims.read(SweepLayout(tmp_path / "runs" / "packed"))
-    assert {tid: (c.job, c.outcome) for tid, c in found.items()} == {tid: (job, "COMPLETED") for tid in manifest.trials}
+    assert {tid: c.outcome for tid, c in found.items()} == {tid: "COMPLETED" for tid in manifest.trials}
     steps = {tid: r.step for tid, r in manifest.trials.items()}
-    assert len(set(steps.values())) == 3 and all(s.startswith(f"{job}.") for s in steps.values()), steps
-    starts = sorted((c.started, tid) for tid, c in found.items())
-    overlap = {tid: [o for o, c in found.items() if o != tid and c.started < found[tid].ended and
-                     found[tid].started < c.ended] for tid in found}
-    at_once = [sum(c.started <= found[tid].started < c.ended for c in found.values()) for tid in found]
-    assert max(at_once) == 2, starts  # two at once for a while, never three
-    # SLURM bound a GPU to each step: trials that ran at the same time saw different devices.
-    runs = {tid: client(manifest.tracking_uri).get_run(r.mlflow_run_id).data.tags for tid, r in manifest.trials.items()}
-    assert {tid: tags["slurm_step"] for tid, tags in runs.items()} == steps
-    gpus = {tid: tags["cuda_visible_devices"] for tid, tags in runs.items()}
-    assert set(gpus.values()) <= {"0", "1", "2", "3"} and all(gpus.values()), gpus
-    for tid, others in overlap.items():
-        simultaneous = [o for o in others if found[o].started < found[tid].started]
-        assert all(gpus[o] != gpus[tid] for o in simultaneous), (gpus, overlap)
+    assert len(set(steps.values())) == 8, steps
+    for job in jobs:  # within a job: never more than two at once, and two at once for a while
+        mine = {tid: c for tid, c in found.items() if c.job == job}
+        at_once = [sum(c.started <= m.started < c.ended for c in mine.values()) for m in mine.values()]
+        assert max(at_once) == 2, mine
+    c = client(manifest.tracking_uri)
+    runs = {tid: c.get_run(r.mlflow_run_id) for tid, r in manifest.trials.items()}
+    assert {run.data.tags["nodes"] for run in runs.values()} == {"node1", "node2"}
+    # SLURM bound a GPU to each step: trials that ran at the same time in a job saw different devices.
+    assert {tid: run.data.tags["slurm_step"] for tid, run in runs.items()} == steps
+    gpus = {tid: run.data.tags["cuda_visible_devices"] for tid, run in runs.items()}
+    for tid, mine in found.items():
+        simultaneous = [o for o, other in found.items() if o != tid and other.job == mine.job and
+                        other.started < mine.started < other.ended]
+        assert all(gpus[o] != gpus[tid] for o in simultaneous), (gpus, found)
+    # Every point of every trial, once.
+    for tid, run in runs.items():
+        assert run.info.status == "FINISHED"
+        for key in ("loss", "lr", "grad_norm"):
+            assert sorted(m.step for m in c.get_metric_history(run.info.run_id, key)) == list(range(1, 61)), key
+        assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "val_accuracy")) == [60]
+    rows = sqlite3.connect(db).execute("SELECT COUNT(*), COUNT(DISTINCT run_uuid || key || step) FROM metrics")
+    total, distinct = rows.fetchone()
+    assert total == distinct
+    logs = [p for p in (tmp_path / "runs").rglob("*") if p.is_file() and p.suffix in (".out", ".err", ".log")]
+    assert logs and not any("database is locked" in p.read_text(errors="replace") for p in logs)
+    assert "database is locked" not in stdout + stderr
     # Status shows the step that ran each trial.
     status = subprocess.run(["python", "-m", "qarac_dist.status", str(tmp_path / "runs" / "packed")],
                             capture_output=True, text=True)

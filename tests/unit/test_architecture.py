@@ -26,12 +26,13 @@ ALLOWED = {
     "preflight": {"train", "submit", "plan", "track", "config", "base"},
     "sweep": {"preflight", "submit", "train", "plan", "track", "config", "base"},
     "status": {"submit", "track", "config", "base"},
+    "ui": {"submit", "track", "config", "base"},
     "prefetch": {"preflight", "train", "plan", "config", "base"},
 }
 # The one import against the graph, and only inside a function: a job runs the training side.
 IN_A_JOB = {("qarac_dist.submit.executors", "train"), ("qarac_dist.submit.step", "train")}
 # What these import at module level, followed through qarac_dist's own modules, holds none of HEAVY.
-LIGHT = ("base", "config", "plan", "submit", "sweep", "status", "prefetch")
+LIGHT = ("base", "config", "plan", "submit", "sweep", "status", "prefetch", "ui")
 HEAVY = {"torch", "deepspeed", "transformers", "mlflow", "datasets"}
 MAX_LINES = 400
 LIMITS = {"qarac_dist.sweep": 150, "qarac_dist.train.loop": 300}

@@ -11,7 +11,7 @@ import os
 import pytest
 import yaml
 
-from qarac_dist import status, sweep
+from qarac_dist import status, sweep, ui
 from support import tiny_config
 
 
@@ -374,7 +374,16 @@ def test_a_damaged_manifest_is_an_error_and_is_never_replaced(tmp_path, monkeypa
     assert "--repair" in err
     assert status.main([str(directory)]) == 2
     assert expected in capsys.readouterr().err
+    assert ui.main([str(directory)]) == 2  # the UI command starts nothing on it
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
     assert (directory / "manifest.json").read_bytes() == content  # kept as it was
+
+
+def test_the_ui_command_on_what_is_no_sweep_is_one_line_exit_2(tmp_path, capsys):
+    assert ui.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"{tmp_path}: no manifest.json here; expected a sweep directory such as runs/<sweep>"
 
 
 def test_a_missing_manifest_beside_a_sweep_file_is_not_a_fresh_start(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,321 @@
+"""The one writer of a sweep's sqlite store: it copies what the trials kept in their outboxes
+(track/outbox.py) into the store, each metric point once, however often it is run or killed.
+
+Who runs it: the driver while it follows a sweep, `status`, and `python -m qarac_dist.ui`,
+which keeps importing while the MLflow UI is open. One process at a time: a lock on
+`<store>.writer` beside the sqlite file (base/lock.py: fcntl locks, honoured across the nodes
+of NFS and of Lustre with `flock`). SQLite's own lock is then only ever asked for on one host:
+the importer's, and the UI server's reads.
+
+What makes a point land once: the store itself. For each run and metric, MLflow keeps the
+latest step in `latest_metrics`; the importer inserts only points of a later step, in the same
+transaction that moves that step on. A transaction is whole or absent after a kill, so a
+restart, by any process, goes on where the store is. Points of a step the store holds already
+(a resumed job recomputing the steps after its checkpoint) are those MLflow kept before: the
+first. How far each outbox was read (`mlflow_imported.json`) only spares re-reading.
+
+Events (tags, params, status, artifacts, the end of the run) go through MLflow's client and are
+made safe to replay: tags and params are set again to the same values, the end of a run logs
+its best metrics and its model once per best step (mlflow_runs.complete_run).
+
+The points are written with SQL into MLflow's two metric tables, which are checked first to be
+what this code knows (MLflow pinned in constraints.txt); a store whose tables differ gets its
+points through MLflow's client, at about a fifth of the speed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sqlite3
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..base.files import NOT_A_RECORD, DamagedFile, read_json, write_json
+from ..base.lock import lock
+from ..base.secrets import redact_text
+from .outbox import OUTBOX, is_local_store
+
+_METRIC_COLUMNS = {"key", "value", "timestamp", "run_uuid", "step", "is_nan"}
+_CHUNK = 50_000
+"""Points per transaction: a kill loses at most one chunk's work, which the next import redoes."""
+_BIGGEST = 1.7976931348623157e308
+"""What MLflow stores for an infinite value (SQL has no infinity)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    trial_id: str
+    directory: Path
+    run_id: Optional[str]
+
+
+@dataclass
+class Imported:
+    points: int = 0
+    events: int = 0
+    trials: int = 0
+
+    def __str__(self) -> str:
+        return f"imported {self.points} metric points and {self.events} events of {self.trials} trials"
+
+
+def writer_lock(uri: str, wait: bool = True):
+    """The store's one-writer lock (LockHeld when another process imports and `wait` is False)."""
+    return lock(Path(f"{_db(uri)}.writer"), wait=wait)
+
+
+@contextlib.contextmanager
+def one_writer(uri: str):
+    """Within the block this process is the store's one writer (a sqlite store: the lock is
+    waited for; a server writes its own database: nothing to hold). Not nested: closing a
+    second descriptor of the lock file would drop the first's lock (base/lock.py)."""
+    if not is_local_store(uri):
+        yield
+        return
+    held = writer_lock(uri)
+    try:
+        yield
+    finally:
+        held.close()
+
+
+def import_outboxes(uri: str, state: Path, entries: list[Entry], wait: bool = True) -> Imported:
+    """Import what is new in the trials' outboxes; `state` keeps how far each was read."""
+    from .mlflow_client import client
+
+    held = writer_lock(uri, wait)
+    try:
+        offsets = _read_offsets(state)
+        done = Imported()
+        if not any(_grown(entry, offsets.get(entry.trial_id)) for entry in entries):
+            return done  # asked each few seconds: answered without MLflow
+        mlflow_client = client(uri)  # a missing store is created (and migrated) here, under its own lock
+        with _Points(uri, mlflow_client) as points:
+            pending: list[tuple[Entry, list, dict]] = []
+            for entry in entries:
+                new = _new_lines(entry, offsets.get(entry.trial_id))
+                if new is None:
+                    continue
+                items, position = new
+                points.add(entry.run_id, items)
+                pending.append((entry, items, position))
+                if points.size >= _CHUNK:
+                    _commit(points, mlflow_client, pending, offsets, state, done)
+                    pending = []
+            _commit(points, mlflow_client, pending, offsets, state, done)
+        return done
+    finally:
+        held.close()
+
+
+def _commit(points: "_Points", mlflow_client, pending: list, offsets: dict, state: Path, done: Imported) -> None:
+    """The chunk's points in one transaction, then each trial's events in order, the parents of
+    the runs that ended, then how far each outbox was read: a kill anywhere redoes only what
+    the store does not hold."""
+    from .mlflow_runs import update_parents
+
+    done.points += points.flush()
+    ends: list[dict] = []
+    for entry, events, position in pending:
+        try:
+            done.events += _apply(mlflow_client, entry, events, ends)
+        except Exception as err:  # noqa: BLE001 - one trial's record; the others go on, this one next time
+            print(f"qarac_dist: trial {entry.trial_id}: its MLflow events were not imported ({type(err).__name__}: "
+                  f"{redact_text(str(err))[:300]}); the next import tries again", file=sys.stderr)
+            continue
+        offsets[entry.trial_id] = position
+        done.trials += 1
+    update_parents(mlflow_client, ends)
+    if pending:
+        write_json(state, offsets, compact=True)
+
+
+def _grown(entry: Entry, saved: Optional[dict]) -> bool:
+    """Whether the trial's outbox may hold lines not read yet."""
+    try:
+        stat = os.stat(entry.directory / OUTBOX)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return entry.run_id is not None and (not isinstance(saved, dict) or saved.get("inode") != stat.st_ino or
+                                         saved.get("offset") != stat.st_size)
+
+
+def _new_lines(entry: Entry, saved: Optional[dict]) -> Optional[tuple[list, dict]]:
+    """The whole lines written to the outbox since `saved` (all of it when the file is another
+    one than the one read), split into points (queued) and events; None if nothing is new."""
+    path = entry.directory / OUTBOX
+    try:
+        with open(path, "rb") as f:
+            inode = os.fstat(f.fileno()).st_ino
+            start = _start(f, inode, saved)
+            f.seek(start)
+            data = f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    data = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next import
+    if not data or entry.run_id is None:
+        return None
+    items = []
+    for number, line in enumerate(data.split(b"\n")[:-1]):
+        try:
+            items.append(_item(json.loads(line)))
+        except NOT_A_RECORD:
+            print(f"qarac_dist: {path}: a line after byte {start} ({number + 1} of those read now) is no MLflow "
+                  f"record; passed over", file=sys.stderr)
+    return items, {"inode": inode, "offset": start + len(data)}
+
+
+def _start(f, inode: int, saved: Optional[dict]) -> int:
+    """Where the last import stopped in this file: the end of a line in it, or else its start."""
+    start = saved.get("offset") if isinstance(saved, dict) and saved.get("inode") == inode else 0
+    if not isinstance(start, int) or isinstance(start, bool) or start <= 0:
+        return 0
+    f.seek(start - 1)
+    return start if f.read(1) == b"\n" else 0
+
+
+def _item(item):
+    """A point as (key, value, timestamp, step), or an event as it is; anything else: ValueError."""
+    if isinstance(item, list):
+        key, value, timestamp, step = item
+        if not isinstance(key, str) or not 0 < len(key) <= 250 or isinstance(value, bool):
+            raise ValueError(item)
+        return key, float(value), int(timestamp), int(step)
+    if isinstance(item, dict) and len(item.keys() & {"tags", "status", "params", "dict", "finish"}) == 1:
+        return item
+    raise ValueError(item)
+
+
+def _apply(mlflow_client, entry: Entry, items: list, ends: list) -> int:
+    """Set the trial's events (its points are queued); the ends of runs join `ends`. Returns
+    the number of events."""
+    from mlflow.entities import Param, RunTag
+
+    from .mlflow_runs import complete_run
+
+    run_id, events, have = entry.run_id, 0, None
+    last_end = max((i for i, item in enumerate(items) if isinstance(item, dict) and "finish" in item), default=-1)
+    for number, item in enumerate(items):
+        if isinstance(item, tuple):
+            continue
+        events += 1
+        if "status" in item and number < last_end:
+            continue  # the run ends later in these lines: a RUNNING before its end changes nothing
+        if "tags" in item:
+            tags = [RunTag(str(k), str(v)[:5000]) for k, v in item["tags"].items()]
+            for start in range(0, len(tags), 100):
+                mlflow_client.log_batch(run_id, tags=tags[start:start + 100])
+        elif "status" in item:
+            mlflow_client.update_run(run_id, status=str(item["status"]))
+        elif "params" in item:  # a param keeps its first value: only those the run lacks
+            have = set(mlflow_client.get_run(run_id).data.params) if have is None else have
+            params = [Param(str(k), str(v)[:6000]) for k, v in item["params"].items() if str(k) not in have]
+            have.update(p.key for p in params)
+            for start in range(0, len(params), 100):
+                mlflow_client.log_batch(run_id, params=params[start:start + 100])
+        elif "dict" in item:
+            mlflow_client.log_dict(run_id, item["dict"], str(item.get("name", "record.json")))
+        else:
+            ends.append({**item["finish"], "uri": mlflow_client.tracking_uri, "run_id": run_id})
+            complete_run(mlflow_client, ends[-1], parent=False)
+    return events
+
+
+class _Points:
+    """Metric points queued per run, written in one transaction per chunk."""
+
+    def __init__(self, uri: str, mlflow_client):
+        self.uri, self.client = uri, mlflow_client
+        self.queued: dict[str, list] = {}
+        self.size = 0
+
+    def __enter__(self) -> "_Points":
+        self.db = sqlite3.connect(_db(self.uri), timeout=60, isolation_level=None)
+        self.db.execute("PRAGMA synchronous=OFF")  # a killed process loses nothing; the OS has the pages
+        self.fast = all(_METRIC_COLUMNS == {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+                        for table in ("metrics", "latest_metrics"))
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.db.close()
+
+    def add(self, run_id: str, items: list) -> None:
+        points = [item for item in items if isinstance(item, tuple)]
+        if points:
+            self.queued.setdefault(run_id, []).extend(points)
+            self.size += len(points)
+
+    def flush(self) -> int:
+        queued, self.queued, self.size = self.queued, {}, 0
+        if not queued:
+            return 0
+        return self._sql(queued) if self.fast else self._client(queued)
+
+    def _sql(self, queued: dict[str, list]) -> int:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            runs = list(queued)
+            latest: dict[tuple[str, str], int] = {}
+            active: set[str] = set()
+            for start in range(0, len(runs), 500):
+                part = runs[start:start + 500]
+                marks = ",".join("?" * len(part))
+                latest.update(((run, key), step) for run, key, step in db.execute(
+                    f"SELECT run_uuid, key, step FROM latest_metrics WHERE run_uuid IN ({marks})", part))
+                active.update(run for (run,) in db.execute(
+                    f"SELECT run_uuid FROM runs WHERE run_uuid IN ({marks}) AND lifecycle_stage = 'active'", part))
+            rows, newest = [], {}
+            for run, points in queued.items():
+                if run not in active:
+                    print(f"qarac_dist: MLflow run {run} is not in the store or was deleted; its points are not "
+                          f"imported", file=sys.stderr)
+                    continue
+                for key, value, timestamp, step in points:
+                    if step <= latest.get((run, key), -1 << 63):
+                        continue  # the store holds this step: its first value stays
+                    latest[(run, key)] = step
+                    nan = math.isnan(value)
+                    value = 0.0 if nan else max(-_BIGGEST, min(_BIGGEST, value))
+                    row = (key, value, timestamp, run, step, nan)
+                    rows.append(row)
+                    newest[(run, key)] = row
+            db.executemany("INSERT OR IGNORE INTO metrics (key, value, timestamp, run_uuid, step, is_nan) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT OR REPLACE INTO latest_metrics (key, value, timestamp, run_uuid, step, is_nan) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", newest.values())
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return len(rows)
+
+    def _client(self, queued: dict[str, list]) -> int:
+        from mlflow.entities import Metric
+
+        from .mlflow_logger import HeldSteps
+
+        sent = 0
+        for run, points in queued.items():
+            fresh = HeldSteps(self.client, run).fresh(points)
+            for start in range(0, len(fresh), 1000):
+                self.client.log_batch(run, metrics=[Metric(*p) for p in fresh[start:start + 1000]])
+            sent += len(fresh)
+        return sent
+
+
+def _db(uri: str) -> Path:
+    return Path(uri[len("sqlite:///"):])
+
+
+def _read_offsets(state: Path) -> dict:
+    try:
+        offsets = read_json(state)
+    except (DamagedFile, OSError):  # an aid, not a record: a damaged one is read again from the start
+        offsets = None
+    return offsets if isinstance(offsets, dict) else {}

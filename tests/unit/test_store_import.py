@@ -1,0 +1,195 @@
+"""The one writer of a sqlite store: trials keep their MLflow record in their own directory
+(track/outbox.py) and one importer copies it in (track/store_import.py), each point once, what
+MLflow's client shows being what a run written directly would show."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from qarac_dist.config.sections import TrackingConfig
+from qarac_dist.track import store_import
+from qarac_dist.track.job_context import JobContext
+from qarac_dist.track.mlflow_client import client, create_run, experiment_id
+from qarac_dist.track.outbox import OUTBOX, Outbox, OutboxRun
+from qarac_dist.track.store_import import Entry, import_outboxes
+from support import wait_for
+
+
+def _store(tmp_path, runs=1):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = client(uri)
+    exp = experiment_id(c, "e")
+    parent = create_run(c, exp, "sweep", {})
+    return uri, c, parent, [create_run(c, exp, f"t{i}", {}, parent_run_id=parent) for i in range(runs)]
+
+
+def _trial(tmp_path, uri, parent, run_id, name="t0"):
+    directory = tmp_path / "trials" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    context = JobContext(attempt=1, tracking_uri=uri, run_id=run_id, parent_run_id=parent,
+                         sweep_dir=str(tmp_path), select_metric="accuracy", select_mode="max",
+                         tags={"trial_id": name})
+    return directory, OutboxRun(TrackingConfig(log_model=False), context, {"optimizer.lr": 0.001}, directory,
+                                {"attempt": 1}, "abc")
+
+
+def _import(tmp_path, uri, entries):
+    return import_outboxes(uri, tmp_path / "imported.json", entries)
+
+
+def _history(c, run_id, key):
+    return [(m.step, m.value) for m in sorted(c.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_a_trial_record_shows_in_mlflow_as_a_run_written_directly(tmp_path):
+    uri, c, parent, (run_id,) = _store(tmp_path)
+    directory, run = _trial(tmp_path, uri, parent, run_id)
+    assert run.run_id == run_id  # what a job asks of its run, either kind (a checkpoint keeps the id)
+    logger = run.logger()
+    for step in range(1, 7):
+        logger.log(step, {"loss": 1.0 / step, "lr": 0.1})
+    logger.log(3, {"val_accuracy": 0.5})
+    run.log_dict({"zero_optimization": {"stage": 2}}, "deepspeed_config.json")
+    run.set_tags({"resumed_from_step": 3})
+    assert c.get_run(run_id).data.metrics == {}  # nothing reached the store: the trial never opened it
+    done = _import(tmp_path, uri, [Entry("t0", directory, run_id)])
+    assert (done.points, done.trials) == (13, 1)
+    assert [s for s, _ in _history(c, run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    got = c.get_run(run_id)
+    assert got.info.status == "RUNNING" and got.data.params["optimizer.lr"] == "0.001"
+    assert (got.data.tags["trial_id"], got.data.tags["git_commit"], got.data.tags["resumed_from_step"]) == \
+        ("t0", "abc", "3")
+    assert got.data.metrics["loss"] == pytest.approx(1 / 6)
+    assert [a.path for a in c.list_artifacts(run_id)] == ["deepspeed_config.json"]
+    run.finish("FINISHED")
+    assert _import(tmp_path, uri, [Entry("t0", directory, run_id)]).points == 0
+    assert c.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_resumed_jobs_replayed_steps_keep_the_first_value_and_a_second_import_adds_nothing(tmp_path):
+    uri, c, parent, (run_id,) = _store(tmp_path)
+    directory, run = _trial(tmp_path, uri, parent, run_id)
+    logger = run.logger()
+    for step in range(1, 11):
+        logger.log(step, {"loss": float(step)})
+    entries = [Entry("t0", directory, run_id)]
+    _import(tmp_path, uri, entries)
+    # A requeued job resumes from its step-5 checkpoint and logs steps 6..12 again.
+    _, again = _trial(tmp_path, uri, parent, run_id)
+    for step in range(6, 13):
+        again.logger().log(step, {"loss": 100.0 + step})
+    assert _import(tmp_path, uri, entries).points == 2
+    assert _import(tmp_path, uri, entries).points == 0
+    assert _history(c, run_id, "loss") == [(s, float(s)) for s in range(1, 11)] + [(11, 111.0), (12, 112.0)]
+    inode = (directory / OUTBOX).stat().st_ino
+    for aid in (None, b'{"t0": {"inode": 1, "off', b'{"t0": {"inode": "x", "offset": -5}}', b"[]",
+                f'{{"t0": {{"inode": {inode}, "offset": 10000000}}}}'.encode(),
+                f'{{"t0": {{"inode": {inode}, "offset": 7}}}}'.encode(),
+                f'{{"t0": {{"inode": {inode}, "offset": "7"}}}}'.encode(), b'{"t0": 3}'):
+        # the aid lost, cut short or misshapen: everything is read again, nothing doubled
+        if aid is None:
+            (tmp_path / "imported.json").unlink()
+        else:
+            (tmp_path / "imported.json").write_bytes(aid)
+        assert _import(tmp_path, uri, entries).points == 0
+        assert len(c.get_metric_history(run_id, "loss")) == 12
+
+
+def test_values_mlflow_stores_specially_read_back_as_mlflow_writes_them(tmp_path):
+    uri, c, parent, (run_id, direct) = _store(tmp_path, runs=2)
+    directory, run = _trial(tmp_path, uri, parent, run_id)
+    values = {"nan": math.nan, "inf": math.inf, "ninf": -math.inf, "big": 1e300, "neg": -0.0}
+    run.logger().log(1, values)
+    _import(tmp_path, uri, [Entry("t0", directory, run_id)])
+    c.log_batch(direct, metrics=[__import__("mlflow").entities.Metric(k, v, 0, 1) for k, v in values.items()])
+    ours, theirs = c.get_run(run_id).data.metrics, c.get_run(direct).data.metrics
+    assert math.isnan(ours.pop("nan")) and math.isnan(theirs.pop("nan"))
+    assert ours == theirs
+    for key in values:
+        assert [(m.step, str(m.value)) for m in c.get_metric_history(run_id, key)] == \
+            [(m.step, str(m.value)) for m in c.get_metric_history(direct, key)]
+
+
+def test_a_line_being_written_waits_and_a_damaged_one_is_passed_over_with_a_word(tmp_path, capsys):
+    uri, c, parent, (run_id,) = _store(tmp_path)
+    directory, run = _trial(tmp_path, uri, parent, run_id)
+    run.logger().log(1, {"loss": 1.0})
+    entries = [Entry("t0", directory, run_id)]
+    with open(directory / OUTBOX, "a") as f:
+        f.write('["loss", 2.0, 5, 2]\n{"nothing": 1}\n["loss", "x", 5, 3]\n[1, 2]\n["loss", 4.0, 5')
+    _import(tmp_path, uri, entries)
+    assert [s for s, _ in _history(c, run_id, "loss")] == [1, 2]
+    assert capsys.readouterr().err.count("is no MLflow record; passed over") == 3
+    with open(directory / OUTBOX, "a") as f:  # the line ends: the rest of it is read next time
+        f.write(', 4]\n')
+    _import(tmp_path, uri, entries)
+    assert [s for s, _ in _history(c, run_id, "loss")] == [1, 2, 4]
+    with open(directory / OUTBOX, "a") as f:  # a job killed mid-line: the next job ends the line first
+        f.write('["loss", 5.0, 5, 5')
+    Outbox(directory).write(["loss", 6.0, 5, 6])
+    _import(tmp_path, uri, entries)
+    assert [s for s, _ in _history(c, run_id, "loss")] == [1, 2, 4, 6]
+
+
+def test_a_second_importer_is_refused_while_one_holds_the_store(tmp_path):
+    from qarac_dist.base.lock import LockHeld
+
+    uri, _, _, _ = _store(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from qarac_dist.track.store_import import writer_lock
+        held = writer_lock({uri!r})
+        print("held", flush=True)
+        sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeld):
+            import_outboxes(uri, tmp_path / "imported.json", [], wait=False)
+    finally:
+        holder.communicate("")
+    import_outboxes(uri, tmp_path / "imported.json", [], wait=False)
+
+
+def test_an_importer_killed_mid_way_leaves_each_point_once_after_another_takes_over(tmp_path):
+    """SIGKILL once the first chunk is in: the next importer goes on from what the store holds."""
+    uri, c, parent, runs = _store(tmp_path, runs=30)
+    entries, expected = [], 0
+    for i, run_id in enumerate(runs):
+        directory, run = _trial(tmp_path, uri, parent, run_id, name=f"t{i}")
+        logger = run.logger()
+        for step in range(1, 201):
+            logger.log(step, {"loss": 1.0 / step, "lr": 1e-3, "grad_norm": float(i)})
+        expected += 600
+        entries.append(Entry(f"t{i}", directory, run_id))
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from qarac_dist.track import store_import
+        from qarac_dist.track.store_import import Entry, import_outboxes
+        store_import._CHUNK = 900
+        entries = [Entry(t, Path(d), r) for t, d, r in {[(e.trial_id, str(e.directory), e.run_id) for e in entries]!r}]
+        import_outboxes({uri!r}, Path({str(tmp_path / 'imported.json')!r}), entries)
+        """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    db = sqlite3.connect(tmp_path / "mlflow.db", timeout=60)
+
+    def points():
+        return db.execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
+
+    wait_for(lambda: (tmp_path / "imported.json").exists() or proc.poll() is not None, 120, "a first chunk")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 0 < points() < expected, "killed before or after the whole import: the test proves nothing"
+    _import(tmp_path, uri, entries)
+    assert points() == expected
+    assert db.execute("SELECT COUNT(*) FROM (SELECT DISTINCT run_uuid, key, step FROM metrics)").fetchone()[0] == \
+        expected
+    assert all(c.get_run(r).info.status == "RUNNING" for r in runs)
