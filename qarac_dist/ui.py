@@ -7,7 +7,9 @@ directly: this only says where to look.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -49,19 +51,23 @@ def serve(layouts: list[SweepLayout], port: int) -> int:
     # The UI's own background jobs would make it a second writer of the store.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-                               "--port", str(port)], env=env)
+                               "--port", str(port), "--workers", "1"],  # one user's UI: one worker, not four
+                              env=env, start_new_session=True)  # stopped as a group, below
     print(f"MLflow UI: http://127.0.0.1:{port} (the experiment's Runs); importing the trials' records every "
           f"{EVERY_S:.0f} s; Ctrl-C stops", flush=True)
     try:
         while server.poll() is None:
             time.sleep(EVERY_S)
             for layout in layouts:
-                import_records(_manifest(layout), layout)
+                done = import_records(_manifest(layout), layout)
+                if done is not None and (done.points or done.events):
+                    print(f"{time.strftime('%H:%M:%S')} {layout.root.name}: {done}", flush=True)
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
         return 0
     finally:
-        server.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)  # its web server's workers with it
         server.wait()
     return server.returncode or 1
 
@@ -69,7 +75,8 @@ def serve(layouts: list[SweepLayout], port: int) -> int:
 def _manifest(layout: SweepLayout) -> Manifest:
     manifest = Manifest.load(layout.root)
     if manifest is None:
-        raise UserError(f"{layout.root}: no {layout.manifest.name} here; expected a sweep directory such as runs/<sweep>")
+        raise UserError(f"{layout.root}: no {layout.manifest.name} here; expected a sweep directory such as "
+                        f"runs/<sweep>")
     return manifest
 
 

@@ -270,8 +270,8 @@ class Submission:
                   f"results:   {tracking.ui_command(manifest.tracking_uri, self.layout)}")
 
 
-class _Stopped(Exception):
-    """The driver got SIGINT, SIGTERM or SIGHUP."""
+class _Stopped(BaseException):
+    """The driver got SIGINT, SIGTERM or SIGHUP (never an error that a handler of errors may pass over)."""
 
 
 @contextlib.contextmanager

@@ -62,6 +62,8 @@ def log(uri: str, run_id: str, best_dir: Path, module=None, registered_name: Opt
             import transformers
             from huggingface_hub import ModelCard
 
+            transformers.utils.logging.disable_progress_bar()  # in a job's log or the importer's table: clutter
+
             pipe = transformers.pipeline("text-classification", model=str(best_dir), tokenizer=str(best_dir))
             info = mlflow.transformers.log_model(pipe, name="model", pip_requirements=_requirements(),
                                                  model_card=ModelCard(f"---\nlicense: other\n---\n# {card}\n"),

@@ -109,7 +109,8 @@ def complete_run(mlflow_client, pending: dict, module=None, parent: bool = True)
                 run_id, f"best_val_{first}")}:
             mlflow_client.log_batch(run_id, metrics=[Metric(f"best_val_{k}", float(v), now, info["step"])
                                                      for k, v in info["metrics"].items()],
-                                    tags=[RunTag("best_step", str(info["step"])), RunTag("best_metric", info["metric"])])
+                                    tags=[RunTag("best_step", str(info["step"])),
+                                          RunTag("best_metric", info["metric"])])
         if run.data.tags.get("best_model_step") != str(info["step"]):
             _log_model(mlflow_client, pending, best_dir, _module(pending, module))
             mlflow_client.set_tag(run_id, "best_model_step", str(info["step"]))

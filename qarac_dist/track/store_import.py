@@ -31,6 +31,7 @@ import math
 import os
 import sqlite3
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -59,6 +60,8 @@ class Imported:
     points: int = 0
     events: int = 0
     trials: int = 0
+    points_s: float = 0.0
+    """Time spent reading the outboxes and writing the points (the rest: events through MLflow's client)."""
 
     def __str__(self) -> str:
         return f"imported {self.points} metric points and {self.events} events of {self.trials} trials"
@@ -94,11 +97,15 @@ def import_outboxes(uri: str, state: Path, entries: list[Entry], wait: bool = Tr
         done = Imported()
         if not any(_grown(entry, offsets.get(entry.trial_id)) for entry in entries):
             return done  # asked each few seconds: answered without MLflow
+        if not _db(uri).exists():  # made with the sweep's runs: gone, it is not made anew, empty
+            raise FileNotFoundError(f"{_db(uri)}: the sweep's MLflow store is not there; nothing imported")
         mlflow_client = client(uri)  # a missing store is created (and migrated) here, under its own lock
         with _Points(uri, mlflow_client) as points:
             pending: list[tuple[Entry, list, dict]] = []
             for entry in entries:
+                started = time.perf_counter()
                 new = _new_lines(entry, offsets.get(entry.trial_id))
+                done.points_s += time.perf_counter() - started
                 if new is None:
                     continue
                 items, position = new
@@ -119,7 +126,9 @@ def _commit(points: "_Points", mlflow_client, pending: list, offsets: dict, stat
     the store does not hold."""
     from .mlflow_runs import update_parents
 
+    started = time.perf_counter()
     done.points += points.flush()
+    done.points_s += time.perf_counter() - started
     ends: list[dict] = []
     for entry, events, position in pending:
         try:

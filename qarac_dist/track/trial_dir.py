@@ -9,6 +9,8 @@
     best/, last/          save_pretrained exports; best/qarac_best.json says which step and metrics
     checkpoints/          resumable checkpoints (contents: train/checkpoint.py)
     mlflow_*.json(l)      what could not reach MLflow yet (track/mlflow_logger.py, mlflow_runs.py)
+    mlflow_outbox.jsonl   on a sqlite store, the trial's whole MLflow record, for the one importer
+                          (track/outbox.py; mlflow_best_module.pt beside it: a best model to log)
     .writer               the one live writer: an fcntl lock the training job's global rank 0 holds
                           while it runs (the kernel drops it when that process dies), naming it
 

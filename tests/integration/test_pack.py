@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import socket
 import sqlite3
 import subprocess
+import urllib.request
 from pathlib import Path
 
 from qarac_dist.base.layout import SweepLayout
@@ -16,6 +19,7 @@ from qarac_dist.submit import claims
 from qarac_dist.submit.sbatch import job_name
 from qarac_dist.submit.sweep_dir import Manifest
 from qarac_dist.track.mlflow_client import client
+from qarac_dist.track.outbox import Outbox
 from qarac_dist.track.trial_dir import read_metrics
 from support import fake_commands, run_sweep, table_rows, tiny_config, wait_for, write_config
 
@@ -144,6 +148,29 @@ def test_eight_trials_packed_two_per_job_on_both_nodes_reach_the_sqlite_store_on
     status = subprocess.run(["python", "-m", "qarac_dist.status", str(tmp_path / "runs" / "packed")],
                             capture_output=True, text=True)
     assert {row["trial"]: row["job"] for row in table_rows(status.stdout)} == steps, status.stdout
+    # The UI command imports while it is open: a point recorded once the UI answers is in the store
+    # within its 10 s round (with a loaded machine's margin), and Ctrl-C stops both.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = subprocess.Popen(["python", "-m", "qarac_dist.ui", str(tmp_path / "runs" / "packed"), "--port", str(port)],
+                          stdout=open(tmp_path / "ui.log", "w"), stderr=subprocess.STDOUT,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), 120, "the UI to answer", interval=0.5)
+    trial = next(iter(manifest.trials.values()))
+    Outbox(trial.trial_dir.path).write(["late_metric", 1.5, 1, 61])
+    wait_for(lambda: c.get_metric_history(trial.mlflow_run_id, "late_metric"), 60, "the UI's import")
+    ui.send_signal(signal.SIGINT)
+    assert ui.wait(timeout=60) == 0, (tmp_path / "ui.log").read_text()
+    assert not _answers(f"http://127.0.0.1:{port}/health")
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        return True
+    except OSError:
+        return False
 
 
 def test_a_preempted_packed_job_saves_requeues_and_resumes_its_own_trials(cluster, no_requeue_delay, tmp_path,
