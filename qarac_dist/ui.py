@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,26 +29,40 @@ EVERY_S = 10.0
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qarac_dist.ui", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dirs", type=Path, nargs="+", help="sweep directories, runs/<sweep>")
-    parser.add_argument("--port", type=int, default=5000, help="the UI's port on 127.0.0.1 (default 5000)")
+    parser.add_argument("--port", type=_port, default=5000, help="the UI's port on 127.0.0.1 (default 5000)")
     args = parser.parse_args(argv)
     try:
         return serve([SweepLayout(d) for d in args.sweep_dirs], args.port)
     except UserError as err:
         print(redact_text(str(err)), file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return 130
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a port number, 1 to 65535")
+    return int(text)
 
 
 def serve(layouts: list[SweepLayout], port: int) -> int:
     uris = {_manifest(layout).tracking_uri for layout in layouts}
     if len(uris) > 1:
-        raise UserError(f"the sweeps are tracked in {len(uris)} stores ({', '.join(sorted(map(redact_text, uris)))});"
-                        f" open one store at a time")
+        shown = ", ".join(sorted(redact_text(u or "none") for u in uris))
+        raise UserError(f"the sweeps are tracked in {len(uris)} stores ({shown}); open one store at a time")
     (uri,) = uris
+    if not uri:
+        raise UserError(f"{layouts[0].root}: the sweep is tracked in no MLflow store")
     if not is_local_store(uri):
         print(f"the sweeps' trials write to {redact_text(uri)} themselves: open it there (the experiment's Runs)")
         return 0
-    for layout in layouts:  # what is there already, before the UI shows it
-        import_records(_manifest(layout), layout, wait=True)
+    with socket.socket() as probe:  # a port taken is one line now, not the server's traceback later
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as err:
+            raise UserError(f"--port {port}: {err.strerror}; choose another with --port") from None
     # The UI's own background jobs would make it a second writer of the store.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
@@ -56,12 +71,12 @@ def serve(layouts: list[SweepLayout], port: int) -> int:
     print(f"MLflow UI: http://127.0.0.1:{port} (the experiment's Runs); importing the trials' records every "
           f"{EVERY_S:.0f} s; Ctrl-C stops", flush=True)
     try:
-        while server.poll() is None:
-            time.sleep(EVERY_S)
+        while server.poll() is None:  # what is there already first, while the server starts
             for layout in layouts:
                 done = import_records(_manifest(layout), layout)
                 if done is not None and (done.points or done.events):
                     print(f"{time.strftime('%H:%M:%S')} {layout.root.name}: {done}", flush=True)
+            time.sleep(EVERY_S)
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
         return 0
@@ -73,7 +88,7 @@ def serve(layouts: list[SweepLayout], port: int) -> int:
 
 
 def _manifest(layout: SweepLayout) -> Manifest:
-    manifest = Manifest.load(layout.root)
+    manifest = Manifest.load(layout.root) if layout.root.is_dir() else None
     if manifest is None:
         raise UserError(f"{layout.root}: no {layout.manifest.name} here; expected a sweep directory such as "
                         f"runs/<sweep>")

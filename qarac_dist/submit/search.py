@@ -42,6 +42,10 @@ def start(layout: SweepLayout, search: Search, slot: int, trial: str, config: di
     asked = search_record.ask(layout, slot, trial, ask)
     resolved, _ = Resolver(config, set(asked.params)).resolve(asked.params)
     resolved.update(name=config["name"], output=config["output"])
+    if is_local_store(context.get("tracking_uri")):  # its run was made before its values were asked
+        shown = label(slot, asked.params)
+        context = {**context, "tags": {**context.get("tags", {}), "label": shown, "search.slot": slot,
+                                       "mlflow.runName": f"{trial} {shown}"}}
     return resolved, {**context, "run_id": asked.run_id}
 
 

@@ -129,6 +129,7 @@ class Submission:
                 last = status.last_checkpoint if status is not None else None
                 print(f"trial {r.id} [{r.label}]: stopped without saving; it resumes from "
                       f"{f'step {last}' if last else 'the start'}", file=sys.stderr)
+        tracking.import_records(manifest, self.layout, wait=True)  # what they logged, up to where they stopped
         print(f"resume:    {again}", file=sys.stderr)
         return 130
 

@@ -112,6 +112,7 @@ def complete_run(mlflow_client, pending: dict, module=None, parent: bool = True)
                                     tags=[RunTag("best_step", str(info["step"])),
                                           RunTag("best_metric", info["metric"])])
         if run.data.tags.get("best_model_step") != str(info["step"]):
+            _drop_unfinished_models(mlflow_client, run)
             _log_model(mlflow_client, pending, best_dir, _module(pending, module))
             mlflow_client.set_tag(run_id, "best_model_step", str(info["step"]))
     if pending.get("error"):
@@ -131,6 +132,17 @@ def update_parents(mlflow_client, ends: list[dict]) -> None:
             metric = pending.get("select_metric") or (info or {}).get("metric") or "loss"
             sweep = SweepLayout(Path(pending["sweep_dir"])) if pending.get("sweep_dir") else None
             update_parent(mlflow_client, pending["parent_run_id"], metric, pending.get("select_mode") or "max", sweep)
+
+
+def _drop_unfinished_models(mlflow_client, run) -> None:
+    """A model whose logging was cut short (a killed or interrupted importer or --sync) stays
+    PENDING: deleted before the model is logged again, so the run shows one."""
+    from mlflow.entities import LoggedModelStatus
+
+    for model in mlflow_client.search_logged_models(
+            [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"):
+        if model.status == LoggedModelStatus.PENDING:
+            mlflow_client.delete_logged_model(model.model_id)
 
 
 def _module(pending: dict, module):

@@ -12,7 +12,8 @@ Each line is a metric point, `[key, value, timestamp_ms, step]`, or an event, an
 of these keys, in the order the job made them:
 
     {"tags": {...}}          tags to set (the job's, the run's status of the moment excluded)
-    {"status": "RUNNING"}    a job started training the trial
+    {"status": "RUNNING",    a job started training the trial (at `time`, ms: a run ended since,
+     "time": ms}             by --cancel, stays ended)
     {"params": {...}}        params (the same values again on a requeue)
     {"dict": {...}, "name"}  a JSON artifact of the run
     {"finish": {...}}        the end of the run (mlflow_runs.complete_run's `pending`)
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -99,7 +99,8 @@ class OutboxRun:
         self.run_id = context.run_id
         self.outbox = Outbox(self.directory)
         tags = screen({**tracking.tags, **context.tags, **run_tags, "git_commit": commit})
-        self.outbox.write({"params": screen(params)}, {"tags": tags}, {"status": "RUNNING"})
+        self.outbox.write({"params": screen(params)}, {"tags": tags},
+                          {"status": "RUNNING", "time": int(time.time() * 1000)})
 
     def logger(self) -> OutboxLogger:
         return OutboxLogger(self.outbox)
@@ -123,5 +124,3 @@ class OutboxRun:
                 torch.save(module, self.directory / MODULE)
             pending = {**pending, "module": str(self.directory / MODULE)}
         self.outbox.write({"finish": pending})
-        print(f"qarac_dist: trial recorded in {self.outbox.path} for the sweep's store "
-              f"({redact_text(pending['uri'])}), imported by status, --wait or the UI command", file=sys.stderr)

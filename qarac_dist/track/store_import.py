@@ -8,11 +8,12 @@ of NFS and of Lustre with `flock`). SQLite's own lock is then only ever asked fo
 the importer's, and the UI server's reads.
 
 What makes a point land once: the store itself. For each run and metric, MLflow keeps the
-latest step in `latest_metrics`; the importer inserts only points of a later step, in the same
-transaction that moves that step on. A transaction is whole or absent after a kill, so a
-restart, by any process, goes on where the store is. Points of a step the store holds already
-(a resumed job recomputing the steps after its checkpoint) are those MLflow kept before: the
-first. How far each outbox was read (`mlflow_imported.json`) only spares re-reading.
+latest step in `latest_metrics`; the importer inserts points of a later step, and of an earlier
+step the run does not hold (read from the store for that metric), in the same transaction that
+moves the latest step on. A transaction is whole or absent after a kill, so a restart, by any
+process, goes on where the store is. Points of a step the store holds already (a resumed job
+recomputing the steps after its checkpoint) are those MLflow kept before: the first. How far
+each outbox was read (`mlflow_imported.json`) only spares re-reading.
 
 Events (tags, params, status, artifacts, the end of the run) go through MLflow's client and are
 made safe to replay: tags and params are set again to the same values, the end of a run logs
@@ -29,6 +30,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sqlite3
 import sys
 import time
@@ -39,13 +41,19 @@ from typing import Optional
 from ..base.files import NOT_A_RECORD, DamagedFile, read_json, write_json
 from ..base.lock import lock
 from ..base.secrets import redact_text
-from .outbox import OUTBOX, is_local_store
+from .outbox import MODULE, OUTBOX, is_local_store
 
 _METRIC_COLUMNS = {"key", "value", "timestamp", "run_uuid", "step", "is_nan"}
 _CHUNK = 50_000
 """Points per transaction: a kill loses at most one chunk's work, which the next import redoes."""
 _BIGGEST = 1.7976931348623157e308
 """What MLflow stores for an infinite value (SQL has no infinity)."""
+_READ = 16 << 20
+"""Bytes of one outbox read at a time."""
+_INT64 = 1 << 63
+_KEY = re.compile(r"[\w\-. /]{1,250}")
+"""A metric name MLflow takes: letters, digits, _ - . / and spaces, at most 250 characters."""
+_EVENTS = {"tags", "status", "params", "dict", "finish"}
 
 
 @dataclass(frozen=True)
@@ -91,30 +99,34 @@ def import_outboxes(uri: str, state: Path, entries: list[Entry], wait: bool = Tr
     """Import what is new in the trials' outboxes; `state` keeps how far each was read."""
     from .mlflow_client import client
 
+    done = Imported()
+    if not any(_grown(entry, _read_offsets(state).get(entry.trial_id)) for entry in entries):
+        return done  # asked each few seconds: answered without the lock, the store or MLflow
     held = writer_lock(uri, wait)
     try:
-        offsets = _read_offsets(state)
-        done = Imported()
-        if not any(_grown(entry, offsets.get(entry.trial_id)) for entry in entries):
-            return done  # asked each few seconds: answered without MLflow
         if not _db(uri).exists():  # made with the sweep's runs: gone, it is not made anew, empty
             raise FileNotFoundError(f"{_db(uri)}: the sweep's MLflow store is not there; nothing imported")
-        mlflow_client = client(uri)  # a missing store is created (and migrated) here, under its own lock
-        with _Points(uri, mlflow_client) as points:
-            pending: list[tuple[Entry, list, dict]] = []
-            for entry in entries:
-                started = time.perf_counter()
-                new = _new_lines(entry, offsets.get(entry.trial_id))
-                done.points_s += time.perf_counter() - started
-                if new is None:
-                    continue
-                items, position = new
-                points.add(entry.run_id, items)
-                pending.append((entry, items, position))
-                if points.size >= _CHUNK:
-                    _commit(points, mlflow_client, pending, offsets, state, done)
-                    pending = []
-            _commit(points, mlflow_client, pending, offsets, state, done)
+        mlflow_client = client(uri)
+        offsets = _read_offsets(state)
+        more = True
+        while more:  # a backlog is read _READ bytes of a trial at a time: memory stays bounded
+            more = False
+            with _Points(uri, mlflow_client) as points:
+                pending: list[tuple[Entry, list, dict]] = []
+                for entry in entries:
+                    started = time.perf_counter()
+                    new = _new_lines(entry, offsets.get(entry.trial_id))
+                    done.points_s += time.perf_counter() - started
+                    if new is None:
+                        continue
+                    items, position, capped = new
+                    more = more or capped
+                    points.add(entry.run_id, items)
+                    pending.append((entry, items, position))
+                    if points.size >= _CHUNK:
+                        _commit(points, mlflow_client, pending, offsets, state, done)
+                        pending = []
+                _commit(points, mlflow_client, pending, offsets, state, done)
         return done
     finally:
         held.close()
@@ -145,30 +157,38 @@ def _commit(points: "_Points", mlflow_client, pending: list, offsets: dict, stat
 
 
 def _grown(entry: Entry, saved: Optional[dict]) -> bool:
-    """Whether the trial's outbox may hold lines not read yet."""
+    """Whether the trial's outbox changed since it was last read (a last line cut short and
+    never ended counts once)."""
     try:
         stat = os.stat(entry.directory / OUTBOX)
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:
         return False
     return entry.run_id is not None and (not isinstance(saved, dict) or saved.get("inode") != stat.st_ino or
-                                         saved.get("offset") != stat.st_size)
+                                         saved.get("size") != stat.st_size)
 
 
-def _new_lines(entry: Entry, saved: Optional[dict]) -> Optional[tuple[list, dict]]:
+def _new_lines(entry: Entry, saved: Optional[dict]) -> Optional[tuple[list, dict, bool]]:
     """The whole lines written to the outbox since `saved` (all of it when the file is another
-    one than the one read), split into points (queued) and events; None if nothing is new."""
+    one than the one read), at most _READ bytes, split into points and events; where reading
+    stopped; whether there is more to read. None if there is no run to import into, or the file
+    cannot be read (said in one line)."""
     path = entry.directory / OUTBOX
     try:
         with open(path, "rb") as f:
-            inode = os.fstat(f.fileno()).st_ino
-            start = _start(f, inode, saved)
+            stat = os.fstat(f.fileno())
+            start = _start(f, stat.st_ino, saved)
             f.seek(start)
-            data = f.read()
-    except (FileNotFoundError, NotADirectoryError):
+            data = f.read(_READ)
+    except FileNotFoundError:
         return None
+    except OSError as err:  # a directory in its place, no permission: this trial waits, the others go on
+        print(f"qarac_dist: {path}: {err.strerror or err}; its records are not imported", file=sys.stderr)
+        return None
+    if entry.run_id is None:
+        return None
+    capped = len(data) == _READ
     data = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next import
-    if not data or entry.run_id is None:
-        return None
+    position = {"inode": stat.st_ino, "offset": start + len(data), "size": stat.st_size}
     items = []
     for number, line in enumerate(data.split(b"\n")[:-1]):
         try:
@@ -176,7 +196,7 @@ def _new_lines(entry: Entry, saved: Optional[dict]) -> Optional[tuple[list, dict
         except NOT_A_RECORD:
             print(f"qarac_dist: {path}: a line after byte {start} ({number + 1} of those read now) is no MLflow "
                   f"record; passed over", file=sys.stderr)
-    return items, {"inode": inode, "offset": start + len(data)}
+    return items, position, capped
 
 
 def _start(f, inode: int, saved: Optional[dict]) -> int:
@@ -192,47 +212,67 @@ def _item(item):
     """A point as (key, value, timestamp, step), or an event as it is; anything else: ValueError."""
     if isinstance(item, list):
         key, value, timestamp, step = item
-        if not isinstance(key, str) or not 0 < len(key) <= 250 or isinstance(value, bool):
-            raise ValueError(item)
-        return key, float(value), int(timestamp), int(step)
-    if isinstance(item, dict) and len(item.keys() & {"tags", "status", "params", "dict", "finish"}) == 1:
+        if not isinstance(key, str) or not _KEY.fullmatch(key) or ".." in key or isinstance(value, bool) or \
+                not all(isinstance(n, int) and not isinstance(n, bool) and -_INT64 <= n < _INT64
+                        for n in (timestamp, step)):
+            raise ValueError(item)  # what MLflow's own checks and SQLite's integers refuse
+        return key, float(value), timestamp, step
+    kinds = item.keys() & _EVENTS if isinstance(item, dict) else set()
+    if len(kinds) == 1 and isinstance(item[next(iter(kinds))], str if "status" in kinds else dict):
         return item
     raise ValueError(item)
 
 
 def _apply(mlflow_client, entry: Entry, items: list, ends: list) -> int:
-    """Set the trial's events (its points are queued); the ends of runs join `ends`. Returns
-    the number of events."""
+    """Set the trial's events in order (its points are queued); the ends of runs join `ends`.
+    An event MLflow refuses is said in one line and passed over, as a job writing the run
+    itself would have: it never holds up the events after it. Returns the number of events."""
+    run_id, events, state = entry.run_id, 0, {}
+    last_end = max((i for i, item in enumerate(items) if isinstance(item, dict) and "finish" in item), default=-1)
+    for number, item in enumerate(items):
+        if isinstance(item, tuple) or ("status" in item and number < last_end):
+            continue  # a RUNNING before the run's end in these same lines changes nothing
+        events += 1
+        try:
+            _event(mlflow_client, entry, item, state, ends)
+        except Exception as err:  # noqa: BLE001 - MLflow refused this event: the rest go on
+            print(f"qarac_dist: trial {entry.trial_id}: an MLflow {next(iter(item.keys() & _EVENTS))} event was not "
+                  f"taken ({type(err).__name__}: {redact_text(str(err))[:300]}); passed over", file=sys.stderr)
+    return events
+
+
+def _event(mlflow_client, entry: Entry, item: dict, state: dict, ends: list) -> None:
     from mlflow.entities import Param, RunTag
 
     from .mlflow_runs import complete_run
 
-    run_id, events, have = entry.run_id, 0, None
-    last_end = max((i for i, item in enumerate(items) if isinstance(item, dict) and "finish" in item), default=-1)
-    for number, item in enumerate(items):
-        if isinstance(item, tuple):
-            continue
-        events += 1
-        if "status" in item and number < last_end:
-            continue  # the run ends later in these lines: a RUNNING before its end changes nothing
-        if "tags" in item:
-            tags = [RunTag(str(k), str(v)[:5000]) for k, v in item["tags"].items()]
-            for start in range(0, len(tags), 100):
-                mlflow_client.log_batch(run_id, tags=tags[start:start + 100])
-        elif "status" in item:
-            mlflow_client.update_run(run_id, status=str(item["status"]))
-        elif "params" in item:  # a param keeps its first value: only those the run lacks
-            have = set(mlflow_client.get_run(run_id).data.params) if have is None else have
-            params = [Param(str(k), str(v)[:6000]) for k, v in item["params"].items() if str(k) not in have]
-            have.update(p.key for p in params)
-            for start in range(0, len(params), 100):
-                mlflow_client.log_batch(run_id, params=params[start:start + 100])
-        elif "dict" in item:
-            mlflow_client.log_dict(run_id, item["dict"], str(item.get("name", "record.json")))
-        else:
-            ends.append({**item["finish"], "uri": mlflow_client.tracking_uri, "run_id": run_id})
-            complete_run(mlflow_client, ends[-1], parent=False)
-    return events
+    run_id = entry.run_id
+    if "tags" in item:
+        tags = [RunTag(str(k), str(v)[:5000]) for k, v in item["tags"].items()]
+        for start in range(0, len(tags), 100):
+            mlflow_client.log_batch(run_id, tags=tags[start:start + 100])
+    elif "status" in item:
+        ended = mlflow_client.get_run(run_id).info.end_time
+        if not (ended and isinstance(item.get("time"), int) and item["time"] <= ended):  # not over a later end
+            mlflow_client.update_run(run_id, status=str(item["status"]))  # (--cancel's KILLED)
+    elif "params" in item:  # a param keeps its first value: only those the run lacks
+        if "have" not in state:
+            state["have"] = set(mlflow_client.get_run(run_id).data.params)
+        params = [Param(str(k), str(v)[:6000]) for k, v in item["params"].items() if str(k) not in state["have"]]
+        state["have"].update(p.key for p in params)
+        for start in range(0, len(params), 100):
+            mlflow_client.log_batch(run_id, params=params[start:start + 100])
+    elif "dict" in item:
+        name = str(item.get("name", ""))
+        if not re.fullmatch(r"[\w.-]{1,200}", name) or name.startswith("."):
+            raise ValueError(f"artifact name {name[:100]!r}: expected a plain file name")
+        mlflow_client.log_dict(run_id, item["dict"], name)
+    else:  # the job's pickled best model, if any, is the one in its own directory, never a path it names
+        finish = {k: v for k, v in item["finish"].items() if k != "module"}
+        if (entry.directory / MODULE).exists() and item["finish"].get("module"):
+            finish["module"] = str(entry.directory / MODULE)
+        ends.append({**finish, "uri": mlflow_client.tracking_uri, "run_id": run_id})
+        complete_run(mlflow_client, ends[-1], parent=False)
 
 
 class _Points:
@@ -245,7 +285,6 @@ class _Points:
 
     def __enter__(self) -> "_Points":
         self.db = sqlite3.connect(_db(self.uri), timeout=60, isolation_level=None)
-        self.db.execute("PRAGMA synchronous=OFF")  # a killed process loses nothing; the OS has the pages
         self.fast = all(_METRIC_COLUMNS == {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
                         for table in ("metrics", "latest_metrics"))
         return self
@@ -279,28 +318,42 @@ class _Points:
                     f"SELECT run_uuid, key, step FROM latest_metrics WHERE run_uuid IN ({marks})", part))
                 active.update(run for (run,) in db.execute(
                     f"SELECT run_uuid FROM runs WHERE run_uuid IN ({marks}) AND lifecycle_stage = 'active'", part))
-            rows, newest = [], {}
+            rows, newest, held, added = [], {}, {}, {}
             for run, points in queued.items():
                 if run not in active:
                     print(f"qarac_dist: MLflow run {run} is not in the store or was deleted; its points are not "
                           f"imported", file=sys.stderr)
                     continue
                 for key, value, timestamp, step in points:
-                    if step <= latest.get((run, key), -1 << 63):
-                        continue  # the store holds this step: its first value stays
-                    latest[(run, key)] = step
+                    pair = (run, key)
+                    mine = added.setdefault(pair, set())
+                    if step in mine:
+                        continue  # each (metric, step) once: the first
+                    if step <= latest.get(pair, -_INT64):
+                        # Mostly a resumed job's replay of steps the store holds (the first value
+                        # stays); a step it lacks (validated again after a rollback) is added.
+                        if pair not in held:
+                            held[pair] = {n for (n,) in db.execute(
+                                "SELECT step FROM metrics WHERE run_uuid = ? AND key = ?", pair)}
+                        if step in held[pair]:
+                            continue
+                    else:
+                        latest[pair] = step
+                    mine.add(step)
                     nan = math.isnan(value)
                     value = 0.0 if nan else max(-_BIGGEST, min(_BIGGEST, value))
                     row = (key, value, timestamp, run, step, nan)
                     rows.append(row)
-                    newest[(run, key)] = row
+                    if latest[pair] == step:
+                        newest[pair] = row
             db.executemany("INSERT OR IGNORE INTO metrics (key, value, timestamp, run_uuid, step, is_nan) "
                            "VALUES (?, ?, ?, ?, ?, ?)", rows)
             db.executemany("INSERT OR REPLACE INTO latest_metrics (key, value, timestamp, run_uuid, step, is_nan) "
                            "VALUES (?, ?, ?, ?, ?, ?)", newest.values())
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite ends some failed transactions itself (a full disk)
+                db.execute("ROLLBACK")
             raise
         return len(rows)
 

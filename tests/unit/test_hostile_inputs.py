@@ -381,9 +381,36 @@ def test_a_damaged_manifest_is_an_error_and_is_never_replaced(tmp_path, monkeypa
 
 
 def test_the_ui_command_on_what_is_no_sweep_is_one_line_exit_2(tmp_path, capsys):
-    assert ui.main([str(tmp_path)]) == 2
+    (tmp_path / "s1.yaml").write_text("name: s1\n")
+    for given in (tmp_path, tmp_path / "s1.yaml", tmp_path / "missing"):
+        assert ui.main([str(given)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"{given}: no manifest.json here; expected a sweep directory such as runs/<sweep>"
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1", "http", ""])
+def test_the_ui_command_refuses_a_port_that_is_none(tmp_path, capsys, port):
+    with pytest.raises(SystemExit) as exit_:
+        ui.main([str(tmp_path), "--port", port])
+    assert exit_.value.code == 2 and "expected a port number, 1 to 65535" in capsys.readouterr().err
+
+
+def test_the_ui_command_on_a_port_in_use_is_one_line_exit_2_and_starts_nothing(tmp_path, capsys):
+    import socket
+
+    from qarac_dist.submit.sweep_dir import Manifest
+
+    directory = tmp_path / "runs" / "s"
+    directory.mkdir(parents=True)
+    Manifest("s", "local", "accuracy", "max", {}, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}").save(directory)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert ui.main([str(directory), "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"{tmp_path}: no manifest.json here; expected a sweep directory such as runs/<sweep>"
+    assert err.startswith(f"--port {port}: ") and err.endswith("choose another with --port") and "\n" not in err
+    assert not (tmp_path / "m.db").exists()
 
 
 def test_a_missing_manifest_beside_a_sweep_file_is_not_a_fresh_start(tmp_path, monkeypatch, capsys):

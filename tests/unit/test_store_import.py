@@ -142,7 +142,10 @@ def test_a_line_being_written_waits_and_a_damaged_one_is_passed_over_with_a_word
 def test_a_second_importer_is_refused_while_one_holds_the_store(tmp_path):
     from qarac_dist.base.lock import LockHeld
 
-    uri, _, _, _ = _store(tmp_path)
+    uri, _, parent, (run_id,) = _store(tmp_path)
+    directory, run = _trial(tmp_path, uri, parent, run_id)
+    run.logger().log(1, {"loss": 1.0})
+    entries = [Entry("t0", directory, run_id)]
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         from qarac_dist.track.store_import import writer_lock
@@ -153,10 +156,11 @@ def test_a_second_importer_is_refused_while_one_holds_the_store(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(LockHeld):
-            import_outboxes(uri, tmp_path / "imported.json", [], wait=False)
+            import_outboxes(uri, tmp_path / "imported.json", entries, wait=False)
+        assert import_outboxes(uri, tmp_path / "imported.json", [], wait=False).points == 0  # nothing new: no lock
     finally:
         holder.communicate("")
-    import_outboxes(uri, tmp_path / "imported.json", [], wait=False)
+    assert import_outboxes(uri, tmp_path / "imported.json", entries, wait=False).points == 1
 
 
 def test_an_importer_killed_mid_way_leaves_each_point_once_after_another_takes_over(tmp_path):
@@ -193,3 +197,70 @@ def test_an_importer_killed_mid_way_leaves_each_point_once_after_another_takes_o
     assert db.execute("SELECT COUNT(*) FROM (SELECT DISTINCT run_uuid, key, step FROM metrics)").fetchone()[0] == \
         expected
     assert all(c.get_run(r).info.status == "RUNNING" for r in runs)
+
+
+def test_what_mlflow_refuses_or_sqlite_cannot_hold_is_passed_over_and_never_holds_up_the_rest(tmp_path, capsys):
+    """Hostile outboxes (a review found each): a tag MLflow refuses used to stop the trial's
+    record for good; a step past SQLite's integers, or a directory in place of one trial's
+    outbox, stopped every trial's import."""
+    uri, c, parent, runs = _store(tmp_path, runs=3)
+    entries = []
+    for i, run_id in enumerate(runs):
+        directory, run = _trial(tmp_path, uri, parent, run_id, name=f"t{i}")
+        entries.append(Entry(f"t{i}", directory, run_id))
+        run.logger().log(1, {"loss": 1.0})
+        if i == 0:
+            run.set_tags({"owner@lab": "x"})
+            with open(directory / OUTBOX, "a") as f:
+                f.write('["loss", 2.0, 5, 99999999999999999999999]\n["loss", 2.0, 99999999999999999999999, 2]\n'
+                        '["../../etc", 2.0, 5, 2]\n["bad key!", 2.0, 5, 2]\n{"tags": [1, 2]}\n{"params": "x"}\n'
+                        '{"dict": {}, "name": "../up.json"}\n')
+            run.logger().log(3, {"loss": 3.0})
+            run.finish("FINISHED")
+        if i == 1:
+            (directory / OUTBOX).unlink()
+            (directory / OUTBOX).mkdir()
+    _import(tmp_path, uri, entries)
+    err = capsys.readouterr().err
+    assert [s for s, _ in _history(c, runs[0], "loss")] == [1, 3] and c.get_run(runs[0]).info.status == "FINISHED"
+    assert [s for s, _ in _history(c, runs[2], "loss")] == [1]
+    assert err.count("is no MLflow record; passed over") == 6 and err.count("event was not taken") == 2, err
+    assert "Is a directory; its records are not imported" in err
+    assert [a.path for a in c.list_artifacts(runs[0])] == []
+
+
+def test_a_step_validated_again_after_a_rollback_is_added_and_a_replayed_one_is_not(tmp_path):
+    """A loss spike at step 13 rolls back to step 10 and validates there again: val_loss at 12,
+    then 10, then 12 and 20. Each (metric, step) once, the first value, step 10 included."""
+    uri, c, parent, (run_id,) = _store(tmp_path)
+    directory, run = _trial(tmp_path, uri, parent, run_id)
+    logger = run.logger()
+    logger.log(12, {"val_loss": 0.71})
+    _import(tmp_path, uri, [Entry("t0", directory, run_id)])
+    for step, value in ((10, 0.70), (12, 0.9), (20, 0.69)):
+        logger.log(step, {"val_loss": value})
+    _import(tmp_path, uri, [Entry("t0", directory, run_id)])
+    assert _history(c, run_id, "val_loss") == [(10, 0.70), (12, 0.71), (20, 0.69)]
+    assert c.get_run(run_id).data.metrics["val_loss"] == 0.69
+
+
+def test_a_cancelled_run_stays_ended_when_an_older_start_is_imported_after(tmp_path):
+    uri, c, parent, (run_id,) = _store(tmp_path)
+    directory, _ = _trial(tmp_path, uri, parent, run_id)  # its start, not imported yet (SLURM, nobody following)
+    c.set_terminated(run_id, status="KILLED")  # --cancel writes the store at once
+    _import(tmp_path, uri, [Entry("t0", directory, run_id)])
+    assert c.get_run(run_id).info.status == "KILLED"
+    _, again = _trial(tmp_path, uri, parent, run_id)  # a later start (a re-run) opens it again
+    _import(tmp_path, uri, [Entry("t0", directory, run_id)])
+    assert c.get_run(run_id).info.status == "RUNNING"
+
+
+def test_a_last_line_never_ended_is_read_once_and_then_costs_nothing(tmp_path):
+    uri, c, parent, (run_id,) = _store(tmp_path)
+    directory, run = _trial(tmp_path, uri, parent, run_id)
+    with open(directory / OUTBOX, "a") as f:
+        f.write('["loss", 0.123')  # a job killed mid-line, never run again
+    entries = [Entry("t0", directory, run_id)]
+    _import(tmp_path, uri, entries)
+    offsets = store_import._read_offsets(tmp_path / "imported.json")
+    assert not store_import._grown(entries[0], offsets["t0"])  # status answers without MLflow from now on
