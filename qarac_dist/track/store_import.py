@@ -120,7 +120,10 @@ def import_outboxes(uri: str, state: Path, entries: list[Entry], wait: bool = Tr
                     if new is None:
                         continue
                     items, position, capped = new
-                    more = more or capped
+                    before = offsets.get(entry.trial_id)
+                    # (a capped read that found no whole line, a line over _READ, is not read on)
+                    more = more or (capped and position["offset"] > (before.get("offset", 0) if
+                                                                     isinstance(before, dict) else 0))
                     points.add(entry.run_id, items)
                     pending.append((entry, items, position))
                     if points.size >= _CHUNK:
