@@ -100,7 +100,8 @@ def import_outboxes(uri: str, state: Path, entries: list[Entry], wait: bool = Tr
     from .mlflow_client import client
 
     done = Imported()
-    if not any(_grown(entry, _read_offsets(state).get(entry.trial_id)) for entry in entries):
+    seen = _read_offsets(state)  # once, not once a trial: asked on every poll of a following driver
+    if not any(_grown(entry, seen.get(entry.trial_id)) for entry in entries):
         return done  # asked each few seconds: answered without the lock, the store or MLflow
     held = writer_lock(uri, wait)
     try:
