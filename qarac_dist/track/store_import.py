@@ -15,23 +15,19 @@ process, goes on where the store is. Points of a step the store holds already (a
 recomputing the steps after its checkpoint) are those MLflow kept before: the first. How far
 each outbox was read (`mlflow_imported.json`) only spares re-reading.
 
-Events (tags, params, status, artifacts, the end of the run) go through MLflow's client and are
-made safe to replay: tags and params are set again to the same values, the end of a run logs
-its best metrics and its model once per best step (mlflow_runs.complete_run).
-
-The points are written with SQL into MLflow's two metric tables, which are checked first to be
-what this code knows (MLflow pinned in constraints.txt); a store whose tables differ gets its
-points through MLflow's client, at about a fifth of the speed.
+Events are written with SQL too, in the points' transaction (track/store_sql.py), or, those
+it does not take on (a model to log, an artifact), through MLflow's client, made safe to replay:
+the end of a run logs its best metrics and its model once per best step
+(mlflow_runs.complete_run). A store whose tables are not those this code knows (MLflow pinned
+in constraints.txt) gets all of it through MLflow's client, at about a fifth of the speed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
-import sqlite3
 import sys
 import time
 from dataclasses import dataclass
@@ -42,17 +38,13 @@ from ..base.files import NOT_A_RECORD, DamagedFile, read_json, write_json
 from ..base.lock import lock
 from ..base.secrets import redact_text
 from .outbox import MODULE, OUTBOX, is_local_store
+from .store_sql import StoreWriter, name_ok
 
-_METRIC_COLUMNS = {"key", "value", "timestamp", "run_uuid", "step", "is_nan"}
 _CHUNK = 50_000
 """Points per transaction: a kill loses at most one chunk's work, which the next import redoes."""
-_BIGGEST = 1.7976931348623157e308
-"""What MLflow stores for an infinite value (SQL has no infinity)."""
 _READ = 16 << 20
 """Bytes of one outbox read at a time."""
 _INT64 = 1 << 63
-_KEY = re.compile(r"[\w\-. /]{1,250}")
-"""A metric name MLflow takes: letters, digits, _ - . / and spaces, at most 250 characters."""
 _EVENTS = {"tags", "status", "params", "dict", "finish"}
 
 
@@ -112,7 +104,7 @@ def import_outboxes(uri: str, state: Path, entries: list[Entry], wait: bool = Tr
         more = True
         while more:  # a backlog is read _READ bytes of a trial at a time: memory stays bounded
             more = False
-            with _Points(uri, mlflow_client) as points:
+            with StoreWriter(_db(uri), mlflow_client) as points:
                 pending: list[tuple[Entry, list, dict]] = []
                 for entry in entries:
                     started = time.perf_counter()
@@ -125,8 +117,7 @@ def import_outboxes(uri: str, state: Path, entries: list[Entry], wait: bool = Tr
                     # (a capped read that found no whole line, a line over _READ, is not read on)
                     more = more or (capped and position["offset"] > (before.get("offset", 0) if
                                                                      isinstance(before, dict) else 0))
-                    points.add(entry.run_id, items)
-                    pending.append((entry, items, position))
+                    pending.append((entry, points.add(entry.run_id, _current(items)), position))
                     if points.size >= _CHUNK:
                         _commit(points, mlflow_client, pending, offsets, state, done)
                         pending = []
@@ -136,19 +127,20 @@ def import_outboxes(uri: str, state: Path, entries: list[Entry], wait: bool = Tr
         held.close()
 
 
-def _commit(points: "_Points", mlflow_client, pending: list, offsets: dict, state: Path, done: Imported) -> None:
-    """The chunk's points in one transaction, then each trial's events in order, the parents of
-    the runs that ended, then how far each outbox was read: a kill anywhere redoes only what
-    the store does not hold."""
+def _commit(points: StoreWriter, mlflow_client, pending: list, offsets: dict, state: Path, done: Imported) -> None:
+    """The chunk's points and the events SQL takes in one transaction, then each trial's other
+    events in order, the parents of the runs that ended, then how far each outbox was read: a
+    kill anywhere redoes only what the store does not hold."""
     from .mlflow_runs import update_parents
 
     started = time.perf_counter()
-    done.points += points.flush()
+    written, events, ends = points.flush()
+    done.points += written
+    done.events += events
     done.points_s += time.perf_counter() - started
-    ends: list[dict] = []
-    for entry, events, position in pending:
+    for entry, rest, position in pending:
         try:
-            done.events += _apply(mlflow_client, entry, events, ends)
+            done.events += _apply(mlflow_client, entry, rest, ends)
         except Exception as err:  # noqa: BLE001 - one trial's record; the others go on, this one next time
             print(f"qarac_dist: trial {entry.trial_id}: its MLflow events were not imported ({type(err).__name__}: "
                   f"{redact_text(str(err))[:300]}); the next import tries again", file=sys.stderr)
@@ -216,7 +208,7 @@ def _item(item):
     """A point as (key, value, timestamp, step), or an event as it is; anything else: ValueError."""
     if isinstance(item, list):
         key, value, timestamp, step = item
-        if not isinstance(key, str) or not _KEY.fullmatch(key) or ".." in key or isinstance(value, bool) or \
+        if not name_ok(key) or isinstance(value, bool) or \
                 not all(isinstance(n, int) and not isinstance(n, bool) and -_INT64 <= n < _INT64
                         for n in (timestamp, step)):
             raise ValueError(item)  # what MLflow's own checks and SQLite's integers refuse
@@ -227,22 +219,25 @@ def _item(item):
     raise ValueError(item)
 
 
-def _apply(mlflow_client, entry: Entry, items: list, ends: list) -> int:
-    """Set the trial's events in order (its points are queued); the ends of runs join `ends`.
-    An event MLflow refuses is said in one line and passed over, as a job writing the run
-    itself would have: it never holds up the events after it. Returns the number of events."""
-    run_id, events, state = entry.run_id, 0, {}
+def _current(items: list) -> list:
+    """The lines read, less the starts of the run (RUNNING) before its last end in them: they
+    change nothing."""
     last_end = max((i for i, item in enumerate(items) if isinstance(item, dict) and "finish" in item), default=-1)
-    for number, item in enumerate(items):
-        if isinstance(item, tuple) or ("status" in item and number < last_end):
-            continue  # a RUNNING before the run's end in these same lines changes nothing
-        events += 1
+    return [item for i, item in enumerate(items) if not (i < last_end and isinstance(item, dict) and "status" in item)]
+
+
+def _apply(mlflow_client, entry: Entry, events: list, ends: list) -> int:
+    """Set, in order, the trial's events that MLflow's client writes; the ends of runs join
+    `ends`. An event MLflow refuses is said in one line and passed over, as a job writing the
+    run itself would have: it never holds up the events after it. Returns the number of events."""
+    state: dict = {}
+    for item in events:
         try:
             _event(mlflow_client, entry, item, state, ends)
         except Exception as err:  # noqa: BLE001 - MLflow refused this event: the rest go on
             print(f"qarac_dist: trial {entry.trial_id}: an MLflow {next(iter(item.keys() & _EVENTS))} event was not "
                   f"taken ({type(err).__name__}: {redact_text(str(err))[:300]}); passed over", file=sys.stderr)
-    return events
+    return len(events)
 
 
 def _event(mlflow_client, entry: Entry, item: dict, state: dict, ends: list) -> None:
@@ -277,102 +272,6 @@ def _event(mlflow_client, entry: Entry, item: dict, state: dict, ends: list) -> 
             finish["module"] = str(entry.directory / MODULE)
         ends.append({**finish, "uri": mlflow_client.tracking_uri, "run_id": run_id})
         complete_run(mlflow_client, ends[-1], parent=False)
-
-
-class _Points:
-    """Metric points queued per run, written in one transaction per chunk."""
-
-    def __init__(self, uri: str, mlflow_client):
-        self.uri, self.client = uri, mlflow_client
-        self.queued: dict[str, list] = {}
-        self.size = 0
-
-    def __enter__(self) -> "_Points":
-        self.db = sqlite3.connect(_db(self.uri), timeout=60, isolation_level=None)
-        self.fast = all(_METRIC_COLUMNS == {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
-                        for table in ("metrics", "latest_metrics"))
-        return self
-
-    def __exit__(self, *_) -> None:
-        self.db.close()
-
-    def add(self, run_id: str, items: list) -> None:
-        points = [item for item in items if isinstance(item, tuple)]
-        if points:
-            self.queued.setdefault(run_id, []).extend(points)
-            self.size += len(points)
-
-    def flush(self) -> int:
-        queued, self.queued, self.size = self.queued, {}, 0
-        if not queued:
-            return 0
-        return self._sql(queued) if self.fast else self._client(queued)
-
-    def _sql(self, queued: dict[str, list]) -> int:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            runs = list(queued)
-            latest: dict[tuple[str, str], int] = {}
-            active: set[str] = set()
-            for start in range(0, len(runs), 500):
-                part = runs[start:start + 500]
-                marks = ",".join("?" * len(part))
-                latest.update(((run, key), step) for run, key, step in db.execute(
-                    f"SELECT run_uuid, key, step FROM latest_metrics WHERE run_uuid IN ({marks})", part))
-                active.update(run for (run,) in db.execute(
-                    f"SELECT run_uuid FROM runs WHERE run_uuid IN ({marks}) AND lifecycle_stage = 'active'", part))
-            rows, newest, held, added = [], {}, {}, {}
-            for run, points in queued.items():
-                if run not in active:
-                    print(f"qarac_dist: MLflow run {run} is not in the store or was deleted; its points are not "
-                          f"imported", file=sys.stderr)
-                    continue
-                for key, value, timestamp, step in points:
-                    pair = (run, key)
-                    mine = added.setdefault(pair, set())
-                    if step in mine:
-                        continue  # each (metric, step) once: the first
-                    if step <= latest.get(pair, -_INT64):
-                        # Mostly a resumed job's replay of steps the store holds (the first value
-                        # stays); a step it lacks (validated again after a rollback) is added.
-                        if pair not in held:
-                            held[pair] = {n for (n,) in db.execute(
-                                "SELECT step FROM metrics WHERE run_uuid = ? AND key = ?", pair)}
-                        if step in held[pair]:
-                            continue
-                    else:
-                        latest[pair] = step
-                    mine.add(step)
-                    nan = math.isnan(value)
-                    value = 0.0 if nan else max(-_BIGGEST, min(_BIGGEST, value))
-                    row = (key, value, timestamp, run, step, nan)
-                    rows.append(row)
-                    if latest[pair] == step:
-                        newest[pair] = row
-            db.executemany("INSERT OR IGNORE INTO metrics (key, value, timestamp, run_uuid, step, is_nan) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", rows)
-            db.executemany("INSERT OR REPLACE INTO latest_metrics (key, value, timestamp, run_uuid, step, is_nan) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", newest.values())
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # SQLite ends some failed transactions itself (a full disk)
-                db.execute("ROLLBACK")
-            raise
-        return len(rows)
-
-    def _client(self, queued: dict[str, list]) -> int:
-        from mlflow.entities import Metric
-
-        from .mlflow_logger import HeldSteps
-
-        sent = 0
-        for run, points in queued.items():
-            fresh = HeldSteps(self.client, run).fresh(points)
-            for start in range(0, len(fresh), 1000):
-                self.client.log_batch(run, metrics=[Metric(*p) for p in fresh[start:start + 1000]])
-            sent += len(fresh)
-        return sent
 
 
 def _db(uri: str) -> Path:

@@ -264,3 +264,45 @@ def test_a_last_line_never_ended_is_read_once_and_then_costs_nothing(tmp_path):
     _import(tmp_path, uri, entries)
     offsets = store_import._read_offsets(tmp_path / "imported.json")
     assert not store_import._grown(entries[0], offsets["t0"])  # status answers without MLflow from now on
+
+
+def test_the_sql_writes_leave_each_run_as_mlflows_client_leaves_it(tmp_path, monkeypatch):
+    """Tags, params, a start and an end without a model are written with SQL (track/store_sql.py);
+    a store whose tables differ from those that code knows gets all of it through MLflow's
+    client. Both stores end up showing the same runs, the parent's verdict included."""
+    shown, through = [], {"sql": [], "client": []}
+    event = store_import._event
+    monkeypatch.setattr(store_import, "_event", lambda c, entry, item, *rest: (
+        through[kind].append(next(iter(item))), event(c, entry, item, *rest)))
+    for kind in ("sql", "client"):
+        home = tmp_path / kind
+        home.mkdir()
+        uri, c, parent, runs = _store(home, runs=2)
+        if kind == "client":
+            with sqlite3.connect(home / "mlflow.db") as db:
+                db.execute("ALTER TABLE tags ADD COLUMN note TEXT")  # not the table store_sql.py knows
+        entries = []
+        for i, run_id in enumerate(runs):
+            directory, run = _trial(home, uri, parent, run_id, name=f"t{i}")
+            entries.append(Entry(f"t{i}", directory, run_id))
+            run.logger().log(1, {"loss": 1.0, "best_val_accuracy": 0.5 + i / 10})
+            run.log_params({"data.num_rows": 10, "optimizer.lr": 0.5})  # a param keeps its first value
+            run.set_tags({"stage": "a"})
+            run.set_tags({"stage": "b"})  # a tag takes the last
+            if i == 0:
+                run.finish("FAILED", error="CUDA out of memory")
+        _import(home, uri, entries)
+        _trial(home, uri, parent, runs[0], name="t0")[1].finish("FINISHED")  # a retry that ends
+        _import(home, uri, entries)
+        shown.append([(r.data.params, {k: v for k, v in r.data.tags.items() if k != "mlflow.parentRunId"},
+                       r.data.metrics, r.info.status, bool(r.info.end_time))
+                      for r in (c.get_run(run_id) for run_id in runs)])
+        shown[-1].append({k: v for k, v in c.get_run(parent).data.tags.items() if k in ("best_trial", "best_order")})
+    sql, through_client = shown
+    assert sql == through_client
+    (params, tags, metrics, status, ended), second, verdict = sql
+    assert (params["optimizer.lr"], params["data.num_rows"], tags["stage"], tags["error"]) == \
+        ("0.001", "10", "b", "CUDA out of memory")
+    assert (status, ended, metrics["best_val_accuracy"], second[3], second[4]) == ("FINISHED", True, 0.5, "RUNNING", False)
+    assert verdict["best_trial"] == "t0"  # the only trial that finished
+    assert (through["sql"], sorted(set(through["client"]))) == ([], ["finish", "params", "status", "tags"])
