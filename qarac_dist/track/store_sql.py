@@ -68,6 +68,7 @@ class StoreWriter:
 
     def __enter__(self) -> "StoreWriter":
         self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        self.db.execute("PRAGMA cache_size = -65536")  # 64 MiB: the metrics' index outgrows SQLite's 2 MiB
         columns = {table: {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
                    for table in [*_COLUMNS, "runs"]}
         self.fast = all(columns[table] == known for table, known in _COLUMNS.items()) and _RUN_COLUMNS <= columns["runs"]
@@ -78,16 +79,22 @@ class StoreWriter:
 
     def add(self, run_id: str, items: list) -> list:
         """Queue the trial's points and, in order, its events up to the first that MLflow's client
-        must write; returns that one and the events after it, for the client, in order."""
+        must write (an artifact, which nothing else depends on, is passed by); returns the events
+        for the client, in order."""
         points = [item for item in items if isinstance(item, tuple)]
         if points:
             self.points.setdefault(run_id, []).extend(points)
             self.size += len(points)
-        events = [item for item in items if isinstance(item, dict)]
-        first = next((i for i, event in enumerate(events) if not (self.fast and sql_event(event))), len(events))
-        if first:
-            self.events.setdefault(run_id, []).extend(events[:first])
-        return events[first:]
+        queued, client, held = [], [], False
+        for event in (item for item in items if isinstance(item, dict)):
+            if held or not (self.fast and sql_event(event)):
+                held = held or "dict" not in event
+                client.append(event)
+            else:
+                queued.append(event)
+        if queued:
+            self.events.setdefault(run_id, []).extend(queued)
+        return client
 
     def flush(self) -> tuple[int, int, list[dict]]:
         """Write what is queued: the points written, the events, and the ends of runs (for the

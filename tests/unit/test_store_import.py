@@ -288,6 +288,7 @@ def test_the_sql_writes_leave_each_run_as_mlflows_client_leaves_it(tmp_path, mon
             run.logger().log(1, {"loss": 1.0, "best_val_accuracy": 0.5 + i / 10})
             run.log_params({"data.num_rows": 10, "optimizer.lr": 0.5})  # a param keeps its first value
             run.set_tags({"stage": "a"})
+            run.log_dict({"zero": 2}, "deepspeed_config.json")  # an artifact holds up no SQL event after it
             run.set_tags({"stage": "b"})  # a tag takes the last
             if i == 0:
                 run.finish("FAILED", error="CUDA out of memory")
@@ -295,14 +296,17 @@ def test_the_sql_writes_leave_each_run_as_mlflows_client_leaves_it(tmp_path, mon
         _trial(home, uri, parent, runs[0], name="t0")[1].finish("FINISHED")  # a retry that ends
         _import(home, uri, entries)
         shown.append([(r.data.params, {k: v for k, v in r.data.tags.items() if k != "mlflow.parentRunId"},
-                       r.data.metrics, r.info.status, bool(r.info.end_time))
+                       r.data.metrics, r.info.status, bool(r.info.end_time),
+                       [a.path for a in c.list_artifacts(r.info.run_id)])
                       for r in (c.get_run(run_id) for run_id in runs)])
         shown[-1].append({k: v for k, v in c.get_run(parent).data.tags.items() if k in ("best_trial", "best_order")})
     sql, through_client = shown
     assert sql == through_client
-    (params, tags, metrics, status, ended), second, verdict = sql
+    (params, tags, metrics, status, ended, artifacts), second, verdict = sql
     assert (params["optimizer.lr"], params["data.num_rows"], tags["stage"], tags["error"]) == \
         ("0.001", "10", "b", "CUDA out of memory")
     assert (status, ended, metrics["best_val_accuracy"], second[3], second[4]) == ("FINISHED", True, 0.5, "RUNNING", False)
     assert verdict["best_trial"] == "t0"  # the only trial that finished
-    assert (through["sql"], sorted(set(through["client"]))) == ([], ["finish", "params", "status", "tags"])
+    assert artifacts == ["deepspeed_config.json"]
+    assert (through["sql"], sorted(set(through["client"]))) == (["dict", "dict"], ["dict", "finish", "params", "status",
+                                                                                   "tags"])
