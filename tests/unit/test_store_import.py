@@ -164,7 +164,8 @@ def test_a_second_importer_is_refused_while_one_holds_the_store(tmp_path):
 
 
 def test_an_importer_killed_mid_way_leaves_each_point_once_after_another_takes_over(tmp_path):
-    """SIGKILL once the first chunk is in: the next importer goes on from what the store holds."""
+    """SIGKILL once the first chunk is in the store, before how far the outboxes were read is
+    saved: the next importer reads them all again and goes on from what the store holds."""
     uri, c, parent, runs = _store(tmp_path, runs=30)
     entries, expected = [], 0
     for i, run_id in enumerate(runs):
@@ -175,10 +176,19 @@ def test_an_importer_killed_mid_way_leaves_each_point_once_after_another_takes_o
         expected += 600
         entries.append(Entry(f"t{i}", directory, run_id))
     script = textwrap.dedent(f"""
+        import signal
         from pathlib import Path
-        from qarac_dist.track import store_import
+        from qarac_dist.track import store_import, store_sql
         from qarac_dist.track.store_import import Entry, import_outboxes
         store_import._CHUNK = 900
+        flush = store_sql.StoreWriter.flush
+
+        def flush_once(self):
+            flush(self)
+            Path({str(tmp_path / 'one chunk in')!r}).touch()
+            signal.pause()  # killed here
+
+        store_sql.StoreWriter.flush = flush_once
         entries = [Entry(t, Path(d), r) for t, d, r in {[(e.trial_id, str(e.directory), e.run_id) for e in entries]!r}]
         import_outboxes({uri!r}, Path({str(tmp_path / 'imported.json')!r}), entries)
         """)
@@ -188,9 +198,10 @@ def test_an_importer_killed_mid_way_leaves_each_point_once_after_another_takes_o
     def points():
         return db.execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
 
-    wait_for(lambda: (tmp_path / "imported.json").exists() or proc.poll() is not None, 120, "a first chunk")
+    wait_for(lambda: (tmp_path / "one chunk in").exists() or proc.poll() is not None, 120, "a first chunk")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert not (tmp_path / "imported.json").exists()
     assert 0 < points() < expected, "killed before or after the whole import: the test proves nothing"
     _import(tmp_path, uri, entries)
     assert points() == expected
