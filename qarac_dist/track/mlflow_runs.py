@@ -116,8 +116,8 @@ def complete_run(mlflow_client, pending: dict, module=None, parent: bool = True)
             _log_model(mlflow_client, pending, best_dir, _module(pending, module))
             mlflow_client.set_tag(run_id, "best_model_step", str(info["step"]))
     if pending.get("error"):
-        mlflow_client.set_tag(run_id, "error", pending["error"][:5000])
-    mlflow_client.set_terminated(run_id, status=pending["status"])
+        mlflow_client.set_tag(run_id, "error", str(pending["error"])[:5000])
+    mlflow_client.set_terminated(run_id, status=pending["status"], end_time=pending.get("end_time"))
     if parent:
         update_parents(mlflow_client, [pending])
 
@@ -126,12 +126,18 @@ def update_parents(mlflow_client, ends: list[dict]) -> None:
     """The best trial of each sweep parent that these ends of runs name, chosen again once each."""
     seen = set()
     for pending in ends:
-        if pending.get("parent_run_id") and pending["parent_run_id"] not in seen:
-            seen.add(pending["parent_run_id"])
+        parent = pending.get("parent_run_id")
+        if not isinstance(parent, str) or not parent or parent in seen:
+            continue
+        seen.add(parent)
+        try:
             info = read_json(Path(pending["best_dir"]) / BEST_INFO) if pending.get("best_dir") else None
             metric = pending.get("select_metric") or (info or {}).get("metric") or "loss"
             sweep = SweepLayout(Path(pending["sweep_dir"])) if pending.get("sweep_dir") else None
-            update_parent(mlflow_client, pending["parent_run_id"], metric, pending.get("select_mode") or "max", sweep)
+            update_parent(mlflow_client, parent, metric, pending.get("select_mode") or "max", sweep)
+        except Exception as err:  # noqa: BLE001 - a parent deleted in the UI: the trials' records still go in
+            print(f"qarac_dist: the sweep's MLflow run {parent}: its best trial was not updated ({type(err).__name__}: "
+                  f"{redact_text(str(err))[:300]})", file=sys.stderr)
 
 
 def _drop_unfinished_models(mlflow_client, run) -> None:

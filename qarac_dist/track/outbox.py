@@ -16,7 +16,8 @@ of these keys, in the order the job made them:
      "time": ms}             by --cancel, stays ended)
     {"params": {...}}        params (the same values again on a requeue)
     {"dict": {...}, "name"}  a JSON artifact of the run
-    {"finish": {...}}        the end of the run (mlflow_runs.complete_run's `pending`)
+    {"finish": {...}}        the end of the run (mlflow_runs.complete_run's `pending`, with
+                             its `end_time`, ms)
 
 A job killed mid-line leaves its last line cut short: the next job of the trial ends it first
 (so it is one damaged line, passed over with a word), and the importer reads only whole lines.
@@ -123,4 +124,4 @@ class OutboxRun:
             with writing(self.directory / MODULE):
                 torch.save(module, self.directory / MODULE)
             pending = {**pending, "module": str(self.directory / MODULE)}
-        self.outbox.write({"finish": pending})
+        self.outbox.write({"finish": {**pending, "end_time": int(time.time() * 1000)}})

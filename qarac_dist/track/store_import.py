@@ -38,7 +38,7 @@ from ..base.files import NOT_A_RECORD, DamagedFile, read_json, write_json
 from ..base.lock import lock
 from ..base.secrets import redact_text
 from .outbox import MODULE, OUTBOX, is_local_store
-from .store_sql import StoreWriter, name_ok
+from .store_sql import StoreWriter, ms, name_ok
 
 _CHUNK = 50_000
 """Points per transaction: a kill loses at most one chunk's work, which the next import redoes."""
@@ -175,6 +175,10 @@ def _new_lines(entry: Entry, saved: Optional[dict]) -> Optional[tuple[list, dict
             start = _start(f, stat.st_ino, saved)
             f.seek(start)
             data = f.read(_READ)
+            while len(data) == _READ and b"\n" not in data and (end := _past_long_line(f, path, start)) > start:
+                start = end
+                f.seek(start)
+                data = f.read(_READ)
     except FileNotFoundError:
         return None
     except OSError as err:  # a directory in its place, no permission: this trial waits, the others go on
@@ -195,6 +199,20 @@ def _new_lines(entry: Entry, saved: Optional[dict]) -> Optional[tuple[list, dict
     return items, position, capped
 
 
+def _past_long_line(f, path: Path, start: int) -> int:
+    """After the line at `start`, longer than _READ bytes, once it has ended (said in one line:
+    no record MLflow takes is that long); `start` while it is still being written."""
+    f.seek(start + _READ)
+    position = start + _READ
+    while chunk := f.read(_READ):
+        if (at := chunk.find(b"\n")) >= 0:
+            print(f"qarac_dist: {path}: the line at byte {start} is over {_READ:,} bytes: no MLflow record; passed "
+                  f"over", file=sys.stderr)
+            return position + at + 1
+        position += len(chunk)
+    return start
+
+
 def _start(f, inode: int, saved: Optional[dict]) -> int:
     """Where the last import stopped in this file: the end of a line in it, or else its start."""
     start = saved.get("offset") if isinstance(saved, dict) and saved.get("inode") == inode else 0
@@ -208,15 +226,26 @@ def _item(item):
     """A point as (key, value, timestamp, step), or an event as it is; anything else: ValueError."""
     if isinstance(item, list):
         key, value, timestamp, step = item
-        if not name_ok(key) or isinstance(value, bool) or \
-                not all(isinstance(n, int) and not isinstance(n, bool) and -_INT64 <= n < _INT64
-                        for n in (timestamp, step)):
+        if not name_ok(key) or isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                ms(timestamp) is None or not (isinstance(step, int) and not isinstance(step, bool) and
+                                              -_INT64 <= step < _INT64):
             raise ValueError(item)  # what MLflow's own checks and SQLite's integers refuse
         return key, float(value), timestamp, step
     kinds = item.keys() & _EVENTS if isinstance(item, dict) else set()
     if len(kinds) == 1 and isinstance(item[next(iter(kinds))], str if "status" in kinds else dict):
-        return item
+        return _utf8(item)
     raise ValueError(item)
+
+
+def _utf8(event: dict) -> dict:
+    """The event with text SQLite and MLflow can store: a lone surrogate (a valid JSON escape, no
+    UTF-8) becomes `?`."""
+    text = json.dumps(event, ensure_ascii=False)
+    try:
+        text.encode()
+        return event
+    except UnicodeEncodeError:
+        return json.loads(text.encode(errors="replace"))
 
 
 def _current(items: list) -> list:
@@ -251,8 +280,8 @@ def _event(mlflow_client, entry: Entry, item: dict, state: dict, ends: list) -> 
         for start in range(0, len(tags), 100):
             mlflow_client.log_batch(run_id, tags=tags[start:start + 100])
     elif "status" in item:
-        ended = mlflow_client.get_run(run_id).info.end_time
-        if not (ended and isinstance(item.get("time"), int) and item["time"] <= ended):  # not over a later end
+        ended, at = mlflow_client.get_run(run_id).info.end_time, ms(item.get("time"))
+        if not (ended and at is not None and at <= ended):  # not over a later end
             mlflow_client.update_run(run_id, status=str(item["status"]))  # (--cancel's KILLED)
     elif "params" in item:  # a param keeps its first value: only those the run lacks
         if "have" not in state:
@@ -268,6 +297,7 @@ def _event(mlflow_client, entry: Entry, item: dict, state: dict, ends: list) -> 
         mlflow_client.log_dict(run_id, item["dict"], name)
     else:  # the job's pickled best model, if any, is the one in its own directory, never a path it names
         finish = {k: v for k, v in item["finish"].items() if k != "module"}
+        finish["end_time"] = ms(finish.get("end_time"))
         if (entry.directory / MODULE).exists() and item["finish"].get("module"):
             finish["module"] = str(entry.directory / MODULE)
         ends.append({**finish, "uri": mlflow_client.tracking_uri, "run_id": run_id})

@@ -22,6 +22,9 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
+from typing import Optional
+
+from ..base.secrets import redact_text
 
 _COLUMNS = {
     "metrics": {"key", "value", "timestamp", "run_uuid", "step", "is_nan"},
@@ -33,17 +36,22 @@ _RUN_COLUMNS = {"run_uuid", "status", "end_time", "lifecycle_stage"}
 _BIGGEST = 1.7976931348623157e308
 """What MLflow stores for an infinite value (SQL has no infinity)."""
 _INT64 = 1 << 63
-_NAME = re.compile(r"[\w\-. /]{1,250}")
+_NAME = re.compile(r"[\w\-. /:]{1,250}")
 _STATUSES = {"RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED"}
 
 
 def name_ok(name) -> bool:
-    """A metric, param or tag name MLflow takes: letters, digits, _ - . / and spaces, at most 250
-    characters, and a path that names itself (no `a//b`, `./a`, `..`, leading `/`)."""
+    """A metric, param or tag name MLflow takes (on POSIX): letters, digits, _ - . / : and spaces,
+    at most 250 characters, and a path that names itself (no `a//b`, `./a`, `..`, leading `/`)."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         return False
     norm = posixpath.normpath(name)
     return norm == name and norm != "." and not norm.startswith(("..", "/"))
+
+
+def ms(value) -> Optional[int]:
+    """A time in ms since the epoch as MLflow takes one (a nonnegative int64), or None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _INT64 else None
 
 
 def sql_event(item: dict) -> bool:
@@ -145,7 +153,7 @@ class StoreWriter:
                 mine = added.setdefault(pair, set())
                 if step in mine:
                     continue  # each (metric, step) once: the first
-                if step <= latest.get(pair, -_INT64):
+                if pair in latest and step <= latest[pair]:
                     # Mostly a resumed job's replay of steps the store holds (the first value
                     # stays); a step it lacks (validated again after a rollback) is added.
                     if pair not in held:
@@ -178,8 +186,7 @@ class StoreWriter:
                     db.executemany("INSERT OR IGNORE INTO params (key, value, run_uuid) VALUES (?, ?, ?)",
                                    [(k, str(v)[:6000], run) for k, v in event["params"].items()])
                 elif "status" in event:  # not over an end made later (--cancel's KILLED)
-                    at = event.get("time")
-                    at = at if isinstance(at, int) and not isinstance(at, bool) and -_INT64 <= at < _INT64 else None
+                    at = ms(event.get("time"))
                     db.execute("UPDATE runs SET status = ? WHERE run_uuid = ? AND (? IS NULL OR end_time IS NULL "
                                "OR end_time = 0 OR ? > end_time)", (event["status"], run, at, at))
                 else:
@@ -188,7 +195,7 @@ class StoreWriter:
                         db.execute("INSERT OR REPLACE INTO tags (key, value, run_uuid) VALUES ('error', ?, ?)",
                                    (str(finish["error"])[:5000], run))
                     db.execute("UPDATE runs SET status = ?, end_time = ? WHERE run_uuid = ?",
-                               (str(finish["status"]), int(time.time() * 1000), run))
+                               (str(finish["status"]), ms(finish.get("end_time")) or int(time.time() * 1000), run))
                     ends.append({**finish, "run_id": run})
         return ends
 
@@ -199,8 +206,12 @@ class StoreWriter:
 
         sent = 0
         for run, points in queued.items():
-            fresh = HeldSteps(self.client, run).fresh(points)
-            for start in range(0, len(fresh), 1000):
-                self.client.log_batch(run, metrics=[Metric(*p) for p in fresh[start:start + 1000]])
-            sent += len(fresh)
+            try:
+                fresh = HeldSteps(self.client, run).fresh(points)
+                for start in range(0, len(fresh), 1000):
+                    self.client.log_batch(run, metrics=[Metric(*p) for p in fresh[start:start + 1000]])
+                    sent += len(fresh[start:start + 1000])
+            except Exception as err:  # noqa: BLE001 - a run deleted, a point refused: the other runs go on
+                print(f"qarac_dist: MLflow run {run}: its points were not all imported ({type(err).__name__}: "
+                      f"{redact_text(str(err))[:300]})", file=sys.stderr)
         return sent

@@ -2,6 +2,8 @@
 naming the file and the key, exit code 2, no traceback, nothing created or overwritten.
 
 The table grows with every input the code touches; the cases an issue named are examples.
+What trials write for the importer (their MLflow outboxes: lines cut short, refused names and
+values, lone surrogates, lines past a read, runs and parents deleted) is in test_store_import.py.
 """
 
 from __future__ import annotations

@@ -321,3 +321,47 @@ def test_the_sql_writes_leave_each_run_as_mlflows_client_leaves_it(tmp_path, mon
     assert artifacts == ["deepspeed_config.json"]
     assert (through["sql"], sorted(set(through["client"]))) == (["dict", "dict"], ["dict", "finish", "params", "status",
                                                                                    "tags"])
+
+
+@pytest.mark.parametrize("kind", ["sql", "client"])
+def test_a_second_reviews_outboxes_stop_no_import_on_either_path(tmp_path, capsys, monkeypatch, kind):
+    """Each of these made every import of the sweep raise, or held up one trial for good: a
+    step of -2**63, a lone surrogate (a valid JSON escape, no UTF-8), a parent run deleted in
+    the UI, a deleted run on the client's path, a line longer than a read. Also: a point MLflow
+    refuses (a negative time, a string value) is passed over, a name with `:` kept, and a retry's
+    start after the failed attempt's end, read in one import, shows the run RUNNING."""
+    monkeypatch.setattr(store_import, "_READ", 4096)
+    uri, c, parent, runs = _store(tmp_path, runs=4)
+    if kind == "client":
+        with sqlite3.connect(tmp_path / "mlflow.db") as db:
+            db.execute("ALTER TABLE tags ADD COLUMN note TEXT")
+    entries = []
+    for i, run_id in enumerate(runs):
+        directory, run = _trial(tmp_path, uri, parent, run_id, name=f"t{i}")
+        entries.append(Entry(f"t{i}", directory, run_id))
+        run.logger().log(1, {"loss": 1.0})
+        lines = {0: ['["loss", 2.0, 5, -9223372036854775808]', '["loss", 2.0, -1, 4]', '["loss", "2.0", 5, 5]',
+                     '["eval:loss", 2.0, 5, 1]', '{"tags": {"note": "\\ud800"}}', '{"params": {"p": "\\udfff"}}',
+                     '{"finish": {"status": "FAILED", "error": "\\ud800 boom", "parent_run_id": "%s"}}' % parent],
+                 1: ['{"tags": {"big": "%s"}}' % ("x" * 10_000), '["loss", 2.0, 5, 2]', '["best_val_accuracy", 0.9, 5, 2]',
+                     '{"finish": {"status": "FINISHED", "parent_run_id": "%s", "select_metric": "accuracy"}}' % parent],
+                 2: ['{"finish": {"status": "FAILED", "end_time": 1000, "parent_run_id": "%s"}}' % parent,
+                     '{"status": "RUNNING", "time": 2000}', '["loss", 2.0, 3000, 2]']}
+        with open(directory / OUTBOX, "a") as f:
+            f.write("".join(line + "\n" for line in lines.get(i, [])))
+    c.delete_run(parent)
+    c.delete_run(runs[3])
+    _import(tmp_path, uri, entries)
+    err = capsys.readouterr().err
+    assert (tmp_path / "imported.json").exists()
+    zero, one, two = (c.get_run(r) for r in runs[:3])
+    assert [s for s, _ in _history(c, runs[0], "loss")] == [-2 ** 63, 1]
+    assert _history(c, runs[0], "eval:loss") == [(1, 2.0)]
+    assert (zero.info.status, zero.data.tags["error"], zero.data.tags["note"], zero.data.params["p"]) == \
+        ("FAILED", "? boom", "?", "?")
+    assert "big" not in one.data.tags and [s for s, _ in _history(c, runs[1], "loss")] == [1, 2]
+    assert one.info.status == "FINISHED" and "is over 4,096 bytes: no MLflow record; passed over" in err
+    assert two.info.status == "RUNNING" and [s for s, _ in _history(c, runs[2], "loss")] == [1, 2]
+    assert err.count("is no MLflow record; passed over") == 2, err  # the negative time, the string value
+    assert err.count("its best trial was not updated") == 1, err
+    assert c.get_metric_history(runs[3], "loss") == []
