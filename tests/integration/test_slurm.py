@@ -12,7 +12,7 @@ import time
 import pytest
 
 from qarac_dist.submit.sweep_dir import Manifest
-from support import ROOT, logged_losses, tiny_config, write_config
+from support import ROOT, logged_losses, tiny_config, wait_for, write_config
 
 
 
@@ -87,32 +87,39 @@ def test_two_node_deepspeed_trial_matches_two_local_tasks(cluster, tmp_path, dat
 
 
 def test_rerun_submits_nothing_twice_and_only_failed_trials_again(cluster, tmp_path, data_cache):
-    path = _sweep(tmp_path, "rerun", data_cache, grid={"data.label_column": ["label", "no_such_column"]})
-    assert _sweep_cli(path).returncode == 0
-    first = {r.id: r.job_id for r in Manifest.load(tmp_path / "runs" / "rerun").trials.values()}
-    assert _squeue_count("qarac-rerun") == 2
+    """Submitted held (`--hold`), so the re-run meets both trials in the queue however fast they
+    would end (on a fast machine both had ended before the check); released, one fails and one
+    completes, and the next re-run submits the failed one alone."""
+    path = _sweep(tmp_path, "rerun", data_cache, grid={"data.label_column": ["label", "no_such_column"]},
+                  resources={"time_min": 10, "max_parallel": 4, "extra_sbatch": {"hold": True}})
+    try:
+        assert _sweep_cli(path).returncode == 0
+        first = {r.id: r.job_id for r in Manifest.load(tmp_path / "runs" / "rerun").trials.values()}
+        assert _squeue_count("qarac-rerun") == 2
 
-    proc = _sweep_cli(path)  # while pending or running
-    assert "0 to run" in proc.stdout, proc.stdout + proc.stderr
-    assert {r.id: r.job_id for r in Manifest.load(tmp_path / "runs" / "rerun").trials.values()} == first
+        proc = _sweep_cli(path)  # while they wait in the queue
+        assert "0 to run" in proc.stdout, proc.stdout + proc.stderr
+        assert {r.id: r.job_id for r in Manifest.load(tmp_path / "runs" / "rerun").trials.values()} == first
 
-    deadline = time.time() + 300
-    while _squeue_count("qarac-rerun") and time.time() < deadline:
-        time.sleep(1)
-    status = subprocess.run([sys.executable, "-m", "qarac_dist.status", str(tmp_path / "runs" / "rerun")],
-                            capture_output=True, text=True)
-    assert status.returncode == 1, status.stdout  # one trial failed
-    assert "no_such_column" in status.stdout and "COMPLETED" in status.stdout
+        (array,) = {job.split("_")[0] for job in first.values()}
+        subprocess.run(["scontrol", "release", array], check=True)
+        wait_for(lambda: _squeue_count("qarac-rerun") == 0, 300, "both trials to end")
+        status = subprocess.run([sys.executable, "-m", "qarac_dist.status", str(tmp_path / "runs" / "rerun")],
+                                capture_output=True, text=True)
+        assert status.returncode == 1, status.stdout  # one trial failed
+        assert "no_such_column" in status.stdout and "COMPLETED" in status.stdout
 
-    # After they ended: only the failed one again (preflight would now stop the broken trial
-    # before it is submitted; this test is about re-runs).
-    proc = _sweep_cli(path, "--no-preflight")
-    assert "1 to run" in proc.stdout, proc.stdout + proc.stderr
-    after = Manifest.load(tmp_path / "runs" / "rerun").trials.values()
-    resubmitted = [r for r in after if r.job_id != first[r.id]]
-    assert len(resubmitted) == 1 and resubmitted[0].overrides["data.label_column"] == "no_such_column"
-    assert resubmitted[0].attempt == 2 and len(resubmitted[0].job_ids) == 2
-    assert len(list((tmp_path / "runs" / "rerun" / "trials").iterdir())) == 2
+        # After they ended: only the failed one again (preflight would now stop the broken trial
+        # before it is submitted; this test is about re-runs).
+        proc = _sweep_cli(path, "--no-preflight")
+        assert "1 to run" in proc.stdout, proc.stdout + proc.stderr
+        after = Manifest.load(tmp_path / "runs" / "rerun").trials.values()
+        resubmitted = [r for r in after if r.job_id != first[r.id]]
+        assert len(resubmitted) == 1 and resubmitted[0].overrides["data.label_column"] == "no_such_column"
+        assert resubmitted[0].attempt == 2 and len(resubmitted[0].job_ids) == 2
+        assert len(list((tmp_path / "runs" / "rerun" / "trials").iterdir())) == 2
+    finally:
+        subprocess.run(["scancel", "-n", "qarac-rerun"], check=False)  # the resubmitted trial waits held
 
 
 def test_resources_the_cluster_cannot_satisfy_are_refused_in_one_line(cluster, tmp_path, data_cache):
