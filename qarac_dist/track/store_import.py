@@ -45,6 +45,9 @@ _CHUNK = 50_000
 _READ = 16 << 20
 """Bytes of one outbox read at a time."""
 _INT64 = 1 << 63
+_NUL_WAIT_S = 300
+"""How long a line with NUL bytes is waited on: an NFS client may show a range another host
+appended as zeros until that host's client has written it back (seconds, mostly)."""
 _EVENTS = {"tags", "status", "params", "dict", "finish"}
 
 
@@ -160,7 +163,7 @@ def _grown(entry: Entry, saved: Optional[dict]) -> bool:
     except OSError:
         return False
     return entry.run_id is not None and (not isinstance(saved, dict) or saved.get("inode") != stat.st_ino or
-                                         saved.get("size") != stat.st_size)
+                                         saved.get("size") != stat.st_size or "zeros_at" in saved)
 
 
 def _new_lines(entry: Entry, saved: Optional[dict]) -> Optional[tuple[list, dict, bool]]:
@@ -188,7 +191,8 @@ def _new_lines(entry: Entry, saved: Optional[dict]) -> Optional[tuple[list, dict
         return None
     capped = len(data) == _READ
     data = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next import
-    position = {"inode": stat.st_ino, "offset": start + len(data), "size": stat.st_size}
+    data, zeros = _before_zeros(data, start, saved, path)
+    position = {"inode": stat.st_ino, "offset": start + len(data), "size": stat.st_size, **zeros}
     items = []
     for number, line in enumerate(data.split(b"\n")[:-1]):
         try:
@@ -197,6 +201,22 @@ def _new_lines(entry: Entry, saved: Optional[dict]) -> Optional[tuple[list, dict
             print(f"qarac_dist: {path}: a line after byte {start} ({number + 1} of those read now) is no MLflow "
                   f"record; passed over", file=sys.stderr)
     return items, position, capped
+
+
+def _before_zeros(data: bytes, start: int, saved: Optional[dict], path: Path) -> tuple[bytes, dict]:
+    """The lines before the first that holds NUL bytes, and where and since when that line has
+    been waited on; after _NUL_WAIT_S, all of them (the line is then passed over with a word)."""
+    at = data.find(b"\0")
+    if at < 0:
+        return data, {}
+    line = data.rfind(b"\n", 0, at) + 1
+    since = saved.get("zeros_since") if isinstance(saved, dict) and saved.get("zeros_at") == start + line else None
+    since = since if isinstance(since, float) and since <= time.time() else time.time()
+    if time.time() - since < _NUL_WAIT_S:
+        return data[:line], {"zeros_at": start + line, "zeros_since": since}
+    print(f"qarac_dist: {path}: the line at byte {start + line} has held NUL bytes for {_NUL_WAIT_S} s (not an NFS "
+          f"client's view of a write still on its way)", file=sys.stderr)
+    return data, {}
 
 
 def _past_long_line(f, path: Path, start: int) -> int:

@@ -19,6 +19,7 @@ from support import ROOT, logged_losses, tiny_config, wait_for, write_config
 def _sweep(tmp_path, name, data_cache, **fields):
     base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 4}, evaluation={"every_steps": 4})
     sweep = {"name": name, "base": base, "runs_dir": str(tmp_path / "runs"), "executor": "slurm",
+             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},  # not the checkout's (cwd=ROOT)
              "resources": {"time_min": 10, "max_parallel": 4}, **fields}
     path = tmp_path / f"{name}.yaml"
     write_config(path, sweep)

@@ -365,3 +365,32 @@ def test_a_second_reviews_outboxes_stop_no_import_on_either_path(tmp_path, capsy
     assert err.count("is no MLflow record; passed over") == 2, err  # the negative time, the string value
     assert err.count("its best trial was not updated") == 1, err
     assert c.get_metric_history(runs[3], "loss") == []
+
+
+def test_a_line_an_nfs_client_shows_as_zeros_is_waited_on_and_then_passed_over(tmp_path, monkeypatch, capsys):
+    """Another host's appended range may read as NUL bytes until that host's NFS client writes
+    it back; the range and the line it runs into used to be passed over for good."""
+    uri, c, parent, (run_id,) = _store(tmp_path)
+    directory, run = _trial(tmp_path, uri, parent, run_id)
+    entry = Entry("t0", directory, run_id)
+    run.logger().log(1, {"loss": 1.0})
+    outbox = directory / OUTBOX
+    size = outbox.stat().st_size
+    late, after = b'["loss", 2.0, 5, 2]\n', b'["loss", 3.0, 5, 3]\n'
+    with open(outbox, "ab") as f:
+        f.write(b"\0" * len(late) + after)
+    _import(tmp_path, uri, [entry])
+    assert [s for s, _ in _history(c, run_id, "loss")] == [1]  # waits, and nothing is passed over
+    with open(outbox, "r+b") as f:  # the range arrives: the same size, the same inode
+        f.seek(size)
+        f.write(late)
+    _import(tmp_path, uri, [entry])
+    assert [s for s, _ in _history(c, run_id, "loss")] == [1, 2, 3]
+    with open(outbox, "ab") as f:
+        f.write(b"\0" * 7 + b'["loss", 4.0, 5, 4]\n' + b'["loss", 5.0, 5, 5]\n')
+    _import(tmp_path, uri, [entry])
+    monkeypatch.setattr(store_import, "_NUL_WAIT_S", 0)  # zeros that stay (a host that died mid-write)
+    _import(tmp_path, uri, [entry])
+    assert [s for s, _ in _history(c, run_id, "loss")] == [1, 2, 3, 5]
+    err = capsys.readouterr().err
+    assert err.count("has held NUL bytes") == 1 and err.count("is no MLflow record; passed over") == 1, err
