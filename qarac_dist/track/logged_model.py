@@ -47,8 +47,10 @@ def _requirements() -> list[str]:
     return out
 
 
-def log(uri: str, run_id: str, best_dir: Path, module=None, registered_name: Optional[str] = None) -> Optional[str]:
-    """Log the best model to `run_id`; returns its model id (None when there is nothing to log)."""
+def log(uri: str, run_id: str, best_dir: Path, step: int, module=None,
+        registered_name: Optional[str] = None) -> Optional[str]:
+    """Log the best model, of best step `step` (its tag `best_step`), to `run_id`; returns its
+    model id (None when there is nothing to log)."""
     from .mlflow_client import client
 
     client(uri)  # the environment MLflow is used with here: no URL printing, short timeouts
@@ -66,13 +68,15 @@ def log(uri: str, run_id: str, best_dir: Path, module=None, registered_name: Opt
 
             pipe = transformers.pipeline("text-classification", model=str(best_dir), tokenizer=str(best_dir))
             info = mlflow.transformers.log_model(pipe, name="model", pip_requirements=_requirements(),
+                                                 tags={"best_step": str(step)},
                                                  model_card=ModelCard(f"---\nlicense: other\n---\n# {card}\n"),
                                                  registered_model_name=registered_name)
         elif module is not None:
             extra = [str(best_dir / f) for f in _TOKENIZER_FILES if (best_dir / f).exists()]
             # Pickled, not torch.export'ed: a composite's forward takes keyword batches export cannot trace.
             info = mlflow.pytorch.log_model(module, name="model", extra_files=extra, pip_requirements=_requirements(),
-                                            registered_model_name=registered_name, serialization_format="pickle")
+                                            registered_model_name=registered_name, serialization_format="pickle",
+                                            tags={"best_step": str(step)})
         else:
             return None
     return info.model_id

@@ -112,8 +112,11 @@ def complete_run(mlflow_client, pending: dict, module=None, parent: bool = True)
                                     tags=[RunTag("best_step", str(info["step"])),
                                           RunTag("best_metric", info["metric"])])
         if run.data.tags.get("best_model_step") != str(info["step"]):
-            _drop_unfinished_models(mlflow_client, run)
-            _log_model(mlflow_client, pending, best_dir, _module(pending, module))
+            logged = _model_of_step(mlflow_client, run, info["step"])
+            if logged is None:
+                _log_model(mlflow_client, pending, best_dir, _module(pending, module), info["step"])
+            else:  # logged before a kill took the run's tag: not logged twice
+                mlflow_client.set_tag(run_id, "best_model_id", logged)
             mlflow_client.set_tag(run_id, "best_model_step", str(info["step"]))
     if pending.get("error"):
         mlflow_client.set_tag(run_id, "error", str(pending["error"])[:5000])
@@ -140,15 +143,20 @@ def update_parents(mlflow_client, ends: list[dict]) -> None:
                   f"{redact_text(str(err))[:300]})", file=sys.stderr)
 
 
-def _drop_unfinished_models(mlflow_client, run) -> None:
-    """A model whose logging was cut short (a killed or interrupted importer or --sync) stays
-    PENDING: deleted before the model is logged again, so the run shows one."""
+def _model_of_step(mlflow_client, run, step: int) -> Optional[str]:
+    """The run's model of this best step, logged whole before a replayed end (an importer or
+    --sync killed after logging it); a model whose logging was cut short stays PENDING and is
+    deleted, so the run shows one model."""
     from mlflow.entities import LoggedModelStatus
 
+    found = None
     for model in mlflow_client.search_logged_models(
             [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"):
         if model.status == LoggedModelStatus.PENDING:
             mlflow_client.delete_logged_model(model.model_id)
+        elif model.status == LoggedModelStatus.READY and (model.tags or {}).get("best_step") == str(step):
+            found = model.model_id
+    return found
 
 
 def _module(pending: dict, module):
@@ -160,7 +168,7 @@ def _module(pending: dict, module):
     return torch.load(pending["module"], weights_only=False)
 
 
-def _log_model(mlflow_client, pending: dict, best_dir: Path, module) -> None:
+def _log_model(mlflow_client, pending: dict, best_dir: Path, module, step: int) -> None:
     """The best model as an MLflow model; if MLflow cannot take this model as one, its files as a
     plain `best_model/` artifact, with a warning."""
     from . import logged_model
@@ -170,7 +178,7 @@ def _log_model(mlflow_client, pending: dict, best_dir: Path, module) -> None:
         mlflow_client.log_artifacts(run_id, str(best_dir), "best_model")
         return
     try:
-        model_id = logged_model.log(pending["uri"], run_id, best_dir, module, pending.get("register_model"))
+        model_id = logged_model.log(pending["uri"], run_id, best_dir, step, module, pending.get("register_model"))
     except Exception as err:  # noqa: BLE001 - a flavour that does not fit this model: keep its files
         print(f"qarac_dist: the best model could not be logged as an MLflow model ({type(err).__name__}: "
               f"{redact_text(str(err))[:300]}); its files are the run's best_model/ artifact", file=sys.stderr)

@@ -394,3 +394,29 @@ def test_a_line_an_nfs_client_shows_as_zeros_is_waited_on_and_then_passed_over(t
     assert [s for s, _ in _history(c, run_id, "loss")] == [1, 2, 3, 5]
     err = capsys.readouterr().err
     assert err.count("has held NUL bytes") == 1 and err.count("is no MLflow record; passed over") == 1, err
+
+
+def test_a_replayed_end_logs_the_best_model_once_though_a_kill_took_the_runs_tag(tmp_path):
+    """An importer killed after the model was logged but before the run's `best_model_step` tag
+    (a review found it) logged it again: the run showed two. A model cut short (PENDING) is
+    deleted; the one of this best step (READY, tagged with it) is kept and named."""
+    import json
+
+    import torch
+
+    from qarac_dist.track.mlflow_runs import complete_run
+    from qarac_dist.track.trial_dir import BEST_INFO
+
+    uri, c, parent, (run_id,) = _store(tmp_path)
+    best = tmp_path / "best"
+    best.mkdir()
+    (best / BEST_INFO).write_text(json.dumps({"step": 4, "metrics": {"accuracy": 0.75}, "metric": "accuracy"}))
+    end = {"run_id": run_id, "uri": uri, "best_dir": str(best), "status": "FINISHED"}
+    complete_run(c, end, module=torch.nn.Linear(2, 2), parent=False)
+    first = c.get_run(run_id).data.tags["best_model_id"]
+    c.delete_tag(run_id, "best_model_step")  # killed before the tag
+    cut_short = c.create_logged_model(c.get_run(run_id).info.experiment_id, source_run_id=run_id).model_id
+    complete_run(c, end, module=torch.nn.Linear(2, 2), parent=False)
+    models = c.search_logged_models([c.get_run(run_id).info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    assert [m.model_id for m in models] == [first] and cut_short != first
+    assert c.get_run(run_id).data.tags["best_model_step"] == "4"
