@@ -132,13 +132,16 @@ class Manifest:
             errors.append(f"trials: expected a mapping of trial records, got {type(records).__name__}")
             records = {}
         manifest = build(cls, data, "", errors)
-        trials = {}
+        trials, trials_dir = {}, SweepLayout(Path(sweep_dir)).trials.absolute()
         for tid, rec in records.items():
             if not isinstance(rec, dict):
                 errors.append(f"trials.{tid}: expected a trial record, got {type(rec).__name__}")
                 continue
             record = build(TrialRecord, rec, f"trials.{tid}", errors)
             if record is not None:
+                if isinstance(record.output_dir, str) and not Path(record.output_dir).is_absolute():
+                    # Planned under a relative runs_dir, from the driver's folder: found from any other
+                    record.output_dir = str(trials_dir / Path(record.output_dir).name)
                 trials[tid] = record
         if errors:
             raise DamagedFile(f"{path}: {errors[0]}{hint}")

@@ -9,6 +9,7 @@ values, lone surrogates, lines past a read, runs and parents deleted) is in test
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -929,3 +930,22 @@ def test_a_searched_data_key_adds_what_each_choice_loads(tmp_path):
     sweep_spec, base = load_sweep(str(path), [])
     sets = [n for n in needed(sweep_configs(sweep_spec, plan(sweep_spec, base, str(path)))) if n.kind == "dataset"]
     assert sorted(n.cache for n in sets) == [str(tmp_path / "a" / "hf"), str(tmp_path / "b" / "hf")]
+
+
+def test_a_sweep_planned_under_a_relative_runs_dir_is_read_from_any_folder(tmp_path, monkeypatch, capsys):
+    """The default runs_dir, `runs`, is relative: its trials' directories were read from the
+    folder `status` ran in, which showed every trial of a finished sweep LOST."""
+    from qarac_dist.submit.sweep_dir import Manifest, TrialRecord
+
+    directory = _sweep_dir(tmp_path, None)
+    monkeypatch.chdir(tmp_path)
+    relative = directory.relative_to(tmp_path) / "trials" / "t1"
+    Manifest("s", "local", "accuracy", "max", trials={"t1": TrialRecord(
+        "t1", "x", {}, {}, str(relative), "local", state="COMPLETED", attempt=1)}).save(directory)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (record,) = Manifest.load(directory).trials.values()
+    assert record.output_dir == str(tmp_path / relative)
+    assert Manifest.load(Path("..") / directory.relative_to(tmp_path)).trials["t1"].output_dir == str(
+        elsewhere / ".." / relative)
