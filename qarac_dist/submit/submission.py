@@ -21,6 +21,7 @@ from ..config import UserError
 from ..config.schema import to_dict
 from ..config.sweep import Resources, Search, SweepSpec
 from ..plan import Trial, select_defaults, varied_keys
+from ..track.code_record import of_sweep
 from ..track.job_context import JobContext
 from . import claims, cluster, environment, lock_check, pack, sbatch, tracking
 from .executors import Executor, TrialJob, make_executor
@@ -237,7 +238,7 @@ class Submission:
         self.layout.root.mkdir(parents=True, exist_ok=True)
         write_sweep_file(self.layout.root, to_dict(self.spec), self.base, str(self.source), self.trials)
         manifest.save(self.layout.root)
-        tracking.ensure_runs(manifest, todo, varied_keys(self.spec))
+        tracking.ensure_runs(manifest, todo, varied_keys(self.spec), of_sweep(self.source, self.spec.base, self.trials))
         manifest.save(self.layout.root)
         tracking.mark_retired(manifest, self.retiring, self.layout)
         if self.preflight_text is not None:
@@ -354,8 +355,8 @@ def job_context(manifest: Manifest, layout: SweepLayout, record: TrialRecord) ->
     return JobContext(attempt=record.attempt, tracking_uri=manifest.tracking_uri, experiment=manifest.experiment,
                       run_id=record.mlflow_run_id, parent_run_id=manifest.mlflow_parent_run_id,
                       sweep_dir=str(layout.root.resolve()), select_metric=manifest.select_metric,
-                      select_mode=manifest.select_mode,
-                      tags={"sweep": manifest.sweep, "trial_id": record.id, "executor": record.executor})
+                      select_mode=manifest.select_mode, tags={"sweep": manifest.sweep, "trial_id": record.id,
+                                                              "executor": record.executor, **manifest.code})
 
 
 def follow(manifest: Manifest, layout: SweepLayout, executor: Executor, queued: list[TrialRecord], max_parallel: int,

@@ -114,6 +114,8 @@ class Manifest:
     mlflow_parent_run_id: Optional[str] = None
     tracking_uri: Optional[str] = None
     experiment: Optional[str] = None
+    code: dict = field(default_factory=dict)
+    """The user's code as the last submission read it (track/code_record.py): its runs' tags."""
 
     @classmethod
     def load(cls, sweep_dir: Path) -> Optional["Manifest"]:

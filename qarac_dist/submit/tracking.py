@@ -7,21 +7,33 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
+from typing import Optional
 
 from ..base.layout import SweepLayout
 from ..base.lock import LockHeld
 from ..base.secrets import redact_text
+from ..track.code_record import CodeRecord
 from ..track.outbox import is_local_store
 from ..track.store_import import one_writer
 from .sweep_dir import DONE, Manifest, TrialRecord
 
 
-def ensure_runs(manifest: Manifest, records: list[TrialRecord], varied: list[str]) -> None:
+def ensure_runs(manifest: Manifest, records: list[TrialRecord], varied: list[str],
+                code: Optional[CodeRecord] = None) -> None:
     """Create the sweep's parent run and each trial's child run, once: their ids are kept in
     the manifest, so requeued and re-run jobs log to the same runs. A parent that ended is
-    running again while trials are submitted anew."""
+    running again while trials are submitted anew. `code` (the user's code, read now) goes on
+    the parent and the runs of the trials submitted now, and to their jobs (manifest.code)."""
+    if code is not None and records:
+        manifest.code = code.tags
     with one_writer(manifest.tracking_uri):
         _ensure_runs(manifest, records, varied)
+        if code is not None and records:
+            from ..track import sweep_runs
+
+            sweep_runs.set_tags(manifest.tracking_uri, manifest.mlflow_parent_run_id, code.tags)
+            for name, diff in code.diffs.items():
+                sweep_runs.log_text(manifest.tracking_uri, manifest.mlflow_parent_run_id, diff, name)
 
 
 def _ensure_runs(manifest: Manifest, records: list[TrialRecord], varied: list[str]) -> None:
@@ -42,7 +54,7 @@ def _ensure_runs(manifest: Manifest, records: list[TrialRecord], varied: list[st
             r.mlflow_run_id = sweep_runs.create_child(
                 uri, exp, manifest.mlflow_parent_run_id, f"{r.id} {r.label}",
                 {"sweep": manifest.sweep, "trial_id": r.id, "executor": r.executor, "varied": ", ".join(varied),
-                 "label": r.label}, sweep_runs.trial_params(r.config) if r.slot is None else {})
+                 "label": r.label, **manifest.code}, sweep_runs.trial_params(r.config) if r.slot is None else {})
 
 
 def import_records(manifest: Manifest, layout: SweepLayout, wait: bool = False):

@@ -33,6 +33,12 @@ def reopen(uri: str, run_id: str) -> None:
     client(uri).update_run(run_id, status="RUNNING")
 
 
+def set_tags(uri: str, run_id: str, tags: dict) -> None:
+    c = client(uri)
+    for key, value in tags.items():
+        c.set_tag(run_id, key, str(value)[:5000])
+
+
 def log_text(uri: str, run_id: str, text: str, name: str) -> None:
     client(uri).log_text(run_id, redact_text(text), name)
 

@@ -21,6 +21,7 @@ from ..base.files import DiskFull
 from ..base.secrets import redact_text
 from ..config import TrainConfig, UserError, config_to_dict
 from ..config.rules import batch_on_ranks
+from ..track.code_record import changed_since
 from ..track.job_context import JobContext
 from ..track.mlflow_runs import open_run
 from ..track.sweep_runs import trial_params
@@ -74,7 +75,7 @@ def run(cfg: TrainConfig, context: JobContext = JobContext(), max_requeues: Opti
                 trial_run = open_run(cfg.tracking, context, cfg.name, trial_params(config_to_dict(cfg)), trial.path,
                                      run_tags={"slurm_job_id": status.job_id, "restarts": status.starts - 1,
                                                "attempt": context.attempt, "nodes": status.nodes or status.host,
-                                               "world_size": ranks.world_size})
+                                               "world_size": ranks.world_size, **changed_since(context.tags)})
         trainer = Trainer(cfg, ranks, trial_run, context)
         result = trainer.train()
         finished = True

@@ -1,0 +1,73 @@
+"""The user's code on the sweep's runs (track/code_record.py): a sweep run from a git repository
+of its own, with an uncommitted change, a remote with a token in its URL, and a factory module
+the user edits while the sweep runs."""
+
+from __future__ import annotations
+
+import subprocess
+
+from qarac_dist.submit.sweep_dir import Manifest
+from qarac_dist.track.mlflow_client import client
+from support import run_sweep, tiny_config, write_config
+
+FACTORY = '''
+def build(num_labels, tokenizer):
+    from transformers import LongformerConfig, LongformerForSequenceClassification
+
+    with open(__file__, "a") as f:  # the user edits this file while the sweep runs
+        f.write("# edited while the sweep runs\\n")
+    return LongformerForSequenceClassification(LongformerConfig(
+        num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, attention_window=32,
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, max_position_embeddings=330,
+        num_labels=num_labels))
+'''
+TOKEN = "ghp_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8"
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+
+def test_every_run_names_the_users_commit_branch_remote_and_diff_and_a_later_trial_names_an_edit(tmp_path,
+                                                                                                 data_cache):
+    repo, uri = tmp_path / "project", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    repo.mkdir()
+    (repo / "mymodels.py").write_text(FACTORY)
+    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 2}, evaluation={"every_steps": 2})
+    base["model"] = {"factory": "mymodels:build"}
+    write_config(repo / "base.yaml", base)
+    write_config(repo / "sweep.yaml", {"name": "code", "base": "base.yaml", "executor": "local",
+                                       "runs_dir": str(tmp_path / "runs"), "tracking": {"uri": uri},
+                                       "grid": {"training.seed": [0, 1]}, "resources": {"max_parallel": 1}})
+    _git(repo, "init", "-q", "-b", "main")
+    _git(repo, "-c", "user.name=r", "-c", "user.email=r@lab", "commit", "-q", "--allow-empty", "-m", "empty")
+    _git(repo, "add", ".")
+    _git(repo, "-c", "user.name=r", "-c", "user.email=r@lab", "commit", "-q", "-m", "the sweep")
+    _git(repo, "remote", "add", "origin", f"https://{TOKEN}@github.com/lab/project.git")
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    with open(repo / "mymodels.py", "a") as f:
+        f.write("# an uncommitted change\n")
+    (repo / "notes.txt").write_text("untracked")
+
+    proc = run_sweep(repo / "sweep.yaml", "--no-preflight", cwd=repo)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    c = client(uri)
+    manifest = Manifest.load(tmp_path / "runs" / "code")
+    parent = c.get_run(manifest.mlflow_parent_run_id)
+    children = [c.get_run(r.mlflow_run_id) for r in manifest.trials.values()]
+    for run in [parent, *children]:
+        tags = run.data.tags
+        assert (tags["mlflow.source.git.commit"], tags["mlflow.source.git.branch"], tags["mlflow.source.git.repoURL"],
+                tags["mlflow.source.git.dirty"]) == (commit, "main", "https://github.com/lab/project.git", "True")
+        assert tags["code.sweep_file"] == f"{repo / 'sweep.yaml'} at {commit} (dirty)"
+        assert tags["code.base_config"] == f"{repo / 'base.yaml'} at {commit} (dirty)"
+        assert tags["code.factory.mymodels"] == f"{repo / 'mymodels.py'} at {commit} (dirty)"
+        assert not any(TOKEN in str(v) for v in tags.values())
+    diff = c.download_artifacts(parent.info.run_id, "code/project.diff", str(tmp_path))
+    text = open(diff).read()
+    assert "+# an uncommitted change" in text and "untracked: notes.txt" in text and "edited while" not in text
+    # The trial that started second built its model from a module the first had edited.
+    started = sorted(manifest.trials.values(), key=lambda r: r.trial_dir.status().started)
+    first, second = (c.get_run(r.mlflow_run_id).data.tags for r in started)
+    assert "code.changed" not in first and second["code.changed"] == str(repo / "mymodels.py")
