@@ -83,6 +83,17 @@ def create_run(mlflow_client, exp_id: str, name: str, tags: dict, params: Option
     return run_id
 
 
+def dataset_inputs(inputs: list) -> list:
+    """MLflow's dataset inputs of a run, from train/data.py's record of its splits."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    return [DatasetInput(Dataset(str(i["name"])[:500], str(i["digest"])[:36], str(i["source_type"])[:36],
+                                 json.dumps(i["source"]), profile=json.dumps({"num_rows": i["rows"]})),
+                         [InputTag("mlflow.data.context", str(i["context"]))]) for i in inputs]
+
+
 def git_commit() -> Optional[str]:
     """The project's git commit, for the runs' tags (None outside a checkout)."""
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..base.files import read_json, write_json
-from .mlflow_client import absolute_uri, client, create_run, experiment_id, git_commit, shown
+from .mlflow_client import absolute_uri, client, create_run, dataset_inputs, experiment_id, git_commit, shown
 from .mlflow_logger import MlflowLogger, replay_unsent
 from .outbox import OutboxRun, is_local_store, pending_finish
 from ..base.layout import SweepLayout
@@ -72,6 +72,13 @@ class TrialRun:
             self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in screen(params).items()])
         except Exception as err:  # noqa: BLE001
             print(f"qarac_dist: could not log params to MLflow run {self.run_id}: {type(err).__name__}",
+                  file=sys.stderr)
+
+    def log_inputs(self, inputs: list) -> None:
+        try:
+            self.client.log_inputs(self.run_id, datasets=dataset_inputs(inputs))
+        except Exception as err:  # noqa: BLE001
+            print(f"qarac_dist: could not log the data to MLflow run {self.run_id}: {type(err).__name__}",
                   file=sys.stderr)
 
     def set_tags(self, tags: dict) -> None:

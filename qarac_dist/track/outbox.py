@@ -16,6 +16,7 @@ of these keys, in the order the job made them:
      "time": ms}             by --cancel, stays ended)
     {"params": {...}}        params (the same values again on a requeue)
     {"dict": {...}, "name"}  a JSON artifact of the run
+    {"inputs": [...]}        the run's data (train/data.py's Splits.inputs)
     {"finish": {...}}        the end of the run (mlflow_runs.complete_run's `pending`, with
                              its `end_time`, ms)
 
@@ -111,6 +112,9 @@ class OutboxRun:
 
     def log_params(self, params: dict) -> None:
         self.outbox.write({"params": screen(params)})
+
+    def log_inputs(self, inputs: list) -> None:
+        self.outbox.write({"inputs": redact(inputs)})
 
     def set_tags(self, tags: dict) -> None:
         self.outbox.write({"tags": screen(tags)})

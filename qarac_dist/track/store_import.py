@@ -37,6 +37,7 @@ from typing import Optional
 from ..base.files import NOT_A_RECORD, DamagedFile, read_json, write_json
 from ..base.lock import lock
 from ..base.secrets import redact_text
+from .mlflow_client import client, dataset_inputs
 from .outbox import MODULE, OUTBOX, is_local_store
 from .store_sql import StoreWriter, ms, name_ok
 
@@ -48,7 +49,7 @@ _INT64 = 1 << 63
 _NUL_WAIT_S = 300
 """How long a line with NUL bytes is waited on: an NFS client may show a range another host
 appended as zeros until that host's client has written it back (seconds, mostly)."""
-_EVENTS = {"tags", "status", "params", "dict", "finish"}
+_EVENTS = {"tags", "status", "params", "dict", "finish", "inputs"}
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,6 @@ def one_writer(uri: str):
 
 def import_outboxes(uri: str, state: Path, entries: list[Entry], wait: bool = True) -> Imported:
     """Import what is new in the trials' outboxes; `state` keeps how far each was read."""
-    from .mlflow_client import client
-
     done = Imported()
     seen = _read_offsets(state)  # once, not once a trial: asked on every poll of a following driver
     if not any(_grown(entry, seen.get(entry.trial_id)) for entry in entries):
@@ -252,7 +251,8 @@ def _item(item):
             raise ValueError(item)  # what MLflow's own checks and SQLite's integers refuse
         return key, float(value), timestamp, step
     kinds = item.keys() & _EVENTS if isinstance(item, dict) else set()
-    if len(kinds) == 1 and isinstance(item[next(iter(kinds))], str if "status" in kinds else dict):
+    if len(kinds) == 1 and isinstance(item[next(iter(kinds))], {"status": str, "inputs": list}.get(next(iter(kinds)),
+                                                                                                   dict)):
         return _utf8(item)
     raise ValueError(item)
 
@@ -310,6 +310,8 @@ def _event(mlflow_client, entry: Entry, item: dict, state: dict, ends: list) -> 
         state["have"].update(p.key for p in params)
         for start in range(0, len(params), 100):
             mlflow_client.log_batch(run_id, params=params[start:start + 100])
+    elif "inputs" in item:  # MLflow keeps one input per dataset and run: a replay adds nothing
+        mlflow_client.log_inputs(run_id, datasets=dataset_inputs(item["inputs"]))
     elif "dict" in item:
         name = str(item.get("name", ""))
         if not re.fullmatch(r"[\w.-]{1,200}", name) or name.startswith("."):

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -75,6 +75,10 @@ class Splits:
     report: dict
     """Per split: rows, unlabelled rows left out, documents and tokens cut by data.max_length
     (`data_report`)."""
+    inputs: list = field(default_factory=list)
+    """Per split, what the run's MLflow dataset inputs name: where it came from, a digest of
+    its rows as read (datasets' fingerprint: the files' content and times, or the hub
+    revision), how many (track/mlflow_client.dataset_inputs)."""
 
 
 def _raw_splits(cfg: TrainConfig) -> list[labels.Split]:
@@ -255,7 +259,23 @@ def _prepare(cfg: TrainConfig) -> Splits:
                         "truncated_documents": int((cut > 0).sum()), "tokens": int(whole.sum()),
                         "truncated_tokens": int(cut.sum())}
         tokenized[name] = split.remove_columns(["tokens_whole", "tokens_cut"])
-    return Splits(tokenized["train"], tokenized["validation"], tokenizer, task.num_labels, task.names, report)
+    return Splits(tokenized["train"], tokenized["validation"], tokenizer, task.num_labels, task.names, report,
+                  [_input(d, name, split) for name, split in (("train", train), ("validation", validation))])
+
+
+def _input(d: DataConfig, context: str, rows) -> dict:
+    """A split as an MLflow dataset input (as mlflow.data's sources spell theirs)."""
+    if d.synthetic is not None:
+        name, kind, source = "generated", "local", {"uri": str(synthetic_dir(d).absolute())}
+    elif d.train_files is not None:
+        files = d.train_files if context == "train" or d.validation_fraction is not None else d.validation_files
+        name, kind, source = Path(files[0]).stem, "local", {"uri": ", ".join(str(Path(f).absolute()) for f in files)}
+    else:
+        split = d.train_split if context == "train" or d.validation_fraction is not None else d.validation_split
+        name, kind = d.dataset, "hugging_face"
+        source = {"path": d.dataset, "config_name": d.dataset_config, "split": split}
+    return {"context": context, "name": name, "source_type": kind, "source": source,
+            "digest": str(rows._fingerprint)[:36], "rows": len(rows)}
 
 
 CHECKED_LABEL = "qarac_label"

@@ -121,6 +121,7 @@ class Trainer:
                 trackers.append(logger)
                 self.trial_run.log_dict(self.ds_config, "deepspeed_config.json")
                 self.trial_run.log_params(flatten(self.data_report, "data_report"))
+                self.trial_run.log_inputs(self.splits.inputs)
             self.tracker = Trackers(*trackers)
         self.window = Window(self.device)
         self.nonfinite = NonFinite(self.cfg.training.max_nonfinite_steps)

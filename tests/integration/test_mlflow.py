@@ -146,6 +146,9 @@ def test_two_rank_trial_makes_one_run_with_one_point_per_step(tmp_path, data_cac
     assert len(parents) == 1 and len(children) == 1
     assert children[0].data.tags["world_size"] == "2"
     assert [m.step for m in c.get_metric_history(children[0].info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    inputs = c.get_run(children[0].info.run_id).inputs.dataset_inputs  # its data, sent by the trial itself
+    assert sorted((i.tags[0].value, i.dataset.name) for i in inputs) == [("train", "generated"),
+                                                                          ("validation", "generated")]
     # A server is written by the trial itself: nothing is kept for an importer, none is asked.
     (record,) = Manifest.load(tmp_path / "runs" / "two_ranks").trials.values()
     trial = tmp_path / record.output_dir  # the sweep ran in tmp_path

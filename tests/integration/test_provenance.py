@@ -1,9 +1,11 @@
-"""The user's code on the sweep's runs (track/code_record.py): a sweep run from a git repository
-of its own, with an uncommitted change, a remote with a token in its URL, and a factory module
-the user edits while the sweep runs."""
+"""What produced a sweep's runs: the user's code (track/code_record.py; a sweep run from a git
+repository of its own, with an uncommitted change, a remote with a token in its URL, and a
+factory module the user edits while the sweep runs) and the data each trial read (MLflow
+dataset inputs)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 from qarac_dist.submit.sweep_dir import Manifest
@@ -71,3 +73,36 @@ def test_every_run_names_the_users_commit_branch_remote_and_diff_and_a_later_tri
     started = sorted(manifest.trials.values(), key=lambda r: r.trial_dir.status().started)
     first, second = (c.get_run(r.mlflow_run_id).data.tags for r in started)
     assert "code.changed" not in first and second["code.changed"] == str(repo / "mymodels.py")
+
+
+def _data_sweep(tmp_path, data_cache, name: str, rows: int) -> tuple[str, str]:
+    """A one-trial sweep on CSV files; returns the store and the trial's run."""
+    for split, n in (("train", rows), ("validation", 8)):
+        if split == "train" or not (tmp_path / f"{split}.csv").exists():  # validation: written once
+            (tmp_path / f"{split}.csv").write_text("text,label\n" + "".join(f"w{i} x{i % 3},{i % 2}\n" for i in range(n)))
+    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 2}, evaluation={"every_steps": 2})
+    base["data"] = {"train_files": [str(tmp_path / "train.csv")], "validation_files": [str(tmp_path / "validation.csv")],
+                    "max_length": 32, "cache_dir": str(data_cache)}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    write_config(tmp_path / f"{name}.yaml", {"name": name, "base": base, "executor": "local", "tracking": {"uri": uri},
+                                             "runs_dir": str(tmp_path / "runs")})
+    proc = run_sweep(tmp_path / f"{name}.yaml", "--no-preflight")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (record,) = Manifest.load(tmp_path / "runs" / name).trials.values()
+    return uri, record.mlflow_run_id
+
+
+def test_each_trial_names_its_training_and_validation_data_with_a_digest_that_follows_the_data(tmp_path, data_cache):
+    uri, first = _data_sweep(tmp_path, data_cache, "before", rows=32)
+    _, second = _data_sweep(tmp_path, data_cache, "after", rows=40)  # the training file changed
+    c = client(uri)
+    seen = {}
+    for run_id in (first, second):
+        inputs = {i.tags[0].value: i.dataset for i in c.get_run(run_id).inputs.dataset_inputs}
+        assert set(inputs) == {"train", "validation"} and inputs["train"].name == "train"
+        assert json.loads(inputs["train"].source) == {"uri": str(tmp_path / "train.csv")}
+        assert inputs["train"].source_type == "local" and inputs["validation"].name == "validation"
+        seen[run_id] = {context: (d.digest, json.loads(d.profile)["num_rows"]) for context, d in inputs.items()}
+    assert seen[first]["train"][1] == 32 and seen[second]["train"][1] == 40
+    assert seen[first]["train"][0] != seen[second]["train"][0]
+    assert seen[first]["validation"] == seen[second]["validation"]  # the same file, unchanged
