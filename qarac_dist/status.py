@@ -3,9 +3,11 @@ process, and the current attempt's own files), attempt, restarts, last step, bes
 the last error line, earlier attempts' errors included. Exits 1 if any trial failed, 0
 otherwise. Imports no torch.
 
-    --sync     send to MLflow what trials could not send (metrics, end of run), and close the
-               sweep's parent run once every trial has ended; it (and --repair) also tells a
-               search the result of a trial whose runner was killed before it did
+    --sync     send to MLflow what trials could not send (metrics, end of run; into a sqlite
+               store, every trial's record imported again: what a run deleted and restored
+               since, or a passing error, kept out), and close the sweep's parent run once
+               every trial has ended; it (and --repair) also tells a search the result of a
+               trial whose runner was killed before it did
 Without --sync or --repair it writes nothing in the sweep, except that a sweep whose MLflow
 store is a sqlite file has what its trials recorded imported into it (track/store_import.py).
     --repair   rebuild a damaged or missing manifest from sweep.json, the trials' own files
@@ -86,6 +88,7 @@ def _repair_or_sync(layout: SweepLayout, repair: bool, sync: bool) -> Manifest:
             from .track.mlflow_runs import sync as send
             from .track.trial_dir import WriterHeld
 
+            tracking.import_records(manifest, layout, wait=True, again=True)  # a sqlite store: all again
             for r in manifest.trials.values():
                 try:
                     sent, finished = send(Path(r.output_dir))

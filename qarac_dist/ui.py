@@ -63,6 +63,8 @@ def serve(layouts: list[SweepLayout], port: int) -> int:
             probe.bind(("127.0.0.1", port))
         except OSError as err:
             raise UserError(f"--port {port}: {err.strerror}; choose another with --port") from None
+    for stop in (signal.SIGTERM, signal.SIGHUP):  # a terminal or SSH session closed: as Ctrl-C, the server too
+        signal.signal(stop, _interrupt)
     # The UI's own background jobs would make it a second writer of the store.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
@@ -85,6 +87,10 @@ def serve(layouts: list[SweepLayout], port: int) -> int:
             os.killpg(server.pid, signal.SIGTERM)  # its web server's workers with it
         server.wait()
     return server.returncode or 1
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
 
 
 def _manifest(layout: SweepLayout) -> Manifest:

@@ -57,17 +57,18 @@ def _ensure_runs(manifest: Manifest, records: list[TrialRecord], varied: list[st
                  "label": r.label, **manifest.code}, sweep_runs.trial_params(r.config) if r.slot is None else {})
 
 
-def import_records(manifest: Manifest, layout: SweepLayout, wait: bool = False):
+def import_records(manifest: Manifest, layout: SweepLayout, wait: bool = False, again: bool = False):
     """Copy what the trials recorded in their directories into a sqlite store (the one writer:
-    track/store_import.py); with `wait` False, nothing when another process is at it. Returns
-    what was imported (None: nothing was tried, or it failed, said in one line)."""
+    track/store_import.py); with `wait` False, nothing when another process is at it; `again`:
+    all of it, not only what is new. Returns what was imported (None: nothing was tried, or it
+    failed, said in one line)."""
     if not is_local_store(manifest.tracking_uri):
         return None
     from ..track.store_import import Entry, import_outboxes
 
     entries = [Entry(r.id, Path(r.output_dir), r.mlflow_run_id) for r in manifest.trials.values()]
     try:
-        return import_outboxes(manifest.tracking_uri, layout.imported, entries, wait)
+        return import_outboxes(manifest.tracking_uri, layout.imported, entries, wait, again)
     except LockHeld:
         return None
     except Exception as err:  # noqa: BLE001 - the trials keep their records; the next import goes on

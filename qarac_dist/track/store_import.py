@@ -91,10 +91,12 @@ def one_writer(uri: str):
         held.close()
 
 
-def import_outboxes(uri: str, state: Path, entries: list[Entry], wait: bool = True) -> Imported:
-    """Import what is new in the trials' outboxes; `state` keeps how far each was read."""
+def import_outboxes(uri: str, state: Path, entries: list[Entry], wait: bool = True, again: bool = False) -> Imported:
+    """Import what is new in the trials' outboxes; `state` keeps how far each was read. `again`:
+    every line from the start (status --sync: what a run deleted then restored, or an event a
+    passing error kept out, missed); the store keeps each point and event once still."""
     done = Imported()
-    seen = _read_offsets(state)  # once, not once a trial: asked on every poll of a following driver
+    seen = {} if again else _read_offsets(state)  # once, not once a trial: a following driver asks every poll
     if not any(_grown(entry, seen.get(entry.trial_id)) for entry in entries):
         return done  # asked each few seconds: answered without the lock, the store or MLflow
     held = writer_lock(uri, wait)
@@ -102,7 +104,7 @@ def import_outboxes(uri: str, state: Path, entries: list[Entry], wait: bool = Tr
         if not _db(uri).exists():  # made with the sweep's runs: gone, it is not made anew, empty
             raise FileNotFoundError(f"{_db(uri)}: the sweep's MLflow store is not there; nothing imported")
         mlflow_client = client(uri)
-        offsets = _read_offsets(state)
+        offsets = {} if again else _read_offsets(state)
         more = True
         while more:  # a backlog is read _READ bytes of a trial at a time: memory stays bounded
             more = False
@@ -278,15 +280,31 @@ def _current(items: list) -> list:
 def _apply(mlflow_client, entry: Entry, events: list, ends: list) -> int:
     """Set, in order, the trial's events that MLflow's client writes; the ends of runs join
     `ends`. An event MLflow refuses is said in one line and passed over, as a job writing the
-    run itself would have: it never holds up the events after it. Returns the number of events."""
+    run itself would have: it never holds up the events after it. Any other error (a store
+    locked by a reader, a full disk) may pass: it is raised, and the trial's events are set again
+    by the next import. Returns the number of events."""
     state: dict = {}
     for item in events:
         try:
             _event(mlflow_client, entry, item, state, ends)
         except Exception as err:  # noqa: BLE001 - MLflow refused this event: the rest go on
+            if not _refused(err):
+                raise
             print(f"qarac_dist: trial {entry.trial_id}: an MLflow {next(iter(item.keys() & _EVENTS))} event was not "
                   f"taken ({type(err).__name__}: {redact_text(str(err))[:300]}); passed over", file=sys.stderr)
     return len(events)
+
+
+_REFUSALS = {"INVALID_PARAMETER_VALUE", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
+             "BAD_REQUEST"}
+"""MLflow's error codes for what it will never take (OperationalError, a locked store, is
+TEMPORARILY_UNAVAILABLE)."""
+
+
+def _refused(err: Exception) -> bool:
+    """Whether the event itself was refused (by MLflow, or as no event this code takes)."""
+    code = getattr(err, "error_code", None)
+    return code in _REFUSALS if code is not None else isinstance(err, NOT_A_RECORD)
 
 
 def _event(mlflow_client, entry: Entry, item: dict, state: dict, ends: list) -> None:

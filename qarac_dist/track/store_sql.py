@@ -118,8 +118,8 @@ class StoreWriter:
         try:
             active = self._active(list({**points, **events}))
             for run in {**points, **events}.keys() - active:
-                print(f"qarac_dist: MLflow run {run} is not in the store or was deleted; its record is not imported",
-                      file=sys.stderr)
+                print(f"qarac_dist: MLflow run {run} is not in the store or was deleted; its record is not imported "
+                      f"(restored, it gets it with python -m qarac_dist.status --sync)", file=sys.stderr)
             written = self._points({run: p for run, p in points.items() if run in active})
             ends = self._events({run: e for run, e in events.items() if run in active})
             db.execute("COMMIT")

@@ -103,10 +103,12 @@ def _update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
     best = best_of(candidates, mode)
     if best is None:
         return None
-    if parent.data.tags.get("best_trial") != best.trial_id:
-        mlflow_client.set_tag(parent_run_id, "best_trial", best.trial_id)
-        mlflow_client.set_tag(parent_run_id, "best_run_id", runs[best.trial_id])
-        mlflow_client.set_tag(parent_run_id, "best_order", f"{mode} {metric}; {TIE_ORDER}")
+    verdict = {"best_trial": best.trial_id, "best_run_id": runs[best.trial_id],
+               "best_order": f"{mode} {metric}; {TIE_ORDER}"}
+    if any(parent.data.tags.get(k) != v for k, v in verdict.items()):  # in one batch: a kill leaves all or none
+        from mlflow.entities import RunTag
+
+        mlflow_client.log_batch(parent_run_id, tags=[RunTag(k, v) for k, v in verdict.items()])
     if parent.data.metrics.get(key) != best.value:  # a point per change of the best value
         mlflow_client.log_metric(parent_run_id, key, best.value, step=len(candidates))
     return best.trial_id, best.value

@@ -420,3 +420,64 @@ def test_a_replayed_end_logs_the_best_model_once_though_a_kill_took_the_runs_tag
     models = c.search_logged_models([c.get_run(run_id).info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
     assert [m.model_id for m in models] == [first] and cut_short != first
     assert c.get_run(run_id).data.tags["best_model_step"] == "4"
+
+
+def test_an_event_a_passing_error_kept_out_is_set_by_the_next_import(tmp_path, monkeypatch, capsys):
+    """A reader holding the store (a notebook, a backup) made MLflow answer "database is locked"
+    to a trial's artifact: it was passed over for good, as if MLflow had refused it (a review
+    found it). Now the trial's events are set again by the next import."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri, c, parent, (run_id,) = _store(tmp_path)
+    directory, run = _trial(tmp_path, uri, parent, run_id)
+    run.logger().log(1, {"loss": 1.0})
+    run.log_dict({"zero": 2}, "deepspeed_config.json")
+    run.finish("FINISHED")
+    log_dict, calls = MlflowClient.log_dict, []
+
+    def locked_once(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise MlflowException("database is locked", error_code="TEMPORARILY_UNAVAILABLE")
+        return log_dict(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_dict", locked_once)
+    _import(tmp_path, uri, [Entry("t0", directory, run_id)])
+    assert "the next import tries again" in capsys.readouterr().err
+    assert c.list_artifacts(run_id) == [] and c.get_run(run_id).info.status == "FINISHED"
+    _import(tmp_path, uri, [Entry("t0", directory, run_id)])
+    assert [a.path for a in c.list_artifacts(run_id)] == ["deepspeed_config.json"]
+    assert _history(c, run_id, "loss") == [(1, 1.0)]
+
+
+def test_a_run_deleted_then_restored_gets_its_record_with_an_import_again(tmp_path, capsys):
+    """status --sync imports every trial's record again: what a run deleted in the UI missed
+    (a review found the points and the end of such a run lost for good once it was restored)."""
+    uri, c, parent, (run_id,) = _store(tmp_path)
+    directory, run = _trial(tmp_path, uri, parent, run_id)
+    run.logger().log(1, {"loss": 1.0})
+    run.finish("FINISHED")
+    c.delete_run(run_id)
+    _import(tmp_path, uri, [Entry("t0", directory, run_id)])
+    assert "restored, it gets it with python -m qarac_dist.status --sync" in capsys.readouterr().err
+    c.restore_run(run_id)
+    _import(tmp_path, uri, [Entry("t0", directory, run_id)])
+    assert _history(c, run_id, "loss") == []  # read already: an ordinary import goes on from there
+    import_outboxes(uri, tmp_path / "imported.json", [Entry("t0", directory, run_id)], again=True)
+    assert _history(c, run_id, "loss") == [(1, 1.0)] and c.get_run(run_id).info.status == "FINISHED"
+
+
+def test_the_parents_verdict_is_whole_after_a_kill_left_part_of_it(tmp_path):
+    """A kill between the parent's best_trial tag and its best_run_id left it without the
+    others for good (a review found it): the three tags are set together, and made whole."""
+    from qarac_dist.track.sweep_runs import update_parent
+
+    uri, c, parent, (run_id,) = _store(tmp_path)
+    c.log_metric(run_id, "best_val_accuracy", 0.5)
+    c.set_tag(run_id, "trial_id", "t0")
+    c.set_terminated(run_id, "FINISHED")
+    c.set_tag(parent, "best_trial", "t0")  # what the kill left
+    update_parent(c, parent, "accuracy", "max")
+    tags = c.get_run(parent).data.tags
+    assert (tags["best_trial"], tags["best_run_id"], tags["best_order"].split(";")[0]) == ("t0", run_id, "max accuracy")
