@@ -318,6 +318,10 @@ class TrackingConfig:
     """Register the best model in the MLflow model registry under this name (needs log_model)."""
     tags: dict = field(default_factory=dict)
     """Extra run tags (a sweep adds sweep, trial_id and executor)."""
+    system_metrics_every_s: float = bounded(10.0, ge=0, le=86400)
+    """Seconds between samples of the node's load (the GPUs in CUDA_VISIBLE_DEVICES, CPU, host
+    memory), logged as MLflow system metrics with the training's rows (track/system_metrics.py);
+    0: none."""
 
 
 @dataclass

@@ -19,6 +19,7 @@ from ..base.files import read_json, write_json
 from .mlflow_client import absolute_uri, client, create_run, dataset_inputs, experiment_id, git_commit, shown
 from .mlflow_logger import MlflowLogger, replay_unsent
 from .outbox import OutboxRun, is_local_store, pending_finish
+from .system_metrics import sampled
 from ..base.layout import SweepLayout
 from ..base.secrets import redact, redact_text, screen
 from .job_context import JobContext
@@ -55,8 +56,8 @@ class TrialRun:
             print(f"qarac_dist: could not tag MLflow run {self.run_id}: {type(err).__name__}; training goes on",
                   file=sys.stderr)
 
-    def logger(self) -> MlflowLogger:
-        return MlflowLogger(self.uri, self.run_id, self.directory)
+    def logger(self):
+        return sampled(MlflowLogger(self.uri, self.run_id, self.directory), self.tracking.system_metrics_every_s)
 
     def log_dict(self, obj: dict, name: str) -> None:
         try:

@@ -35,6 +35,7 @@ from typing import Optional
 from ..base.files import writing
 from ..base.secrets import redact, redact_text, screen
 from .job_context import JobContext
+from .system_metrics import sampled
 
 OUTBOX = "mlflow_outbox.jsonl"
 MODULE = "mlflow_best_module.pt"
@@ -104,8 +105,8 @@ class OutboxRun:
         self.outbox.write({"params": screen(params)}, {"tags": tags},
                           {"status": "RUNNING", "time": int(time.time() * 1000)})
 
-    def logger(self) -> OutboxLogger:
-        return OutboxLogger(self.outbox)
+    def logger(self):
+        return sampled(OutboxLogger(self.outbox), self.tracking.system_metrics_every_s)
 
     def log_dict(self, obj: dict, name: str) -> None:
         self.outbox.write({"dict": redact(obj), "name": name})

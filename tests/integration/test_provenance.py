@@ -80,7 +80,8 @@ def _data_sweep(tmp_path, data_cache, name: str, rows: int) -> tuple[str, str]:
     for split, n in (("train", rows), ("validation", 8)):
         if split == "train" or not (tmp_path / f"{split}.csv").exists():  # validation: written once
             (tmp_path / f"{split}.csv").write_text("text,label\n" + "".join(f"w{i} x{i % 3},{i % 2}\n" for i in range(n)))
-    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 2}, evaluation={"every_steps": 2})
+    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 2}, evaluation={"every_steps": 2},
+                       tracking={"log_model": False, "system_metrics_every_s": 0.001})
     base["data"] = {"train_files": [str(tmp_path / "train.csv")], "validation_files": [str(tmp_path / "validation.csv")],
                     "max_length": 32, "cache_dir": str(data_cache)}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -92,7 +93,7 @@ def _data_sweep(tmp_path, data_cache, name: str, rows: int) -> tuple[str, str]:
     return uri, record.mlflow_run_id
 
 
-def test_each_trial_names_its_training_and_validation_data_with_a_digest_that_follows_the_data(tmp_path, data_cache):
+def test_each_trial_names_its_data_with_a_digest_that_follows_it_and_samples_its_nodes_load(tmp_path, data_cache):
     uri, first = _data_sweep(tmp_path, data_cache, "before", rows=32)
     _, second = _data_sweep(tmp_path, data_cache, "after", rows=40)  # the training file changed
     c = client(uri)
@@ -106,3 +107,8 @@ def test_each_trial_names_its_training_and_validation_data_with_a_digest_that_fo
     assert seen[first]["train"][1] == 32 and seen[second]["train"][1] == 40
     assert seen[first]["train"][0] != seen[second]["train"][0]
     assert seen[first]["validation"] == seen[second]["validation"]  # the same file, unchanged
+    # On a node without GPUs the node's load is CPU and memory, sampled with the logged rows.
+    system = {k for k in c.get_run(first).data.metrics if k.startswith("system/")}
+    assert system == {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+                      "system/system_memory_usage_percentage"}
+    assert len(c.get_metric_history(first, "system/cpu_utilization_percentage")) >= 2
