@@ -31,7 +31,8 @@ Pure: it names paths, it reads and writes nothing.
                            to end, the driver)
     trials/<id>/           the trial's job (track/trial_dir.py      the driver, status, the summary,
                            owns the files inside)                   the rung report
-    submitit/              submitit: the sweep's job pickles, logs  submitit, requeued jobs
+    submitit/              submitit: the sweep's job pickles, logs, submitit, requeued jobs, the
+                           sbatch scripts                           trial's environment.json
     submitit-batch-size/   submitit: the micro-batch search's jobs  preflight --find-batch-size
     micro_batch.json       preflight --find-batch-size              the planner (via the sweep command)
     asha/rung<k>.jsonl     a trial's rank 0 at rung k               trials at the rung, status, the
@@ -116,6 +117,10 @@ class SweepLayout:
     @property
     def submitit(self) -> Path:
         return self.root / "submitit"
+
+    def submission_script(self, job_id: str) -> Path:
+        """The sbatch script submitit wrote for a job (an array's, for all its tasks)."""
+        return self.submitit / job_id / f"{job_id}_submission.sh"
 
     def job_logs(self, job_id: str) -> list[Path]:
         """Where submitit may have put a job's stderr: SLURM's folder per job (`%j`), the local

@@ -28,6 +28,7 @@ from ..track.sweep_runs import trial_params
 from ..track.trial_dir import TrialDir, TrialState, TrialStatus, WriterHeld
 from .build_locks import wait_for_builds
 from .loop import Trainer
+from .runtime import runtime_record
 from .stop import STOP, STOP_SIGNALS, Preempted
 from .ranks import export_from_environment
 
@@ -76,6 +77,7 @@ def run(cfg: TrainConfig, context: JobContext = JobContext(), max_requeues: Opti
                                      run_tags={"slurm_job_id": status.job_id, "restarts": status.starts - 1,
                                                "attempt": context.attempt, "nodes": status.nodes or status.host,
                                                "world_size": ranks.world_size, **changed_since(context.tags)})
+                trial_run.log_dict(runtime_record(context.sweep, status.job_id), "environment.json")
         trainer = Trainer(cfg, ranks, trial_run, context)
         result = trainer.train()
         finished = True

@@ -8,6 +8,7 @@ import signal
 import time
 from pathlib import Path
 
+import torch
 
 from qarac_dist.submit.sweep_dir import Manifest
 from qarac_dist.track import mlflow_logger
@@ -93,7 +94,10 @@ def test_two_trial_sweep_makes_one_parent_and_two_complete_children(tmp_path, da
         assert _history(c, run.info.run_id, "val_accuracy") == [3, 6]
         for tag in ("git_commit", "world_size", "restarts", "nodes", "executor", "sweep", "attempt"):
             assert run.data.tags.get(tag), tag
-        assert [a.path for a in c.list_artifacts(run.info.run_id)] == ["deepspeed_config.json"]
+        assert [a.path for a in c.list_artifacts(run.info.run_id)] == ["deepspeed_config.json", "environment.json"]
+        environment = json.loads(open(c.download_artifacts(run.info.run_id, "environment.json", str(tmp_path))).read())
+        assert environment["torch"] == torch.__version__ and environment["sbatch"] is None  # the local executor's
+        assert f"torch=={torch.__version__}" in environment["packages"] and environment["gpus"] == []
         (model,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
                                                filter_string=f"source_run_id = '{run.info.run_id}'")
         assert run.data.tags["best_model_id"] == model.model_id

@@ -138,6 +138,8 @@ def test_eight_trials_packed_two_per_job_on_both_nodes_reach_the_sqlite_store_on
         for key in ("loss", "lr", "grad_norm"):
             assert sorted(m.step for m in c.get_metric_history(run.info.run_id, key)) == list(range(1, 61)), key
         assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "val_accuracy")) == [60]
+    environment = c.download_artifacts(next(iter(runs.values())).info.run_id, "environment.json", str(tmp_path))
+    assert "#SBATCH --array=0-1%2" in json.loads(open(environment).read())["sbatch"]  # the job's exact script
     rows = sqlite3.connect(db).execute("SELECT COUNT(*), COUNT(DISTINCT run_uuid || key || step) FROM metrics")
     total, distinct = rows.fetchone()
     assert total == distinct
