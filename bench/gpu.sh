@@ -15,11 +15,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 wheels=${1:-.wheels}
-needed=(deepspeed datasets submitit mlflow-skinny hjson msgpack pydantic py-cpuinfo dill multiprocess xxhash
-        pyarrow fsspec)
+# What the device machine's image (Python 3.12, torch, transformers, pyarrow, ... already there:
+# /work/.library/device/KINDS.md) lacks of what the benchmarks import, at constraints.txt's versions.
+lacking=(hjson pydantic pydantic-core annotated-types typing-inspection datasets dill multiprocess submitit optuna
+         cmaes colorlog alembic sqlalchemy mako mlflow-skinny mlflow-tracing cachetools gitpython gitdb smmap
+         importlib-metadata opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions
+         opentelemetry-proto python-dotenv sqlparse databricks-sdk google-auth pyasn1 pyasn1-modules fastapi starlette
+         uvicorn sniffio)
 if [ "${1:-}" = "--fetch-wheels" ]; then  # here, with an index: the wheels the device machine lacks
   mkdir -p .wheels
-  DS_BUILD_OPS=0 python -m pip wheel -q -c constraints.txt --no-deps -w .wheels "${needed[@]}"
+  python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -c constraints.txt -d .wheels "${lacking[@]}"
+  DS_BUILD_OPS=0 python -m pip wheel -q --no-deps -c constraints.txt -w .wheels deepspeed  # an sdist: built here
   echo "wheels in .wheels/; carry .wheels to the GPU machine and run: bash bench/gpu.sh .wheels"
   exit 0
 fi
@@ -28,25 +35,26 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L 2>/dev/null | grep
   exit 2
 fi
 started=$(date +%s)
-python3 -m venv --system-site-packages /tmp/qarac-gpu-venv
-. /tmp/qarac-gpu-venv/bin/activate
-missing=()
-for package in "${needed[@]}"; do
-  python -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$package" 2>/dev/null || missing+=("$package")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  pip install -q --no-index --find-links "$wheels" --no-deps "${missing[@]}"
-fi
-pip install -q --no-index --no-deps --no-build-isolation -e .
+# Into the Python that has the machine's torch (a venv of its own would not see it when that
+# Python is itself a venv, as on the device machine): run this where that may change.
+python3 -m pip install -q --no-index --no-deps "$wheels"/*.whl
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
 export DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1
 mkdir -p bench/results
-timeout 300 python bench/gpu_steps.py --out bench/results/gpu_steps.json
-timeout 90 python bench/gpu_steps.py --find-batch-size --out bench/results/gpu_batch_size.json
+keep() {  # each result to $OUT as soon as it exists (the device machine's), so a later step's overrun loses only its own
+  if [ -n "${OUT:-}" ] && [ -f "$1" ]; then cp "$1" "$OUT"/; fi
+}
+# The node-load sampler on a real GPU (track/system_metrics.py): the trial's device found through NVML.
+CUDA_VISIBLE_DEVICES=0 python3 -c "import json; from qarac_dist.track.system_metrics import Sampler; \
+print(json.dumps(Sampler(0).sample()))" | tee bench/results/gpu_sampler.json || true
+keep bench/results/gpu_sampler.json
+timeout 240 python3 bench/gpu_steps.py --out bench/results/gpu_steps.json || true
+keep bench/results/gpu_steps.json
+timeout 80 python3 bench/gpu_steps.py --find-batch-size --out bench/results/gpu_batch_size.json || true
+keep bench/results/gpu_batch_size.json
 for dtype in bf16 fp16; do
-  timeout 120 python bench/peers.py --gpu --dtype "$dtype" --rounds 1 --steps 12 --warmup 2
+  timeout 100 python3 bench/peers.py --gpu --dtype "$dtype" --rounds 1 --steps 12 --warmup 2 || continue
   cp bench/results/peers_gpu.json "bench/results/peers_gpu_$dtype.json"
+  keep "bench/results/peers_gpu_$dtype.json"
 done
 echo "bench/gpu.sh: done in $(( $(date +%s) - started )) s"
-if [ -n "${OUT:-}" ]; then
-  cp bench/results/gpu_steps.json bench/results/gpu_batch_size.json bench/results/peers_gpu_*.json "$OUT"/
-fi
