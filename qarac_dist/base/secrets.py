@@ -45,8 +45,9 @@ _TOKENS = re.compile("|".join([
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----(?:.|\n)*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)",
     r"(?i:\bbearer\s+)[A-Za-z0-9._~+/=\-]{12,}",
 ]))
-_ASSIGNMENT = re.compile(r"(?<![\w.])([A-Za-z_][A-Za-z0-9_-]*=)(\"[^\"]*\"|'[^']*'|[^\s;&|]+)")
-"""NAME=value (a shell line's `export HF_TOKEN=...`, a `--api-key=...` flag): by the name."""
+_ASSIGNMENT = re.compile(r"(?<![\w.])([A-Za-z_][A-Za-z0-9_-]*[\"']?[ \t]*[=:][ \t]*)(\"[^\"]*\"|'[^']*'|[^\s;&|,}]+)")
+"""NAME=value (a shell line's `export HF_TOKEN=...`, a `--api-key=...` flag), `name = "value"`
+(Python), `name: value` (YAML), `"name": "value"` (JSON): by the name."""
 _LONG = re.compile(r"[A-Za-z0-9+=_\-.~]{32,}")
 _URI_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s/:@]+:)(?P<password>[^\s/@]+)(?=@)")
 
@@ -77,12 +78,20 @@ def _env_secrets(environ: Mapping[str, str]) -> list[str]:
 def redact_text(text: str, environ: Mapping[str, str] = os.environ) -> str:
     """`text` with every secret-shaped part replaced; URI passwords become `***`."""
     text = _URI_PASSWORD.sub(lambda m: m.group("head") + "***", text)
-    text = _ASSIGNMENT.sub(lambda m: m.group(1) + (REDACTED if is_secret_name(m.group(1)[:-1]) else m.group(2)), text)
+    text = _ASSIGNMENT.sub(_assignment, text)
     text = _TOKENS.sub(REDACTED, text)
     text = _LONG.sub(lambda m: REDACTED if _high_entropy(m.group()) else m.group(), text)
     for value in _env_secrets(environ):
         text = text.replace(value, REDACTED)
     return text
+
+
+def _assignment(match: re.Match) -> str:
+    """A secret-named name's value redacted; `Name: ...` with a CamelCase name is no assignment
+    but a label (`KeyError: 'x'` in an error line)."""
+    head, name = match.group(1), match.group(1).rstrip("=: \t\"'")
+    label = "=" not in head and re.search(r"[a-z][A-Z]", name)
+    return head + (REDACTED if is_secret_name(name) and not label else match.group(2))
 
 
 def holds_secret(text: str, environ: Mapping[str, str] = os.environ) -> bool:

@@ -42,8 +42,13 @@ def of_sweep(source: str, base, trials: list) -> CodeRecord:
     files = {"sweep_file": Path(source), "base_config": folder / base if isinstance(base, str) else None}
     search = [Path.cwd(), *(Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p),
               *(Path(p) for p in sys.path if p)]
-    return read(files, [t.config["model"]["factory"] for t in trials if t.config.get("model", {}).get("factory")],
-                search)
+    try:
+        return read(files, [t.config["model"]["factory"] for t in trials
+                            if t.config.get("model", {}).get("factory")], search)
+    except Exception as err:  # noqa: BLE001 - a record of the code never stops the sweep it describes
+        print(f"qarac_dist: the sweep's code is not recorded on its runs ({type(err).__name__}: "
+              f"{redact_text(str(err))[:300]})", file=sys.stderr)
+        return CodeRecord()
 
 
 def read(files: dict[str, Optional[Path]], factories: list[str], search: list[Path]) -> CodeRecord:
@@ -60,14 +65,21 @@ def read(files: dict[str, Optional[Path]], factories: list[str], search: list[Pa
         if role.startswith("factory."):  # what a trial that starts later compares (changed_since)
             record.tags[f"code.{role}.sha256"] = sha256(path)
         root = _git(path.parent, "rev-parse", "--show-toplevel")
-        if root is None:
-            record.tags[f"code.{role}"] = f"{path} sha256:{sha256(path)}"
-            continue
-        if root not in repos:
+        if root is not None and root not in repos:
             repos[root] = _repository(Path(root))
-            record.diffs.update(repos[root].pop("diff"))
+            if repos[root]["diff"]:  # named by the folder; two of one name told apart by their path
+                name = f"code/{Path(root).name or 'repository'}.diff"
+                if name in record.diffs:
+                    name = f"code/{Path(root).name}-{hashlib.sha256(root.encode()).hexdigest()[:8]}.diff"
+                record.diffs[name] = repos[root]["diff"]
+        if root is None or _git(Path(root), "ls-files", "--error-unmatch", "--", str(path)) is None:
+            # outside any repository, or in one but not in its commit (untracked, ignored)
+            record.tags[f"code.{role}"] = f"{path} sha256:{sha256(path)}"
+            if root is None:
+                continue
         repo = repos[root]
-        record.tags[f"code.{role}"] = f"{path} at {repo['commit'] or 'no commit'}{' (dirty)' if repo['dirty'] else ''}"
+        record.tags.setdefault(f"code.{role}",
+                               f"{path} at {repo['commit'] or 'no commit'}{' (dirty)' if repo['dirty'] else ''}")
         if role == "sweep_file":
             record.tags.update({f"mlflow.source.git.{k}": str(repo[k]) for k in ("commit", "branch", "repoURL", "dirty")
                                 if repo[k] is not None})
@@ -98,7 +110,8 @@ def changed_since(tags: dict) -> dict:
     changed = []
     for key, recorded in tags.items():
         if key.startswith("code.factory.") and key.endswith(".sha256"):
-            path = Path(str(tags.get(key[:-len(".sha256")], "")).split(" ")[0])
+            shown = str(tags.get(key[:-len(".sha256")], ""))  # `<path> at <commit>...` or `<path> sha256:<hash>`
+            path = Path(shown.rsplit(" sha256:", 1)[0] if " sha256:" in shown else shown.rsplit(" at ", 1)[0])
             try:
                 now = sha256(path)
             except OSError:
@@ -111,8 +124,8 @@ def changed_since(tags: dict) -> dict:
 
 
 def _repository(root: Path) -> dict:
-    status = _git(root, "status", "--porcelain", "--untracked-files=all") or ""
-    untracked = [line[3:] for line in status.splitlines() if line.startswith("?? ")]
+    status = _git(root, "status", "--porcelain", "-z", "--untracked-files=all") or ""  # -z: names unquoted
+    untracked = [entry[3:] for entry in status.split("\0") if entry.startswith("?? ")]
     branch = _git(root, "rev-parse", "--abbrev-ref", "HEAD")
     remotes = (_git(root, "remote") or "").split()
     remote = _git(root, "remote", "get-url", "origin" if "origin" in remotes else remotes[0]) if remotes else None
@@ -121,25 +134,29 @@ def _repository(root: Path) -> dict:
         diff = diff[:_DIFF_LIMIT] + f"\n[cut at {_DIFF_LIMIT:,} bytes]\n"
     if untracked:
         diff += "".join(f"untracked: {name}\n" for name in untracked)
-    name = f"code/{root.name or 'repository'}.diff"
     return {"commit": _git(root, "rev-parse", "HEAD"), "branch": None if branch == "HEAD" else branch,
             "repoURL": without_credentials(remote) if remote else None, "dirty": bool(status.strip()),
-            "diff": {name: redact_text(diff)} if diff else {}}
+            "diff": redact_text(diff)}
 
 
 def without_credentials(url: str) -> str:
     """A remote's URL without its credentials: over http(s) the user too (`https://<token>@host/`
     is a common way to clone a private repository on a cluster); over ssh the user stays
     (`ssh://git@host/...`, scp-like `git@host:path`) unless a password comes with it."""
-    parts = urlsplit(url)
-    if "@" in parts.netloc and (parts.scheme in ("http", "https") or parts.password is not None):
-        return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    try:
+        parts = urlsplit(url)
+        if "@" in parts.netloc and (parts.scheme.rpartition("+")[2] in ("http", "https") or
+                                    parts.password is not None):
+            return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    except ValueError:  # git takes any string as a remote: keep none of what may be a user in it
+        return redact_text(url.rpartition("@")[2])
     return redact_text(url)
 
 
 def _git(folder: Path, *args: str) -> Optional[str]:
     try:
-        out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["git", "-c", "core.quotePath=false", "-C", str(folder), *args], capture_output=True,
+                             text=True, errors="replace", timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip("\n") if out.returncode == 0 else None

@@ -17,6 +17,7 @@ rows further apart than `every_s`, as often as the rows.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Optional
@@ -44,14 +45,15 @@ class Sampler:
                "system/system_memory_usage_megabytes": (memory.total - memory.available) / _MB,
                "system/system_memory_usage_percentage": memory.percent}
         for index, handle in enumerate(self.gpus):
-            try:
-                used = self.nvml.nvmlDeviceGetMemoryInfo(handle)
+            # Each query alone: a MIG instance has no utilisation (NotSupported) but has memory;
+            # a GPU fallen off the bus has neither, and its neighbours are still sampled.
+            with contextlib.suppress(self.nvml.NVMLError):
                 out[f"system/gpu_{index}_utilization_percentage"] = \
                     self.nvml.nvmlDeviceGetUtilizationRates(handle).gpu
-            except self.nvml.NVMLError:  # a GPU fallen off the bus: its neighbours are still sampled
-                continue
-            out[f"system/gpu_{index}_memory_usage_megabytes"] = used.used / _MB
-            out[f"system/gpu_{index}_memory_usage_percentage"] = 100 * used.used / used.total
+            with contextlib.suppress(self.nvml.NVMLError):
+                used = self.nvml.nvmlDeviceGetMemoryInfo(handle)
+                out[f"system/gpu_{index}_memory_usage_megabytes"] = used.used / _MB
+                out[f"system/gpu_{index}_memory_usage_percentage"] = 100 * used.used / used.total
         return out
 
 
@@ -81,10 +83,11 @@ def _visible_gpus(visible: Optional[str]) -> tuple[object, list]:
         import pynvml
 
         pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount() if visible is None else 0
     except Exception:  # noqa: BLE001 - no package, no driver, no device: CPU and memory only
         return None, []
     if visible is None:
-        names = [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        names = [str(i) for i in range(count)]
     else:
         names = [name.strip() for name in visible.split(",") if name.strip()]
     handles = []

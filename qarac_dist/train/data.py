@@ -77,8 +77,8 @@ class Splits:
     (`data_report`)."""
     inputs: list = field(default_factory=list)
     """Per split, what the run's MLflow dataset inputs name: where it came from, a digest of
-    its rows as read (datasets' fingerprint: the files' content and times, or the hub
-    revision), how many (track/mlflow_client.dataset_inputs)."""
+    its rows as read (datasets' fingerprint, its own cache key: the files' paths, sizes and
+    modification times, or the hub revision), how many (track/mlflow_client.dataset_inputs)."""
 
 
 def _raw_splits(cfg: TrainConfig) -> list[labels.Split]:

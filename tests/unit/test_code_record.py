@@ -20,6 +20,8 @@ REMOTES = [
     ("scp-like-kept", "git@github.com:lab/p.git", "git@github.com:lab/p.git"),
     ("a-path", "/shared/repos/p.git", "/shared/repos/p.git"),
     ("at-in-the-path", "https://host/p@v1.git", "https://host/p@v1.git"),
+    ("git-plus-https", "git+https://tok@host/r", "git+https://host/r"),
+    ("malformed", "https://tok@[host/r", "[host/r"),
 ]
 
 
@@ -61,7 +63,8 @@ def test_a_repository_without_a_commit_or_on_a_detached_head(tmp_path):
     subprocess.run(["git", "-C", str(tmp_path), "init", "-q"], check=True)
     (tmp_path / "sweep.yaml").write_text("name: s\n")
     record = code_record.read({"sweep_file": tmp_path / "sweep.yaml"}, [], [tmp_path])
-    assert record.tags["code.sweep_file"] == f"{tmp_path / 'sweep.yaml'} at no commit (dirty)"
+    digest = code_record.sha256(tmp_path / "sweep.yaml")
+    assert record.tags["code.sweep_file"] == f"{tmp_path / 'sweep.yaml'} sha256:{digest}"  # in no commit
     assert record.tags["mlflow.source.git.dirty"] == "True" and "mlflow.source.git.commit" not in record.tags
     git = ["git", "-C", str(tmp_path), "-c", "user.name=r", "-c", "user.email=r@lab"]
     subprocess.run([*git, "add", "."], check=True)
@@ -70,3 +73,44 @@ def test_a_repository_without_a_commit_or_on_a_detached_head(tmp_path):
     record = code_record.read({"sweep_file": tmp_path / "sweep.yaml"}, [], [tmp_path])
     assert "mlflow.source.git.branch" not in record.tags and record.tags["mlflow.source.git.dirty"] == "False"
     assert record.diffs == {}
+
+
+def _repo(path, files: dict):
+    path.mkdir(parents=True)
+    git = ["git", "-C", str(path), "-c", "user.name=r", "-c", "user.email=r@lab"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    for name, content in files.items():
+        (path / name).write_bytes(content)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "x"], check=True)
+
+
+def test_a_second_reviews_repositories_are_recorded_and_never_stop_the_sweep(tmp_path, capsys):
+    """Each used to crash the submission or to record what is not so (a review found them): a
+    diff with bytes that are no UTF-8, a factory under a folder with a space (taken for changed),
+    an untracked factory (recorded as in the commit), two dirty repositories of one folder name
+    (one diff lost), untracked names quoted by git."""
+    _repo(tmp_path / "a" / "proj", {"sweep.yaml": b"name: s\n", "notes.txt": b"caf\xe9\n"})
+    _repo(tmp_path / "b b" / "proj", {"kept.py": b"x = 1\n"})
+    (tmp_path / "a" / "proj" / "notes.txt").write_bytes(b"caf\xe9 au lait\n")
+    (tmp_path / "b b" / "proj" / "kept.py").write_bytes(b"x = 2\n")
+    (tmp_path / "b b" / "proj" / "models.py").write_text("def build(): ...\n")  # untracked
+    (tmp_path / "b b" / "proj" / "\u00e9 file.txt").write_text("")
+    record = code_record.read({"sweep_file": tmp_path / "a" / "proj" / "sweep.yaml"}, ["models:build"],
+                              [tmp_path / "b b" / "proj"])
+    factory = tmp_path / "b b" / "proj" / "models.py"
+    assert record.tags["code.factory.models"] == f"{factory} sha256:{code_record.sha256(factory)}"
+    assert code_record.changed_since(record.tags) == {} and capsys.readouterr().err == ""
+    names, texts = list(record.diffs), list(record.diffs.values())
+    assert len(names) == 2 and "code/proj.diff" in names and any(n.startswith("code/proj-") for n in names)
+    assert any("caf\ufffd au lait" in t for t in texts) and any("+x = 2" in t for t in texts)
+    assert any("untracked: \u00e9 file.txt" in t for t in texts)
+
+
+def test_a_sweep_whose_code_cannot_be_read_is_submitted_without_the_record(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(code_record, "read", lambda *a: 1 / 0)
+    record = code_record.of_sweep(str(tmp_path / "sweep.yaml"), {}, [SimpleNamespace(config={})])
+    assert record.tags == {} and "the sweep's code is not recorded on its runs (ZeroDivisionError" in \
+        capsys.readouterr().err

@@ -77,3 +77,16 @@ def test_a_sample_rides_a_row_once_every_period_and_never_the_rows_replayed_at_t
         logger.log(step, {"loss": 1.0})
     assert [step for step, keys in rows if "system/cpu_utilization_percentage" in keys] == [3, 5]
     assert system_metrics.sampled(logger, 0) is logger  # 0: no sampling
+
+
+def test_a_mig_instance_has_its_memory_sampled_though_it_has_no_utilisation(monkeypatch):
+    _fake_nvml(monkeypatch, devices=2)
+    nvml = sys.modules["pynvml"]
+
+    def no_rates(handle):
+        raise nvml.NVMLError("Not Supported")
+
+    monkeypatch.setattr(nvml, "nvmlDeviceGetUtilizationRates", no_rates)
+    row = system_metrics.Sampler(0, {"CUDA_VISIBLE_DEVICES": "GPU-1"}).sample()
+    assert sorted(k for k in row if k.startswith("system/gpu_")) == ["system/gpu_0_memory_usage_megabytes",
+                                                                     "system/gpu_0_memory_usage_percentage"]

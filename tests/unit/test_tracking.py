@@ -29,7 +29,13 @@ def test_assignments_to_secret_names_are_masked_in_text_and_prose_is_not():
              "--api-key='two words' --lr=3": "--api-key=[redacted] --lr=3",
              'export MY_SECRET="s 1" && run': "export MY_SECRET=[redacted] && run",
              "expected dotted.key=value": "expected dotted.key=value", "max_tokens=5 tokenizer=bert":
-             "max_tokens=5 tokenizer=bert"}
+             "max_tokens=5 tokenizer=bert",
+             # a user's diff (track/code_record.py): Python, YAML and JSON forms (a review found them)
+             '+wandb_api_key = "0123456789abcdef0123456789abcdef01234567"': "+wandb_api_key = [redacted]",
+             '+  db_password: "hunter2-prod"': "+  db_password: [redacted]",
+             '{"api_key": "xyz", "lr": 1}': '{"api_key": [redacted], "lr": 1}',
+             "KeyError: 'token'": "KeyError: 'token'", "url: https://host/x": "url: https://host/x",
+             "max_tokens: 4096": "max_tokens: 4096"}
     assert {text: redact_text(text, {}) for text in cases} == cases
 
 
