@@ -33,7 +33,7 @@ def test_parent_and_child_runs_show_on_the_experiment_page(tmp_path, shared_mlfl
         best = tmp_path / f"best{i}"
         best.mkdir()
         (best / "tokenizer.json").write_text("{}")
-        assert log(shared_mlflow_server.uri, run, best, module=torch.nn.Linear(2, 2))  # as a trial logs its best model
+        assert log(shared_mlflow_server.uri, run, best, 1, module=torch.nn.Linear(2, 2))  # as a trial logs its best
         names.append(name)
     shot = tmp_path / "ui.png"
     missing, models = check_runs_page(shared_mlflow_server.uri, exp, names, shot, num_models=3)
