@@ -8,8 +8,10 @@
 #   2. the micro-batch search (`python -m qarac_dist.preflight ... --find-batch-size`) on one GPU;
 #   3. bench/peers.py --gpu in bf16 and fp16 (qarac_dist, the HF Trainer and Lightning).
 #
-#   bash bench/gpu.sh [WHEELS_DIR]
+#   bash bench/gpu.sh [WHEELS_DIR] [steps|peers]
 #
+# With a stage, only 1-2 (steps) or 3 (peers): two commands of under 10 minutes each, as the
+# device machine allows, the second on the still-warm machine.
 # On a machine that cannot reach a package index (the device machine), what its Python lacks
 # comes from WHEELS_DIR (default .wheels/, filled here by `bash bench/gpu.sh --fetch-wheels`).
 set -euo pipefail
@@ -35,6 +37,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L 2>/dev/null | grep
   exit 2
 fi
 started=$(date +%s)
+stage=${2:-all}
 # Into the Python that has the machine's torch (a venv of its own would not see it when that
 # Python is itself a venv, as on the device machine): run this where that may change.
 python3 -m pip install -q --no-index --no-deps "$wheels"/*.whl
@@ -44,17 +47,25 @@ mkdir -p bench/results
 keep() {  # each result to $OUT as soon as it exists (the device machine's), so a later step's overrun loses only its own
   if [ -n "${OUT:-}" ] && [ -f "$1" ]; then cp "$1" "$OUT"/; fi
 }
-# The node-load sampler on a real GPU (track/system_metrics.py): the trial's device found through NVML.
-CUDA_VISIBLE_DEVICES=0 python3 -c "import json; from qarac_dist.track.system_metrics import Sampler; \
+if [ "$stage" != peers ]; then
+  # The node-load sampler on a real GPU (track/system_metrics.py): the trial's device found through NVML.
+  CUDA_VISIBLE_DEVICES=0 python3 -c "import json; from qarac_dist.track.system_metrics import Sampler; \
 print(json.dumps(Sampler(0).sample()))" | tee bench/results/gpu_sampler.json || true
-keep bench/results/gpu_sampler.json
-timeout 240 python3 bench/gpu_steps.py --out bench/results/gpu_steps.json || true
-keep bench/results/gpu_steps.json
-timeout 80 python3 bench/gpu_steps.py --find-batch-size --out bench/results/gpu_batch_size.json || true
-keep bench/results/gpu_batch_size.json
-for dtype in bf16 fp16; do
-  timeout 100 python3 bench/peers.py --gpu --dtype "$dtype" --rounds 1 --steps 12 --warmup 2 || continue
-  cp bench/results/peers_gpu.json "bench/results/peers_gpu_$dtype.json"
-  keep "bench/results/peers_gpu_$dtype.json"
-done
+  keep bench/results/gpu_sampler.json
+  # gpu_steps.py writes its JSON after each run (90 s each at most), so this limit loses only the last.
+  timeout 250 python3 bench/gpu_steps.py --out bench/results/gpu_steps.json || true
+  keep bench/results/gpu_steps.json
+  timeout 150 python3 bench/gpu_steps.py --find-batch-size --out bench/results/gpu_batch_size.json || true
+  keep bench/results/gpu_batch_size.json
+fi
+if [ "$stage" != steps ]; then
+  rounds=$([ "$stage" = peers ] && echo 2 || echo 1)  # alone, two rounds of bf16 (a ratio of runs side by side)
+  dtypes=$([ "$stage" = peers ] && echo bf16 || echo "bf16 fp16")
+  for dtype in $dtypes; do
+    timeout $((165 * rounds)) python3 bench/peers.py --gpu --dtype "$dtype" --rounds "$rounds" --steps 12 --warmup 2 \
+      || continue
+    cp bench/results/peers_gpu.json "bench/results/peers_gpu_$dtype.json"
+    keep "bench/results/peers_gpu_$dtype.json"
+  done
+fi
 echo "bench/gpu.sh: done in $(( $(date +%s) - started )) s"

@@ -4,7 +4,9 @@ For the demo Longformer (configs/longformer_synthetic.yaml) and a longformer-bas
 (12 layers, hidden 768, window 512) at 4096 tokens, both with activation checkpointing, in bf16
 and in fp16 (dynamic loss scaling): the median tokens/s over the steps after the first few, the
 peak GPU memory (torch.cuda.max_memory_allocated), and preflight's memory plan for the same
-trial against that peak. `--find-batch-size` runs the micro-batch search on the base shape.
+trial against that peak. `--find-batch-size` runs the micro-batch search on the base shape (its
+64 documents cap the search at 64). Each run has its own time limit and the JSON is written
+after each one, so a run that overruns loses only itself (its output's last lines are kept).
 
     python bench/gpu_steps.py --out bench/results/gpu_steps.json
     python bench/gpu_steps.py --find-batch-size --out bench/results/gpu_batch_size.json
@@ -18,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -29,9 +32,11 @@ from peers import BASE_SIZE  # noqa: E402 - the same geometry as the peers' GPU 
 CONFIG = ROOT / "configs" / "longformer_synthetic.yaml"
 STEPS, WARMUP = 12, 3
 JOBS = {
-    "demo": ["model.activation_checkpointing=true", "data.synthetic.num_train=256"],
     "base": [*BASE_SIZE, "training.micro_batch_size=1", "data.synthetic.num_train=64"],
+    "demo": ["model.activation_checkpointing=true", "data.synthetic.num_train=256"],
 }
+RUNS = [("base", "bf16"), ("base", "fp16"), ("demo", "bf16"), ("demo", "fp16")]
+RUN_LIMIT_S = 90
 
 
 def common(out: Path, dtype: str) -> list[str]:
@@ -42,15 +47,23 @@ def common(out: Path, dtype: str) -> list[str]:
 
 def train(job: str, dtype: str, work: Path) -> dict:
     out = work / f"{job}-{dtype}"
-    overrides = [*JOBS[job], *common(out, dtype), f"data.cache_dir={work / 'cache'}"]
-    subprocess.run([sys.executable, "-m", "qarac_dist.train", str(CONFIG), *overrides], check=True, cwd=ROOT)
+    overrides = [*JOBS[job], *common(out, dtype), f"data.cache_dir={work / job}"]
+    started = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "qarac_dist.train", str(CONFIG), *overrides], cwd=ROOT,
+                              capture_output=True, text=True, timeout=RUN_LIMIT_S)
+    except subprocess.TimeoutExpired as late:
+        return {"job": job, "dtype": dtype, "error": f"not done in {RUN_LIMIT_S} s",
+                "output_tail": (late.stderr or b"")[-2000:].decode(errors="replace")}
+    if proc.returncode != 0:
+        return {"job": job, "dtype": dtype, "error": f"exit {proc.returncode}", "output_tail": proc.stderr[-2000:]}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "loss" in r]
     return {"job": job, "dtype": dtype, "steps": len(steps),
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps[WARMUP:]),
-            "peak_gpu_mb": max(r["mem_peak_mb"] for r in steps),
+            "peak_gpu_mb": max((r.get("mem_peak_mb", 0) for r in steps), default=0),
             "skipped_steps": max((r.get("skipped_steps", 0) for r in steps), default=0),
-            "planned_mb": planned_mb(overrides)}
+            "wall_s": round(time.monotonic() - started, 1), "planned_mb": planned_mb(overrides)}
 
 
 def planned_mb(overrides: list[str]) -> float:
@@ -67,7 +80,7 @@ def planned_mb(overrides: list[str]) -> float:
 def find_batch_size(work: Path) -> dict:
     sweep = {"name": "gpu-batch-size", "base": str(CONFIG), "runs_dir": str(work / "runs"), "executor": "local",
              "set": {**{key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in JOBS["base"])},
-                     "precision.dtype": "bf16", "data.cache_dir": str(work / "cache")},
+                     "precision.dtype": "bf16", "data.cache_dir": str(work / "base")},
              "resources": {"gpus_per_node": 1, "gpu_memory_gb": 139, "time_min": 10}}
     path = work / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep))
@@ -92,8 +105,11 @@ def main() -> None:
         if args.find_batch_size:
             result = find_batch_size(work)
         else:
-            result = {"gpu": torch.cuda.get_device_name(), "steps": STEPS, "warmup": WARMUP,
-                      "runs": [train(job, dtype, work) for job in JOBS for dtype in ("bf16", "fp16")]}
+            result = {"gpu": torch.cuda.get_device_name(), "steps": STEPS, "warmup": WARMUP, "runs": []}
+            for job, dtype in RUNS:
+                result["runs"].append(train(job, dtype, work))
+                print(json.dumps(result["runs"][-1]), flush=True)
+                args.out.write_text(json.dumps(result, indent=2))
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

@@ -70,7 +70,9 @@ def find_batch_size(source: str, overrides: list[str]) -> int:
         what = model.get("name_or_path") or model.get("factory") or (model.get("config") or {}).get("model_type")
         peak = f", peak {gib(result['peak_bytes'])}" if result["peak_bytes"] else ""
         print(f"{what}: largest micro batch that fits {result['micro_batch_size']} on {result['device']}{peak} "
-              f"(budget {gib(result['budget_bytes'])}; tried {', '.join(result['tried'])})")
+              f"(budget {gib(result['budget_bytes'])}; tried {', '.join(result['tried'])})"
+              + (f"; capped at the training set's {result['training_examples']} examples"
+                 if result.get("capped_by_training_set") else ""))
     print(f"written to {layout.micro_batches}; the sweep plans with it from now on")
     return 0 if all(r["micro_batch_size"] for r in results.values()) else 1
 

@@ -7,8 +7,9 @@ DeepSpeed settings) one job runs on one GPU of the sweep's resources, through su
 this machine when the sweep's executor is local). It builds the real trial, runs two optimizer
 steps on a micro batch of the training set's longest examples, and measures the peak: CUDA's
 max_memory_allocated on a GPU (an out-of-memory error is "does not fit"), the growth of the
-process's RSS on CPU. Micro batches are doubled until one does not fit, then bisected. The
-budget is `resources.gpu_memory_gb` less a 10% margin.
+process's RSS on CPU. Micro batches are doubled until one does not fit, then bisected, up to the
+training set's size (a step cannot take more examples than the set holds). The budget is
+`resources.gpu_memory_gb` less a 10% margin.
 
 The answers go to `<runs_dir>/<sweep>/micro_batch.json`; the sweep plans with them from then on
 (trial ids change with the micro batch). Where the config sets `training.global_batch_size`,
@@ -27,8 +28,10 @@ HEADROOM = 0.9
 
 # ---------------------------------------------------------------- the search (in the job)
 
-def measure(cfg, micro: int) -> int | None:
-    """Peak bytes of two real optimizer steps at this micro batch; None if it ran out of memory."""
+def measure(cfg, micro: int) -> tuple[int | None, int]:
+    """Peak bytes of two real optimizer steps at this micro batch (None if it ran out of memory),
+    and the number of training examples. The trial is built with a micro batch of one (which any
+    set can fill) and stepped with `micro` examples."""
     import contextlib
     import dataclasses
     import gc
@@ -43,7 +46,7 @@ def measure(cfg, micro: int) -> int | None:
 
     with tempfile.TemporaryDirectory() as out:
         cfg = dataclasses.replace(
-            cfg, training=dataclasses.replace(cfg.training, micro_batch_size=micro, gradient_accumulation_steps=1,
+            cfg, training=dataclasses.replace(cfg.training, micro_batch_size=1, gradient_accumulation_steps=1,
                                               global_batch_size=None),
             output=dataclasses.replace(cfg.output, dir=out, export_best=False, export_last=False),
             tracking=dataclasses.replace(cfg.tracking, uri=None),
@@ -55,20 +58,21 @@ def measure(cfg, micro: int) -> int | None:
         else:
             _return_freed_memory()
         rss = RssGrowth(interval_s=0.002)
-        trainer = None
+        trainer, examples = None, 0
         try:
             with contextlib.nullcontext() if cuda else rss:
                 trainer = Trainer(cfg, export_from_environment())
                 lengths = np.asarray(trainer.splits.train["length"][:])
+                examples = len(lengths)
                 longest = np.resize(np.argsort(-lengths, kind="stable"), micro)  # repeats if the set is small
                 for _ in range(2):  # the first step also allocates the optimizer's states
                     trainer.train_step([longest])
             if cuda:
                 torch.cuda.synchronize()
-                return int(torch.cuda.max_memory_allocated())
-            return rss.bytes
+                return int(torch.cuda.max_memory_allocated()), examples
+            return rss.bytes, examples
         except torch.cuda.OutOfMemoryError:
-            return None
+            return None, examples
         finally:
             del trainer
             gc.collect()
@@ -97,23 +101,26 @@ def search(config: dict, budget_bytes: int, max_micro: int = 512) -> dict:
     tried: dict[int, int | None] = {}
 
     def fits(micro: int) -> bool:
-        tried[micro] = measure(cfg, micro)
+        tried[micro] = measure(cfg, micro)[0]
         return tried[micro] is not None and tried[micro] <= budget_bytes
 
-    measure(cfg, 1)  # warm-up, not counted: data preparation, imports and lazy initialisation happen once
+    # Warm-up, not counted: data preparation, imports and lazy initialisation happen once.
+    examples = measure(cfg, 1)[1]
+    max_micro = min(max_micro, examples)
     best, bad = 0, None
     micro = 1
     while micro <= max_micro and fits(micro):
         best, micro = micro, micro * 2
-    if best and micro <= max_micro:
-        bad = micro
+    if best:
+        bad = min(micro, max_micro + 1)  # the first that did not fit, or just past the cap
         while bad - best > 1:
             middle = (best + bad) // 2
             best, bad = (middle, bad) if fits(middle) else (best, middle)
     torch.distributed.destroy_process_group()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"micro_batch_size": best, "peak_bytes": tried.get(best), "budget_bytes": budget_bytes, "device": device,
-            "tried": {str(k): v for k, v in sorted(tried.items())}}
+            "tried": {str(k): v for k, v in sorted(tried.items())}, "training_examples": examples,
+            "capped_by_training_set": best == examples}
 
 
 def _return_freed_memory() -> None:

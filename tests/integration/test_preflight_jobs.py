@@ -70,3 +70,25 @@ def test_find_batch_size_measures_real_steps_and_the_sweep_plans_with_it(tmp_pat
     dry = run_sweep(path, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.count(f"found micro batch {best}") == 2
+
+
+def test_find_batch_size_stops_at_the_training_set_size(tmp_path):
+    """A set smaller than what fits: the search tries no step the set cannot fill (6 examples:
+    1, 2, 4, then 5 and 6 by bisection), says it was capped, and the sweep then plans with it
+    (a micro batch of 8 would have refused to start)."""
+    base = tiny_config(tmp_path / "cache", tmp_path / "out",
+                       data={"synthetic": {"num_train": 6, "num_validation": 4, "min_tokens": 160, "max_tokens": 320,
+                                           "evidence_after": 128, "num_classes": 2, "seed": 0}},
+                       training={"micro_batch_size": 1, "max_steps": 2}, evaluation={"every_steps": 2})
+    sweep = {"name": "small", "base": base, "executor": "local", "resources": {"gpu_memory_gb": 64, "time_min": 10}}
+    path = tmp_path / "sweep.yaml"
+    write_config(path, sweep)
+    proc = subprocess.run([sys.executable, "-m", "qarac_dist.preflight", str(path), "--find-batch-size"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "capped at the training set's 6 examples" in proc.stdout
+    (result,) = json.loads((tmp_path / "runs" / "small" / "micro_batch.json").read_text()).values()
+    assert result["micro_batch_size"] == 6 and result["capped_by_training_set"]
+    assert sorted(map(int, result["tried"])) == [1, 2, 4, 5, 6]
+    dry = run_sweep(path, "--dry-run")
+    assert dry.returncode == 0 and "found micro batch 6" in dry.stdout, dry.stdout + dry.stderr
