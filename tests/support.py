@@ -208,3 +208,17 @@ def kill_while_holding_lock(path: Path) -> None:
     assert ready.wait(60), "the lock holder did not start"
     os.kill(holder.pid, signal.SIGKILL)
     holder.join(60)
+
+
+def slurm_seconds(job_ids) -> dict[str, float]:
+    """SLURM's own view of how long each ended job held its allocation (EndTime - StartTime,
+    whole seconds), from scontrol: the controller keeps ended jobs for MinJobAge (300 s here)."""
+    import datetime
+
+    out = {}
+    for job in job_ids:
+        text = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+        fields = dict(f.split("=", 1) for f in text.split() if "=" in f)
+        times = [datetime.datetime.fromisoformat(fields[k]) for k in ("StartTime", "EndTime")]
+        out[job] = (times[1] - times[0]).total_seconds()
+    return out

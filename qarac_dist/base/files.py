@@ -134,3 +134,13 @@ def read_json(path: Path) -> Optional[dict]:
     if not isinstance(data, dict):
         raise DamagedFile(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def first_missing(directory: Path) -> Path | None:
+    """The outermost folder of `directory`'s path that does not exist yet (None: it exists)."""
+    missing = None
+    for folder in [directory, *directory.parents]:
+        if folder.exists():
+            return missing
+        missing = folder
+    return missing

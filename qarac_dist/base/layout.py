@@ -39,6 +39,9 @@ Pure: it names paths, it reads and writes nothing.
                            (track/rungs.py)                         rung report
     asha/asha.csv,         the last trial to end, through the       the user, MLflow (parent run)
     asha/curves.png        parent run update (track/rung_report.py)
+    usage/<job>.json       a packed job's runner: its allocation's  status, the summary, the parent
+                           clock (track/usage.py)                   run (idle slot time)
+    usage.png, load.png    the parent run update (track/usage.py)   the user, MLflow (parent run)
 """
 
 from __future__ import annotations
@@ -149,3 +152,18 @@ class SweepLayout:
     @property
     def asha_curves(self) -> Path:
         return self.asha / "curves.png"
+
+    @property
+    def usage(self) -> Path:
+        return self.root / "usage"
+
+    def job_usage(self, job_id: str) -> Path:
+        return self.usage / f"{job_id}.json"
+
+    @property
+    def usage_plot(self) -> Path:
+        return self.root / "usage.png"
+
+    @property
+    def load_plot(self) -> Path:
+        return self.root / "load.png"

@@ -134,6 +134,38 @@ def job_states(job_ids: list[str], finished: bool = True) -> dict[str, str]:
     return {j: states[j] for j in job_ids if j in states}
 
 
+def accounted(job_ids: list[str]) -> Optional[tuple[float, float]]:
+    """GPU-seconds and CPU-seconds SLURM's accounting charged for the jobs: each run's elapsed
+    time (requeues included, `--duplicates`) times its allocation (AllocTRES). None where there
+    is no accounting, or it does not know every job."""
+    wanted = set(job_ids)
+    if not wanted or not shutil.which("sacct"):
+        return None
+    base_ids = sorted({j.split("_")[0] for j in wanted})
+    try:
+        proc = subprocess.run(["sacct", "-n", "-P", "-X", "--duplicates", "-o", "JobID,ElapsedRaw,AllocTRES", "-j",
+                               ",".join(base_ids)], capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return charged(proc.stdout, wanted) if proc.returncode == 0 else None
+
+
+def charged(text: str, wanted: set[str]) -> Optional[tuple[float, float]]:
+    """What `sacct -P -o JobID,ElapsedRaw,AllocTRES` printed, summed over the `wanted` jobs."""
+    gpu = cpu = 0.0
+    seen: set[str] = set()
+    for line in text.splitlines():
+        job, elapsed, tres = (line.split("|") + ["", ""])[:3]
+        if job.strip() not in wanted or not elapsed.strip().isdigit():
+            continue
+        held = {k: int(v) for k, v in (part.partition("=")[::2] for part in tres.split(",")) if v.isdigit()}
+        gpus = held.get("gres/gpu", sum(v for k, v in held.items() if k.startswith("gres/gpu:")))  # typed only
+        gpu += int(elapsed) * gpus
+        cpu += int(elapsed) * held.get("cpu", 0)
+        seen.add(job.strip())
+    return (gpu, cpu) if seen == wanted else None
+
+
 SQUEUE_LINE = re.compile(r"\d+(?:_\d+|_\[[\d,%-]+\])?(?:\+\d+)?\|[A-Z_]+")
 """What `squeue -o %i|%T` prints per job: 123, 123_4, 123_[0-3%2] or a het job's 123+0, and a state."""
 

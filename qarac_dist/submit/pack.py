@@ -42,6 +42,7 @@ from ..config import ConfigError
 from ..config.sweep import Resources, Search
 from ..track import search_record
 from ..track.trial_dir import TrialDir, TrialState
+from ..track.usage import Clock
 from . import claims, environment, sbatch, search
 from .cluster import ACTIVE, Patience, all_may_run
 from .executors import make_executor, stop_with_parent
@@ -133,6 +134,9 @@ class _Runner:
 
     def run(self) -> dict:
         previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGUSR2, signal.SIGTERM)}
+        # The allocation's clock: its slots' idle time is what its steps' clocks do not cover (track/usage.py).
+        clock = Clock(self.layout.job_usage(self.job_id), self.job_id, *sbatch.held(sbatch.job_resources(self.r)))
+        clock.start()
         try:
             while True:
                 self.reap()
@@ -146,6 +150,7 @@ class _Runner:
             self.stop_steps(err)
             raise
         finally:
+            clock.stop()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         if self.preempted and self.signum != signal.SIGTERM and self.job.kind == "slurm":

@@ -17,14 +17,6 @@ from .search import check_record, warm_start
 from .sweep_dir import Manifest, layout_for, same_record
 
 
-def gpu_hours(spec: SweepSpec, num_trials: int) -> float:
-    """GPU-hours at most: each trial's job for its whole time limit; where jobs run trials as
-    steps, each allocation's."""
-    r = spec.resources
-    job = sbatch.job_resources(r)
-    return sbatch.num_jobs(r, num_trials, spec.trials_as_steps()) * job.nodes * job.gpus_per_node * r.time_min / 60
-
-
 def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, source: str, shown: int = 50) -> None:
     # Checked before anything is printed, as the run checks them: one line, exit 2.
     select = select_defaults(spec, trials)
@@ -55,7 +47,8 @@ def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, source: str, sho
               f"{sbatch.num_jobs(r, len(trials), True)} job(s) of {job.nodes} node(s) x {job.tasks_per_node} task(s), "
               f"{job.gpus_per_node} GPU(s)/node, {r.time_min} min each, starting the next waiting trial as one ends")
     allocations = " at most (the allocations)" if spec.trials_as_steps() else ""
-    print(f"requested GPU-hours: {gpu_hours(spec, len(trials)):.1f}{allocations}")
+    requested = sbatch.requested_hours(spec.resources, len(trials), spec.trials_as_steps())
+    print(f"requested GPU-hours: {requested['gpu_hours']:.1f}{allocations}; CPU-hours: {requested['cpu_hours']:.1f}")
     if spec.asha is not None and trials:
         print_rungs(spec, trials)
     if kind == "slurm" or spec.executor != "local":

@@ -1,8 +1,10 @@
 """What the sweep and status commands print about trials: the live progress table, and the
-summary with the best trial marked (chosen in the same order as on the MLflow parent run)."""
+summary with the best trial marked (chosen in the same order as on the MLflow parent run) and
+what the sweep used (track/usage.py)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -10,6 +12,8 @@ from ..base.layout import SweepLayout
 from ..base.files import DamagedFile
 from ..track.best import TIE_ORDER, Candidate, best_of
 from ..track.trial_dir import TrialDir
+from ..track.usage import Used, summary_line, used
+from . import cluster
 from .sweep_dir import DONE, Manifest, TrialRecord
 
 
@@ -130,8 +134,29 @@ def print_summary(manifest: Manifest, layout: SweepLayout) -> Optional[str]:
     if retired:
         console.print(f"{retired} trial(s) below the line are no longer in the sweep file: shown, never chosen best "
                       f"(back in the file, back in the running)", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"{summary_line(usage_of(manifest, layout), manifest.requested)}", markup=False, highlight=False,
+                  soft_wrap=True)
     if layout.asha.is_dir():
         pruned = sum(row.record.state == "PRUNED" for row in table_rows)
         console.print(f"successive halving: {pruned} trial(s) stopped at a rung; rung table {layout.asha_table}, "
                       f"plot {layout.asha_curves}", markup=False, highlight=False, soft_wrap=True)
     return best_id
+
+
+def usage_of(manifest: Manifest, layout: SweepLayout) -> Used:
+    """What the sweep used: sacct's charge where SLURM keeps accounting (with the trials' clocks
+    beside it, and their split by state), else the trials' and packed jobs' clocks."""
+    clocks = used([(r.trial_dir.usage_file, r.state) for r in manifest.trials.values()],
+                  sorted(layout.usage.glob("*.json")))
+    jobs = [j for r in manifest.trials.values() for j in {*r.job_ids, *r.pack_jobs}]
+    charged = cluster.accounted(jobs) if manifest.executor == "slurm" else None
+    if charged is None:
+        return clocks
+    split = []
+    for total, seconds in zip(charged, (clocks.gpu_s, clocks.cpu_s)):
+        seen = sum(seconds.values())
+        if seen > total:  # the clocks' beats overshoot by at most a few seconds: sacct's total stands
+            split.append(Counter({g: s * total / seen for g, s in seconds.items()}))
+        else:
+            split.append(Counter({**seconds, "outside": total - seen}))
+    return Used(split[0], split[1], "sacct", clocks)

@@ -51,6 +51,19 @@ def job_resources(resources: Resources) -> Resources:
                                mem_gb=resources.mem_gb * k if resources.mem_gb is not None else None)
 
 
+def held(resources: Resources) -> tuple[int, int]:
+    """GPUs and CPU cores of all the nodes and tasks of `resources` (a trial's, or a job's)."""
+    r = resources
+    return r.nodes * r.gpus_per_node, r.nodes * r.tasks_per_node * r.cpus_per_task
+
+
+def requested_hours(resources: Resources, num_trials: int, steps: bool = False) -> dict[str, float]:
+    """GPU-hours and CPU-hours at most: each job of a submission for its whole time limit."""
+    gpus, cpus = held(job_resources(resources))
+    jobs = num_jobs(resources, num_trials, steps)
+    return {"gpu_hours": jobs * gpus * resources.time_min / 60, "cpu_hours": jobs * cpus * resources.time_min / 60}
+
+
 def num_jobs(resources: Resources, num_trials: int, steps: bool = False) -> int:
     """Jobs a submission of `num_trials` trials makes: one per trial, or where trials run as
     steps (`pack` K > 1, or a model-based search: `steps`), ceil(max_parallel / K) jobs (fewer

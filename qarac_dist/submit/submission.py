@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..base.files import DiskFull
+from ..base.files import DiskFull, first_missing
 from ..base.layout import SweepLayout
 from ..config import UserError
 from ..config.schema import to_dict
@@ -69,7 +69,7 @@ class Submission:
         return self.local and not self.executor.steps
 
     def run(self) -> int:
-        created = _first_missing(self.layout.root)
+        created = first_missing(self.layout.root)
         self.lock.acquire()
         try:
             manifest = self.manifest()
@@ -290,16 +290,6 @@ def _stop_signals():
             signal.signal(signum, handler)
 
 
-def _first_missing(directory: Path) -> Path | None:
-    """The outermost folder of `directory`'s path that does not exist yet (None: it exists)."""
-    missing = None
-    for folder in [directory, *directory.parents]:
-        if folder.exists():
-            return missing
-        missing = folder
-    return missing
-
-
 def attach(kind: str, layout: SweepLayout) -> Executor:
     """An executor to ask about and cancel a sweep's jobs (not to submit new ones)."""
     return make_executor(kind, layout.submitit, Resources(), sbatch.job_name(layout.root.name), 0)
@@ -333,16 +323,18 @@ def submit_records(manifest: Manifest, layout: SweepLayout, executor: Executor, 
             r.history.append(Attempt(r.attempt, list(r.job_ids[-1:]), r.state, r.error))
         r.attempt += 1
         r.state, r.error, r.job_id, r.step, r.pack_jobs = "PENDING", None, None, None, []
+    bound = sbatch.requested_hours(resources, len(records), executor.steps)  # each job for its whole time limit
+    manifest.requested = {k: manifest.requested.get(k, 0.0) + v for k, v in bound.items()}
     manifest.save(layout.root)
     if executor.steps:
-        entries = [pack.Entry(r.id, r.attempt, r.config, job_context(manifest, layout, r).to_dict(), r.slot)
+        entries = [pack.Entry(r.id, r.attempt, r.config, job_context(manifest, layout, r, resources).to_dict(), r.slot)
                    for r in records]
         jobs = executor.submit(pack.packed_jobs(layout, executor.kind, resources, executor.max_requeues, entries,
                                                 search, executor.launch))
         for r in records:
             r.pack_jobs = [job.job_id for job in jobs]
     else:
-        jobs = executor.submit([TrialJob(r.config, job_context(manifest, layout, r).to_dict(),
+        jobs = executor.submit([TrialJob(r.config, job_context(manifest, layout, r, resources).to_dict(),
                                          resources.cpus_per_task, executor.max_requeues) for r in records])
         for r, job in zip(records, jobs):
             r.job_id = job.job_id
@@ -350,13 +342,15 @@ def submit_records(manifest: Manifest, layout: SweepLayout, executor: Executor, 
     manifest.save(layout.root)
 
 
-def job_context(manifest: Manifest, layout: SweepLayout, record: TrialRecord) -> JobContext:
+def job_context(manifest: Manifest, layout: SweepLayout, record: TrialRecord, resources: Resources) -> JobContext:
     """What the sweep hands a trial's job beside its config."""
+    gpus, cpus = sbatch.held(resources)
     return JobContext(attempt=record.attempt, tracking_uri=manifest.tracking_uri, experiment=manifest.experiment,
                       run_id=record.mlflow_run_id, parent_run_id=manifest.mlflow_parent_run_id,
                       sweep_dir=str(layout.root.resolve()), select_metric=manifest.select_metric,
                       select_mode=manifest.select_mode, tags={"sweep": manifest.sweep, "trial_id": record.id,
-                                                              "executor": record.executor, **manifest.code})
+                                                              "executor": record.executor, **manifest.code},
+                      gpus=gpus, cpus=cpus)
 
 
 def follow(manifest: Manifest, layout: SweepLayout, executor: Executor, queued: list[TrialRecord], max_parallel: int,

@@ -116,6 +116,8 @@ class Manifest:
     experiment: Optional[str] = None
     code: dict = field(default_factory=dict)
     """The user's code as the last submission read it (track/code_record.py): its runs' tags."""
+    requested: dict = field(default_factory=dict)
+    """GPU-hours and CPU-hours the submissions asked for at most (`gpu_hours`, `cpu_hours`)."""
 
     @classmethod
     def load(cls, sweep_dir: Path) -> Optional["Manifest"]:

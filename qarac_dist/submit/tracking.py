@@ -88,18 +88,25 @@ def log_preflight(manifest: Manifest, text: str) -> None:
 
 
 def close_parent(manifest: Manifest, layout: SweepLayout) -> None:
-    """When every trial's latest attempt has ended: name the best trial on the parent run and
-    end it, FINISHED when all of them completed (or were pruned)."""
+    """When every trial's latest attempt has ended: name the best trial on the parent run, log
+    what the sweep used (GPU-hours, CPU-hours, and the plots) and end it, FINISHED when all of
+    them completed (or were pruned)."""
     if manifest.mlflow_parent_run_id is None or not manifest.all_ended():
         return
     import_records(manifest, layout, wait=True)  # the trials' ends, before the verdict
     from ..track import sweep_runs
+    from .report import usage_of
 
+    from ..track.usage import settle
+
+    settle(sorted(layout.usage.glob("*.json")))  # packed jobs' runners end a moment after their last trial
+    used = {**usage_of(manifest, layout).metrics(), **{f"requested_{k}": v for k, v in manifest.requested.items()}}
     try:
         with one_writer(manifest.tracking_uri):
             sweep_runs.close_parent(manifest.tracking_uri, manifest.mlflow_parent_run_id, manifest.select_metric,
                                     manifest.select_mode,
-                                    all(r.state in DONE for r in manifest.trials.values() if not r.retired), layout)
+                                    all(r.state in DONE for r in manifest.trials.values() if not r.retired), layout,
+                                    used)
     except Exception as err:  # noqa: BLE001 - the sweep's own outcome stands; say why MLflow lags
         print(f"qarac_dist: could not update the sweep's MLflow run: {type(err).__name__}: {redact_text(str(err))}",
               file=sys.stderr)

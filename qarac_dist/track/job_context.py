@@ -36,6 +36,10 @@ class JobContext:
     step: Optional[str] = None
     """The job step that runs the trial in a packed job (`<array>_<task>.<step>`, as squeue -s
     shows it); None: the trial is its job."""
+    gpus: int = 0
+    """GPUs the trial holds (all its nodes'), as the sweep asked for them: its usage clock's."""
+    cpus: int = 0
+    """CPU cores the trial holds (all its tasks')."""
 
     @property
     def sweep(self) -> Optional[SweepLayout]:

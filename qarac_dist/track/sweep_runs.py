@@ -114,10 +114,27 @@ def _update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
     return best.trial_id, best.value
 
 
-def close_parent(uri: str, parent_run_id: str, metric: str, mode: str, ok: bool, sweep: SweepLayout) -> None:
-    """Every trial's latest attempt has ended: the verdict, then FINISHED (or FAILED)."""
+def close_parent(uri: str, parent_run_id: str, metric: str, mode: str, ok: bool, sweep: SweepLayout,
+                 used: dict[str, float]) -> None:
+    """Every trial's latest attempt has ended: the verdict, what the sweep used (`used`: the
+    metrics gpu_hours, cpu_hours, ..., track/usage.py) with its plots, then FINISHED (or FAILED)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    from .usage_plots import hours_plot, load_plot
+
     c = client(uri)
     update_parent(c, parent_run_id, metric, mode, sweep)
+    now = int(time.time() * 1000)
+    c.log_batch(parent_run_id, metrics=[Metric(k, v, now, 0) for k, v in used.items()])
+    c.log_artifact(parent_run_id, str(hours_plot(used, sweep.usage_plot, sweep.root.name)))
+    parent = c.get_run(parent_run_id)
+    children = c.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                             max_results=10000)
+    load = load_plot(c, children, sweep.load_plot, sweep.root.name)
+    if load is not None:
+        c.log_artifact(parent_run_id, str(load))
     c.set_terminated(parent_run_id, status="FINISHED" if ok else "FAILED")
 
 

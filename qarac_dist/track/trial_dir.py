@@ -4,6 +4,8 @@
     result.json           what the finished training run reports (steps, best metric and step)
     metrics.jsonl         one JSON line per logged step or validation, and one per rollback
     rollbacks.json        the loss-spike rollbacks so far: where each went and the data it skipped
+    usage.json            each job's clock: when it began and was last seen, its GPUs and CPUs
+                          (track/usage.py)
     config.json           the resolved config the job ran, secrets redacted
     deepspeed_config.json the exact DeepSpeed JSON used
     best/, last/          save_pretrained exports; best/qarac_best.json says which step and metrics
@@ -123,6 +125,10 @@ class TrialDir:
     @property
     def rollbacks_file(self) -> Path:
         return self.path / "rollbacks.json"
+
+    @property
+    def usage_file(self) -> Path:
+        return self.path / "usage.json"
 
     @property
     def writer(self) -> Path:

@@ -26,6 +26,7 @@ from ..track.job_context import JobContext
 from ..track.mlflow_runs import open_run
 from ..track.sweep_runs import trial_params
 from ..track.trial_dir import TrialDir, TrialState, TrialStatus, WriterHeld
+from ..track.usage import Clock
 from .build_locks import wait_for_builds
 from .loop import Trainer
 from .runtime import runtime_record
@@ -64,7 +65,7 @@ def run(cfg: TrainConfig, context: JobContext = JobContext(), max_requeues: Opti
         hf_logging.disable_progress_bar()
     trial = TrialDir(cfg.output.dir)
     writer = _hold_writer(trial, ranks, context)  # before anything in the directory is written
-    trial_run, status, finished = None, None, False
+    trial_run, status, finished, clock = None, None, False, None
     STOP.install(STOP_SIGNALS)
     try:
         if ranks.is_main:
@@ -72,6 +73,8 @@ def run(cfg: TrainConfig, context: JobContext = JobContext(), max_requeues: Opti
                                  world_size=ranks.world_size, started=time.time(),
                                  job_id=context.step or slurm_job_id(),
                                  nodes=os.environ.get("SLURM_JOB_NODELIST"))
+            if context.sweep_dir is not None:  # what the job holds, and for how long (track/usage.py)
+                clock = Clock(trial.usage_file, status.job_id or str(os.getpid()), context.gpus, context.cpus).start()
             if (context.tracking_uri or cfg.tracking.uri) is not None:
                 trial_run = open_run(cfg.tracking, context, cfg.name, trial_params(config_to_dict(cfg)), trial.path,
                                      run_tags={"slurm_job_id": status.job_id, "restarts": status.starts - 1,
@@ -114,6 +117,8 @@ def run(cfg: TrainConfig, context: JobContext = JobContext(), max_requeues: Opti
         raise
     finally:
         STOP.restore()
+        if clock is not None:
+            clock.stop()
         if finished and ranks.world_size > 1:
             # No rank tears down its process groups while a peer may still be in a collective
             # (after a failure the peers may be gone: then no barrier).

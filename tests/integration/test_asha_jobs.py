@@ -14,10 +14,10 @@ import sys
 
 from qarac_dist.base.layout import SweepLayout
 from qarac_dist.submit.sweep_dir import Manifest
-from qarac_dist.track import rungs
+from qarac_dist.track import rungs, usage
 from qarac_dist.track.mlflow_client import client
 from qarac_dist.track.trial_dir import read_metrics
-from support import HELPERS, run_sweep, table_rows, tiny_config, wait_for, write_config
+from support import HELPERS, run_sweep, slurm_seconds, table_rows, tiny_config, wait_for, write_config
 
 
 def _sweep(tmp_path, data_cache, name: str, lrs: list[float], executor: str = "slurm", base: dict | None = None,
@@ -50,8 +50,10 @@ def test_an_array_with_successive_halving_stops_losing_trials(cluster, tmp_path,
     follows the rule; stopped trials end PRUNED at their rung, their MLflow runs FINISHED with
     the rung and step; the parent holds the rung table and the plot."""
     path = _sweep(tmp_path, data_cache, "halving", [1e-9, 2e-9, 3e-3, 2e-3], resources={"time_min": 10,
-                                                                                          "max_parallel": 2},
-                  asha={"grace_steps": 4, "reduction_factor": 2, "start": "listed"})
+                                                                                          "max_parallel": 2,
+                                                                                          "gpus_per_node": 1},
+                  asha={"grace_steps": 4, "reduction_factor": 2, "start": "listed"},
+                  set={"tracking.system_metrics_every_s": 0.001})  # steps of milliseconds: a load sample a row
     proc = run_sweep(path, "--wait", "--no-preflight", timeout=1200)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     directory = tmp_path / "runs" / "halving"
@@ -87,6 +89,24 @@ def test_an_array_with_successive_halving_stops_losing_trials(cluster, tmp_path,
     recorded = sum(len(rungs.read(SweepLayout(directory), k)) for k in range(3))
     assert csv[0] == "rung,step,trial,value,loss,decision,recorded_before" and len(csv) == 1 + recorded
     assert SweepLayout(directory).asha_curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # What the sweep used (issue 39): one GPU and one CPU core per trial, for the seconds each
+    # trial's clock recorded (no accounting here: the clocks are the figure), pruned trials
+    # under their state; the summary says it, beside the requested bound. Each clock is SLURM's
+    # own time for the job but what ran outside the trial's process (bash, srun, teardown).
+    held = slurm_seconds(r.job_id for r in manifest.trials.values())
+    recorded = {r.id: sum(e["seen"] - e["start"] for e in usage.entries(r.trial_dir.usage_file))
+                for r in manifest.trials.values()}
+    for tid, r in manifest.trials.items():
+        assert held[r.job_id] - 3 <= recorded[tid] <= held[r.job_id] + 1, (tid, recorded, held)
+    parent = c.get_run(manifest.mlflow_parent_run_id).data.metrics
+    for kind in ("gpu", "cpu"):
+        assert math.isclose(parent[f"{kind}_hours"], sum(recorded.values()) / 3600, rel_tol=0.05), (parent, recorded)
+        pruned_s = sum(recorded[tid] for tid in pruned)
+        assert pruned_s > 0 and math.isclose(parent[f"{kind}_hours_pruned"], pruned_s / 3600, rel_tol=0.05)
+        assert parent[f"requested_{kind}_hours"] == 4 * 10 / 60  # 4 jobs of 10 minutes, 1 GPU and 1 core each
+    assert f"used {parent['gpu_hours']:.3f} GPU-hours of at most 0.667 requested" in proc.stdout
+    assert {"usage.png", "load.png"} <= artifacts
+    assert all((directory / name).read_bytes()[:4] == b"\x89PNG" for name in ("usage.png", "load.png"))
 
 
 def test_a_preempted_trial_is_recorded_once(cluster, no_requeue_delay, tmp_path, data_cache):

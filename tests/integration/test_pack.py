@@ -5,6 +5,7 @@ refilled as they end; preemption, a hard kill, and the local executor's runner."
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -20,8 +21,9 @@ from qarac_dist.submit.sbatch import job_name
 from qarac_dist.submit.sweep_dir import Manifest
 from qarac_dist.track.mlflow_client import client
 from qarac_dist.track.outbox import Outbox
+from qarac_dist.track import usage
 from qarac_dist.track.trial_dir import read_metrics
-from support import fake_commands, run_sweep, table_rows, tiny_config, wait_for, write_config
+from support import fake_commands, run_sweep, slurm_seconds, table_rows, tiny_config, wait_for, write_config
 
 
 def _sweep(tmp_path, name, data_cache, seeds, max_steps=4, checkpoint_every=None, executor="slurm",
@@ -146,10 +148,24 @@ def test_eight_trials_packed_two_per_job_on_both_nodes_reach_the_sqlite_store_on
     logs = [p for p in (tmp_path / "runs").rglob("*") if p.is_file() and p.suffix in (".out", ".err", ".log")]
     assert logs and not any("database is locked" in p.read_text(errors="replace") for p in logs)
     assert "database is locked" not in stdout + stderr
-    # Status shows the step that ran each trial.
+    # What it used (issue 39): each job held 2 GPUs and 2 cores for as long as SLURM says (less
+    # what ran outside its runner's process), each trial 1 and 1 for the seconds its step's clock
+    # recorded; what the jobs held and no step used is the sweep's idle slot time, on the parent.
+    layout = SweepLayout(tmp_path / "runs" / "packed")
+    held = slurm_seconds(jobs)
+    allocated = {job: sum(e["seen"] - e["start"] for e in usage.entries(layout.job_usage(job))) for job in jobs}
+    assert all(held[job] - 3 <= allocated[job] <= held[job] + 1 for job in jobs), (allocated, held)
+    stepped = sum(e["seen"] - e["start"] for r in manifest.trials.values() for e in usage.entries(r.trial_dir.usage_file))
+    idle = 2 * sum(allocated.values()) - stepped
+    parent = c.get_run(manifest.mlflow_parent_run_id).data.metrics
+    assert idle > 0 and math.isclose(parent["gpu_hours_idle"], idle / 3600, rel_tol=0.05), (parent, idle)
+    assert math.isclose(parent["gpu_hours"], 2 * sum(allocated.values()) / 3600, rel_tol=0.05), (parent, allocated)
+    assert math.isclose(parent["gpu_hours_completed"], stepped / 3600, rel_tol=0.05), (parent, stepped)
+    # Status shows the step that ran each trial, and the idle slots.
     status = subprocess.run(["python", "-m", "qarac_dist.status", str(tmp_path / "runs" / "packed")],
                             capture_output=True, text=True)
     assert {row["trial"]: row["job"] for row in table_rows(status.stdout)} == steps, status.stdout
+    assert f"idle packed slots {parent['gpu_hours_idle']:.3f}" in status.stdout
     # The UI command imports while it is open: a point recorded once the UI answers is in the store
     # within its 10 s round (with a loaded machine's margin), and Ctrl-C stops both.
     with socket.socket() as s:
