@@ -8,10 +8,13 @@
 #   2. the micro-batch search (`python -m qarac_dist.preflight ... --find-batch-size`) on one GPU;
 #   3. bench/peers.py --gpu in bf16 and fp16 (qarac_dist, the HF Trainer and Lightning).
 #
-#   bash bench/gpu.sh [WHEELS_DIR] [steps|peers]
+#   4. (stage `load` only) a local sweep of two trials of the demo on the GPU, micro batch 2 and 8,
+#      whose parent run's GPU-load and GPU-hours plots the README shows.
 #
-# With a stage, only 1-2 (steps) or 3 (peers): two commands of under 10 minutes each, as the
-# device machine allows, the second on the still-warm machine.
+#   bash bench/gpu.sh [WHEELS_DIR] [steps|peers|load]
+#
+# With a stage, only 1-2 (steps), 3 (peers) or 4 (load): commands of under 10 minutes each, as
+# the device machine allows, a later one on the still-warm machine.
 # On a machine that cannot reach a package index (the device machine), what its Python lacks
 # comes from WHEELS_DIR (default .wheels/, filled here by `bash bench/gpu.sh --fetch-wheels`).
 set -euo pipefail
@@ -23,7 +26,7 @@ lacking=(hjson pydantic pydantic-core annotated-types typing-inspection datasets
          cmaes colorlog alembic sqlalchemy mako mlflow-skinny mlflow-tracing cachetools gitpython gitdb smmap
          importlib-metadata opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions
          opentelemetry-proto python-dotenv sqlparse databricks-sdk google-auth pyasn1 pyasn1-modules fastapi starlette
-         uvicorn sniffio)
+         uvicorn sniffio cryptography cffi pycparser)
 if [ "${1:-}" = "--fetch-wheels" ]; then  # here, with an index: the wheels the device machine lacks
   mkdir -p .wheels
   python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -47,6 +50,26 @@ mkdir -p bench/results
 keep() {  # each result to $OUT as soon as it exists (the device machine's), so a later step's overrun loses only its own
   if [ -n "${OUT:-}" ] && [ -f "$1" ]; then cp "$1" "$OUT"/; fi
 }
+if [ "$stage" = load ]; then
+  work=$(mktemp -d)
+  cat > "$work/load.yaml" <<EOF
+name: gpu_load
+base: $PWD/configs/longformer_synthetic.yaml
+runs_dir: $work/runs
+executor: local
+set: {training.max_steps: 100, evaluation.every_steps: 50, data.synthetic.num_validation: 64,
+      data.synthetic.num_train: 1000, early_stopping.patience: null, tracking.system_metrics_every_s: 1,
+      output.export_best: false, data.cache_dir: $work/cache}
+grid: {training.micro_batch_size: [2, 8]}
+resources: {gpus_per_node: 1, max_parallel: 1, time_min: 10}
+tracking: {uri: "sqlite:///$work/mlflow.db"}
+EOF
+  timeout 170 python3 -m qarac_dist.sweep "$work/load.yaml" --no-preflight || true
+  for png in load usage; do keep "$work/runs/gpu_load/$png.png"; done
+  python3 -m qarac_dist.status "$work/runs/gpu_load" | tail -3 || true
+  echo "bench/gpu.sh: done in $(( $(date +%s) - started )) s"
+  exit 0
+fi
 if [ "$stage" != peers ]; then
   # The node-load sampler on a real GPU (track/system_metrics.py): the trial's device found through NVML.
   CUDA_VISIBLE_DEVICES=0 python3 -c "import json; from qarac_dist.track.system_metrics import Sampler; \
