@@ -42,6 +42,8 @@ Pure: it names paths, it reads and writes nothing.
     usage/<job>.json       a packed job's runner: its allocation's  status, the summary, the parent
                            clock (track/usage.py)                   run (idle slot time)
     usage.png, load.png    the parent run update (track/usage.py)   the user, MLflow (parent run)
+    packages/<sha256>.txt  the first trial whose interpreter has     the parent run update (an
+                           that set of packages (train/runtime.py)  artifact, once per set)
 """
 
 from __future__ import annotations
@@ -159,6 +161,10 @@ class SweepLayout:
 
     def job_usage(self, job_id: str) -> Path:
         return self.usage / f"{job_id}.json"
+
+    @property
+    def packages(self) -> Path:
+        return self.root / "packages"
 
     @property
     def usage_plot(self) -> Path:

@@ -1,17 +1,19 @@
-"""The user's code a sweep ran, read once when it submits: for the sweep file, the base config
-and the module of each `model.factory`, the git repository it lives in (commit, branch, remote
-without credentials, whether the tree is dirty, the diff against the commit and the names of
-untracked files), or, outside any repository, a hash of its content.
+"""The user's code a sweep ran, read once when it submits: for the sweep file, the base config,
+the module of each `model.factory` and the modules of its repository that it imports (directly
+or through each other, read from their source, not imported), the git repository it lives in
+(commit, branch, remote without credentials, whether the tree is dirty, the diff against the
+commit and the names of untracked files), or, outside any repository, a hash of its content.
 
 Runs carry it as tags: MLflow's own `mlflow.source.git.*` for the sweep file's repository
 (MLflow sets them only from the executed script's repository, never the user's for a sweep:
 mlflow#11238), `code.<file>` for each file. The parent run gets the diffs as artifacts. A trial
 whose factory module changed after submission says so in its log and in a `code.changed` tag
-(`changed_since`).
+(`changed_since`), and so does one whose factory's local modules changed.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import subprocess
@@ -56,13 +58,15 @@ def read(files: dict[str, Optional[Path]], factories: list[str], search: list[Pa
     `factories` (`module:function`), found on `search` (the folders a job imports from) without
     importing them."""
     for spec in sorted(set(factories)):
-        files[f"factory.{spec.partition(':')[0]}"] = module_file(spec.partition(":")[0], search)
+        path = files[f"factory.{spec.partition(':')[0]}"] = module_file(spec.partition(":")[0], search)
+        if path is not None:
+            files.update({f"module.{name}": module for name, module in local_imports(path, search).items()})
     record, repos = CodeRecord(), {}
     for role, path in files.items():
         if path is None or not path.is_file():
             continue
         path = path.resolve()
-        if role.startswith("factory."):  # what a trial that starts later compares (changed_since)
+        if role.startswith(("factory.", "module.")):  # what a trial that starts later compares (changed_since)
             record.tags[f"code.{role}.sha256"] = sha256(path)
         root = _git(path.parent, "rev-parse", "--show-toplevel")
         if root is not None and root not in repos:
@@ -96,6 +100,57 @@ def module_file(name: str, search: list[Path]) -> Optional[Path]:
     return None
 
 
+MAX_MODULES = 200
+"""Local modules followed from one factory at most (a repository of generated code)."""
+
+
+def local_imports(path: Path, search: list[Path]) -> dict[str, Path]:
+    """The modules `path` imports, directly or through each other, that are source files of its
+    own git repository and not ignored by it (a virtual environment inside the repository is),
+    by their path in the repository. Read with `ast`, never imported; relative imports resolved
+    from the importing file's package."""
+    root = _git(path.parent, "rev-parse", "--show-toplevel")
+    if root is None:
+        return {}
+    root_path, found, todo, seen = Path(root).resolve(), {}, [path.resolve()], {path.resolve()}
+    while todo and len(found) < MAX_MODULES:
+        current = todo.pop()
+        try:
+            tree = ast.parse(current.read_bytes())
+        except (SyntaxError, ValueError, OSError):
+            continue
+        for node in ast.walk(tree):
+            for name, where in _imported(node, current, search):
+                module = module_file(name, where)
+                if module is None or (module := module.resolve()) in seen:
+                    continue
+                seen.add(module)
+                if module.is_relative_to(root_path) and "site-packages" not in module.parts and \
+                        _git(root_path, "check-ignore", "-q", "--", str(module)) is None:
+                    found[str(module.relative_to(root_path))] = module
+                    todo.append(module)
+    return found
+
+
+def _imported(node, current: Path, search: list[Path]) -> list[tuple[str, list[Path]]]:
+    """(module name, the folders to find it on) for each module an import statement may load:
+    `import a.b`; `from a import b` (a, and a.b where b is a module); `from .a import b`."""
+    if isinstance(node, ast.Import):
+        return [(alias.name, search) for alias in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    if node.level:  # relative: from the importing file's package, `level - 1` folders up
+        folder = current.parent
+        for _ in range(node.level - 1):
+            folder = folder.parent
+        where = [folder]
+    else:
+        where = search
+    names = [node.module] if node.module else []
+    names += [f"{node.module}.{alias.name}" if node.module else alias.name for alias in node.names if alias.name != "*"]
+    return [(name, where) for name in names]
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -105,11 +160,11 @@ def sha256(path: Path) -> str:
 
 
 def changed_since(tags: dict) -> dict:
-    """Tags naming each factory module whose content is not the one recorded at submission
-    (said in one line each); {} when none changed."""
+    """Tags naming each factory module, or local module it imports, whose content is not the one
+    recorded at submission (said in one line each); {} when none changed."""
     changed = []
     for key, recorded in tags.items():
-        if key.startswith("code.factory.") and key.endswith(".sha256"):
+        if key.startswith(("code.factory.", "code.module.")) and key.endswith(".sha256"):
             shown = str(tags.get(key[:-len(".sha256")], ""))  # `<path> at <commit>...` or `<path> sha256:<hash>`
             path = Path(shown.rsplit(" sha256:", 1)[0] if " sha256:" in shown else shown.rsplit(" at ", 1)[0])
             try:

@@ -129,6 +129,8 @@ def close_parent(uri: str, parent_run_id: str, metric: str, mode: str, ok: bool,
     now = int(time.time() * 1000)
     c.log_batch(parent_run_id, metrics=[Metric(k, v, now, 0) for k, v in used.items()])
     c.log_artifact(parent_run_id, str(hours_plot(used, sweep.usage_plot, sweep.root.name)))
+    for packages in sorted(sweep.packages.glob("*.txt")):  # each set the trials ran with, once (train/runtime.py)
+        c.log_artifact(parent_run_id, str(packages), "packages")
     parent = c.get_run(parent_run_id)
     children = c.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                              max_results=10000)

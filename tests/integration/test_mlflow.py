@@ -97,7 +97,12 @@ def test_two_trial_sweep_makes_one_parent_and_two_complete_children(tmp_path, da
         assert [a.path for a in c.list_artifacts(run.info.run_id)] == ["deepspeed_config.json", "environment.json"]
         environment = json.loads(open(c.download_artifacts(run.info.run_id, "environment.json", str(tmp_path))).read())
         assert environment["torch"] == torch.__version__ and environment["sbatch"] is None  # the local executor's
-        assert f"torch=={torch.__version__}" in environment["packages"] and environment["gpus"] == []
+        assert environment["gpus"] == []
+        # The packages once for the sweep (both trials ran in this interpreter), named by digest.
+        digest = environment["packages"]["sha256"]
+        packages = c.download_artifacts(parent.info.run_id, f"packages/{digest}.txt", str(tmp_path))
+        assert f"torch=={torch.__version__}\n" in open(packages).read()
+        assert [a.path for a in c.list_artifacts(parent.info.run_id, "packages")] == [f"packages/{digest}.txt"]
         (model,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
                                                filter_string=f"source_run_id = '{run.info.run_id}'")
         assert run.data.tags["best_model_id"] == model.model_id

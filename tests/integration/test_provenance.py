@@ -13,13 +13,16 @@ from qarac_dist.track.mlflow_client import client
 from support import run_sweep, tiny_config, write_config
 
 FACTORY = '''
+from mylayers import HIDDEN
+
+
 def build(num_labels, tokenizer):
     from transformers import LongformerConfig, LongformerForSequenceClassification
 
     with open(__file__, "a") as f:  # the user edits this file while the sweep runs
         f.write("# edited while the sweep runs\\n")
     return LongformerForSequenceClassification(LongformerConfig(
-        num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, attention_window=32,
+        num_hidden_layers=1, hidden_size=HIDDEN, num_attention_heads=2, intermediate_size=64, attention_window=32,
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, max_position_embeddings=330,
         num_labels=num_labels))
 '''
@@ -35,6 +38,7 @@ def test_every_run_names_the_users_commit_branch_remote_and_diff_and_a_later_tri
     repo, uri = tmp_path / "project", f"sqlite:///{tmp_path / 'mlflow.db'}"
     repo.mkdir()
     (repo / "mymodels.py").write_text(FACTORY)
+    (repo / "mylayers.py").write_text("HIDDEN = 32\n")  # a local module the factory imports
     base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 2}, evaluation={"every_steps": 2})
     base["model"] = {"factory": "mymodels:build"}
     write_config(repo / "base.yaml", base)
@@ -65,6 +69,7 @@ def test_every_run_names_the_users_commit_branch_remote_and_diff_and_a_later_tri
         assert tags["code.sweep_file"] == f"{repo / 'sweep.yaml'} at {commit} (dirty)"
         assert tags["code.base_config"] == f"{repo / 'base.yaml'} at {commit} (dirty)"
         assert tags["code.factory.mymodels"] == f"{repo / 'mymodels.py'} at {commit} (dirty)"
+        assert tags["code.module.mylayers.py"] == f"{repo / 'mylayers.py'} at {commit} (dirty)"
         assert not any(TOKEN in str(v) for v in tags.values())
     diff = c.download_artifacts(parent.info.run_id, "code/project.diff", str(tmp_path))
     text = open(diff).read()

@@ -114,3 +114,32 @@ def test_a_sweep_whose_code_cannot_be_read_is_submitted_without_the_record(tmp_p
     record = code_record.of_sweep(str(tmp_path / "sweep.yaml"), {}, [SimpleNamespace(config={})])
     assert record.tags == {} and "the sweep's code is not recorded on its runs (ZeroDivisionError" in \
         capsys.readouterr().err
+
+
+def test_the_local_modules_a_factory_imports_are_recorded_and_an_edit_of_one_is_named(tmp_path, capsys):
+    """Followed through each other, absolute and relative, never imported: the repository's own
+    modules only, not the standard library, not an installed package, not what the repository
+    ignores (a virtual environment inside it), and a syntax error or a cycle stops nothing."""
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "venv" / "site").mkdir(parents=True)
+    (repo / ".gitignore").write_text("venv/\n")
+    (repo / "pkg" / "__init__.py").write_text("")
+    (repo / "pkg" / "factory.py").write_text("import os\nimport json as j\nfrom . import layers\nfrom .heads import *\n"
+                                             "from helpers import tool\nimport vendored\n"
+                                             "def build(): raise SystemExit('imported')\n")
+    (repo / "pkg" / "layers.py").write_text("from ..helpers import tool\nfrom pkg import factory\n")  # a cycle
+    (repo / "pkg" / "heads.py").write_text("def broken(:\n")  # cannot be parsed: recorded, not followed
+    (repo / "helpers.py").write_text("import deeper\n")
+    (repo / "deeper.py").write_text("")
+    (repo / "venv" / "site" / "vendored.py").write_text("")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    record = code_record.read({"sweep_file": None}, ["pkg.factory:build"], [repo, repo / "venv" / "site"])
+    modules = {k for k in record.tags if k.startswith("code.module.") and not k.endswith(".sha256")}
+    assert modules == {"code.module.pkg/layers.py", "code.module.pkg/heads.py", "code.module.helpers.py",
+                       "code.module.deeper.py", "code.module.pkg/__init__.py"}
+    assert record.tags["code.module.deeper.py"].startswith(f"{repo / 'deeper.py'} sha256:")  # untracked: by content
+    assert code_record.changed_since(record.tags) == {}
+    (repo / "deeper.py").write_text("X = 1\n")
+    assert code_record.changed_since(record.tags) == {"code.changed": str(repo / "deeper.py")}
+    assert "deeper.py changed since the sweep was submitted" in capsys.readouterr().err
