@@ -39,13 +39,12 @@ from ..base.lock import lock
 from ..base.secrets import redact_text
 from .mlflow_client import client, dataset_inputs
 from .outbox import MODULE, OUTBOX, is_local_store
-from .store_sql import StoreWriter, ms, name_ok
+from .store_sql import INT64, StoreWriter, ms, name_ok
 
 _CHUNK = 50_000
 """Points per transaction: a kill loses at most one chunk's work, which the next import redoes."""
 _READ = 16 << 20
 """Bytes of one outbox read at a time."""
-_INT64 = 1 << 63
 _NUL_WAIT_S = 300
 """How long a line with NUL bytes is waited on: an NFS client may show a range another host
 appended as zeros until that host's client has written it back (seconds, mostly)."""
@@ -249,7 +248,7 @@ def _item(item):
         key, value, timestamp, step = item
         if not name_ok(key) or isinstance(value, bool) or not isinstance(value, (int, float)) or \
                 ms(timestamp) is None or not (isinstance(step, int) and not isinstance(step, bool) and
-                                              -_INT64 <= step < _INT64):
+                                              -INT64 <= step < INT64):
             raise ValueError(item)  # what MLflow's own checks and SQLite's integers refuse
         return key, float(value), timestamp, step
     kinds = item.keys() & _EVENTS if isinstance(item, dict) else set()

@@ -35,7 +35,8 @@ _COLUMNS = {
 _RUN_COLUMNS = {"run_uuid", "status", "end_time", "lifecycle_stage"}
 _BIGGEST = 1.7976931348623157e308
 """What MLflow stores for an infinite value (SQL has no infinity)."""
-_INT64 = 1 << 63
+INT64 = 1 << 63
+"""MLflow keeps steps and timestamps as signed 64-bit integers."""
 _NAME = re.compile(r"[\w\-. /:]{1,250}")
 _STATUSES = {"RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED"}
 
@@ -51,7 +52,7 @@ def name_ok(name) -> bool:
 
 def ms(value) -> Optional[int]:
     """A time in ms since the epoch as MLflow takes one (a nonnegative int64), or None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _INT64 else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < INT64 else None
 
 
 def sql_event(item: dict) -> bool:
@@ -87,8 +88,8 @@ class StoreWriter:
 
     def add(self, run_id: str, items: list) -> list:
         """Queue the trial's points and, in order, its events up to the first that MLflow's client
-        must write (an artifact, which nothing else depends on, is passed by); returns the events
-        for the client, in order."""
+        must write (an artifact or the data inputs, which nothing else depends on, are passed by);
+        returns the events for the client, in order."""
         points = [item for item in items if isinstance(item, tuple)]
         if points:
             self.points.setdefault(run_id, []).extend(points)
@@ -96,7 +97,7 @@ class StoreWriter:
         queued, client, held = [], [], False
         for event in (item for item in items if isinstance(item, dict)):
             if held or not (self.fast and sql_event(event)):
-                held = held or "dict" not in event
+                held = held or not ("dict" in event or "inputs" in event)  # order-free: MLflow keeps each once
                 client.append(event)
             else:
                 queued.append(event)

@@ -300,6 +300,8 @@ def test_the_sql_writes_leave_each_run_as_mlflows_client_leaves_it(tmp_path, mon
             run.log_params({"data.num_rows": 10, "optimizer.lr": 0.5})  # a param keeps its first value
             run.set_tags({"stage": "a"})
             run.log_dict({"zero": 2}, "deepspeed_config.json")  # an artifact holds up no SQL event after it
+            run.log_inputs([{"name": "train", "source": {"uri": "g"}, "source_type": "local", "digest": "d1", "rows": 4,
+                            "context": "train"}])
             run.set_tags({"stage": "b"})  # a tag takes the last
             if i == 0:
                 run.finish("FAILED", error="CUDA out of memory")
@@ -319,8 +321,10 @@ def test_the_sql_writes_leave_each_run_as_mlflows_client_leaves_it(tmp_path, mon
     assert (status, ended, metrics["best_val_accuracy"], second[3], second[4]) == ("FINISHED", True, 0.5, "RUNNING", False)
     assert verdict["best_trial"] == "t0"  # the only trial that finished
     assert artifacts == ["deepspeed_config.json"]
-    assert (through["sql"], sorted(set(through["client"]))) == (["dict", "dict"], ["dict", "finish", "params", "status",
-                                                                                   "tags"])
+    assert [i.dataset.digest for i in c.get_run(runs[0]).inputs.dataset_inputs] == ["d1"]
+    # Artifacts and data inputs hold up no SQL event after them.
+    assert (through["sql"], sorted(set(through["client"]))) == (["dict", "inputs", "dict", "inputs"],
+                                                                ["dict", "finish", "inputs", "params", "status", "tags"])
 
 
 @pytest.mark.parametrize("kind", ["sql", "client"])
