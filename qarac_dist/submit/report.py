@@ -146,8 +146,8 @@ def print_summary(manifest: Manifest, layout: SweepLayout) -> Optional[str]:
 def usage_of(manifest: Manifest, layout: SweepLayout) -> Used:
     """What the sweep used: sacct's charge where SLURM keeps accounting (with the trials' clocks
     beside it, and their split by state), else the trials' and packed jobs' clocks."""
-    clocks = used([(r.trial_dir.usage_file, r.state) for r in manifest.trials.values()],
-                  sorted(layout.usage.glob("*.json")))
+    clocks = used([(r.trial_dir.usage_file, {**{a.attempt: a.state for a in r.history}, r.attempt: r.state}, r.state)
+                   for r in manifest.trials.values()], sorted(layout.usage.glob("*.json")))
     jobs = [j for r in manifest.trials.values() for j in {*r.job_ids, *r.pack_jobs}]
     charged = cluster.accounted(jobs) if manifest.executor == "slurm" else None
     if charged is None:

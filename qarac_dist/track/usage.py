@@ -48,9 +48,10 @@ class Clock:
     """A job's entry in a usage file, kept current by a thread from `start` to `stop`. Its
     writes are best-effort: a full disk or a lost mount costs the record, never the job."""
 
-    def __init__(self, path: Path, job: str, gpus: int, cpus: int):
+    def __init__(self, path: Path, job: str, gpus: int, cpus: int, attempt: Optional[int] = None):
         self.path = Path(path)
-        self.entry = {"job": job, "start": _process_start(), "seen": time.time(), "gpus": gpus, "cpus": cpus}
+        self.entry = {"job": job, "start": _process_start(), "seen": time.time(), "gpus": gpus, "cpus": cpus,
+                      "attempt": attempt}
         self.others: list[dict] = []
         self._stopped = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -88,6 +89,12 @@ class Clock:
             pass
 
 
+_MAX_S = 10 * 365 * 86400
+"""No job runs ten years: a longer entry is damage, not time."""
+_MAX_HELD = 1 << 40
+"""GPUs or cores of one entry at most: past any machine, and the sums stay finite."""
+
+
 def _entries(data: Optional[dict]) -> list[dict]:
     """The well-formed entries of a usage file (a damaged or foreign one has none)."""
     jobs = data.get("jobs") if isinstance(data, dict) else None
@@ -99,7 +106,9 @@ def _valid(e) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
     return (isinstance(e, dict) and isinstance(e.get("job"), str) and number(e.get("start")) and number(e.get("seen"))
-            and e["seen"] >= e["start"] and all(type(e.get(k)) is int and e[k] >= 0 for k in ("gpus", "cpus")))
+            and 0 <= e["seen"] - e["start"] <= _MAX_S and all(type(e.get(k)) is int and 0 <= e[k] <= _MAX_HELD
+                                                              for k in ("gpus", "cpus"))
+            and (e.get("attempt") is None or type(e["attempt"]) is int))
 
 
 def entries(path: Path) -> list[dict]:
@@ -149,13 +158,15 @@ class Used:
         return out
 
 
-def used(trials: Iterable[tuple[Path, str]], job_files: Iterable[Path]) -> Used:
-    """Sum the clocks of the trials (usage file, state) and of the packed jobs' allocations."""
+def used(trials: Iterable[tuple[Path, dict, str]], job_files: Iterable[Path]) -> Used:
+    """Sum the clocks of the trials (usage file, the state of each of its attempts, the state of
+    any other) and of the packed jobs' allocations: an attempt's hours go to its own state (a
+    failed attempt's to failed, though a later one completed)."""
     out = Used()
     steps: dict[str, list[float]] = {}
-    for path, state in trials:
-        group = group_of(state)
+    for path, states, state in trials:
         for e in entries(path):
+            group = group_of(states.get(e.get("attempt"), state))
             seconds = e["seen"] - e["start"]
             out.gpu_s[group] += seconds * e["gpus"]
             out.cpu_s[group] += seconds * e["cpus"]

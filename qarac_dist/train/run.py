@@ -74,7 +74,8 @@ def run(cfg: TrainConfig, context: JobContext = JobContext(), max_requeues: Opti
                                  job_id=context.step or slurm_job_id(),
                                  nodes=os.environ.get("SLURM_JOB_NODELIST"))
             if context.sweep_dir is not None:  # what the job holds, and for how long (track/usage.py)
-                clock = Clock(trial.usage_file, status.job_id or str(os.getpid()), context.gpus, context.cpus).start()
+                clock = Clock(trial.usage_file, status.job_id or str(os.getpid()), context.gpus, context.cpus,
+                              context.attempt).start()
             if (context.tracking_uri or cfg.tracking.uri) is not None:
                 trial_run = open_run(cfg.tracking, context, cfg.name, trial_params(config_to_dict(cfg)), trial.path,
                                      run_tags={"slurm_job_id": status.job_id, "restarts": status.starts - 1,

@@ -40,13 +40,16 @@ def test_hours_are_split_by_the_trials_states_and_a_packed_job_idle_slots(tmp_pa
     lost = _write(tmp_path / "b.json", _entry("7_0.1", 1000, 30))
     pruned = _write(tmp_path / "c.json", _entry("8_1", 1000, 10), _entry("8_1", 2000, 20))
     failed = _write(tmp_path / "d.json", _entry("9", 1000, 5, gpus=0, cpus=1))
+    # a trial whose first attempt failed (its hours stay failed) and whose second completed
+    again = _write(tmp_path / "e.json", _entry("10", 1000, 7, attempt=1), _entry("11", 2000, 3, attempt=2))
     job = _write(tmp_path / "usage" / "7_0.json", _entry("7_0", 995, 100, gpus=2, cpus=4))
-    u = usage.used([(done, "COMPLETED"), (lost, "LOST"), (pruned, "PRUNED"), (failed, "FAILED"),
-                    (tmp_path / "never.json", "PENDING")], [job])
-    assert u.gpu_s == {"completed": 60, "failed": 30, "pruned": 30, "idle": 200 - 90}
-    assert u.cpu_s == {"completed": 120, "failed": 60 + 5, "pruned": 60, "idle": 400 - 180}
+    u = usage.used([(done, {}, "COMPLETED"), (lost, {}, "LOST"), (pruned, {}, "PRUNED"), (failed, {}, "FAILED"),
+                    (tmp_path / "never.json", {}, "PENDING"), (again, {1: "FAILED", 2: "COMPLETED"}, "COMPLETED")],
+                   [job])
+    assert u.gpu_s == {"completed": 60 + 3, "failed": 30 + 7, "pruned": 30, "idle": 200 - 90}
+    assert u.cpu_s == {"completed": 120 + 6, "failed": 60 + 5 + 14, "pruned": 60, "idle": 400 - 180}
     metrics = u.metrics()
-    assert math.isclose(metrics["gpu_hours"], 230 / 3600) and math.isclose(metrics["cpu_hours_idle"], 220 / 3600)
+    assert math.isclose(metrics["gpu_hours"], 240 / 3600) and math.isclose(metrics["cpu_hours_idle"], 220 / 3600)
     assert metrics["gpu_hours_running"] == 0 and "gpu_hours_trial_clocks" not in metrics
 
 
@@ -64,13 +67,17 @@ def test_hours_are_split_by_the_trials_states_and_a_packed_job_idle_slots(tmp_pa
     '{"jobs": [{"job": "1", "start": 0, "seen": 10, "gpus": 1.5, "cpus": 1}]}',  # a fraction of a GPU
     '{"jobs": [{"job": 1, "start": 0, "seen": 10, "gpus": 1, "cpus": 1}]}',  # a number for the job
     '{"jobs": [{"job": "1", "start": "0", "seen": 10, "gpus": 1, "cpus": 1}]}',  # a string for a time
+    '{"jobs": [{"job": "1", "start": 0, "seen": 10, "gpus": 1, "cpus": 1, "attempt": [1]}]}',  # unhashable
+    '{"jobs": [{"job": "1", "start": 0, "seen": 10, "gpus": 1, "cpus": 1, "attempt": "1"}]}',  # a string attempt
+    '{"jobs": [{"job": "1", "start": 0, "seen": 1e308, "gpus": 1, "cpus": 1}]}',  # no job runs for ever
+    '{"jobs": [{"job": "1", "start": 0, "seen": 10, "gpus": 9999999999999, "cpus": 1}]}',  # nor holds that many
     "\x00" * 64,  # NFS zeros
 ])
 def test_a_damaged_or_foreign_usage_file_counts_nothing_and_never_stops_a_sum(tmp_path, text):
     path = tmp_path / "usage.json"
     path.write_text(text)
     good = _write(tmp_path / "good.json", _entry("2", 0, 36))
-    u = usage.used([(path, "COMPLETED"), (good, "COMPLETED")], [path])
+    u = usage.used([(path, {}, "COMPLETED"), (good, {}, "COMPLETED")], [path])
     assert u.gpu_s == {"completed": 36, "idle": 0} and usage.entries(path) == []
 
 
