@@ -128,7 +128,7 @@ def read_json(path: Path) -> Optional[dict]:
         return None
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # nested past Python's stack
         kind = "empty" if not text.strip() else f"not valid JSON ({err.__class__.__name__}: {err})"
         raise DamagedFile(f"{path}: {kind}; it was truncated or overwritten") from None
     if not isinstance(data, dict):

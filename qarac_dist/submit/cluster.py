@@ -134,10 +134,11 @@ def job_states(job_ids: list[str], finished: bool = True) -> dict[str, str]:
     return {j: states[j] for j in job_ids if j in states}
 
 
-def accounted(job_ids: list[str]) -> Optional[tuple[float, float]]:
+def accounted(job_ids: list[str]) -> Optional[tuple[Optional[float], float]]:
     """GPU-seconds and CPU-seconds SLURM's accounting charged for the jobs: each run's elapsed
     time (requeues included, `--duplicates`) times its allocation (AllocTRES). None where there
-    is no accounting, or it does not know every job."""
+    is no accounting, or it does not know every job; GPU-seconds None where it keeps no GPUs
+    (AccountingStorageTRES without gres/gpu: no job's TRES names one)."""
     wanted = set(job_ids)
     if not wanted or not shutil.which("sacct"):
         return None
@@ -150,20 +151,22 @@ def accounted(job_ids: list[str]) -> Optional[tuple[float, float]]:
     return charged(proc.stdout, wanted) if proc.returncode == 0 else None
 
 
-def charged(text: str, wanted: set[str]) -> Optional[tuple[float, float]]:
+def charged(text: str, wanted: set[str]) -> Optional[tuple[Optional[float], float]]:
     """What `sacct -P -o JobID,ElapsedRaw,AllocTRES` printed, summed over the `wanted` jobs."""
     gpu = cpu = 0.0
     seen: set[str] = set()
+    gpus_kept = False
     for line in text.splitlines():
         job, elapsed, tres = (line.split("|") + ["", ""])[:3]
         if job.strip() not in wanted or not elapsed.strip().isdigit():
             continue
         held = {k: int(v) for k, v in (part.partition("=")[::2] for part in tres.split(",")) if v.isdigit()}
         gpus = held.get("gres/gpu", sum(v for k, v in held.items() if k.startswith("gres/gpu:")))  # typed only
+        gpus_kept = gpus_kept or any(k == "gres/gpu" or k.startswith("gres/gpu:") for k in held)
         gpu += int(elapsed) * gpus
         cpu += int(elapsed) * held.get("cpu", 0)
         seen.add(job.strip())
-    return (gpu, cpu) if seen == wanted else None
+    return (gpu if gpus_kept else None, cpu) if seen == wanted else None
 
 
 SQUEUE_LINE = re.compile(r"\d+(?:_\d+|_\[[\d,%-]+\])?(?:\+\d+)?\|[A-Z_]+")

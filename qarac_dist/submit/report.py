@@ -14,7 +14,7 @@ from ..track.best import TIE_ORDER, Candidate, best_of
 from ..track.trial_dir import TrialDir
 from ..track.usage import Used, summary_line, used
 from . import cluster
-from .sweep_dir import DONE, Manifest, TrialRecord
+from .sweep_dir import DONE, RUNNING_STATES, Manifest, TrialRecord
 
 
 @dataclass
@@ -146,7 +146,8 @@ def print_summary(manifest: Manifest, layout: SweepLayout) -> Optional[str]:
 def usage_of(manifest: Manifest, layout: SweepLayout) -> Used:
     """What the sweep used: sacct's charge where SLURM keeps accounting (with the trials' clocks
     beside it, and their split by state), else the trials' and packed jobs' clocks."""
-    clocks = used([(r.trial_dir.usage_file, {**{a.attempt: a.state for a in r.history}, r.attempt: r.state}, r.state)
+    clocks = used([(r.trial_dir.usage_file, {**{a.attempt: group_of(a.state) for a in r.history},
+                                              r.attempt: group_of(r.state)}, group_of(r.state))
                    for r in manifest.trials.values()], sorted(layout.usage.glob("*.json")))
     jobs = [j for r in manifest.trials.values() for j in {*r.job_ids, *r.pack_jobs}]
     charged = cluster.accounted(jobs) if manifest.executor == "slurm" else None
@@ -155,8 +156,20 @@ def usage_of(manifest: Manifest, layout: SweepLayout) -> Used:
     split = []
     for total, seconds in zip(charged, (clocks.gpu_s, clocks.cpu_s)):
         seen = sum(seconds.values())
-        if seen > total:  # the clocks' beats overshoot by at most a few seconds: sacct's total stands
+        if total is None:  # sacct keeps no GPUs here: the clocks' figure
+            split.append(seconds)
+        elif seen > total:  # the clocks' beats overshoot by at most a few seconds: sacct's total stands
             split.append(Counter({g: s * total / seen for g, s in seconds.items()}))
         else:
             split.append(Counter({**seconds, "outside": total - seen}))
-    return Used(split[0], split[1], "sacct", clocks)
+    source = "sacct" if charged[0] is not None else "sacct for CPUs, the trials' clocks for GPUs (sacct keeps none)"
+    return Used(split[0], split[1], source, clocks)
+
+
+def group_of(state: Optional[str]) -> str:
+    """Which of track/usage.py's GROUPS a trial attempt's hours go to."""
+    if state in ("COMPLETED", "PRUNED"):
+        return state.lower()
+    if state == "PREEMPTED":  # saved and stopped; a re-run or a requeue resumes it
+        return "stopped"
+    return "running" if state in RUNNING_STATES else "failed"

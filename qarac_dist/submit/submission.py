@@ -323,8 +323,6 @@ def submit_records(manifest: Manifest, layout: SweepLayout, executor: Executor, 
             r.history.append(Attempt(r.attempt, list(r.job_ids[-1:]), r.state, r.error))
         r.attempt += 1
         r.state, r.error, r.job_id, r.step, r.pack_jobs = "PENDING", None, None, None, []
-    bound = sbatch.requested_hours(resources, len(records), executor.steps)  # each job for its whole time limit
-    manifest.requested = {k: manifest.requested.get(k, 0.0) + v for k, v in bound.items()}
     manifest.save(layout.root)
     if executor.steps:
         entries = [pack.Entry(r.id, r.attempt, r.config, job_context(manifest, layout, r, resources).to_dict(), r.slot)
@@ -339,6 +337,8 @@ def submit_records(manifest: Manifest, layout: SweepLayout, executor: Executor, 
         for r, job in zip(records, jobs):
             r.job_id = job.job_id
             r.job_ids.append(r.job_id)
+    bound = sbatch.requested_hours(resources, len(records), executor.steps)  # what was submitted, at most
+    manifest.requested = {k: manifest.requested.get(k, 0.0) + v for k, v in bound.items()}
     manifest.save(layout.root)
 
 

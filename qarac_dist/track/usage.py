@@ -32,10 +32,11 @@ from typing import Iterable, Optional
 from ..base.files import DamagedFile, read_json, write_json
 
 BEAT_S = 30.0
-GROUPS = ("completed", "pruned", "failed", "running", "idle", "outside")
-"""How the hours are split: by the state of the trial that used them (failed: failed, lost or
-cancelled; running: not ended yet); `idle`: a packed job's empty slots; `outside`: what sacct
-charged that no clock saw (set-up before Python, a job that died before its trial began)."""
+GROUPS = ("completed", "pruned", "failed", "stopped", "running", "idle", "outside")
+"""How the hours are split: by the state of the attempt that used them (failed: failed, lost or
+cancelled; stopped: saved and stopped, not resumed yet: Ctrl-C, scancel, a preemption; running:
+pending or running); `idle`: a packed job's empty slots; `outside`: what sacct charged that no
+clock saw (set-up before Python, a job that died before its trial began)."""
 
 
 def _process_start() -> float:
@@ -120,17 +121,17 @@ def entries(path: Path) -> list[dict]:
 
 
 def settle(paths: list[Path], timeout_s: float = 30.0) -> None:
-    """Wait until each of these clocks has ended (a packed job's runner stops its clock a moment
-    after its last step), at most `timeout_s`: one killed without a word never ends."""
+    """Wait until each of these clocks that is still beating has ended (a packed job's runner
+    stops its clock a moment after its last step), at most `timeout_s`; one that has not beaten
+    for longer than a beat was killed without a word and is not waited on."""
     deadline = time.monotonic() + timeout_s
-    while any(not e.get("ended") for path in paths for e in entries(path)) and time.monotonic() < deadline:
+
+    def beating() -> bool:
+        fresh = time.time() - BEAT_S - 5
+        return any(not e.get("ended") and e["seen"] >= fresh for path in paths for e in entries(path))
+
+    while beating() and time.monotonic() < deadline:
         time.sleep(0.2)
-
-
-def group_of(state: str) -> str:
-    if state in ("COMPLETED", "PRUNED"):
-        return state.lower()
-    return "running" if state in ("PENDING", "RUNNING", "PREEMPTED") else "failed"
 
 
 @dataclass
@@ -159,14 +160,14 @@ class Used:
 
 
 def used(trials: Iterable[tuple[Path, dict, str]], job_files: Iterable[Path]) -> Used:
-    """Sum the clocks of the trials (usage file, the state of each of its attempts, the state of
-    any other) and of the packed jobs' allocations: an attempt's hours go to its own state (a
+    """Sum the clocks of the trials (usage file, the GROUPS name of each of its attempts, that of
+    any other) and of the packed jobs' allocations: an attempt's hours go to its own group (a
     failed attempt's to failed, though a later one completed)."""
     out = Used()
     steps: dict[str, list[float]] = {}
-    for path, states, state in trials:
+    for path, groups, default in trials:
         for e in entries(path):
-            group = group_of(states.get(e.get("attempt"), state))
+            group = groups.get(e.get("attempt"), default)
             seconds = e["seen"] - e["start"]
             out.gpu_s[group] += seconds * e["gpus"]
             out.cpu_s[group] += seconds * e["cpus"]
@@ -187,8 +188,8 @@ def summary_line(u: Used, requested: dict) -> str:
     """One line for people: what was used, split, against what was requested at most."""
     kind = "gpu" if u.hours("gpu") > 0 or requested.get("gpu_hours") else "cpu"
     name = "GPU" if kind == "gpu" else "CPU"
-    names = {"idle": "idle packed slots", "outside": "outside the trials' clocks"}
-    split = ", ".join(f"{names.get(g, g)} {u.hours(kind, g):.3f}" for g in GROUPS if u.hours(kind, g) > 0)
+    names = {"stopped": "stopped, not resumed", "idle": "idle packed slots", "outside": "outside the trials' clocks"}
+    split = ", ".join(f"{names.get(g, g)} {u.hours(kind, g):.3f}" for g in GROUPS if u.hours(kind, g) > 0) or "none"
     bound = f" of at most {requested[f'{kind}_hours']:.3f} requested" if requested.get(f"{kind}_hours") else ""
     other = "CPU" if kind == "gpu" else "GPU"
     clocks = f"; the trials' clocks say {u.clocks.hours(kind):.3f}" if u.clocks is not None else ""

@@ -53,13 +53,18 @@ def _write(module, state: dict, tokenizer, tmp: Path, info_file: str, info: dict
 
 def reload_module(cfg: TrainConfig, engine, num_labels: int, tokenizer, exported: Path):
     """The exported model as a CPU module, for MLflow's pytorch flavour; None when it is a
-    transformers model (MLflow takes those from the exported folder)."""
+    transformers model (MLflow takes those from the exported folder). Built with Hugging Face's
+    own Longformer attention and no checkpointing (the same weights and outputs): the module is
+    pickled whole, and the blocked attention's forward, bound to each module, does not pickle."""
+    import dataclasses
+
     from transformers import PreTrainedModel
 
     if isinstance(engine.module, PreTrainedModel):
         return None
     from safetensors.torch import load_file
 
-    module = models.build_model(cfg, num_labels, tokenizer)
+    plain = dataclasses.replace(cfg.model, longformer_attention="hf", activation_checkpointing=False)
+    module = models.build_model(dataclasses.replace(cfg, model=plain), num_labels, tokenizer)
     module.load_state_dict(load_file(str(exported / "model.safetensors")))
     return module.eval()

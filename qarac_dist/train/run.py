@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 from ..base.files import DiskFull
@@ -74,7 +75,10 @@ def run(cfg: TrainConfig, context: JobContext = JobContext(), max_requeues: Opti
                                  job_id=context.step or slurm_job_id(),
                                  nodes=os.environ.get("SLURM_JOB_NODELIST"))
             if context.sweep_dir is not None:  # what the job holds, and for how long (track/usage.py)
-                clock = Clock(trial.usage_file, status.job_id or str(os.getpid()), context.gpus, context.cpus,
+                # A local trial holds the GPUs it can use; on SLURM, what the job was given.
+                gpus = min(context.gpus, torch.cuda.device_count()) if context.tags.get("executor") == "local" \
+                    else context.gpus
+                clock = Clock(trial.usage_file, status.job_id or str(os.getpid()), gpus, context.cpus,
                               context.attempt).start()
             if (context.tracking_uri or cfg.tracking.uri) is not None:
                 trial_run = open_run(cfg.tracking, context, cfg.name, trial_params(config_to_dict(cfg)), trial.path,

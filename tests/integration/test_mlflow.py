@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from qarac_dist.track import mlflow_logger
 from qarac_dist.track.mlflow_client import client, create_run, experiment_id
 from qarac_dist.track.outbox import OUTBOX
 from qarac_dist.track.trial_dir import TrialDir
-from support import run_sweep, tiny_config, wait_for, write_config
+from support import HELPERS, run_sweep, tiny_config, wait_for, write_config
 
 
 def _history(client, run_id, key):
@@ -270,3 +272,25 @@ def test_a_dual_encoders_best_model_loads_through_mlflow_and_scores_a_pair(tmp_p
         score = module(input_ids=a["input_ids"], attention_mask=a["attention_mask"], input_ids_b=b["input_ids"],
                        attention_mask_b=b["attention_mask"])["logits"]
     assert score.shape == (1, 1) and torch.isfinite(score).all() and -1 <= float(score) <= 1
+
+
+def test_a_factory_longformer_is_logged_as_a_module_with_hugging_faces_attention(tmp_path, data_cache):
+    """A user's module around a Longformer trains with the blocked attention, whose forward is
+    bound to each attention module and does not pickle: the logged module is built with Hugging
+    Face's own attention (the same weights and outputs) and loads in a process of its own."""
+    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 2}, evaluation={"every_steps": 2},
+                       tracking={"log_model": True})
+    base["model"] = {"factory": "faults:slow_steps", "factory_kwargs": {"seconds": 0}}
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    write_config(tmp_path / "wrapped.yaml", {"name": "wrapped", "base": base, "executor": "local",
+                                             "tracking": {"uri": uri}, "runs_dir": str(tmp_path / "runs")})
+    helpers = {"PYTHONPATH": HELPERS + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = run_sweep(tmp_path / "wrapped.yaml", "--no-preflight", env=helpers)
+    assert proc.returncode == 0 and "event was not" not in proc.stderr, proc.stdout + proc.stderr
+    (child,) = _runs(client(uri), "wrapped")[1]
+    load = ("import mlflow, sys; mlflow.set_tracking_uri(sys.argv[1]); m = mlflow.pytorch.load_model(sys.argv[2]); "
+            "print(type(m).__name__, sorted({type(x).__name__ for x in m.modules() if 'SelfAttention' in "
+            "type(x).__name__}), any('forward' in vars(x) for x in m.modules()))")
+    shown = subprocess.run([sys.executable, "-c", load, uri, f"models:/{child.data.tags['best_model_id']}"],
+                           capture_output=True, text=True, env={**os.environ, **helpers}, timeout=300)
+    assert shown.stdout.split("\n")[0] == "SlowSteps ['LongformerSelfAttention'] False", shown.stdout + shown.stderr
