@@ -4,7 +4,8 @@ or through each other, read from their source, not imported), the git repository
 (commit, branch, remote without credentials, whether the tree is dirty, the diff against the
 commit and the names of untracked files), or, outside any repository, a hash of its content.
 
-Runs carry it as tags: MLflow's own `mlflow.source.git.*` for the sweep file's repository
+Runs carry it as tags: MLflow's own `mlflow.source.name` (the sweep file) and `mlflow.source.git.*`
+for the sweep file's repository
 (MLflow sets them only from the executed script's repository, never the user's for a sweep:
 mlflow#11238), `code.<file>` for each file. The parent run gets the diffs as artifacts. A trial
 whose factory module changed after submission says so in its log and in a `code.changed` tag
@@ -66,6 +67,8 @@ def read(files: dict[str, Optional[Path]], factories: list[str], search: list[Pa
         if path is None or not path.is_file():
             continue
         path = path.resolve()
+        if role == "sweep_file":  # what the runs table's Source column names
+            record.tags.update({"mlflow.source.name": str(path), "mlflow.source.type": "LOCAL"})
         if role.startswith(("factory.", "module.")):  # what a trial that starts later compares (changed_since)
             record.tags[f"code.{role}.sha256"] = sha256(path)
         root = _git(path.parent, "rev-parse", "--show-toplevel")

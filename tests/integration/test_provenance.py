@@ -67,6 +67,7 @@ def test_every_run_names_the_users_commit_branch_remote_and_diff_and_a_later_tri
         assert (tags["mlflow.source.git.commit"], tags["mlflow.source.git.branch"], tags["mlflow.source.git.repoURL"],
                 tags["mlflow.source.git.dirty"]) == (commit, "main", "https://github.com/lab/project.git", "True")
         assert tags["code.sweep_file"] == f"{repo / 'sweep.yaml'} at {commit} (dirty)"
+        assert tags["mlflow.source.name"] == str(repo / "sweep.yaml")  # the runs table's Source column
         assert tags["code.base_config"] == f"{repo / 'base.yaml'} at {commit} (dirty)"
         assert tags["code.factory.mymodels"] == f"{repo / 'mymodels.py'} at {commit} (dirty)"
         assert tags["code.module.mylayers.py"] == f"{repo / 'mylayers.py'} at {commit} (dirty)"

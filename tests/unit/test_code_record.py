@@ -51,6 +51,8 @@ def test_files_outside_a_repository_are_recorded_by_content_and_an_edit_is_named
     digest = code_record.sha256(tmp_path / "sweep.yaml")
     assert record.tags["code.sweep_file"] == f"{tmp_path / 'sweep.yaml'} sha256:{digest}"
     assert not any(k.startswith("mlflow.source.git.") for k in record.tags) and record.diffs == {}
+    assert (record.tags["mlflow.source.name"], record.tags["mlflow.source.type"]) == (str(tmp_path / "sweep.yaml"),
+                                                                                      "LOCAL")
     assert code_record.changed_since(record.tags) == {}
     (tmp_path / "models.py").write_text("def build(): return 1\n")
     assert code_record.changed_since(record.tags) == {"code.changed": str(tmp_path / "models.py")}
