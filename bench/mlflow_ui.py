@@ -19,6 +19,9 @@ from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
+RUN_NAME_BUTTON = "button[data-component-id*='runnamecellrenderer']"
+COLLAPSED = "M7.25 7.25V4.5"
+"""The plus drawn on the expand button of a parent whose child runs are hidden."""
 
 
 def browser():
@@ -41,6 +44,7 @@ def check_runs_page(server_uri: str, experiment_id: str, run_names: list[str], s
                     timeout_s: float = 60, num_models: int = 0) -> tuple[list[str], int]:
     """Open the experiment's runs page; return the run names not shown (empty when all are) and
     how many logged models the runs table links to (waiting for `num_models` of them)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
     driver = browser()
@@ -56,13 +60,17 @@ def check_runs_page(server_uri: str, experiment_id: str, run_names: list[str], s
             models = len({a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "a[href*='/models/m-']")})
             if not missing and models >= num_models:
                 break
-            # Child runs are nested under their parent, collapsed: the button in a parent's
-            # run-name cell expands it. Click only while no child row (level 1) is shown, since
-            # a second click collapses it again.
-            if not driver.find_elements(By.CSS_SELECTOR, ".ag-row-level-1"):
-                for button in driver.find_elements(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']"):
-                    driver.execute_script("arguments[0].click();", button)
-            time.sleep(2)
+            # Child runs are nested under their parent (a configuration's seeds under it, one level
+            # down), collapsed: the button in a parent's run-name cell expands it and shows a plus
+            # while collapsed. Click one at a time: the table is drawn again after each.
+            try:
+                collapsed = [b for b in driver.find_elements(By.CSS_SELECTOR, RUN_NAME_BUTTON)
+                             if COLLAPSED in b.get_attribute("innerHTML")]
+                if collapsed:
+                    driver.execute_script("arguments[0].click();", collapsed[0])
+            except StaleElementReferenceException:
+                pass
+            time.sleep(1)
         time.sleep(1)
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(screenshot))
