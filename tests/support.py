@@ -170,21 +170,27 @@ class MlflowServer:
         self.proc = None
 
 
-def table_rows(text: str) -> list[dict]:
-    """The rows of a table the commands print (rich's box characters), keyed by column title.
-    Long cells that wrap over several lines are joined."""
-    header, rows = None, []
+def table_rows(text: str, table: int = 0) -> list[dict]:
+    """The rows of a table the commands print (rich's box characters), keyed by column title:
+    the first table, or the `table`-th (the summary's configurations are its second). Long cells
+    that wrap over several lines are joined."""
+    header, rows, seen = None, [], -1
     for line in text.splitlines():
-        if line.startswith("┃") and header is None:
+        if line.startswith("┏"):
+            seen += 1
+        elif seen != table:
+            continue
+        elif line.startswith("┃") and header is None:
             header = [c.strip() for c in line.strip("┃").split("┃")]
+            key = header.index("trial" if "trial" in header else "configuration")
         elif line.startswith("│") and header is not None:
             cells = [c.strip() for c in line.strip("│").split("│")]
-            if cells[header.index("trial")]:
+            if cells[key]:
                 rows.append(dict(zip(header, cells)))
             elif rows:  # a wrapped continuation line
-                for key, cell in zip(header, cells):
+                for name, cell in zip(header, cells):
                     if cell:
-                        rows[-1][key] = f"{rows[-1][key]} {cell}".strip()
+                        rows[-1][name] = f"{rows[-1][name]} {cell}".strip()
     return rows
 
 

@@ -173,6 +173,10 @@ class SweepSpec:
     """Successive halving on the select metric; absent: every trial runs to the end."""
     environment: Environment = field(default_factory=Environment)
     """Setup lines and variables of every job (`environment.setup=[]` runs a cluster's file here)."""
+    repeats: int = bounded(1, ge=1, le=100)
+    """Seeds per configuration. K > 1: each configuration runs K times, the first with its own
+    `training.seed`, the others with seeds derived from it (plan/seeds.py), and the sweep picks
+    the configuration by the mean over its seeds (track/best.py). 1: one trial per configuration."""
 
     def trials_as_steps(self) -> bool:
         """Jobs run trials as steps, started by a runner (submit/pack.py): packed, or a search."""
@@ -184,7 +188,7 @@ class SweepSpec:
         samples = self.random.num_samples if self.random and self.random.params else 1
         if self.search is not None:
             return self.search.trials
-        return max(1, len(self.variants)) * points * samples
+        return max(1, len(self.variants)) * points * samples * self.repeats
 
 
 def is_sweep(raw) -> bool:
@@ -310,6 +314,8 @@ def _check_spec(spec: SweepSpec, errors: list[str]) -> None:
         _check_distributions("random", spec.random.params, errors)
     if spec.search:
         _check_search(spec, errors)
+    if spec.repeats > 1:
+        _check_repeats(spec, keyed, errors)
     for key in spec.resources.extra_sbatch:
         if (problem := sbatch_options.problem(key)) is not None:
             errors.append(f"resources.extra_sbatch.{key}: {problem}")
@@ -353,6 +359,19 @@ def _check_search(spec: SweepSpec, errors: list[str]) -> None:
         if not record.is_file():
             errors.append(f"search.warm_start: {warm} holds no search record ({record.name}); give the directory "
                           f"of an earlier sweep with a search section")
+
+
+def _check_repeats(spec: SweepSpec, keyed: list[tuple[str, dict]], errors: list[str]) -> None:
+    """Seeds are what repeats vary: nothing else may set them, and what selects on one seed's
+    result at a time is not yet told a configuration's mean."""
+    for section, mapping in keyed:
+        if "training.seed" in mapping and section != "set":
+            errors.append(f"{section}.training.seed: repeats ({spec.repeats}) derives each configuration's seeds from "
+                          f"its training.seed; set it under set (or in the base config), or use repeats: 1")
+    for key, given in (("asha", spec.asha), ("search", spec.search)):
+        if given is not None:
+            errors.append(f"repeats: not yet with {key} (it decides on one seed's result, not a configuration's "
+                          f"mean); use repeats: 1 with {key}, or a grid or random search with repeats")
 
 
 def _check_distributions(section: str, params: dict, errors: list[str]) -> None:

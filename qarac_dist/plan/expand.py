@@ -25,6 +25,7 @@ from ..config.sections import METRIC_MODES, TASK_METRICS
 from ..config.sweep import RandomSearch, SweepSpec
 from . import micro_batch
 from .asha import rung_steps
+from .seeds import repeat_seeds
 from .resolve import ADDED_OFF, MOVED_OUT, NOT_IDENTITY, Resolver
 
 
@@ -42,6 +43,9 @@ class Trial:
     slot: Optional[int] = None
     """A model-based search's slot: its searched values are asked for when a job starts it
     (submit/search.py); `config` holds everything else."""
+    configuration: Optional[str] = None
+    """With repeats: the configuration this trial is a seed of (the id of its first seed's
+    trial); None without (each trial is its own configuration)."""
 
 
 # ---------------------------------------------------------------- planning (pure)
@@ -111,6 +115,8 @@ def plan(spec: SweepSpec, base: dict, source: str = "sweep", micro_batches: dict
     trials_dir = str(layout.trials) + "/"
     varied = set(varied_keys(spec))
     extra = {"training.micro_batch_size", "training.gradient_accumulation_steps", "asha"}
+    if spec.repeats > 1:
+        extra.add("training.seed")
     resolver = Resolver(base, varied | extra)
     if spec.search is not None:
         return _slots(spec, resolver, trials_dir, source)
@@ -152,15 +158,27 @@ def plan(spec: SweepSpec, base: dict, source: str = "sweep", micro_batches: dict
         if tid in trials:
             errors.append(f"{source}: trials [{trials[tid].label}] and [{label}] resolve to the same config")
             continue
-        resolved["name"] = f"{spec.name}-{tid}"  # resolve() returns a fresh top-level dict
-        resolved["output"] = {**resolved["output"], "dir": trials_dir + tid}
-        trials[tid] = Trial(tid, label, overrides, resolved)
+        if spec.repeats == 1:
+            trials[tid] = _trial(spec.name, trials_dir, tid, label, overrides, resolved)
+            continue
+        for k, seed in enumerate(repeat_seeds(resolved["training"]["seed"], spec.repeats)):
+            seeded, seed_id = (resolved, tid) if k == 0 else \
+                resolver.resolve({**overrides, **found, **asha, "training.seed": seed})
+            trials[seed_id] = _trial(spec.name, trials_dir, seed_id, f"{label} seed {seed}",
+                                     {**overrides, "training.seed": seed}, seeded, configuration=tid)
     errors += _by_problem(source, trial_errors)
     if errors:
         raise ConfigError(list(dict.fromkeys(errors)))
     if spec.asha is not None and spec.asha.start == "shuffled":  # why: plan/asha.py
         return sorted(trials.values(), key=lambda t: t.id)
     return list(trials.values())
+
+
+def _trial(sweep: str, trials_dir: str, tid: str, label: str, overrides: dict, resolved: dict,
+           configuration: Optional[str] = None) -> Trial:
+    resolved["name"] = f"{sweep}-{tid}"  # resolve() returns a fresh top-level dict
+    resolved["output"] = {**resolved["output"], "dir": trials_dir + tid}
+    return Trial(tid, label, overrides, resolved, configuration=configuration)
 
 
 def _slots(spec: SweepSpec, resolver: Resolver, trials_dir: str, source: str) -> list[Trial]:

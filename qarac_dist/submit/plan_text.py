@@ -26,7 +26,9 @@ def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, source: str, sho
         if spec.search is not None:
             check_record(layout_for(spec), spec.search)
     told = warm_start(spec.search, *select)[1] if spec.search is not None else ""
-    print(f"sweep {spec.name}: {len(trials)} trials, executor {kind}")
+    seeds = f" ({len(trials) // spec.repeats} configurations x {spec.repeats} seeds, chosen by the mean)" \
+        if spec.repeats > 1 else ""
+    print(f"sweep {spec.name}: {len(trials)} trials{seeds}, executor {kind}")
     width = max([len("trial")] + [len(t.id) for t in trials[:shown]])
     print(f"{'trial':<{width}}  overrides")
     for trial in trials[:shown]:

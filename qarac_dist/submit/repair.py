@@ -68,7 +68,7 @@ def _rebuilt(layout: SweepLayout) -> Manifest:
     packed = claims.read(layout) if spec.trials_as_steps() else {}
     for trial in trials:
         record = TrialRecord(trial.id, trial.label, trial.overrides, trial.config, trial.config["output"]["dir"],
-                             manifest.executor, slot=trial.slot)
+                             manifest.executor, slot=trial.slot, configuration=trial.configuration)
         status = record.trial_dir.status()
         claim = packed.get(trial.id)
         if claim is not None and claim.job is not None:  # a packed trial: the job that claimed it runs it
@@ -110,9 +110,12 @@ def _find_runs(manifest: Manifest) -> None:
     parent = parents[-1]
     manifest.mlflow_parent_run_id = parent.info.run_id
     for run in runs:
-        tid = run.data.tags.get("trial_id")
-        if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id and tid in manifest.trials:
-            manifest.trials[tid].mlflow_run_id = run.info.run_id
+        tags = run.data.tags
+        if tags.get("qarac.kind") == "configuration" and tags.get("mlflow.parentRunId") == parent.info.run_id:
+            manifest.configurations[tags.get("configuration")] = run.info.run_id
+        elif parent.info.run_id in (tags.get("mlflow.parentRunId"), tags.get("sweep_run_id")) and \
+                tags.get("trial_id") in manifest.trials:
+            manifest.trials[tags["trial_id"]].mlflow_run_id = run.info.run_id
 
 
 def _keep_old(path: Path) -> None:

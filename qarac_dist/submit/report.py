@@ -10,7 +10,8 @@ from typing import Optional
 
 from ..base.layout import SweepLayout
 from ..base.files import DamagedFile
-from ..track.best import TIE_ORDER, Candidate, best_of
+from ..track.best import BY_CONFIGURATION, TIE_ORDER, Candidate, Configuration, best_configuration, choose, \
+    configurations
 from ..track.trial_dir import TrialDir
 from ..track.usage import Used, summary_line, used
 from . import cluster
@@ -72,9 +73,13 @@ def rows(manifest: Manifest) -> tuple[list[Row], Optional[str]]:
                        metrics.get(manifest.select_metric), metrics.get("loss"), info.get("step"),
                        status.step if status else None, status.resumed_from if status else None,
                        _rollbacks(r.trial_dir)))
-    best = best_of((Candidate(row.record.id, row.value, row.loss, row.best_step)
-                    for row in out if row.record.state in DONE and not row.record.retired), manifest.select_mode)
+    best = choose(_candidates(out), manifest.select_mode, manifest.seeds())
     return out, best.trial_id if best else None
+
+
+def _candidates(table_rows: list[Row]) -> list[Candidate]:
+    return [Candidate(row.record.id, row.value, row.loss, row.best_step, row.record.configuration)
+            for row in table_rows if row.record.state in DONE and not row.record.retired]
 
 
 def _rollbacks(trial: TrialDir) -> int:
@@ -123,12 +128,16 @@ def print_summary(manifest: Manifest, layout: SweepLayout) -> Optional[str]:
         table.add_row("*" if best else "", *map(Text, row.cells()), style="bold green" if best else None)
     console = Console(width=200)
     console.print(table)
+    seeds = manifest.seeds()
+    if seeds:
+        console.print(_configuration_table(manifest, table_rows, seeds))
     if best_id:
         best = next(row for row in table_rows if row.record.id == best_id)
         console.print(f"best trial: {best_id} [{best.record.label}] {manifest.select_metric}={best.value:.4f} "
                       f"(at step {best.best_step})  model: {best.record.trial_dir.best}", markup=False,
                       highlight=False, soft_wrap=True)
-        console.print(f"best = {manifest.select_mode} {manifest.select_metric}; {TIE_ORDER}", markup=False,
+        order = BY_CONFIGURATION if seeds else TIE_ORDER
+        console.print(f"best = {manifest.select_mode} {manifest.select_metric}; {order}", markup=False,
                       highlight=False, soft_wrap=True)
     retired = sum(row.record.retired for row in table_rows)
     if retired:
@@ -141,6 +150,38 @@ def print_summary(manifest: Manifest, layout: SweepLayout) -> Optional[str]:
         console.print(f"successive halving: {pruned} trial(s) stopped at a rung; rung table {layout.asha_table}, "
                       f"plot {layout.asha_curves}", markup=False, highlight=False, soft_wrap=True)
     return best_id
+
+
+def _configuration_table(manifest: Manifest, table_rows: list[Row], seeds: dict[str, int]):
+    """One row per configuration: the mean ± std of the select metric over its seeds that
+    finished (n of K), and the chosen one marked."""
+    from rich.table import Table
+    from rich.text import Text
+
+    scored = configurations(_candidates(table_rows), seeds)
+    chosen = best_configuration(scored, manifest.select_mode)
+    states: dict[str, Counter] = {}
+    for row in table_rows:
+        if row.record.configuration in seeds and not row.record.retired:
+            states.setdefault(row.record.configuration, Counter())[row.record.state] += 1
+    table = Table(title=Text(f"configurations: {manifest.select_metric}, mean ± std over the seeds that finished "
+                             f"(of K); * marks the chosen one"))
+    for col in ("", "configuration", "config", f"{manifest.select_metric} mean ± std (n/K)", "seeds"):
+        table.add_column(col)
+    for c in scored:
+        mark = chosen is not None and c.id == chosen.id
+        table.add_row("*" if mark else "", c.id, Text(manifest.trials[c.id].label.rsplit(" seed ", 1)[0]),
+                      score_text(c), ", ".join(f"{n} {state}" for state, n in sorted(states.get(c.id, {}).items())),
+                      style="bold green" if mark else None)
+    return table
+
+
+def score_text(c: Configuration, digits: int = 4) -> str:
+    """`0.8123 ± 0.0101 (3/3)`; the std is `-` below two seeds, the mean `-` with none."""
+    if not c.finished:
+        return f"- ({0}/{c.seeds})"
+    std = f"{c.std:.{digits}f}" if c.std is not None else "-"
+    return f"{c.mean:.{digits}f} ± {std} ({len(c.finished)}/{c.seeds})"
 
 
 def usage_of(manifest: Manifest, layout: SweepLayout) -> Used:

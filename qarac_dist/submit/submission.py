@@ -198,7 +198,7 @@ class Submission:
             if trial.id not in manifest.trials:
                 manifest.trials[trial.id] = TrialRecord(trial.id, trial.label, trial.overrides, trial.config,
                                                         trial.config["output"]["dir"], self.executor.kind,
-                                                        slot=trial.slot)
+                                                        slot=trial.slot, configuration=trial.configuration)
         refresh(manifest, self.executor, self.layout)
         if self.spec.search is not None:
             tell_ended(self.layout, list(manifest.trials.values()), manifest.select_metric,

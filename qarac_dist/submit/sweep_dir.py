@@ -16,6 +16,7 @@ import re
 import shlex
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -86,6 +87,8 @@ class TrialRecord:
     mlflow_run_id: Optional[str] = None
     error: Optional[str] = None
     """Last error line, for a failed trial."""
+    configuration: Optional[str] = None
+    """With repeats: the configuration it is a seed of (plan/expand.py's Trial.configuration)."""
     retired: bool = False
     """No longer in the sweep file as last run: shown apart, never chosen best (its MLflow run is
     tagged so, track/sweep_runs.py); back in the file, back in the running."""
@@ -118,6 +121,8 @@ class Manifest:
     """The user's code as the last submission read it (track/code_record.py): its runs' tags."""
     requested: dict = field(default_factory=dict)
     """GPU-hours and CPU-hours the submissions asked for at most (`gpu_hours`, `cpu_hours`)."""
+    configurations: dict = field(default_factory=dict)
+    """With repeats: configuration id -> its MLflow run, the parent of its seeds' runs."""
 
     @classmethod
     def load(cls, sweep_dir: Path) -> Optional["Manifest"]:
@@ -157,6 +162,10 @@ class Manifest:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["trials"] = {tid: {**vars(r), "history": [vars(a) for a in r.history]} for tid, r in self.trials.items()}
         write_json(SweepLayout(Path(sweep_dir)).manifest, data, compact=True)
+
+    def seeds(self) -> dict[str, int]:
+        """With repeats: configuration id -> its seeds in the sweep file; empty without."""
+        return dict(Counter(r.configuration for r in self.trials.values() if r.configuration and not r.retired))
 
     def all_ended(self) -> bool:
         """No trial runs or waits to (one no longer in the sweep file and never submitted waits
@@ -288,6 +297,7 @@ def same_record(manifest: Manifest, layout: SweepLayout, spec: SweepSpec, select
                "tracking.uri": (manifest.tracking_uri, absolute_uri(t.uri) if t.uri else manifest.tracking_uri),
                "tracking.experiment": (manifest.experiment, t.experiment or manifest.experiment),
                "asha": (saved.get("asha"), to_dict(spec).get("asha") if saved else saved.get("asha")),
+               "repeats": (saved.get("repeats", 1), spec.repeats if saved else saved.get("repeats", 1)),
                "search": (_searched(saved.get("search")), _searched(to_dict(spec).get("search")) if saved else
                           _searched(saved.get("search")))}
     for key, (was, now) in changed.items():

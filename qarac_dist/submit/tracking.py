@@ -47,14 +47,24 @@ def _ensure_runs(manifest: Manifest, records: list[TrialRecord], varied: list[st
              "select.mode": manifest.select_mode, "varied": ", ".join(varied) or "-"})
     elif records:
         sweep_runs.reopen(uri, manifest.mlflow_parent_run_id)
+    seeds = manifest.seeds()
     for r in records:
         # A search trial's run is made when a job asks its values; in a sqlite store, which no job
         # opens, it is made here, and the trial's job records the values asked.
-        if r.mlflow_run_id is None and (r.slot is None or is_local_store(uri)):
-            r.mlflow_run_id = sweep_runs.create_child(
-                uri, exp, manifest.mlflow_parent_run_id, f"{r.id} {r.label}",
-                {"sweep": manifest.sweep, "trial_id": r.id, "executor": r.executor, "varied": ", ".join(varied),
-                 "label": r.label, **manifest.code}, sweep_runs.trial_params(r.config) if r.slot is None else {})
+        if r.mlflow_run_id is not None or (r.slot is not None and not is_local_store(uri)):
+            continue
+        shared = {"sweep": manifest.sweep, "executor": r.executor, "varied": ", ".join(varied), **manifest.code}
+        tags, parent = {**shared, "trial_id": r.id, "label": r.label}, manifest.mlflow_parent_run_id
+        if r.configuration is not None:  # a seed's run sits under its configuration's run
+            if r.configuration not in manifest.configurations:
+                first = manifest.trials[r.configuration]
+                manifest.configurations[r.configuration] = sweep_runs.create_configuration(
+                    uri, exp, parent, r.configuration, first.label.rsplit(" seed ", 1)[0], seeds[r.configuration],
+                    shared, sweep_runs.trial_params(first.config))
+            tags = {**tags, sweep_runs.CONFIGURATION: r.configuration, sweep_runs.SWEEP_RUN: parent}
+            parent = manifest.configurations[r.configuration]
+        r.mlflow_run_id = sweep_runs.create_child(uri, exp, parent, f"{r.id} {r.label}", tags,
+                                                  sweep_runs.trial_params(r.config) if r.slot is None else {})
 
 
 def import_records(manifest: Manifest, layout: SweepLayout, wait: bool = False, again: bool = False):

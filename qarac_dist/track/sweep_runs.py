@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Optional
 
 from ..base.layout import SweepLayout
 from ..base.lock import locked
 
-from .best import TIE_ORDER, Candidate, best_of
+from .best import BY_CONFIGURATION, TIE_ORDER, Candidate, best_configuration, choose, configurations
 from .mlflow_client import client, create_run, experiment_id
 from ..base.secrets import redact_text
 
@@ -26,6 +27,38 @@ def create_parent(uri: str, experiment: str, sweep: str, executor: str, tags: di
 def create_child(uri: str, experiment: str, parent_run_id: str, name: str, tags: dict, params: dict) -> str:
     c = client(uri)
     return create_run(c, experiment_id(c, experiment), name, tags, params, parent_run_id=parent_run_id)
+
+
+CONFIGURATION = "configuration"
+"""Tag of a seed's run (with repeats): the configuration it is a seed of, whose run is its parent."""
+SWEEP_RUN = "sweep_run_id"
+"""Tag of a seed's run: the sweep's run, its parent's parent."""
+
+
+def create_configuration(uri: str, experiment: str, parent_run_id: str, configuration: str, label: str, seeds: int,
+                         tags: dict, params: dict) -> str:
+    """A configuration's run (with repeats): its seeds' runs nest under it, and it gets their
+    mean, standard deviation and count when they end (track/configurations.py)."""
+    params = {k: v for k, v in params.items() if k != "training.seed"}
+    c = client(uri)
+    return create_run(c, experiment_id(c, experiment), f"{configuration} {label}",
+                      {**tags, "qarac.kind": "configuration", CONFIGURATION: configuration, "label": label,
+                       "repeats": str(seeds)}, {**params, "repeats": str(seeds)}, parent_run_id=parent_run_id)
+
+
+def trial_runs(mlflow_client, parent) -> tuple[list, list]:
+    """The sweep's trial runs, and its configurations' runs (with repeats, where the seeds' runs
+    nest)."""
+    children = mlflow_client.search_runs([parent.info.experiment_id],
+                                         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                         max_results=10000)
+    configurations = [r for r in children if r.data.tags.get("qarac.kind") == "configuration"]
+    trials = [r for r in children if r.data.tags.get("qarac.kind") != "configuration"]
+    if configurations:
+        trials += mlflow_client.search_runs([parent.info.experiment_id],
+                                            filter_string=f"tags.{SWEEP_RUN} = '{parent.info.run_id}'",
+                                            max_results=10000)
+    return trials, configurations
 
 
 def reopen(uri: str, run_id: str) -> None:
@@ -71,11 +104,9 @@ def update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
 def _update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
                    sweep: Optional[SweepLayout]) -> Optional[tuple[str, float]]:
     parent = mlflow_client.get_run(parent_run_id)
-    children = mlflow_client.search_runs([parent.info.experiment_id],
-                                         filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                                         max_results=10000)
+    children, configuration_runs = trial_runs(mlflow_client, parent)
     key = f"best_val_{metric}"
-    lines = [f"trial,run_id,status,{key},best_val_loss,best_step,stopped,in_sweep_file"]
+    lines = [f"trial,run_id,status,{key},best_val_loss,best_step,stopped,in_sweep_file,configuration"]
     candidates, runs = [], {}
     for child in sorted(children, key=lambda r: r.data.tags.get("trial_id", "")):
         tags, metrics = child.data.tags, child.data.metrics
@@ -84,11 +115,12 @@ def _update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
         lines.append(",".join(str(x) for x in (
             trial, child.info.run_id, child.info.status, "" if value is None else value,
             metrics.get("best_val_loss", ""), tags.get("best_step", ""), tags.get("asha.stopped_at_step", ""),
-            "no" if tags.get(RETIRED) == "true" else "yes")))
+            "no" if tags.get(RETIRED) == "true" else "yes", tags.get(CONFIGURATION, ""))))
         if child.info.status == "FINISHED" and value is not None and not math.isnan(value) and \
                 tags.get(RETIRED) != "true":
             step = tags.get("best_step")
-            candidates.append(Candidate(trial, value, metrics.get("best_val_loss"), int(step) if step else None))
+            candidates.append(Candidate(trial, value, metrics.get("best_val_loss"), int(step) if step else None,
+                                        tags.get(CONFIGURATION)))
             runs[trial] = child.info.run_id
     mlflow_client.log_text(parent_run_id, redact_text("\n".join(lines) + "\n"), "summary.csv")
     if sweep is not None and sweep.asha.is_dir():
@@ -100,26 +132,47 @@ def _update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
         from .search_record import write_history
 
         mlflow_client.log_artifact(parent_run_id, str(write_history(sweep, mode, metric)))
-    best = best_of(candidates, mode)
+    seed_runs: dict[str, list] = {}
+    for child in children:
+        if CONFIGURATION in child.data.tags and child.data.tags.get(RETIRED) != "true":
+            seed_runs.setdefault(child.data.tags[CONFIGURATION], []).append(child)
+    seeds = {c: len(of) for c, of in seed_runs.items()}
+    run_of = {r.data.tags.get(CONFIGURATION): r for r in configuration_runs}
+    if configuration_runs:
+        from .configurations import record
+
+        record(mlflow_client, run_of, seed_runs)
+    best = choose(candidates, mode, seeds)
     if best is None:
         return None
     verdict = {"best_trial": best.trial_id, "best_run_id": runs[best.trial_id],
                "best_order": f"{mode} {metric}; {TIE_ORDER}"}
+    value, figures = best.value, {}
+    if seeds:  # the sweep's result is the chosen configuration's mean
+        chosen = best_configuration(configurations(candidates, seeds), mode)
+        run = run_of.get(chosen.id)
+        verdict = {**verdict, "best_configuration": chosen.id,
+                   "best_configuration_run_id": run.info.run_id if run else "",
+                   "best_order": f"{mode} {metric}; {BY_CONFIGURATION}"}
+        value, figures = chosen.mean, {f"{key}_std": chosen.std, f"{key}_seeds": len(chosen.finished)}
     if any(parent.data.tags.get(k) != v for k, v in verdict.items()):  # in one batch: a kill leaves all or none
         from mlflow.entities import RunTag
 
         mlflow_client.log_batch(parent_run_id, tags=[RunTag(k, v) for k, v in verdict.items()])
-    if parent.data.metrics.get(key) != best.value:  # a point per change of the best value
-        mlflow_client.log_metric(parent_run_id, key, best.value, step=len(candidates))
-    return best.trial_id, best.value
+    figures = {name: figure for name, figure in {key: value, **figures}.items() if figure is not None}
+    if any(parent.data.metrics.get(name) != figure for name, figure in figures.items()):  # a point per change
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        mlflow_client.log_batch(parent_run_id, metrics=[Metric(name, figure, now, len(candidates))
+                                                        for name, figure in figures.items()])
+    return best.trial_id, value
 
 
 def close_parent(uri: str, parent_run_id: str, metric: str, mode: str, ok: bool, sweep: SweepLayout,
                  used: dict[str, float]) -> None:
     """Every trial's latest attempt has ended: the verdict, what the sweep used (`used`: the
     metrics gpu_hours, cpu_hours, ..., track/usage.py) with its plots, then FINISHED (or FAILED)."""
-    import time
-
     from mlflow.entities import Metric
 
     from .usage_plots import hours_plot, load_plot
@@ -131,9 +184,7 @@ def close_parent(uri: str, parent_run_id: str, metric: str, mode: str, ok: bool,
     c.log_artifact(parent_run_id, str(hours_plot(used, sweep.usage_plot, sweep.root.name)))
     for packages in sorted(sweep.packages.glob("*.txt")):  # each set the trials ran with, once (train/runtime.py)
         c.log_artifact(parent_run_id, str(packages), "packages")
-    parent = c.get_run(parent_run_id)
-    children = c.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                             max_results=10000)
+    children, _ = trial_runs(c, c.get_run(parent_run_id))
     load = load_plot(c, children, sweep.load_plot, sweep.root.name)
     if load is not None:
         c.log_artifact(parent_run_id, str(load))

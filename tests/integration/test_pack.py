@@ -26,12 +26,13 @@ from qarac_dist.track.trial_dir import read_metrics
 from support import fake_commands, run_sweep, slurm_seconds, table_rows, tiny_config, wait_for, write_config
 
 
-def _sweep(tmp_path, name, data_cache, seeds, max_steps=4, checkpoint_every=None, executor="slurm",
-           **resources) -> Path:
+def _sweep(tmp_path, name, data_cache, seeds, max_steps=4, checkpoint_every=None, executor="slurm", grid=None,
+           repeats=1, **resources) -> Path:
     base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": max_steps},
                        evaluation={"every_steps": max_steps}, checkpointing={"every_steps": checkpoint_every})
     sweep = {"name": name, "base": base, "runs_dir": str(tmp_path / "runs"), "executor": executor,
-             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "grid": {"training.seed": seeds},
+             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "grid": grid or {"training.seed": seeds},
+             "repeats": repeats,
              "resources": {"time_min": 10, "max_parallel": 2, "pack": 2, "gpus_per_node": 1, **resources}}
     path = tmp_path / f"{name}.yaml"
     write_config(path, sweep)
@@ -92,8 +93,10 @@ def test_eight_trials_packed_two_per_job_on_both_nodes_reach_the_sqlite_store_on
     """Issue 37's cluster check: two jobs, one per node, each running two trials at once as steps
     bound to their own GPUs, refilled as they end; every trial logs each of 60 steps. Observed
     from outside while they run, no process but the driver (the one importer) holds the sqlite
-    store open, and every point lands in it exactly once."""
-    path = _sweep(tmp_path, "packed", data_cache, seeds=list(range(8)), max_steps=60, max_parallel=4)
+    store open, and every point lands in it exactly once. The trials are 2 configurations x 4
+    seeds (repeats, issue 36): packed per seed, recorded and chosen per configuration."""
+    path = _sweep(tmp_path, "packed", data_cache, seeds=None, max_steps=60, max_parallel=4,
+                  grid={"optimizer.lr": [1e-3, 3e-3]}, repeats=4)
     db = tmp_path / "mlflow.db"
     out, err = (open(tmp_path / name, "w") for name in ("driver.out", "driver.err"))
     sweep = subprocess.Popen(["python", "-m", "qarac_dist.sweep", str(path), "--no-preflight", "--wait"],
@@ -166,6 +169,24 @@ def test_eight_trials_packed_two_per_job_on_both_nodes_reach_the_sqlite_store_on
                             capture_output=True, text=True)
     assert {row["trial"]: row["job"] for row in table_rows(status.stdout)} == steps, status.stdout
     assert f"idle packed slots {parent['gpu_hours_idle']:.3f}" in status.stdout
+    # Per configuration: its run holds its 4 seeds' runs and their mean; the parent names the
+    # configuration with the best mean, as status does.
+    verdict = c.get_run(manifest.mlflow_parent_run_id).data
+    assert set(manifest.configurations) == {r.configuration for r in manifest.trials.values()} and \
+        len(manifest.configurations) == 2
+    shown = {row["configuration"]: row for row in table_rows(status.stdout, table=1)}
+    assert set(shown) == set(manifest.configurations), status.stdout
+    for configuration, run_id in manifest.configurations.items():
+        seeds = {tid: run for tid, run in runs.items() if manifest.trials[tid].configuration == configuration}
+        assert len(seeds) == 4 and all(run.data.tags["mlflow.parentRunId"] == run_id for run in seeds.values())
+        values = [run.data.metrics["best_val_accuracy"] for run in seeds.values()]
+        figures = c.get_run(run_id).data.metrics
+        assert figures["seeds_finished"] == 4 and math.isclose(figures["best_val_accuracy"], sum(values) / 4)
+        assert shown[configuration]["accuracy mean ± std (n/K)"].startswith(f"{sum(values) / 4:.4f} ± ")
+        assert shown[configuration]["accuracy mean ± std (n/K)"].endswith("(4/4)")
+    chosen = verdict.tags["best_configuration"]
+    assert shown[chosen][""] == "*" and verdict.tags["best_configuration_run_id"] == manifest.configurations[chosen]
+    assert manifest.trials[verdict.tags["best_trial"]].configuration == chosen
     # The UI command imports while it is open: a point recorded once the UI answers is in the store
     # within its 10 s round (with a loaded machine's margin), and Ctrl-C stops both.
     with socket.socket() as s:

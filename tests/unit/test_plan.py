@@ -218,3 +218,67 @@ def test_select_defaults_to_the_direction_its_metric_is_better_in(tmp_path, sele
                                                    "select": select})
     spec, base = load_sweep(spec_file)
     assert select_defaults(spec, plan(spec, base)) == expected
+
+
+def test_repeats_give_each_configuration_its_seeds_the_first_its_own(tmp_path):
+    """Seed derivation: K distinct seeds per configuration, the first the configuration's own
+    (its trial keeps the id a sweep without repeats gives it), stable across re-plans, and the
+    same K seeds for every configuration (compared on the same inits and data orders)."""
+    sweep = _sweep(tmp_path, grid={"optimizer.lr": [1e-3, 1e-4]}, set={"training.seed": 7}, repeats=3)
+    trials = _plan(tmp_path, sweep)
+    assert len(trials) == 6 and len({t.id for t in trials}) == 6
+    single = {t.config["optimizer"]["lr"]: t.id for t in _plan(tmp_path, {**sweep, "repeats": 1})}
+    by_configuration: dict = {}
+    for t in trials:
+        by_configuration.setdefault(t.configuration, []).append(t)
+    assert set(by_configuration) == set(single.values())
+    seeds = set()
+    for configuration, seeded in by_configuration.items():
+        assert [t.config["training"]["seed"] for t in seeded][0] == 7
+        assert seeded[0].id == configuration == single[seeded[0].config["optimizer"]["lr"]]
+        assert {t.config["optimizer"]["lr"] for t in seeded} == {seeded[0].config["optimizer"]["lr"]}
+        assert all(t.label.endswith(f" seed {t.config['training']['seed']}") for t in seeded)
+        seeds.add(tuple(t.config["training"]["seed"] for t in seeded))
+    assert len(seeds) == 1 and len(set(next(iter(seeds)))) == 3
+    assert [(t.id, t.configuration) for t in _plan(tmp_path, sweep)] == [(t.id, t.configuration) for t in trials]
+    assert all(t.configuration is None for t in _plan(tmp_path, {**sweep, "repeats": 1}))
+
+
+def test_derived_seeds_are_distinct_stable_and_within_the_seed_range():
+    from qarac_dist.plan.seeds import SEED_LIMIT, repeat_seeds
+
+    assert repeat_seeds(0, 1) == [0]
+    assert repeat_seeds(0, 3) == [0, 3815432832, 1046468146]  # what every plan, anywhere, derives
+    for seed in (0, 1, 2**32 - 1):
+        seeds = repeat_seeds(seed, 100)
+        assert seeds[0] == seed and len(set(seeds)) == 100 and all(0 <= s < SEED_LIMIT for s in seeds)
+        assert repeat_seeds(seed, 5) == seeds[:5]
+
+
+@pytest.mark.parametrize("fields, overrides, expected", [
+    pytest.param({"repeats": 0}, (), "repeats: expected at least 1, got 0", id="zero"),
+    pytest.param({"repeats": 101}, (), "repeats: expected at most 100, got 101", id="past-the-bound"),
+    pytest.param({"repeats": "three"}, (), "repeats: expected an integer, got 'three'", id="text"),
+    pytest.param({"repeats": True}, (), "repeats: expected an integer, got True", id="bool"),
+    pytest.param({"repeats": 2.5}, (), "repeats: expected an integer, got 2.5", id="float"),
+    pytest.param({"repeats": 3, "grid": {"training.seed": [1, 2]}}, (),
+                 "grid.training.seed: repeats (3) derives each configuration's seeds", id="seed-in-the-grid"),
+    pytest.param({"repeats": 2, "variants": [{"name": "v", "set": {"training.seed": 3}}]}, (),
+                 "variants[0].set.training.seed: repeats (2) derives", id="seed-in-a-variant"),
+    pytest.param({"repeats": 2, "random": {"params": {"training.seed": {"distribution": "randint", "low": 0,
+                                                                          "high": 9}}}}, (),
+                 "random.params.training.seed: repeats (2) derives", id="seed-drawn"),
+    pytest.param({"repeats": 2, "asha": {"grace_steps": 1}}, (), "repeats: not yet with asha", id="with-asha"),
+    pytest.param({"repeats": 2, "search": {"trials": 3, "params": {
+        "optimizer.lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-2}}}}, (),
+                 "repeats: not yet with search", id="with-search"),
+    pytest.param({"repeats": 3, "grid": {"optimizer.lr": [1e-3, 1e-4]}}, ("max_trials=5",),
+                 "max_trials: the plan has 6 trials, over the cap of 5", id="seeds-count-against-the-cap"),
+    pytest.param({"repeats": 100, "grid": {"optimizer.lr": [i * 1e-5 for i in range(1, 101)]}}, (),
+                 "max_trials: the plan has 10,000 trials, over the cap of 1,000", id="seeds-times-a-large-grid"),
+])
+def test_bad_repeats(tmp_path, fields, overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        _plan(tmp_path, _sweep(tmp_path, **fields), overrides)
+    assert any(expected in e for e in info.value.errors), info.value.errors
+

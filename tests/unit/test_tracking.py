@@ -1,7 +1,9 @@
-"""Tracking pieces in process: the secret screen, and the batched MLflow sender against a real
-sqlite store."""
+"""Tracking pieces in process: the secret screen, the batched MLflow sender and the runs of a
+configuration's seeds, against a real sqlite store."""
 
 from __future__ import annotations
+
+import pytest
 
 from qarac_dist.track.mlflow_client import client, create_run, experiment_id
 from qarac_dist.track.mlflow_logger import MlflowLogger
@@ -121,3 +123,56 @@ def test_sync_skips_what_is_no_point_and_waits_for_a_live_writer(tmp_path, capsy
     assert sync(trial) == (1, False) and _history(c, run_id, "loss") == [1]
     err = capsys.readouterr().err
     assert "line 3 is not a metric point; passed over" in err and "its last line was cut short" in err
+
+
+def test_a_configuration_run_records_its_seeds_mean_std_and_curve_a_failed_seed_left_out(tmp_path):
+    """With repeats: seeds' runs under their configuration's run, which gets the mean, the sample
+    std and the count of the seeds that finished, and their mean curve, once all its seeds
+    ended; the parent names the configuration with the best mean, and its best seed."""
+    from mlflow.entities import Metric
+
+    from qarac_dist.track import sweep_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = sweep_runs.create_parent(uri, "e", "s", "local", {}, {})
+    c = client(uri)
+    seeds = {"steady": [0.70, 0.72, None], "lucky": [0.95, 0.40, 0.45]}  # None: that seed failed
+    runs = {}
+    for configuration, values in seeds.items():
+        config_run = sweep_runs.create_configuration(uri, "e", parent, configuration, f"lr={configuration}", 3,
+                                                     {"sweep": "s"}, {"optimizer.lr": "1", "training.seed": "0"})
+        for k, value in enumerate(values):
+            tid = f"{configuration}{k}"
+            runs[tid] = sweep_runs.create_child(uri, "e", config_run, tid, {
+                "trial_id": tid, sweep_runs.CONFIGURATION: configuration, sweep_runs.SWEEP_RUN: parent}, {})
+            if value is None:
+                c.log_batch(runs[tid], metrics=[Metric("val_accuracy", 0.1, 0, 10)])
+                c.set_terminated(runs[tid], "FAILED")
+                continue
+            c.log_batch(runs[tid], metrics=[Metric("val_accuracy", value / 2, 0, 10), Metric("val_accuracy", value, 0, 20),
+                                            Metric("best_val_accuracy", value, 0, 20),
+                                            Metric("best_val_loss", 1 - value, 0, 20)])
+            c.set_tag(runs[tid], "best_step", "20")
+            if tid != "lucky2":
+                c.set_terminated(runs[tid], "FINISHED")
+    # Each lacks a finished seed (steady's failed, lucky's runs): the better mean, steady's 0.71.
+    assert sweep_runs.update_parent(c, parent, "accuracy", "max") == ("steady1", pytest.approx(0.71))
+    assert not [r for r in sweep_runs.trial_runs(c, c.get_run(parent))[1] if r.info.status == "FINISHED" and
+                r.data.tags[sweep_runs.CONFIGURATION] == "lucky"]  # not recorded while a seed runs
+    c.set_terminated(runs["lucky2"], "FINISHED")
+    # A failed seed ranks steady after a configuration whose seeds all finished: lucky (0.6),
+    # though lucky's best seed (0.95) is the best of all.
+    assert sweep_runs.update_parent(c, parent, "accuracy", "max") == ("lucky0", pytest.approx(0.6))
+    verdict = c.get_run(parent).data
+    assert verdict.tags["best_configuration"] == "lucky" and verdict.tags["best_trial"] == "lucky0"
+    trials, configuration_runs = sweep_runs.trial_runs(c, c.get_run(parent))
+    assert len(trials) == 6 and len(configuration_runs) == 2
+    steady = next(r for r in configuration_runs if r.data.tags[sweep_runs.CONFIGURATION] == "steady")
+    assert steady.info.status == "FINISHED" and "training.seed" not in steady.data.params
+    assert steady.data.metrics["best_val_accuracy"] == pytest.approx(0.71)
+    assert steady.data.metrics["best_val_accuracy_std"] == pytest.approx(0.0141421356)
+    assert steady.data.metrics["seeds_finished"] == 2
+    curve = {m.step: m.value for m in c.get_metric_history(steady.info.run_id, "val_accuracy")}
+    assert curve == {10: pytest.approx(0.355), 20: pytest.approx(0.71)}  # the failed seed's point left out
+    assert verdict.metrics["best_val_accuracy"] == pytest.approx(0.6)
+    assert verdict.metrics["best_val_accuracy_seeds"] == 3
