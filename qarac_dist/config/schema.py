@@ -53,7 +53,7 @@ def apply_overrides(data: dict, overrides: list[tuple[str, Any]]) -> dict:
                 break
             node = child
         else:
-            node[parts[-1]] = value
+            node[parts[-1]] = plain_copy(value)  # a later key below it must not write into the given value
     if errors:
         raise ConfigError(errors)
     return data

@@ -330,6 +330,18 @@ def _check_spec(spec: SweepSpec, errors: list[str]) -> None:
                       f"(raise max_trials to allow it)")
 
 
+def _sets_seed(key: str, given) -> bool:
+    """Whether a varied key gives training.seed: itself, or whole training sections that hold it
+    (a grid's values, a random choice's)."""
+    if key == "training.seed":
+        return True
+    if key != "training":
+        return False
+    values = given if isinstance(given, list) else \
+        given.get("values") if isinstance(given, dict) else getattr(given, "values", None)
+    return any(isinstance(v, dict) and "seed" in v for v in values or [])
+
+
 GP_TRIALS = 100
 """Trials at most for search.sampler gp: its ask refits a Gaussian process on every trial told,
 cubic in their number (bench/RESULTS.md, 2 cores: up to 1 s an ask at 100, 1.3 s at 200)."""
@@ -365,9 +377,10 @@ def _check_repeats(spec: SweepSpec, keyed: list[tuple[str, dict]], errors: list[
     """Seeds are what repeats vary: nothing else may set them, and what selects on one seed's
     result at a time is not yet told a configuration's mean."""
     for section, mapping in keyed:
-        if "training.seed" in mapping and section != "set":
-            errors.append(f"{section}.training.seed: repeats ({spec.repeats}) derives each configuration's seeds from "
-                          f"its training.seed; set it under set (or in the base config), or use repeats: 1")
+        for key, given in mapping.items():
+            if section != "set" and _sets_seed(key, given):
+                errors.append(f"{section}.{key}: repeats ({spec.repeats}) derives each configuration's seeds from its "
+                              f"training.seed; set it under set (or in the base config), or use repeats: 1")
     for key, given in (("asha", spec.asha), ("search", spec.search)):
         if given is not None:
             errors.append(f"repeats: not yet with {key} (it decides on one seed's result, not a configuration's "

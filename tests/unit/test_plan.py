@@ -244,6 +244,19 @@ def test_repeats_give_each_configuration_its_seeds_the_first_its_own(tmp_path):
     assert all(t.configuration is None for t in _plan(tmp_path, {**sweep, "repeats": 1}))
 
 
+def test_seeds_of_a_grid_of_whole_sections_never_write_into_the_grid(tmp_path):
+    """Each seed's training.seed is set below the section a grid gives whole: into the seed's
+    own copy, so the next configuration starts from the grid's own values."""
+    grid = [{"max_steps": 4, "micro_batch_size": 2}, {"max_steps": 6, "micro_batch_size": 2}]
+    trials = _plan(tmp_path, _sweep(tmp_path, grid={"training": grid}, repeats=2))
+    assert [t.overrides["training"] for t in trials] == [grid[0], grid[0], grid[1], grid[1]]
+    by_configuration: dict = {}
+    for t in trials:
+        by_configuration.setdefault(t.configuration, []).append(t.config["training"]["seed"])
+    assert len(by_configuration) == 2 and len({tuple(s) for s in by_configuration.values()}) == 1, by_configuration
+    assert [t.config["training"]["max_steps"] for t in trials] == [4, 4, 6, 6]
+
+
 def test_derived_seeds_are_distinct_stable_and_within_the_seed_range():
     from qarac_dist.plan.seeds import SEED_LIMIT, repeat_seeds
 
@@ -268,6 +281,11 @@ def test_derived_seeds_are_distinct_stable_and_within_the_seed_range():
     pytest.param({"repeats": 2, "random": {"params": {"training.seed": {"distribution": "randint", "low": 0,
                                                                           "high": 9}}}}, (),
                  "random.params.training.seed: repeats (2) derives", id="seed-drawn"),
+    pytest.param({"repeats": 3, "grid": {"training": [{"seed": 1, "max_steps": 4}, {"seed": 2, "max_steps": 4}]}}, (),
+                 "grid.training: repeats (3) derives each configuration's seeds", id="seed-in-a-grid-of-sections"),
+    pytest.param({"repeats": 2, "random": {"params": {"training": {"distribution": "choice", "values": [
+        {"max_steps": 4}, {"seed": 5, "max_steps": 4}]}}}}, (),
+                 "random.params.training: repeats (2) derives", id="seed-in-a-chosen-section"),
     pytest.param({"repeats": 2, "asha": {"grace_steps": 1}}, (), "repeats: not yet with asha", id="with-asha"),
     pytest.param({"repeats": 2, "search": {"trials": 3, "params": {
         "optimizer.lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-2}}}}, (),
