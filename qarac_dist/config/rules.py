@@ -209,3 +209,14 @@ def spikes_need_checkpoints(cfg: TrainConfig) -> Iterator[str]:
     if cfg.training.spikes is not None and not cfg.checkpointing.every_steps:
         yield ("training.spikes: a rollback goes back to a checkpoint; set checkpointing.every_steps (the steps a "
                "rollback retrains are at most that many)")
+
+
+@rule("tracking.register_model", "tracking.log_model")
+def registrable_name(cfg: TrainConfig) -> Iterator[str]:
+    name = cfg.tracking.register_model
+    if name is None:
+        return
+    if not name.strip() or any(c in name for c in "/:") or name != name.strip():
+        yield f"tracking.register_model: {name!r} is not a name MLflow's registry takes (not empty, no / or :)"
+    elif not cfg.tracking.log_model:
+        yield "tracking.register_model: registers the logged model; it needs tracking.log_model: true"

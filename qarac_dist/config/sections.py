@@ -315,7 +315,8 @@ class TrackingConfig:
     """Log the best model as an MLflow model (transformers or pytorch flavour); false keeps it
     out of MLflow, its files stay in the trial's best/ folder."""
     register_model: Optional[str] = None
-    """Register the best model in the MLflow model registry under this name (needs log_model)."""
+    """Register the best model in the MLflow model registry under this name (needs log_model); in
+    a sweep, only the sweep's choice, with the alias `champion` (track/champion.py)."""
     tags: dict = field(default_factory=dict)
     """Extra run tags (a sweep adds sweep, trial_id and executor)."""
     system_metrics_every_s: float = bounded(10.0, ge=0, le=86400)

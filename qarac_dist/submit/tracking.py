@@ -98,7 +98,8 @@ def log_preflight(manifest: Manifest, text: str) -> None:
 
 
 def close_parent(manifest: Manifest, layout: SweepLayout) -> None:
-    """When every trial's latest attempt has ended: name the best trial on the parent run, log
+    """When every trial's latest attempt has ended: name the best trial (and register it as the
+    champion of its tracking.register_model) on the parent run, log
     what the sweep used (GPU-hours, CPU-hours, and the plots) and end it, FINISHED when all of
     them completed (or were pruned)."""
     if manifest.mlflow_parent_run_id is None or not manifest.all_ended():
@@ -116,7 +117,8 @@ def close_parent(manifest: Manifest, layout: SweepLayout) -> None:
             sweep_runs.close_parent(manifest.tracking_uri, manifest.mlflow_parent_run_id, manifest.select_metric,
                                     manifest.select_mode,
                                     all(r.state in DONE for r in manifest.trials.values() if not r.retired), layout,
-                                    used)
+                                    used, {r.id: name for r in manifest.trials.values()
+                                           if (name := (r.config.get("tracking") or {}).get("register_model"))})
     except Exception as err:  # noqa: BLE001 - the sweep's own outcome stands; say why MLflow lags
         print(f"qarac_dist: could not update the sweep's MLflow run: {type(err).__name__}: {redact_text(str(err))}",
               file=sys.stderr)

@@ -91,7 +91,8 @@ def pending_finish(tracking, context: JobContext, uri: str, run_id: str, status:
     return {"uri": uri, "run_id": run_id, "status": status, "error": redact_text(error) if error else None,
             "best_dir": str(best_dir) if best_dir else None, "parent_run_id": context.parent_run_id,
             "select_metric": context.select_metric, "select_mode": context.select_mode,
-            "register_model": tracking.register_model, "sweep_dir": context.sweep_dir, "log_model": tracking.log_model}
+            "register_model": None if context.parent_run_id else tracking.register_model,  # a sweep's: its champion
+            "sweep_dir": context.sweep_dir, "log_model": tracking.log_model}
 
 
 class OutboxRun:

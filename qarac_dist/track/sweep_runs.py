@@ -170,11 +170,13 @@ def _update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
 
 
 def close_parent(uri: str, parent_run_id: str, metric: str, mode: str, ok: bool, sweep: SweepLayout,
-                 used: dict[str, float]) -> None:
+                 used: dict[str, float], names: dict[str, str]) -> None:
     """Every trial's latest attempt has ended: the verdict, what the sweep used (`used`: the
-    metrics gpu_hours, cpu_hours, ..., track/usage.py) with its plots, then FINISHED (or FAILED)."""
+    metrics gpu_hours, cpu_hours, ..., track/usage.py) with its plots, FINISHED (or FAILED),
+    then its champion (`names`: trial id -> its tracking.register_model, track/champion.py)."""
     from mlflow.entities import Metric
 
+    from .champion import crown
     from .usage_plots import hours_plot, load_plot
 
     c = client(uri)
@@ -189,6 +191,7 @@ def close_parent(uri: str, parent_run_id: str, metric: str, mode: str, ok: bool,
     if load is not None:
         c.log_artifact(parent_run_id, str(load))
     c.set_terminated(parent_run_id, status="FINISHED" if ok else "FAILED")
+    crown(uri, c, parent_run_id, names)  # last: a name the registry refuses leaves the record whole
 
 
 _NOT_WHAT_IT_IS = ("name", "tracking", "output", "preflight")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -41,9 +42,9 @@ def test_unreachable_server_buffers_spills_and_leaves_points_to_replay(tmp_path,
     assert not (tmp_path / mlflow_logger.UNSENT).exists()
 
 
-def _sweep_file(tmp_path, data_cache, uri, log_model=False, **fields):
+def _sweep_file(tmp_path, data_cache, uri, log_model=False, register=None, **fields):
     base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 6}, evaluation={"every_steps": 3},
-                       tracking={"log_model": log_model})
+                       tracking={"log_model": log_model, "register_model": register})
     sweep = {"name": "tracked", "base": base, "executor": "local", "tracking": {"uri": uri},
              "resources": {"max_parallel": 2, "time_min": 10}, "select": {"metric": "accuracy", "mode": "max"}, **fields}
     path = tmp_path / "sweep.yaml"
@@ -68,7 +69,7 @@ def test_two_trial_sweep_makes_one_parent_and_two_complete_children(tmp_path, da
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'store.db'}"
-    path = _sweep_file(tmp_path, data_cache, uri, log_model=True,
+    path = _sweep_file(tmp_path, data_cache, uri, log_model=True, register="tracked",
                        grid={"optimizer.lr": [1e-3, 3e-3], "training.seed": [1]})
     proc = run_sweep(path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -121,11 +122,19 @@ def test_two_trial_sweep_makes_one_parent_and_two_complete_children(tmp_path, da
     assert all(a != b for a, b in zip(values, values[1:]))  # one point per change, none repeated
     summary = c.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path))
     assert len(open(summary).read().splitlines()) == 3
+    # The sweep registered its choice, not each trial, as the champion; it loads and predicts
+    # where DeepSpeed cannot be imported.
+    assert _champion(c, parent.info.run_id) == (parent.data.tags["best_trial"], "1", 1)
+    load = ("import sys; sys.modules['deepspeed'] = None; import mlflow; "
+            "print(mlflow.pyfunc.load_model('models:/tracked@champion').predict(['a short document'])['label'][0])")
+    loaded = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert loaded.returncode == 0 and loaded.stdout.startswith("LABEL_"), loaded.stdout + loaded.stderr
 
     # The best trial leaves the sweep file: a re-run shows it apart and never names it best, here
     # and on the parent; back in the file, it is back in the running.
     best, other = parent.data.tags["best_trial"], next(t for t in by_trial if t != parent.data.tags["best_trial"])
-    narrowed = _sweep_file(tmp_path, data_cache, uri, log_model=True, grid={
+    narrowed = _sweep_file(tmp_path, data_cache, uri, log_model=True, register="tracked", grid={
         "optimizer.lr": [manifest.trials[other].config["optimizer"]["lr"]], "training.seed": [1]})
     proc = run_sweep(narrowed)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -134,17 +143,27 @@ def test_two_trial_sweep_makes_one_parent_and_two_complete_children(tmp_path, da
     assert proc.stdout.index(f" {other} ") < proc.stdout.index(f" {best} ")
     assert Manifest.load(tmp_path / "runs" / "tracked").trials[best].retired
     parent = c.get_run(parent.info.run_id)
+    assert _champion(c, parent.info.run_id) == (other, "2", 2)  # the choice changed: the alias moved
     assert parent.data.tags["best_trial"] == other and c.get_run(by_trial[best].info.run_id).data.tags[
         "qarac.retired"] == "true"
     (tmp_path / "again").mkdir()
     summary = c.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path / "again"))
-    assert {line.split(",")[0]: line.split(",")[-1] for line in open(summary).read().splitlines()[1:]} == \
-        {best: "no", other: "yes"}
-    path = _sweep_file(tmp_path, data_cache, uri, log_model=True, grid={"optimizer.lr": [1e-3, 3e-3],
+    assert {row["trial"]: row["in_sweep_file"] for row in csv.DictReader(open(summary))} == {best: "no", other: "yes"}
+    path = _sweep_file(tmp_path, data_cache, uri, log_model=True, register="tracked", grid={"optimizer.lr": [1e-3, 3e-3],
                                                                          "training.seed": [1]})
     proc = run_sweep(path)
     assert proc.returncode == 0 and f"best trial: {best}" in proc.stdout, proc.stdout + proc.stderr
     assert c.get_run(parent.info.run_id).data.tags["best_trial"] == best
+    assert _champion(c, parent.info.run_id) == (best, "1", 2)  # back to the first choice's version
+
+
+def _champion(c, parent_run_id: str) -> tuple[str, str, int]:
+    """The trial the alias `champion` of `tracked` names, its version (as the parent links it),
+    and how many versions there are."""
+    version = c.get_model_version_by_alias("tracked", "champion")
+    assert c.get_run(parent_run_id).data.tags["champion_version"] == f"models:/tracked/{version.version}"
+    assert version.tags["sweep_run_id"] == parent_run_id
+    return version.tags["trial_id"], str(version.version), len(c.search_model_versions("name = 'tracked'"))
 
 
 def test_two_rank_trial_makes_one_run_with_one_point_per_step(tmp_path, data_cache, shared_mlflow_server):
