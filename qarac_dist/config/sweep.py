@@ -333,13 +333,9 @@ def _check_spec(spec: SweepSpec, errors: list[str]) -> None:
 def _sets_seed(key: str, given) -> bool:
     """Whether a varied key gives training.seed: itself, or whole training sections that hold it
     (a grid's values, a random choice's)."""
-    if key == "training.seed":
-        return True
-    if key != "training":
-        return False
     values = given if isinstance(given, list) else \
         given.get("values") if isinstance(given, dict) else getattr(given, "values", None)
-    return any(isinstance(v, dict) and "seed" in v for v in values or [])
+    return key == "training.seed" or key == "training" and any(isinstance(v, dict) and "seed" in v for v in values or [])
 
 
 GP_TRIALS = 100

@@ -46,7 +46,9 @@ def _ensure_runs(manifest: Manifest, records: list[TrialRecord], varied: list[st
             {"num_trials": str(len(manifest.trials)), "select.metric": manifest.select_metric,
              "select.mode": manifest.select_mode, "varied": ", ".join(varied) or "-"})
     elif records:
-        sweep_runs.reopen(uri, manifest.mlflow_parent_run_id)
+        for run_id in {manifest.mlflow_parent_run_id, *(manifest.configurations[r.configuration] for r in records
+                                                       if r.configuration in manifest.configurations)}:
+            sweep_runs.reopen(uri, run_id)  # running again until the trials submitted now end
     seeds = manifest.seeds()
     for r in records:
         # A search trial's run is made when a job asks its values; in a sqlite store, which no job
@@ -138,6 +140,9 @@ def mark_retired(manifest: Manifest, changed: list[TrialRecord], layout: SweepLa
             c = client(manifest.tracking_uri)
             for r in runs:
                 c.set_tag(r.mlflow_run_id, sweep_runs.RETIRED, str(r.retired).lower())
+            for configuration in {r.configuration for r in runs if r.configuration in manifest.configurations}:
+                retired = all(t.retired for t in manifest.trials.values() if t.configuration == configuration)
+                c.set_tag(manifest.configurations[configuration], sweep_runs.RETIRED, str(retired).lower())
             sweep_runs.update_parent(c, manifest.mlflow_parent_run_id, manifest.select_metric, manifest.select_mode,
                                      layout)
     except Exception as err:  # noqa: BLE001 - the manifest says it; say why MLflow lags

@@ -1,13 +1,14 @@
 """A configuration's run (with repeats): what its seeds' runs say together.
 
-Once every seed of a configuration has ended, its run gets, for each final metric of the seeds
+Once every seed of a configuration has ended (or the sweep has: a lost job's seed, whose run is
+left open for its requeue, then counts as not finished), its run gets, for each final metric of the seeds
 (`best_val_*`), the mean over the seeds that finished under the same name (so the runs table
 lines a configuration up with its seeds), the sample standard deviation as `<name>_std` (from
 two seeds) and `seeds_finished`; and its history: the mean curve of the training loss and of
 each validation metric, at each step the mean over the seeds that reported that step. It ends
 FINISHED, or FAILED when none of its seeds finished. The figures are recorded again when the
-set of finished seeds changes (a re-run of a failed seed); the curves once, from the seeds that
-finished first.
+set of finished seeds changes (a re-run of a failed seed, which reopens the run); the curves
+once, from the seeds that finished first.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ CURVES = "mean_curves"
 _BATCH = 1000  # MLflow's limit of metrics in one log_batch
 
 
-def record(mlflow_client, runs: dict[str, object], seeds: dict[str, list]) -> None:
+def record(mlflow_client, runs: dict[str, object], seeds: dict[str, list], closing: bool = False) -> None:
     """Record each configuration (id -> its run) whose seeds (id -> their runs, those in the
-    sweep file) have all ended and whose figures are not yet over the seeds that finished."""
+    sweep file) have all ended, or with `closing` (the sweep has ended) all of them, over the
+    seeds that finished, unless its figures are already over them."""
     from mlflow.entities import Metric, RunTag
 
     for configuration, run in runs.items():
         of = seeds.get(configuration, [])
-        if not of or any(s.info.status not in ENDED for s in of):
+        if not of or (not closing and any(s.info.status not in ENDED for s in of)):
             continue
         finished = sorted((s for s in of if s.info.status == "FINISHED"), key=lambda s: s.data.tags.get("trial_id", ""))
         names = ",".join(s.data.tags.get("trial_id", "") for s in finished)

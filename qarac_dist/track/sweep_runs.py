@@ -62,7 +62,8 @@ def trial_runs(mlflow_client, parent) -> tuple[list, list]:
 
 
 def reopen(uri: str, run_id: str) -> None:
-    """A re-run submits trials again: the parent is running again until they end."""
+    """A re-run submits trials again: the parent (and a configuration of theirs) is running again
+    until they end."""
     client(uri).update_run(run_id, status="RUNNING")
 
 
@@ -92,17 +93,19 @@ RETIRED = "qarac.retired"
 
 
 def update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
-                  sweep: Optional[SweepLayout] = None) -> Optional[tuple[str, float]]:
+                  sweep: Optional[SweepLayout] = None, closing: bool = False) -> Optional[tuple[str, float]]:
     """Name the best finished child on the parent (tags best_trial, best_run_id; metric
     best_val_<metric>, logged when the best changes, at a step counting the finished trials)
     and attach summary.csv of all children, and the rung report where successive halving ran.
-    Recomputed from every child."""
+    Recomputed from every child. `closing`: every trial has ended as the driver sees it, so a
+    configuration's seed whose run is still open (a lost job's, left for its requeue) counts
+    as not finished."""
     with _one_at_a_time(sweep):
-        return _update_parent(mlflow_client, parent_run_id, metric, mode, sweep)
+        return _update_parent(mlflow_client, parent_run_id, metric, mode, sweep, closing)
 
 
 def _update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
-                   sweep: Optional[SweepLayout]) -> Optional[tuple[str, float]]:
+                   sweep: Optional[SweepLayout], closing: bool) -> Optional[tuple[str, float]]:
     parent = mlflow_client.get_run(parent_run_id)
     children, configuration_runs = trial_runs(mlflow_client, parent)
     key = f"best_val_{metric}"
@@ -141,7 +144,7 @@ def _update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
     if configuration_runs:
         from .configurations import record
 
-        record(mlflow_client, run_of, seed_runs)
+        record(mlflow_client, run_of, seed_runs, closing)
     best = choose(candidates, mode, seeds)
     if best is None:
         return None
@@ -154,19 +157,24 @@ def _update_parent(mlflow_client, parent_run_id: str, metric: str, mode: str,
         verdict = {**verdict, "best_configuration": chosen.id,
                    "best_configuration_run_id": run.info.run_id if run else "",
                    "best_order": f"{mode} {metric}; {BY_CONFIGURATION}"}
-        value, figures = chosen.mean, {f"{key}_std": chosen.std, f"{key}_seeds": len(chosen.finished)}
+        std = math.nan if chosen.std is None else chosen.std  # one seed: none, not an earlier choice's
+        value, figures = chosen.mean, {f"{key}_std": std, f"{key}_seeds": len(chosen.finished)}
     if any(parent.data.tags.get(k) != v for k, v in verdict.items()):  # in one batch: a kill leaves all or none
         from mlflow.entities import RunTag
 
         mlflow_client.log_batch(parent_run_id, tags=[RunTag(k, v) for k, v in verdict.items()])
-    figures = {name: figure for name, figure in {key: value, **figures}.items() if figure is not None}
-    if any(parent.data.metrics.get(name) != figure for name, figure in figures.items()):  # a point per change
+    figures = {key: value, **figures}
+    if any(not _same(parent.data.metrics.get(name), figure) for name, figure in figures.items()):  # a point per change
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         mlflow_client.log_batch(parent_run_id, metrics=[Metric(name, figure, now, len(candidates))
                                                         for name, figure in figures.items()])
     return best.trial_id, value
+
+
+def _same(logged: Optional[float], figure: float) -> bool:
+    return logged == figure or (logged is not None and math.isnan(logged) and math.isnan(figure))
 
 
 def close_parent(uri: str, parent_run_id: str, metric: str, mode: str, ok: bool, sweep: SweepLayout,
@@ -180,7 +188,7 @@ def close_parent(uri: str, parent_run_id: str, metric: str, mode: str, ok: bool,
     from .usage_plots import hours_plot, load_plot
 
     c = client(uri)
-    update_parent(c, parent_run_id, metric, mode, sweep)
+    update_parent(c, parent_run_id, metric, mode, sweep, closing=True)
     now = int(time.time() * 1000)
     c.log_batch(parent_run_id, metrics=[Metric(k, v, now, 0) for k, v in used.items()])
     c.log_artifact(parent_run_id, str(hours_plot(used, sweep.usage_plot, sweep.root.name)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from qarac_dist.base.layout import SweepLayout
 from qarac_dist.track.mlflow_client import client, create_run, experiment_id
 from qarac_dist.track.mlflow_logger import MlflowLogger
 from qarac_dist.base.secrets import screen
@@ -176,3 +177,84 @@ def test_a_configuration_run_records_its_seeds_mean_std_and_curve_a_failed_seed_
     assert curve == {10: pytest.approx(0.355), 20: pytest.approx(0.71)}  # the failed seed's point left out
     assert verdict.metrics["best_val_accuracy"] == pytest.approx(0.6)
     assert verdict.metrics["best_val_accuracy_seeds"] == 3
+
+
+def test_a_sweep_that_ends_with_seeds_lost_records_their_configurations_over_the_seeds_that_finished(tmp_path):
+    """A lost job's run is left open for its requeue: while the sweep runs, its configuration
+    waits; once the sweep has ended, the configuration is recorded over the seeds that finished
+    (FAILED with none), and the parent's std is that choice's (none with one seed), not one an
+    earlier choice left there."""
+    import math
+
+    from mlflow.entities import Metric
+
+    from qarac_dist.track import sweep_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = sweep_runs.create_parent(uri, "e", "s", "local", {}, {})
+    c = client(uri)
+    c.log_metric(parent, "best_val_accuracy_std", 0.3)  # as an earlier choice left it
+    configuration_runs = {}
+    for configuration, values in {"a": [0.8, None], "b": [None, None]}.items():  # None: lost, its run left open
+        configuration_runs[configuration] = sweep_runs.create_configuration(uri, "e", parent, configuration, "x", 2,
+                                                                            {}, {})
+        for k, value in enumerate(values):
+            run_id = sweep_runs.create_child(uri, "e", configuration_runs[configuration], f"{configuration}{k}", {
+                "trial_id": f"{configuration}{k}", sweep_runs.CONFIGURATION: configuration,
+                sweep_runs.SWEEP_RUN: parent}, {})
+            if value is not None:
+                c.log_batch(run_id, metrics=[Metric("best_val_accuracy", value, 0, 4), Metric("val_accuracy", value, 0, 4)])
+                c.set_terminated(run_id, "FINISHED")
+    sweep_runs.update_parent(c, parent, "accuracy", "max")
+    assert all(c.get_run(r).info.status == "RUNNING" and not c.get_run(r).data.metrics
+               for r in configuration_runs.values())
+    sweep_runs.update_parent(c, parent, "accuracy", "max", closing=True)
+    a, b = (c.get_run(configuration_runs[x]) for x in "ab")
+    assert (a.info.status, a.data.metrics["seeds_finished"], a.data.metrics["best_val_accuracy"]) == ("FINISHED", 1, 0.8)
+    assert "best_val_accuracy_std" not in a.data.metrics
+    assert (b.info.status, b.data.metrics) == ("FAILED", {"seeds_finished": 0})
+    verdict = c.get_run(parent).data
+    assert verdict.tags["best_configuration"] == "a" and verdict.metrics["best_val_accuracy_seeds"] == 1
+    assert math.isnan(verdict.metrics["best_val_accuracy_std"])
+    points = len(c.get_metric_history(parent, "best_val_accuracy_std"))
+    sweep_runs.update_parent(c, parent, "accuracy", "max", closing=True)  # the same verdict: no new points
+    assert len(c.get_metric_history(parent, "best_val_accuracy_std")) == points
+
+
+def test_a_configuration_out_of_the_sweep_file_is_retired_and_one_rerun_is_running_again(tmp_path):
+    """With repeats, the driver's side: a configuration whose seeds all left the sweep file is
+    tagged retired like them (back in the file, no longer); a seed submitted again reopens its
+    configuration's run, which its end records again."""
+    from qarac_dist.submit import tracking
+    from qarac_dist.submit.sweep_dir import Manifest, TrialRecord
+    from qarac_dist.track import sweep_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    records = {tid: TrialRecord(tid, f"lr={tid[0]} seed {tid[1]}", {}, {}, str(tmp_path / tid), "local",
+                                configuration=tid[0] + "0") for tid in ("a0", "a1", "b0", "b1")}
+    manifest = Manifest("s", "local", "accuracy", "max", trials=records, tracking_uri=uri, experiment="e")
+    tracking.ensure_runs(manifest, list(records.values()), ["optimizer.lr"])
+    c = client(uri)
+    a, b = manifest.configurations["a0"], manifest.configurations["b0"]
+    for r in records.values():
+        c.set_terminated(r.mlflow_run_id, "FAILED")
+    sweep_runs.update_parent(c, manifest.mlflow_parent_run_id, "accuracy", "max", closing=True)
+    assert c.get_run(a).info.status == c.get_run(b).info.status == "FAILED"  # none of their seeds finished
+
+    records["a0"].retired = True
+    tracking.mark_retired(manifest, [records["a0"]], SweepLayout(tmp_path))
+    assert c.get_run(a).data.tags[sweep_runs.RETIRED] == "false"  # a1 is still in the file
+    records["a1"].retired = True
+    tracking.mark_retired(manifest, [records["a1"]], SweepLayout(tmp_path))
+    assert c.get_run(a).data.tags[sweep_runs.RETIRED] == "true" and sweep_runs.RETIRED not in c.get_run(b).data.tags
+    records["a1"].retired = False
+    tracking.mark_retired(manifest, [records["a1"]], SweepLayout(tmp_path))
+    assert c.get_run(a).data.tags[sweep_runs.RETIRED] == "false"
+
+    tracking.ensure_runs(manifest, [records["b1"]], ["optimizer.lr"])  # b1 submitted again
+    assert (c.get_run(b).info.status, c.get_run(a).info.status) == ("RUNNING", "FAILED")
+    assert c.get_run(manifest.mlflow_parent_run_id).info.status == "RUNNING"
+    c.update_run(records["b1"].mlflow_run_id, status="RUNNING")
+    c.set_terminated(records["b1"].mlflow_run_id, "FINISHED")  # this time it finished
+    sweep_runs.update_parent(c, manifest.mlflow_parent_run_id, "accuracy", "max", closing=True)
+    assert (c.get_run(b).info.status, c.get_run(b).data.metrics["seeds_finished"]) == ("FINISHED", 1)
