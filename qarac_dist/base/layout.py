@@ -42,6 +42,8 @@ Pure: it names paths, it reads and writes nothing.
     usage/<job>.json       a packed job's runner: its allocation's  status, the summary, the parent
                            clock (track/usage.py)                   run (idle slot time)
     usage.png, load.png    the parent run update (track/usage.py)   the user, MLflow (parent run)
+    importance.png,        the parent run's close, from six         the user, MLflow (parent run)
+    parallel.png           configurations (track/importance.py)
     packages/<sha256>.txt  the first trial whose interpreter has     the parent run update (an
                            that set of packages (train/runtime.py)  artifact, once per set)
 """
@@ -173,3 +175,11 @@ class SweepLayout:
     @property
     def load_plot(self) -> Path:
         return self.root / "load.png"
+
+    @property
+    def importance_plot(self) -> Path:
+        return self.root / "importance.png"
+
+    @property
+    def parallel_plot(self) -> Path:
+        return self.root / "parallel.png"

@@ -181,10 +181,12 @@ def close_parent(uri: str, parent_run_id: str, metric: str, mode: str, ok: bool,
                  used: dict[str, float], names: dict[str, str]) -> None:
     """Every trial's latest attempt has ended: the verdict, what the sweep used (`used`: the
     metrics gpu_hours, cpu_hours, ..., track/usage.py) with its plots, FINISHED (or FAILED),
-    then its champion (`names`: trial id -> its tracking.register_model, track/champion.py)."""
+    then its champion (`names`: trial id -> its tracking.register_model, track/champion.py) and
+    which parameters mattered (track/importance.py)."""
     from mlflow.entities import Metric
 
     from .champion import crown
+    from .importance import importance, plots
     from .usage_plots import hours_plot, load_plot
 
     c = client(uri)
@@ -194,12 +196,38 @@ def close_parent(uri: str, parent_run_id: str, metric: str, mode: str, ok: bool,
     c.log_artifact(parent_run_id, str(hours_plot(used, sweep.usage_plot, sweep.root.name)))
     for packages in sorted(sweep.packages.glob("*.txt")):  # each set the trials ran with, once (train/runtime.py)
         c.log_artifact(parent_run_id, str(packages), "packages")
-    children, _ = trial_runs(c, c.get_run(parent_run_id))
+    parent = c.get_run(parent_run_id)
+    children, configuration_runs = trial_runs(c, parent)
     load = load_plot(c, children, sweep.load_plot, sweep.root.name)
     if load is not None:
         c.log_artifact(parent_run_id, str(load))
     c.set_terminated(parent_run_id, status="FINISHED" if ok else "FAILED")
-    crown(uri, c, parent_run_id, names)  # last: a name the registry refuses leaves the record whole
+    crown(uri, c, parent_run_id, names)  # after: a name the registry refuses leaves the record whole
+    varied = [k for k in parent.data.tags.get("varied", "").split(", ") if k]
+    found = importance(_configuration_points(children, configuration_runs, f"best_val_{metric}"), varied, mode)
+    if found is not None:
+        study, importances = found
+        plots(study, importances, f"{metric} mean" if configuration_runs else metric, sweep.root.name,
+              sweep.importance_plot, sweep.parallel_plot)
+        for path in (sweep.importance_plot, sweep.parallel_plot):
+            c.log_artifact(parent_run_id, str(path))
+        c.set_tag(parent_run_id, "param_importance", ", ".join(f"{k}={v:.2f}" for k, v in importances.items()))
+
+
+def _configuration_points(children: list, configuration_runs: list, key: str) -> list[tuple[dict, float]]:
+    """Each configuration with a trial that finished with `key`, not retired: its params and its
+    value (with repeats, its run's params and the mean over its seeds that finished)."""
+    run_of = {r.data.tags.get(CONFIGURATION): r for r in configuration_runs}
+    values: dict[str, list[float]] = {}
+    params: dict[str, dict] = {}
+    for run in children:
+        tags, value = run.data.tags, run.data.metrics.get(key)
+        if run.info.status != "FINISHED" or value is None or not math.isfinite(value) or tags.get(RETIRED) == "true":
+            continue
+        configuration = tags.get(CONFIGURATION) or run.info.run_id
+        values.setdefault(configuration, []).append(value)
+        params[configuration] = run_of.get(configuration, run).data.params
+    return [(params[c], sum(v) / len(v)) for c, v in sorted(values.items())]
 
 
 _NOT_WHAT_IT_IS = ("name", "tracking", "output", "preflight")
