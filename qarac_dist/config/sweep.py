@@ -335,7 +335,8 @@ def _sets_seed(key: str, given) -> bool:
     (a grid's values, a random choice's)."""
     values = given if isinstance(given, list) else \
         given.get("values") if isinstance(given, dict) else getattr(given, "values", None)
-    return key == "training.seed" or key == "training" and any(isinstance(v, dict) and "seed" in v for v in values or [])
+    in_sections = any(isinstance(v, dict) and "seed" in v for v in values or [])
+    return key == "training.seed" or key == "training" and in_sections
 
 
 GP_TRIALS = 100

@@ -100,10 +100,10 @@ def log_preflight(manifest: Manifest, text: str) -> None:
 
 
 def close_parent(manifest: Manifest, layout: SweepLayout) -> None:
-    """When every trial's latest attempt has ended: name the best trial (and register it as the
-    champion of its tracking.register_model) on the parent run, log
+    """When every trial's latest attempt has ended: name the best trial on the parent run, log
     what the sweep used (GPU-hours, CPU-hours, and the plots) and end it, FINISHED when all of
-    them completed (or were pruned)."""
+    them completed (or were pruned); then register the champion (tracking.register_model) and
+    plot which parameters mattered."""
     if manifest.mlflow_parent_run_id is None or not manifest.all_ended():
         return
     import_records(manifest, layout, wait=True)  # the trials' ends, before the verdict

@@ -149,8 +149,8 @@ def test_two_trial_sweep_makes_one_parent_and_two_complete_children(tmp_path, da
     (tmp_path / "again").mkdir()
     summary = c.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path / "again"))
     assert {row["trial"]: row["in_sweep_file"] for row in csv.DictReader(open(summary))} == {best: "no", other: "yes"}
-    path = _sweep_file(tmp_path, data_cache, uri, log_model=True, register="tracked", grid={"optimizer.lr": [1e-3, 3e-3],
-                                                                         "training.seed": [1]})
+    path = _sweep_file(tmp_path, data_cache, uri, log_model=True, register="tracked",
+                       grid={"optimizer.lr": [1e-3, 3e-3], "training.seed": [1]})
     proc = run_sweep(path)
     assert proc.returncode == 0 and f"best trial: {best}" in proc.stdout, proc.stdout + proc.stderr
     assert c.get_run(parent.info.run_id).data.tags["best_trial"] == best

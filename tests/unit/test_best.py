@@ -12,7 +12,8 @@ from qarac_dist.track.best import Candidate, best_configuration, best_of, choose
 
 def _seeds(configuration: str, *values, losses=None) -> list[Candidate]:
     losses = losses or [1.0] * len(values)
-    return [Candidate(f"{configuration}{k}", v, loss, 10, configuration) for k, (v, loss) in enumerate(zip(values, losses))]
+    return [Candidate(f"{configuration}{k}", v, loss, 10, configuration)
+            for k, (v, loss) in enumerate(zip(values, losses))]
 
 
 def test_the_mean_over_the_seeds_that_finished_and_their_sample_std():

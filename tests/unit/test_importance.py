@@ -45,8 +45,8 @@ def test_a_sweep_that_closes_with_six_configurations_logs_its_importance_and_par
     from qarac_dist.track import sweep_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    parent = sweep_runs.create_parent(uri, "e", "s", "local", {"varied": "optimizer.lr, model.config.num_hidden_layers"},
-                                      {})
+    varied = {"varied": "optimizer.lr, model.config.num_hidden_layers"}
+    parent = sweep_runs.create_parent(uri, "e", "s", "local", varied, {})
     c = client(uri)
     points = _points(n_layers=(1, 2, 3))[:7]
     for k, (params, value) in enumerate(points):
