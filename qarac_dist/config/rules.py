@@ -7,6 +7,7 @@ the rules those keys can break (`check(cfg, touched=...)`).
 from __future__ import annotations
 
 import functools
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -216,7 +217,10 @@ def registrable_name(cfg: TrainConfig) -> Iterator[str]:
     name = cfg.tracking.register_model
     if name is None:
         return
-    if not name.strip() or any(c in name for c in "/:") or name != name.strip():
-        yield f"tracking.register_model: {name!r} is not a name MLflow's registry takes (not empty, no / or :)"
+    norm = posixpath.normpath(name)  # MLflow keeps a name as a path: one that normalises to another is refused
+    if not name.strip() or any(c in name for c in "/:") or name != name.strip() or norm != name or norm == "." or \
+            norm.startswith(".."):
+        yield (f"tracking.register_model: {name!r} is not a name MLflow's registry takes (not empty, no / or :, "
+               f"not . or ..)")
     elif not cfg.tracking.log_model:
         yield "tracking.register_model: registers the logged model; it needs tracking.log_model: true"

@@ -4,8 +4,10 @@ With `tracking.register_model: NAME`, a sweep's trials register nothing; when th
 (every trial ended), the model its parent run names as best (`best_run_id`: the best trial, or
 with repeats the chosen configuration's best seed) becomes a version of NAME, tagged with the
 sweep's run and the trial, and NAME's alias `champion` points at it. A re-run that closes on the
-same choice finds that version and registers nothing; one whose choice changed registers the new
-one and moves the alias. The parent run names the version (`champion`, `champion_version`).
+same choice registers nothing and leaves the alias where it is (a later sweep may hold it); one
+whose choice changed registers the new one, or finds its earlier version, and moves the alias.
+The parent run names the version (`champion`, `champion_version`). Only a sweep whose trials all
+ended well crowns one: a failed or cancelled sweep's best of the rest never takes the alias.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def crown(uri: str, mlflow_client, parent_run_id: str, names: dict[str, str]) ->
              if v.name == name and all(v.tags.get(k) == t for k, t in ours.items())]
     if known:
         version = known[0].version
+        if mlflow_client.get_run(parent_run_id).data.tags.get("champion_version") == f"models:/{name}/{version}":
+            return str(version)  # the same choice closed again: the alias stays where it is now (another sweep's)
     else:
         import mlflow
 

@@ -35,8 +35,9 @@ def _number(text: str) -> Optional[float]:
 
 def importance(points: list[tuple[dict, float]], varied: list[str], mode: str) -> Optional[tuple[object, dict]]:
     """The in-memory Optuna study of `points` (each a configuration's params, as MLflow keeps
-    them, and its value) over the `varied` keys that differ, and each key's importance; None
-    below MIN_CONFIGURATIONS or when no key differs."""
+    them, and its value) over the params that differ among the `varied` keys (a key that varies
+    a whole section: its fields), and each one's importance; None below MIN_CONFIGURATIONS, when
+    no param differs, or when every configuration scored alike."""
     if len(points) < MIN_CONFIGURATIONS:
         return None
     import optuna
@@ -44,9 +45,10 @@ def importance(points: list[tuple[dict, float]], varied: list[str], mode: str) -
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
     distributions, typed = {}, {}
-    for key in varied:
-        given = [params.get(key) for params, _ in points]
-        if None in given or len(set(given)) < 2:
+    for key in sorted({k for params, _ in points for k in params if any(k == v or k.startswith(f"{v}.")
+                                                                        for v in varied)}):
+        given = [params.get(key, "None") for params, _ in points]  # MLflow keeps no param that is null
+        if len(set(given)) < 2:
             continue
         numbers = [_number(g) for g in given]
         if None in numbers:
@@ -61,7 +63,10 @@ def importance(points: list[tuple[dict, float]], varied: list[str], mode: str) -
     for k, (_, value) in enumerate(points):
         study.add_trial(optuna.trial.create_trial(params={key: typed[key][k] for key in distributions},
                                                   distributions=distributions, value=value))
-    found = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0))
+    try:
+        found = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0))
+    except RuntimeError:  # "zero total variance": every configuration scored alike, nothing mattered
+        return None
     return study, {key: float(v) for key, v in found.items()}
 
 

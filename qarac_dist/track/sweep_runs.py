@@ -202,7 +202,8 @@ def close_parent(uri: str, parent_run_id: str, metric: str, mode: str, ok: bool,
     if load is not None:
         c.log_artifact(parent_run_id, str(load))
     c.set_terminated(parent_run_id, status="FINISHED" if ok else "FAILED")
-    crown(uri, c, parent_run_id, names)  # after: a name the registry refuses leaves the record whole
+    if ok:  # after the end: a name the registry refuses leaves the record whole
+        crown(uri, c, parent_run_id, names)
     varied = [k for k in parent.data.tags.get("varied", "").split(", ") if k]
     found = importance(_configuration_points(children, configuration_runs, f"best_val_{metric}"), varied, mode)
     if found is not None:

@@ -45,10 +45,16 @@ def test_the_champion_is_registered_once_per_choice_and_its_alias_follows_the_ch
     c.set_tag(parent, "best_run_id", runs["a"])  # and back: a's version again, not a third
     assert crown(uri, c, parent, names) == "1" and len(c.search_model_versions("name = 'lm'")) == 2
 
+    other = sweep_runs.create_parent(uri, "e", "s2", "local", {}, {})  # a later sweep of the same name takes it
+    c.set_tag(other, "best_run_id", _trial(c, uri, other, "d"))
+    assert crown(uri, c, other, {"d": "lm"}) == "3"
+    assert crown(uri, c, parent, names) == "1"  # the first sweep closed again, its choice as before
+    assert c.get_model_version_by_alias("lm", ALIAS).tags["trial_id"] == "d"  # the alias stays with the later
+
     c.set_tag(parent, "best_run_id", runs["c"])  # the best logged no model: said, the alias stays
     assert crown(uri, c, parent, names) is None
     assert "trial c is the sweep's best but logged no MLflow model" in capsys.readouterr().err
-    assert str(c.get_model_version_by_alias("lm", ALIAS).version) == "1"
+    assert str(c.get_model_version_by_alias("lm", ALIAS).version) == "3"
     c.set_tag(parent, "best_run_id", runs["b"])
     assert crown(uri, c, parent, {}) is None  # no register_model: nothing registered
-    assert len(c.search_model_versions("name = 'lm'")) == 2
+    assert len(c.search_model_versions("name = 'lm'")) == 3

@@ -31,6 +31,18 @@ def test_the_key_that_decides_the_value_matters_most_and_keys_that_never_differ_
     assert importance(_points(), ["optimizer.lr"], "min")[1] == {"optimizer.lr": 1.0}
 
 
+def test_a_whole_section_is_scored_by_its_fields_and_a_null_is_a_value():
+    """A grid over `scheduler` keeps scheduler.kind, ... as params; a null value is no param."""
+    points = [({"scheduler.kind": kind, "scheduler.warmup_steps": "2", **({} if patience is None else
+               {"early_stopping.patience": str(patience)})}, (0.9 if kind == "cosine" else 0.5) + 0.001 * (patience or 0))
+              for kind in ("linear", "cosine") for patience in (None, 1, 2)]
+    study, found = importance(points, ["scheduler", "early_stopping.patience"], "max")
+    assert set(found) == {"scheduler.kind", "early_stopping.patience"} and found["scheduler.kind"] > 0.9
+    assert study.trials[0].distributions["early_stopping.patience"].choices == ("1", "2", "None")
+    alike = [(params, 0.3125) for params, _ in points]  # every configuration scored alike: nothing mattered
+    assert importance(alike, ["scheduler", "early_stopping.patience"], "max") is None
+
+
 def test_below_six_configurations_or_with_nothing_that_differs_there_is_no_verdict():
     assert importance(_points()[:5], ["optimizer.lr"], "max") is None
     assert importance(_points(), ["optimizer.name"], "max") is None
