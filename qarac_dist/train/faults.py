@@ -6,6 +6,8 @@ hook is one dictionary lookup that finds nothing.
     checkpoint-write:STEP:RANK  SIGKILL while writing the checkpoint of STEP (once per directory)
     kill:STEP:RANK              SIGKILL right after the update of STEP (once per directory)
     usr2:STEP:RANK              SLURM's warning signal then: the job saves at STEP (once per directory)
+    stop:STEP:RANK              SIGSTOP then: frozen, not ended, until a SIGCONT or a kill (once per
+                                directory; its marker says it has stopped)
     loss-nan:POS:RANK           the loss of the batch at data position POS is NaN on RANK
     loss-x100:POS:RANK          the loss (and so the gradient) of that batch is 100 times larger
     drop:POS:*                  the batch at data position POS is not in the data at all
@@ -55,6 +57,7 @@ def dropped(position: int) -> bool:
 
 
 def after_step(step: int, rank: int, directory: Path) -> None:
-    """The fault points right after a step's update: `kill` and `usr2`."""
+    """The fault points right after a step's update: `kill`, `usr2` and `stop`."""
     once("kill", step, rank, directory)
     once("usr2", step, rank, directory, signal.SIGUSR2)
+    once("stop", step, rank, directory, signal.SIGSTOP)

@@ -43,14 +43,18 @@ def _manifest(tmp_path, name) -> Manifest:
     return Manifest.load(tmp_path / "runs" / name)
 
 
-def _past_checkpoint(manifest: Manifest, step: int) -> bool:
-    """Every trial is running and has logged `step` after saving a checkpoint."""
+def _stopped(manifest: Manifest, step: int) -> bool:
+    """Every trial's rank 0 has frozen itself after `step` (QARAC_FAULT stop, train/faults.py):
+    its marker is written, and its process is stopped."""
     for r in manifest.trials.values():
         status = r.trial_dir.status_of(r.attempt)
-        metrics = r.trial_dir.metrics_file
-        if status is None or status.last_checkpoint is None or not metrics.exists():
+        if not (r.trial_dir.path / f".fault-stop-{step}-0").exists() or status is None:
             return False
-        if not any(row.get("step", 0) >= step for row in read_metrics(metrics)):
+        try:
+            state = Path(f"/proc/{status.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            return False
+        if state not in "tT":
             return False
     return True
 
@@ -214,15 +218,16 @@ def _answers(url: str) -> bool:
 
 def test_a_preempted_packed_job_saves_requeues_and_resumes_its_own_trials(cluster, no_requeue_delay, tmp_path,
                                                                            data_cache):
-    # Long enough that neither trial ends between the wait below and the signal: on a loaded
-    # machine the second trial started its steps when the first had already logged 30 of them.
+    # Both trials freeze after step 12 (SIGSTOP, past the checkpoint of step 10), so neither ends
+    # before the signal however fast or loaded the machine; SIGCONT lets them take it.
     path = _sweep(tmp_path, "preempted", data_cache, seeds=[0, 1], max_steps=120, checkpoint_every=5)
-    assert run_sweep(path, "--no-preflight").returncode == 0
+    assert run_sweep(path, "--no-preflight", env={"QARAC_FAULT": "stop:12:0"}).returncode == 0
     manifest = _manifest(tmp_path, "preempted")
     (job,) = {j for r in manifest.trials.values() for j in r.pack_jobs}
-    wait_for(lambda: _past_checkpoint(_manifest(tmp_path, "preempted"), 7), what="both trials past a checkpoint")
+    wait_for(lambda: _stopped(manifest, 12), what="both trials frozen after step 12")
     # SLURM's warning goes to the job's steps, not to the batch shell (sbatch --signal without B:).
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    subprocess.run(["scancel", "--signal=CONT", job], check=True)
     proc = run_sweep(path, "--wait")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     manifest = _manifest(tmp_path, "preempted")
@@ -236,12 +241,13 @@ def test_a_preempted_packed_job_saves_requeues_and_resumes_its_own_trials(cluste
 
 
 def test_a_packed_job_killed_without_warning_has_its_trials_resumed_by_a_rerun(cluster, tmp_path, data_cache):
-    # Long enough that neither trial ends between the wait below and the kill, even on a loaded machine.
+    # Both trials freeze after step 12 (SIGSTOP, past the checkpoint of step 10): neither ends
+    # before the kill however fast or loaded the machine.
     path = _sweep(tmp_path, "killed", data_cache, seeds=[0, 1], max_steps=120, checkpoint_every=5)
-    assert run_sweep(path, "--no-preflight").returncode == 0
+    assert run_sweep(path, "--no-preflight", env={"QARAC_FAULT": "stop:12:0"}).returncode == 0
     manifest = _manifest(tmp_path, "killed")
     (job,) = {j for r in manifest.trials.values() for j in r.pack_jobs}
-    wait_for(lambda: _past_checkpoint(_manifest(tmp_path, "killed"), 7), what="both trials past a checkpoint")
+    wait_for(lambda: _stopped(manifest, 12), what="both trials frozen after step 12")
     # A controller that times out is no proof the job is gone: the re-run stops, submitting nothing.
     timeout = "slurm_load_jobs error: Socket timed out on send/recv operation"
     path_env = fake_commands(tmp_path / "bin", squeue=f'echo "{timeout}" >&2; exit 1')
