@@ -110,3 +110,29 @@ def test_a_live_builds_lock_is_seen_through_a_symlinked_root(tmp_path, monkeypat
         assert build_locks.stale(tmp_path / "link" / lock.relative_to(real), time.time()) is None
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("launcher", ["srun", "submitit"])
+def test_a_slurm_jobs_port_is_below_the_ephemeral_range_and_shared_by_its_ranks(monkeypatch, launcher):
+    """submitit's own choice for array task 701_1 was 46465, inside Linux's ephemeral range
+    (32768-60999), and a trial failed there as EADDRINUSE: another process's outgoing connection
+    held it. Every rank of a step derives the same port, below that range; other steps and
+    jobs get other ports."""
+    from qarac_dist.train.ranks import _ephemeral_floor, export_from_environment, slurm_port
+
+    floor = _ephemeral_floor()
+    ports = {slurm_port(str(job), str(step)) for job in range(700, 740) for step in range(4)}
+    assert len(ports) == 160 and all(20000 <= int(p) < floor for p in ports)
+    for name in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    slurm = {"SLURM_JOB_ID": "701", "SLURM_ARRAY_JOB_ID": "700", "SLURM_ARRAY_TASK_ID": "1",
+             "SLURM_JOB_NODELIST": "node1", "SLURM_STEP_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1",
+             "SLURM_NODEID": "0", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1",
+             "SLURM_PROCID": "1"}
+    if launcher == "submitit":
+        slurm["SUBMITIT_EXECUTOR"] = "slurm"
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    ranks = export_from_environment()
+    assert (ranks.rank, ranks.world_size) == (1, 2)
+    assert os.environ["MASTER_PORT"] == slurm_port("701", "0") and os.environ["MASTER_ADDR"] == "node1"
