@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -99,6 +100,17 @@ _CLOCK = textwrap.dedent("""
 
 def _clock(path, job, how):
     return subprocess.Popen([sys.executable, "-c", _CLOCK, str(path), job, how])
+
+
+def test_a_clock_starts_when_its_process_began_never_before():
+    """SLURM's allocation contains its processes: a clock that starts a second early (psutil's
+    create_time, from the boot time in whole seconds) counted more than SLURM held in CI."""
+    for _ in range(3):
+        before = time.time()
+        began = float(subprocess.run([sys.executable, "-c", "from qarac_dist.track.usage import _process_start;"
+                                      "import time; print(_process_start()); assert _process_start() < time.time()"],
+                                     capture_output=True, text=True, check=True).stdout)
+        assert before - 0.02 <= began <= time.time()
 
 
 def test_a_clock_killed_without_a_word_counts_to_its_last_beat_and_the_next_keeps_it(tmp_path):
