@@ -116,6 +116,7 @@ def close_parent(manifest: Manifest, layout: SweepLayout) -> None:
     used = {**usage_of(manifest, layout).metrics(), **{f"requested_{k}": v for k, v in manifest.requested.items()}}
     try:
         with one_writer(manifest.tracking_uri):
+            _end_open_runs(manifest)
             sweep_runs.close_parent(manifest.tracking_uri, manifest.mlflow_parent_run_id, manifest.select_metric,
                                     manifest.select_mode,
                                     all(r.state in DONE for r in manifest.trials.values() if not r.retired), layout,
@@ -124,6 +125,18 @@ def close_parent(manifest: Manifest, layout: SweepLayout) -> None:
     except Exception as err:  # noqa: BLE001 - the sweep's own outcome stands; say why MLflow lags
         print(f"qarac_dist: could not update the sweep's MLflow run: {type(err).__name__}: {redact_text(str(err))}",
               file=sys.stderr)
+
+
+def _end_open_runs(manifest: Manifest) -> None:
+    """A trial whose job ended without a word (LOST, killed, preempted and not requeued) left its
+    run RUNNING for a requeue that, the sweep having ended, will not come: FAILED (KILLED where
+    it was stopped and saved). A re-run's start opens it again."""
+    from ..track.mlflow_client import client
+
+    c = client(manifest.tracking_uri)
+    for r in manifest.trials.values():
+        if r.state not in DONE and r.mlflow_run_id is not None and c.get_run(r.mlflow_run_id).info.status == "RUNNING":
+            c.set_terminated(r.mlflow_run_id, status="KILLED" if r.state == "PREEMPTED" else "FAILED")
 
 
 def mark_retired(manifest: Manifest, changed: list[TrialRecord], layout: SweepLayout) -> None:

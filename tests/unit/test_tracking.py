@@ -261,3 +261,26 @@ def test_a_configuration_out_of_the_sweep_file_is_retired_and_one_rerun_is_runni
     c.set_terminated(records["b1"].mlflow_run_id, "FINISHED")  # this time it finished
     sweep_runs.update_parent(c, manifest.mlflow_parent_run_id, "accuracy", "max", closing=True)
     assert (c.get_run(b).info.status, c.get_run(b).data.metrics["seeds_finished"]) == ("FINISHED", 1)
+
+
+def test_a_sweep_that_ends_with_a_trial_lost_ends_its_run(tmp_path):
+    """A lost job's run is left RUNNING for its requeue; once the sweep has ended (no requeue
+    left) the close ends it FAILED, a preempted one that was not requeued KILLED; runs their
+    own jobs ended keep their end."""
+    from qarac_dist.submit import tracking
+    from qarac_dist.submit.sweep_dir import Manifest, TrialRecord
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    states = {"a": "COMPLETED", "b": "LOST", "c": "PREEMPTED", "d": "FAILED"}
+    records = {tid: TrialRecord(tid, f"lr={tid}", {}, {}, str(tmp_path / tid), "local", state=state)
+               for tid, state in states.items()}
+    manifest = Manifest("s", "local", "accuracy", "max", trials=records, tracking_uri=uri, experiment="e")
+    tracking.ensure_runs(manifest, list(records.values()), ["optimizer.lr"])
+    c = client(uri)
+    c.set_terminated(records["a"].mlflow_run_id, "FINISHED", end_time=1000)
+    c.set_terminated(records["d"].mlflow_run_id, "FAILED", end_time=2000)  # as its own job ended it
+    tracking.close_parent(manifest, SweepLayout(tmp_path))
+    ended = {tid: c.get_run(r.mlflow_run_id).info for tid, r in records.items()}
+    assert {tid: info.status for tid, info in ended.items()} == {"a": "FINISHED", "b": "FAILED", "c": "KILLED",
+                                                                 "d": "FAILED"}
+    assert (ended["a"].end_time, ended["d"].end_time) == (1000, 2000)
+    assert c.get_run(manifest.mlflow_parent_run_id).info.status == "FAILED"
