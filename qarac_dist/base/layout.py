@@ -46,6 +46,9 @@ Pure: it names paths, it reads and writes nothing.
     parallel.png           configurations (track/importance.py)
     packages/<sha256>.txt  the first trial whose interpreter has     the parent run update (an
                            that set of packages (train/runtime.py)  artifact, once per set)
+    final.json             the final evaluation (submit/final.py):  the next final (evaluates again
+                           the choice it tested, the test metrics   only for another choice), the
+                           of each seed                             parent run, the summary
 """
 
 from __future__ import annotations
@@ -183,3 +186,7 @@ class SweepLayout:
     @property
     def parallel_plot(self) -> Path:
         return self.root / "parallel.png"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final.json"

@@ -88,19 +88,24 @@ def one_data_source(cfg: TrainConfig) -> Iterator[str]:
         yield "data.validation_split: required with data.dataset (or set data.validation_fraction)"
 
 
-@rule("data.train_files", "data.validation_files")
+@rule("data.train_files", "data.validation_files", "data.test_files")
 def data_files_exist(cfg: TrainConfig) -> Iterator[str]:
-    for key in ("train_files", "validation_files"):
+    keys = ["train_files", "validation_files", "test_files"]
+    if cfg.data.test_files is not None and cfg.data.train_files is None:
+        yield "data.test_files: a test split of local files goes with data.train_files"
+        keys.pop()
+    for key in keys:
         paths = getattr(cfg.data, key) or []
-        if key == "train_files" and cfg.data.train_files == []:
-            yield "data.train_files: an empty list; give at least one file"
+        if key != "validation_files" and getattr(cfg.data, key) == []:
+            yield f"data.{key}: an empty list; give at least one file"
         for i, path in enumerate(paths):
             if not Path(path).is_file():
                 yield f"data.{key}[{i}]: file not found: {path}"
             elif Path(path).suffix not in (".csv", ".json", ".jsonl", ".parquet"):
                 yield f"data.{key}[{i}]: expected a .csv, .json, .jsonl or .parquet file, got {path}"
     suffixes = {Path(p).suffix.replace(".jsonl", ".json") for p in [*(cfg.data.train_files or []),
-                                                                      *(cfg.data.validation_files or [])]}
+                                                                      *(cfg.data.validation_files or []),
+                                                                      *(cfg.data.test_files or [])]}
     if len(suffixes) > 1:
         yield f"data.validation_files: all data files must be of one kind, got {', '.join(sorted(suffixes))}"
 

@@ -77,6 +77,9 @@ class SyntheticConfig:
     """Training documents."""
     num_validation: int = bounded(400, ge=1, le=10_000_000)
     """Validation documents."""
+    num_test: Optional[int] = bounded(None, ge=1, le=10_000_000)
+    """Test documents, drawn after validation's, for a sweep's `final:` evaluation alone (no
+    trial reads them); null: none."""
     min_tokens: int = bounded(1024, ge=1, le=1_000_000)
     """Shortest document, in words (one word is one token of the trained tokenizer)."""
     max_tokens: int = bounded(4096, ge=1, le=1_000_000)
@@ -110,6 +113,8 @@ class DataConfig:
     """Local training files (csv, json, jsonl or parquet), relative to the working directory."""
     validation_files: Optional[list[str]] = None
     """Local validation files; or give validation_fraction to hold out part of the training set."""
+    test_files: Optional[list[str]] = None
+    """Local test files, read only by a sweep's `final:` evaluation, never by a trial."""
     synthetic: Optional[SyntheticConfig] = None
     """Generate the long-document demo set instead of reading one."""
     train_split: str = "train"

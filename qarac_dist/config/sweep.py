@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 from ..base.errors import ConfigError
 from ..base.layout import SweepLayout
 from . import sbatch_options
+from .choice import Final, check_final, check_not_varied, check_repeats
 from .environment import Environment, check_environment
 from .schema import apply_overrides, bounded, build, field_types, parse_overrides
 from .sections import TrainConfig
@@ -177,6 +178,8 @@ class SweepSpec:
     """Seeds per configuration. K > 1: each configuration runs K times, the first with its own
     `training.seed`, the others with seeds derived from it (plan/seeds.py), and the sweep picks
     the configuration by the mean over its seeds (track/best.py). 1: one trial per configuration."""
+    final: Optional[Final] = None
+    """One look at the test set, once the sweep has chosen (config/choice.py)."""
 
     def trials_as_steps(self) -> bool:
         """Jobs run trials as steps, started by a runner (submit/pack.py): packed, or a search."""
@@ -314,8 +317,11 @@ def _check_spec(spec: SweepSpec, errors: list[str]) -> None:
         _check_distributions("random", spec.random.params, errors)
     if spec.search:
         _check_search(spec, errors)
+    check_not_varied(keyed, errors)
     if spec.repeats > 1:
-        _check_repeats(spec, keyed, errors)
+        check_repeats(spec, keyed, errors)
+    if spec.final is not None:
+        check_final(spec.final, errors)
     for key in spec.resources.extra_sbatch:
         if (problem := sbatch_options.problem(key)) is not None:
             errors.append(f"resources.extra_sbatch.{key}: {problem}")
@@ -328,15 +334,6 @@ def _check_spec(spec: SweepSpec, errors: list[str]) -> None:
     if not errors and spec.num_trials() > spec.max_trials:
         errors.append(f"max_trials: the plan has {spec.num_trials():,} trials, over the cap of {spec.max_trials:,} "
                       f"(raise max_trials to allow it)")
-
-
-def _sets_seed(key: str, given) -> bool:
-    """Whether a varied key gives training.seed: itself, or whole training sections that hold it
-    (a grid's values, a random choice's)."""
-    values = given if isinstance(given, list) else \
-        given.get("values") if isinstance(given, dict) else getattr(given, "values", None)
-    in_sections = any(isinstance(v, dict) and "seed" in v for v in values or [])
-    return key == "training.seed" or key == "training" and in_sections
 
 
 GP_TRIALS = 100
@@ -368,20 +365,6 @@ def _check_search(spec: SweepSpec, errors: list[str]) -> None:
         if not record.is_file():
             errors.append(f"search.warm_start: {warm} holds no search record ({record.name}); give the directory "
                           f"of an earlier sweep with a search section")
-
-
-def _check_repeats(spec: SweepSpec, keyed: list[tuple[str, dict]], errors: list[str]) -> None:
-    """Seeds are what repeats vary: nothing else may set them, and what selects on one seed's
-    result at a time is not yet told a configuration's mean."""
-    for section, mapping in keyed:
-        for key, given in mapping.items():
-            if section != "set" and _sets_seed(key, given):
-                errors.append(f"{section}.{key}: repeats ({spec.repeats}) derives each configuration's seeds from its "
-                              f"training.seed; set it under set (or in the base config), or use repeats: 1")
-    for key, given in (("asha", spec.asha), ("search", spec.search)):
-        if given is not None:
-            errors.append(f"repeats: not yet with {key} (it decides on one seed's result, not a configuration's "
-                          f"mean); use repeats: 1 with {key}, or a grid or random search with repeats")
 
 
 def _check_distributions(section: str, params: dict, errors: list[str]) -> None:

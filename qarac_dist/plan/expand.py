@@ -20,13 +20,14 @@ from typing import Optional
 
 from ..base.layout import SweepLayout
 from ..config import ConfigError
+from ..config.choice import final_problem
 from ..config.rules import against_direction
 from ..config.sections import METRIC_MODES, TASK_METRICS
 from ..config.sweep import RandomSearch, SweepSpec
 from . import micro_batch
 from .asha import rung_steps
 from .seeds import repeat_seeds
-from .resolve import ADDED_OFF, MOVED_OUT, NOT_IDENTITY, Resolver
+from .resolve import ADDED_OFF, MOVED_OUT, NOT_IDENTITY, TEST_SPLIT, Resolver, in_id
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ def trial_id(resolved: dict) -> str:
             for k in ADDED_OFF.get(section, ()):
                 if identity[section].get(k) is None:
                     identity[section].pop(k, None)
+    if isinstance(resolved.get("data"), dict):
+        identity["data"] = {k: in_id("data", k, v) for k, v in identity["data"].items() if ("data", k) != TEST_SPLIT}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -136,6 +139,8 @@ def plan(spec: SweepSpec, base: dict, source: str = "sweep", micro_batches: dict
                                        *(f"{k}={_short(v)}" for k, v in {**point, **drawn}.items())])) or "base"
         try:
             resolved, tid = resolver.resolve(overrides)
+            if spec.final is not None and (problem := final_problem(spec.final, resolved)):
+                raise ConfigError([problem])
             found = micro_batch.found(resolved, micro_batches, world) if micro_batches else {}
             if found:
                 label += f" (found micro batch {found['training.micro_batch_size']})"
@@ -193,6 +198,8 @@ def _slots(spec: SweepSpec, resolver: Resolver, trials_dir: str, source: str) ->
             if spec.asha else {}
         problems = _sweep_problems(spec, source, resolved["model"]["task"], resolved["evaluation"]["every_steps"],
                                    tuple(asha["asha"]["rungs"]) if asha else None, resolved["evaluation"]["metric"])
+        if spec.final is not None and (problem := final_problem(spec.final, resolved)):
+            problems.append(f"{source}: {problem}")
         if problems:
             raise ConfigError(problems)
         resolved, tid = resolver.resolve({**overrides, **asha})

@@ -35,7 +35,16 @@ MOVED_OUT = {"output": ("attempt",), "asha": ("record_dir",)}
 # Fields added since sweeps were first planned: while null (off) they are not in the id, so the
 # trials of a sweep planned before keep their ids.
 ADDED_OFF = {"training": ("spikes",), "data": ("split_seed",)}
+# The test split (config/choice.py) is no part of a trial, which never reads it: never in its id.
+TEST_SPLIT = ("data", "test_files")
 _IDENTITY_JSON = json.JSONEncoder(sort_keys=True, default=str)  # json.dumps(..., sort_keys=True, default=str), built once
+
+
+def in_id(section: str, key: str, value: Any) -> Any:
+    """A field's value as a trial's id sees it: the generated set less its test documents."""
+    if section == "data" and key == "synthetic" and isinstance(value, dict) and "num_test" in value:
+        return {k: v for k, v in value.items() if k != "num_test"}
+    return value
 
 
 def _json(value: Any) -> str:
@@ -162,9 +171,10 @@ class Resolver:
         plain = to_dict(value)
         fields = None
         if isinstance(plain, dict) and dataclasses.is_dataclass(value):
-            fields = {f: json.dumps(f) + ": " + ("null" if f in hidden or f not in plain else _json(plain[f]))
+            fields = {f: json.dumps(f) + ": " + ("null" if f in hidden or f not in plain else
+                                                 _json(in_id(name, f, plain[f])))
                       for f in sorted([*plain, *MOVED_OUT.get(name, ())])
-                      if not (f in ADDED_OFF.get(name, ()) and plain.get(f) is None)}
+                      if not (f in ADDED_OFF.get(name, ()) and plain.get(f) is None) and (name, f) != TEST_SPLIT}
         if name == "tracking":
             identity = "null"
         elif fields is not None:
@@ -183,9 +193,9 @@ class Resolver:
         plain = {**base.plain, **{f: to_dict(v) for f, v in typed.items()}}  # = to_dict(the new section), cheaper
         fields = dict(base.fields)
         for f in typed:
-            if f in ADDED_OFF.get(name, ()) and plain[f] is None:
+            if f in ADDED_OFF.get(name, ()) and plain[f] is None or (name, f) == TEST_SPLIT:
                 fields.pop(f, None)
             elif f not in hidden:
-                fields[f] = json.dumps(f) + ": " + _json(plain[f])
+                fields[f] = json.dumps(f) + ": " + _json(in_id(name, f, plain[f]))
         identity = "null" if name == "tracking" else "{" + ", ".join(fields.values()) + "}"
         return _Section(None, plain, identity, fields, (), build=lambda: dataclasses.replace(base.value, **typed))

@@ -260,6 +260,9 @@ def resolve_kind(spec: SweepSpec, source: str) -> str:
         raise ConfigError([f"{source}: environment.container.runtime: pyxis runs containers through SLURM's srun, and "
                            f"the local executor has none; use apptainer or charliecloud here, or "
                            f"environment.container=null"])
+    if kind == "slurm" and spec.final is not None:
+        raise ConfigError([f"{source}: final: the test evaluation as a SLURM job (after the sweep's arrays) is not "
+                           f"built yet; set executor: local, or leave final out"])
     if spec.executor == "local" and spec.resources.nodes > 1:
         raise ConfigError([f"{source}: resources.nodes: the local executor runs one node, got {spec.resources.nodes}"])
     return kind

@@ -18,12 +18,13 @@ from typing import Callable, Optional
 from ..base.files import DiskFull, first_missing
 from ..base.layout import SweepLayout
 from ..config import UserError
+from ..config.choice import Final
 from ..config.schema import to_dict
 from ..config.sweep import Resources, Search, SweepSpec
 from ..plan import Trial, select_defaults, varied_keys
 from ..track.code_record import of_sweep
 from ..track.job_context import JobContext
-from . import claims, cluster, environment, lock_check, pack, sbatch, tracking
+from . import claims, cluster, environment, final, lock_check, pack, sbatch, tracking
 from .executors import Executor, TrialJob, make_executor
 from .report import print_summary
 from .search import check_record, tell_ended, warm_start
@@ -102,9 +103,11 @@ class Submission:
                 print_summary(manifest, self.layout)
                 return 1
             tracking.close_parent(manifest, self.layout)
+            tested = final.evaluate(self.spec.final, manifest, self.layout) if self.spec.final else None
+            tracking.log_final(manifest, tested)
             best = print_summary(manifest, self.layout)
             unfinished = [r for r in manifest.trials.values() if r.state not in DONE and not r.retired]
-            return 1 if unfinished or best is None else 0
+            return 1 if unfinished or best is None or self.spec.final and tested is None else 0
         finally:
             self.lock.release()
 
@@ -194,6 +197,7 @@ class Submission:
         return manifest
 
     def to_run(self, manifest: Manifest) -> list[TrialRecord]:
+        manifest.alias = self.spec.final.alias if self.spec.final is not None else Final.alias
         for trial in self.trials:
             if trial.id not in manifest.trials:
                 manifest.trials[trial.id] = TrialRecord(trial.id, trial.label, trial.overrides, trial.config,

@@ -123,6 +123,8 @@ class Manifest:
     """GPU-hours and CPU-hours the submissions asked for at most (`gpu_hours`, `cpu_hours`)."""
     configurations: dict = field(default_factory=dict)
     """With repeats: configuration id -> its MLflow run, the parent of its seeds' runs."""
+    alias: str = "champion"
+    """The registry alias of the sweep's champion (final.alias in the sweep file)."""
 
     @classmethod
     def load(cls, sweep_dir: Path) -> Optional["Manifest"]:

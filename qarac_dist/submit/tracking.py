@@ -121,9 +121,38 @@ def close_parent(manifest: Manifest, layout: SweepLayout) -> None:
                                     manifest.select_mode,
                                     all(r.state in DONE for r in manifest.trials.values() if not r.retired), layout,
                                     used, {r.id: name for r in manifest.trials.values()
-                                           if (name := (r.config.get("tracking") or {}).get("register_model"))})
+                                           if (name := (r.config.get("tracking") or {}).get("register_model"))},
+                                    manifest.alias)
     except Exception as err:  # noqa: BLE001 - the sweep's own outcome stands; say why MLflow lags
         print(f"qarac_dist: could not update the sweep's MLflow run: {type(err).__name__}: {redact_text(str(err))}",
+              file=sys.stderr)
+
+
+def log_final(manifest: Manifest, result: Optional[dict]) -> None:
+    """The test metrics on the parent run (submit/final.py): `test_<metric>` the mean over the
+    chosen configuration's seeds, `test_<metric>_std` beside it (two seeds or more), `test_seeds`,
+    and tags naming the split, the configuration and the choice (`final_choice`): once a choice."""
+    if manifest.mlflow_parent_run_id is None or result is None:
+        return
+    import time
+
+    from mlflow.entities import Metric, RunTag
+
+    from ..track.mlflow_client import client
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"test_{k}", v, now, 0) for k, v in result["mean"].items()]
+    metrics += [Metric(f"test_{k}_std", v, now, 0) for k, v in result["std"].items() if v is not None]
+    metrics.append(Metric("test_seeds", len(result["seeds"]), now, 0))
+    tags = [RunTag("final_split", result["choice"]["split"]),
+            RunTag("final_configuration", result["choice"]["configuration"]), RunTag("final_choice", result["digest"])]
+    try:
+        with one_writer(manifest.tracking_uri):
+            c = client(manifest.tracking_uri)
+            if c.get_run(manifest.mlflow_parent_run_id).data.tags.get("final_choice") != result["digest"]:
+                c.log_batch(manifest.mlflow_parent_run_id, metrics=metrics, tags=tags)
+    except Exception as err:  # noqa: BLE001 - final.json holds them; say why MLflow lags
+        print(f"qarac_dist: could not log the test metrics to MLflow: {type(err).__name__}: {redact_text(str(err))}",
               file=sys.stderr)
 
 

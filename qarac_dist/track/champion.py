@@ -18,10 +18,10 @@ from typing import Optional
 ALIAS = "champion"
 
 
-def crown(uri: str, mlflow_client, parent_run_id: str, names: dict[str, str]) -> Optional[str]:
+def crown(uri: str, mlflow_client, parent_run_id: str, names: dict[str, str], alias: str = ALIAS) -> Optional[str]:
     """Register the parent's best trial's logged model under its `tracking.register_model`
-    (`names`: trial id -> name, for trials that have one) and point the alias at it; returns the
-    version, or None when there is nothing to register."""
+    (`names`: trial id -> name, for trials that have one) and point `alias` (the sweep file's
+    final.alias) at it; returns the version, or None when there is nothing to register."""
     from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
 
@@ -35,7 +35,7 @@ def crown(uri: str, mlflow_client, parent_run_id: str, names: dict[str, str]) ->
         return None
     if model_id is None:
         print(f"qarac_dist: trial {trial} is the sweep's best but logged no MLflow model; nothing is registered as "
-              f"{name}@{ALIAS}", file=sys.stderr)
+              f"{name}@{alias}", file=sys.stderr)
         return None
     ours = {"sweep_run_id": parent_run_id, "trial_id": trial}
     known = [v for v in mlflow_client.search_model_versions(f"run_id = '{best_run_id}'")
@@ -55,7 +55,7 @@ def crown(uri: str, mlflow_client, parent_run_id: str, names: dict[str, str]) ->
                 raise
         version = mlflow_client.create_model_version(name, f"models:/{model_id}", run_id=best_run_id, tags=ours,
                                                      model_id=model_id).version
-    mlflow_client.set_registered_model_alias(name, ALIAS, version)
-    mlflow_client.log_batch(parent_run_id, tags=[RunTag("champion", f"models:/{name}@{ALIAS}"),
+    mlflow_client.set_registered_model_alias(name, alias, version)
+    mlflow_client.log_batch(parent_run_id, tags=[RunTag("champion", f"models:/{name}@{alias}"),
                                                  RunTag("champion_version", f"models:/{name}/{version}")])
     return str(version)

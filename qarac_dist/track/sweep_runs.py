@@ -178,10 +178,10 @@ def _same(logged: Optional[float], figure: float) -> bool:
 
 
 def close_parent(uri: str, parent_run_id: str, metric: str, mode: str, ok: bool, sweep: SweepLayout,
-                 used: dict[str, float], names: dict[str, str]) -> None:
+                 used: dict[str, float], names: dict[str, str], alias: str) -> None:
     """Every trial's latest attempt has ended: the verdict, what the sweep used (`used`: the
     metrics gpu_hours, cpu_hours, ..., track/usage.py) with its plots, FINISHED (or FAILED),
-    then its champion (`names`: trial id -> its tracking.register_model, track/champion.py) and
+    then its champion (`names`: trial id -> its tracking.register_model; `alias`, track/champion.py) and
     which parameters mattered (track/importance.py)."""
     from mlflow.entities import Metric
 
@@ -203,7 +203,7 @@ def close_parent(uri: str, parent_run_id: str, metric: str, mode: str, ok: bool,
         c.log_artifact(parent_run_id, str(load))
     c.set_terminated(parent_run_id, status="FINISHED" if ok else "FAILED")
     if ok:  # after the end: a name the registry refuses leaves the record whole
-        crown(uri, c, parent_run_id, names)
+        crown(uri, c, parent_run_id, names, alias)
     varied = [k for k in parent.data.tags.get("varied", "").split(", ") if k]
     found = importance(_configuration_points(children, configuration_runs, f"best_val_{metric}"), varied, mode)
     if found is not None:

@@ -58,7 +58,15 @@ def _atomic_dir(final: Path, fill) -> None:
 
 
 def synthetic_dir(cfg: DataConfig) -> Path:
-    return Path(cfg.cache_dir) / f"synthetic-{_fingerprint(asdict(cfg.synthetic))}"
+    """The generated train and validation files; the same folder whatever the test split."""
+    spec = {k: v for k, v in asdict(cfg.synthetic).items() if k != "num_test"}
+    return Path(cfg.cache_dir) / f"synthetic-{_fingerprint(spec)}"
+
+
+def synthetic_test_dir(cfg: DataConfig) -> Path:
+    """The generated test split, in a folder of its own that only the final evaluation makes:
+    the documents the generator draws after train and validation."""
+    return Path(cfg.cache_dir) / f"synthetic-test-{_fingerprint(asdict(cfg.synthetic))}"
 
 
 # ---------------------------------------------------------------- loading and tokenizing
@@ -79,10 +87,14 @@ class Splits:
     """Per split, what the run's MLflow dataset inputs name: where it came from, a digest of
     its rows as read (datasets' fingerprint, its own cache key: the files' paths, sizes and
     modification times, or the hub revision), how many (track/mlflow_client.dataset_inputs)."""
+    test: object = None
+    """The test split, tokenized; only the final evaluation asks for it (`prepare(cfg, test=...)`)."""
 
 
-def _raw_splits(cfg: TrainConfig) -> list[labels.Split]:
-    """The splits as loaded, train first; with validation_fraction, the training split alone."""
+def _raw_splits(cfg: TrainConfig, test: Optional[str] = None) -> list[labels.Split]:
+    """The splits as loaded, train first; with validation_fraction, the training split alone;
+    the test split (named `test`: a hub split, or test_files, or the generated one) last, only
+    when asked for: no trial asks."""
     import sys
 
     import datasets
@@ -96,17 +108,24 @@ def _raw_splits(cfg: TrainConfig) -> list[labels.Split]:
         directory = synthetic_dir(d)
         generate = generate_similarity if d.synthetic.task == "similarity" else generate_synthetic
         _atomic_dir(directory, lambda tmp: generate(d.synthetic, tmp))
-        return [labels.Split(name, _load_files("data.synthetic", "json", [str(directory / f"{name}.jsonl")], cache),
-                             f"data.synthetic ({directory / name}.jsonl)") for name in ("train", "validation")]
+        named = [(name, directory) for name in ("train", "validation")]
+        if test is not None:
+            named.append(("test", synthetic_test_dir(d)))
+            _atomic_dir(named[-1][1], lambda tmp: generate(d.synthetic, tmp, ("test",)))
+        return [labels.Split(name, _load_files("data.synthetic", "json", [str(folder / f"{name}.jsonl")], cache),
+                             f"data.synthetic ({folder / name}.jsonl)") for name, folder in named]
     if d.train_files is not None:
         kind = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}[Path(d.train_files[0]).suffix]
         named = [("train", "data.train_files", d.train_files)]
         if d.validation_fraction is None:
             named.append(("validation", "data.validation_files", d.validation_files))
+        if test is not None:
+            named.append(("test", "data.test_files", d.test_files))
         return [labels.Split(name, _load_files(key, kind, files, cache), f"{key} ({', '.join(files)})")
                 for name, key, files in named]
     named = [("train", d.train_split)] + ([("validation", d.validation_split)] if d.validation_fraction is None else [])
-    return [labels.Split(name, _load_hub(d.dataset, d.dataset_config, split, cache),
+    named += [("test", test)] if test is not None else []
+    return [labels.Split(name, _load_hub(d.dataset, d.dataset_config, split, cache, name),
                          f"data.dataset ({d.dataset}{'/' + d.dataset_config if d.dataset_config else ''}, "
                          f"split {split!r})") for name, split in named]
 
@@ -138,7 +157,7 @@ def _load_files(key: str, kind: str, files: list[str], cache: str):
     return split
 
 
-def _load_hub(name: str, config: Optional[str], split: str, cache: str):
+def _load_hub(name: str, config: Optional[str], split: str, cache: str, role: str):
     import datasets
 
     from .hub import load_error
@@ -147,7 +166,8 @@ def _load_hub(name: str, config: Optional[str], split: str, cache: str):
         return datasets.load_dataset(name, config, split=split, cache_dir=cache)
     except ValueError as err:
         if "split" in str(err).lower():
-            raise UserError(f"data.{'validation_split' if split != 'train' else 'train_split'}: {name} has no split "
+            key = {"train": "data.train_split", "validation": "data.validation_split"}.get(role, "final.split")
+            raise UserError(f"{key}: {name} has no split "
                             f"{split!r} ({str(err).splitlines()[0][:200]})") from None
         raise load_error("data.dataset", name, err) from None
     except Exception as err:  # noqa: BLE001 - hub, network and cache errors, in one line
@@ -190,18 +210,18 @@ def prepared_marker(cfg: TrainConfig) -> Path:
     return Path(cfg.data.cache_dir) / "prepared" / _fingerprint(recipe)
 
 
-def prepare(cfg: TrainConfig) -> Splits:
+def prepare(cfg: TrainConfig, test: Optional[str] = None) -> Splits:
     """Load, label-encode and tokenize both splits. Results are cached by `datasets`; under
     several ranks, on a cold cache call it on rank 0 first, then on the others; once
     `prepared_marker(cfg)` exists, on all of them at once (see train.py)."""
-    splits = _prepare(cfg)
+    splits = _prepare(cfg, test)
     marker = prepared_marker(cfg)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     return splits
 
 
-def _prepare(cfg: TrainConfig) -> Splits:
+def _prepare(cfg: TrainConfig, test: Optional[str] = None) -> Splits:
     d = cfg.data
     if d.synthetic is not None and d.synthetic.task == "similarity" and d.text_pair_column is None:
         import dataclasses
@@ -209,7 +229,7 @@ def _prepare(cfg: TrainConfig) -> Splits:
         d = dataclasses.replace(d, text_pair_column="text_pair")
         cfg = dataclasses.replace(cfg, data=d)
     separate = cfg.model.kind == "dual_encoder"  # each text encoded on its own
-    raw = _raw_splits(cfg)
+    raw = _raw_splits(cfg, test)
     _check_columns(d, raw)
     task = labels.check(cfg, raw)
     read = {s.name: len(s.rows) for s in raw}
@@ -251,7 +271,7 @@ def _prepare(cfg: TrainConfig) -> Splits:
 
     report = {}
     tokenized = {}
-    for name, split in (("train", train), ("validation", validation)):
+    for name, split in (("train", train), ("validation", validation), *([("test", loaded["test"])] if test else [])):
         split = tokenize(split)
         whole, cut = np.asarray(split["tokens_whole"][:]), np.asarray(split["tokens_cut"][:])
         report[name] = {"rows": len(split), "rows_read": read.get(name), "unlabelled_rows":
@@ -260,7 +280,8 @@ def _prepare(cfg: TrainConfig) -> Splits:
                         "truncated_tokens": int(cut.sum())}
         tokenized[name] = split.remove_columns(["tokens_whole", "tokens_cut"])
     return Splits(tokenized["train"], tokenized["validation"], tokenizer, task.num_labels, task.names, report,
-                  [_input(d, name, split) for name, split in (("train", train), ("validation", validation))])
+                  [_input(d, name, split) for name, split in (("train", train), ("validation", validation))],
+                  tokenized.get("test"))
 
 
 def _input(d: DataConfig, context: str, rows) -> dict:

@@ -30,8 +30,10 @@ def evaluate(engine, splits, collate, order: np.ndarray, ranks, cfg, to_device) 
         outputs.append(logits[: len(chunk)].float().cpu().numpy())
         indices.append(chunk)
     engine.train()
-    gathered = [None] * ranks.world_size
-    dist.all_gather_object(gathered, (np.concatenate(indices), np.concatenate(outputs)))
+    gathered = [(np.concatenate(indices), np.concatenate(outputs))]
+    if ranks.world_size > 1:
+        gathered = [None] * ranks.world_size
+        dist.all_gather_object(gathered, (np.concatenate(indices), np.concatenate(outputs)))
     seen = np.concatenate([g[0] for g in gathered])
     logits = np.concatenate([g[1] for g in gathered])
     labels = np.asarray(splits.validation["labels"][:])[seen]

@@ -1,21 +1,40 @@
 """Repeats (issue 36): the shipped seeds demo, run as a user runs it (local executor), where the
-learning rate with the best single seed is not the one with the best mean."""
+learning rate with the best single seed is not the one with the best mean; then its one look at
+the test split."""
 
 from __future__ import annotations
 
+import json
 import statistics
+import textwrap
 
 from qarac_dist.submit.sweep_dir import Manifest
 from qarac_dist.track.mlflow_client import client
 from support import ROOT, run_status, run_sweep, table_rows
 
 
+# Every process of the sweep (driver, trials, the final evaluation) logs each file it opens whose
+# path is in the generated set's test folder: the audit hook sees Python's open() wherever called.
+SPY = textwrap.dedent("""
+    import json, os, sys
+    def _spy(event, args):
+        if event == "open" and isinstance(args[0], str) and "synthetic-test-" in args[0]:
+            with open(os.environ["TEST_SPLIT_OPENS"], "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), "argv": sys.argv[:1], "path": args[0]}) + "\\n")
+    sys.addaudithook(_spy)
+""")
+
+
 def test_the_seeds_demo_picks_the_configuration_with_the_best_mean_not_the_best_seed(tmp_path, data_cache):
-    args = (ROOT / "configs" / "seeds_demo.yaml", "executor=local", f"runs_dir={tmp_path / 'runs'}",
+    args = (ROOT / "configs" / "seeds_demo.yaml", f"runs_dir={tmp_path / 'runs'}",
             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"set.data.cache_dir={data_cache}")
     plan = run_sweep(*args, "--dry-run", cwd=tmp_path)
     assert "sweep seeds_demo: 9 trials (3 configurations x 3 seeds, chosen by the mean)" in plan.stdout, plan.stdout
-    out = run_sweep(*args, cwd=tmp_path)
+    (tmp_path / "spy").mkdir()
+    (tmp_path / "spy" / "sitecustomize.py").write_text(SPY)
+    opens = tmp_path / "opens.jsonl"
+    spied = {"PYTHONPATH": f"{tmp_path / 'spy'}:{ROOT}", "TEST_SPLIT_OPENS": str(opens)}
+    out = run_sweep(*args, cwd=tmp_path, env=spied)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "sweep seeds_demo: 9 trials, 9 to run" in out.stdout, out.stdout
     manifest = Manifest.load(tmp_path / "runs" / "seeds_demo")
@@ -44,3 +63,22 @@ def test_the_seeds_demo_picks_the_configuration_with_the_best_mean_not_the_best_
     configuration = c.get_run(manifest.configurations[steady])
     assert configuration.data.metrics["seeds_finished"] == 3
     assert len(c.get_metric_history(configuration.info.run_id, "val_accuracy")) == 15  # the mean curve
+    # One look at the test split: by the final evaluation alone, of the chosen configuration's
+    # three best models, on the parent run and in the summary; a re-run does not look again.
+    readers = [json.loads(line) for line in opens.read_text().splitlines()]
+    assert readers and all(r["argv"][0].endswith("qarac_dist/train/final.py") for r in readers), readers
+    assert len({r["pid"] for r in readers}) == 1
+    final = json.loads((tmp_path / "runs" / "seeds_demo" / "final.json").read_text())
+    assert final["choice"]["configuration"] == steady and sorted(final["seeds"]) == sorted(values[steady])
+    assert final["rows"] == 400
+    test = [m["accuracy"] for m in final["seeds"].values()]
+    assert parent.metrics["test_accuracy"] == statistics.fmean(test) and parent.metrics["test_seeds"] == 3
+    assert parent.metrics["test_accuracy_std"] == statistics.stdev(test)
+    assert parent.tags["final_configuration"] == steady and parent.tags["final_split"] == "test"
+    assert f"accuracy {statistics.fmean(test):.4f} ± {statistics.stdev(test):.4f} over 3 seed(s) of configuration " \
+           f"{steady}" in out.stdout
+    opens.unlink()
+    again = run_sweep(*args, cwd=tmp_path, env=spied)
+    assert again.returncode == 0 and "0 to run" in again.stdout, again.stdout + again.stderr
+    assert not opens.exists() and json.loads((tmp_path / "runs" / "seeds_demo" / "final.json").read_text()) == final
+    assert len(c.get_metric_history(manifest.mlflow_parent_run_id, "test_accuracy")) == 1

@@ -58,3 +58,16 @@ def test_the_champion_is_registered_once_per_choice_and_its_alias_follows_the_ch
     c.set_tag(parent, "best_run_id", runs["b"])
     assert crown(uri, c, parent, {}) is None  # no register_model: nothing registered
     assert len(c.search_model_versions("name = 'lm'")) == 3
+
+
+def test_the_alias_is_the_one_final_names(tmp_path):
+    from qarac_dist.track import sweep_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = client(uri)
+    parent = sweep_runs.create_parent(uri, "e", "s", "local", {}, {})
+    c.set_tag(parent, "best_run_id", _trial(c, uri, parent, "a"))
+    assert crown(uri, c, parent, {"a": "lm"}, "prod") == "1"
+    assert c.get_model_version_by_alias("lm", "prod").tags["trial_id"] == "a"
+    assert ALIAS not in c.get_registered_model("lm").aliases
+    assert c.get_run(parent).data.tags["champion"] == "models:/lm@prod"

@@ -24,6 +24,30 @@ def _sweep_text(tmp_path, **fields) -> str:
     return yaml.safe_dump(spec)
 
 
+TEST_DOCS = {"data.synthetic.num_test": 10}
+
+
+def _files(tmp_path, test=None, **fields) -> str:
+    """A sweep of local csv files (train, validation; test.jsonl beside them), `test` as its
+    data.test_files (relative to the sweep's folder, where it runs)."""
+    for name in ("train.csv", "validation.csv"):
+        (tmp_path / name).write_text("text,label\na b c,0\nd e f,1\n")
+    (tmp_path / "test.jsonl").write_text('{"text": "a", "label": 0}\n')
+    data = {"train_files": ["train.csv"], "validation_files": ["validation.csv"]}
+    base = tiny_config(tmp_path / "cache", tmp_path / "out")
+    base["data"] = {k: v for k, v in base["data"].items() if k != "synthetic"} | data | (
+        {"test_files": test} if test is not None else {})
+    return yaml.safe_dump({"name": "s", "base": base, "executor": "local", "runs_dir": str(tmp_path / "runs"),
+                           **fields})
+
+
+def _hub(tmp_path, **fields) -> str:
+    base = tiny_config(tmp_path / "cache", tmp_path / "out")
+    base["data"] = {k: v for k, v in base["data"].items() if k != "synthetic"} | {"dataset": "org/some-set"}
+    return yaml.safe_dump({"name": "s", "base": base, "executor": "local", "runs_dir": str(tmp_path / "runs"),
+                           **fields})
+
+
 def _image(tmp_path, **fields) -> str:
     """A sweep file whose Charliecloud image is a directory with no mount points (a test's
     tmp_path is under /tmp, which the image lacks): its lines, then the image made."""
@@ -320,6 +344,44 @@ FILE_CASES = [
     ("spikes-unknown-key", lambda t: _sweep_text(t, set={"training.spikes": {"sigma": 6}}), (),
      "set.training.spikes.sigma: not a key of the training config (training.spikes.sigma: valid keys of training.spikes: grad_norm, lr_factor"),
     ("spikes-a-list", lambda t: _sweep_text(t, set={"training.spikes": [6]}), (), "training.spikes: expected a mapping"),
+    # final: (issue 36): a test split no trial reads, and what is not built said in one line
+    ("final-generated-set-without-a-test-split", lambda t: _sweep_text(t, final={"split": "test"}), (),
+     "final.split: the generated set has no test split; set data.synthetic.num_test"),
+    ("final-generated-set-another-split", lambda t: _sweep_text(t, final={"split": "dev"}, set=TEST_DOCS), (),
+     "final.split: the generated set's test split is 'test', not 'dev'"),
+    ("final-retrain", lambda t: _sweep_text(t, final={"retrain": True}, set=TEST_DOCS), (),
+     "final.retrain: true (train the chosen configuration again on train + validation) is not built yet"),
+    ("final-alias-latest", lambda t: _sweep_text(t, final={"alias": "latest"}, set=TEST_DOCS), (),
+     "final.alias: 'latest' is not an alias MLflow's registry takes"),
+    ("final-alias-a-version", lambda t: _sweep_text(t, final={"alias": "v3"}, set=TEST_DOCS), (),
+     "final.alias: 'v3' is not an alias"),
+    ("final-alias-with-a-space", lambda t: _sweep_text(t, final={"alias": "my champion"}, set=TEST_DOCS), (),
+     "final.alias: 'my champion' is not an alias"),
+    ("final-split-blank-around", lambda t: _sweep_text(t, final={"split": " test"}, set=TEST_DOCS), (),
+     "final.split: expected a split's name, got ' test'"),
+    ("final-a-string", lambda t: _sweep_text(t, final="test"), (), "final: expected a mapping"),
+    ("final-unknown-key", lambda t: _sweep_text(t, final={"splt": "test"}), (), "final.splt: unknown key"),
+    ("final-on-the-command-line", lambda t: _sweep_text(t), ("final.retrain=maybe",), "final.retrain: expected"),
+    ("final-without-best-models", lambda t: _sweep_text(t, final={}, set={**TEST_DOCS, "output.export_best": False}),
+     (), "final: evaluates each seed's best model; it needs output.export_best: true"),
+    ("num-test-varied", lambda t: _sweep_text(t, grid={"data.synthetic.num_test": [10, 20]}), (),
+     "grid.data.synthetic.num_test: the test split is no part of a trial"),
+    ("num-test-zero", lambda t: _sweep_text(t, set={"data.synthetic.num_test": 0}), (),
+     "data.synthetic.num_test: expected at least 1, got 0"),
+    ("test-files-without-train-files", lambda t: _sweep_text(t, set={"data.test_files": [str(t / "x.csv")]}), (),
+     "data.test_files: a test split of local files goes with data.train_files"),
+    ("test-files-empty", lambda t: _files(t, test=[]), (), "data.test_files: an empty list"),
+    ("test-files-missing", lambda t: _files(t, test=["absent.csv"]), (), "data.test_files[0]: file not found"),
+    ("test-files-another-kind", lambda t: _files(t, test=["test.jsonl"]), (),
+     "data.validation_files: all data files must be of one kind"),
+    ("test-files-a-training-file", lambda t: _files(t, test=["train.csv"], final={"split": "test"}), (),
+     "data.test_files: train.csv is also a training or validation file"),
+    ("final-files-without-test-files", lambda t: _files(t, final={"split": "test"}), (),
+     "final.split: set data.test_files"),
+    ("final-hub-split-trained-on", lambda t: _hub(t, final={"split": "train"}), (),
+     "final.split: 'train' is a split the trials train or validate on"),
+    ("final-hub-split-validated-on", lambda t: _hub(t, final={"split": "validation"}), (),
+     "final.split: 'validation' is a split the trials train or validate on"),
 ]
 
 

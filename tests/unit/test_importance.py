@@ -67,7 +67,7 @@ def test_a_sweep_that_closes_with_six_configurations_logs_its_importance_and_par
         c.set_terminated(run_id, "FAILED" if k == 6 else "FINISHED")  # six finished, one did not
     sweep = SweepLayout(tmp_path / "s")
     sweep.root.mkdir()
-    sweep_runs.close_parent(uri, parent, "accuracy", "max", True, sweep, {}, {})
+    sweep_runs.close_parent(uri, parent, "accuracy", "max", True, sweep, {}, {}, "champion")
     assert {"importance.png", "parallel.png"} <= {a.path for a in c.list_artifacts(parent)}
     assert c.get_run(parent).data.tags["param_importance"].startswith("optimizer.lr=")
     assert sweep.importance_plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -87,7 +87,7 @@ def test_trial_id_ignores_the_sweep_name_and_output_dir(tmp_path):
                  "random.params.optimizer.lr.low: loguniform needs low > 0", id="loguniform-zero"),
     pytest.param({"grid": {"training.seed": list(range(40))}, "max_trials": 30},
                  "max_trials: the plan has 40 trials, over the cap of 30", id="over-cap"),
-    pytest.param({"resourcez": {}}, "resourcez: unknown key; valid keys: asha, base, environment, executor, grid,", id="unknown-key"),
+    pytest.param({"resourcez": {}}, "resourcez: unknown key; valid keys: asha, base, environment, executor, final, grid,", id="unknown-key"),
     pytest.param({"resources": {"gpus": 1}}, "resources.gpus: unknown key; valid keys of resources: account,", id="unknown-resource"),
     pytest.param({"grid": {"training.seed": [1, 2]}, "variants": [{"name": "v", "set": {"training.seed": 3}}]},
                  "training.seed: set by both variant v and grid", id="conflicting-keys"),

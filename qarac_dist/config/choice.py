@@ -1,0 +1,107 @@
+"""How a sweep chooses and what it shows of its choice: seeds per configuration (`repeats`)
+and one look at the test set (`final:`).
+
+`final:` names the split evaluated once the sweep has chosen, and what is evaluated on it.
+The test split is part of the data's description (the training config's `data` section) but no
+trial reads it: for local files `data.test_files`, for the generated set `data.synthetic.num_test`
+documents, for a hub dataset the split `final.split` names. Neither key is part of a trial's id
+(plan/resolve.py): a trial does not change when its test split does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+ALIAS = re.compile(r"[A-Za-z0-9_-]{1,255}")
+
+
+@dataclass
+class Final:
+    split: str = "test"
+    """The split evaluated once: for a hub dataset, the split of that name; for local files and
+    the generated set, `test` (data.test_files, data.synthetic.num_test)."""
+    retrain: bool = False
+    """false: evaluate the chosen configuration's best model of each seed. true (train again on
+    train + validation) is not built yet."""
+    alias: str = "champion"
+    """The MLflow registry alias the chosen model gets (with tracking.register_model)."""
+
+
+def check_final(final: Final, errors: list[str]) -> None:
+    """What the sweep file alone can tell; the data each trial would be tested on is checked per
+    trial (`final_problem`)."""
+    if final.retrain:
+        errors.append("final.retrain: true (train the chosen configuration again on train + validation) is not built "
+                      "yet; use false, which evaluates the chosen configuration's best models")
+    if not final.split.strip() or final.split != final.split.strip():
+        errors.append(f"final.split: expected a split's name, got {final.split!r}")
+    if not ALIAS.fullmatch(final.alias) or final.alias == "latest" or re.fullmatch(r"[vV]\d+", final.alias):
+        errors.append(f"final.alias: {final.alias!r} is not an alias MLflow's registry takes (letters, digits, _ and "
+                      f"-; not 'latest' or a version such as v3)")
+
+
+TEST_SPLIT_KEYS = ("data.test_files", "data.synthetic.num_test")
+
+
+def check_not_varied(keyed: list[tuple[str, dict]], errors: list[str]) -> None:
+    """The test split is no part of a trial: a sweep cannot vary it between trials."""
+    for section, mapping in keyed:
+        for key in mapping:
+            if section != "set" and key in TEST_SPLIT_KEYS:
+                errors.append(f"{section}.{key}: the test split is no part of a trial (final: reads it once, after "
+                              f"the sweep); set it under set, the same for every trial")
+
+
+def final_problem(final: Final, resolved: dict) -> Optional[str]:
+    """Why a trial (its resolved config) gives `final` nothing to evaluate: no best model kept,
+    no test split it can read; or None."""
+    if not resolved["output"]["export_best"]:
+        return "final: evaluates each seed's best model; it needs output.export_best: true"
+    data = resolved["data"]
+    synthetic = data.get("synthetic")
+    if synthetic is not None:
+        if final.split != "test":
+            return f"final.split: the generated set's test split is 'test', not {final.split!r}"
+        if not synthetic.get("num_test"):
+            return ("final.split: the generated set has no test split; set data.synthetic.num_test (documents no "
+                    "trial reads)")
+        return None
+    if data.get("train_files") is not None:
+        if final.split != "test":
+            return f"final.split: local files' test split is 'test' (data.test_files), not {final.split!r}"
+        tests = data.get("test_files")
+        if not tests:
+            return "final.split: set data.test_files, the files of the test split no trial reads"
+        shared = sorted(set(tests) & {*data["train_files"], *(data.get("validation_files") or [])})
+        if shared:
+            return f"data.test_files: {shared[0]} is also a training or validation file; the test split must be apart"
+        return None
+    used = {data.get("train_split"), None if data.get("validation_fraction") else data.get("validation_split")}
+    if final.split in used:
+        return f"final.split: {final.split!r} is a split the trials train or validate on; name one they never read"
+    return None
+
+
+def sets_seed(key: str, given) -> bool:
+    """Whether a varied key gives training.seed: itself, or whole training sections that hold it
+    (a grid's values, a random choice's)."""
+    values = given if isinstance(given, list) else \
+        given.get("values") if isinstance(given, dict) else getattr(given, "values", None)
+    in_sections = any(isinstance(v, dict) and "seed" in v for v in values or [])
+    return key == "training.seed" or key == "training" and in_sections
+
+
+def check_repeats(spec, keyed: list[tuple[str, dict]], errors: list[str]) -> None:
+    """Seeds are what repeats vary: nothing else may set them, and what selects on one seed's
+    result at a time is not yet told a configuration's mean."""
+    for section, mapping in keyed:
+        for key, given in mapping.items():
+            if section != "set" and sets_seed(key, given):
+                errors.append(f"{section}.{key}: repeats ({spec.repeats}) derives each configuration's seeds from its "
+                              f"training.seed; set it under set (or in the base config), or use repeats: 1")
+    for key, given in (("asha", spec.asha), ("search", spec.search)):
+        if given is not None:
+            errors.append(f"repeats: not yet with {key} (it decides on one seed's result, not a configuration's "
+                          f"mean); use repeats: 1 with {key}, or a grid or random search with repeats")
