@@ -53,6 +53,9 @@ def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, source: str, sho
     print(f"requested GPU-hours: {requested['gpu_hours']:.1f}{allocations}; CPU-hours: {requested['cpu_hours']:.1f}")
     if spec.asha is not None and trials:
         print_rungs(spec, trials)
+    if spec.final is not None:
+        print(f"final: once the sweep has chosen, the chosen configuration's best model of each seed is evaluated once "
+              f"on the split {spec.final.split!r}, which no trial reads (here, after the last trial)")
     if kind == "slurm" or spec.executor != "local":
         size = cluster.max_array_size() if cluster.available() else 1001
         folder = sbatch.job_folder(layout_for(spec).submitit)

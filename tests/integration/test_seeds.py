@@ -30,6 +30,7 @@ def test_the_seeds_demo_picks_the_configuration_with_the_best_mean_not_the_best_
             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"set.data.cache_dir={data_cache}")
     plan = run_sweep(*args, "--dry-run", cwd=tmp_path)
     assert "sweep seeds_demo: 9 trials (3 configurations x 3 seeds, chosen by the mean)" in plan.stdout, plan.stdout
+    assert "evaluated once on the split 'test', which no trial reads" in plan.stdout
     (tmp_path / "spy").mkdir()
     (tmp_path / "spy" / "sitecustomize.py").write_text(SPY)
     opens = tmp_path / "opens.jsonl"
