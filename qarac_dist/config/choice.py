@@ -10,6 +10,7 @@ documents, for a hub dataset the split `final.split` names. Neither key is part 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -37,7 +38,7 @@ def check_final(final: Final, errors: list[str]) -> None:
                       "yet; use false, which evaluates the chosen configuration's best models")
     if not final.split.strip() or final.split != final.split.strip():
         errors.append(f"final.split: expected a split's name, got {final.split!r}")
-    if not ALIAS.fullmatch(final.alias) or final.alias == "latest" or re.fullmatch(r"[vV]\d+", final.alias):
+    if not ALIAS.fullmatch(final.alias) or final.alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", final.alias):
         errors.append(f"final.alias: {final.alias!r} is not an alias MLflow's registry takes (letters, digits, _ and "
                       f"-; not 'latest' or a version such as v3)")
 
@@ -45,11 +46,29 @@ def check_final(final: Final, errors: list[str]) -> None:
 TEST_SPLIT_KEYS = ("data.test_files", "data.synthetic.num_test")
 
 
+def _gives_test_split(key: str, given) -> bool:
+    """Whether a varied key sets the test split: itself, or whole sections that hold it."""
+    if key in TEST_SPLIT_KEYS:
+        return True
+    values = given if isinstance(given, list) else \
+        given.get("values") if isinstance(given, dict) else getattr(given, "values", None)
+    inner = [k.partition(key + ".")[2] for k in TEST_SPLIT_KEYS if k.startswith(key + ".")]
+    return any(_holds(v, path.split(".")) for v in values or [] for path in inner)
+
+
+def _holds(value, path: list[str]) -> bool:
+    for part in path:
+        if not isinstance(value, dict) or part not in value:
+            return False
+        value = value[part]
+    return True
+
+
 def check_not_varied(keyed: list[tuple[str, dict]], errors: list[str]) -> None:
     """The test split is no part of a trial: a sweep cannot vary it between trials."""
     for section, mapping in keyed:
-        for key in mapping:
-            if section != "set" and key in TEST_SPLIT_KEYS:
+        for key, given in mapping.items():
+            if section != "set" and _gives_test_split(key, given):
                 errors.append(f"{section}.{key}: the test split is no part of a trial (final: reads it once, after "
                               f"the sweep); set it under set, the same for every trial")
 
@@ -74,13 +93,16 @@ def final_problem(final: Final, resolved: dict) -> Optional[str]:
         tests = data.get("test_files")
         if not tests:
             return "final.split: set data.test_files, the files of the test split no trial reads"
-        shared = sorted(set(tests) & {*data["train_files"], *(data.get("validation_files") or [])})
+        read = {os.path.realpath(f) for f in [*data["train_files"], *(data.get("validation_files") or [])]}
+        shared = [f for f in tests if os.path.realpath(f) in read]
         if shared:
             return f"data.test_files: {shared[0]} is also a training or validation file; the test split must be apart"
         return None
     used = {data.get("train_split"), None if data.get("validation_fraction") else data.get("validation_split")}
-    if final.split in used:
-        return f"final.split: {final.split!r} is a split the trials train or validate on; name one they never read"
+    # A hub split may be an expression: "train[:50%]", "train+test" read the training split too.
+    named = {re.sub(r"\[.*?\]", "", part).strip() for part in final.split.split("+")}
+    if named & used:
+        return f"final.split: {final.split!r} reads a split the trials train or validate on; name one they never read"
     return None
 
 

@@ -105,7 +105,8 @@ def data_files_exist(cfg: TrainConfig) -> Iterator[str]:
                 yield f"data.{key}[{i}]: expected a .csv, .json, .jsonl or .parquet file, got {path}"
     suffixes = {Path(p).suffix.replace(".jsonl", ".json") for p in [*(cfg.data.train_files or []),
                                                                       *(cfg.data.validation_files or []),
-                                                                      *(cfg.data.test_files or [])]}
+                                                                      *(cfg.data.test_files or [])]
+                if Path(p).is_file()}
     if len(suffixes) > 1:
         yield f"data.validation_files: all data files must be of one kind, got {', '.join(sorted(suffixes))}"
 

@@ -4,6 +4,7 @@ what the sweep used (track/usage.py)."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
@@ -139,7 +140,7 @@ def print_summary(manifest: Manifest, layout: SweepLayout) -> Optional[str]:
         order = BY_CONFIGURATION if seeds else TIE_ORDER
         console.print(f"best = {manifest.select_mode} {manifest.select_metric}; {order}", markup=False,
                       highlight=False, soft_wrap=True)
-    final_line = _final_line(layout, manifest.select_metric, best_id and manifest.trials[best_id])
+    final_line = _final_line(layout, manifest.select_metric, manifest)
     if final_line:
         console.print(final_line, markup=False, highlight=False, soft_wrap=True)
     retired = sum(row.record.retired for row in table_rows)
@@ -155,18 +156,62 @@ def print_summary(manifest: Manifest, layout: SweepLayout) -> Optional[str]:
     return best_id
 
 
-def _final_line(layout: SweepLayout, metric: str, best: Optional[TrialRecord]) -> Optional[str]:
-    """`test (split 'test', 40 rows, looked at once for this choice): accuracy 0.7125 ± 0.0150
-    over 3 seed(s) of configuration c0ffee` from final.json (submit/final.py), where there is one."""
+def chosen_seeds(manifest: Manifest) -> tuple[Optional[str], dict[str, Optional[int]]]:
+    """The chosen configuration and its seeds that finished with a score (trial id -> the step
+    of its best model): what a final evaluation tests (submit/final.py)."""
+    table_rows, best_id = rows(manifest)
+    if best_id is None:
+        return None, {}
+    configuration = manifest.trials[best_id].configuration or best_id
+    return configuration, {row.record.id: row.best_step for row in _scored(table_rows)
+                           if (row.record.configuration or row.record.id) == configuration}
+
+
+def _scored(table_rows: list[Row]) -> list[Row]:
+    return [row for row in table_rows if row.record.state in DONE and not row.record.retired and
+            row.value is not None and math.isfinite(row.value)]
+
+
+def final_results(layout: SweepLayout) -> list[dict]:
+    """The results final.json holds (submit/final.py), none without one; DamagedFile when it is
+    damaged or not ours."""
     try:
-        result = read_json(layout.final)
-        chosen, mean, std = result["choice"], result["mean"].get(metric), result["std"].get(metric)
-        value = "-" if mean is None else f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")
-        line = (f"test (split {chosen['split']!r}, {result['rows']} rows, looked at once for this choice): {metric} "
-                f"{value} over {len(result['seeds'])} seed(s) of configuration {chosen['configuration']}")
-    except (DamagedFile, TypeError, KeyError, AttributeError):  # none, or not one of ours
+        results = (read_json(layout.final) or {}).get("results", [])
+    except OSError as err:  # a directory, unreadable
+        raise DamagedFile(f"{layout.final}: {err.strerror}") from None
+    if not isinstance(results, list) or not all(_final_result(r) for r in results):
+        raise DamagedFile(f"{layout.final}: not a record of final evaluations")
+    return results
+
+
+def _final_result(r) -> bool:
+    """Whether `r` is a final evaluation's result as submit/final.py writes it."""
+    numbers = (int, float, type(None))
+    return isinstance(r, dict) and isinstance(r.get("choice"), dict) and isinstance(r.get("digest"), str) and \
+        isinstance(r.get("rows"), int) and isinstance(r.get("seeds"), dict) and \
+        isinstance(r["choice"].get("configuration"), str) and isinstance(r["choice"].get("split"), str) and \
+        all(isinstance(r.get(k), dict) and all(isinstance(v, numbers) and not isinstance(v, bool)
+                                               for v in r[k].values()) for k in ("mean", "std"))
+
+
+def _final_line(layout: SweepLayout, metric: str, manifest: Manifest) -> Optional[str]:
+    """`test (split 'test', 40 rows, looked at once for this choice): accuracy 0.7125 ± 0.0150
+    over 3 seed(s) of configuration c0ffee` from final.json (submit/final.py): the result of the
+    current choice, else the latest one, marked as an earlier choice's; None without one."""
+    try:
+        results = final_results(layout)
+    except DamagedFile:  # the sweep's run says so, and evaluates again
         return None
-    current = best is not None and (best.configuration or best.id) == chosen["configuration"]
+    if not results:
+        return None
+    configuration, seeds = chosen_seeds(manifest)
+    current = [r for r in results
+               if r["choice"]["configuration"] == configuration and r["choice"].get("seeds") == seeds]
+    result = (current or results)[-1]
+    chosen, mean, std = result["choice"], result["mean"].get(metric), result["std"].get(metric)
+    value = "-" if mean is None else f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")
+    line = (f"test (split {chosen['split']!r}, {result['rows']} rows, looked at once for this choice): {metric} "
+            f"{value} over {len(result['seeds'])} seed(s) of configuration {chosen['configuration']}")
     return line if current else line + " (an earlier choice: the current one was not evaluated)"
 
 

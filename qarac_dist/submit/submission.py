@@ -103,7 +103,8 @@ class Submission:
                 print_summary(manifest, self.layout)
                 return 1
             tracking.close_parent(manifest, self.layout)
-            tested = final.evaluate(self.spec.final, manifest, self.layout) if self.spec.final else None
+            tested = final.evaluate(self.spec.final, manifest, self.layout, {t.id: t.config for t in self.trials}) \
+                if self.spec.final else None
             tracking.log_final(manifest, tested)
             best = print_summary(manifest, self.layout)
             unfinished = [r for r in manifest.trials.values() if r.state not in DONE and not r.retired]

@@ -42,7 +42,9 @@ def crown(uri: str, mlflow_client, parent_run_id: str, names: dict[str, str], al
              if v.name == name and all(v.tags.get(k) == t for k, t in ours.items())]
     if known:
         version = known[0].version
-        if mlflow_client.get_run(parent_run_id).data.tags.get("champion_version") == f"models:/{name}/{version}":
+        tags = mlflow_client.get_run(parent_run_id).data.tags
+        if tags.get("champion_version") == f"models:/{name}/{version}" and \
+                tags.get("champion") == f"models:/{name}@{alias}":
             return str(version)  # the same choice closed again: the alias stays where it is now (another sweep's)
     else:
         import mlflow

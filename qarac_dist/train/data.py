@@ -110,6 +110,8 @@ def _raw_splits(cfg: TrainConfig, test: Optional[str] = None) -> list[labels.Spl
         _atomic_dir(directory, lambda tmp: generate(d.synthetic, tmp))
         named = [(name, directory) for name in ("train", "validation")]
         if test is not None:
+            if not d.synthetic.num_test:
+                raise UserError("data.synthetic.num_test: the generated set has no test split; set it")
             named.append(("test", synthetic_test_dir(d)))
             _atomic_dir(named[-1][1], lambda tmp: generate(d.synthetic, tmp, ("test",)))
         return [labels.Split(name, _load_files("data.synthetic", "json", [str(folder / f"{name}.jsonl")], cache),
@@ -120,6 +122,8 @@ def _raw_splits(cfg: TrainConfig, test: Optional[str] = None) -> list[labels.Spl
         if d.validation_fraction is None:
             named.append(("validation", "data.validation_files", d.validation_files))
         if test is not None:
+            if not d.test_files:
+                raise UserError("data.test_files: the test split's files are not set")
             named.append(("test", "data.test_files", d.test_files))
         return [labels.Split(name, _load_files(key, kind, files, cache), f"{key} ({', '.join(files)})")
                 for name, key, files in named]

@@ -49,6 +49,9 @@ def evaluate_test(cfg: TrainConfig, best: Path, split: str) -> tuple[dict[str, f
     """The test metrics of the model exported in `best`, and the rows they cover."""
     if not (best / "model.safetensors").is_file() and not (best / "config.json").is_file():
         raise UserError(f"{best}: no exported best model here (output.export_best: false, or it was removed)")
+    if cfg.model.task == "classification" and cfg.model.num_labels is None:  # the classes it was trained on:
+        trained = data.prepare(cfg).num_labels  # a test label past them is a bad row, not a wider model
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_labels=trained))
     splits = data.prepare(cfg, test=split)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = _best_model(cfg, splits, best).to(device).eval()

@@ -71,3 +71,7 @@ def test_the_alias_is_the_one_final_names(tmp_path):
     assert c.get_model_version_by_alias("lm", "prod").tags["trial_id"] == "a"
     assert ALIAS not in c.get_registered_model("lm").aliases
     assert c.get_run(parent).data.tags["champion"] == "models:/lm@prod"
+    assert crown(uri, c, parent, {"a": "lm"}, "gold") == "1"  # the same choice under a new alias: it gets it
+    assert str(c.get_model_version_by_alias("lm", "gold").version) == "1"
+    assert c.get_run(parent).data.tags["champion"] == "models:/lm@gold"
+    assert len(c.search_model_versions("name = 'lm'")) == 1

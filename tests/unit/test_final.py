@@ -14,6 +14,7 @@ from qarac_dist.config.schema import apply_overrides
 from qarac_dist.config.sweep import load_sweep
 from qarac_dist.plan.expand import plan, trial_id
 from qarac_dist.submit import final
+from qarac_dist.config.choice import Final
 from qarac_dist.submit.report import _final_line
 from support import tiny_config, write_config
 
@@ -96,27 +97,100 @@ def test_the_final_evaluation_as_a_slurm_job_is_refused_in_one_line(tmp_path, mo
     assert resolve_kind(spec, str(path)) == "slurm"
 
 
-def test_the_mean_and_std_over_seeds_and_the_summary_line(tmp_path):
+def test_the_mean_and_std_over_seeds_and_the_summary_line(tmp_path, monkeypatch, capsys):
+    from qarac_dist.submit import report
+
     one = final.summarize({"a": {"accuracy": 0.5, "loss": 1.0}})
     assert one == {"mean": {"accuracy": 0.5, "loss": 1.0}, "std": {"accuracy": None, "loss": None}}
     three = final.summarize({"a": {"accuracy": 0.5}, "b": {"accuracy": 0.7}, "c": {"accuracy": 0.6}})
     assert math.isclose(three["mean"]["accuracy"], 0.6) and math.isclose(three["std"]["accuracy"], 0.1)
+    nan = final.summarize({"a": {"accuracy": math.nan}, "b": {"accuracy": 0.7}})
+    assert math.isnan(nan["mean"]["accuracy"]) and nan["std"]["accuracy"] is None
     layout = SweepLayout(tmp_path)
-    chosen = {"configuration": "c0ffee", "seeds": {"a": 10, "b": 20, "c": 10}, "split": "test", "data": {}}
-    write_json(layout.final, {"choice": chosen, "digest": final.digest(chosen), "rows": 40,
-                              "seeds": {"a": {}, "b": {}, "c": {}}, **three})
+    seeds = {"a": 10, "b": 20, "c": 10}
+    monkeypatch.setattr(report, "chosen_seeds", lambda manifest: ("c0ffee", seeds))
+    monkeypatch.setattr(final, "chosen_seeds", lambda manifest: ("c0ffee", seeds))
 
-    class Best:
-        id, configuration = "a", "c0ffee"
+    class Trials(dict):
+        def __missing__(self, tid):
+            raise AssertionError(tid)
 
-    line = _final_line(layout, "accuracy", Best())
-    assert line == ("test (split 'test', 40 rows, looked at once for this choice): accuracy 0.6000 ± 0.1000 over 3 "
-                    "seed(s) of configuration c0ffee")
-    Best.configuration = "other"
-    assert _final_line(layout, "accuracy", Best()).endswith("(an earlier choice: the current one was not evaluated)")
-    assert _final_line(layout, "macro_f1", None).endswith("macro_f1 - over 3 seed(s) of configuration c0ffee (an "
-                                                          "earlier choice: the current one was not evaluated)")
-    for damaged in ("{", "[]", '{"choice": 3}', ""):
+    manifest = type("M", (), {"trials": Trials()})()
+    configs = {tid: {"data": {}} for tid in seeds}
+    chosen = final.choice(manifest, Final(), configs)
+    assert (chosen["configuration"], chosen["seeds"], chosen["split"]) == ("c0ffee", seeds, "test")
+    result = {"choice": chosen, "digest": final.digest(chosen), "rows": 40, "seeds": {"a": {}, "b": {}, "c": {}},
+              **three}
+    write_json(layout.final, {"results": [result]})
+    assert _final_line(layout, "accuracy", None) == (
+        "test (split 'test', 40 rows, looked at once for this choice): accuracy 0.6000 ± 0.1000 over 3 seed(s) of "
+        "configuration c0ffee")
+    assert _final_line(layout, "macro_f1", None).startswith("test (split 'test', 40 rows, looked at once for this "
+                                                            "choice): macro_f1 - over 3 seed(s)")
+    # The choice it evaluated is found again: nothing runs (the evaluator here would fail).
+    assert final.evaluate(Final(), manifest, layout, configs, python=("false",)) == result
+    for later in ({"a": 10, "b": 30, "c": 10}, {"a": 10, "b": 20}):  # another best step, a seed less
+        monkeypatch.setattr(report, "chosen_seeds", lambda manifest, later=later: ("c0ffee", later))
+        assert _final_line(layout, "accuracy", None).endswith("(an earlier choice: the current one was not evaluated)")
+    # A test split the sweep file changes since is another choice.
+    other = {tid: {"data": {"synthetic": {"num_test": 80}}} for tid in seeds}
+    assert final.choice(manifest, Final(), other) != chosen
+    assert final.choice(manifest, Final(), configs) == chosen
+    # Damaged or not ours: said in one line, evaluated again; the summary leaves the line out.
+    for damaged in ("{", "[]", '{"results": 3}', '{"results": [{"choice": 3}]}', "",
+                    '{"results": [{"choice": {}, "digest": "x", "rows": 1, "seeds": {}, "mean": [1], "std": {}}]}',
+                    '{"results": [{"choice": {"configuration": "c", "split": "t"}, "digest": "x", "rows": 1, '
+                    '"seeds": {}, "mean": {"accuracy": "x"}, "std": {}}]}'):
         layout.final.write_text(damaged)
-        assert _final_line(layout, "accuracy", Best()) is None
+        assert _final_line(layout, "accuracy", None) is None
+        assert final._stored(layout) == []
+        assert capsys.readouterr().err.count("\n") == 1
+    layout.final.unlink()
+    layout.final.mkdir()
+    assert _final_line(layout, "accuracy", None) is None and final._stored(layout) == []
     assert final.digest(chosen) == final.digest(dict(reversed(list(chosen.items()))))
+
+
+@pytest.mark.parametrize("test, refused", [("./train.csv", True), ("link.csv", True), ("../x/valid.csv", True),
+                                           ("test.csv", False)])
+def test_test_files_that_are_training_files_by_another_path_are_refused(tmp_path, monkeypatch, test, refused):
+    from qarac_dist.config.choice import final_problem
+
+    folder = tmp_path / "x"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    for name in ("train.csv", "valid.csv", "test.csv"):
+        (folder / name).write_text("text,label\na,0\n")
+    (folder / "link.csv").symlink_to(folder / "train.csv")
+    resolved = {"output": {"export_best": True}, "data": {"train_files": ["train.csv"],
+                                                          "validation_files": ["valid.csv"], "test_files": [test]}}
+    problem = final_problem(Final(), resolved)
+    assert (problem is not None and "is also a training or validation file" in problem) == refused, problem
+
+
+@pytest.mark.parametrize("split, refused", [("train[:50%]", True), ("train+test", True), ("test + validation", True),
+                                            ("validation[10:20]", True), ("test", False), ("test[:50%]", False),
+                                            ("trainer", False)])
+def test_a_hub_split_that_reads_the_trials_splits_is_refused(split, refused):
+    from qarac_dist.config.choice import final_problem
+
+    resolved = {"output": {"export_best": True}, "data": {"dataset": "org/set", "train_split": "train",
+                                                          "validation_split": "validation"}}
+    assert (final_problem(Final(split=split), resolved) is not None) == refused
+
+
+def test_a_whole_section_that_varies_the_test_split_is_refused(tmp_path):
+    path = tmp_path / "s.yaml"
+    sections = [{"num_train": 64, "num_test": 10}, {"num_train": 48, "num_test": 20}]
+    for grid in ({"data.synthetic": sections}, {"data": [{"synthetic": s} for s in sections]},
+                 {"data": [{"test_files": ["a.csv"]}]}):
+        write_config(path, {"name": "s", "base": tiny_config(tmp_path / "cache", tmp_path / "out"), "grid": grid})
+        with pytest.raises(ConfigError, match="the test split is no part of a trial"):
+            load_sweep(path)
+    write_config(path, {"name": "s", "base": tiny_config(tmp_path / "cache", tmp_path / "out"),
+                        "grid": {"data.synthetic": [{**sections[0], "num_test": None}, sections[1]]}})
+    with pytest.raises(ConfigError, match="the test split is no part of a trial"):
+        load_sweep(path)  # a null is a value too
+    write_config(path, {"name": "s", "base": tiny_config(tmp_path / "cache", tmp_path / "out"),
+                        "grid": {"data.synthetic": [{"num_train": 64}, {"num_train": 48}]}})
+    load_sweep(path)  # varying the generated set itself is a sweep's business

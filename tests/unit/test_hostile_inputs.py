@@ -353,6 +353,11 @@ FILE_CASES = [
      "final.retrain: true (train the chosen configuration again on train + validation) is not built yet"),
     ("final-alias-latest", lambda t: _sweep_text(t, final={"alias": "latest"}, set=TEST_DOCS), (),
      "final.alias: 'latest' is not an alias MLflow's registry takes"),
+    ("final-alias-latest-in-capitals", lambda t: _sweep_text(t, final={"alias": "LATEST"}, set=TEST_DOCS), (),
+     "final.alias: 'LATEST' is not an alias MLflow's registry takes"),
+    ("final-hub-split-a-slice-of-train", lambda t: _hub(t, final={"split": "train[:50%]"}), (),
+     "final.split: 'train[:50%]' reads a split the trials train or validate on"),
+    ("test-files-a-directory", lambda t: _files(t, test=["."]), (), "data.test_files[0]: file not found: ."),
     ("final-alias-a-version", lambda t: _sweep_text(t, final={"alias": "v3"}, set=TEST_DOCS), (),
      "final.alias: 'v3' is not an alias"),
     ("final-alias-with-a-space", lambda t: _sweep_text(t, final={"alias": "my champion"}, set=TEST_DOCS), (),
@@ -379,9 +384,9 @@ FILE_CASES = [
     ("final-files-without-test-files", lambda t: _files(t, final={"split": "test"}), (),
      "final.split: set data.test_files"),
     ("final-hub-split-trained-on", lambda t: _hub(t, final={"split": "train"}), (),
-     "final.split: 'train' is a split the trials train or validate on"),
+     "final.split: 'train' reads a split the trials train or validate on"),
     ("final-hub-split-validated-on", lambda t: _hub(t, final={"split": "validation"}), (),
-     "final.split: 'validation' is a split the trials train or validate on"),
+     "final.split: 'validation' reads a split the trials train or validate on"),
 ]
 
 
