@@ -216,6 +216,13 @@ def kill_while_holding_lock(path: Path) -> None:
     holder.join(60)
 
 
+OUTSIDE_S = 10.0
+"""How much shorter than SLURM's time for a job (whole seconds) its trial's clock may be: what
+runs before the trial's Python starts (the batch script's bash, srun, the interpreter) and after
+it ends. A second or two on an idle machine, 3.3 s measured on one running two test suites; a
+clock that lost its last beat would be short by up to track/usage.py's BEAT_S (30 s)."""
+
+
 def slurm_seconds(job_ids) -> dict[str, float]:
     """SLURM's own view of how long each ended job held its allocation (EndTime - StartTime,
     whole seconds), from scontrol: the controller keeps ended jobs for MinJobAge (300 s here)."""
