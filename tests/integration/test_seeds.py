@@ -69,7 +69,9 @@ def test_the_seeds_demo_picks_the_configuration_with_the_best_mean_not_the_best_
     readers = [json.loads(line) for line in opens.read_text().splitlines()]
     assert readers and all(r["argv"][0].endswith("qarac_dist/train/final.py") for r in readers), readers
     assert len({r["pid"] for r in readers}) == 1
-    final = json.loads((tmp_path / "runs" / "seeds_demo" / "final.json").read_text())
+    record = json.loads((tmp_path / "runs" / "seeds_demo" / "final.json").read_text())
+    assert len(record["results"]) == 1
+    final = record["results"][0]
     assert final["choice"]["configuration"] == steady and sorted(final["seeds"]) == sorted(values[steady])
     assert final["rows"] == 400
     test = [m["accuracy"] for m in final["seeds"].values()]
@@ -81,5 +83,5 @@ def test_the_seeds_demo_picks_the_configuration_with_the_best_mean_not_the_best_
     opens.unlink()
     again = run_sweep(*args, cwd=tmp_path, env=spied)
     assert again.returncode == 0 and "0 to run" in again.stdout, again.stdout + again.stderr
-    assert not opens.exists() and json.loads((tmp_path / "runs" / "seeds_demo" / "final.json").read_text()) == final
+    assert not opens.exists() and json.loads((tmp_path / "runs" / "seeds_demo" / "final.json").read_text()) == record
     assert len(c.get_metric_history(manifest.mlflow_parent_run_id, "test_accuracy")) == 1
