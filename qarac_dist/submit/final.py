@@ -75,6 +75,8 @@ def evaluate(final: Final, manifest: Manifest, layout: SweepLayout, configs: dic
     stored = _stored(layout)
     done = [r for r in stored if r["choice"] == chosen]
     if done:
+        if stored[-1] is not done[0]:  # the latest is the current choice's: the summary shows it
+            _keep(layout, [r for r in stored if r is not done[0]] + done[:1])
         return done[0]
     request = {"split": final.split, "trials": [{"id": tid, "config": configs.get(tid, manifest.trials[tid].config),
                                                  "best": str(manifest.trials[tid].trial_dir.best)}
@@ -94,11 +96,15 @@ def evaluate(final: Final, manifest: Manifest, layout: SweepLayout, configs: dic
     out = json.loads(proc.stdout)
     result = {"choice": chosen, "digest": digest(chosen), "rows": out["rows"], "seeds": out["metrics"],
               **summarize(out["metrics"])}
+    _keep(layout, [*stored, result])
+    return result
+
+
+def _keep(layout: SweepLayout, results: list[dict]) -> None:
     try:
-        write_json(layout.final, {"results": [*stored, result]})
+        write_json(layout.final, {"results": results})
     except (OSError, DiskFull) as err:  # shown and on the parent run; the next run evaluates again
         print(f"{PREFIX}could not keep the result in {layout.final}: {err}", file=sys.stderr)
-    return result
 
 
 def digest(chosen: dict) -> str:

@@ -127,8 +127,13 @@ def test_the_mean_and_std_over_seeds_and_the_summary_line(tmp_path, monkeypatch,
         "configuration c0ffee")
     assert _final_line(layout, "macro_f1", None).startswith("test (split 'test', 40 rows, looked at once for this "
                                                             "choice): macro_f1 - over 3 seed(s)")
-    # The choice it evaluated is found again: nothing runs (the evaluator here would fail).
+    # The choice it evaluated is found again: nothing runs (the evaluator here would fail), and
+    # it becomes the latest, the one the summary shows.
     assert final.evaluate(Final(), manifest, layout, configs, python=("false",)) == result
+    earlier = {**result, "digest": "0" * 16, "choice": {**chosen, "split": "old"}}
+    write_json(layout.final, {"results": [result, earlier]})
+    assert final.evaluate(Final(), manifest, layout, configs, python=("false",)) == result
+    assert [r["digest"] for r in final.final_results(layout)] == ["0" * 16, result["digest"]]
     for later in ({"a": 10, "b": 30, "c": 10}, {"a": 10, "b": 20}):  # another best step, a seed less
         monkeypatch.setattr(report, "chosen_seeds", lambda manifest, later=later: ("c0ffee", later))
         assert _final_line(layout, "accuracy", None).endswith("(an earlier choice: the current one was not evaluated)")
