@@ -6,7 +6,8 @@ otherwise. Imports no torch.
     --sync     send to MLflow what trials could not send (metrics, end of run; into a sqlite
                store, every trial's record imported again: what a run deleted and restored
                since, or a passing error, kept out), and close the sweep's parent run once
-               every trial has ended; it (and --repair) also tells a search the result of a
+               every trial has ended, with the test metrics a final job (final: with SLURM)
+               kept for its choice; it (and --repair) also tells a search the result of a
                trial whose runner was killed before it did
 Without --sync or --repair it writes nothing in the sweep, except that a sweep whose MLflow
 store is a sqlite file has what its trials recorded imported into it (track/store_import.py).
@@ -49,6 +50,7 @@ def status(directory: Path, sync: bool = False, repair: bool = False) -> int:
     MLflow parent run once every trial has ended, when no driver followed it to the end)."""
     from .submit import submission, tracking
     from .submit.report import print_summary
+    from .submit.states import refresh
 
     layout = SweepLayout(directory)
     if not layout.manifest.exists() and not repair:
@@ -59,14 +61,15 @@ def status(directory: Path, sync: bool = False, repair: bool = False) -> int:
         manifest = _repair_or_sync(layout, repair, sync)
     else:
         manifest = Manifest.load(directory)
-        submission.refresh(manifest, submission.attach(manifest.executor, layout), layout)
+        refresh(manifest, submission.attach(manifest.executor, layout).states, layout)
         tracking.import_records(manifest, layout)
     print_summary(manifest, layout)
     return 1 if any(r.state in FAILED for r in manifest.trials.values()) else 0
 
 
 def _repair_or_sync(layout: SweepLayout, repair: bool, sync: bool) -> Manifest:
-    from .submit import submission, tracking
+    from .submit import final, submission, tracking
+    from .submit.states import refresh
 
     lock = SweepLock(layout.root)
     lock.acquire()  # a driver working on the sweep: one line saying who, exit 2
@@ -74,11 +77,11 @@ def _repair_or_sync(layout: SweepLayout, repair: bool, sync: bool) -> Manifest:
         if repair:
             from .submit.repair import repair as rebuild
 
-            manifest = rebuild(layout.root, lambda m: submission.refresh(m, submission.attach(m.executor, layout),
+            manifest = rebuild(layout.root, lambda m: refresh(m, submission.attach(m.executor, layout).states,
                                                                          layout))
         else:
             manifest = Manifest.load(layout.root)
-        submission.refresh(manifest, submission.attach(manifest.executor, layout), layout)
+        refresh(manifest, submission.attach(manifest.executor, layout).states, layout)
         manifest.save(layout.root)
         if layout.search.exists():  # a result a killed runner never told, from the trial's own verdict
             from .submit.search import tell_ended
@@ -98,6 +101,7 @@ def _repair_or_sync(layout: SweepLayout, repair: bool, sync: bool) -> Manifest:
                 if sent or finished:
                     print(f"trial {r.id}: sent {sent} metric points{', finished its run' if finished else ''}")
             tracking.close_parent(manifest, layout)
+            tracking.log_final(manifest, final.latest(manifest, layout))
         return manifest
     finally:
         lock.release()

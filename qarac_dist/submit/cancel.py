@@ -10,7 +10,8 @@ from ..base.secrets import redact_text
 from ..config import UserError
 from ..track.trial_dir import TrialState
 from . import tracking
-from .submission import attach, refresh
+from .states import refresh
+from .submission import attach
 from .sweep_dir import Manifest, SweepLock, record_cancels
 
 
@@ -26,10 +27,13 @@ def cancel(layout: SweepLayout) -> int:
         lock = None
     try:
         executor = attach(manifest.executor, layout)
-        refresh(manifest, executor, layout)
+        refresh(manifest, executor.states, layout)
         active = [r for r in manifest.trials.values() if r.active]
         record_cancels(layout.root, {r.id: r.attempt for r in active})  # for a driver that follows
-        executor.cancel(sorted({job for r in active for job in r.jobs}))
+        jobs = sorted({job for r in active for job in r.jobs})
+        if (evaluation := manifest.final_job.get("id")) and executor.alive(evaluation):
+            jobs.append(evaluation)  # the test split's look: on what a cancelled sweep left, not wanted
+        executor.cancel(jobs)
         for r in active:
             r.state = TrialState.CANCELLED.value
         if lock is not None:

@@ -8,6 +8,7 @@ Nothing outside submit/ asks which executor it holds.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import signal
@@ -122,7 +123,7 @@ class SlurmArrays:
                  env: Environment = Environment(), run: environment.Launch = environment.Launch()):
         self.folder = sbatch.job_folder(folder)
         self.resources, self.name, self.max_requeues, self.steps = resources, name, max_requeues, steps
-        self.launch = run
+        self.launch, self.env = run, env
         self.job = environment.job_parameters(env, resources.extra_sbatch, run, steps)
         # A packed job's script runs its runner here (it starts the steps in the container).
         self.python = shlex.quote(sys.executable) if steps else shlex.join(run.python)
@@ -141,6 +142,16 @@ class SlurmArrays:
             with executor.batch():
                 jobs += [executor.submit(call) for call in calls[chunk.start:chunk.stop]]
         return jobs
+
+    def submit_after(self, call: Callable[[], Any], after: list[str]) -> str:
+        """One job of one task on one node (a GPU where trials have any), in the trials'
+        environment and container, that starts once the jobs `after` have ended (afterany)."""
+        one = dataclasses.replace(self.resources, nodes=1, tasks_per_node=1, pack=1, max_parallel=1,
+                                  gpus_per_node=min(1, self.resources.gpus_per_node))
+        executor = submitit.SlurmExecutor(folder=self.folder, max_num_timeout=0, python=shlex.join(self.launch.python))
+        executor.update_parameters(**sbatch.executor_parameters(one, self.name, False, environment.job_parameters(
+            self.env, one.extra_sbatch, self.launch)), **({"dependency": f"afterany:{':'.join(after)}"} if after else {}))
+        return executor.submit(call).job_id
 
     def alive(self, job_id: str) -> bool:
         return self.states([job_id]).get(job_id) in cluster.ACTIVE
@@ -260,9 +271,6 @@ def resolve_kind(spec: SweepSpec, source: str) -> str:
         raise ConfigError([f"{source}: environment.container.runtime: pyxis runs containers through SLURM's srun, and "
                            f"the local executor has none; use apptainer or charliecloud here, or "
                            f"environment.container=null"])
-    if kind == "slurm" and spec.final is not None:
-        raise ConfigError([f"{source}: final: the test evaluation as a SLURM job (after the sweep's arrays) is not "
-                           f"built yet; set executor: local, or leave final out"])
     if spec.executor == "local" and spec.resources.nodes > 1:
         raise ConfigError([f"{source}: resources.nodes: the local executor runs one node, got {spec.resources.nodes}"])
     return kind

@@ -8,8 +8,17 @@ choice it evaluated (the configuration, its seeds and their best steps, the spli
 as the sweep file gives it now, with the test files' sizes and times), and a re-run that
 chooses as before evaluates nothing. The file is written whole (atomic rename): a killed
 evaluation leaves the earlier one or none; one that is damaged or not ours is said in a line
-and evaluated again. Locally it runs after the last trial, on the driver's machine; with SLURM
-(a job depending on the sweep's arrays) it is not built yet.
+and evaluated again.
+
+Locally it runs after the last trial, on the driver's machine. With SLURM it is a job of its
+own (`FinalJob`, one node, one task, a GPU where the trials had one, in the sweep's environment
+and container), submitted with the trials and held by `--dependency=afterany` on every job of
+the sweep that may still run: it starts once they have all ended, however they ended, with no
+one at a terminal. It finds the choice from the trials' own files, writes final.json and
+nothing else: the store has one writer (track/outbox.py), so the test metrics reach the parent
+run when a driver follows the sweep to its end (`--wait`) or `status --sync` runs after it.
+A re-run that submits trials replaces a final job that has not ended (it would start before
+them); one that submits none keeps it, unless the test split it was given has changed since.
 """
 
 from __future__ import annotations
@@ -21,15 +30,18 @@ import os
 import statistics
 import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Optional
 
 from ..base.files import DamagedFile, DiskFull, write_json
 from ..base.layout import SweepLayout
 from ..base.secrets import redact_text
 from ..config.choice import Final
-from .executors import stop_with_parent
+from .executors import Executor, SlurmArrays, stop_with_parent
 from .report import chosen_seeds, final_results
-from .sweep_dir import Manifest
+from .states import refresh
+from .sweep_dir import Manifest, last_error
 
 PREFIX = "qarac_dist: final: "
 
@@ -52,6 +64,14 @@ def choice(manifest: Manifest, final: Final, configs: dict[str, dict]) -> Option
         return None
     first = configs.get(min(seeds)) or manifest.trials[min(seeds)].config
     return {"configuration": configuration, "seeds": seeds, "split": final.split, "data": _test_data(first)}
+
+
+def latest(manifest: Manifest, layout: SweepLayout) -> Optional[dict]:
+    """The newest result in final.json of the sweep's choice as its trials stand now (status
+    --sync, which has no sweep file to plan the split from: a final job wrote it)."""
+    configuration, seeds = chosen_seeds(manifest)
+    return next((r for r in reversed(_stored(layout)) if r["choice"]["configuration"] == configuration
+                 and r["choice"]["seeds"] == seeds), None)
 
 
 def _stored(layout: SweepLayout) -> list[dict]:
@@ -120,3 +140,71 @@ def summarize(per_seed: dict[str, dict[str, float]]) -> dict:
                      for k, v in values.items()},
             "std": {k: statistics.stdev(v) if len(v) > 1 and all(math.isfinite(x) for x in v) else None
                     for k, v in values.items()}}
+
+
+class FinalJob:
+    """The final evaluation as a SLURM job. Every job it waited for has ended, so the trials'
+    own files say all there is (a container has no SLURM commands to ask)."""
+
+    def __init__(self, root: str, final: Final, configs: dict[str, dict]):
+        self.root, self.final, self.configs = root, final, configs
+
+    def __call__(self) -> str:
+        layout = SweepLayout(Path(self.root))
+        manifest = Manifest.load(layout.root)
+        refresh(manifest, lambda _jobs: {}, layout)
+        result = evaluate(self.final, manifest, layout, self.configs)
+        if result is None:
+            raise SystemExit(1)  # the line above says why
+        return result["digest"]
+
+
+def _given(final: Final, configs: dict[str, dict]) -> str:
+    """What a final job is given that a re-run may change: the split and its data."""
+    return digest({"split": final.split, "data": _test_data(configs[min(configs)])})
+
+
+def schedule(executor: SlurmArrays, manifest: Manifest, layout: SweepLayout, final: Final, configs: dict[str, dict],
+             submitted: bool) -> Optional[str]:
+    """With SLURM: the final evaluation as a job after every job of the sweep that may still run
+    (`submitted`: this run submitted trials). None is submitted when the sweep has ended and
+    final.json holds its choice, or while an earlier one may still run for the same split.
+    Returns the line that names the job submitted."""
+    live = sorted(executor.live(sorted({job for r in manifest.trials.values() for job in r.jobs})))
+    earlier, given = manifest.final_job.get("id"), _given(final, configs)
+    if earlier and executor.alive(earlier):
+        if not submitted and manifest.final_job.get("given") == given:
+            return None
+        executor.cancel([earlier], at_once=True)
+    elif not live:
+        chosen = choice(manifest, final, configs)
+        if chosen is None or any(r["choice"] == chosen for r in _stored(layout)):
+            return None
+    job = executor.submit_after(FinalJob(str(layout.root.resolve()), final, configs), live)
+    manifest.final_job = {"id": job, "given": given}
+    manifest.save(layout.root)
+    after = f" after job(s) {', '.join(live)} (afterany)" if live else ""
+    return f"submitted: SLURM job {job}, the evaluation on the split {final.split!r}{after}"
+
+
+def wait_for_job(executor: Executor, manifest: Manifest, poll_s: float = 2.0) -> None:
+    """Until the final job has ended (the trials have)."""
+    job = manifest.final_job.get("id")
+    while job and executor.alive(job):
+        time.sleep(poll_s)
+
+
+def recorded(final: Final, manifest: Manifest, layout: SweepLayout, configs: dict[str, dict]) -> Optional[dict]:
+    """The result the final job kept for the sweep's choice; None (said in a line, with the
+    job's last error line) when there is none."""
+    chosen = choice(manifest, final, configs)
+    if chosen is None:
+        print(f"{PREFIX}the sweep chose no configuration; the test split was not read", file=sys.stderr)
+        return None
+    found = next((r for r in _stored(layout) if r["choice"] == chosen), None)
+    if found is None:
+        job = manifest.final_job.get("id")
+        why = last_error(layout, job) if job else None
+        print(f"{PREFIX}no evaluation of this choice on {final.split!r}"
+              f"{f' (job {job}: {why})' if why else ''}; run the sweep again to evaluate it", file=sys.stderr)
+    return found

@@ -54,8 +54,10 @@ def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, source: str, sho
     if spec.asha is not None and trials:
         print_rungs(spec, trials)
     if spec.final is not None:
+        where = "a SLURM job of one task after every job of the sweep, afterany" if kind == "slurm" else \
+            "here, after the last trial"
         print(f"final: once the sweep has chosen, the chosen configuration's best model of each seed is evaluated once "
-              f"on the split {spec.final.split!r}, which no trial reads (here, after the last trial)")
+              f"on the split {spec.final.split!r}, which no trial reads ({where})")
     if kind == "slurm" or spec.executor != "local":
         size = cluster.max_array_size() if cluster.available() else 1001
         folder = sbatch.job_folder(layout_for(spec).submitit)

@@ -1,7 +1,7 @@
 """One run of the sweep command past planning, in the order its steps happen: take the sweep's
 lock, read the manifest, decide what to run, check it (sbatch --test-only, preflight), write
 the sweep's files, make the MLflow runs, submit, report, follow until the trials end, close the
-parent run. Also the other way in: `refresh` (the status command; cancel.py).
+parent run. Also the other way in: `attach` (the status command; cancel.py).
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ from ..plan import Trial, select_defaults, varied_keys
 from ..track.code_record import of_sweep
 from ..track.job_context import JobContext
 from . import claims, cluster, environment, final, lock_check, pack, sbatch, tracking
+from .states import refresh
 from .executors import Executor, TrialJob, make_executor
 from .report import print_summary
 from .search import check_record, tell_ended, warm_start
-from .sweep_dir import DONE, FAILED, QUIET, RESUBMIT, Attempt, Manifest, SweepLock, TrialRecord, job_error, \
-    layout_for, own_error, read_cancels, resolve_state, same_record, write_sweep_file
+from .sweep_dir import DONE, FAILED, RESUBMIT, Attempt, Manifest, SweepLock, TrialRecord, layout_for, same_record, \
+    write_sweep_file
 
 SAVE_WAIT_S = 120
 """How long a stopped driver waits for its local trials to save before it stops them at once."""
@@ -56,6 +57,8 @@ class Submission:
         self.submitted = False
         self.preflight_text = None
         self.retiring: list[TrialRecord] = []
+        self.final_job: Optional[str] = None
+        """The line that says which job evaluates the test split (SLURM and final), if one was submitted."""
         """Trials that left the sweep file (or came back) since the manifest was saved."""
 
     @property
@@ -91,6 +94,8 @@ class Submission:
                 with _stop_signals():
                     follow(manifest, self.layout, self.executor, todo if self.started_here else [],
                            self.spec.resources.max_parallel)
+                    if self.spec.final is not None and not self.local:
+                        final.wait_for_job(self.executor, manifest)
             except _Stopped:
                 return self.stop(manifest)
             except DiskFull as full:  # the manifest could not be saved: say why, show where it stands
@@ -103,8 +108,10 @@ class Submission:
                 print_summary(manifest, self.layout)
                 return 1
             tracking.close_parent(manifest, self.layout)
-            tested = final.evaluate(self.spec.final, manifest, self.layout, {t.id: t.config for t in self.trials}) \
-                if self.spec.final else None
+            configs = {t.id: t.config for t in self.trials}
+            tested = None if self.spec.final is None else \
+                final.evaluate(self.spec.final, manifest, self.layout, configs) if self.local else \
+                final.recorded(self.spec.final, manifest, self.layout, configs)
             tracking.log_final(manifest, tested)
             best = print_summary(manifest, self.layout)
             unfinished = [r for r in manifest.trials.values() if r.state not in DONE and not r.retired]
@@ -154,7 +161,7 @@ class Submission:
         left = [job for job in jobs if self.executor.alive(job)]
         if left:
             self.executor.cancel(left, at_once=True)
-        refresh(manifest, self.executor, self.layout)
+        refresh(manifest, self.executor.states, self.layout)
         if save:
             try:
                 manifest.save(self.layout.root)
@@ -204,7 +211,7 @@ class Submission:
                 manifest.trials[trial.id] = TrialRecord(trial.id, trial.label, trial.overrides, trial.config,
                                                         trial.config["output"]["dir"], self.executor.kind,
                                                         slot=trial.slot, configuration=trial.configuration)
-        refresh(manifest, self.executor, self.layout)
+        refresh(manifest, self.executor.states, self.layout)
         if self.spec.search is not None:
             tell_ended(self.layout, list(manifest.trials.values()), manifest.select_metric,
                        manifest.select_mode)
@@ -251,6 +258,9 @@ class Submission:
         if todo and not self.started_here:
             self.submitted = True
             submit_records(manifest, self.layout, self.executor, todo, self.spec.search)
+        if self.spec.final is not None and not self.local:
+            self.final_job = final.schedule(self.executor, manifest, self.layout, self.spec.final,
+                                            {t.id: t.config for t in self.trials}, bool(todo))
 
     def report(self, manifest: Manifest, todo: list[TrialRecord]) -> None:
         print(f"sweep {self.spec.name}: {len(self.trials)} trials, {len(todo)} to run, "
@@ -258,7 +268,7 @@ class Submission:
         if retired := sum(r.retired and r.active for r in manifest.trials.values()):
             print(f"{retired} trial(s) no longer in the sweep file still run: they end as they would, shown apart and "
                   f"never chosen best")
-        if self.executor.kind != "slurm" or not todo:
+        if self.executor.kind != "slurm" or not todo and not self.final_job:
             return
         for nodes, why in self.bad_nodes.items():
             print(f"excluded: {nodes} ({why}); delete {self.layout.bad_nodes} to allow them again")
@@ -269,6 +279,8 @@ class Submission:
         for job, count in arrays.items():
             print(f"submitted: SLURM job {job}, an array of {count} {what}" if count > 1 else
                   f"submitted: SLURM job {job}")
+        if self.final_job:
+            print(self.final_job)
         if not self.wait:
             again = " ".join(shlex.quote(a) for a in self.command)
             print(f"follow:    {again} --wait\n"
@@ -298,21 +310,6 @@ def _stop_signals():
 def attach(kind: str, layout: SweepLayout) -> Executor:
     """An executor to ask about and cancel a sweep's jobs (not to submit new ones)."""
     return make_executor(kind, layout.submitit, Resources(), sbatch.job_name(layout.root.name), 0)
-
-
-def refresh(manifest: Manifest, executor: Executor, layout: SweepLayout) -> None:
-    """Update every record's state from the scheduler, the current attempt's own files, and the
-    cancels recorded beside the manifest (made while a driver held it)."""
-    records = list(manifest.trials.values())
-    ended = pack.follow_claims(records, layout)
-    scheduler = executor.states(sorted({job for r in records for job in r.jobs}))
-    cancelled = read_cancels(layout.root)
-    for r in records:
-        if cancelled.get(r.id) == r.attempt and r.state != "QUEUED":
-            r.state = "CANCELLED"
-        r.state = pack.state_of(r, ended, scheduler) if r.pack_jobs else resolve_state(r, scheduler.get(r.job_id))
-        if r.state in FAILED:
-            r.error = own_error(r) or r.error or (job_error(layout, r) if r.state not in QUIET else None)
 
 
 def submit_records(manifest: Manifest, layout: SweepLayout, executor: Executor, records: list[TrialRecord],
@@ -370,7 +367,7 @@ def follow(manifest: Manifest, layout: SweepLayout, executor: Executor, queued: 
     console = Console(width=200)
     queue = list(queued)
     last_states: dict[str, str] = {}
-    refreshed = cluster.Patience(lambda: refresh(manifest, executor, layout) or True, unknown=lambda: False)
+    refreshed = cluster.Patience(lambda: refresh(manifest, executor.states, layout) or True, unknown=lambda: False)
     with Live(console=console, auto_refresh=False, transient=True) as live:
         while True:
             if not refreshed():  # the scheduler did not answer: nothing is decided on it

@@ -1,16 +1,20 @@
 """Repeats (issue 36): the shipped seeds demo, run as a user runs it (local executor), where the
 learning rate with the best single seed is not the one with the best mean; then its one look at
-the test split."""
+the test split. On the local SLURM cluster: that look as a job after the sweep's jobs, and the
+champion moved by a re-run whose choice changed."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import re
 import statistics
+import subprocess
 import textwrap
 
 from qarac_dist.submit.sweep_dir import Manifest
 from qarac_dist.track.mlflow_client import client
-from support import ROOT, run_status, run_sweep, table_rows
+from support import ROOT, run_status, run_sweep, table_rows, tiny_config, write_config
 
 
 # Every process of the sweep (driver, trials, the final evaluation) logs each file it opens whose
@@ -85,3 +89,63 @@ def test_the_seeds_demo_picks_the_configuration_with_the_best_mean_not_the_best_
     assert again.returncode == 0 and "0 to run" in again.stdout, again.stdout + again.stderr
     assert not opens.exists() and json.loads((tmp_path / "runs" / "seeds_demo" / "final.json").read_text()) == record
     assert len(c.get_metric_history(manifest.mlflow_parent_run_id, "test_accuracy")) == 1
+
+
+def _job(job: str) -> dict[str, str]:
+    """scontrol's fields of a job (the controller keeps ended jobs for MinJobAge, 300 s here)."""
+    text = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    return dict(f.split("=", 1) for f in text.split() if "=" in f)
+
+
+def _final_sweep(tmp_path, data_cache, rates) -> object:
+    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 4}, evaluation={"every_steps": 2},
+                       tracking={"log_model": True, "register_model": "final_slurm"})
+    sweep = {"name": "final_slurm", "base": base, "runs_dir": str(tmp_path / "runs"), "executor": "slurm",
+             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "set": {"data.synthetic.num_test": 40},
+             "grid": {"optimizer.lr": rates}, "select": {"metric": "accuracy", "mode": "max"},
+             "final": {"split": "test"}, "resources": {"time_min": 10, "max_parallel": 2}}
+    return write_config(tmp_path / "final_slurm.yaml", sweep)
+
+
+def test_on_slurm_the_test_split_is_a_job_after_the_sweeps_jobs_and_a_new_choice_moves_the_champion(
+        cluster, tmp_path, data_cache):
+    path = _final_sweep(tmp_path, data_cache, [1e-3, 3e-3])
+    out = run_sweep(path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    line = re.search(r"submitted: SLURM job (\d+), the evaluation on the split 'test' after job\(s\) (.*) \(afterany\)",
+                     out.stdout)
+    assert line is not None, out.stdout
+    evaluation, trials = line[1], line[2].split(", ")
+    manifest = Manifest.load(tmp_path / "runs" / "final_slurm")
+    assert sorted(trials) == sorted(r.job_id for r in manifest.trials.values())
+    assert all(f"afterany:{job}" in _job(evaluation)["Dependency"] for job in trials), _job(evaluation)
+    # Followed to its end: the job kept, not submitted again; the test metrics on the parent.
+    followed = run_sweep(path, "--wait")
+    assert followed.returncode == 0, followed.stdout + followed.stderr
+    assert "the evaluation on the split" not in followed.stdout
+    ended = max(datetime.datetime.fromisoformat(_job(job)["EndTime"]) for job in trials)
+    assert _job(evaluation)["JobState"] == "COMPLETED"
+    assert datetime.datetime.fromisoformat(_job(evaluation)["StartTime"]) >= ended
+    record = json.loads((tmp_path / "runs" / "final_slurm" / "final.json").read_text())["results"]
+    manifest = Manifest.load(tmp_path / "runs" / "final_slurm")
+    c = client(manifest.tracking_uri)
+    parent = c.get_run(manifest.mlflow_parent_run_id).data
+    best = parent.tags["best_trial"]
+    assert len(record) == 1 and list(record[0]["seeds"]) == [best] and record[0]["rows"] == 40
+    assert parent.metrics["test_accuracy"] == record[0]["seeds"][best]["accuracy"]
+    assert parent.tags["final_configuration"] == best and "test (split 'test', 40 rows" in followed.stdout
+    champion = c.get_model_version_by_alias("final_slurm", "champion")
+    assert champion.tags["trial_id"] == best and str(champion.version) == "1"
+    # The chosen trial leaves the sweep file: the choice changes, with nothing to train; a job
+    # with nothing to wait for evaluates it, and the champion moves to the new choice.
+    other = next(r for r in manifest.trials.values() if r.id != best)
+    narrowed = run_sweep(_final_sweep(tmp_path, data_cache, [other.config["optimizer"]["lr"]]), "--wait")
+    assert narrowed.returncode == 0, narrowed.stdout + narrowed.stderr
+    assert re.search(r"submitted: SLURM job \d+, the evaluation on the split 'test'\n", narrowed.stdout), narrowed.stdout
+    record = json.loads((tmp_path / "runs" / "final_slurm" / "final.json").read_text())["results"]
+    assert [list(r["seeds"]) for r in record] == [[best], [other.id]]
+    parent = c.get_run(manifest.mlflow_parent_run_id).data
+    assert parent.tags["final_configuration"] == other.id and parent.tags["best_trial"] == other.id
+    assert parent.metrics["test_accuracy"] == record[1]["seeds"][other.id]["accuracy"]
+    champion = c.get_model_version_by_alias("final_slurm", "champion")
+    assert champion.tags["trial_id"] == other.id and str(champion.version) == "2"

@@ -82,19 +82,80 @@ def test_a_trial_prepares_no_test_split_and_the_final_evaluation_does(tmp_path):
     assert tested.tokenizer.get_vocab() == splits.tokenizer.get_vocab()  # the trials' own tokenizer
 
 
-def test_the_final_evaluation_as_a_slurm_job_is_refused_in_one_line(tmp_path, monkeypatch):
-    from qarac_dist.submit import cluster
-    from qarac_dist.submit.executors import resolve_kind
+class _Cluster:
+    """What final.schedule asks of SLURM: which jobs may still run, cancels, submissions."""
 
-    monkeypatch.setattr(cluster, "available", lambda: True)
-    path = tmp_path / "s.yaml"
-    write_config(path, {"name": "s", "base": tiny_config(tmp_path / "cache", tmp_path / "out"), "executor": "auto",
-                        "set": {"data.synthetic.num_test": 10}, "final": {"split": "test"}})
-    spec, _ = load_sweep(path)
-    with pytest.raises(ConfigError, match="final: the test evaluation as a SLURM job .* is not built yet"):
-        resolve_kind(spec, str(path))
-    spec.final = None
-    assert resolve_kind(spec, str(path)) == "slurm"
+    def __init__(self, live=()):
+        self.live_jobs, self.cancelled, self.submitted = set(live), [], []
+
+    def live(self, jobs):
+        return self.live_jobs & set(jobs)
+
+    def alive(self, job):
+        return job in self.live_jobs
+
+    def cancel(self, jobs, at_once=False):
+        self.cancelled += jobs
+        self.live_jobs -= set(jobs)
+
+    def submit_after(self, call, after):
+        job = str(900 + len(self.submitted))
+        self.submitted.append((call, after))
+        self.live_jobs.add(job)
+        return job
+
+
+def test_the_final_job_waits_for_every_job_that_may_run_and_is_replaced_only_when_it_must(tmp_path, monkeypatch):
+    from qarac_dist.submit.sweep_dir import Manifest, TrialRecord
+
+    layout = SweepLayout(tmp_path / "sweep")
+    layout.root.mkdir()
+    manifest = Manifest("s", "slurm", "accuracy", "max")
+    for tid, job in (("a", "7_0"), ("b", "7_1"), ("c", "6_0")):
+        manifest.trials[tid] = TrialRecord(tid, tid, {}, {}, str(tmp_path / tid), "slurm", job_id=job)
+    configs = {"a": {"data": {"synthetic": {"num_test": 40}}}}
+    chosen = {"configuration": "a", "seeds": {"a": 4}, "split": "test", "data": {}}
+    monkeypatch.setattr(final, "choice", lambda *_: chosen)
+    slurm = _Cluster(live={"7_0", "7_1"})
+    line = final.schedule(slurm, manifest, layout, Final(), configs, submitted=True)
+    (job, after), = slurm.submitted
+    assert after == ["7_0", "7_1"] and line.endswith("after job(s) 7_0, 7_1 (afterany)")
+    assert isinstance(job, final.FinalJob) and job.root == str(layout.root.resolve())
+    assert Manifest.load(layout.root).final_job["id"] == "900"
+    # Followed again (nothing submitted): the job that waits is kept; new trials replace it.
+    assert final.schedule(slurm, manifest, layout, Final(), configs, submitted=False) is None
+    assert final.schedule(slurm, manifest, layout, Final(), configs, submitted=True) is not None
+    assert slurm.cancelled == ["900"] and manifest.final_job["id"] == "901"
+    # A test split edited since: the job would evaluate the old one.
+    edited = {"a": {"data": {"synthetic": {"num_test": 80}}}}
+    assert final.schedule(slurm, manifest, layout, Final(), edited, submitted=False) is not None
+    assert slurm.cancelled == ["900", "901"] and slurm.submitted[-1][1] == ["7_0", "7_1"]
+    # The sweep has ended: a choice evaluated before submits nothing; one never evaluated, a job
+    # with nothing to wait for.
+    slurm = _Cluster()
+    write_json(layout.final, {"results": [{"choice": chosen, "digest": "d", "rows": 40, "seeds": {},
+                                           "mean": {}, "std": {}}]})
+    assert final.schedule(slurm, manifest, layout, Final(), configs, submitted=False) is None and not slurm.submitted
+    chosen = {**chosen, "seeds": {"a": 6}}
+    assert final.schedule(slurm, manifest, layout, Final(), configs, submitted=False).endswith("on the split 'test'")
+    assert slurm.submitted[0][1] == []
+
+
+def test_status_sync_takes_the_latest_result_only_when_it_is_of_the_choice_as_the_trials_stand(tmp_path, monkeypatch):
+    from qarac_dist.submit.sweep_dir import Manifest
+
+    layout = SweepLayout(tmp_path)
+    manifest = Manifest("s", "slurm", "accuracy", "max")
+    assert final.latest(manifest, layout) is None  # no final.json: no final job ran
+    kept = [{"choice": {"configuration": c, "seeds": {c: 4}, "split": "test", "data": {}}, "digest": c, "rows": 4,
+             "seeds": {}, "mean": {}, "std": {}} for c in ("a", "b")]
+    write_json(layout.final, {"results": kept})
+    monkeypatch.setattr(final, "chosen_seeds", lambda _: ("b", {"b": 4}))
+    assert final.latest(manifest, layout)["digest"] == "b"
+    monkeypatch.setattr(final, "chosen_seeds", lambda _: ("a", {"a": 4}))  # chosen again: evaluated before
+    assert final.latest(manifest, layout)["digest"] == "a"
+    monkeypatch.setattr(final, "chosen_seeds", lambda _: ("b", {"b": 6}))  # a later best step
+    assert final.latest(manifest, layout) is None
 
 
 def test_the_mean_and_std_over_seeds_and_the_summary_line(tmp_path, monkeypatch, capsys):

@@ -444,6 +444,8 @@ MANIFEST_CASES = [
                           b'"trials": {"t1": {"id": "t1", "label": "x", "overrides": {}, "config": {}, '
                           b'"output_dir": "o", "executor": "local", "state": 3}}}', "trials.t1.state: expected a string"),
     ("missing-field", b'{"executor": "local", "trials": {}}', "required"),
+    ("final-job-not-a-mapping", b'{"sweep": "s", "executor": "slurm", "select_metric": "accuracy", "select_mode": '
+                                b'"max", "trials": {}, "final_job": "812"}', "final_job: expected a mapping"),
 ]
 
 
@@ -630,9 +632,10 @@ def test_a_job_that_left_no_verdict_shows_its_logs_last_error_line(tmp_path, cap
     out = capsys.readouterr().out
     assert "LOST" in out and "ModuleNotFoundError" in out, out
     from qarac_dist.submit import submission
+    from qarac_dist.submit.states import refresh
 
     manifest = Manifest.load(directory)
-    submission.refresh(manifest, submission.attach("local", SweepLayout(directory)), SweepLayout(directory))
+    refresh(manifest, submission.attach("local", SweepLayout(directory)).states, SweepLayout(directory))
     assert manifest.trials["t1"].error == f"ModuleNotFoundError: No module named 'optuna.samplers._tpe' ({log})"
 
 
