@@ -157,7 +157,9 @@ def test_the_rung_table_shows_seeds_and_decisions(tmp_path):
     assert decisions == {"c1": (pytest.approx(0.6), "continue", "a1 a2", ""), "c2": (0.25, "stop", "b1", "b2")}
 
 
-def test_a_plan_with_repeats_and_successive_halving_gives_each_seed_its_rungs_and_siblings(tmp_path):
+def test_a_plan_with_repeats_and_successive_halving_gives_each_seed_its_rungs_and_siblings(tmp_path, monkeypatch,
+                                                                                         capsys):
+    from qarac_dist import sweep
     from qarac_dist.config.sweep import load_sweep
     from qarac_dist.plan import plan
     from qarac_dist.submit.sweep_dir import Manifest, TrialRecord
@@ -179,3 +181,8 @@ def test_a_plan_with_repeats_and_successive_halving_gives_each_seed_its_rungs_an
         siblings = manifest.seeds_of(manifest.trials[t.id])
         assert t.id in siblings and {manifest.trials[s].configuration for s in siblings} == {t.configuration}
         assert len(siblings) == 3
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out  # 2 configurations halve to 1 at each rung, with their 3 seeds: 3 x (2x10 + 10 + 20)
+    assert ("training steps: at most 240 (no trial stopped); about 150 if each rung passes 1/2 of the configurations "
+            "(3 seeds each, decided on their mean) reaching it") in out, out
