@@ -21,6 +21,20 @@ every first arrival continues, so an early slow starter is not cut before there 
 compare it with. A NaN metric stops the trial in both, first arrival or not, and counts as the
 worst for the trials after it; a NaN loss ranks last among equal metrics.
 
+With repeats (K seeds per configuration) a rung decides a configuration, not a trial, and its
+seeds are pruned together. Each seed records its score at the rung and goes on training; the
+seed whose arrival completes the configuration there (all K recorded) decides on the
+configuration's mean score (metric, then loss; a NaN in any seed makes the mean NaN, which
+stops it) against the means of the configurations decided at that rung before it, by the rule
+above. A seed that ended (failed, cancelled, completed or pruned otherwise) before the rung
+cannot report there: the configuration is then decided on the seeds that reported, by
+whichever of its seeds looks next (one arriving, or one waiting at its next validation), and
+the decision names the seeds it was taken without. No seed waits: an earlier seed keeps
+training, looks at each validation (and on resuming) whether its configuration was stopped,
+and stops PRUNED at that rung, so it may train a few validation intervals past the rung. A
+configuration whose living seeds all ended before the decision could be taken stays undecided
+there (`waiting` in the rung table), and nothing of it is stopped.
+
 The first arrivals at a rung are whoever starts first, so a sweep with successive halving
 starts its trials in the order of their ids (plan/expand.py), a shuffle that re-planning
 reproduces: a grid written in sorted order would otherwise start one end of every axis first

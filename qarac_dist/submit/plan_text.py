@@ -94,13 +94,17 @@ def print_search(spec: SweepSpec, told: str) -> None:
 
 def print_rungs(spec: SweepSpec, trials: list[Trial]) -> None:
     asha = trials[0].config["asha"]
-    groups = Counter((t.config["training"]["max_steps"], tuple(t.config["asha"]["rungs"])) for t in trials)
-    most = sum(steps * n for (steps, _), n in groups.items())
-    halving = sum(budget(n, steps, list(rungs), asha["reduction_factor"]).halving for (steps, rungs), n in groups.items())
+    most = sum(t.config["training"]["max_steps"] for t in trials)
+    # With repeats a rung passes configurations, each with all its seeds: counted by first seeds.
+    groups = Counter((t.config["training"]["max_steps"], tuple(t.config["asha"]["rungs"])) for t in trials
+                     if t.configuration in (None, t.id))
+    halving = spec.repeats * sum(budget(n, steps, list(rungs), asha["reduction_factor"]).halving
+                                 for (steps, rungs), n in groups.items())
     print(f"successive halving on {asha['mode']} {asha['metric']}: rungs at steps "
           f"{', '.join(map(str, asha['rungs'])) or '(none below max_steps)'}, reduction factor {asha['reduction_factor']}")
+    passed = "trials" if spec.repeats == 1 else f"configurations ({spec.repeats} seeds each, decided on their mean)"
     print(f"training steps: at most {most:,} (no trial stopped); about {halving:,} if each rung passes "
-          f"1/{asha['reduction_factor']} of the trials reaching it")
+          f"1/{asha['reduction_factor']} of the {passed} reaching it")
     if spec.search is not None:  # slots start in order; each is asked for when it starts
         return
     order = "in the order of their ids, a reproducible shuffle" if spec.asha.start == "shuffled" else "in the order listed"

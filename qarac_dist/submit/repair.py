@@ -90,7 +90,8 @@ def _repair_rungs(layout: SweepLayout, manifest: Manifest) -> None:
     for k in range(len(list(layout.asha.glob("rung*.jsonl"))) if layout.asha.is_dir() else 0):
         trials = [(r.id, r.trial_dir, r.config["asha"]["rungs"][k]) for r in manifest.trials.values()
                   if (r.config.get("asha") or {}).get("rungs", [])[k:]]
-        kept = rungs.rebuild(layout, k, manifest.select_metric, trials)
+        kept = rungs.rebuild(layout, k, manifest.select_metric, trials,
+                             {r.id: r.configuration for r in manifest.trials.values() if r.configuration})
         if kept is not None:
             print(f"rebuilt {layout.rung(k)} from the trials' own records; the damaged one is {kept}")
 

@@ -352,7 +352,7 @@ def job_context(manifest: Manifest, layout: SweepLayout, record: TrialRecord, re
                       sweep_dir=str(layout.root.resolve()), select_metric=manifest.select_metric,
                       select_mode=manifest.select_mode, tags={"sweep": manifest.sweep, "trial_id": record.id,
                                                               "executor": record.executor, **manifest.code},
-                      gpus=gpus, cpus=cpus)
+                      gpus=gpus, cpus=cpus, configuration=record.configuration, seeds=manifest.seeds_of(record))
 
 
 def follow(manifest: Manifest, layout: SweepLayout, executor: Executor, queued: list[TrialRecord], max_parallel: int,

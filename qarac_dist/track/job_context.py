@@ -40,6 +40,11 @@ class JobContext:
     """GPUs the trial holds (all its nodes'), as the sweep asked for them: its usage clock's."""
     cpus: int = 0
     """CPU cores the trial holds (all its tasks')."""
+    configuration: Optional[str] = None
+    """With repeats: the configuration the trial is a seed of (plan/expand.py's Trial.configuration)."""
+    seeds: tuple = ()
+    """With repeats: the ids of every seed of that configuration, this trial's included; successive
+    halving decides a rung on their mean (track/rungs.py)."""
 
     @property
     def sweep(self) -> Optional[SweepLayout]:

@@ -16,13 +16,24 @@ from .trial_dir import TrialDir
 
 
 def table(sweep: SweepLayout) -> str:
-    lines = ["rung,step,trial,value,loss,decision,recorded_before"]
-    k = 0
+    """A row per arrival; with repeats, a seed's row gives its configuration's decision (`waiting`
+    until taken), and each configuration's decision has a row of its own: its mean, the seeds it
+    is the mean of, and those that ended before the rung (`without`)."""
+    rows, repeats, k = [], False, 0
     while sweep.rung(k).exists():
-        for a in rungs.read(sweep, k):
-            lines.append(f"{k},{a.step},{a.trial},{a.value},{a.loss},{'continue' if a.keeps_going else 'stop'},{a.seen}")
+        record = rungs.read_record(sweep, k)
+        for a in map(record.resolved, record.arrivals):
+            repeats = repeats or a.configuration is not None
+            decision = "waiting" if a.pending else "continue" if a.keeps_going else "stop"
+            rows.append([k, a.step, a.trial, a.value, a.loss, decision, a.seen, a.configuration or "", "", ""])
+        for d in record.decisions.values():
+            rows.append([k, d.step, "", d.value, d.loss, "continue" if d.keeps_going else "stop", d.seen,
+                         d.configuration, " ".join(d.seeds), " ".join(d.without)])
         k += 1
-    return "\n".join(lines) + "\n"
+    columns = 10 if repeats else 7  # a sweep without repeats: the table as before
+    header = ["rung", "step", "trial", "value", "loss", "decision", "recorded_before", "configuration", "mean_of",
+              "without"]
+    return "".join(",".join(map(str, row[:columns])) + "\n" for row in [header, *rows])
 
 
 def curves(sweep: SweepLayout, metric: str) -> dict[str, list[tuple[int, float]]]:

@@ -126,7 +126,7 @@ class Trainer:
         self.window = Window(self.device)
         self.nonfinite = NonFinite(self.cfg.training.max_nonfinite_steps)
         self.data = self.batches.iterate(start_step=self.step + self.offset)
-        self.pruned = rung_gate.recorded_stop(self.cfg.asha, self.ranks, self.control_group, self.context.sweep,
+        self.pruned = rung_gate.recorded_stop(self.cfg.asha, self.ranks, self.control_group, self.context,
                                               self.dir.path.name, self.step) \
             if self.cfg.asha is not None and self.resume_tag is not None else None
         if self.spikes is not None and self.resume_tag is None:
@@ -205,18 +205,18 @@ class Trainer:
 
     def validate_and_keep_best(self) -> bool:
         """Validate; export the model if it is the best so far; at a successive-halving rung,
-        record the metric and learn whether to go on. True if training should stop."""
+        record the metric and learn whether to go on (a seed: whether its configuration was
+        stopped, at any validation). True if training should stop."""
         metrics = evaluate(self.engine, self.splits, self.collate, self.val_order, self.ranks, self.cfg,
                            self.to_device)
         self.tracker.log(self.step, {f"val_{k}": v for k, v in metrics.items()})
         if self.best.update(self.step, metrics[self.cfg.evaluation.metric]) and self.cfg.output.export_best:
             self.export(self.dir.best, metrics)
-        asha = self.cfg.asha
-        if asha is not None and self.step in asha.rungs and not rung_gate.keeps_going(
-                asha, self.ranks, self.control_group, self.context.sweep, self.dir.path.name,
-                asha.rungs.index(self.step), self.step, metrics):
-            self.pruned = {"rung": asha.rungs.index(self.step), "step": self.step}
-            return True
+        if self.cfg.asha is not None:
+            self.pruned = rung_gate.stop_at(self.cfg.asha, self.ranks, self.control_group, self.context,
+                                            self.dir.path.name, self.step, metrics)
+            if self.pruned is not None:
+                return True
         return self.best.should_stop(self.cfg.early_stopping.patience)
 
     # ------------------------------------------------------------------ pieces

@@ -1,39 +1,58 @@
 """Successive halving as the loop meets it (track/rungs.py keeps the record): rank 0 records the
-trial's arrival at a rung and decides, finds a decision recorded before a requeue, or withdraws
-the arrivals a rollback undid; every rank follows through the control (gloo) group."""
+trial's arrival at a rung and decides, finds a decision recorded before a requeue, looks whether
+a seed's configuration was stopped, or withdraws the arrivals a rollback undid; every rank
+follows through the control (gloo) group."""
 
 from __future__ import annotations
 
 import math
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 
 from ..config.sections import AshaConfig
 from ..track import rungs
+from ..track.job_context import JobContext
 from .ranks import Ranks
 
 
-def keeps_going(asha: AshaConfig, ranks: Ranks, group, sweep, trial: str, rung: int, step: int,
-                metrics: dict[str, float]) -> bool:
-    """Record the metric at `rung` (or replay the decision recorded before) and decide."""
-    going = torch.tensor([1])
-    if ranks.is_main:
-        score = (float(metrics[asha.metric]), float(metrics.get("loss", math.nan)))
-        arrival = rungs.arrive(sweep, rung, trial, score, step,
-                               lambda mine, before: rungs.keeps_going(mine, before, asha.reduction_factor, asha.mode))
-        going[0] = int(arrival.keeps_going)
-    if ranks.world_size > 1:
-        dist.broadcast(going, src=0, group=group)
-    return bool(going.item())
+def _rule(asha: AshaConfig):
+    return lambda mine, before: rungs.keeps_going(mine, before, asha.reduction_factor, asha.mode)
 
 
-def recorded_stop(asha: AshaConfig, ranks: Ranks, group, sweep, trial: str, step: int) -> Optional[dict]:
-    """A rung at or before `step` this trial was told to stop at (the loop's `pruned`), or None."""
+def _seeds(context: JobContext) -> Optional[rungs.Seeds]:
+    """With repeats: the trial's configuration and its seeds, whose mean a rung decides on."""
+    return rungs.Seeds(context.configuration, tuple(context.seeds)) if context.configuration else None
+
+
+def stop_at(asha: AshaConfig, ranks: Ranks, group, context: JobContext, trial: str, step: int,
+            metrics: dict[str, float]) -> Optional[dict]:
+    """After a validation: where the trial stops (the loop's `pruned`), or None. At a rung it
+    records the metric (or replays the decision recorded before); a seed also looks, at every
+    validation, whether its configuration was stopped at a rung it passed (plan/asha.py)."""
+    seeds = _seeds(context)
+    if seeds is None and step not in asha.rungs:  # every rank knows: nothing to agree on
+        return None
     stop: list = [None]
     if ranks.is_main:
-        stop[0] = rungs.stopped_at(sweep, trial, asha.rungs, step)
+        if seeds is not None:
+            stop[0] = rungs.stopped_at(context.sweep, trial, asha.rungs, step, seeds, _rule(asha))
+        if stop[0] is None and step in asha.rungs:
+            rung = asha.rungs.index(step)
+            score = (float(metrics[asha.metric]), float(metrics.get("loss", math.nan)))
+            if not rungs.arrive(context.sweep, rung, trial, score, step, _rule(asha), seeds).keeps_going:
+                stop[0] = {"rung": rung, "step": step}
+    if ranks.world_size > 1:
+        dist.broadcast_object_list(stop, src=0, group=group)
+    return stop[0]
+
+
+def recorded_stop(asha: AshaConfig, ranks: Ranks, group, context: JobContext, trial: str, step: int) -> Optional[dict]:
+    """A rung at or before `step` this trial (or a seed's configuration) was told to stop at
+    (the loop's `pruned`), or None."""
+    stop: list = [None]
+    if ranks.is_main:
+        stop[0] = rungs.stopped_at(context.sweep, trial, asha.rungs, step, _seeds(context), _rule(asha))
     if ranks.world_size > 1:
         dist.broadcast_object_list(stop, src=0, group=group)
     return stop[0]

@@ -1,6 +1,7 @@
 """Successive halving on the real local SLURM cluster and with real processes: trials of one
 job array stopped at rungs, decisions consistent with the rule whoever arrives when, a
-preempted trial recorded once, a killed and re-run trial's decision replayed."""
+preempted trial recorded once, a killed and re-run trial's decision replayed, a configuration's
+seeds (repeats) pruned together on their mean."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 
@@ -171,3 +173,46 @@ def test_a_trial_told_to_stop_at_a_rung_never_trains_past_it(tmp_path, data_cach
     assert (status.state.value, status.rung, status.step, status.starts) == ("PRUNED", 0, 4, 2), proc.stdout
     assert status.resumed_from == 4
     assert max(r["step"] for r in read_metrics(record.trial_dir.metrics_file)) == 4
+
+
+def test_repeats_with_successive_halving_prune_a_configurations_seeds_together(cluster, tmp_path, data_cache):
+    """Two configurations x two seeds in one array, two at a time, listed: the seeds of the
+    learning rate too small to move the weights run first and their configuration, decided
+    first, goes on; the seeds of a learning rate large enough to wreck the loss run next, and
+    their mean is worse: the seed that completes the configuration at rung 0 stops there, the
+    other (arrived before the decision, training on) stops at its next validation, both PRUNED
+    at rung 0. Steps sleep, so a seed is still training when its sibling decides."""
+    base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 16}, evaluation={"every_steps": 4})
+    base["model"] = {"factory": "faults:slow_steps", "factory_kwargs": {"seconds": 0.5}}
+    path = _sweep(tmp_path, data_cache, "seeds", [1e-9, 0.5], base=base, repeats=2,
+                  resources={"time_min": 10, "max_parallel": 2},
+                  asha={"grace_steps": 4, "reduction_factor": 2, "start": "listed"})
+    env = {"PYTHONPATH": HELPERS + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = run_sweep(path, "--wait", "--no-preflight", env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    layout = SweepLayout(tmp_path / "runs" / "seeds")
+    manifest = Manifest.load(layout.root)
+    seeds: dict[str, set] = {}
+    for r in manifest.trials.values():
+        seeds.setdefault(r.config["optimizer"]["lr"], set()).add(r.id)
+    record = rungs.read_record(layout, 0)
+    decisions = list(record.decisions.values())
+    assert [set(d.seeds) for d in decisions] == [seeds[1e-9], seeds[0.5]], record
+    for i, d in enumerate(decisions):  # on the mean of the seeds' scores, against the means decided before
+        mine = [a for a in record.arrivals if a.trial in d.seeds]
+        assert d.value == statistics.fmean(a.value for a in mine) and not d.without
+        assert d.keeps_going == rungs.keeps_going(d.score, [e.score for e in decisions[:i]], 2, "min")
+    assert [d.keeps_going for d in decisions] == [True, False]
+    for tid in seeds[0.5]:  # pruned together
+        status = manifest.trials[tid].trial_dir.status()
+        assert (manifest.trials[tid].state, status.rung) == ("PRUNED", 0), proc.stdout
+        run = client(manifest.tracking_uri).get_run(manifest.trials[tid].mlflow_run_id)
+        assert (run.data.tags["asha.rung"], run.data.tags["asha.stopped_at_step"]) == ("0", "4")
+    decided, earlier = sorted(manifest.trials[t].trial_dir.status().step for t in seeds[0.5])
+    assert decided == 4 and earlier > 4  # the earlier seed trained on and stopped at its next validation
+    for tid in seeds[1e-9]:  # went on, both
+        assert manifest.trials[tid].state == "COMPLETED" and manifest.trials[tid].trial_dir.status().step == 16
+    assert {d.configuration for d in rungs.read_record(layout, 1).decisions.values()} == {manifest.trials[
+        next(iter(seeds[1e-9]))].configuration}
+    csv = layout.asha_table.read_text().splitlines()
+    assert csv[0].endswith(",configuration,mean_of,without") and len(csv) == 1 + 4 + 2 + 2 + 1

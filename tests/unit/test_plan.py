@@ -286,7 +286,6 @@ def test_derived_seeds_are_distinct_stable_and_within_the_seed_range():
     pytest.param({"repeats": 2, "random": {"params": {"training": {"distribution": "choice", "values": [
         {"max_steps": 4}, {"seed": 5, "max_steps": 4}]}}}}, (),
                  "random.params.training: repeats (2) derives", id="seed-in-a-chosen-section"),
-    pytest.param({"repeats": 2, "asha": {"grace_steps": 1}}, (), "repeats: not yet with asha", id="with-asha"),
     pytest.param({"repeats": 2, "search": {"trials": 3, "params": {
         "optimizer.lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-2}}}}, (),
                  "repeats: not yet with search", id="with-search"),
