@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         if spec.environment.hub_offline:  # before anything is created: every trial would fail on it
             from .preflight.hub_cache import go_offline, refuse_missing, sweep_configs
 
-            refuse_missing(spec.environment, sweep_configs(spec, trials), args.sweep, args.overrides)
+            refuse_missing(spec.environment, sweep_configs(spec, trials), args.sweep, args.overrides,
+                           spec.final.split if spec.final is not None else None)
             go_offline(spec.environment)
         from .submit import submission
 

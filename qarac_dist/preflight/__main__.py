@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
             spec, base = load_sweep(args.config, args.overrides)
             trials = plan(spec, base, args.config)
             if spec.environment.hub_offline:  # load what the trials load, where they do
-                refuse_missing(spec.environment, sweep_configs(spec, trials), args.config, args.overrides)
+                refuse_missing(spec.environment, sweep_configs(spec, trials), args.config, args.overrides,
+                               spec.final.split if spec.final is not None else None)
                 go_offline(spec.environment)
             configs = [config_from_dict(t.config, args.config) for t in trials]
             world, resources = spec.resources.world_size, spec.resources

@@ -62,8 +62,9 @@ class Needed:
         return f"{self.key}: {self.kind} {what}" + (f" (splits {', '.join(self.splits)})" if self.splits else "")
 
 
-def needed(configs: Iterable[dict]) -> list[Needed]:
-    """What trial configs (dicts) load from the hub by name, each once: local paths are not."""
+def needed(configs: Iterable[dict], test_split: Optional[str] = None) -> list[Needed]:
+    """What trial configs (dicts) load from the hub by name, each once: local paths are not.
+    `test_split`: the sweep's final.split, read from each data set once the sweep has chosen."""
     found: dict[tuple, Needed] = {}
     for c in configs:
         model, data = c["model"], c["data"]
@@ -77,7 +78,7 @@ def needed(configs: Iterable[dict]) -> list[Needed]:
                 found.setdefault((kind, name), Needed(kind, name, key))
         if data.get("dataset"):
             validation = data.get("validation_split") if data.get("validation_fraction") is None else None
-            splits = (data["train_split"],) + ((validation,) if validation else ())
+            splits = (data["train_split"], *([validation] if validation else []), *([test_split] if test_split else []))
             cache = str(Path(datasets_cache(data["cache_dir"])).resolve())
             ident = ("dataset", data["dataset"], data.get("dataset_config"), cache)
             was = found.get(ident)
@@ -187,7 +188,7 @@ def _datasets_missing(sets: list[Needed], variables: dict) -> dict[Needed, str]:
             out[n] = "is not prepared in the trials' cache"
         elif lacking := [s for split in n.splits for s in _split_names(split) if s not in have]:
             out[n] = (f"{NO_SPLIT} {lacking[0]!r} (it has {', '.join(have) or 'none'}; data.train_split, "
-                      f"data.validation_split or data.validation_fraction choose)")
+                      f"data.validation_split, data.validation_fraction or final.split choose)")
     return out
 
 
@@ -208,11 +209,13 @@ def fetch(item: Needed, hub_cache: Path) -> None:
     snapshot_download(item.name, cache_dir=hub_cache, allow_patterns=text + (weights if item.kind == "model" else []))
 
 
-def refuse_missing(env: Environment, configs: Iterable[dict], source: str, overrides: Iterable[str] = ()) -> None:
-    """For an offline sweep: ConfigError, one line for each thing its trials would not find in
-    their caches, naming it and the command that fetches it (not for a split the data set lacks)."""
+def refuse_missing(env: Environment, configs: Iterable[dict], source: str, overrides: Iterable[str] = (),
+                   test_split: Optional[str] = None) -> None:
+    """For an offline sweep: ConfigError, one line for each thing its trials (or its final
+    evaluation, on `test_split`) would not find in their caches, naming it and the command that
+    fetches it (not for a split the data set lacks)."""
     cache = env.hub_cache(os.environ)
-    absent = missing(needed(configs), cache, env.exported())
+    absent = missing(needed(configs, test_split), cache, env.exported())
     if absent:
         command = shlex.join(["python", "-m", "qarac_dist.prefetch", source, *overrides])
         raise ConfigError([f"{source}: environment.hub_offline: {n} {why} ({n.cache or cache})"

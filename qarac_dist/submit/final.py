@@ -106,7 +106,7 @@ def evaluate(final: Final, manifest: Manifest, layout: SweepLayout, configs: dic
                               capture_output=True, text=True, preexec_fn=stop_with_parent)
     except KeyboardInterrupt:  # the evaluation got the terminal's SIGINT too; nothing was written
         print(f"{PREFIX}interrupted; the test split was not evaluated (the next run evaluates it)", file=sys.stderr)
-        return None
+        raise  # the sweep command exits 130, as for any interrupted command
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if line.startswith(PREFIX)] or \
             proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]

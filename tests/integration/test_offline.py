@@ -78,6 +78,11 @@ def test_an_offline_sweep_is_refused_until_prefetch_fills_its_caches_then_runs_w
     again = _prefetch(path, hub.url)
     assert again.returncode == 0 and "3 loaded by name, 3 cached already, 0 to fetch" in again.stdout, again.stdout
     assert len(hub.requests) == asked, hub.requests[asked:]
+    # A test split the data set lacks: one line before anything runs, not when the sweep has chosen.
+    tested = run_sweep(path, "final.split=exam", "--no-preflight", env={"HF_ENDPOINT": hub.url})
+    assert tested.returncode == 2 and len(tested.stderr.strip().splitlines()) == 1, tested.stderr
+    assert "data.dataset: dataset tiny-org/tiny-text (splits train, validation, exam) has no split 'exam'" in \
+        tested.stderr and "final.split choose" in tested.stderr and not (tmp_path / "runs").exists()
 
     # With preflight, which loads the model here: from the trials' cache, offline, not the shell's.
     ran = run_sweep(path, "--wait", env={"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "empty")})

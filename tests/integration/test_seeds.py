@@ -141,7 +141,8 @@ def test_on_slurm_the_test_split_is_a_job_after_the_sweeps_jobs_and_a_new_choice
     other = next(r for r in manifest.trials.values() if r.id != best)
     narrowed = run_sweep(_final_sweep(tmp_path, data_cache, [other.config["optimizer"]["lr"]]), "--wait")
     assert narrowed.returncode == 0, narrowed.stdout + narrowed.stderr
-    assert re.search(r"submitted: SLURM job \d+, the evaluation on the split 'test'\n", narrowed.stdout), narrowed.stdout
+    assert re.search(r"submitted: SLURM job \d+, the evaluation on the split 'test'\n", narrowed.stdout), \
+        narrowed.stdout
     record = json.loads((tmp_path / "runs" / "final_slurm" / "final.json").read_text())["results"]
     assert [list(r["seeds"]) for r in record] == [[best], [other.id]]
     parent = c.get_run(manifest.mlflow_parent_run_id).data

@@ -158,6 +158,25 @@ def test_status_sync_takes_the_latest_result_only_when_it_is_of_the_choice_as_th
     assert final.latest(manifest, layout) is None
 
 
+def test_ctrl_c_during_the_evaluation_writes_nothing_and_reaches_the_command(tmp_path, monkeypatch, capsys):
+    """The evaluation gets the terminal's SIGINT with the driver: nothing is kept, and the
+    interrupt goes on to the sweep command, which exits 130 (sweep.py)."""
+    import sys
+
+    from qarac_dist.submit.sweep_dir import Manifest, TrialRecord
+
+    layout = SweepLayout(tmp_path)
+    manifest = Manifest("s", "local", "accuracy", "max")
+    manifest.trials["a"] = TrialRecord("a", "a", {}, {}, str(tmp_path / "a"), "local")
+    monkeypatch.setattr(final, "choice", lambda *_: {"configuration": "a", "seeds": {"a": 4}, "split": "test",
+                                                     "data": {}})
+    ctrl_c = (sys.executable, "-c", "import os, signal, time; os.kill(os.getppid(), signal.SIGINT); time.sleep(60)")
+    with pytest.raises(KeyboardInterrupt):
+        final.evaluate(Final(), manifest, layout, {"a": {}}, python=ctrl_c)
+    assert "interrupted; the test split was not evaluated" in capsys.readouterr().err
+    assert not layout.final.exists()
+
+
 def test_the_mean_and_std_over_seeds_and_the_summary_line(tmp_path, monkeypatch, capsys):
     from qarac_dist.submit import report
 
