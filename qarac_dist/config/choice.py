@@ -50,10 +50,15 @@ def _gives_test_split(key: str, given) -> bool:
     """Whether a varied key sets the test split: itself, or whole sections that hold it."""
     if key in TEST_SPLIT_KEYS:
         return True
+    inner = [k.partition(key + ".")[2] for k in TEST_SPLIT_KEYS if k.startswith(key + ".")]
+    return any(_holds(v, path.split(".")) for v in _varied_values(given) for path in inner)
+
+
+def _varied_values(given) -> list:
+    """The values a varied key takes: a grid's list, a random choice's `values` (none for a range)."""
     values = given if isinstance(given, list) else \
         given.get("values") if isinstance(given, dict) else getattr(given, "values", None)
-    inner = [k.partition(key + ".")[2] for k in TEST_SPLIT_KEYS if k.startswith(key + ".")]
-    return any(_holds(v, path.split(".")) for v in values or [] for path in inner)
+    return list(values or [])
 
 
 def _holds(value, path: list[str]) -> bool:
@@ -109,9 +114,7 @@ def final_problem(final: Final, resolved: dict) -> Optional[str]:
 def sets_seed(key: str, given) -> bool:
     """Whether a varied key gives training.seed: itself, or whole training sections that hold it
     (a grid's values, a random choice's)."""
-    values = given if isinstance(given, list) else \
-        given.get("values") if isinstance(given, dict) else getattr(given, "values", None)
-    in_sections = any(isinstance(v, dict) and "seed" in v for v in values or [])
+    in_sections = any(isinstance(v, dict) and "seed" in v for v in _varied_values(given))
     return key == "training.seed" or key == "training" and in_sections
 
 

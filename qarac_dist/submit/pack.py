@@ -27,7 +27,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from typing import Optional
 import submitit
 
 from ..base.layout import SweepLayout
+from ..base.ports import free_port
 from ..config import ConfigError
 from ..config.sweep import Resources, Search
 from ..track import search_record
@@ -295,7 +295,7 @@ def srun_command(r: Resources, run: environment.Launch = environment.Launch()) -
 def _local_ranks(r: Resources, slot: int, payload: dict, run: environment.Launch) -> list[subprocess.Popen]:
     """A trial's ranks on this machine, as the local executor's "step"; slot k's GPUs are the
     k-th share of this machine's."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, TRIAL_ENV: json.dumps(payload), "WORLD_SIZE": str(r.tasks_per_node),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     env.pop("SUBMITIT_EXECUTOR", None)
@@ -304,12 +304,6 @@ def _local_ranks(r: Resources, slot: int, payload: dict, run: environment.Launch
     return [subprocess.Popen([*run.python, "-u", "-m", "qarac_dist.submit.step"],
                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, preexec_fn=stop_with_parent)
             for rank in range(r.tasks_per_node)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def packed_jobs(layout: SweepLayout, executor_kind: str, resources: Resources, max_requeues: int,

@@ -25,7 +25,8 @@ def crown(uri: str, mlflow_client, parent_run_id: str, names: dict[str, str], al
     from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
 
-    best_run_id = mlflow_client.get_run(parent_run_id).data.tags.get("best_run_id")
+    parent_tags = mlflow_client.get_run(parent_run_id).data.tags
+    best_run_id = parent_tags.get("best_run_id")
     if not best_run_id:
         return None
     best = mlflow_client.get_run(best_run_id)
@@ -42,9 +43,8 @@ def crown(uri: str, mlflow_client, parent_run_id: str, names: dict[str, str], al
              if v.name == name and all(v.tags.get(k) == t for k, t in ours.items())]
     if known:
         version = known[0].version
-        tags = mlflow_client.get_run(parent_run_id).data.tags
-        if tags.get("champion_version") == f"models:/{name}/{version}" and \
-                tags.get("champion") == f"models:/{name}@{alias}":
+        if parent_tags.get("champion_version") == f"models:/{name}/{version}" and \
+                parent_tags.get("champion") == f"models:/{name}@{alias}":
             return str(version)  # the same choice closed again: the alias stays where it is now (another sweep's)
     else:
         import mlflow

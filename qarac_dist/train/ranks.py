@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from dataclasses import dataclass
+
+from ..base.ports import free_port
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,6 @@ class Ranks:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ephemeral_floor(path="/proc/sys/net/ipv4/ip_local_port_range") -> int:
@@ -82,6 +77,6 @@ def export_from_environment(env=os.environ) -> Ranks:
     else:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
     env.setdefault("LOCAL_RANK", "0")
     return Ranks(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]))
