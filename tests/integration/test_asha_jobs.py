@@ -181,9 +181,11 @@ def test_repeats_with_successive_halving_prune_a_configurations_seeds_together(c
     first, goes on; the seeds of a learning rate large enough to wreck the loss run next, and
     their mean is worse: the seed that completes the configuration at rung 0 stops there, the
     other (arrived before the decision, training on) stops at its next validation, both PRUNED
-    at rung 0. Steps sleep, so a seed is still training when its sibling decides."""
+    at rung 0. Steps sleep, so a seed is still training when its sibling decides: the two start
+    as the two before them end, and a seed has 12 s of steps past the rung (0.9 s between the
+    seeds' arrivals measured on an idle machine; a loaded one starts processes less evenly)."""
     base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 16}, evaluation={"every_steps": 4})
-    base["model"] = {"factory": "faults:slow_steps", "factory_kwargs": {"seconds": 0.5}}
+    base["model"] = {"factory": "faults:slow_steps", "factory_kwargs": {"seconds": 1.0}}
     path = _sweep(tmp_path, data_cache, "seeds", [1e-9, 0.5], base=base, repeats=2,
                   resources={"time_min": 10, "max_parallel": 2},
                   asha={"grace_steps": 4, "reduction_factor": 2, "start": "listed"})
