@@ -38,6 +38,7 @@ from ..base.files import DamagedFile, DiskFull, write_json
 from ..base.layout import SweepLayout
 from ..base.secrets import redact_text
 from ..config.choice import Final
+from .cluster import Patience
 from .executors import Executor, SlurmArrays, stop_with_parent
 from .report import chosen_seeds, final_results
 from .states import refresh
@@ -188,9 +189,11 @@ def schedule(executor: SlurmArrays, manifest: Manifest, layout: SweepLayout, fin
 
 
 def wait_for_job(executor: Executor, manifest: Manifest, poll_s: float = 2.0) -> None:
-    """Until the final job has ended (the trials have)."""
+    """Until the final job has ended (the trials have); a scheduler that does not answer is asked
+    again later, the job meanwhile taken to run."""
     job = manifest.final_job.get("id")
-    while job and executor.alive(job):
+    alive = Patience(executor.alive, unknown=lambda _job: True)
+    while job and alive(job):
         time.sleep(poll_s)
 
 

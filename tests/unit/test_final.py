@@ -141,6 +141,28 @@ def test_the_final_job_waits_for_every_job_that_may_run_and_is_replaced_only_whe
     assert slurm.submitted[0][1] == []
 
 
+def test_waiting_for_the_final_job_outlasts_a_scheduler_that_does_not_answer(monkeypatch, capsys):
+    from qarac_dist.submit import cluster
+    from qarac_dist.submit.sweep_dir import Manifest
+
+    answers = iter([cluster.SchedulerUnavailable("squeue failed (timeout)"), True, False])
+
+    def alive(_job):
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    import functools
+
+    clock = iter(range(0, 10_000, 60))  # a minute passes between asks: the scheduler is asked again
+    monkeypatch.setattr(final, "Patience", functools.partial(cluster.Patience, clock=lambda: next(clock)))
+    manifest = Manifest("s", "slurm", "accuracy", "max", final_job={"id": "814"})
+    final.wait_for_job(type("Slurm", (), {"alive": staticmethod(alive)})(), manifest, poll_s=0)
+    assert next(answers, None) is None  # asked until it said the job ended
+    assert "squeue failed" in capsys.readouterr().err
+
+
 def test_status_sync_takes_the_latest_result_only_when_it_is_of_the_choice_as_the_trials_stand(tmp_path, monkeypatch):
     from qarac_dist.submit.sweep_dir import Manifest
 
