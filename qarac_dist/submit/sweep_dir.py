@@ -171,12 +171,11 @@ class Manifest:
         """With repeats: configuration id -> its seeds in the sweep file; empty without."""
         return dict(Counter(r.configuration for r in self.trials.values() if r.configuration and not r.retired))
 
-    def seeds_of(self, record: TrialRecord) -> tuple[str, ...]:
-        """With repeats: the seeds of `record`'s configuration in the sweep file, its own included."""
-        if record.configuration is None:
-            return ()
-        return tuple(sorted(r.id for r in self.trials.values() if r.configuration == record.configuration
-                            and not r.retired))
+    def seeds_of(self, record: TrialRecord) -> dict[str, int]:
+        """With repeats: the seeds of `record`'s configuration in the sweep file, its own included,
+        each with its current attempt."""
+        return {r.id: r.attempt for r in sorted(self.trials.values(), key=lambda r: r.id)
+                if record.configuration is not None and r.configuration == record.configuration and not r.retired}
 
     def all_ended(self) -> bool:
         """No trial runs or waits to (one no longer in the sweep file and never submitted waits

@@ -42,9 +42,10 @@ class JobContext:
     """CPU cores the trial holds (all its tasks')."""
     configuration: Optional[str] = None
     """With repeats: the configuration the trial is a seed of (plan/expand.py's Trial.configuration)."""
-    seeds: tuple = ()
-    """With repeats: the ids of every seed of that configuration, this trial's included; successive
-    halving decides a rung on their mean (track/rungs.py)."""
+    seeds: dict = field(default_factory=dict)
+    """With repeats: every seed of that configuration, this trial's included, with the attempt
+    submitted when this job was made; successive halving decides a rung on their mean
+    (track/rungs.py)."""
 
     @property
     def sweep(self) -> Optional[SweepLayout]:

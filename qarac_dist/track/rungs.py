@@ -122,6 +122,12 @@ class Seeds:
 
     configuration: str
     trials: tuple[str, ...]
+    attempts: tuple[int, ...] = ()
+    """Each seed's attempt as the sweep submitted it when this trial's job was made (none: any):
+    a verdict of an earlier attempt (a seed re-run since, still queued) is no end of it."""
+
+    def attempt(self, trial: str) -> Optional[int]:
+        return dict(zip(self.trials, self.attempts)).get(trial)
 
 
 @dataclass
@@ -234,17 +240,18 @@ def rebuild(sweep: SweepLayout, rung: int, metric: str, trials: list[tuple[str, 
         except NOT_A_RECORD:
             continue
     configurations = configurations or {}
+    dirs = {trial: directory for trial, directory, _ in trials}
     for trial, directory, step in trials:
         row = next((r for r in directory.metrics() if r.get("step") == step and f"val_{metric}" in r), None)
         if row is None or any(a.trial == trial for a in record.arrivals):
             continue
-        status = directory.status()
-        stopped = status is not None and status.state == TrialState.PRUNED and status.rung == rung
+        stopped = _pruned_at(directory, rung)
         record.arrivals.append(Arrival(trial, float(row[f"val_{metric}"]), float(row.get("val_loss", math.nan)), step,
                                        not stopped, len(record.scores()), time.time(), configurations.get(trial)))
     for configuration in dict.fromkeys(a.configuration for a in record.arrivals if a.configuration):
         seeds = [a for a in record.arrivals if a.configuration == configuration]
-        stopped = not all(a.keeps_going for a in seeds)
+        # A seed's own line says continue until its configuration is decided: its state says more.
+        stopped = not all(a.keeps_going for a in seeds) or any(_pruned_at(dirs.get(a.trial), rung) for a in seeds)
         planned = {t for t, c in configurations.items() if c == configuration}
         if configuration not in record.decisions and (stopped or planned <= {a.trial for a in seeds}):
             record.decisions[configuration] = _mean_decision(record, configuration, seeds, seeds[0].step,
@@ -256,13 +263,19 @@ def rebuild(sweep: SweepLayout, rung: int, metric: str, trials: list[tuple[str, 
     return kept
 
 
+def _pruned_at(directory: Optional[TrialDir], rung: int) -> bool:
+    status = directory.status() if directory is not None else None
+    return status is not None and status.state == TrialState.PRUNED and status.rung == rung
+
+
 ENDED = (TrialState.FAILED, TrialState.CANCELLED, TrialState.COMPLETED, TrialState.PRUNED)
 """A seed in one of these states and with no line at a rung will not report there."""
 
 
-def _cannot_report(sweep: SweepLayout, trial: str) -> bool:
+def _cannot_report(sweep: SweepLayout, trial: str, attempt: Optional[int]) -> bool:
+    """The seed ended, in its attempt `attempt` or a later one (None: in any)."""
     status = TrialDir(sweep.trial(trial)).status()
-    return status is not None and status.state in ENDED
+    return status is not None and status.state in ENDED and (attempt is None or (status.attempt or 0) >= attempt)
 
 
 def _mean_decision(record: RungRecord, configuration: str, seeds: list[Arrival], step: int,
@@ -295,7 +308,7 @@ def arrive(sweep: SweepLayout, rung: int, trial: str, score: Score, step: int,
         if seeds is not None and seeds.configuration not in record.decisions:
             reported = [a for a in record.arrivals if a.configuration == seeds.configuration]
             missing = tuple(s for s in seeds.trials if s not in {a.trial for a in reported})
-            if all(_cannot_report(sweep, s) for s in missing):
+            if all(_cannot_report(sweep, s, seeds.attempt(s)) for s in missing):
                 decision = _mean_decision(record, seeds.configuration, reported, mine.step, decide, missing)
                 append_line(f, f.tell(), decision.to_json())
                 record.decisions[seeds.configuration] = decision

@@ -22,7 +22,8 @@ def _rule(asha: AshaConfig):
 
 def _seeds(context: JobContext) -> Optional[rungs.Seeds]:
     """With repeats: the trial's configuration and its seeds, whose mean a rung decides on."""
-    return rungs.Seeds(context.configuration, tuple(context.seeds)) if context.configuration else None
+    return rungs.Seeds(context.configuration, tuple(context.seeds), tuple(context.seeds.values())) \
+        if context.configuration else None
 
 
 def stop_at(asha: AshaConfig, ranks: Ranks, group, context: JobContext, trial: str, step: int,

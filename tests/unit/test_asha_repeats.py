@@ -95,6 +95,25 @@ def test_a_seed_that_failed_before_the_rung_is_left_out_and_named(tmp_path):
     assert not late.keeps_going and len(rungs.read_record(layout, 0).decisions) == 3
 
 
+def test_a_seed_submitted_again_is_waited_for_though_its_last_attempt_failed(tmp_path):
+    """A re-run resubmitted both seeds (attempt 2 each); a2's state.json still says attempt 1
+    FAILED until its new job starts: a1 arriving waits for it, and the mean is of both."""
+    layout = SweepLayout(tmp_path)
+    again = Seeds("c1", ("a1", "a2"), (2, 2))
+    _ended(layout, "a2")
+    assert _arrive(layout, again, "a1", 0.5).pending
+    TrialDir(layout.trial("a2")).begin(2)
+    assert not _arrive(layout, again, "a2", 0.7).pending
+    assert rungs.read_record(layout, 0).decisions["c1"].seeds == ("a1", "a2")
+    _ended_in(layout, "b2", 3)  # a later attempt than the job knew of ended: it cannot report either
+    assert not _arrive(layout, Seeds("c2", ("b1", "b2"), (1, 1)), "b1", 0.5).pending
+
+
+def _ended_in(layout, trial, attempt):
+    TrialDir(layout.trial(trial)).begin(attempt)
+    TrialDir(layout.trial(trial)).update(state=TrialState.FAILED)
+
+
 @pytest.mark.parametrize("state", [TrialState.CANCELLED, TrialState.COMPLETED, TrialState.PRUNED])
 def test_any_seed_that_ended_without_reaching_the_rung_cannot_report(tmp_path, state):
     layout = SweepLayout(tmp_path)
@@ -139,6 +158,25 @@ def test_a_damaged_record_with_repeats_is_rebuilt_with_its_decisions(tmp_path):
         "c1": (("a1", "a2"), True), "c2": (("b1", "b2"), False)}  # c3: d2 not recorded, left to its seeds
     assert record.decisions["c2"].value == pytest.approx(0.3)
     assert [a.configuration for a in record.arrivals] == ["c1", "c1", "c2", "c2", "c3"]
+
+
+def test_a_lost_stop_is_rebuilt_from_the_seeds_pruned_at_the_rung(tmp_path):
+    """Both seeds' lines are whole (each said continue: its configuration was not decided yet)
+    but the decision that stopped them is damaged: their PRUNED states say it was a stop."""
+    layout = SweepLayout(tmp_path / "s")
+    _arrive(layout, C1, "a1", 0.9), _arrive(layout, C1, "a2", 0.9)
+    _arrive(layout, C2, "b1", 0.1), _arrive(layout, C2, "b2", 0.1)
+    lines = layout.rung(0).read_text().splitlines()
+    assert json.loads(lines[-1])["configuration"] == "c2" and json.loads(lines[-1])["continue"] is False
+    layout.rung(0).write_text("\n".join(lines[:-1] + ['{"configuration": "c2", "seeds": GARBAGE']) + "\n")
+    trials = []
+    for name in ("b1", "b2"):
+        trial = TrialDir(layout.trial(name))
+        trial.begin(1)
+        trial.update(state=TrialState.PRUNED, rung=0)
+        trials.append((name, trial, 5))
+    assert rungs.rebuild(layout, 0, "accuracy", trials, {"a1": "c1", "a2": "c1", "b1": "c2", "b2": "c2"})
+    assert not rungs.read_record(layout, 0).decisions["c2"].keeps_going
 
 
 def test_the_rung_table_shows_seeds_and_decisions(tmp_path):
