@@ -31,8 +31,10 @@ def cancel(layout: SweepLayout) -> int:
         active = [r for r in manifest.trials.values() if r.active]
         record_cancels(layout.root, {r.id: r.attempt for r in active})  # for a driver that follows
         jobs = sorted({job for r in active for job in r.jobs})
-        if (evaluation := manifest.final_job.get("id")) and executor.alive(evaluation):
-            jobs.append(evaluation)  # the test split's look: on what a cancelled sweep left, not wanted
+        evaluation = manifest.final_job.get("id")
+        evaluation = evaluation if evaluation and executor.alive(evaluation) else None
+        if evaluation:  # the test split's look: on what a cancelled sweep left, not wanted
+            jobs.append(evaluation)
         executor.cancel(jobs)
         for r in active:
             r.state = TrialState.CANCELLED.value
@@ -42,5 +44,6 @@ def cancel(layout: SweepLayout) -> int:
     finally:
         if lock is not None:
             lock.release()
-    print(f"cancelled {len(active)} trial(s) of {redact_text(manifest.sweep)}")
+    print(f"cancelled {len(active)} trial(s) of {redact_text(manifest.sweep)}"
+          + (f" and its evaluation of the test split (SLURM job {evaluation})" if evaluation else ""))
     return 0

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -157,6 +158,10 @@ class FinalJob:
         result = evaluate(self.final, manifest, layout, self.configs)
         if result is None:
             raise SystemExit(1)  # the line above says why
+        if result not in _stored(layout):  # final.json was all there was to keep it: it stays in the log
+            print(f"{PREFIX}looked at, but not kept: test {json.dumps(result['mean'])} over {len(result['seeds'])} "
+                  f"seed(s) of configuration {result['choice']['configuration']}", file=sys.stderr)
+            raise SystemExit(1)
         return result["digest"]
 
 
@@ -173,26 +178,31 @@ def schedule(executor: SlurmArrays, manifest: Manifest, layout: SweepLayout, fin
     Returns the line that names the job submitted."""
     live = sorted(executor.live(sorted({job for r in manifest.trials.values() for job in r.jobs})))
     earlier, given = manifest.final_job.get("id"), _given(final, configs)
+    replaced = ""
     if earlier and executor.alive(earlier):
         if not submitted and manifest.final_job.get("given") == given:
             return None
         executor.cancel([earlier], at_once=True)
-    elif not live:
+        replaced = f"; job {earlier}, which would have evaluated before it or another split, is cancelled"
+    if not live:
         chosen = choice(manifest, final, configs)
         if chosen is None or any(r["choice"] == chosen for r in _stored(layout)):
-            return None
+            return f"cancelled: SLURM job {earlier}; final.json holds this choice's result" if replaced else None
     job = executor.submit_after(FinalJob(str(layout.root.resolve()), final, configs), live)
     manifest.final_job = {"id": job, "given": given}
     manifest.save(layout.root)
     after = f" after job(s) {', '.join(live)} (afterany)" if live else ""
-    return f"submitted: SLURM job {job}, the evaluation on the split {final.split!r}{after}"
+    return f"submitted: SLURM job {job}, the evaluation on the split {final.split!r}{after}{replaced}"
 
 
-def wait_for_job(executor: Executor, manifest: Manifest, poll_s: float = 2.0) -> None:
+def wait_for_job(executor: Executor, manifest: Manifest, layout: SweepLayout, poll_s: float = 2.0) -> None:
     """Until the final job has ended (the trials have); a scheduler that does not answer is asked
     again later, the job meanwhile taken to run."""
     job = manifest.final_job.get("id")
     alive = Patience(executor.alive, unknown=lambda _job: True)
+    if job and alive(job):
+        print(f"waiting for SLURM job {job}, the evaluation on the test split (Ctrl-C leaves it running; "
+              f"python -m qarac_dist.status {shlex.quote(str(layout.root))} --sync records it)", flush=True)
     while job and alive(job):
         time.sleep(poll_s)
 

@@ -95,7 +95,7 @@ class Submission:
                     follow(manifest, self.layout, self.executor, todo if self.started_here else [],
                            self.spec.resources.max_parallel)
                     if self.spec.final is not None and not self.local:
-                        final.wait_for_job(self.executor, manifest)
+                        final.wait_for_job(self.executor, manifest, self.layout)
             except _Stopped:
                 return self.stop(manifest)
             except DiskFull as full:  # the manifest could not be saved: say why, show where it stands

@@ -4,6 +4,7 @@ generated apart, is read only when asked for, and its metrics are summed up per 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -130,15 +131,38 @@ def test_the_final_job_waits_for_every_job_that_may_run_and_is_replaced_only_whe
     edited = {"a": {"data": {"synthetic": {"num_test": 80}}}}
     assert final.schedule(slurm, manifest, layout, Final(), edited, submitted=False) is not None
     assert slurm.cancelled == ["900", "901"] and slurm.submitted[-1][1] == ["7_0", "7_1"]
+    assert "job 902, which would have evaluated before it or another split, is cancelled" in \
+        final.schedule(slurm, manifest, layout, Final(), configs, submitted=True)
     # The sweep has ended: a choice evaluated before submits nothing; one never evaluated, a job
     # with nothing to wait for.
     slurm = _Cluster()
     write_json(layout.final, {"results": [{"choice": chosen, "digest": "d", "rows": 40, "seeds": {},
                                            "mean": {}, "std": {}}]})
     assert final.schedule(slurm, manifest, layout, Final(), configs, submitted=False) is None and not slurm.submitted
+    slurm.live_jobs.add("903")  # pending for a split edited since, now edited back: it goes, none comes
+    manifest.final_job = {"id": "903", "given": "another split"}
+    assert final.schedule(slurm, manifest, layout, Final(), configs, submitted=False).startswith(
+        "cancelled: SLURM job 903; final.json holds") and slurm.cancelled == ["903"] and not slurm.submitted
     chosen = {**chosen, "seeds": {"a": 6}}
     assert final.schedule(slurm, manifest, layout, Final(), configs, submitted=False).endswith("on the split 'test'")
     assert slurm.submitted[0][1] == []
+
+
+def test_a_final_job_that_cannot_keep_its_result_fails_and_leaves_the_metrics_in_its_log(tmp_path, monkeypatch,
+                                                                                          capsys):
+    from qarac_dist.submit.sweep_dir import Manifest
+
+    layout = SweepLayout(tmp_path)
+    Manifest("s", "slurm", "accuracy", "max").save(layout.root)
+    layout.final.mkdir()  # final.json a directory: write_json cannot replace it
+    result = {"choice": {"configuration": "a", "seeds": {"a": 4}, "split": "test", "data": {}}, "digest": "d",
+              "rows": 40, "seeds": {"a": {"accuracy": 0.625}}, "mean": {"accuracy": 0.625}, "std": {"accuracy": None}}
+    monkeypatch.setattr(final, "evaluate", lambda *_: result)
+    with pytest.raises(SystemExit) as ended:
+        final.FinalJob(str(tmp_path), Final(), {"a": {}})()
+    assert ended.value.code == 1
+    assert 'looked at, but not kept: test {"accuracy": 0.625} over 1 seed(s) of configuration a' in \
+        capsys.readouterr().err
 
 
 def test_waiting_for_the_final_job_outlasts_a_scheduler_that_does_not_answer(monkeypatch, capsys):
@@ -158,7 +182,8 @@ def test_waiting_for_the_final_job_outlasts_a_scheduler_that_does_not_answer(mon
     clock = iter(range(0, 10_000, 60))  # a minute passes between asks: the scheduler is asked again
     monkeypatch.setattr(final, "Patience", functools.partial(cluster.Patience, clock=lambda: next(clock)))
     manifest = Manifest("s", "slurm", "accuracy", "max", final_job={"id": "814"})
-    final.wait_for_job(type("Slurm", (), {"alive": staticmethod(alive)})(), manifest, poll_s=0)
+    final.wait_for_job(type("Slurm", (), {"alive": staticmethod(alive)})(), manifest, SweepLayout(Path("/s")),
+                      poll_s=0)
     assert next(answers, None) is None  # asked until it said the job ended
     assert "squeue failed" in capsys.readouterr().err
 
