@@ -23,7 +23,6 @@ them); one that submits none keeps it, unless the test split it was given has ch
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -41,7 +40,7 @@ from ..base.secrets import redact_text
 from ..config.choice import Final
 from .cluster import Patience
 from .executors import Executor, SlurmArrays, stop_with_parent
-from .report import chosen_seeds, final_results
+from .report import chosen_seeds, digest, final_results, of_choice, split_digest
 from .states import refresh
 from .sweep_dir import Manifest, last_error
 
@@ -71,9 +70,7 @@ def choice(manifest: Manifest, final: Final, configs: dict[str, dict]) -> Option
 def latest(manifest: Manifest, layout: SweepLayout) -> Optional[dict]:
     """The newest result in final.json of the sweep's choice as its trials stand now (status
     --sync, which has no sweep file to plan the split from: a final job wrote it)."""
-    configuration, seeds = chosen_seeds(manifest)
-    return next((r for r in reversed(_stored(layout)) if r["choice"]["configuration"] == configuration
-                 and r["choice"]["seeds"] == seeds), None)
+    return next(reversed(of_choice(_stored(layout), manifest)), None)
 
 
 def _stored(layout: SweepLayout) -> list[dict]:
@@ -129,11 +126,6 @@ def _keep(layout: SweepLayout, results: list[dict]) -> None:
         print(f"{PREFIX}could not keep the result in {layout.final}: {err}", file=sys.stderr)
 
 
-def digest(chosen: dict) -> str:
-    """A short name of a choice: the parent run's tag `final_choice` once its metrics are logged."""
-    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def summarize(per_seed: dict[str, dict[str, float]]) -> dict:
     """Mean and sample standard deviation (None below two seeds) of each metric over the seeds."""
     names = sorted({k for metrics in per_seed.values() for k in metrics})
@@ -165,9 +157,10 @@ class FinalJob:
         return result["digest"]
 
 
-def _given(final: Final, configs: dict[str, dict]) -> str:
-    """What a final job is given that a re-run may change: the split and its data."""
-    return digest({"split": final.split, "data": _test_data(configs[min(configs)])})
+def given(final: Final, configs: dict[str, dict]) -> str:
+    """The test split as the sweep file gives it now (its name and data): what a final job is
+    given that a re-run may change."""
+    return split_digest({"split": final.split, "data": _test_data(configs[min(configs)])})
 
 
 def schedule(executor: SlurmArrays, manifest: Manifest, layout: SweepLayout, final: Final, configs: dict[str, dict],
@@ -177,10 +170,10 @@ def schedule(executor: SlurmArrays, manifest: Manifest, layout: SweepLayout, fin
     final.json holds its choice, or while an earlier one may still run for the same split.
     Returns the line that names the job submitted."""
     live = sorted(executor.live(sorted({job for r in manifest.trials.values() for job in r.jobs})))
-    earlier, given = manifest.final_job.get("id"), _given(final, configs)
+    earlier, now = manifest.final_job.get("id"), given(final, configs)
     replaced = ""
     if earlier and executor.alive(earlier):
-        if not submitted and manifest.final_job.get("given") == given:
+        if not submitted and manifest.final_job.get("given") == now:
             return None
         executor.cancel([earlier], at_once=True)
         replaced = f"; job {earlier}, which would have evaluated before it or another split, is cancelled"
@@ -189,7 +182,7 @@ def schedule(executor: SlurmArrays, manifest: Manifest, layout: SweepLayout, fin
         if chosen is None or any(r["choice"] == chosen for r in _stored(layout)):
             return f"cancelled: SLURM job {earlier}; final.json holds this choice's result" if replaced else None
     job = executor.submit_after(FinalJob(str(layout.root.resolve()), final, configs), live)
-    manifest.final_job = {"id": job, "given": given}
+    manifest.final_job = {"id": job, "given": now}
     manifest.save(layout.root)
     after = f" after job(s) {', '.join(live)} (afterany)" if live else ""
     return f"submitted: SLURM job {job}, the evaluation on the split {final.split!r}{after}{replaced}"

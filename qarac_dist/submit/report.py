@@ -4,6 +4,8 @@ what the sweep used (track/usage.py)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -172,6 +174,24 @@ def _scored(table_rows: list[Row]) -> list[Row]:
             row.value is not None and math.isfinite(row.value)]
 
 
+def digest(value: dict) -> str:
+    """A short name of a choice (the parent run's tag `final_choice`), or of a test split."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def split_digest(chosen: dict) -> str:
+    """A short name of a choice's test split: its name and its data as the sweep file gave them."""
+    return digest({"split": chosen["split"], "data": chosen.get("data")})
+
+
+def of_choice(results: list[dict], manifest: Manifest) -> list[dict]:
+    """The final evaluations of the sweep's choice: its configuration and seeds as the trials stand
+    now, on the test split as the sweep file last gave it (Manifest.final_split)."""
+    configuration, seeds = chosen_seeds(manifest)
+    return [r for r in results if r["choice"]["configuration"] == configuration and r["choice"].get("seeds") == seeds
+            and manifest.final_split in (None, split_digest(r["choice"]))]
+
+
 def final_results(layout: SweepLayout) -> list[dict]:
     """The results final.json holds (submit/final.py), none without one; DamagedFile when it is
     damaged or not ours."""
@@ -204,9 +224,7 @@ def _final_line(layout: SweepLayout, metric: str, manifest: Manifest) -> Optiona
         return None
     if not results:
         return None
-    configuration, seeds = chosen_seeds(manifest)
-    current = [r for r in results
-               if r["choice"]["configuration"] == configuration and r["choice"].get("seeds") == seeds]
+    current = of_choice(results, manifest)
     result = (current or results)[-1]
     chosen, mean, std = result["choice"], result["mean"].get(metric), result["std"].get(metric)
     value = "-" if mean is None else f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")

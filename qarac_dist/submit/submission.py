@@ -206,6 +206,8 @@ class Submission:
 
     def to_run(self, manifest: Manifest) -> list[TrialRecord]:
         manifest.alias = self.spec.final.alias if self.spec.final is not None else Final.alias
+        manifest.final_split = final.given(self.spec.final, {t.id: t.config for t in self.trials}) \
+            if self.spec.final is not None and self.trials else None
         for trial in self.trials:
             if trial.id not in manifest.trials:
                 manifest.trials[trial.id] = TrialRecord(trial.id, trial.label, trial.overrides, trial.config,

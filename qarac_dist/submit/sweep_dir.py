@@ -125,6 +125,8 @@ class Manifest:
     """With repeats: configuration id -> its MLflow run, the parent of its seeds' runs."""
     alias: str = "champion"
     """The registry alias of the sweep's champion (final.alias in the sweep file)."""
+    final_split: Optional[str] = None
+    """With final: the test split as the sweep file last gave it (report.py split_digest)."""
     final_job: dict = field(default_factory=dict)
     """With SLURM and final: the evaluation's latest job (`id`) and what it was given (submit/final.py)."""
 

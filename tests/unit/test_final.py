@@ -197,11 +197,17 @@ def test_status_sync_takes_the_latest_result_only_when_it_is_of_the_choice_as_th
     kept = [{"choice": {"configuration": c, "seeds": {c: 4}, "split": "test", "data": {}}, "digest": c, "rows": 4,
              "seeds": {}, "mean": {}, "std": {}} for c in ("a", "b")]
     write_json(layout.final, {"results": kept})
-    monkeypatch.setattr(final, "chosen_seeds", lambda _: ("b", {"b": 4}))
+    from qarac_dist.submit import report
+
+    monkeypatch.setattr(report, "chosen_seeds", lambda _: ("b", {"b": 4}))
     assert final.latest(manifest, layout)["digest"] == "b"
-    monkeypatch.setattr(final, "chosen_seeds", lambda _: ("a", {"a": 4}))  # chosen again: evaluated before
+    manifest.final_split = report.split_digest({"split": "test", "data": {"num_test": 80}})  # edited since
+    assert final.latest(manifest, layout) is None
+    manifest.final_split = report.split_digest(kept[1]["choice"])
+    assert final.latest(manifest, layout)["digest"] == "b"
+    monkeypatch.setattr(report, "chosen_seeds", lambda _: ("a", {"a": 4}))  # chosen again: evaluated before
     assert final.latest(manifest, layout)["digest"] == "a"
-    monkeypatch.setattr(final, "chosen_seeds", lambda _: ("b", {"b": 6}))  # a later best step
+    monkeypatch.setattr(report, "chosen_seeds", lambda _: ("b", {"b": 6}))  # a later best step
     assert final.latest(manifest, layout) is None
 
 
@@ -226,6 +232,9 @@ def test_ctrl_c_during_the_evaluation_writes_nothing_and_reaches_the_command(tmp
 
 def test_the_mean_and_std_over_seeds_and_the_summary_line(tmp_path, monkeypatch, capsys):
     from qarac_dist.submit import report
+    from qarac_dist.submit.sweep_dir import Manifest
+
+    plain = Manifest("s", "local", "accuracy", "max")
 
     one = final.summarize({"a": {"accuracy": 0.5, "loss": 1.0}})
     assert one == {"mean": {"accuracy": 0.5, "loss": 1.0}, "std": {"accuracy": None, "loss": None}}
@@ -249,10 +258,10 @@ def test_the_mean_and_std_over_seeds_and_the_summary_line(tmp_path, monkeypatch,
     result = {"choice": chosen, "digest": final.digest(chosen), "rows": 40, "seeds": {"a": {}, "b": {}, "c": {}},
               **three}
     write_json(layout.final, {"results": [result]})
-    assert _final_line(layout, "accuracy", None) == (
+    assert _final_line(layout, "accuracy", plain) == (
         "test (split 'test', 40 rows, looked at once for this choice): accuracy 0.6000 ± 0.1000 over 3 seed(s) of "
         "configuration c0ffee")
-    assert _final_line(layout, "macro_f1", None).startswith("test (split 'test', 40 rows, looked at once for this "
+    assert _final_line(layout, "macro_f1", plain).startswith("test (split 'test', 40 rows, looked at once for this "
                                                             "choice): macro_f1 - over 3 seed(s)")
     # The choice it evaluated is found again: nothing runs (the evaluator here would fail), and
     # it becomes the latest, the one the summary shows.
@@ -263,7 +272,13 @@ def test_the_mean_and_std_over_seeds_and_the_summary_line(tmp_path, monkeypatch,
     assert [r["digest"] for r in final.final_results(layout)] == ["0" * 16, result["digest"]]
     for later in ({"a": 10, "b": 30, "c": 10}, {"a": 10, "b": 20}):  # another best step, a seed less
         monkeypatch.setattr(report, "chosen_seeds", lambda manifest, later=later: ("c0ffee", later))
-        assert _final_line(layout, "accuracy", None).endswith("(an earlier choice: the current one was not evaluated)")
+        assert _final_line(layout, "accuracy", plain).endswith("(an earlier choice: the current one was not evaluated)")
+    # A test split the sweep file changed since: the result is an earlier choice's.
+    monkeypatch.setattr(report, "chosen_seeds", lambda manifest: ("c0ffee", seeds))
+    plain.final_split = report.split_digest({**chosen, "data": {"num_test": 80}})
+    assert _final_line(layout, "accuracy", plain).endswith("(an earlier choice: the current one was not evaluated)")
+    plain.final_split = report.split_digest(chosen)
+    assert "(an earlier choice" not in _final_line(layout, "accuracy", plain)
     # A test split the sweep file changes since is another choice.
     other = {tid: {"data": {"synthetic": {"num_test": 80}}} for tid in seeds}
     assert final.choice(manifest, Final(), other) != chosen
@@ -274,12 +289,12 @@ def test_the_mean_and_std_over_seeds_and_the_summary_line(tmp_path, monkeypatch,
                     '{"results": [{"choice": {"configuration": "c", "split": "t"}, "digest": "x", "rows": 1, '
                     '"seeds": {}, "mean": {"accuracy": "x"}, "std": {}}]}'):
         layout.final.write_text(damaged)
-        assert _final_line(layout, "accuracy", None) is None
+        assert _final_line(layout, "accuracy", plain) is None
         assert final._stored(layout) == []
         assert capsys.readouterr().err.count("\n") == 1
     layout.final.unlink()
     layout.final.mkdir()
-    assert _final_line(layout, "accuracy", None) is None and final._stored(layout) == []
+    assert _final_line(layout, "accuracy", plain) is None and final._stored(layout) == []
     assert final.digest(chosen) == final.digest(dict(reversed(list(chosen.items()))))
 
 
