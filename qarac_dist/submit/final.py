@@ -150,7 +150,7 @@ class FinalJob:
         result = evaluate(self.final, manifest, layout, self.configs)
         if result is None:
             raise SystemExit(1)  # the line above says why
-        if result not in _stored(layout):  # final.json was all there was to keep it: it stays in the log
+        if result["digest"] not in {r["digest"] for r in _stored(layout)}:  # all there was to keep it: the log
             print(f"{PREFIX}looked at, but not kept: test {json.dumps(result['mean'])} over {len(result['seeds'])} "
                   f"seed(s) of configuration {result['choice']['configuration']}", file=sys.stderr)
             raise SystemExit(1)

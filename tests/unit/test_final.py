@@ -163,6 +163,10 @@ def test_a_final_job_that_cannot_keep_its_result_fails_and_leaves_the_metrics_in
     assert ended.value.code == 1
     assert 'looked at, but not kept: test {"accuracy": 0.625} over 1 seed(s) of configuration a' in \
         capsys.readouterr().err
+    layout.final.rmdir()  # kept: the job ends well, a NaN metric (never equal to itself) or not
+    nan = {**result, "mean": {"accuracy": math.nan}, "seeds": {"a": {"accuracy": math.nan}}}
+    monkeypatch.setattr(final, "evaluate", lambda *_: final._keep(layout, [nan]) or nan)
+    assert final.FinalJob(str(tmp_path), Final(), {"a": {}})() == "d"
 
 
 def test_waiting_for_the_final_job_outlasts_a_scheduler_that_does_not_answer(monkeypatch, capsys):
