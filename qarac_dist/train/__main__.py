@@ -43,15 +43,22 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run(cfg)
         except Preempted as stop:
-            print(f"qarac_dist: {stop}; run the same command again to resume", file=sys.stderr)
+            _say(f"qarac_dist: {stop}; run the same command again to resume")
             return 3
     except ConfigError as err:
-        print(err, file=sys.stderr)
+        _say(str(err))
         return 2
     except UserError as err:
-        print(f"{args.config}: {err}", file=sys.stderr)
+        _say(f"{args.config}: {err}")
         return 2
     return 0
+
+
+def _say(line: str) -> None:
+    """A line on stderr in one write: every rank says it, and under PYTHONUNBUFFERED print()'s
+    text and its newline are two writes, which another rank's line could come between."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":
