@@ -49,6 +49,9 @@ Pure: it names paths, it reads and writes nothing.
     final.json             the final evaluation (submit/final.py):  the next final (evaluates again
                            the choice it tested, the test metrics   only for another choice), the
                            of each seed                             parent run, the summary
+    retrain/<id>-<steps>/  a retraining of the chosen configuration the final evaluation, a re-run
+                           (final.retrain, submit/retrain.py; a     (trained once)
+                           trial directory, track/trial_dir.py)
 """
 
 from __future__ import annotations
@@ -190,3 +193,6 @@ class SweepLayout:
     @property
     def final(self) -> Path:
         return self.root / "final.json"
+
+    def retrained(self, trial_id: str, steps: int) -> Path:
+        return self.root / "retrain" / f"{trial_id}-{steps}"

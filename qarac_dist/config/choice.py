@@ -24,8 +24,9 @@ class Final:
     """The split evaluated once: for a hub dataset, the split of that name; for local files and
     the generated set, `test` (data.test_files, data.synthetic.num_test)."""
     retrain: bool = False
-    """false: evaluate the chosen configuration's best model of each seed. true (train again on
-    train + validation) is not built yet."""
+    """false: evaluate the chosen configuration's best model of each seed. true: train each seed
+    again on train + validation, for the steps its best model had, and evaluate the model of
+    its last step (submit/retrain.py)."""
     alias: str = "champion"
     """The MLflow registry alias the chosen model gets (with tracking.register_model)."""
 
@@ -33,9 +34,6 @@ class Final:
 def check_final(final: Final, errors: list[str]) -> None:
     """What the sweep file alone can tell; the data each trial would be tested on is checked per
     trial (`final_problem`)."""
-    if final.retrain:
-        errors.append("final.retrain: true (train the chosen configuration again on train + validation) is not built "
-                      "yet; use false, which evaluates the chosen configuration's best models")
     if not final.split.strip() or final.split != final.split.strip():
         errors.append(f"final.split: expected a split's name, got {final.split!r}")
     if not ALIAS.fullmatch(final.alias) or final.alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", final.alias):

@@ -9,7 +9,7 @@ from ..base.layout import SweepLayout
 from ..base.secrets import redact_text
 from ..config import UserError
 from ..track.trial_dir import TrialState
-from . import tracking
+from . import final, tracking
 from .states import refresh
 from .submission import attach
 from .sweep_dir import Manifest, SweepLock, record_cancels
@@ -33,8 +33,8 @@ def cancel(layout: SweepLayout) -> int:
         jobs = sorted({job for r in active for job in r.jobs})
         evaluation = manifest.final_job.get("id")
         evaluation = evaluation if evaluation and executor.alive(evaluation) else None
-        if evaluation:  # the test split's look: on what a cancelled sweep left, not wanted
-            jobs.append(evaluation)
+        if evaluation:  # the test split's look (and its retrainings): on what a cancelled sweep left, not wanted
+            jobs += final.jobs(manifest)
         executor.cancel(jobs)
         for r in active:
             r.state = TrialState.CANCELLED.value

@@ -14,7 +14,7 @@ import shlex
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import submitit
 
@@ -47,6 +47,9 @@ class Executor(Protocol):
 
     def live(self, job_ids: list[str]) -> set[str]:
         """Those of the jobs that may still run, in one query."""
+
+    def one_trial_a_job(self) -> "Executor":
+        """The same executor with each call a trial's job of its own (not packed, not steps)."""
 
     def cancel(self, job_ids: list[str], at_once: bool = False) -> None:
         """Stop the jobs: SIGTERM, on which each trial saves at the end of its step and exits;
@@ -132,11 +135,13 @@ class SlurmArrays:
         """The sbatch script of an array of `num_jobs` jobs, as submit() would send it."""
         return sbatch.sbatch_text(self.resources, self.name, self.folder, self.python, num_jobs, self.steps, self.job)
 
-    def submit(self, calls: list[Callable[[], Any]]) -> list[submitit.Job]:
+    def submit(self, calls: list[Callable[[], Any]], after: Sequence[str] = ()) -> list[submitit.Job]:
+        """`after`: jobs that must end first, however they end (afterany)."""
         # Our own requeue budget (train/run.py) binds first and fails the trial with a reason;
         # submitit's count of timed-out interruptions is set one higher so it never does.
         executor = submitit.SlurmExecutor(folder=self.folder, max_num_timeout=self.max_requeues + 1, python=self.python)
-        executor.update_parameters(**sbatch.executor_parameters(self.resources, self.name, self.steps, self.job))
+        executor.update_parameters(**sbatch.executor_parameters(self.resources, self.name, self.steps, self.job),
+                                   **_after(after))
         jobs: list[submitit.Job] = []
         for chunk in sbatch.arrays(len(calls), cluster.max_array_size()):
             with executor.batch():
@@ -150,8 +155,13 @@ class SlurmArrays:
                                   gpus_per_node=min(1, self.resources.gpus_per_node))
         executor = submitit.SlurmExecutor(folder=self.folder, max_num_timeout=0, python=shlex.join(self.launch.python))
         executor.update_parameters(**sbatch.executor_parameters(one, self.name, False, environment.job_parameters(
-            self.env, one.extra_sbatch, self.launch)), **({"dependency": f"afterany:{':'.join(after)}"} if after else {}))
+            self.env, one.extra_sbatch, self.launch)), **_after(after))
         return executor.submit(call).job_id
+
+    def one_trial_a_job(self) -> "SlurmArrays":
+        """This executor with each call a trial's job of its own, unpacked (submit/retrain.py)."""
+        return SlurmArrays(self.folder.parent, dataclasses.replace(self.resources, pack=1), self.name,
+                           self.max_requeues, False, self.env, self.launch)
 
     def alive(self, job_id: str) -> bool:
         return self.states([job_id]).get(job_id) in cluster.ACTIVE
@@ -164,6 +174,10 @@ class SlurmArrays:
 
     def cancel(self, job_ids: list[str], at_once: bool = False) -> None:
         cluster.cancel(job_ids, "KILL" if at_once else None)
+
+
+def _after(jobs: Sequence[str]) -> dict:
+    return {"dependency": f"afterany:{':'.join(jobs)}"} if jobs else {}
 
 
 class LocalProcesses:
@@ -199,6 +213,11 @@ class LocalProcesses:
                 signal.signal(signum, handler)
         self.jobs.update({job.job_id: job for job in jobs})
         return jobs
+
+    def one_trial_a_job(self) -> "LocalProcesses":
+        """This executor with each call a trial's job of its own, unpacked (submit/retrain.py)."""
+        return LocalProcesses(self.folder, dataclasses.replace(self.resources, pack=1), self.max_requeues, False,
+                              self.env, self.launch)
 
     def python(self) -> environment.Launch:
         """A packed job's runner runs here, outside the container (it starts each step in it)."""

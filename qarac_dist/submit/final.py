@@ -19,6 +19,8 @@ nothing else: the store has one writer (track/outbox.py), so the test metrics re
 run when a driver follows the sweep to its end (`--wait`) or `status --sync` runs after it.
 A re-run that submits trials replaces a final job that has not ended (it would start before
 them); one that submits none keeps it, unless the test split it was given has changed since.
+With final.retrain the models evaluated are the seeds trained again (submit/retrain.py): locally
+before the evaluation, with SLURM by an array of jobs that the final job waits for.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ..base.files import DamagedFile, DiskFull, write_json
 from ..base.layout import SweepLayout
 from ..base.secrets import redact_text
 from ..config.choice import Final
+from . import retrain
 from .cluster import Patience
 from .executors import Executor, SlurmArrays, stop_with_parent
 from .report import chosen_seeds, digest, final_results, of_choice, split_digest
@@ -64,7 +67,8 @@ def choice(manifest: Manifest, final: Final, configs: dict[str, dict]) -> Option
     if not seeds:
         return None
     first = configs.get(min(seeds)) or manifest.trials[min(seeds)].config
-    return {"configuration": configuration, "seeds": seeds, "split": final.split, "data": _test_data(first)}
+    return {"configuration": configuration, "seeds": seeds, "split": final.split, "data": _test_data(first),
+            **({"retrain": True} if final.retrain else {})}
 
 
 def latest(manifest: Manifest, layout: SweepLayout) -> Optional[dict]:
@@ -83,10 +87,11 @@ def _stored(layout: SweepLayout) -> list[dict]:
 
 
 def evaluate(final: Final, manifest: Manifest, layout: SweepLayout, configs: dict[str, dict],
-             python: tuple = (sys.executable,)) -> Optional[dict]:
+             train_here: Optional[Executor] = None, python: tuple = (sys.executable,)) -> Optional[dict]:
     """The test metrics of the sweep's choice: evaluated now, or read from `final.json` when
     this choice was evaluated before; None when there is no choice or the evaluation failed
-    (said in one line)."""
+    (said in one line). With final.retrain the seeds are trained again first, by `train_here`
+    (locally; a SLURM final job finds them trained by the jobs it waited for)."""
     chosen = choice(manifest, final, configs)
     if chosen is None:
         print(f"{PREFIX}the sweep chose no configuration; the test split was not read", file=sys.stderr)
@@ -97,9 +102,20 @@ def evaluate(final: Final, manifest: Manifest, layout: SweepLayout, configs: dic
         if stored[-1] is not done[0]:  # the latest is the current choice's: the summary shows it
             _keep(layout, [r for r in stored if r is not done[0]] + done[:1])
         return done[0]
+    models = {tid: manifest.trials[tid].trial_dir.best for tid in chosen["seeds"]}
+    if final.retrain:
+        trains = retrain.steps(manifest, configs, chosen["seeds"])
+        if train_here is not None:
+            retrain.run_here(train_here.one_trial_a_job(), layout, configs, trains, train_here.resources.max_parallel)
+        steps = dict(trains)
+        missing = [retrain.failure(layout, tid, steps[tid]) for tid in sorted(steps)
+                   if not retrain.trained(layout, tid, steps[tid])]
+        if missing:
+            print(f"{PREFIX}{missing[0]}; the test split was not read (the next run trains it again)", file=sys.stderr)
+            return None
+        models = {tid: retrain.folder(layout, tid, steps[tid]).last for tid in chosen["seeds"]}
     request = {"split": final.split, "trials": [{"id": tid, "config": configs.get(tid, manifest.trials[tid].config),
-                                                 "best": str(manifest.trials[tid].trial_dir.best)}
-                                                for tid in sorted(chosen["seeds"])]}
+                                                 "best": str(models[tid])} for tid in sorted(chosen["seeds"])]}
     try:
         proc = subprocess.run([*python, "-m", "qarac_dist.train.final"], input=json.dumps(request),
                               capture_output=True, text=True, preexec_fn=stop_with_parent)
@@ -164,28 +180,44 @@ def given(final: Final, configs: dict[str, dict]) -> str:
 
 
 def schedule(executor: SlurmArrays, manifest: Manifest, layout: SweepLayout, final: Final, configs: dict[str, dict],
-             submitted: bool) -> Optional[str]:
+             submitted: bool, repeats: int = 1) -> Optional[str]:
     """With SLURM: the final evaluation as a job after every job of the sweep that may still run
-    (`submitted`: this run submitted trials). None is submitted when the sweep has ended and
-    final.json holds its choice, or while an earlier one may still run for the same split.
-    Returns the line that names the job submitted."""
+    (`submitted`: this run submitted trials); with final.retrain, after an array of `repeats`
+    retrainings (submit/retrain.py) that waits for those jobs. None is submitted when the sweep
+    has ended and final.json holds its choice, or while an earlier one may still run for the
+    same split. Returns the line that names the jobs submitted."""
     live = sorted(executor.live(sorted({job for r in manifest.trials.values() for job in r.jobs})))
     earlier, now = manifest.final_job.get("id"), given(final, configs)
     replaced = ""
     if earlier and executor.alive(earlier):
         if not submitted and manifest.final_job.get("given") == now:
             return None
-        executor.cancel([earlier], at_once=True)
+        executor.cancel(jobs(manifest), at_once=True)
         replaced = f"; job {earlier}, which would have evaluated before it or another split, is cancelled"
     if not live:
         chosen = choice(manifest, final, configs)
         if chosen is None or any(r["choice"] == chosen for r in _stored(layout)):
             return f"cancelled: SLURM job {earlier}; final.json holds this choice's result" if replaced else None
-    job = executor.submit_after(FinalJob(str(layout.root.resolve()), final, configs), live)
-    manifest.final_job = {"id": job, "given": now}
+    root, trains = str(layout.root.resolve()), []
+    if final.retrain:
+        unpacked = executor.one_trial_a_job()
+        trains = [j.job_id for j in unpacked.submit([
+            retrain.RetrainJob(root, configs, k, unpacked.resources.cpus_per_task, unpacked.max_requeues)
+            for k in range(repeats)], after=live)]
+    job = executor.submit_after(FinalJob(root, final, configs), trains or live)
+    manifest.final_job = {"id": job, "given": now, **({"retrain": trains} if trains else {})}
     manifest.save(layout.root)
     after = f" after job(s) {', '.join(live)} (afterany)" if live else ""
-    return f"submitted: SLURM job {job}, the evaluation on the split {final.split!r}{after}{replaced}"
+    training = f"SLURM job(s) {', '.join(trains)} train the chosen configuration again{after}; " if trains else ""
+    return (f"submitted: {training}SLURM job {job}, the evaluation on the split {final.split!r}"
+            f"{f' after them' if trains else after}{replaced}")
+
+
+def jobs(manifest: Manifest) -> list[str]:
+    """The final job and the retrainings it waits for, as the manifest names them."""
+    retrains = manifest.final_job.get("retrain")
+    named = [manifest.final_job.get("id"), *(retrains if isinstance(retrains, list) else [])]
+    return [j for j in named if isinstance(j, str) and j]
 
 
 def wait_for_job(executor: Executor, manifest: Manifest, layout: SweepLayout, poll_s: float = 2.0) -> None:

@@ -3,6 +3,8 @@ scripts, as plain text (no wrapping, no markup, so the scripts copy as they are)
 
 from __future__ import annotations
 
+import dataclasses
+
 import shlex
 import sys
 from collections import Counter
@@ -56,7 +58,14 @@ def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, source: str, sho
     if spec.final is not None:
         where = "a SLURM job of one task after every job of the sweep, afterany" if kind == "slurm" else \
             "here, after the last trial"
-        print(f"final: once the sweep has chosen, the chosen configuration's best model of each seed is evaluated once "
+        models = "best model of each seed is"
+        if spec.final.retrain:
+            again = sbatch.requested_hours(dataclasses.replace(spec.resources, pack=1), spec.repeats, False)
+            models = (f"{spec.repeats} seed(s), each trained again on train + validation for its best model's steps "
+                      f"(a trial's job each, {'an array held by afterany on the sweep' if kind == 'slurm' else 'here'}; "
+                      f"at most {again['gpu_hours']:.1f} GPU-hours, {again['cpu_hours']:.1f} CPU-hours more), are")
+            where = where.replace("after every job of the sweep", "after them")
+        print(f"final: once the sweep has chosen, the chosen configuration's {models} evaluated once "
               f"on the split {spec.final.split!r}, which no trial reads ({where})")
     if kind == "slurm" or spec.executor != "local":
         size = cluster.max_array_size() if cluster.available() else 1001

@@ -229,7 +229,8 @@ def _final_line(layout: SweepLayout, metric: str, manifest: Manifest) -> Optiona
     chosen, mean, std = result["choice"], result["mean"].get(metric), result["std"].get(metric)
     value = "-" if mean is None else f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")
     line = (f"test (split {chosen['split']!r}, {result['rows']} rows, looked at once for this choice): {metric} "
-            f"{value} over {len(result['seeds'])} seed(s) of configuration {chosen['configuration']}")
+            f"{value} over {len(result['seeds'])} seed(s) of configuration {chosen['configuration']}"
+            + (", each trained again on train + validation" if chosen.get("retrain") else ""))
     return line if current else line + " (an earlier choice: the current one was not evaluated)"
 
 

@@ -110,7 +110,7 @@ class Submission:
             tracking.close_parent(manifest, self.layout)
             configs = {t.id: t.config for t in self.trials}
             tested = None if self.spec.final is None else \
-                final.evaluate(self.spec.final, manifest, self.layout, configs) if self.local else \
+                final.evaluate(self.spec.final, manifest, self.layout, configs, self.executor) if self.local else \
                 final.recorded(self.spec.final, manifest, self.layout, configs)
             tracking.log_final(manifest, tested)
             best = print_summary(manifest, self.layout)
@@ -262,7 +262,7 @@ class Submission:
             submit_records(manifest, self.layout, self.executor, todo, self.spec.search)
         if self.spec.final is not None and not self.local:
             self.final_job = final.schedule(self.executor, manifest, self.layout, self.spec.final,
-                                            {t.id: t.config for t in self.trials}, bool(todo))
+                                            {t.id: t.config for t in self.trials}, bool(todo), self.spec.repeats)
 
     def report(self, manifest: Manifest, todo: list[TrialRecord]) -> None:
         print(f"sweep {self.spec.name}: {len(self.trials)} trials, {len(todo)} to run, "

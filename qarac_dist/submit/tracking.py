@@ -131,7 +131,8 @@ def close_parent(manifest: Manifest, layout: SweepLayout) -> None:
 def log_final(manifest: Manifest, result: Optional[dict]) -> None:
     """The test metrics on the parent run (submit/final.py): `test_<metric>` the mean over the
     chosen configuration's seeds, `test_<metric>_std` beside it (two seeds or more), `test_seeds`,
-    and tags naming the split, the configuration and the choice (`final_choice`): once a choice."""
+    and tags naming the split, the configuration, the choice (`final_choice`) and what was tested
+    (`final_models`): once a choice."""
     if manifest.mlflow_parent_run_id is None or result is None:
         return
     import time
@@ -145,7 +146,9 @@ def log_final(manifest: Manifest, result: Optional[dict]) -> None:
     metrics += [Metric(f"test_{k}_std", v, now, 0) for k, v in result["std"].items() if v is not None]
     metrics.append(Metric("test_seeds", len(result["seeds"]), now, 0))
     tags = [RunTag("final_split", result["choice"]["split"]),
-            RunTag("final_configuration", result["choice"]["configuration"]), RunTag("final_choice", result["digest"])]
+            RunTag("final_configuration", result["choice"]["configuration"]), RunTag("final_choice", result["digest"]),
+            RunTag("final_models", "trained again on train + validation" if result["choice"].get("retrain")
+                   else "the seeds' best models")]
     try:
         with one_writer(manifest.tracking_uri):
             c = client(manifest.tracking_uri)

@@ -46,6 +46,10 @@ class JobContext:
     """With repeats: every seed of that configuration, this trial's included, with the attempt
     submitted when this job was made; successive halving decides a rung on their mean
     (track/rungs.py)."""
+    retrain_steps: Optional[int] = None
+    """A retraining of the final evaluation (final.retrain: true, submit/retrain.py): train on
+    train + validation for this many steps, on the trial's learning-rate schedule, never
+    validate, and export the model of the last step as best/."""
 
     @property
     def sweep(self) -> Optional[SweepLayout]:

@@ -39,6 +39,7 @@ from ..base.files import DamagedFile, read_json, write_json, writing
 from ..base.lock import LockHeld, hold
 
 BEST_INFO = "qarac_best.json"
+LAST_INFO = "qarac_last.json"
 ROLLBACK = "spike_rollback"
 """The metric a rollback's row in metrics.jsonl carries (its number: 1, 2, ...)."""
 
@@ -198,6 +199,13 @@ class TrialDir:
         """Step, metric name and validation metrics of the exported best model."""
         try:
             return read_json(self.best / BEST_INFO)
+        except DamagedFile:
+            return None
+
+    def last_info(self) -> Optional[dict]:
+        """Step of the model exported at the end of training (output.export_last)."""
+        try:
+            return read_json(self.last / LAST_INFO)
         except DamagedFile:
             return None
 

@@ -22,10 +22,13 @@ class Parts:
     collate: batches.Collator
 
 
-def build_parts(cfg: TrainConfig) -> Parts:
+def build_parts(cfg: TrainConfig, with_validation: bool = False) -> Parts:
     """Prepare the data (call on rank 0 first when the cache is cold: see Trainer), then build
-    the model from `training.seed` and its collator."""
+    the model from `training.seed` and its collator. `with_validation`: the validation rows join
+    the training split (a final retraining, submit/retrain.py)."""
     splits = data.prepare(cfg)
+    if with_validation:
+        splits = data.with_validation(splits)
     torch.manual_seed(cfg.training.seed)
     model = models.build_model(cfg, splits.num_labels, splits.tokenizer)
     spec = models.input_spec(model)
@@ -34,7 +37,7 @@ def build_parts(cfg: TrainConfig) -> Parts:
     return Parts(splits, model, collate)
 
 
-def build_on_ranks(cfg: TrainConfig, ranks, group) -> Parts:
+def build_on_ranks(cfg: TrainConfig, ranks, group, with_validation: bool = False) -> Parts:
     """`build_parts` on every rank of a job. On a cold cache rank 0 goes first: it generates
     data, checks the labels, trains the tokenizer and fills the datasets cache; the others then
     read the cache instead of racing to write it, or learn the mistake it found (one line on
@@ -46,17 +49,17 @@ def build_on_ranks(cfg: TrainConfig, ranks, group) -> Parts:
     if ranks.world_size > 1:
         dist.all_reduce(warm, op=dist.ReduceOp.MIN, group=group)
     if warm or ranks.world_size == 1:
-        return build_parts(cfg)
+        return build_parts(cfg, with_validation)
     failure: list = [None]
     if ranks.is_main:
         try:
-            parts = build_parts(cfg)
+            parts = build_parts(cfg, with_validation)
         except UserError as err:
             failure[0] = str(err)
     dist.broadcast_object_list(failure, src=0, group=group)
     if failure[0] is not None:
         raise UserError(failure[0])
-    return parts if ranks.is_main else build_parts(cfg)
+    return parts if ranks.is_main else build_parts(cfg, with_validation)
 
 
 def optimizer_for(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

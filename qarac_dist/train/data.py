@@ -3,6 +3,7 @@ the metric (train/labels.py), tokenization and its report. Batching: train/batch
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -228,8 +229,6 @@ def prepare(cfg: TrainConfig, test: Optional[str] = None) -> Splits:
 def _prepare(cfg: TrainConfig, test: Optional[str] = None) -> Splits:
     d = cfg.data
     if d.synthetic is not None and d.synthetic.task == "similarity" and d.text_pair_column is None:
-        import dataclasses
-
         d = dataclasses.replace(d, text_pair_column="text_pair")
         cfg = dataclasses.replace(cfg, data=d)
     separate = cfg.model.kind == "dual_encoder"  # each text encoded on its own
@@ -286,6 +285,17 @@ def _prepare(cfg: TrainConfig, test: Optional[str] = None) -> Splits:
     return Splits(tokenized["train"], tokenized["validation"], tokenizer, task.num_labels, task.names, report,
                   [_input(d, name, split) for name, split in (("train", train), ("validation", validation))],
                   tokenized.get("test"))
+
+
+def with_validation(splits: Splits) -> Splits:
+    """Train on train + validation (a final retraining): the validation rows join the training
+    split; nothing is held out, so nothing is validated."""
+    import datasets
+
+    train = datasets.concatenate_datasets([splits.train, splits.validation])
+    report = {**splits.report, "train": {**splits.report["train"], "rows": len(train),
+                                         "validation_rows_added": len(splits.validation)}}
+    return dataclasses.replace(splits, train=train, report=report)
 
 
 def _input(d: DataConfig, context: str, rows) -> dict:

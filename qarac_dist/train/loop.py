@@ -21,7 +21,7 @@ from ..config.schema import flatten
 from ..track.job_context import JobContext
 from ..track.mlflow_runs import TrialRun
 from ..track.trackers import NullTracker, Tracker, Trackers
-from ..track.trial_dir import BEST_INFO, MetricsFile, TrialDir
+from ..track.trial_dir import BEST_INFO, LAST_INFO, MetricsFile, TrialDir
 from . import batches, data, faults, models, rung_gate
 from .build import build_on_ranks, lr_lambda, optimizer_for, seed_everything
 from .checkpoint import Checkpointer
@@ -53,8 +53,9 @@ class Trainer:
         # syncs a GPU stream and works whatever the main backend is.
         self.control_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
-        parts = build_on_ranks(cfg, ranks, self.control_group)
+        parts = build_on_ranks(cfg, ranks, self.control_group, with_validation=context.retrain_steps is not None)
         self.splits, self.collate = parts.splits, parts.collate
+        self.last_step = context.retrain_steps or cfg.training.max_steps  # a retraining's end: on the same schedule
 
         schedule = lr_lambda(cfg.scheduler.kind, cfg.scheduler.warmup_steps, cfg.training.max_steps)
         self.ds_config = deepspeed_config(cfg, ranks.world_size)
@@ -90,10 +91,10 @@ class Trainer:
         self.start()
         stopped_early = self.pruned is not None  # told to stop at a rung before a requeue or kill
         started = time.perf_counter()
-        while self.step < self.cfg.training.max_steps and not stopped_early:
+        while self.step < self.last_step and not stopped_early:
             stopped_early = self.advance()
         if self.cfg.output.export_last:
-            self.export(self.dir.last, {}, "qarac_last.json")
+            self.export(self.dir.last, {}, LAST_INFO)
         result = {"steps": self.step, "stopped_early": stopped_early, "pruned": self.pruned,
                   "train_seconds": time.perf_counter() - started, "metric": self.best.metric,
                   "best_value": self.best.best, "best_step": self.best.best_step,
@@ -155,12 +156,11 @@ class Trainer:
             if spike is not None:
                 return self.roll_back(spike)
         self.window.add(loss, tokens, time.perf_counter() - step_started)
-        if self.step % t.log_every == 0 or self.step == t.max_steps:
+        if self.step % t.log_every == 0 or self.step == self.last_step:
             metrics = self.window.flush(self.engine, self.scheduler)
             self.tracker.log(self.step, {**metrics, **({"lr_factor": lr_factor} if lr_factor != 1 else {})})
-        stop_early = False
-        if self.step % cfg.evaluation.every_steps == 0 or self.step == t.max_steps:
-            stop_early = self.validate_and_keep_best()
+        due = self.step % cfg.evaluation.every_steps == 0 or self.step == t.max_steps  # (a retraining never validates)
+        stop_early = due and self.context.retrain_steps is None and self.validate_and_keep_best()
         # After validation, so a resumed job knows this step's best metric.
         checkpointed = bool(cfg.checkpointing.every_steps) and self.step % cfg.checkpointing.every_steps == 0
         if checkpointed:

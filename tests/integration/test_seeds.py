@@ -89,6 +89,27 @@ def test_the_seeds_demo_picks_the_configuration_with_the_best_mean_not_the_best_
     assert again.returncode == 0 and "0 to run" in again.stdout, again.stdout + again.stderr
     assert not opens.exists() and json.loads((tmp_path / "runs" / "seeds_demo" / "final.json").read_text()) == record
     assert len(c.get_metric_history(manifest.mlflow_parent_run_id, "test_accuracy")) == 1
+    # final.retrain: the chosen configuration's seeds trained again on train + validation, for
+    # their best models' steps, never validated; those models are what the test split sees, and
+    # still nothing but the evaluation opens it.
+    retrained = run_sweep(*args, "final.retrain=true", cwd=tmp_path, env=spied)
+    assert retrained.returncode == 0, retrained.stdout + retrained.stderr
+    assert retrained.stdout.count("final: training the chosen configuration again on train + validation") == 2
+    # (datasets' cache may now serve the test split: no process need open its folder)
+    readers = [json.loads(line) for line in opens.read_text().splitlines()] if opens.exists() else []
+    assert all(r["argv"][0].endswith("qarac_dist/train/final.py") for r in readers), readers
+    record = json.loads((tmp_path / "runs" / "seeds_demo" / "final.json").read_text())["results"]
+    assert len(record) == 2 and record[1]["choice"] == {**final["choice"], "retrain": True}
+    for tid, steps in record[1]["choice"]["seeds"].items():
+        folder = tmp_path / "runs" / "seeds_demo" / "retrain" / f"{tid}-{steps}"
+        result = json.loads((folder / "result.json").read_text())
+        assert result["steps"] == steps and result["data"]["train"]["rows"] == 240 + 160
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert rows and not any("val_accuracy" in row for row in rows)
+    assert "each trained again on train + validation" in retrained.stdout
+    parent = c.get_run(manifest.mlflow_parent_run_id).data
+    assert parent.tags["final_models"] == "trained again on train + validation"
+    assert parent.metrics["test_accuracy"] == statistics.fmean(m["accuracy"] for m in record[1]["seeds"].values())
 
 
 def _job(job: str) -> dict[str, str]:
@@ -97,17 +118,17 @@ def _job(job: str) -> dict[str, str]:
     return dict(f.split("=", 1) for f in text.split() if "=" in f)
 
 
-def _final_sweep(tmp_path, data_cache, rates) -> object:
+def _final_sweep(tmp_path, data_cache, rates, retrain=False) -> object:
     base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 4}, evaluation={"every_steps": 2},
                        tracking={"log_model": True, "register_model": "final_slurm"})
     sweep = {"name": "final_slurm", "base": base, "runs_dir": str(tmp_path / "runs"), "executor": "slurm",
              "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "set": {"data.synthetic.num_test": 40},
              "grid": {"optimizer.lr": rates}, "select": {"metric": "accuracy", "mode": "max"},
-             "final": {"split": "test"}, "resources": {"time_min": 10, "max_parallel": 2}}
+             "final": {"split": "test", "retrain": retrain}, "resources": {"time_min": 10, "max_parallel": 2}}
     return write_config(tmp_path / "final_slurm.yaml", sweep)
 
 
-def test_on_slurm_the_test_split_is_a_job_after_the_sweeps_jobs_and_a_new_choice_moves_the_champion(
+def test_on_slurm_the_test_split_is_a_job_after_the_sweeps_jobs_and_a_new_choice_trained_again_moves_the_champion(
         cluster, tmp_path, data_cache):
     path = _final_sweep(tmp_path, data_cache, [1e-3, 3e-3])
     out = run_sweep(path)
@@ -136,15 +157,24 @@ def test_on_slurm_the_test_split_is_a_job_after_the_sweeps_jobs_and_a_new_choice
     assert parent.tags["final_configuration"] == best and "test (split 'test', 40 rows" in followed.stdout
     champion = c.get_model_version_by_alias("final_slurm", "champion")
     assert champion.tags["trial_id"] == best and str(champion.version) == "1"
-    # The chosen trial leaves the sweep file: the choice changes, with nothing to train; a job
-    # with nothing to wait for evaluates it, and the champion moves to the new choice.
+    # The chosen trial leaves the sweep file, and the chosen configuration is to be trained
+    # again (final.retrain): with no trial to wait for, a job retrains it on train + validation
+    # for its best model's steps, the evaluation waits for that job, and the champion moves.
     other = next(r for r in manifest.trials.values() if r.id != best)
-    narrowed = run_sweep(_final_sweep(tmp_path, data_cache, [other.config["optimizer"]["lr"]]), "--wait")
+    narrowed = run_sweep(_final_sweep(tmp_path, data_cache, [other.config["optimizer"]["lr"]], retrain=True), "--wait")
     assert narrowed.returncode == 0, narrowed.stdout + narrowed.stderr
-    assert re.search(r"submitted: SLURM job \d+, the evaluation on the split 'test'\n", narrowed.stdout), \
-        narrowed.stdout
+    line = re.search(r"submitted: SLURM job\(s\) (\d+) train the chosen configuration again; SLURM job (\d+), the "
+                     r"evaluation on the split 'test' after them\n", narrowed.stdout)
+    assert line is not None, narrowed.stdout
+    assert _job(line[1])["JobState"] == _job(line[2])["JobState"] == "COMPLETED"
+    assert datetime.datetime.fromisoformat(_job(line[2])["StartTime"]) >= \
+        datetime.datetime.fromisoformat(_job(line[1])["EndTime"])
     record = json.loads((tmp_path / "runs" / "final_slurm" / "final.json").read_text())["results"]
-    assert [list(r["seeds"]) for r in record] == [[best], [other.id]]
+    assert [list(r["seeds"]) for r in record] == [[best], [other.id]] and record[1]["choice"]["retrain"]
+    steps = record[1]["choice"]["seeds"][other.id]
+    retrained = tmp_path / "runs" / "final_slurm" / "retrain" / f"{other.id}-{steps}"
+    assert json.loads((retrained / "state.json").read_text())["state"] == "COMPLETED"
+    assert json.loads((retrained / "last" / "qarac_last.json").read_text())["step"] == steps
     parent = c.get_run(manifest.mlflow_parent_run_id).data
     assert parent.tags["final_configuration"] == other.id and parent.tags["best_trial"] == other.id
     assert parent.metrics["test_accuracy"] == record[1]["seeds"][other.id]["accuracy"]

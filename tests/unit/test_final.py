@@ -105,6 +105,19 @@ class _Cluster:
         self.live_jobs.add(job)
         return job
 
+    # The retrainings (final.retrain): an array of trials' jobs.
+    resources, max_requeues = type("Resources", (), {"cpus_per_task": 1})(), 0
+
+    def one_trial_a_job(self):
+        return self
+
+    def submit(self, calls, after=()):
+        array = 800 + len(self.submitted)
+        self.submitted.append((calls, list(after)))
+        jobs = [type("Job", (), {"job_id": f"{array}_{k}"})() for k in range(len(calls))]
+        self.live_jobs |= {j.job_id for j in jobs}
+        return jobs
+
 
 def test_the_final_job_waits_for_every_job_that_may_run_and_is_replaced_only_when_it_must(tmp_path, monkeypatch):
     from qarac_dist.submit.sweep_dir import Manifest, TrialRecord
@@ -146,6 +159,63 @@ def test_the_final_job_waits_for_every_job_that_may_run_and_is_replaced_only_whe
     chosen = {**chosen, "seeds": {"a": 6}}
     assert final.schedule(slurm, manifest, layout, Final(), configs, submitted=False).endswith("on the split 'test'")
     assert slurm.submitted[0][1] == []
+
+
+def test_with_retrain_the_final_job_waits_for_an_array_of_retrainings_that_waits_for_the_trials(tmp_path,
+                                                                                               monkeypatch):
+    from qarac_dist.submit import retrain
+    from qarac_dist.submit.sweep_dir import Manifest, TrialRecord
+
+    layout = SweepLayout(tmp_path / "sweep")
+    layout.root.mkdir()
+    manifest = Manifest("s", "slurm", "accuracy", "max")
+    for tid, job in (("a", "7_0"), ("b", "7_1")):
+        manifest.trials[tid] = TrialRecord(tid, tid, {}, {}, str(tmp_path / tid), "slurm", job_id=job)
+    configs = {"a": {"data": {"synthetic": {"num_test": 40}}}}
+    monkeypatch.setattr(final, "choice", lambda *_: {"configuration": "a", "seeds": {"a": 4, "b": 6}})
+    slurm = _Cluster(live={"7_0", "7_1"})
+    line = final.schedule(slurm, manifest, layout, Final(retrain=True), configs, submitted=True, repeats=2)
+    (retrainings, after), (job, waits_for) = slurm.submitted
+    assert [type(r) for r in retrainings] == [retrain.RetrainJob] * 2 and [r.index for r in retrainings] == [0, 1]
+    assert after == ["7_0", "7_1"] and isinstance(job, final.FinalJob) and waits_for == ["800_0", "800_1"]
+    assert line == ("submitted: SLURM job(s) 800_0, 800_1 train the chosen configuration again after job(s) 7_0, 7_1 "
+                    "(afterany); SLURM job 901, the evaluation on the split 'test' after them")
+    assert Manifest.load(layout.root).final_job["retrain"] == ["800_0", "800_1"]
+    # New trials: the evaluation and its retrainings, which would train before them, are cancelled.
+    final.schedule(slurm, manifest, layout, Final(retrain=True), configs, submitted=True, repeats=2)
+    assert slurm.cancelled == ["901", "800_0", "800_1"]
+    manifest.final_job = {"id": "9", "retrain": "800_0"}  # a hand-edited manifest: only job ids are cancelled
+    assert final.jobs(manifest) == ["9"]
+
+
+def test_a_retraining_trains_its_seed_in_a_folder_of_its_own_untracked_and_only_once(tmp_path, monkeypatch):
+    from qarac_dist.submit import retrain
+    from qarac_dist.submit.executors import TrialJob
+    from qarac_dist.track.trial_dir import TrialDir, TrialState
+
+    layout = SweepLayout(tmp_path / "sweep")
+    configs = {tid: {"name": f"s-{tid}", "asha": {"rungs": [2]}, "output": {"dir": f"/trials/{tid}", "export_best": True},
+                     "tracking": {"uri": "sqlite:///x.db", "log_model": True}} for tid in ("a", "b")}
+    monkeypatch.setattr(retrain, "seeds", lambda *_: [("a", 4), ("b", 6)])  # the choice its files give
+    trained = []
+    monkeypatch.setattr(TrialJob, "__call__", lambda job: trained.append((job.config, job.context)) or {})
+    assert retrain.RetrainJob(str(layout.root), configs, 2, 1, 0)() is None and not trained  # a seed that failed
+    retrain.RetrainJob(str(layout.root), configs, 1, 1, 0)()
+    (config, context), = trained
+    assert context == {"retrain_steps": 6, "tags": {"trial_id": "b"}}
+    assert config["output"] == {"dir": str(layout.retrained("b", 6)), "export_best": False, "export_last": True}
+    assert config["tracking"] == {"uri": None, "log_model": True} and config["asha"] is None
+    assert retrain.failure(layout, "b", 6) == "the retraining of trial b (6 steps) never started"
+    folder = TrialDir(layout.retrained("b", 6))
+    folder.begin(None)
+    folder.update(state=TrialState.FAILED, error="DiskFull: no space")
+    assert retrain.failure(layout, "b", 6) == "the retraining of trial b (6 steps) ended FAILED: DiskFull: no space"
+    folder.update(state=TrialState.COMPLETED)
+    assert not retrain.trained(layout, "b", 6)  # no model exported: trained again
+    write_json(folder.last / "qarac_last.json", {"step": 6, "metrics": {}})
+    assert retrain.trained(layout, "b", 6)
+    retrain.RetrainJob(str(layout.root), configs, 1, 1, 0)()
+    assert len(trained) == 1
 
 
 def test_a_final_job_that_cannot_keep_its_result_fails_and_leaves_the_metrics_in_its_log(tmp_path, monkeypatch,

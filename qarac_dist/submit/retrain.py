@@ -1,0 +1,114 @@
+"""The chosen configuration trained again before its one look at the test set (the sweep file's
+`final: {retrain: true}`, config/choice.py). Each of its seeds that finished is trained anew
+from its own seed on train + validation together, for as many steps as its best model had (on
+the trial's learning-rate schedule, which still runs to training.max_steps), and the model of
+that last step is what the test split evaluates (submit/final.py). Nothing is held out, so
+nothing is validated: no early stopping, no rungs.
+
+A retraining is a trial's job in all but its data and its end (`RetrainJob` is a TrialJob: the
+trial's resources, ranks, environment, container and requeue on SLURM's warning), in a folder
+of its own, `retrain/<trial id>-<steps>/` (base/layout.py): a re-run finds it complete and does
+not train it again, a stopped one resumes from its checkpoint. It is not tracked in MLflow
+(its losses are in its metrics.jsonl, its model in last/); the test metrics reach the parent run as without it.
+
+Which seed a job trains is found in the job, from the trials' own files once they have all
+ended: the chosen configuration's finished seeds in trial-id order, the job's index in them
+(an index past them, a seed that failed, trains nothing). So with SLURM the jobs are submitted
+with the trials, as an array held by `--dependency=afterany` on every job of the sweep, and the
+final job waits for the array; locally the driver runs them after the last trial.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+from ..base.layout import SweepLayout
+from ..track.trial_dir import TrialDir, TrialState
+from .executors import Executor, TrialJob
+from .report import chosen_seeds
+from .states import refresh
+from .sweep_dir import Manifest
+
+
+def steps(manifest: Manifest, configs: dict[str, dict], chosen: dict[str, Optional[int]]) -> list[tuple[str, int]]:
+    """The chosen seeds (trial id -> its best model's step) in trial-id order, each with the
+    steps it is trained for: its best model's, max_steps where the trial did not record it."""
+    return [(tid, step if step is not None else _config(manifest, configs, tid)["training"]["max_steps"])
+            for tid, step in sorted(chosen.items())]
+
+
+def seeds(layout: SweepLayout, configs: dict[str, dict]) -> list[tuple[str, int]]:
+    """`steps` of the sweep's choice, found in its files (every job of the sweep has ended)."""
+    manifest = Manifest.load(layout.root)
+    refresh(manifest, lambda _jobs: {}, layout)
+    return steps(manifest, configs, chosen_seeds(manifest)[1])
+
+
+def _config(manifest: Manifest, configs: dict[str, dict], tid: str) -> dict:
+    return configs.get(tid) or manifest.trials[tid].config
+
+
+def folder(layout: SweepLayout, tid: str, steps: int) -> TrialDir:
+    """The retraining of trial `tid` for `steps` steps: a trial directory of its own."""
+    return TrialDir(layout.retrained(tid, steps))
+
+
+def trained(layout: SweepLayout, tid: str, steps: int) -> bool:
+    """Whether that retraining completed and exported its model."""
+    trial = folder(layout, tid, steps)
+    status = trial.status()
+    return status is not None and status.state == TrialState.COMPLETED and trial.last_info() is not None
+
+
+def failure(layout: SweepLayout, tid: str, steps: int) -> str:
+    """Why that retraining left no model, in a line."""
+    status = folder(layout, tid, steps).status()
+    return f"the retraining of trial {tid} ({steps} steps) " + (
+        "never started" if status is None else f"ended {status.state.value}"
+        + (f": {status.error}" if status.error else ""))
+
+
+class RetrainJob(TrialJob):
+    """The retraining of the chosen configuration's seed number `index` (trial-id order)."""
+
+    def __init__(self, root: str, configs: dict[str, dict], index: int, cpus_per_task: int, max_requeues: int):
+        super().__init__({}, {}, cpus_per_task, max_requeues)
+        self.root, self.configs, self.index = root, configs, index
+
+    def __call__(self) -> Optional[dict]:
+        layout = SweepLayout(Path(self.root))
+        found = seeds(layout, self.configs)
+        if self.index >= len(found):
+            return None  # fewer seeds finished than the configuration has
+        tid, steps = found[self.index]
+        if trained(layout, tid, steps):
+            return None
+        config = _config(Manifest.load(layout.root), self.configs, tid)
+        self.config = {**config, "name": f"{config['name']}-retrain", "asha": None,
+                       "output": {**config["output"], "dir": str(folder(layout, tid, steps).path),
+                                  "export_best": False, "export_last": True},
+                       "tracking": {**config["tracking"], "uri": None}}
+        self.context = {"retrain_steps": steps, "tags": {"trial_id": tid}}
+        return super().__call__()
+
+
+def run_here(executor: Executor, layout: SweepLayout, configs: dict[str, dict], chosen: list[tuple[str, int]],
+             at_once: int) -> None:
+    """Locally, after the last trial: the retraining of each `chosen` seed (`steps`) not trained
+    yet, `at_once` jobs at a time, waited for. Ctrl-C asks the running ones to save (a re-run
+    resumes them) and is raised again."""
+    todo = [k for k, (tid, n) in enumerate(chosen) if not trained(layout, tid, n)]
+    for start in range(0, len(todo), max(1, at_once)):
+        jobs = executor.submit([RetrainJob(str(layout.root.resolve()), configs, k, executor.resources.cpus_per_task,
+                                           executor.max_requeues) for k in todo[start:start + max(1, at_once)]])
+        print(f"final: training the chosen configuration again on train + validation: "
+              f"{len(jobs)} seed(s), job(s) {', '.join(j.job_id for j in jobs)}", flush=True)
+        try:
+            for job in jobs:
+                job.wait()
+        except KeyboardInterrupt:
+            executor.cancel([j.job_id for j in jobs])
+            print("final: interrupted; the retraining saves and resumes on the next run", file=sys.stderr)
+            raise
