@@ -39,10 +39,10 @@ def _short(value) -> str:
 
 
 def start(layout: SweepLayout, search: Search, slot: int, trial: str, config: dict, context: dict) -> tuple[dict, dict]:
-    """The slot's config and context: its values asked for (or replayed), its MLflow run made.
-    ConfigError when the values do not make a valid config."""
+    """The slot's config and context: its values asked for (or replayed), its MLflow run made
+    (with repeats, the driver made it: this seed's run and its configuration's are given the
+    values). ConfigError when the values do not make a valid config."""
     mode = context["select_mode"]
-
     repeated = context.get("configuration") is not None
 
     def ask(record: search_record.Record) -> tuple[dict, dict, Optional[str]]:
@@ -60,7 +60,7 @@ def start(layout: SweepLayout, search: Search, slot: int, trial: str, config: di
         context = {**context, "tags": {**context.get("tags", {}), "label": shown, "search.slot": slot,
                                        "mlflow.runName": f"{trial} {shown}"}}
         if repeated and context.get("run_id") is not None and not is_local_store(context.get("tracking_uri")):
-            from ..track import sweep_runs
+            from ..track import sweep_runs  # (in a sqlite store, the job's outbox carries its params)
 
             sweep_runs.log_params(context["tracking_uri"], context["run_id"], sweep_runs.trial_params(resolved))
         return resolved, context
