@@ -117,14 +117,10 @@ def sets_seed(key: str, given) -> bool:
 
 
 def check_repeats(spec, keyed: list[tuple[str, dict]], errors: list[str]) -> None:
-    """Seeds are what repeats vary: nothing else may set them, and a model-based search, which
-    asks its sampler for one trial's result at a time, is not yet told a configuration's mean
-    (successive halving is: plan/asha.py)."""
+    """Seeds are what repeats vary: nothing else may set them (a grid, a variant, a random or a
+    model-based search's key)."""
     for section, mapping in keyed:
         for key, given in mapping.items():
             if section != "set" and sets_seed(key, given):
                 errors.append(f"{section}.{key}: repeats ({spec.repeats}) derives each configuration's seeds from its "
                               f"training.seed; set it under set (or in the base config), or use repeats: 1")
-    if spec.search is not None:
-        errors.append("repeats: not yet with search (it decides on one seed's result, not a configuration's "
-                      "mean); use repeats: 1 with search, or a grid or random search with repeats")

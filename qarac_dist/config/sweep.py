@@ -54,7 +54,8 @@ class Search:
     an Optuna sampler told every result recorded before (submit/search.py)."""
 
     trials: int = bounded(dataclasses.MISSING, ge=1, le=100_000)
-    """Trials to run, each asked for when it starts."""
+    """Configurations to try, each asked for when its first trial starts; with repeats each
+    runs as `repeats` trials, its seeds, and the sampler is told their mean."""
     sampler: Literal["tpe", "gp", "cmaes", "qmc", "random"] = "tpe"
     """Optuna's sampler: tpe (constant liar for trials still running), gp (at most GP_TRIALS trials),
     qmc, random. cmaes is refused with its reason (NOT_OFFERED)."""
@@ -189,8 +190,8 @@ class SweepSpec:
         """Variants x grid points x random samples, computed without building any of them."""
         points = math.prod(len(v) for v in self.grid.values() if isinstance(v, list))
         samples = self.random.num_samples if self.random and self.random.params else 1
-        if self.search is not None:
-            return self.search.trials
+        if self.search is not None:  # search.trials counts configurations
+            return self.search.trials * self.repeats
         return max(1, len(self.variants)) * points * samples * self.repeats
 
 

@@ -43,7 +43,8 @@ class Trial:
     the sections they do not change: read-only."""
     slot: Optional[int] = None
     """A model-based search's slot: its searched values are asked for when a job starts it
-    (submit/search.py); `config` holds everything else."""
+    (submit/search.py); `config` holds everything else. With repeats, the slot of every seed
+    of one configuration."""
     configuration: Optional[str] = None
     """With repeats: the configuration this trial is a seed of (the id of its first seed's
     trial); None without (each trial is its own configuration)."""
@@ -188,7 +189,9 @@ def _trial(sweep: str, trials_dir: str, tid: str, label: str, overrides: dict, r
 
 def _slots(spec: SweepSpec, resolver: Resolver, trials_dir: str, source: str) -> list[Trial]:
     """A model-based search's trials: `search.trials` slots, each the base config with the
-    sweep's `set`, given its searched values when a job starts it. Each searched key is tried
+    sweep's `set`, given its searched values when a job starts it. With repeats a slot is a
+    configuration: K trials, its seeds, that share one ask (submit/search.py); its first seed
+    keeps the id the slot has without repeats. Each searched key is tried
     here at the ends of its range (every value of a choice), so a value the config cannot take
     is found before anything is spent."""
     overrides = dict(spec.set)
@@ -219,11 +222,24 @@ def _slots(spec: SweepSpec, resolver: Resolver, trials_dir: str, source: str) ->
         raise ConfigError(errors)
     space = {"base": tid, "sampler": spec.search.sampler, "seed": spec.search.seed,
              "params": {k: dataclasses.asdict(d) for k, d in spec.search.params.items()}}
+    if spec.repeats == 1:
+        seeded = {None: resolved}
+    else:  # a seed differs from its siblings in training.seed alone
+        first, *others = repeat_seeds(resolved["training"]["seed"], spec.repeats)
+        seeded = {first: resolved, **{seed: resolver.resolve({**overrides, **asha, "training.seed": seed})[0]
+                                      for seed in others}}
     slots = []
     for k in range(spec.search.trials):
         sid = hashlib.sha256(json.dumps({**space, "slot": k}, sort_keys=True).encode()).hexdigest()[:10]
-        config = {**resolved, "name": f"{spec.name}-{sid}", "output": {**resolved["output"], "dir": trials_dir + sid}}
-        slots.append(Trial(sid, f"slot {k}", overrides, config, slot=k))
+        for n, (seed, of_seed) in enumerate(seeded.items()):
+            tid = sid if n == 0 else hashlib.sha256(json.dumps({**space, "slot": k, "seed": seed},
+                                                               sort_keys=True).encode()).hexdigest()[:10]
+            config = {**of_seed, "name": f"{spec.name}-{tid}", "output": {**of_seed["output"], "dir": trials_dir + tid}}
+            if seed is None:
+                slots.append(Trial(tid, f"slot {k}", overrides, config, slot=k))
+            else:
+                slots.append(Trial(tid, f"slot {k} seed {seed}", {**overrides, "training.seed": seed}, config, slot=k,
+                                   configuration=sid))
     return slots
 
 

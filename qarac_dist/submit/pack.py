@@ -267,7 +267,7 @@ class _Runner:
         """The trial's step is over: its result told to the search first (the next ask sees it),
         then its claim ended."""
         if entry.slot is not None:
-            search.tell(self.layout, entry.slot, entry.trial_dir, verdict, entry.context["select_metric"],
+            search.tell(self.layout, entry.slot, entry.id, entry.trial_dir, verdict, entry.context["select_metric"],
                         entry.context["select_mode"], entry.attempt)
         claims.end(self.layout, self.job_id, entry.id, entry.attempt, outcome)
         self.ended.append(entry.id)
@@ -325,8 +325,10 @@ def follow_claims(records: list, layout: SweepLayout) -> set[str]:
     if any(r.slot is not None for r in packed):  # a search's slots: what each was given when it started
         asked = {a.slot: a for a in search_record.read(layout).asks}
         for r in packed:
-            if r.slot in asked:
-                r.label, r.mlflow_run_id = search.label(r.slot, asked[r.slot].params), asked[r.slot].run_id
+            if r.slot in asked:  # with repeats the driver made its run (and its configuration's)
+                seed = r.config["training"]["seed"] if r.configuration is not None else None
+                r.label = search.label(r.slot, asked[r.slot].params, seed)
+                r.mlflow_run_id = r.mlflow_run_id if r.configuration is not None else asked[r.slot].run_id
                 r.overrides = {**r.overrides, **asked[r.slot].params}
     ended = set()
     for r in packed:

@@ -92,8 +92,12 @@ def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, source: str, sho
 def print_search(spec: SweepSpec, told: str) -> None:
     """The search's sampler and space; `told`: what a warm start tells the sampler first."""
     search = spec.search
-    print(f"model-based search: Optuna's {search.sampler} sampler (seed {search.seed}), {search.trials} trials, "
-          f"each given its values when a job starts it, from every result recorded before")
+    each = f"{search.trials} trials, each given its values when a job starts it" if spec.repeats == 1 else \
+        f"{search.trials} configurations x {spec.repeats} seeds, each configuration given its values when its first " \
+        f"seed starts"
+    mean = "" if spec.repeats == 1 else ", and told the mean over its seeds once all have ended"
+    print(f"model-based search: Optuna's {search.sampler} sampler (seed {search.seed}), {each}, from every result "
+          f"recorded before{mean}")
     for key, d in search.params.items():
         where = f"one of {d.values}" if d.distribution == "choice" else f"[{d.low:g}, {d.high:g}]"
         print(f"  {key}: {d.distribution} {where}")

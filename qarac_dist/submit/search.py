@@ -3,6 +3,13 @@ when the runner starts it, from every result recorded before (plan/search.py cho
 track/search_record.py keeps the record, under its lock), its MLflow child run is made then
 with those values, and its result is told when its step ends. A requeued or re-run slot
 replays what was recorded: it is never asked twice.
+
+With repeats a slot is a configuration of K seed trials: the first seed to start asks, its
+siblings replay the values (one ask per configuration: the sampler asks for configurations,
+not seeds); each seed is told as it ends, and the sampler learns the configuration's result
+once all its seeds have one (search_record.configuration_result), RUNNING until then. Their
+MLflow runs were made by the driver, as for a grid: the configuration's run is given the values
+when they are asked, each seed's run when it starts.
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ from ..track.outbox import is_local_store
 from ..track.trial_dir import TrialDir, TrialState
 
 
-def label(slot: int, params: dict) -> str:
-    return f"slot {slot}: " + " ".join(f"{k}={_short(v)}" for k, v in params.items())
+def label(slot: int, params: dict, seed: Optional[int] = None) -> str:
+    """`slot k: key=value ...`, and the seed with repeats."""
+    return f"slot {slot}: " + " ".join(f"{k}={_short(v)}" for k, v in params.items()) + \
+        ("" if seed is None else f" seed {seed}")
 
 
 def _short(value) -> str:
@@ -30,22 +39,31 @@ def _short(value) -> str:
 
 
 def start(layout: SweepLayout, search: Search, slot: int, trial: str, config: dict, context: dict) -> tuple[dict, dict]:
-    """The slot's config and context: its values asked for (or replayed), its MLflow run made.
-    ConfigError when the values do not make a valid config."""
+    """The slot's config and context: its values asked for (or replayed), its MLflow run made
+    (with repeats, the driver made it: this seed's run and its configuration's are given the
+    values). ConfigError when the values do not make a valid config."""
     mode = context["select_mode"]
+    repeated = context.get("configuration") is not None
 
     def ask(record: search_record.Record) -> tuple[dict, dict, Optional[str]]:
         choice = choose(search, mode, history(record), previous_state(record),
                         warm_start(search, context["select_metric"], mode)[0], str(layout.search))
-        return choice.params, choice.state, _child_run(context, trial, slot, config, choice.params)
+        run = _configuration_run(context, slot, config, choice.params) if repeated else \
+            _child_run(context, trial, slot, config, choice.params)
+        return choice.params, choice.state, run
 
-    asked = search_record.ask(layout, slot, trial, ask)
+    asked = search_record.ask(layout, slot, trial, ask, tuple(sorted(context.get("seeds") or ())))
     resolved, _ = Resolver(config, set(asked.params)).resolve(asked.params)
     resolved.update(name=config["name"], output=config["output"])
-    if is_local_store(context.get("tracking_uri")):  # its run was made before its values were asked
-        shown = label(slot, asked.params)
+    if repeated or is_local_store(context.get("tracking_uri")):  # its run was made before its values were asked
+        shown = label(slot, asked.params, config["training"]["seed"] if repeated else None)
         context = {**context, "tags": {**context.get("tags", {}), "label": shown, "search.slot": slot,
                                        "mlflow.runName": f"{trial} {shown}"}}
+        if repeated and context.get("run_id") is not None and not is_local_store(context.get("tracking_uri")):
+            from ..track import sweep_runs  # (in a sqlite store, the job's outbox carries its params)
+
+            sweep_runs.log_params(context["tracking_uri"], context["run_id"], sweep_runs.trial_params(resolved))
+        return resolved, context
     return resolved, {**context, "run_id": asked.run_id}
 
 
@@ -64,8 +82,9 @@ def check_record(layout: SweepLayout, search: Search) -> None:
 
 
 def history(record: search_record.Record) -> list[Told]:
-    """The sweep's trials in the order they were asked, each with its result or still RUNNING."""
-    told = {t.slot: t for t in record.tells}
+    """The sweep's trials (with repeats, configurations) in the order they were asked, each
+    with its result or still RUNNING."""
+    told = record.results()
     return [Told(a.params, told[a.slot].state, told[a.slot].value, told[a.slot].intermediate) if a.slot in told
             else Told(a.params, "RUNNING") for a in record.asks]
 
@@ -123,9 +142,23 @@ def _child_run(context: dict, trial: str, slot: int, config: dict, params: dict)
                                    f"{trial} {label(slot, params)}", tags, sweep_runs.trial_params(resolved))
 
 
-def tell(layout: SweepLayout, slot: int, trial_dir: TrialDir, verdict: Optional[TrialState], metric: str,
+def _configuration_run(context: dict, slot: int, config: dict, params: dict) -> Optional[str]:
+    """With repeats: the configuration's run, made by the driver, given the values asked (in a
+    sqlite store, which no job opens, the driver gives them: tracking.label_configurations)."""
+    run_id = context.get("configuration_run_id")
+    if run_id is None or is_local_store(context.get("tracking_uri")):
+        return run_id
+    from ..track import sweep_runs
+
+    resolved, _ = Resolver(config, set(params)).resolve(params)
+    sweep_runs.label_configuration(context["tracking_uri"], run_id, context["configuration"], label(slot, params), slot,
+                                   sweep_runs.trial_params(resolved))
+    return run_id
+
+
+def tell(layout: SweepLayout, slot: int, trial: str, trial_dir: TrialDir, verdict: Optional[TrialState], metric: str,
          mode: str, attempt: int) -> None:
-    """Record how attempt `attempt` of the slot's trial ended: the select metric of its best
+    """Record how attempt `attempt` of the slot's trial `trial` ended: the select metric of its best
     model, as the parent run ranks it (best/'s validation; without one, its best over its
     validations) (COMPLETE), the values it reported before a rung stopped it (PRUNED), or FAIL.
     After a rollback that undid best/, the model validated again is the best: the record and the
@@ -135,13 +168,14 @@ def tell(layout: SweepLayout, slot: int, trial_dir: TrialDir, verdict: Optional[
     finite = [v for v in curve.values() if math.isfinite(v)]
     kept = ((trial_dir.best_info() or {}).get("metrics") or {}).get(metric)
     if verdict == TrialState.COMPLETED and isinstance(kept, (int, float)) and math.isfinite(kept):
-        search_record.tell(layout, slot, "COMPLETE", float(kept), curve, attempt)
+        search_record.tell(layout, slot, "COMPLETE", float(kept), curve, attempt, trial)
     elif verdict == TrialState.COMPLETED and finite:
-        search_record.tell(layout, slot, "COMPLETE", max(finite) if mode == "max" else min(finite), curve, attempt)
+        search_record.tell(layout, slot, "COMPLETE", max(finite) if mode == "max" else min(finite), curve, attempt,
+                           trial)
     elif verdict == TrialState.PRUNED:
-        search_record.tell(layout, slot, "PRUNED", None, curve, attempt)
+        search_record.tell(layout, slot, "PRUNED", None, curve, attempt, trial)
     else:
-        search_record.tell(layout, slot, "FAIL", None, curve, attempt)
+        search_record.tell(layout, slot, "FAIL", None, curve, attempt, trial)
 
 
 def tell_ended(layout: SweepLayout, records: list, metric: str, mode: str) -> None:
@@ -151,9 +185,9 @@ def tell_ended(layout: SweepLayout, records: list, metric: str, mode: str) -> No
     for r in records:
         status = r.trial_dir.status_of(r.attempt) if r.slot is not None else None
         ended = status is not None and status.state in (TrialState.COMPLETED, TrialState.PRUNED, TrialState.FAILED)
-        latest = record.told(r.slot) if ended else None
+        latest = record.told(r.slot, r.id) if ended else None
         if ended and (latest is None or (latest.attempt or 0) < r.attempt):
-            tell(layout, r.slot, r.trial_dir, status.state, metric, mode, r.attempt)
+            tell(layout, r.slot, r.id, r.trial_dir, status.state, metric, mode, r.attempt)
 
 
 def refused(trial_dir: TrialDir, attempt: int, err: ConfigError) -> str:

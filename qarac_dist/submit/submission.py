@@ -354,7 +354,8 @@ def job_context(manifest: Manifest, layout: SweepLayout, record: TrialRecord, re
                       sweep_dir=str(layout.root.resolve()), select_metric=manifest.select_metric,
                       select_mode=manifest.select_mode, tags={"sweep": manifest.sweep, "trial_id": record.id,
                                                               "executor": record.executor, **manifest.code},
-                      gpus=gpus, cpus=cpus, configuration=record.configuration, seeds=manifest.seeds_of(record))
+                      gpus=gpus, cpus=cpus, configuration=record.configuration, seeds=manifest.seeds_of(record),
+                      configuration_run_id=manifest.configurations.get(record.configuration))
 
 
 def follow(manifest: Manifest, layout: SweepLayout, executor: Executor, queued: list[TrialRecord], max_parallel: int,

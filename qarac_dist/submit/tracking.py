@@ -52,8 +52,9 @@ def _ensure_runs(manifest: Manifest, records: list[TrialRecord], varied: list[st
     seeds = manifest.seeds()
     for r in records:
         # A search trial's run is made when a job asks its values; in a sqlite store, which no job
-        # opens, it is made here, and the trial's job records the values asked.
-        if r.mlflow_run_id is not None or (r.slot is not None and not is_local_store(uri)):
+        # opens, and with repeats (its configuration's run is its parent), it is made here, and the
+        # job records the values asked (submit/search.py).
+        if r.mlflow_run_id is not None or (r.slot is not None and r.configuration is None and not is_local_store(uri)):
             continue
         shared = {"sweep": manifest.sweep, "executor": r.executor, "varied": ", ".join(varied), **manifest.code}
         tags, parent = {**shared, "trial_id": r.id, "label": r.label}, manifest.mlflow_parent_run_id
@@ -62,7 +63,7 @@ def _ensure_runs(manifest: Manifest, records: list[TrialRecord], varied: list[st
                 first = manifest.trials[r.configuration]
                 manifest.configurations[r.configuration] = sweep_runs.create_configuration(
                     uri, exp, parent, r.configuration, first.label.rsplit(" seed ", 1)[0], seeds[r.configuration],
-                    shared, sweep_runs.trial_params(first.config))
+                    shared, sweep_runs.trial_params(first.config) if first.slot is None else {})
             tags = {**tags, sweep_runs.CONFIGURATION: r.configuration, sweep_runs.SWEEP_RUN: parent}
             parent = manifest.configurations[r.configuration]
         r.mlflow_run_id = sweep_runs.create_child(uri, exp, parent, f"{r.id} {r.label}", tags,
@@ -80,13 +81,38 @@ def import_records(manifest: Manifest, layout: SweepLayout, wait: bool = False, 
 
     entries = [Entry(r.id, Path(r.output_dir), r.mlflow_run_id) for r in manifest.trials.values()]
     try:
-        return import_outboxes(manifest.tracking_uri, layout.imported, entries, wait, again)
+        imported = import_outboxes(manifest.tracking_uri, layout.imported, entries, wait, again)
+        if imported.events and manifest.configurations and layout.search.exists():  # a seed of a search started
+            with one_writer(manifest.tracking_uri):
+                label_configurations(manifest, layout)
+        return imported
     except LockHeld:
         return None
     except Exception as err:  # noqa: BLE001 - the trials keep their records; the next import goes on
         print(f"qarac_dist: could not import the trials' records into MLflow: {type(err).__name__}: "
               f"{redact_text(str(err))[:300]}", file=sys.stderr)
         return None
+
+
+def label_configurations(manifest: Manifest, layout: SweepLayout) -> None:
+    """A search with repeats in a sqlite store: each configuration's run, made here before its
+    values were asked, is given them once asked (in a tracking server the job that asks does:
+    submit/search.py). The caller holds the store's writer lock."""
+    from ..plan.resolve import Resolver
+    from ..track import search_record, sweep_runs
+    from ..track.mlflow_client import client
+    from .search import label
+
+    c = client(manifest.tracking_uri)
+    parent = c.get_run(manifest.mlflow_parent_run_id)
+    unlabelled = {r.data.tags.get(sweep_runs.CONFIGURATION): r.info.run_id
+                  for r in sweep_runs.trial_runs(c, parent)[1] if sweep_runs.SEARCH_SLOT not in r.data.tags}
+    for a in search_record.read(layout).asks:
+        seed = manifest.trials.get(a.trial)  # the seed that asked
+        if seed is not None and seed.configuration in unlabelled:
+            resolved, _ = Resolver(seed.config, set(a.params)).resolve(a.params)
+            sweep_runs.label_configuration(manifest.tracking_uri, unlabelled[seed.configuration], seed.configuration,
+                                           label(a.slot, a.params), a.slot, sweep_runs.trial_params(resolved))
 
 
 def log_preflight(manifest: Manifest, text: str) -> None:

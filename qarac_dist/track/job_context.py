@@ -42,6 +42,9 @@ class JobContext:
     """CPU cores the trial holds (all its tasks')."""
     configuration: Optional[str] = None
     """With repeats: the configuration the trial is a seed of (plan/expand.py's Trial.configuration)."""
+    configuration_run_id: Optional[str] = None
+    """With repeats: that configuration's MLflow run, the parent of this trial's (a search gives
+    it the values asked: submit/search.py)."""
     seeds: dict = field(default_factory=dict)
     """With repeats: every seed of that configuration, this trial's included, with the attempt
     submitted when this job was made; successive halving decides a rung on their mean

@@ -70,17 +70,21 @@ def experiment_id(mlflow_client, name: str) -> str:
 def create_run(mlflow_client, exp_id: str, name: str, tags: dict, params: Optional[dict] = None,
                parent_run_id: Optional[str] = None) -> str:
     """A run with screened tags and params (secrets.screen); returns its id."""
-    from mlflow.entities import Param
-
     tags = screen(tags)
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = mlflow_client.create_run(exp_id, tags=tags, run_name=redact_text(name))
-    run_id = run.info.run_id
-    items = [Param(k, v) for k, v in screen(params or {}).items()]
+    log_screened_params(mlflow_client, run.info.run_id, params or {})
+    return run.info.run_id
+
+
+def log_screened_params(mlflow_client, run_id: str, params: dict) -> None:
+    """Params with secrets screened (secrets.screen), in batches MLflow takes."""
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in screen(params).items()]
     for start in range(0, len(items), 100):
         mlflow_client.log_batch(run_id, params=items[start:start + 100])
-    return run_id
 
 
 def dataset_inputs(inputs: list) -> list:

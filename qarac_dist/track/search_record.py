@@ -1,8 +1,12 @@
 """Model-based search's record, `search.jsonl` in the sweep directory (base/layout.py): a line
 per ask (the slot, the values chosen, the sampler's state after it as data, how many results it
-was told) and a line per result (the slot, how it ended, its value, its values at validations).
-Every line is JSON of numbers and strings, never a pickle, so the record is O(trials) and
-reading it runs no code.
+was told) and a line per result (the slot and trial, how it ended, its value, its values at
+validations). Every line is JSON of numbers and strings, never a pickle, so the record is
+O(trials) and reading it runs no code.
+
+With repeats a slot is a configuration: one ask, whose values its K seeds (trials) all run
+with, and a result line per seed; the sampler is told the configuration's result once every
+seed has one (Record.results).
 
 Kept as the rung records are (track/rungs.py says why on NFS): each writer locks the file
 (`fcntl.lockf`, exclusive; the kernel releases it when the holder dies, so a killed process
@@ -15,6 +19,8 @@ named and skipped.
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,7 +45,11 @@ class Ask:
     """Results recorded when it was asked: it was chosen from all of them."""
     time: float
     run_id: Optional[str] = None
-    """The trial's MLflow child run, made when it was asked."""
+    """The trial's MLflow child run, made when it was asked; with repeats, the configuration's
+    run (made by the driver), which was given the values asked."""
+    seeds: tuple = ()
+    """With repeats: the trial ids of the configuration's seeds, whose results make its result;
+    empty without (the slot's one trial is `trial`)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,9 @@ class Tell:
     attempt: Optional[int] = None
     """The sweep's attempt of the slot's trial this result is of (None: a record from before
     attempts were kept). A later attempt's result replaces an earlier one's."""
+    trial: Optional[str] = None
+    """The trial this result is of (with repeats, one seed of the slot's configuration); None in
+    a line from before trials were named, of the slot's one trial."""
 
 
 @dataclass
@@ -65,9 +78,44 @@ class Record:
     def asked(self, slot: int) -> Optional[Ask]:
         return next((a for a in self.asks if a.slot == slot), None)
 
-    def told(self, slot: int) -> Optional[Tell]:
-        """The slot's latest result."""
-        return next((t for t in reversed(self.tells) if t.slot == slot), None)
+    def told(self, slot: int, trial: Optional[str] = None) -> Optional[Tell]:
+        """The latest result of the slot (of its trial `trial`, with repeats)."""
+        return next((t for t in reversed(self.tells) if t.slot == slot and (trial is None or t.trial in (None, trial))),
+                    None)
+
+    def results(self) -> dict[int, Tell]:
+        """What the sampler is told of each slot that has a result: its trial's latest result;
+        with repeats, its configuration's (configuration_result), once each of its seeds has one."""
+        latest = {}
+        for t in self.tells:  # a later line is of a later attempt (tell)
+            latest[t.slot] = latest[t.slot, t.trial] = t
+        out = {}
+        for a in self.asks:
+            if not a.seeds:
+                if a.slot in latest:
+                    out[a.slot] = latest[a.slot]
+            elif all((a.slot, trial) in latest for trial in a.seeds):
+                out[a.slot] = configuration_result([latest[a.slot, trial] for trial in a.seeds])
+        return out
+
+
+def configuration_result(seeds: list[Tell]) -> Tell:
+    """A configuration's result from its seeds' latest ones. PRUNED when a rung stopped a seed
+    (successive halving stops a configuration, all its seeds, on their mean: plan/asha.py);
+    else COMPLETE with the mean score of the seeds that completed with a finite one: a seed that
+    failed (or completed without a score) is left out of the mean, as the sweep's choice leaves
+    it out (track/best.py); FAIL when none did. Its values at validations: at each step, the
+    mean over the seeds that reported there."""
+    steps: dict[str, list[float]] = {}
+    for t in seeds:
+        for step, v in t.intermediate.items():
+            if math.isfinite(v):
+                steps.setdefault(step, []).append(v)
+    curve = {step: statistics.fmean(steps[step]) for step in sorted(steps, key=int)}
+    scores = [t.value for t in seeds if t.state == "COMPLETE" and t.value is not None and math.isfinite(t.value)]
+    state, value = ("PRUNED", None) if any(t.state == "PRUNED" for t in seeds) else \
+        ("COMPLETE", statistics.fmean(scores)) if scores else ("FAIL", None)
+    return Tell(seeds[0].slot, state, value, curve, max(t.time for t in seeds))
 
 
 _REPORTED: set[str] = set()
@@ -93,11 +141,13 @@ def _parse(data: bytes, where: str) -> tuple[Record, int]:
             d = json.loads(line)
             if "ask" in d:
                 record.asks.append(Ask(int(d["ask"]), str(d["trial"]), _params(d["params"]), dict(d.get("state", {})),
-                                       int(d["told_before"]), float(d["time"]), d.get("run_id")))
+                                       int(d["told_before"]), float(d["time"]), d.get("run_id"),
+                                       tuple(str(t) for t in d.get("seeds", ()))))
             elif d["state"] in STATES:
                 record.tells.append(Tell(int(d["tell"]), d["state"], None if d["value"] is None else float(d["value"]),
                                          {str(int(k)): float(v) for k, v in d.get("intermediate", {}).items()},
-                                         float(d["time"]), None if d.get("attempt") is None else int(d["attempt"])))
+                                         float(d["time"]), None if d.get("attempt") is None else int(d["attempt"]),
+                                         None if d.get("trial") is None else str(d["trial"])))
             else:
                 raise ValueError(f"state {d['state']!r}")
         except NOT_A_RECORD:
@@ -119,9 +169,10 @@ def read(sweep: SweepLayout) -> Record:
 
 
 def ask(sweep: SweepLayout, slot: int, trial: str,
-        choose: Callable[[Record], tuple[dict, dict, Optional[str]]]) -> Ask:
+        choose: Callable[[Record], tuple[dict, dict, Optional[str]]], seeds: tuple = ()) -> Ask:
     """The values of `slot`: those recorded, or chosen now (`choose(record)` -> params, sampler
-    state, MLflow run id) from everything recorded, and recorded."""
+    state, MLflow run id) from everything recorded, and recorded. With repeats, `seeds` (the
+    configuration's trials) asks for all of them: whichever starts first asks, the others replay."""
     with locked(sweep.search, mode="a+b") as f:  # closing the file releases the lock
         f.seek(0)
         record, good = _parse(f.read(), str(sweep.search))
@@ -129,26 +180,28 @@ def ask(sweep: SweepLayout, slot: int, trial: str,
         if mine is not None:
             return mine
         params, state, run_id = choose(record)
-        mine = Ask(slot, trial, params, state, len(record.tells), time.time(), run_id)
+        mine = Ask(slot, trial, params, state, len(record.tells), time.time(), run_id, tuple(seeds))
         line = asdict(mine)
         line["ask"] = line.pop("slot")
+        if not seeds:  # the line a sweep without repeats always wrote
+            line.pop("seeds")
         append_line(f, good, json.dumps(line))
         return mine
 
 
 def tell(sweep: SweepLayout, slot: int, state: str, value: Optional[float], intermediate: dict,
-         attempt: Optional[int] = None) -> None:
-    """Record how attempt `attempt` of `slot` ended: once per attempt (a second result for it
-    is ignored), and a later attempt's result after an earlier one's (the latest counts: a trial
-    that failed, then completed on a re-run, is complete)."""
+         attempt: Optional[int] = None, trial: Optional[str] = None) -> None:
+    """Record how attempt `attempt` of `slot`'s trial `trial` ended: once per attempt (a second
+    result for it is ignored), and a later attempt's result after an earlier one's (the latest
+    counts: a trial that failed, then completed on a re-run, is complete)."""
     with locked(sweep.search, mode="a+b") as f:
         f.seek(0)
         record, good = _parse(f.read(), str(sweep.search))
-        latest = record.told(slot)
+        latest = record.told(slot, trial)
         if latest is None or (attempt or 0) > (latest.attempt or 0):
             append_line(f, good, json.dumps({"tell": slot, "state": state, "value": value,
                                              "intermediate": {str(k): v for k, v in intermediate.items()},
-                                             "time": time.time(), "attempt": attempt}))
+                                             "time": time.time(), "attempt": attempt, "trial": trial}))
 
 
 def write_history(sweep: SweepLayout, mode: str, metric: str) -> Path:
@@ -160,7 +213,7 @@ def write_history(sweep: SweepLayout, mode: str, metric: str) -> Path:
     import matplotlib.pyplot as plt
 
     record = read(sweep)
-    told = {t.slot: t for t in record.tells}
+    told = record.results()
     points = [(n, told[a.slot].value) for n, a in enumerate(record.asks)
               if a.slot in told and told[a.slot].state == "COMPLETE" and told[a.slot].value is not None]
     pick = max if mode == "max" else min

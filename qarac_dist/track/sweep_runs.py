@@ -14,7 +14,7 @@ from ..base.layout import SweepLayout
 from ..base.lock import locked
 
 from .best import BY_CONFIGURATION, TIE_ORDER, Candidate, best_configuration, choose, configurations
-from .mlflow_client import client, create_run, experiment_id
+from .mlflow_client import client, create_run, experiment_id, log_screened_params
 from ..base.secrets import redact_text
 
 
@@ -44,6 +44,26 @@ def create_configuration(uri: str, experiment: str, parent_run_id: str, configur
     return create_run(c, experiment_id(c, experiment), f"{configuration} {label}",
                       {**tags, "qarac.kind": "configuration", CONFIGURATION: configuration, "label": label,
                        "repeats": str(seeds)}, {**params, "repeats": str(seeds)}, parent_run_id=parent_run_id)
+
+
+SEARCH_SLOT = "search.slot"
+"""Tag of a search's trial run (with repeats, also of its configuration's run): its slot."""
+
+
+def label_configuration(uri: str, run_id: str, configuration: str, label: str, slot: int, params: dict) -> None:
+    """A search's configuration run (with repeats), made before its values were asked, given
+    them: its label, name and params (the seed left out, each seed's run has its own)."""
+    from mlflow.entities import RunTag
+
+    c = client(uri)
+    log_screened_params(c, run_id, {k: v for k, v in params.items() if k != "training.seed"})
+    c.log_batch(run_id, tags=[RunTag("label", label), RunTag(SEARCH_SLOT, str(slot)),
+                              RunTag("mlflow.runName", redact_text(f"{configuration} {label}"))])
+
+
+def log_params(uri: str, run_id: str, params: dict) -> None:
+    """Params of a run made before they were known (a search's seed, with repeats)."""
+    log_screened_params(client(uri), run_id, params)
 
 
 def trial_runs(mlflow_client, parent) -> tuple[list, list]:

@@ -287,8 +287,11 @@ def test_derived_seeds_are_distinct_stable_and_within_the_seed_range():
         {"max_steps": 4}, {"seed": 5, "max_steps": 4}]}}}}, (),
                  "random.params.training: repeats (2) derives", id="seed-in-a-chosen-section"),
     pytest.param({"repeats": 2, "search": {"trials": 3, "params": {
-        "optimizer.lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-2}}}}, (),
-                 "repeats: not yet with search", id="with-search"),
+        "training.seed": {"distribution": "randint", "low": 0, "high": 9}}}}, (),
+                 "search.params.training.seed: repeats (2) derives", id="seed-searched"),
+    pytest.param({"repeats": 3, "search": {"trials": 2, "params": {
+        "optimizer.lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-2}}}}, ("max_trials=5",),
+                 "max_trials: the plan has 6 trials, over the cap of 5", id="search-seeds-count-against-the-cap"),
     pytest.param({"repeats": 3, "grid": {"optimizer.lr": [1e-3, 1e-4]}}, ("max_trials=5",),
                  "max_trials: the plan has 6 trials, over the cap of 5", id="seeds-count-against-the-cap"),
     pytest.param({"repeats": 100, "grid": {"optimizer.lr": [i * 1e-5 for i in range(1, 101)]}}, (),

@@ -175,10 +175,10 @@ def test_a_completed_trial_is_told_as_the_parent_ranks_it_the_score_of_its_best_
     trial = TrialDir(tmp_path / "t0")
     trial.begin(1)
     trial.metrics_file.write_text('{"step": 5, "val_accuracy": 0.9}\n{"step": 10, "val_accuracy": 0.7}\n')
-    tell(layout, 0, trial, TrialState.COMPLETED, "accuracy", "max", 1)
+    tell(layout, 0, "t0", trial, TrialState.COMPLETED, "accuracy", "max", 1)
     trial.best.mkdir()
     (trial.best / BEST_INFO).write_text(json.dumps({"step": 10, "metric": "accuracy", "metrics": {"accuracy": 0.7}}))
-    tell(layout, 1, trial, TrialState.COMPLETED, "accuracy", "max", 1)
+    tell(layout, 1, "t1", trial, TrialState.COMPLETED, "accuracy", "max", 1)
     assert [(t.slot, t.value) for t in search_record.read(layout).tells] == [(0, 0.9), (1, 0.7)]
 
 
