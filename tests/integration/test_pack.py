@@ -286,11 +286,11 @@ def test_the_local_executor_runs_packed_trials_with_the_same_claims(tmp_path, da
     assert sorted(r.step for r in manifest.trials.values()) == [f"{runner}.{k}" for k in range(2)]
 
 
-def _search_sweep(tmp_path, name, data_cache, executor, **resources) -> Path:
+def _search_sweep(tmp_path, name, data_cache, executor, trials=3, repeats=1, **resources) -> Path:
     base = tiny_config(data_cache, tmp_path / "unused", training={"max_steps": 4}, evaluation={"every_steps": 2})
     sweep = {"name": name, "base": base, "runs_dir": str(tmp_path / "runs"), "executor": executor,
-             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-             "search": {"sampler": "tpe", "trials": 3, "seed": 0, "params": {
+             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "repeats": repeats,
+             "search": {"sampler": "tpe", "trials": trials, "seed": 0, "params": {
                  "optimizer.lr": {"distribution": "loguniform", "low": 1.0e-4, "high": 1.0e-2},
                  "model.config.num_hidden_layers": {"distribution": "randint", "low": 1, "high": 2}}},
              "resources": {"time_min": 10, "max_parallel": 2, "pack": 2, **resources}}
@@ -327,6 +327,34 @@ def test_a_local_search_asks_each_slot_when_it_starts_and_plots_its_history(tmp_
     manifest = _each_slot_ran_once_with_its_recorded_values(tmp_path, "search")
     artifacts = [a.path for a in client(manifest.tracking_uri).list_artifacts(manifest.mlflow_parent_run_id)]
     assert "search_history.png" in artifacts, artifacts
+
+
+def test_a_local_search_with_repeats_runs_each_configurations_seeds_with_one_ask(tmp_path, data_cache):
+    """2 configurations x 2 seeds: one ask per configuration, every seed trains with its values and
+    its own seed, the sampler's history has one finished trial per configuration, and MLflow nests
+    each seed's run under its configuration's run, which carries the values and the mean."""
+    from qarac_dist.submit.search import history
+    from qarac_dist.track import search_record
+    from qarac_dist.track.sweep_runs import SEARCH_SLOT
+
+    path = _search_sweep(tmp_path, "repeats", data_cache, "local", trials=2, repeats=2, max_parallel=4, pack=4)
+    proc = run_sweep(path, "--no-preflight")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    manifest = _manifest(tmp_path, "repeats")
+    record = search_record.read(SweepLayout(tmp_path / "runs" / "repeats"))
+    assert sorted(a.slot for a in record.asks) == [0, 1] and all(len(a.seeds) == 2 for a in record.asks)
+    assert [t.state for t in history(record)] == ["COMPLETE", "COMPLETE"]
+    c = client(manifest.tracking_uri)
+    for a in record.asks:
+        seeds = [manifest.trials[tid] for tid in a.seeds]
+        configs = [json.loads((r.trial_dir.path / "config.json").read_text()) for r in seeds]
+        assert {cfg["optimizer"]["lr"] for cfg in configs} == {a.params["optimizer.lr"]}
+        assert len({cfg["training"]["seed"] for cfg in configs}) == 2
+        (configuration,) = {r.configuration for r in seeds}
+        run = c.get_run(manifest.configurations[configuration])
+        assert run.data.tags[SEARCH_SLOT] == str(a.slot) and "best_val_loss" in run.data.metrics
+        assert float(run.data.params["optimizer.lr"]) == a.params["optimizer.lr"]
+        assert all(c.get_run(r.mlflow_run_id).data.tags["mlflow.parentRunId"] == run.info.run_id for r in seeds)
 
 
 def test_a_search_job_killed_while_asking_is_rerun_and_every_slot_ends_once(cluster, no_requeue_delay, tmp_path,
