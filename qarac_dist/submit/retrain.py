@@ -8,8 +8,9 @@ nothing is validated: no early stopping, no rungs.
 A retraining is a trial's job in all but its data and its end (`RetrainJob` is a TrialJob: the
 trial's resources, ranks, environment, container and requeue on SLURM's warning), in a folder
 of its own, `retrain/<trial id>-<steps>/` (base/layout.py): a re-run finds it complete and does
-not train it again, a stopped one resumes from its checkpoint. It is not tracked in MLflow
-(its losses are in its metrics.jsonl, its model in last/); the test metrics reach the parent run as without it.
+not train it again, a stopped one resumes from its checkpoint. It is not tracked in MLflow (its
+losses are in its metrics.jsonl, its model in last/); the test metrics reach the parent run as
+without it. Its hours are not in the sweep's used-hours line (no clock runs in it).
 
 Which seed a job trains is found in the job, from the trials' own files once they have all
 ended: the chosen configuration's finished seeds in trial-id order, the job's index in them
