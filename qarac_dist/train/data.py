@@ -289,12 +289,15 @@ def _prepare(cfg: TrainConfig, test: Optional[str] = None) -> Splits:
 
 def with_validation(splits: Splits) -> Splits:
     """Train on train + validation (a final retraining): the validation rows join the training
-    split; nothing is held out, so nothing is validated."""
+    split, and its report counts them (rows, tokens, documents cut); nothing is held out, so
+    nothing is validated and the report has no validation split."""
     import datasets
 
     train = datasets.concatenate_datasets([splits.train, splits.validation])
-    report = {**splits.report, "train": {**splits.report["train"], "rows": len(train),
-                                         "validation_rows_added": len(splits.validation)}}
+    held, joined = splits.report["train"], splits.report["validation"]
+    counts = {k: v + joined[k] if isinstance(v, int) and isinstance(joined.get(k), int) else v for k, v in held.items()}
+    report = {**{k: v for k, v in splits.report.items() if k != "validation"},
+              "train": {**counts, "rows": len(train), "validation_rows_added": len(splits.validation)}}
     return dataclasses.replace(splits, train=train, report=report)
 
 
@@ -336,7 +339,7 @@ def report_lines(report: dict, max_length: int) -> list[tuple[str, str]]:
     if report.get("dropped_per_epoch"):
         lines.append(("note", f"data: each epoch leaves out {report['dropped_per_epoch']} of {report['train']['rows']} "
                               f"training rows, drawn anew each epoch (a step takes {report['examples_per_step']})"))
-    for name in ("train", "validation"):
+    for name in [n for n in ("train", "validation") if n in report]:  # a retraining has none held out
         r = report[name]
         if r["unlabelled_rows"]:
             lines.append(("note", f"data: {r['unlabelled_rows']} of the {r['rows_read']} rows read for the {name} "

@@ -223,6 +223,24 @@ def test_truncation_is_measured_per_split(tmp_path):
     assert levels[f"data.max_length: {report['truncated_documents']} of 20 train"] == "warn"  # over 1% of tokens
 
 
+def test_a_retraining_reports_train_and_validation_as_one_split(tmp_path):
+    """final.retrain trains on both: the report counts their rows, tokens and cuts together, and
+    says nothing of a validation split that no longer exists (its cuts were said twice, as apart)."""
+    train = _jsonl(tmp_path / "t.jsonl", [i % 2 for i in range(20)])
+    validation = _jsonl(tmp_path / "v.jsonl", [0, 1, 0, 1, 0], text_offset=2)
+    splits = data.prepare(_cfg(tmp_path, train, validation, max_length=8))
+    held, apart = splits.report["train"], splits.report["validation"]
+    joined = data.with_validation(splits)
+    report = joined.report["train"]
+    assert len(joined.train) == report["rows"] == 25 and report["validation_rows_added"] == 5
+    assert [report[k] for k in ("tokens", "truncated_tokens", "truncated_documents", "unlabelled_rows")] == \
+        [held[k] + apart[k] for k in ("tokens", "truncated_tokens", "truncated_documents", "unlabelled_rows")]
+    assert "validation" not in joined.report and apart["truncated_documents"] > 0
+    lines = [line for _, line in data.report_lines(joined.report, 8)]
+    assert lines and not any("validation" in line for line in lines)
+    assert any(f"{report['truncated_documents']} of 25 train documents" in line for line in lines)
+
+
 def test_spearman_with_a_nan_is_nan_not_a_rank():
     """NaN sorted as the largest value gave -0.4833 where scipy gives NaN."""
     from scipy.stats import spearmanr
