@@ -47,7 +47,8 @@ def print_plan(spec: SweepSpec, trials: list[Trial], kind: str, source: str, sho
         print_search(spec, told)
     if spec.trials_as_steps():
         job = sbatch.job_resources(r)
-        print(f"packed: {r.pack} trial(s) per job, each an srun step on its share; "
+        step = "an srun step" if kind == "slurm" else "started by the job's runner"
+        print(f"packed: {r.pack} trial(s) per job, each {step} on its share; "
               f"{sbatch.num_jobs(r, len(trials), True)} job(s) of {job.nodes} node(s) x {job.tasks_per_node} task(s), "
               f"{job.gpus_per_node} GPU(s)/node, {r.time_min} min each, starting the next waiting trial as one ends")
     allocations = " at most (the allocations)" if spec.trials_as_steps() else ""
