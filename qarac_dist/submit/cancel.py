@@ -12,7 +12,7 @@ from ..track.trial_dir import TrialState
 from . import final, tracking
 from .states import refresh
 from .submission import attach
-from .sweep_dir import Manifest, SweepLock, record_cancels
+from .sweep_dir import FINAL_CANCELS, Manifest, SweepLock, record_cancels
 
 
 def cancel(layout: SweepLayout) -> int:
@@ -31,11 +31,10 @@ def cancel(layout: SweepLayout) -> int:
         active = [r for r in manifest.trials.values() if r.active]
         record_cancels(layout.root, {r.id: r.attempt for r in active})  # for a driver that follows
         jobs = sorted({job for r in active for job in r.jobs})
-        evaluation = manifest.final_job.get("id")
-        evaluation = evaluation if evaluation and executor.alive(evaluation) else None
-        if evaluation:  # the test split's look (and its retrainings): on what a cancelled sweep left, not wanted
-            jobs += final.jobs(manifest)
-        executor.cancel(jobs)
+        # The test split's look and its retrainings: on what a cancelled sweep left, not wanted.
+        evaluation = [job for job in final.jobs(manifest) if executor.alive(job)]
+        record_cancels(layout.root, {FINAL_CANCELS: evaluation} if evaluation else {})  # for a driver that retrains
+        executor.cancel(jobs + evaluation)
         for r in active:
             r.state = TrialState.CANCELLED.value
         if lock is not None:
@@ -45,5 +44,5 @@ def cancel(layout: SweepLayout) -> int:
         if lock is not None:
             lock.release()
     print(f"cancelled {len(active)} trial(s) of {redact_text(manifest.sweep)}"
-          + (f" and its evaluation of the test split (SLURM job {evaluation})" if evaluation else ""))
+          + (f" and the job(s) of its evaluation of the test split: {', '.join(evaluation)}" if evaluation else ""))
     return 0

@@ -10,7 +10,9 @@ chooses as before evaluates nothing. The file is written whole (atomic rename): 
 evaluation leaves the earlier one or none; one that is damaged or not ours is said in a line
 and evaluated again.
 
-Locally it runs after the last trial, on the driver's machine. With SLURM it is a job of its
+It looks only when no trial of the sweep file stopped before it ended (LOST, CANCELLED,
+PREEMPTED, ...: a re-run resumes them and may choose otherwise); trials that failed on their own
+are failed seeds. Locally it runs after the last trial, on the driver's machine. With SLURM it is a job of its
 own (`FinalJob`, one node, one task, a GPU where the trials had one, in the sweep's environment
 and container), submitted with the trials and held by `--dependency=afterany` on every job of
 the sweep that may still run: it starts once they have all ended, however they ended, with no
@@ -33,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -45,7 +48,7 @@ from .cluster import Patience
 from .executors import Executor, SlurmArrays, stop_with_parent
 from .report import chosen_seeds, digest, final_results, of_choice, split_digest
 from .states import refresh
-from .sweep_dir import Manifest, last_error
+from .sweep_dir import RUNNING_STATES, Manifest, last_error
 
 PREFIX = "qarac_dist: final: "
 
@@ -96,6 +99,10 @@ def evaluate(final: Final, manifest: Manifest, layout: SweepLayout, configs: dic
     if chosen is None:
         print(f"{PREFIX}the sweep chose no configuration; the test split was not read", file=sys.stderr)
         return None
+    if stopped := _stopped_early(manifest):
+        print(f"{PREFIX}the test split is not read while trials stopped before they ended ({stopped}): a run of the "
+              f"sweep that finishes them may choose another configuration; run the sweep again", file=sys.stderr)
+        return None
     stored = _stored(layout)
     done = [r for r in stored if r["choice"] == chosen]
     if done:
@@ -105,8 +112,10 @@ def evaluate(final: Final, manifest: Manifest, layout: SweepLayout, configs: dic
     models = {tid: manifest.trials[tid].trial_dir.best for tid in chosen["seeds"]}
     if final.retrain:
         trains = retrain.steps(manifest, configs, chosen["seeds"])
-        if train_here is not None:
-            retrain.run_here(train_here.one_trial_a_job(), layout, configs, trains, train_here.resources.max_parallel)
+        if train_here is not None and not retrain.run_here(train_here.one_trial_a_job(), manifest, layout, configs,
+                                                          trains, train_here.resources.max_parallel):
+            print(f"{PREFIX}the retraining was cancelled (--cancel); the test split was not read", file=sys.stderr)
+            return None
         steps = dict(trains)
         missing = [retrain.failure(layout, tid, steps[tid]) for tid in sorted(steps)
                    if not retrain.trained(layout, tid, steps[tid])]
@@ -119,7 +128,7 @@ def evaluate(final: Final, manifest: Manifest, layout: SweepLayout, configs: dic
     try:
         proc = subprocess.run([*python, "-m", "qarac_dist.train.final"], input=json.dumps(request),
                               capture_output=True, text=True, preexec_fn=stop_with_parent)
-    except KeyboardInterrupt:  # the evaluation got the terminal's SIGINT too; nothing was written
+    except BaseException:  # stopped (Ctrl-C, SIGTERM, SIGHUP): subprocess.run killed the evaluation; nothing kept
         print(f"{PREFIX}interrupted; the test split was not evaluated (the next run evaluates it)", file=sys.stderr)
         raise  # the sweep command exits 130, as for any interrupted command
     if proc.returncode != 0:
@@ -133,6 +142,18 @@ def evaluate(final: Final, manifest: Manifest, layout: SweepLayout, configs: dic
               **summarize(out["metrics"])}
     _keep(layout, [*stored, result])
     return result
+
+
+STOPPED_EARLY = {"PREEMPTED", "CANCELLED", "LOST", "NODE_FAIL", "BOOT_FAIL"}
+"""Ends that came from outside a trial, which a re-run resumes (the trial's own failures,
+FAILED, OUT_OF_MEMORY, TIMEOUT, are failed seeds: the choice is made without them)."""
+
+
+def _stopped_early(manifest: Manifest) -> str:
+    """`LOST: 2, CANCELLED: 1`: the sweep's trials that stopped before they ended, or still run."""
+    counts = Counter(r.state for r in manifest.trials.values()
+                     if not r.retired and (r.state in STOPPED_EARLY or r.state in RUNNING_STATES))
+    return ", ".join(f"{state}: {n}" for state, n in sorted(counts.items()))
 
 
 def _keep(layout: SweepLayout, results: list[dict]) -> None:
@@ -174,9 +195,9 @@ class FinalJob:
 
 
 def given(final: Final, configs: dict[str, dict]) -> str:
-    """The test split as the sweep file gives it now (its name and data): what a final job is
-    given that a re-run may change."""
-    return split_digest({"split": final.split, "data": _test_data(configs[min(configs)])})
+    """How the sweep file says to test its choice now (the split's name and data, retrain): what
+    a final job is given that a re-run may change."""
+    return split_digest({"split": final.split, "data": _test_data(configs[min(configs)]), "retrain": final.retrain})
 
 
 def schedule(executor: SlurmArrays, manifest: Manifest, layout: SweepLayout, final: Final, configs: dict[str, dict],
@@ -214,7 +235,8 @@ def schedule(executor: SlurmArrays, manifest: Manifest, layout: SweepLayout, fin
 
 
 def jobs(manifest: Manifest) -> list[str]:
-    """The final job and the retrainings it waits for, as the manifest names them."""
+    """The final job and the retrainings it waits for (locally: the retrainings the driver runs),
+    as the manifest names them."""
     retrains = manifest.final_job.get("retrain")
     named = [manifest.final_job.get("id"), *(retrains if isinstance(retrains, list) else [])]
     return [j for j in named if isinstance(j, str) and j]

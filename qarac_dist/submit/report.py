@@ -180,13 +180,15 @@ def digest(value: dict) -> str:
 
 
 def split_digest(chosen: dict) -> str:
-    """A short name of a choice's test split: its name and its data as the sweep file gave them."""
-    return digest({"split": chosen["split"], "data": chosen.get("data")})
+    """A short name of how a choice is tested: the split's name and its data as the sweep file
+    gave them, and whether its seeds are trained again first (final.retrain)."""
+    return digest({"split": chosen["split"], "data": chosen.get("data"), **({"retrain": True} if chosen.get("retrain")
+                                                                           else {})})
 
 
 def of_choice(results: list[dict], manifest: Manifest) -> list[dict]:
     """The final evaluations of the sweep's choice: its configuration and seeds as the trials stand
-    now, on the test split as the sweep file last gave it (Manifest.final_split)."""
+    now, tested as the sweep file last said (Manifest.final_split: the split, its data, retrain)."""
     configuration, seeds = chosen_seeds(manifest)
     return [r for r in results if r["choice"]["configuration"] == configuration and r["choice"].get("seeds") == seeds
             and manifest.final_split in (None, split_digest(r["choice"]))]

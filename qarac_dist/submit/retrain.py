@@ -22,15 +22,18 @@ final job waits for the array; locally the driver runs them after the last trial
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
+from ..base.files import DiskFull
 from ..base.layout import SweepLayout
 from ..track.trial_dir import TrialDir, TrialState
+from . import stopping
 from .executors import Executor, TrialJob
 from .report import chosen_seeds
 from .states import refresh
-from .sweep_dir import Manifest
+from .sweep_dir import Manifest, cancelled_final
 
 
 def steps(manifest: Manifest, configs: dict[str, dict], chosen: dict[str, Optional[int]]) -> list[tuple[str, int]]:
@@ -95,21 +98,48 @@ class RetrainJob(TrialJob):
         return super().__call__()
 
 
-def run_here(executor: Executor, layout: SweepLayout, configs: dict[str, dict], chosen: list[tuple[str, int]],
-             at_once: int) -> None:
+def run_here(executor: Executor, manifest: Manifest, layout: SweepLayout, configs: dict[str, dict],
+             chosen: list[tuple[str, int]], at_once: int) -> bool:
     """Locally, after the last trial: the retraining of each `chosen` seed (`steps`) not trained
-    yet, `at_once` jobs at a time, waited for. Ctrl-C asks the running ones to save (a re-run
-    resumes them) and is raised again."""
+    yet, `at_once` jobs at a time, waited for. The jobs are named in the manifest
+    (`final_job["retrain"]`) while they run: `--cancel` stops them, and a run after a driver that
+    was killed waits for those still running before it starts any (never one twice). Stopped
+    (stopping.Stopped, KeyboardInterrupt), they are asked to save (a re-run resumes them) and the
+    stop is raised again. False when `--cancel` stopped them."""
+    earlier = [job for job in _named(manifest) if executor.alive(job)]
+    if earlier:
+        print(f"final: waiting for the retraining job(s) {', '.join(earlier)} that an earlier run started", flush=True)
+        if not _wait(executor, manifest, layout, earlier):
+            return False
     todo = [k for k, (tid, n) in enumerate(chosen) if not trained(layout, tid, n)]
     for start in range(0, len(todo), max(1, at_once)):
-        jobs = executor.submit([RetrainJob(str(layout.root.resolve()), configs, k, executor.resources.cpus_per_task,
-                                           executor.max_requeues) for k in todo[start:start + max(1, at_once)]])
+        jobs = [job.job_id for job in executor.submit([
+            RetrainJob(str(layout.root.resolve()), configs, k, executor.resources.cpus_per_task, executor.max_requeues)
+            for k in todo[start:start + max(1, at_once)]])]
         print(f"final: training the chosen configuration again on train + validation: "
-              f"{len(jobs)} seed(s), job(s) {', '.join(j.job_id for j in jobs)}", flush=True)
-        try:
-            for job in jobs:
-                job.wait()
-        except KeyboardInterrupt:
-            executor.cancel([j.job_id for j in jobs])
-            print("final: interrupted; the retraining saves and resumes on the next run", file=sys.stderr)
-            raise
+              f"{len(jobs)} seed(s), job(s) {', '.join(jobs)}", flush=True)
+        if not _wait(executor, manifest, layout, jobs):
+            return False
+    return True
+
+
+def _named(manifest: Manifest) -> list[str]:
+    jobs = manifest.final_job.get("retrain")
+    return [j for j in jobs if isinstance(j, str)] if isinstance(jobs, list) else []
+
+
+def _wait(executor: Executor, manifest: Manifest, layout: SweepLayout, jobs: list[str], poll_s: float = 1.0) -> bool:
+    """Until `jobs` have ended; False when `--cancel` stopped them (sweep_dir.cancelled_final)."""
+    manifest.final_job = {"retrain": jobs}
+    try:
+        manifest.save(layout.root)
+    except (OSError, DiskFull) as err:  # they are waited for all the same; only a killed driver's re-run misses them
+        print(f"final: could not name the retraining jobs in the manifest: {err}", file=sys.stderr)
+    try:
+        while any(executor.alive(job) for job in jobs):
+            time.sleep(poll_s)
+    except BaseException:
+        stopping.halt(executor, jobs)
+        print("final: stopped; the retraining saved where it could, and the next run resumes it", file=sys.stderr)
+        raise
+    return not set(jobs) & set(cancelled_final(layout.root))

@@ -6,10 +6,8 @@ parent run. Also the other way in: `attach` (the status command; cancel.py).
 
 from __future__ import annotations
 
-import contextlib
 import shlex
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -24,16 +22,13 @@ from ..config.sweep import Resources, Search, SweepSpec
 from ..plan import Trial, select_defaults, varied_keys
 from ..track.code_record import of_sweep
 from ..track.job_context import JobContext
-from . import claims, cluster, environment, final, lock_check, pack, sbatch, tracking
+from . import claims, cluster, environment, final, lock_check, pack, sbatch, stopping, tracking
 from .states import refresh
 from .executors import Executor, TrialJob, make_executor
 from .report import print_summary
 from .search import check_record, tell_ended, warm_start
 from .sweep_dir import DONE, FAILED, RESUBMIT, Attempt, Manifest, SweepLock, TrialRecord, layout_for, same_record, \
     write_sweep_file
-
-SAVE_WAIT_S = 120
-"""How long a stopped driver waits for its local trials to save before it stops them at once."""
 
 Preflight = Callable[[list[TrialRecord]], tuple[str, bool]]
 """Audits the trials about to be submitted: (the printed report, passed?)."""
@@ -91,12 +86,12 @@ class Submission:
             if not (self.local or self.wait):
                 return 0
             try:
-                with _stop_signals():
+                with stopping.signals():
                     follow(manifest, self.layout, self.executor, todo if self.started_here else [],
                            self.spec.resources.max_parallel)
                     if self.spec.final is not None and not self.local:
                         final.wait_for_job(self.executor, manifest, self.layout)
-            except _Stopped:
+            except stopping.Stopped:
                 return self.stop(manifest)
             except DiskFull as full:  # the manifest could not be saved: say why, show where it stands
                 print(f"qarac_dist: {full}", file=sys.stderr)
@@ -108,10 +103,13 @@ class Submission:
                 print_summary(manifest, self.layout)
                 return 1
             tracking.close_parent(manifest, self.layout)
-            configs = {t.id: t.config for t in self.trials}
-            tested = None if self.spec.final is None else \
-                final.evaluate(self.spec.final, manifest, self.layout, configs, self.executor) if self.local else \
-                final.recorded(self.spec.final, manifest, self.layout, configs)
+            try:
+                with stopping.signals():
+                    tested = self.tested(manifest)
+            except stopping.Stopped:  # the retraining saved (retrain.py); nothing of the test split was kept
+                print(f"\nstopped before the test split was read.\nresume:    "
+                      f"{' '.join(shlex.quote(a) for a in self.command)}", file=sys.stderr)
+                return 130
             tracking.log_final(manifest, tested)
             best = print_summary(manifest, self.layout)
             unfinished = [r for r in manifest.trials.values() if r.state not in DONE and not r.retired]
@@ -119,10 +117,20 @@ class Submission:
         finally:
             self.lock.release()
 
+    def tested(self, manifest: Manifest) -> Optional[dict]:
+        """The test metrics of the sweep's choice (the sweep file's final): evaluated here, or
+        kept by the SLURM final job; None without final or a result."""
+        if self.spec.final is None:
+            return None
+        configs = {t.id: t.config for t in self.trials}
+        if self.local:
+            return final.evaluate(self.spec.final, manifest, self.layout, configs, self.executor)
+        return final.recorded(self.spec.final, manifest, self.layout, configs)
+
     def stop(self, manifest: Manifest) -> int:
         """Ctrl-C (or SIGTERM, SIGHUP) while following. SLURM's jobs go on without us; local
         trials are asked to save as on SLURM's warning signal, and waited for (a second Ctrl-C,
-        or SAVE_WAIT_S, stops them at once). Exit code 130, as for any interrupted command."""
+        or stopping.SAVE_WAIT_S, stops them at once). Exit code 130, as for any interrupted command."""
         again = " ".join(shlex.quote(a) for a in self.command)
         if not self.local:
             print(f"\nstopped following; the SLURM jobs go on.\nfollow:    {again} --wait\n"
@@ -146,21 +154,8 @@ class Submission:
         return 130
 
     def halt(self, manifest: Manifest, active: list[TrialRecord], save: bool = True) -> None:
-        """Ask the local trials to save and stop, wait for them (bounded; a second signal ends
-        the wait), stop those left at once, and record where each ended. Nothing of a sweep
-        this driver started outlives it."""
-        jobs = sorted({job for r in active for job in r.jobs})
-        self.executor.cancel(jobs)
-        try:
-            with _stop_signals():
-                deadline = time.monotonic() + SAVE_WAIT_S
-                while any(self.executor.alive(job) for job in jobs) and time.monotonic() < deadline:
-                    time.sleep(0.2)
-        except _Stopped:
-            pass
-        left = [job for job in jobs if self.executor.alive(job)]
-        if left:
-            self.executor.cancel(left, at_once=True)
+        """Ask the local trials to save and stop (stopping.halt), and record where each ended."""
+        stopping.halt(self.executor, sorted({job for r in active for job in r.jobs}))
         refresh(manifest, self.executor.states, self.layout)
         if save:
             try:
@@ -289,24 +284,6 @@ class Submission:
                   f"status:    python -m qarac_dist.status {shlex.quote(str(self.layout.root))}\n"
                   f"cancel:    {again} --cancel\n"
                   f"results:   {tracking.ui_command(manifest.tracking_uri, self.layout)}")
-
-
-class _Stopped(BaseException):
-    """The driver got SIGINT, SIGTERM or SIGHUP (never an error that a handler of errors may pass over)."""
-
-
-@contextlib.contextmanager
-def _stop_signals():
-    """Within the block, SIGINT (Ctrl-C), SIGTERM and SIGHUP raise `_Stopped` in the driver."""
-    def stopped(_signum, _frame):
-        raise _Stopped()
-
-    previous = {s: signal.signal(s, stopped) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def attach(kind: str, layout: SweepLayout) -> Executor:

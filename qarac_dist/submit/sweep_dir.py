@@ -126,9 +126,10 @@ class Manifest:
     alias: str = "champion"
     """The registry alias of the sweep's champion (final.alias in the sweep file)."""
     final_split: Optional[str] = None
-    """With final: the test split as the sweep file last gave it (report.py split_digest)."""
+    """With final: how the sweep file last said to test the choice (report.py split_digest)."""
     final_job: dict = field(default_factory=dict)
-    """With SLURM and final: the evaluation's latest job (`id`) and what it was given (submit/final.py)."""
+    """With final: with SLURM the evaluation's latest job (`id`), what it was given and the
+    retrainings it waits for (submit/final.py); locally the retrainings the driver runs (retrain.py)."""
 
     @classmethod
     def load(cls, sweep_dir: Path) -> Optional["Manifest"]:
@@ -237,8 +238,8 @@ def job_error(layout: SweepLayout, record: TrialRecord) -> Optional[str]:
 
 
 def last_error(layout: SweepLayout, job: str) -> Optional[str]:
-    """The last error line of a job's log (the last line where none looks like one), with its
-    path. A traceback's own lines (its head, its indented frames and source: `raise error`, after
+    """The last error line of a job's log (its last line, said as such, where none looks like
+    one), with its path. A traceback's own lines (its head, its indented frames and source: `raise error`, after
     a rank's prefix) and srun's echo of a failed task are passed over for the line that says what
     went wrong."""
     for path in layout.job_logs(job):
@@ -252,9 +253,9 @@ def last_error(layout: SweepLayout, job: str) -> Optional[str]:
         errors = [line for i, line in enumerate(lines) if not line[:1].isspace() and not line.startswith("Traceback (")
                   and (ERROR_LINE.search(line) or (i and lines[i - 1][:1].isspace() and RAISED.match(line)))]
         causes = [line for line in errors if not SRUN_ECHO.match(line)]
-        if lines:
-            line = (causes or errors or lines)[-1]
-            return f"{redact_text(line.strip())[:300]} ({path})"
+        if lines:  # none like an error (a job killed outright): its last line, said as such, never as the cause
+            line, ends = (causes or errors)[-1] if errors else lines[-1], "" if errors else "no error in its log, which ends: "
+            return f"{ends}{redact_text(line.strip())[:300]} ({path})"
     return None
 
 
@@ -348,3 +349,13 @@ def read_cancels(sweep_dir: Path) -> dict:
 def record_cancels(sweep_dir: Path, cancelled: dict) -> None:
     if cancelled:
         write_json(SweepLayout(Path(sweep_dir)).cancels, {**read_cancels(sweep_dir), **cancelled})
+
+
+FINAL_CANCELS = "final"
+"""The key of the cancels that holds the final evaluation's jobs the user cancelled (no trial's id)."""
+
+
+def cancelled_final(sweep_dir: Path) -> list:
+    """The final evaluation's jobs that `--cancel` stopped (submit/retrain.py's, run here)."""
+    jobs = read_cancels(sweep_dir).get(FINAL_CANCELS)
+    return jobs if isinstance(jobs, list) else []

@@ -252,3 +252,82 @@ def test_ctrl_c_while_following_slurm_jobs_stops_following_only(cluster, tmp_pat
         assert queued == ["RUNNING"]
     finally:
         subprocess.run(["scancel", record.job_id.split("_")[0]], check=False)
+
+
+def _runs(job: str) -> bool:
+    """Whether the local job (its pid) still runs submitit's controller (not a zombie, not gone)."""
+    try:
+        return b"submitit" in Path(f"/proc/{job}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_a_local_retraining_stops_with_its_driver_is_cancelled_and_never_runs_twice(tmp_path, data_cache):
+    """final.retrain runs in the driver's jobs after the last trial. SIGTERM to the driver stops
+    it as it stops a trial (saved, exit 130); `--cancel` from another terminal stops it with the
+    test split unread; a driver killed outright leaves it running, and the next run waits for
+    it rather than start it again (it would fail on the trial directory's writer lock)."""
+    path = _slow_sweep(tmp_path, data_cache, "local", max_steps=20, seconds=0.5, grid={"optimizer.lr": [1e-3]},
+                       set={"data.synthetic.num_test": 40}, final={"split": "test", "retrain": True})
+    command = [sys.executable, "-m", "qarac_dist.sweep", str(path), "--no-preflight"]
+    layout = SweepLayout(tmp_path / "runs" / "interrupted")
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    def trained(at_least: int):
+        found = sorted(layout.root.glob("retrain/*/metrics.jsonl"))
+        return found and len(_steps(found[0].parent)) >= at_least and found[0].parent
+
+    driver = start()
+    folder = wait_for(lambda: trained(2), 300, "the retraining to train 2 steps")
+    driver.send_signal(signal.SIGTERM)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 130 and "stopped before the test split was read" in out, out
+    assert "Traceback" not in out and not layout.final.exists()
+    status = TrialDir(folder).status()
+    assert status.state.value == "PREEMPTED" and status.last_checkpoint == status.step >= 2
+    assert not any(_runs(job) for job in Manifest.load(layout.root).final_job["retrain"])
+    # Resumed by the same command, then cancelled from another terminal.
+    driver = start()
+    wait_for(lambda: trained(status.step + 2), 300, "the resumed retraining to train 2 steps")
+    cancel = run_sweep(path, "--cancel", env=_env())
+    (job,) = Manifest.load(layout.root).final_job["retrain"]
+    assert cancel.returncode == 0 and f"the job(s) of its evaluation of the test split: {job}" in cancel.stdout, \
+        cancel.stdout + cancel.stderr
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 1 and "the retraining was cancelled (--cancel); the test split was not read" in out, out
+    assert not layout.final.exists() and TrialDir(folder).status().starts == 2
+    # Resumed again; the driver killed outright (its retraining stopped in its tracks, so it is
+    # surely running when the next driver looks, however loaded the machine).
+    driver = start()
+    saved = TrialDir(folder).status().step
+    wait_for(lambda: trained(saved + 2), 300, "the resumed retraining to train 2 steps")
+    driver.kill()
+    driver.wait(timeout=60)
+    (orphan,) = Manifest.load(layout.root).final_job["retrain"]
+    assert _runs(orphan)
+    from qarac_dist.submit.executors import _process_tree
+
+    tree = _process_tree(int(orphan))
+    for pid in tree:
+        os.kill(pid, signal.SIGSTOP)
+    driver = start()
+    seen = []
+    for line in driver.stdout:
+        seen.append(line)
+        if f"final: waiting for the retraining job(s) {orphan} that an earlier run started" in line:
+            break
+    else:
+        raise AssertionError("".join(seen))
+    (tmp_path / "fast").touch()
+    for pid in tree:
+        os.kill(pid, signal.SIGCONT)
+    out = "".join(seen) + driver.communicate(timeout=300)[0]
+    assert driver.returncode == 0, out
+    assert "final: training the chosen configuration again" not in out.split("earlier run started")[1]
+    status = TrialDir(folder).status()
+    assert (status.state.value, status.starts, status.step) == ("COMPLETED", 3, 20)
+    (result,) = json.loads(layout.final.read_text())["results"]
+    assert result["choice"]["retrain"] and "each trained again on train + validation" in out

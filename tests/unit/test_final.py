@@ -184,6 +184,9 @@ def test_with_retrain_the_final_job_waits_for_an_array_of_retrainings_that_waits
     # New trials: the evaluation and its retrainings, which would train before them, are cancelled.
     final.schedule(slurm, manifest, layout, Final(retrain=True), configs, submitted=True, repeats=2)
     assert slurm.cancelled == ["901", "800_0", "800_1"]
+    waiting = final.jobs(manifest)  # final.retrain turned off while they wait: a plain evaluation replaces them
+    assert final.schedule(slurm, manifest, layout, Final(), configs, submitted=False) is not None
+    assert slurm.cancelled[-3:] == waiting and "retrain" not in manifest.final_job
     manifest.final_job = {"id": "9", "retrain": "800_0"}  # a hand-edited manifest: only job ids are cancelled
     assert final.jobs(manifest) == ["9"]
 
@@ -277,6 +280,8 @@ def test_status_sync_takes_the_latest_result_only_when_it_is_of_the_choice_as_th
     assert final.latest(manifest, layout)["digest"] == "b"
     manifest.final_split = report.split_digest({"split": "test", "data": {"num_test": 80}})  # edited since
     assert final.latest(manifest, layout) is None
+    manifest.final_split = report.split_digest({**kept[1]["choice"], "retrain": True})  # final.retrain turned on
+    assert final.latest(manifest, layout) is None
     manifest.final_split = report.split_digest(kept[1]["choice"])
     assert final.latest(manifest, layout)["digest"] == "b"
     monkeypatch.setattr(report, "chosen_seeds", lambda _: ("a", {"a": 4}))  # chosen again: evaluated before
@@ -294,7 +299,7 @@ def test_ctrl_c_during_the_evaluation_writes_nothing_and_reaches_the_command(tmp
 
     layout = SweepLayout(tmp_path)
     manifest = Manifest("s", "local", "accuracy", "max")
-    manifest.trials["a"] = TrialRecord("a", "a", {}, {}, str(tmp_path / "a"), "local")
+    manifest.trials["a"] = TrialRecord("a", "a", {}, {}, str(tmp_path / "a"), "local", state="COMPLETED")
     monkeypatch.setattr(final, "choice", lambda *_: {"configuration": "a", "seeds": {"a": 4}, "split": "test",
                                                      "data": {}})
     ctrl_c = (sys.executable, "-c", "import os, signal, time; os.kill(os.getppid(), signal.SIGINT); time.sleep(60)")
@@ -415,3 +420,47 @@ def test_a_whole_section_that_varies_the_test_split_is_refused(tmp_path):
     write_config(path, {"name": "s", "base": tiny_config(tmp_path / "cache", tmp_path / "out"),
                         "grid": {"data.synthetic": [{"num_train": 64}, {"num_train": 48}]}})
     load_sweep(path)  # varying the generated set itself is a sweep's business
+
+
+def test_the_test_split_waits_for_trials_stopped_from_outside_but_not_for_failed_ones(tmp_path, monkeypatch, capsys):
+    """A trial LOST, CANCELLED or PREEMPTED resumes on the next run, which may choose another
+    configuration: looking now would look twice. A trial that failed on its own is a failed seed."""
+    import sys
+
+    from qarac_dist.submit.sweep_dir import Manifest, TrialRecord
+
+    layout = SweepLayout(tmp_path)
+    manifest = Manifest("s", "local", "accuracy", "max")
+    for tid, state in (("a", "COMPLETED"), ("b", "LOST"), ("c", "FAILED")):
+        manifest.trials[tid] = TrialRecord(tid, tid, {}, {}, str(tmp_path / tid), "local", state=state)
+    manifest.trials["d"] = TrialRecord("d", "d", {}, {}, str(tmp_path / "d"), "local", state="CANCELLED", retired=True)
+    monkeypatch.setattr(final, "choice", lambda *_: {"configuration": "a", "seeds": {"a": 4}, "split": "test",
+                                                     "data": {}})
+    evaluation = (sys.executable, "-c", "import json, sys; json.load(sys.stdin); "
+                                        "print(json.dumps({'rows': 4, 'metrics': {'a': {'accuracy': 0.5}}}))")
+    for state in ("LOST", "CANCELLED", "PREEMPTED", "PENDING"):
+        manifest.trials["b"].state = state
+        assert final.evaluate(Final(), manifest, layout, {}, python=evaluation) is None
+        assert f"not read while trials stopped before they ended ({state}: 1)" in capsys.readouterr().err
+        assert not layout.final.exists()
+    manifest.trials["b"].state = "FAILED"  # the retired trial's CANCELLED counts for nothing
+    assert final.evaluate(Final(), manifest, layout, {}, python=evaluation)["mean"] == {"accuracy": 0.5}
+    assert layout.final.exists()
+
+
+def test_the_cancelled_final_jobs_sit_beside_the_trials_cancels_and_a_misshapen_entry_cancels_none(tmp_path):
+    from qarac_dist.submit.states import refresh
+    from qarac_dist.submit.sweep_dir import FINAL_CANCELS, Manifest, TrialRecord, cancelled_final, record_cancels
+
+    layout = SweepLayout(tmp_path)
+    record_cancels(tmp_path, {"0123456789": 1})
+    record_cancels(tmp_path, {FINAL_CANCELS: ["4242"]})
+    assert cancelled_final(tmp_path) == ["4242"]
+    manifest = Manifest("s", "local", "accuracy", "max")
+    manifest.trials["0123456789"] = TrialRecord("0123456789", "x", {}, {}, str(tmp_path / "t"), "local", attempt=1,
+                                                job_id="1", state="RUNNING")
+    refresh(manifest, lambda _jobs: {}, layout)
+    assert manifest.trials["0123456789"].state == "CANCELLED"  # the trials' cancels read as before
+    for misshapen in ("4242", 4242, {"4242": 1}, None):
+        write_json(layout.cancels, {FINAL_CANCELS: misshapen})
+        assert cancelled_final(tmp_path) == []

@@ -654,6 +654,10 @@ def test_a_ranks_traceback_shows_its_exception_not_its_source_line(tmp_path):
                    "removed)\nINFO: the job ends\n")
     assert last_error(layout, "7") == (f"qarac_dist.base.files.DiskFull: /d/ckpt: No space left on device (the part "
                                          f"written is removed) ({log})")
+    # A job killed outright (SIGKILL, the node lost): its last line is a note, never shown as the cause.
+    log.write_text("qarac_dist: note: data: each epoch leaves out 3 of 240 training rows\n")
+    assert last_error(layout, "7") == f"no error in its log, which ends: qarac_dist: note: data: each epoch leaves " \
+                                      f"out 3 of 240 training rows ({log})"
 
 
 def test_a_checkpoint_cut_short_is_named_when_it_is_passed_over(tmp_path):
