@@ -43,11 +43,11 @@ def steps(manifest: Manifest, configs: dict[str, dict], chosen: dict[str, Option
             for tid, step in sorted(chosen.items())]
 
 
-def seeds(layout: SweepLayout, configs: dict[str, dict]) -> list[tuple[str, int]]:
-    """`steps` of the sweep's choice, found in its files (every job of the sweep has ended)."""
+def seeds(layout: SweepLayout, configs: dict[str, dict]) -> tuple[Manifest, list[tuple[str, int]]]:
+    """The manifest as its files say (every job of the sweep has ended), and `steps` of its choice."""
     manifest = Manifest.load(layout.root)
     refresh(manifest, lambda _jobs: {}, layout)
-    return steps(manifest, configs, chosen_seeds(manifest)[1])
+    return manifest, steps(manifest, configs, chosen_seeds(manifest)[1])
 
 
 def _config(manifest: Manifest, configs: dict[str, dict], tid: str) -> dict:
@@ -83,13 +83,13 @@ class RetrainJob(TrialJob):
 
     def __call__(self) -> Optional[dict]:
         layout = SweepLayout(Path(self.root))
-        found = seeds(layout, self.configs)
+        manifest, found = seeds(layout, self.configs)
         if self.index >= len(found):
             return None  # fewer seeds finished than the configuration has
         tid, steps = found[self.index]
         if trained(layout, tid, steps):
             return None
-        config = _config(Manifest.load(layout.root), self.configs, tid)
+        config = _config(manifest, self.configs, tid)
         self.config = {**config, "name": f"{config['name']}-retrain", "asha": None,
                        "output": {**config["output"], "dir": str(folder(layout, tid, steps).path),
                                   "export_best": False, "export_last": True},

@@ -199,7 +199,7 @@ def test_a_retraining_trains_its_seed_in_a_folder_of_its_own_untracked_and_only_
     layout = SweepLayout(tmp_path / "sweep")
     configs = {tid: {"name": f"s-{tid}", "asha": {"rungs": [2]}, "output": {"dir": f"/trials/{tid}", "export_best": True},
                      "tracking": {"uri": "sqlite:///x.db", "log_model": True}} for tid in ("a", "b")}
-    monkeypatch.setattr(retrain, "seeds", lambda *_: [("a", 4), ("b", 6)])  # the choice its files give
+    monkeypatch.setattr(retrain, "seeds", lambda *_: (None, [("a", 4), ("b", 6)]))  # the choice its files give
     trained = []
     monkeypatch.setattr(TrialJob, "__call__", lambda job: trained.append((job.config, job.context)) or {})
     assert retrain.RetrainJob(str(layout.root), configs, 2, 1, 0)() is None and not trained  # a seed that failed
