@@ -48,7 +48,7 @@ def status(directory: Path, sync: bool = False, repair: bool = False) -> int:
     while another process imports), and prints, so it is safe beside a running driver and on a
     full disk; --repair and --sync write, under the sweep's lock (--sync also closes the sweep's
     MLflow parent run once every trial has ended, when no driver followed it to the end)."""
-    from .submit import submission, tracking
+    from .submit import final, submission, tracking
     from .submit.report import print_summary
     from .submit.states import refresh
 
@@ -64,6 +64,8 @@ def status(directory: Path, sync: bool = False, repair: bool = False) -> int:
         refresh(manifest, submission.attach(manifest.executor, layout).states, layout)
         tracking.import_records(manifest, layout)
     print_summary(manifest, layout)
+    if evaluation := final.waiting(manifest, submission.attach(manifest.executor, layout)):
+        print(evaluation)
     return 1 if any(r.state in FAILED for r in manifest.trials.values()) else 0
 
 

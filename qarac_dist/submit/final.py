@@ -44,7 +44,7 @@ from ..base.layout import SweepLayout
 from ..base.secrets import redact_text
 from ..config.choice import Final
 from . import retrain
-from .cluster import Patience
+from .cluster import ACTIVE, Patience
 from .executors import Executor, SlurmArrays, stop_with_parent
 from .report import chosen_seeds, digest, final_results, of_choice, split_digest
 from .states import refresh
@@ -240,6 +240,15 @@ def jobs(manifest: Manifest) -> list[str]:
     retrains = manifest.final_job.get("retrain")
     named = [manifest.final_job.get("id"), *(retrains if isinstance(retrains, list) else [])]
     return [j for j in named if isinstance(j, str) and j]
+
+
+def waiting(manifest: Manifest, executor: Executor) -> Optional[str]:
+    """`final: the test split's evaluation: job 814 PENDING`, for status: the final evaluation's
+    jobs (and retrainings) that may still run; None when none may."""
+    named = jobs(manifest)
+    states = {j: s for j, s in executor.states(named).items() if s in ACTIVE} if named else {}
+    return "final: the test split's evaluation: " + ", ".join(f"job {j} {s}" for j, s in sorted(states.items())) \
+        if states else None
 
 
 def wait_for_job(executor: Executor, manifest: Manifest, layout: SweepLayout, poll_s: float = 2.0) -> None:

@@ -464,3 +464,23 @@ def test_the_cancelled_final_jobs_sit_beside_the_trials_cancels_and_a_misshapen_
     for misshapen in ("4242", 4242, {"4242": 1}, None):
         write_json(layout.cancels, {FINAL_CANCELS: misshapen})
         assert cancelled_final(tmp_path) == []
+
+
+def test_status_names_the_evaluations_jobs_that_may_still_run():
+    from qarac_dist.submit.sweep_dir import Manifest
+
+    class Scheduler:
+        def __init__(self, known):
+            self.known, self.asked = known, []
+
+        def states(self, jobs):
+            self.asked.append(list(jobs))
+            return {j: s for j, s in self.known.items() if j in jobs}
+
+    manifest = Manifest("s", "slurm", "accuracy", "max")
+    quiet = Scheduler({})
+    assert final.waiting(manifest, quiet) is None and quiet.asked == []  # no final job: nobody is asked
+    manifest.final_job = {"id": "816", "retrain": ["815_0", "815_1"]}
+    scheduler = Scheduler({"816": "PENDING", "815_0": "COMPLETED", "815_1": "RUNNING"})
+    assert final.waiting(manifest, scheduler) == "final: the test split's evaluation: job 815_1 RUNNING, job 816 PENDING"
+    assert final.waiting(manifest, Scheduler({"816": "COMPLETED"})) is None
