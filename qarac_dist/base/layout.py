@@ -196,3 +196,7 @@ class SweepLayout:
 
     def retrained(self, trial_id: str, steps: int) -> Path:
         return self.root / "retrain" / f"{trial_id}-{steps}"
+
+    def retrainings(self) -> list[Path]:
+        """Every retraining's folder (`retrained`), of any choice."""
+        return sorted(p for p in (self.root / "retrain").glob("*") if p.is_dir())

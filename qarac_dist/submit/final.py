@@ -223,8 +223,7 @@ def schedule(executor: SlurmArrays, manifest: Manifest, layout: SweepLayout, fin
     if final.retrain:
         unpacked = executor.one_trial_a_job()
         trains = [j.job_id for j in unpacked.submit([
-            retrain.RetrainJob(root, configs, k, unpacked.resources.cpus_per_task, unpacked.max_requeues)
-            for k in range(repeats)], after=live)]
+            retrain.RetrainJob(root, configs, k, unpacked) for k in range(repeats)], after=live)]
     job = executor.submit_after(FinalJob(root, final, configs), trains or live)
     manifest.final_job = {"id": job, "given": now, **({"retrain": trains} if trains else {})}
     manifest.save(layout.root)

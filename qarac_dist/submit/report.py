@@ -270,11 +270,15 @@ def score_text(c: Configuration, digits: int = 4) -> str:
 
 def usage_of(manifest: Manifest, layout: SweepLayout) -> Used:
     """What the sweep used: sacct's charge where SLURM keeps accounting (with the trials' clocks
-    beside it, and their split by state), else the trials' and packed jobs' clocks."""
-    clocks = used([(r.trial_dir.usage_file, {**{a.attempt: group_of(a.state) for a in r.history},
-                                              r.attempt: group_of(r.state)}, group_of(r.state))
-                   for r in manifest.trials.values()], sorted(layout.usage.glob("*.json")))
-    jobs = [j for r in manifest.trials.values() for j in {*r.job_ids, *r.pack_jobs}]
+    beside it, and their split by state), else the trials', retrainings' and packed jobs' clocks."""
+    clocks = used([*[(r.trial_dir.usage_file, {**{a.attempt: group_of(a.state) for a in r.history},
+                                                r.attempt: group_of(r.state)}, group_of(r.state))
+                     for r in manifest.trials.values()],
+                   *[(TrialDir(folder).usage_file, {}, "retraining") for folder in layout.retrainings()]],
+                  sorted(layout.usage.glob("*.json")))
+    retrainings = manifest.final_job.get("retrain") if manifest.executor == "slurm" else None
+    jobs = [j for r in manifest.trials.values() for j in {*r.job_ids, *r.pack_jobs}] + \
+        [j for j in retrainings or [] if isinstance(j, str)]
     charged = cluster.accounted(jobs) if manifest.executor == "slurm" else None
     if charged is None:
         return clocks

@@ -10,7 +10,7 @@ trial's resources, ranks, environment, container and requeue on SLURM's warning)
 of its own, `retrain/<trial id>-<steps>/` (base/layout.py): a re-run finds it complete and does
 not train it again, a stopped one resumes from its checkpoint. It is not tracked in MLflow (its
 losses are in its metrics.jsonl, its model in last/); the test metrics reach the parent run as
-without it. Its hours are not in the sweep's used-hours line (no clock runs in it).
+without it. Its clock's hours are in the sweep's used-hours line, as `retraining`.
 
 Which seed a job trains is found in the job, from the trials' own files once they have all
 ended: the chosen configuration's finished seeds in trial-id order, the job's index in them
@@ -29,7 +29,7 @@ from typing import Optional
 from ..base.files import DiskFull
 from ..base.layout import SweepLayout
 from ..track.trial_dir import TrialDir, TrialState
-from . import stopping
+from . import sbatch, stopping
 from .executors import Executor, TrialJob
 from .report import chosen_seeds
 from .states import refresh
@@ -77,9 +77,11 @@ def failure(layout: SweepLayout, tid: str, steps: int) -> str:
 class RetrainJob(TrialJob):
     """The retraining of the chosen configuration's seed number `index` (trial-id order)."""
 
-    def __init__(self, root: str, configs: dict[str, dict], index: int, cpus_per_task: int, max_requeues: int):
-        super().__init__({}, {}, cpus_per_task, max_requeues)
-        self.root, self.configs, self.index = root, configs, index
+    def __init__(self, root: str, configs: dict[str, dict], index: int, executor: Executor):
+        super().__init__({}, {}, executor.resources.cpus_per_task, executor.max_requeues)
+        self.root, self.configs, self.index, self.kind = root, configs, index, executor.kind
+        self.held = sbatch.held(executor.resources)
+        """The GPUs and CPU cores it holds, for its clock (track/usage.py: the sweep's hours)."""
 
     def __call__(self) -> Optional[dict]:
         layout = SweepLayout(Path(self.root))
@@ -94,7 +96,8 @@ class RetrainJob(TrialJob):
                        "output": {**config["output"], "dir": str(folder(layout, tid, steps).path),
                                   "export_best": False, "export_last": True},
                        "tracking": {**config["tracking"], "uri": None}}
-        self.context = {"retrain_steps": steps, "tags": {"trial_id": tid}}
+        self.context = {"retrain_steps": steps, "tags": {"trial_id": tid, "executor": self.kind},
+                        "sweep_dir": self.root, "gpus": self.held[0], "cpus": self.held[1]}
         return super().__call__()
 
 
@@ -114,8 +117,7 @@ def run_here(executor: Executor, manifest: Manifest, layout: SweepLayout, config
     todo = [k for k, (tid, n) in enumerate(chosen) if not trained(layout, tid, n)]
     for start in range(0, len(todo), max(1, at_once)):
         jobs = [job.job_id for job in executor.submit([
-            RetrainJob(str(layout.root.resolve()), configs, k, executor.resources.cpus_per_task, executor.max_requeues)
-            for k in todo[start:start + max(1, at_once)]])]
+            RetrainJob(str(layout.root.resolve()), configs, k, executor) for k in todo[start:start + max(1, at_once)]])]
         print(f"final: training the chosen configuration again on train + validation: "
               f"{len(jobs)} seed(s), job(s) {', '.join(jobs)}", flush=True)
         if not _wait(executor, manifest, layout, jobs):

@@ -32,11 +32,12 @@ from typing import Iterable, Optional
 from ..base.files import DamagedFile, read_json, write_json
 
 BEAT_S = 30.0
-GROUPS = ("completed", "pruned", "failed", "stopped", "running", "idle", "outside")
+GROUPS = ("completed", "pruned", "failed", "stopped", "running", "retraining", "idle", "outside")
 """How the hours are split: by the state of the attempt that used them (failed: failed, lost or
 cancelled; stopped: saved and stopped, not resumed yet: Ctrl-C, scancel, a preemption; running:
-pending or running); `idle`: a packed job's empty slots; `outside`: what sacct charged that no
-clock saw (set-up before Python, a job that died before its trial began)."""
+pending or running); `retraining`: the chosen configuration trained again before the test
+split (final.retrain, submit/retrain.py); `idle`: a packed job's empty slots; `outside`: what
+sacct charged that no clock saw (set-up before Python, a job that died before its trial began)."""
 
 
 def _process_start() -> float:
@@ -197,7 +198,8 @@ def summary_line(u: Used, requested: dict) -> str:
     """One line for people: what was used, split, against what was requested at most."""
     kind = "gpu" if u.hours("gpu") > 0 or requested.get("gpu_hours") else "cpu"
     name = "GPU" if kind == "gpu" else "CPU"
-    names = {"stopped": "stopped, not resumed", "idle": "idle packed slots", "outside": "outside the trials' clocks"}
+    names = {"stopped": "stopped, not resumed", "retraining": "trained again for the test split",
+             "idle": "idle packed slots", "outside": "outside the trials' clocks"}
     split = ", ".join(f"{names.get(g, g)} {u.hours(kind, g):.3f}" for g in GROUPS if u.hours(kind, g) > 0) or "none"
     bound = f" of at most {requested[f'{kind}_hours']:.3f} requested" if requested.get(f"{kind}_hours") else ""
     other = "CPU" if kind == "gpu" else "GPU"

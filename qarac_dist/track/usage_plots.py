@@ -29,7 +29,7 @@ def hours_plot(metrics: dict[str, float], path: Path, sweep: str) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     for ax, kind in zip(axes, ("gpu", "cpu")):
         values = [metrics.get(f"{kind}_hours_{g}", 0.0) for g in GROUPS]
-        bars = ax.bar(GROUPS, values, color=["tab:green", "tab:orange", "tab:red", "tab:blue", "grey", "black"])
+        bars = ax.bar(GROUPS, values, color=["tab:green", "tab:orange", "tab:red", "tab:blue", "grey", "tab:purple", "silver", "black"])
         ax.bar_label(bars, fmt="%.3f", fontsize=8)
         ax.set_title(f"{kind.upper()}-hours used: {metrics.get(f'{kind}_hours', 0.0):.3f}"
                      f" (at most {metrics.get(f'requested_{kind}_hours', 0.0):.3f} requested)")

@@ -107,6 +107,8 @@ def test_the_seeds_demo_picks_the_configuration_with_the_best_mean_not_the_best_
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         assert rows and not any("val_accuracy" in row for row in rows)
     assert "each trained again on train + validation" in retrained.stdout
+    assert re.search(r"used \d+\.\d+ CPU-hours[^(]*\(.*trained again for the test split 0\.\d+", retrained.stdout), \
+        retrained.stdout  # the retrainings' hours are the sweep's
     parent = c.get_run(manifest.mlflow_parent_run_id).data
     assert parent.tags["final_models"] == "trained again on train + validation"
     assert parent.metrics["test_accuracy"] == statistics.fmean(m["accuracy"] for m in record[1]["seeds"].values())

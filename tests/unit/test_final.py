@@ -12,7 +12,7 @@ from qarac_dist.base.layout import SweepLayout
 from qarac_dist.base.files import write_json
 from qarac_dist.config import ConfigError, config_from_dict, config_to_dict
 from qarac_dist.config.schema import apply_overrides
-from qarac_dist.config.sweep import load_sweep
+from qarac_dist.config.sweep import Resources, load_sweep
 from qarac_dist.plan.expand import plan, trial_id
 from qarac_dist.submit import final
 from qarac_dist.config.choice import Final
@@ -106,7 +106,7 @@ class _Cluster:
         return job
 
     # The retrainings (final.retrain): an array of trials' jobs.
-    resources, max_requeues = type("Resources", (), {"cpus_per_task": 1})(), 0
+    kind, resources, max_requeues = "slurm", Resources(), 0
 
     def one_trial_a_job(self):
         return self
@@ -202,10 +202,13 @@ def test_a_retraining_trains_its_seed_in_a_folder_of_its_own_untracked_and_only_
     monkeypatch.setattr(retrain, "seeds", lambda *_: (None, [("a", 4), ("b", 6)]))  # the choice its files give
     trained = []
     monkeypatch.setattr(TrialJob, "__call__", lambda job: trained.append((job.config, job.context)) or {})
-    assert retrain.RetrainJob(str(layout.root), configs, 2, 1, 0)() is None and not trained  # a seed that failed
-    retrain.RetrainJob(str(layout.root), configs, 1, 1, 0)()
+    slurm = type("Slurm", (), {"kind": "slurm", "max_requeues": 0,
+                               "resources": Resources(nodes=2, tasks_per_node=2, gpus_per_node=2, cpus_per_task=3)})()
+    assert retrain.RetrainJob(str(layout.root), configs, 2, slurm)() is None and not trained  # a seed that failed
+    retrain.RetrainJob(str(layout.root), configs, 1, slurm)()
     (config, context), = trained
-    assert context == {"retrain_steps": 6, "tags": {"trial_id": "b"}}
+    assert context == {"retrain_steps": 6, "tags": {"trial_id": "b", "executor": "slurm"}, "sweep_dir": str(layout.root),
+                       "gpus": 4, "cpus": 12}  # what it holds, for its clock (the sweep's hours)
     assert config["output"] == {"dir": str(layout.retrained("b", 6)), "export_best": False, "export_last": True}
     assert config["tracking"] == {"uri": None, "log_model": True} and config["asha"] is None
     assert retrain.failure(layout, "b", 6) == "the retraining of trial b (6 steps) never started"
@@ -217,7 +220,7 @@ def test_a_retraining_trains_its_seed_in_a_folder_of_its_own_untracked_and_only_
     assert not retrain.trained(layout, "b", 6)  # no model exported: trained again
     write_json(folder.last / "qarac_last.json", {"step": 6, "metrics": {}})
     assert retrain.trained(layout, "b", 6)
-    retrain.RetrainJob(str(layout.root), configs, 1, 1, 0)()
+    retrain.RetrainJob(str(layout.root), configs, 1, slurm)()
     assert len(trained) == 1
 
 

@@ -213,6 +213,24 @@ def test_where_sacct_answers_it_is_the_total_and_what_no_clock_saw_is_outside(tm
     assert usage_of(manifest, layout).source == "the trials' clocks"
 
 
+
+def test_the_retrainings_hours_are_the_sweeps_and_sacct_charges_their_jobs(tmp_path, monkeypatch):
+    """final.retrain: the chosen configuration trained again used hours the sweep must own."""
+    from qarac_dist.track.trial_dir import TrialDir
+
+    layout = SweepLayout(tmp_path / "sweep")
+    trial = TrialRecord("t1", "lr=1", [], {}, str(layout.trial("t1")), "slurm", state="COMPLETED", job_ids=["41_0"])
+    _write(trial.trial_dir.usage_file, _entry("41_0", 1000, 100, gpus=1, cpus=2))
+    _write(TrialDir(layout.retrained("t1", 8)).usage_file, _entry("43_0", 2000, 30, gpus=1, cpus=2),
+           _entry("43_0", 3000, 10, gpus=1, cpus=2))  # stopped by SLURM's warning, requeued
+    manifest = Manifest("s", "slurm", "loss", "min", trials={"t1": trial}, final_job={"id": "44", "retrain": ["43_0"]})
+    monkeypatch.setenv("PATH", fake_commands(tmp_path / "bin", sacct="echo '41_0|120|cpu=2,gres/gpu=1'; "
+                                                                        "echo '43_0|50|cpu=2,gres/gpu=1'"))
+    u = usage_of(manifest, layout)
+    assert u.clocks.gpu_s == {"completed": 100, "retraining": 40} and u.gpu_s["outside"] == 170 - 140
+    assert "trained again for the test split 0.011" in usage.summary_line(u.clocks, {})
+
+
 @pytest.mark.parametrize("state, group", [("COMPLETED", "completed"), ("PRUNED", "pruned"), ("FAILED", "failed"),
                                           ("LOST", "failed"), ("CANCELLED", "failed"), ("TIMEOUT", "failed"),
                                           ("PREEMPTED", "stopped"), ("PENDING", "running"), ("RUNNING", "running"),
