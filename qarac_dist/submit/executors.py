@@ -228,7 +228,8 @@ class LocalProcesses:
         if job is not None:  # this process started it: submitit knows whether it ended
             return not job.done()
         # Started by a driver that is gone: the process with that id, if it still runs submitit's
-        # controller (not a zombie, not another program that was given the id since).
+        # controller for this folder (not a zombie, not another program or another sweep's job that
+        # was given the id since: ids wrap, at 32768 on many machines).
         proc = Path("/proc") / str(job_id)
         if not Path("/proc/self").exists():  # no /proc (macOS): whether a process has that id
             try:
@@ -243,7 +244,10 @@ class LocalProcesses:
             cmdline = (proc / "cmdline").read_bytes()
         except (OSError, ValueError):
             return False
-        return stat[0] != "Z" and b"submitit" in cmdline
+        last = cmdline.rstrip(b"\0").rpartition(b"\0")[2]  # the folder, or a shell's line that ends with it
+        ours = {os.fsencode(str(self.folder)), os.fsencode(shlex.quote(str(self.folder)))}
+        return stat[0] != "Z" and b"submitit.local._local" in cmdline and \
+            any(last == f or last.endswith(b" " + f) for f in ours)
 
     def states(self, job_ids: list[str]) -> dict[str, str]:
         return {j: "RUNNING" for j in job_ids if self.alive(j)}

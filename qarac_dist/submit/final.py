@@ -99,16 +99,16 @@ def evaluate(final: Final, manifest: Manifest, layout: SweepLayout, configs: dic
     if chosen is None:
         print(f"{PREFIX}the sweep chose no configuration; the test split was not read", file=sys.stderr)
         return None
+    stored = _stored(layout)
+    done = [r for r in stored if r["choice"] == chosen]
+    if done:  # looked at before: nothing is read now
+        if stored[-1] is not done[0]:  # the latest is the current choice's: the summary shows it
+            _keep(layout, [r for r in stored if r is not done[0]] + done[:1])
+        return done[0]
     if stopped := _stopped_early(manifest):
         print(f"{PREFIX}the test split is not read while trials stopped before they ended ({stopped}): a run of the "
               f"sweep that finishes them may choose another configuration; run the sweep again", file=sys.stderr)
         return None
-    stored = _stored(layout)
-    done = [r for r in stored if r["choice"] == chosen]
-    if done:
-        if stored[-1] is not done[0]:  # the latest is the current choice's: the summary shows it
-            _keep(layout, [r for r in stored if r is not done[0]] + done[:1])
-        return done[0]
     models = {tid: manifest.trials[tid].trial_dir.best for tid in chosen["seeds"]}
     if final.retrain:
         trains = retrain.steps(manifest, configs, chosen["seeds"])

@@ -233,7 +233,12 @@ def _final_line(layout: SweepLayout, metric: str, manifest: Manifest) -> Optiona
     line = (f"test (split {chosen['split']!r}, {result['rows']} rows, looked at once for this choice): {metric} "
             f"{value} over {len(result['seeds'])} seed(s) of configuration {chosen['configuration']}"
             + (", each trained again on train + validation" if chosen.get("retrain") else ""))
-    return line if current else line + " (an earlier choice: the current one was not evaluated)"
+    if current:
+        return line
+    configuration, seeds = chosen_seeds(manifest)
+    if (chosen["configuration"], chosen.get("seeds")) == (configuration, seeds):  # the split, its data or retrain
+        return line + " (this choice tested otherwise than the sweep file now says, which was not evaluated)"
+    return line + " (an earlier choice: the current one was not evaluated)"
 
 
 def _configuration_table(manifest: Manifest, table_rows: list[Row], seeds: dict[str, int]):

@@ -33,7 +33,7 @@ from . import sbatch, stopping
 from .executors import Executor, TrialJob
 from .report import chosen_seeds
 from .states import refresh
-from .sweep_dir import Manifest, cancelled_final
+from .sweep_dir import FINAL_CANCELS, Manifest, cancelled_final, record_cancels
 
 
 def steps(manifest: Manifest, configs: dict[str, dict], chosen: dict[str, Optional[int]]) -> list[tuple[str, int]]:
@@ -69,9 +69,13 @@ def trained(layout: SweepLayout, tid: str, steps: int) -> bool:
 def failure(layout: SweepLayout, tid: str, steps: int) -> str:
     """Why that retraining left no model, in a line."""
     status = folder(layout, tid, steps).status()
-    return f"the retraining of trial {tid} ({steps} steps) " + (
-        "never started" if status is None else f"ended {status.state.value}"
-        + (f": {status.error}" if status.error else ""))
+    if status is None:
+        why = "never started"
+    elif status.state == TrialState.RUNNING:  # its job ended, and it never said how
+        why = f"stopped without a word (killed outright: out of memory, a signal; its job's log is in {layout.submitit})"
+    else:
+        why = f"ended {status.state.value}" + (f": {status.error}" if status.error else "")
+    return f"the retraining of trial {tid} ({steps} steps) {why}"
 
 
 class RetrainJob(TrialJob):
@@ -105,43 +109,71 @@ def run_here(executor: Executor, manifest: Manifest, layout: SweepLayout, config
              chosen: list[tuple[str, int]], at_once: int) -> bool:
     """Locally, after the last trial: the retraining of each `chosen` seed (`steps`) not trained
     yet, `at_once` jobs at a time, waited for. The jobs are named in the manifest
-    (`final_job["retrain"]`) while they run: `--cancel` stops them, and a run after a driver that
-    was killed waits for those still running before it starts any (never one twice). Stopped
-    (stopping.Stopped, KeyboardInterrupt), they are asked to save (a re-run resumes them) and the
-    stop is raised again. False when `--cancel` stopped them."""
-    earlier = [job for job in _named(manifest) if executor.alive(job)]
+    (`final_job["retrain"]`) from their start to their end: `--cancel` stops them, and a run after
+    a driver that was killed waits for those still running before it starts any (never one
+    twice). Stopped (stopping.Stopped, KeyboardInterrupt), even as they start, they are asked to
+    save (a re-run resumes them) and the stop is raised again. False when `--cancel` stopped them."""
+    earlier = _leftover(executor, manifest)
     if earlier:
         print(f"final: waiting for the retraining job(s) {', '.join(earlier)} that an earlier run started", flush=True)
         if not _wait(executor, manifest, layout, earlier):
             return False
+    if cancelled_final(layout.root):  # an earlier --cancel's: it names no job of this run
+        record_cancels(layout.root, {FINAL_CANCELS: []})
     todo = [k for k, (tid, n) in enumerate(chosen) if not trained(layout, tid, n)]
     for start in range(0, len(todo), max(1, at_once)):
-        jobs = [job.job_id for job in executor.submit([
-            RetrainJob(str(layout.root.resolve()), configs, k, executor) for k in todo[start:start + max(1, at_once)]])]
-        print(f"final: training the chosen configuration again on train + validation: "
-              f"{len(jobs)} seed(s), job(s) {', '.join(jobs)}", flush=True)
-        if not _wait(executor, manifest, layout, jobs):
+        calls = [RetrainJob(str(layout.root.resolve()), configs, k, executor) for k in todo[start:start + max(1, at_once)]]
+        with stopping.held() as stops:  # a stop as they start stops them once they are named
+            jobs = [job.job_id for job in executor.submit(calls)]
+            _name(manifest, layout, jobs)
+            print(f"final: training the chosen configuration again on train + validation: "
+                  f"{len(jobs)} seed(s), job(s) {', '.join(jobs)}", flush=True)
+        if not _wait(executor, manifest, layout, jobs, stopped=bool(stops)):
             return False
     return True
 
 
-def _named(manifest: Manifest) -> list[str]:
+def stop_leftover(executor: Executor, manifest: Manifest, layout: SweepLayout) -> None:
+    """Locally, in a run that trains nothing again (final.retrain off, or no final): retrainings
+    a killed driver left running are stopped (saved), said in a line."""
+    jobs = _leftover(executor, manifest)
+    if jobs:
+        print(f"final: stopping the retraining job(s) {', '.join(jobs)} that an earlier run started (this run trains "
+              f"nothing again)", file=sys.stderr)
+        stopping.halt(executor, jobs)
+        _name(manifest, layout, [])
+
+
+def _leftover(executor: Executor, manifest: Manifest) -> list[str]:
     jobs = manifest.final_job.get("retrain")
-    return [j for j in jobs if isinstance(j, str)] if isinstance(jobs, list) else []
+    return [j for j in jobs if isinstance(j, str) and executor.alive(j)] if isinstance(jobs, list) else []
 
 
-def _wait(executor: Executor, manifest: Manifest, layout: SweepLayout, jobs: list[str], poll_s: float = 1.0) -> bool:
-    """Until `jobs` have ended; False when `--cancel` stopped them (sweep_dir.cancelled_final)."""
-    manifest.final_job = {"retrain": jobs}
+def _name(manifest: Manifest, layout: SweepLayout, jobs: list[str]) -> None:
+    """The retraining jobs that run (none once they have ended), in the manifest."""
+    manifest.final_job = {"retrain": jobs} if jobs else {}
     try:
         manifest.save(layout.root)
-    except (OSError, DiskFull) as err:  # they are waited for all the same; only a killed driver's re-run misses them
+    except (OSError, DiskFull) as err:  # waited for all the same; only a killed driver's re-run would miss them
         print(f"final: could not name the retraining jobs in the manifest: {err}", file=sys.stderr)
+
+
+def _wait(executor: Executor, manifest: Manifest, layout: SweepLayout, jobs: list[str], stopped: bool = False,
+          poll_s: float = 1.0) -> bool:
+    """Until `jobs` have ended (at once stopped, if `stopped`); False when `--cancel` stopped them."""
     try:
+        if stopped:
+            raise stopping.Stopped()
         while any(executor.alive(job) for job in jobs):
             time.sleep(poll_s)
     except BaseException:
         stopping.halt(executor, jobs)
         print("final: stopped; the retraining saved where it could, and the next run resumes it", file=sys.stderr)
         raise
-    return not set(jobs) & set(cancelled_final(layout.root))
+    finally:
+        if not any(executor.alive(job) for job in jobs):
+            _name(manifest, layout, [])
+    cancelled = set(jobs) & set(cancelled_final(layout.root))
+    if cancelled:
+        record_cancels(layout.root, {FINAL_CANCELS: []})  # seen: it must cancel nothing a later run starts
+    return not cancelled

@@ -31,6 +31,20 @@ def signals():
             signal.signal(signum, handler)
 
 
+@contextlib.contextmanager
+def held():
+    """Within the block, SIGINT, SIGTERM and SIGHUP are held back: noted in the list it gives,
+    for the caller to act on once it knows what the block started."""
+    got: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: got.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield got
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def halt(executor, jobs: list[str]) -> None:
     """Ask the local `jobs` of `executor` (submit/executors.py) to save and stop, wait for them,
     and stop those left after SAVE_WAIT_S, or at a second signal, at once."""

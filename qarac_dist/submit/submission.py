@@ -22,7 +22,7 @@ from ..config.sweep import Resources, Search, SweepSpec
 from ..plan import Trial, select_defaults, varied_keys
 from ..track.code_record import of_sweep
 from ..track.job_context import JobContext
-from . import claims, cluster, environment, final, lock_check, pack, sbatch, stopping, tracking
+from . import claims, cluster, environment, final, lock_check, pack, retrain, sbatch, stopping, tracking
 from .states import refresh
 from .executors import Executor, TrialJob, make_executor
 from .report import print_summary
@@ -120,6 +120,8 @@ class Submission:
     def tested(self, manifest: Manifest) -> Optional[dict]:
         """The test metrics of the sweep's choice (the sweep file's final): evaluated here, or
         kept by the SLURM final job; None without final or a result."""
+        if self.local and (self.spec.final is None or not self.spec.final.retrain):
+            retrain.stop_leftover(self.executor, manifest, self.layout)
         if self.spec.final is None:
             return None
         configs = {t.id: t.config for t in self.trials}

@@ -342,8 +342,14 @@ def write_micro_batches(sweep_dir: Path, found: dict) -> None:
 
 
 def read_cancels(sweep_dir: Path) -> dict:
-    """Trial id -> the attempt the user cancelled."""
-    return read_json(SweepLayout(Path(sweep_dir)).cancels) or {}
+    """Trial id -> the attempt the user cancelled; DamagedFile (one line, with what to do) when
+    the file is damaged."""
+    path = SweepLayout(Path(sweep_dir)).cancels
+    try:
+        return read_json(path) or {}
+    except DamagedFile as err:
+        raise DamagedFile(f"{err}; it holds only what --cancel stopped: delete it, and cancel again what should "
+                          f"stay cancelled") from None
 
 
 def record_cancels(sweep_dir: Path, cancelled: dict) -> None:

@@ -4,6 +4,7 @@ generated apart, is read only when asked for, and its metrics are summed up per 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -355,10 +356,12 @@ def test_the_mean_and_std_over_seeds_and_the_summary_line(tmp_path, monkeypatch,
     for later in ({"a": 10, "b": 30, "c": 10}, {"a": 10, "b": 20}):  # another best step, a seed less
         monkeypatch.setattr(report, "chosen_seeds", lambda manifest, later=later: ("c0ffee", later))
         assert _final_line(layout, "accuracy", plain).endswith("(an earlier choice: the current one was not evaluated)")
-    # A test split the sweep file changed since: the result is an earlier choice's.
+    # A test split the sweep file changed since, or final.retrain turned on: the same choice, tested otherwise.
     monkeypatch.setattr(report, "chosen_seeds", lambda manifest: ("c0ffee", seeds))
-    plain.final_split = report.split_digest({**chosen, "data": {"num_test": 80}})
-    assert _final_line(layout, "accuracy", plain).endswith("(an earlier choice: the current one was not evaluated)")
+    for edited in ({**chosen, "data": {"num_test": 80}}, {**chosen, "retrain": True}):
+        plain.final_split = report.split_digest(edited)
+        assert _final_line(layout, "accuracy", plain).endswith(
+            "(this choice tested otherwise than the sweep file now says, which was not evaluated)")
     plain.final_split = report.split_digest(chosen)
     assert "(an earlier choice" not in _final_line(layout, "accuracy", plain)
     # A test split the sweep file changes since is another choice.
@@ -487,3 +490,120 @@ def test_status_names_the_evaluations_jobs_that_may_still_run():
     scheduler = Scheduler({"816": "PENDING", "815_0": "COMPLETED", "815_1": "RUNNING"})
     assert final.waiting(manifest, scheduler) == "final: the test split's evaluation: job 815_1 RUNNING, job 816 PENDING"
     assert final.waiting(manifest, Scheduler({"816": "COMPLETED"})) is None
+
+
+def test_a_local_job_id_is_alive_only_while_it_runs_this_sweeps_submitit_controller(tmp_path):
+    """Process ids wrap (32768 on many machines): a job id a manifest kept (a killed driver's
+    trial, a retraining) may name another sweep's job later, which --cancel or a re-run's wait
+    would then stop or wait on."""
+    import subprocess
+    import sys
+
+    from qarac_dist.config.sweep import Resources
+    from qarac_dist.submit.executors import LocalProcesses
+
+    folder = tmp_path / "runs" / "s" / "submitit"
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "submitit.local._local",
+                            str(folder)])
+    try:
+        assert LocalProcesses(folder, Resources(), 0).alive(str(job.pid))
+        for other in (tmp_path / "runs" / "t" / "submitit", tmp_path / "s" / "submitit", tmp_path / "runs"):
+            assert not LocalProcesses(other, Resources(), 0).alive(str(job.pid)), other  # another sweep's job
+        assert not LocalProcesses(folder, Resources(), 0).alive(str(os.getpid()))  # not submitit's at all
+    finally:
+        job.kill()
+        job.wait()
+    assert not LocalProcesses(folder, Resources(), 0).alive(str(job.pid))
+
+
+class _Here:
+    """The local executor as a retraining sees it: job ids, which run, what was cancelled."""
+
+    kind, max_requeues, resources = "local", 0, Resources()
+
+    def __init__(self, on_submit=lambda here, jobs: None, running=()):
+        self.running, self.cancelled, self.submitted, self.on_submit = set(running), [], [], on_submit
+        self.ended_after: dict[str, int] = {}  # job -> how many more times it is seen alive
+
+    def submit(self, calls):
+        jobs = [str(101 + len(self.submitted) + k) for k in range(len(calls))]
+        self.submitted.append(jobs)
+        self.running |= set(jobs)
+        self.on_submit(self, jobs)
+        return [type("Job", (), {"job_id": j})() for j in jobs]
+
+    def alive(self, job):
+        if job in self.ended_after:
+            self.ended_after[job] -= 1
+            if self.ended_after[job] < 0:
+                self.running.discard(job)
+        return job in self.running
+
+    def cancel(self, jobs, at_once=False):
+        self.cancelled.append((list(jobs), at_once))
+        self.running -= set(jobs)
+
+
+def _retraining(tmp_path):
+    from qarac_dist.submit.sweep_dir import Manifest
+
+    layout = SweepLayout(tmp_path / "sweep")
+    layout.root.mkdir()
+    manifest = Manifest("s", "local", "accuracy", "max")
+    manifest.save(layout.root)
+    return layout, manifest
+
+
+def test_a_stop_as_the_retraining_starts_stops_it_once_it_is_named(tmp_path):
+    """SIGTERM between the job's start and its name in the manifest left it running unseen,
+    and the next run started it again beside it."""
+    import signal
+
+    from qarac_dist.submit import retrain, stopping
+    from qarac_dist.submit.sweep_dir import Manifest
+
+    layout, manifest = _retraining(tmp_path)
+    here = _Here(on_submit=lambda _here, _jobs: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(stopping.Stopped), stopping.signals():
+        retrain.run_here(here, manifest, layout, {}, [("a", 4), ("b", 6)], at_once=1)
+    assert here.submitted == [["101"]] and here.cancelled == [(["101"], False)] and not here.running
+    assert Manifest.load(layout.root).final_job == {}  # ended: named no more (its id may be another's later)
+
+
+def test_a_run_waits_for_the_retraining_a_killed_driver_left_and_a_cancel_counts_once(tmp_path):
+    from qarac_dist.submit import retrain
+    from qarac_dist.submit.sweep_dir import FINAL_CANCELS, Manifest, cancelled_final, record_cancels
+
+    layout, manifest = _retraining(tmp_path)
+    manifest.final_job = {"retrain": ["7", 8, "9"]}  # 9: ended since; 8: not a job id
+    record_cancels(layout.root, {FINAL_CANCELS: ["101"]})  # an earlier cancel's: the id the next job gets
+
+    def cancelled_from_another_terminal(here, jobs):
+        assert cancelled_final(layout.root) == []  # cleared before anything started
+        record_cancels(layout.root, {FINAL_CANCELS: jobs})
+        here.cancel(jobs)
+
+    here = _Here(on_submit=cancelled_from_another_terminal, running={"7"})
+    here.ended_after["7"] = 2
+    assert retrain.run_here(here, manifest, layout, {}, [("a", 4)], at_once=1) is False
+    assert here.submitted == [["101"]] and "7" not in here.running
+    assert cancelled_final(layout.root) == [] and Manifest.load(layout.root).final_job == {}
+    # Without the cancel the same run trains and names nothing once done.
+    here = _Here()
+    here.ended_after["101"] = 1
+    assert retrain.run_here(here, manifest, layout, {}, [("a", 4)], at_once=1) is True
+    assert here.submitted == [["101"]] and Manifest.load(layout.root).final_job == {}
+
+
+def test_a_run_that_trains_nothing_again_stops_a_retraining_left_running(tmp_path, capsys):
+    from qarac_dist.submit import retrain
+    from qarac_dist.submit.sweep_dir import Manifest
+
+    layout, manifest = _retraining(tmp_path)
+    retrain.stop_leftover(_Here(), manifest, layout)
+    assert capsys.readouterr().err == ""
+    manifest.final_job = {"retrain": ["7"]}
+    here = _Here(running={"7"})
+    retrain.stop_leftover(here, manifest, layout)
+    assert here.cancelled == [(["7"], False)] and Manifest.load(layout.root).final_job == {}
+    assert "final: stopping the retraining job(s) 7 that an earlier run started" in capsys.readouterr().err

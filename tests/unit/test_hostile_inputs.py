@@ -557,6 +557,8 @@ RECORD_CASES = [
     ("claims-a-list", "claims", None, b"[1, 2]", "expected a JSON object, got list"),
     ("claims-wrong-shape", "claims", None, b'{"t1": {"attempt": 1, "worker": "x"}}', "not a claims file"),
     ("claims-record-not-a-mapping", "claims", None, b'{"t1": [1]}', "not a claims file"),
+    ("cancels-truncated", "cancels", None, b'{"t1": 1, "final": ["4', "delete it, and cancel again"),
+    ("cancels-a-list", "cancels", None, b"[1, 2]", "delete it, and cancel again"),
 ]
 SEARCH_LINES = [
     ("not-json", b"not json\n"),
