@@ -271,6 +271,7 @@ def test_a_local_retraining_stops_with_its_driver_is_cancelled_and_never_runs_tw
                        set={"data.synthetic.num_test": 40}, final={"split": "test", "retrain": True})
     command = [sys.executable, "-m", "qarac_dist.sweep", str(path), "--no-preflight"]
     layout = SweepLayout(tmp_path / "runs" / "interrupted")
+    from qarac_dist.submit.executors import _process_tree
 
     def start() -> subprocess.Popen:
         return subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -290,12 +291,19 @@ def test_a_local_retraining_stops_with_its_driver_is_cancelled_and_never_runs_tw
     assert status.state.value == "PREEMPTED" and status.last_checkpoint == status.step >= 2
     (job,) = re.findall(r"final: training the chosen configuration again .* job\(s\) (\d+)", out)
     assert not _runs(job) and Manifest.load(layout.root).final_job == {}  # ended, so named no more
-    # Resumed by the same command, then cancelled from another terminal.
+    # Resumed by the same command, then cancelled from another terminal (the retraining held
+    # still meanwhile, so it cannot finish first however long the cancel takes to start).
     driver = start()
     wait_for(lambda: trained(status.step + 2), 300, "the resumed retraining to train 2 steps")
+    (job,) = Manifest.load(layout.root).final_job["retrain"]
+    tree = _process_tree(int(job))
+    for pid in tree:
+        os.kill(pid, signal.SIGSTOP)
     cancel = run_sweep(path, "--cancel", env=_env())
+    for pid in tree:
+        os.kill(pid, signal.SIGCONT)
     assert cancel.returncode == 0, cancel.stdout + cancel.stderr
-    (job,) = re.findall(r"the job\(s\) of its evaluation of the test split: (\d+)", cancel.stdout)
+    assert f"the job(s) of its evaluation of the test split: {job}" in cancel.stdout, cancel.stdout
     out, _ = driver.communicate(timeout=300)
     assert driver.returncode == 1 and "the retraining was cancelled (--cancel); the test split was not read" in out, out
     assert re.findall(r"final: training the chosen configuration again .* job\(s\) (\d+)", out) == [job]
@@ -309,8 +317,6 @@ def test_a_local_retraining_stops_with_its_driver_is_cancelled_and_never_runs_tw
     driver.wait(timeout=60)
     (orphan,) = Manifest.load(layout.root).final_job["retrain"]
     assert _runs(orphan)
-    from qarac_dist.submit.executors import _process_tree
-
     tree = _process_tree(int(orphan))
     for pid in tree:
         os.kill(pid, signal.SIGSTOP)
