@@ -112,9 +112,10 @@ def evaluate(final: Final, manifest: Manifest, layout: SweepLayout, configs: dic
     models = {tid: manifest.trials[tid].trial_dir.best for tid in chosen["seeds"]}
     if final.retrain:
         trains = retrain.steps(manifest, configs, chosen["seeds"])
-        if train_here is not None and not retrain.run_here(train_here.one_trial_a_job(), manifest, layout, configs,
-                                                          trains, train_here.resources.max_parallel):
-            print(f"{PREFIX}the retraining was cancelled (--cancel); the test split was not read", file=sys.stderr)
+        why = retrain.run_here(train_here.one_trial_a_job(), manifest, layout, configs, trains,
+                               train_here.resources.max_parallel) if train_here is not None else None
+        if why:
+            print(f"{PREFIX}{why}; the test split was not read", file=sys.stderr)
             return None
         steps = dict(trains)
         missing = [retrain.failure(layout, tid, steps[tid]) for tid in sorted(steps)

@@ -28,6 +28,7 @@ from typing import Optional
 
 from ..base.files import DiskFull
 from ..base.layout import SweepLayout
+from ..base.secrets import redact_text
 from ..track.trial_dir import TrialDir, TrialState
 from . import sbatch, stopping
 from .executors import Executor, TrialJob
@@ -106,31 +107,42 @@ class RetrainJob(TrialJob):
 
 
 def run_here(executor: Executor, manifest: Manifest, layout: SweepLayout, configs: dict[str, dict],
-             chosen: list[tuple[str, int]], at_once: int) -> bool:
+             chosen: list[tuple[str, int]], at_once: int) -> Optional[str]:
     """Locally, after the last trial: the retraining of each `chosen` seed (`steps`) not trained
     yet, `at_once` jobs at a time, waited for. The jobs are named in the manifest
     (`final_job["retrain"]`) from their start to their end: `--cancel` stops them, and a run after
     a driver that was killed waits for those still running before it starts any (never one
     twice). Stopped (stopping.Stopped, KeyboardInterrupt), even as they start, they are asked to
-    save (a re-run resumes them) and the stop is raised again. False when `--cancel` stopped them."""
+    save (a re-run resumes them) and the stop is raised again. Returns why they did not all
+    end (`--cancel`, a job that could not start), in a line; None when they did."""
     earlier = _leftover(executor, manifest)
     if earlier:
         print(f"final: waiting for the retraining job(s) {', '.join(earlier)} that an earlier run started", flush=True)
         if not _wait(executor, manifest, layout, earlier):
-            return False
+            return CANCELLED
     if cancelled_final(layout.root):  # an earlier --cancel's: it names no job of this run
         record_cancels(layout.root, {FINAL_CANCELS: []})
     todo = [k for k, (tid, n) in enumerate(chosen) if not trained(layout, tid, n)]
     for start in range(0, len(todo), max(1, at_once)):
         calls = [RetrainJob(str(layout.root.resolve()), configs, k, executor) for k in todo[start:start + max(1, at_once)]]
+        jobs: list[str] = []
         with stopping.held() as stops:  # a stop as they start stops them once they are named
-            jobs = [job.job_id for job in executor.submit(calls)]
-            _name(manifest, layout, jobs)
+            try:
+                for call in calls:  # each named as it starts: a later one that cannot start leaves none unseen
+                    jobs += [job.job_id for job in executor.submit([call])]
+                    _name(manifest, layout, jobs)
+            except Exception as err:  # noqa: BLE001 - a full disk, a setup line that fails: said in one line
+                stopping.halt(executor, jobs)
+                _name(manifest, layout, [])
+                return f"the retraining could not start: {type(err).__name__}: {redact_text(str(err))[:300]}"
             print(f"final: training the chosen configuration again on train + validation: "
                   f"{len(jobs)} seed(s), job(s) {', '.join(jobs)}", flush=True)
         if not _wait(executor, manifest, layout, jobs, stopped=bool(stops)):
-            return False
-    return True
+            return CANCELLED
+    return None
+
+
+CANCELLED = "the retraining was cancelled (--cancel)"
 
 
 def stop_leftover(executor: Executor, manifest: Manifest, layout: SweepLayout) -> None:

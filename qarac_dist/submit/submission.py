@@ -85,6 +85,8 @@ class Submission:
             self.report(manifest, todo)
             if not (self.local or self.wait):
                 return 0
+            if self.local and (self.spec.final is None or not self.spec.final.retrain):
+                retrain.stop_leftover(self.executor, manifest, self.layout)
             try:
                 with stopping.signals():
                     follow(manifest, self.layout, self.executor, todo if self.started_here else [],
@@ -120,8 +122,6 @@ class Submission:
     def tested(self, manifest: Manifest) -> Optional[dict]:
         """The test metrics of the sweep's choice (the sweep file's final): evaluated here, or
         kept by the SLURM final job; None without final or a result."""
-        if self.local and (self.spec.final is None or not self.spec.final.retrain):
-            retrain.stop_leftover(self.executor, manifest, self.layout)
         if self.spec.final is None:
             return None
         configs = {t.id: t.config for t in self.trials}

@@ -524,8 +524,11 @@ class _Here:
     def __init__(self, on_submit=lambda here, jobs: None, running=()):
         self.running, self.cancelled, self.submitted, self.on_submit = set(running), [], [], on_submit
         self.ended_after: dict[str, int] = {}  # job -> how many more times it is seen alive
+        self.fail_at = None  # the submission that cannot start its job
 
     def submit(self, calls):
+        if len(self.submitted) == self.fail_at:
+            raise OSError(28, "No space left on device")
         jobs = [str(101 + len(self.submitted) + k) for k in range(len(calls))]
         self.submitted.append(jobs)
         self.running |= set(jobs)
@@ -585,13 +588,13 @@ def test_a_run_waits_for_the_retraining_a_killed_driver_left_and_a_cancel_counts
 
     here = _Here(on_submit=cancelled_from_another_terminal, running={"7"})
     here.ended_after["7"] = 2
-    assert retrain.run_here(here, manifest, layout, {}, [("a", 4)], at_once=1) is False
+    assert retrain.run_here(here, manifest, layout, {}, [("a", 4)], at_once=1) == "the retraining was cancelled (--cancel)"
     assert here.submitted == [["101"]] and "7" not in here.running
     assert cancelled_final(layout.root) == [] and Manifest.load(layout.root).final_job == {}
     # Without the cancel the same run trains and names nothing once done.
     here = _Here()
     here.ended_after["101"] = 1
-    assert retrain.run_here(here, manifest, layout, {}, [("a", 4)], at_once=1) is True
+    assert retrain.run_here(here, manifest, layout, {}, [("a", 4)], at_once=1) is None
     assert here.submitted == [["101"]] and Manifest.load(layout.root).final_job == {}
 
 
@@ -607,3 +610,18 @@ def test_a_run_that_trains_nothing_again_stops_a_retraining_left_running(tmp_pat
     retrain.stop_leftover(here, manifest, layout)
     assert here.cancelled == [(["7"], False)] and Manifest.load(layout.root).final_job == {}
     assert "final: stopping the retraining job(s) 7 that an earlier run started" in capsys.readouterr().err
+
+
+def test_a_retraining_that_cannot_start_stops_those_started_beside_it(tmp_path):
+    """The second of two seeds could not start (a full disk as submitit pickles it): the first
+    ran on, named nowhere, and the driver ended in a traceback."""
+    from qarac_dist.submit import retrain
+    from qarac_dist.submit.sweep_dir import Manifest
+
+    layout, manifest = _retraining(tmp_path)
+    here = _Here()
+    here.fail_at = 1
+    assert retrain.run_here(here, manifest, layout, {}, [("a", 4), ("b", 6)], at_once=2) == \
+        "the retraining could not start: OSError: [Errno 28] No space left on device"
+    assert here.submitted == [["101"]] and here.cancelled == [(["101"], False)] and not here.running
+    assert Manifest.load(layout.root).final_job == {}
