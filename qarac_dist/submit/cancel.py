@@ -32,7 +32,9 @@ def cancel(layout: SweepLayout) -> int:
         record_cancels(layout.root, {r.id: r.attempt for r in active})  # for a driver that follows
         jobs = sorted({job for r in active for job in r.jobs})
         # The test split's look and its retrainings: on what a cancelled sweep left, not wanted.
-        evaluation = [job for job in final.jobs(manifest) if executor.alive(job)]
+        named = final.jobs(manifest)
+        live = executor.live(named) if named else set()
+        evaluation = [job for job in named if job in live]
         record_cancels(layout.root, {FINAL_CANCELS: evaluation} if evaluation else {})  # for a driver that retrains
         executor.cancel(jobs + evaluation)
         for r in active:

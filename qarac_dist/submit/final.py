@@ -237,9 +237,8 @@ def schedule(executor: SlurmArrays, manifest: Manifest, layout: SweepLayout, fin
 def jobs(manifest: Manifest) -> list[str]:
     """The final job and the retrainings it waits for (locally: the retrainings the driver runs),
     as the manifest names them."""
-    retrains = manifest.final_job.get("retrain")
-    named = [manifest.final_job.get("id"), *(retrains if isinstance(retrains, list) else [])]
-    return [j for j in named if isinstance(j, str) and j]
+    job = manifest.final_job.get("id")
+    return [*([job] if isinstance(job, str) and job else []), *manifest.retrain_jobs()]
 
 
 def waiting(manifest: Manifest, executor: Executor) -> Optional[str]:

@@ -281,9 +281,7 @@ def usage_of(manifest: Manifest, layout: SweepLayout) -> Used:
                      for r in manifest.trials.values()],
                    *[(TrialDir(folder).usage_file, {}, "retraining") for folder in layout.retrainings()]],
                   sorted(layout.usage.glob("*.json")))
-    retrainings = manifest.final_job.get("retrain") if manifest.executor == "slurm" else None
-    jobs = [j for r in manifest.trials.values() for j in {*r.job_ids, *r.pack_jobs}] + \
-        [j for j in retrainings or [] if isinstance(j, str)]
+    jobs = [j for r in manifest.trials.values() for j in {*r.job_ids, *r.pack_jobs}] + manifest.retrain_jobs()
     charged = cluster.accounted(jobs) if manifest.executor == "slurm" else None
     if charged is None:
         return clocks

@@ -157,8 +157,9 @@ def stop_leftover(executor: Executor, manifest: Manifest, layout: SweepLayout) -
 
 
 def _leftover(executor: Executor, manifest: Manifest) -> list[str]:
-    jobs = manifest.final_job.get("retrain")
-    return [j for j in jobs if isinstance(j, str) and executor.alive(j)] if isinstance(jobs, list) else []
+    named = manifest.retrain_jobs()
+    live = executor.live(named) if named else set()
+    return [job for job in named if job in live]
 
 
 def _name(manifest: Manifest, layout: SweepLayout, jobs: list[str]) -> None:

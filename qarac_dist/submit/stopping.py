@@ -18,17 +18,22 @@ class Stopped(BaseException):
 
 
 @contextlib.contextmanager
+def _handled(handler):
+    """Within the block, `handler` takes SIGINT, SIGTERM and SIGHUP; then what took them before."""
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before)
+
+
 def signals():
     """Within the block, SIGINT (Ctrl-C), SIGTERM and SIGHUP raise `Stopped` in the driver."""
     def stopped(_signum, _frame):
         raise Stopped()
 
-    previous = {s: signal.signal(s, stopped) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    return _handled(stopped)
 
 
 @contextlib.contextmanager
@@ -36,13 +41,8 @@ def held():
     """Within the block, SIGINT, SIGTERM and SIGHUP are held back: noted in the list it gives,
     for the caller to act on once it knows what the block started."""
     got: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, _frame: got.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
+    with _handled(lambda signum, _frame: got.append(signum)):
         yield got
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def halt(executor, jobs: list[str]) -> None:

@@ -170,6 +170,11 @@ class Manifest:
         data["trials"] = {tid: {**vars(r), "history": [vars(a) for a in r.history]} for tid, r in self.trials.items()}
         write_json(SweepLayout(Path(sweep_dir)).manifest, data, compact=True)
 
+    def retrain_jobs(self) -> list[str]:
+        """The retraining jobs `final_job` names (job ids only: a hand-edited manifest names no others)."""
+        jobs = self.final_job.get("retrain")
+        return [j for j in jobs if isinstance(j, str) and j] if isinstance(jobs, list) else []
+
     def seeds(self) -> dict[str, int]:
         """With repeats: configuration id -> its seeds in the sweep file; empty without."""
         return dict(Counter(r.configuration for r in self.trials.values() if r.configuration and not r.retired))

@@ -546,6 +546,9 @@ class _Here:
         self.cancelled.append((list(jobs), at_once))
         self.running -= set(jobs)
 
+    def live(self, jobs):
+        return {job for job in jobs if self.alive(job)}
+
 
 def _retraining(tmp_path):
     from qarac_dist.submit.sweep_dir import Manifest
